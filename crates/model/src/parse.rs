@@ -1,0 +1,128 @@
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::{validate, Kind, Object, Resource, ValidationError};
+
+/// Why a document could not become a resource. Every variant names the document (1-based, in
+/// file order) so a multi-document file's error points at the right place.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error("document {doc}: not valid YAML or JSON: {message}")]
+    Syntax { doc: usize, message: String },
+    #[error("document {doc}: {field}: {message}")]
+    Field {
+        doc: usize,
+        field: String,
+        message: String,
+    },
+    #[error("document {doc}: {source}")]
+    Invalid {
+        doc: usize,
+        #[source]
+        source: ValidationError,
+    },
+    #[error("no resources found in the input")]
+    Empty,
+}
+
+/// Parses a YAML stream (one or more `---`-separated documents; JSON is YAML too) into validated
+/// resources. Empty documents are skipped. Nothing is returned unless every document is valid.
+pub fn parse_documents(text: &str) -> Result<Vec<Resource>, ParseError> {
+    let mut out = Vec::new();
+    for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let doc = i + 1;
+        let value = serde_json::Value::deserialize(de).map_err(|e| ParseError::Syntax {
+            doc,
+            message: e.to_string(),
+        })?;
+        if value.is_null() {
+            continue;
+        }
+        out.push(from_value(doc, value)?);
+    }
+    if out.is_empty() {
+        return Err(ParseError::Empty);
+    }
+    Ok(out)
+}
+
+/// Parses one JSON document (an admin API request body) into a validated resource.
+pub fn parse_json(bytes: &[u8]) -> Result<Resource, ParseError> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| ParseError::Syntax {
+        doc: 1,
+        message: e.to_string(),
+    })?;
+    from_value(1, value)
+}
+
+fn from_value(doc: usize, mut value: serde_json::Value) -> Result<Resource, ParseError> {
+    let field_err = |field: &str, message: String| ParseError::Field {
+        doc,
+        field: field.to_string(),
+        message,
+    };
+    let obj = value
+        .as_object_mut()
+        .ok_or_else(|| field_err("(document)", "expected a mapping with apiVersion, kind, metadata and spec".into()))?;
+    let kind_str = match obj.get("kind") {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => return Err(field_err("kind", format!("expected a string, got {other}"))),
+        None => return Err(field_err("kind", "missing".into())),
+    };
+    // Only the exact kind names are accepted in documents; short names are for the CLI.
+    let kind = Kind::ALL
+        .into_iter()
+        .find(|k| k.as_str() == kind_str)
+        .ok_or_else(|| {
+            field_err(
+                "kind",
+                format!("unknown kind {kind_str:?} (expected Service, WorkloadEntry or WorkloadGroup)"),
+            )
+        })?;
+    match obj.get("apiVersion") {
+        Some(serde_json::Value::String(v)) if kind.accepted_api_versions().contains(&v.as_str()) => {}
+        Some(serde_json::Value::String(v)) => {
+            return Err(field_err(
+                "apiVersion",
+                format!(
+                    "{v:?} is not an apiVersion of {kind} (expected one of {})",
+                    kind.accepted_api_versions().join(", ")
+                ),
+            ))
+        }
+        _ => return Err(field_err("apiVersion", "missing or not a string".into())),
+    }
+    if !obj.contains_key("spec") && kind != Kind::WorkloadGroup {
+        return Err(field_err("spec", "missing".into()));
+    }
+    let resource = match kind {
+        Kind::Service => Resource::Service(typed(doc, value)?),
+        Kind::WorkloadEntry => Resource::WorkloadEntry(typed(doc, value)?),
+        Kind::WorkloadGroup => {
+            if let Some(o) = value.as_object_mut() {
+                o.entry("spec").or_insert_with(|| serde_json::json!({}));
+            }
+            Resource::WorkloadGroup(typed(doc, value)?)
+        }
+    };
+    let mut resource = resource;
+    if resource.meta().namespace.is_empty() {
+        resource.meta_mut().namespace = crate::DEFAULT_NAMESPACE.to_string();
+    }
+    validate(&resource).map_err(|source| ParseError::Invalid { doc, source })?;
+    Ok(resource)
+}
+
+fn typed<S: DeserializeOwned, St: DeserializeOwned + Default>(
+    doc: usize,
+    value: serde_json::Value,
+) -> Result<Object<S, St>, ParseError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        ParseError::Field {
+            doc,
+            field: if path == "." { "(document)".into() } else { path },
+            message: e.into_inner().to_string(),
+        }
+    })
+}

@@ -1,0 +1,433 @@
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+pub const API_VERSION: &str = "isthmus.io/v1";
+
+type Labels = BTreeMap<String, String>;
+
+fn is_default<T: Default + PartialEq>(t: &T) -> bool {
+    *t == T::default()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Kind {
+    Service,
+    WorkloadEntry,
+    WorkloadGroup,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Service, Kind::WorkloadEntry, Kind::WorkloadGroup];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::WorkloadEntry => "WorkloadEntry",
+            Kind::WorkloadGroup => "WorkloadGroup",
+        }
+    }
+
+    /// The lower-case plural used in URLs and store keys.
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::Service => "services",
+            Kind::WorkloadEntry => "workloadentries",
+            Kind::WorkloadGroup => "workloadgroups",
+        }
+    }
+
+    /// The store key prefix of this kind (`/registry/services/`).
+    pub fn key_prefix(self) -> String {
+        format!("/registry/{}/", self.plural())
+    }
+
+    pub fn key(self, namespace: &str, name: &str) -> String {
+        format!("/registry/{}/{namespace}/{name}", self.plural())
+    }
+
+    /// The apiVersions accepted on input for this kind.
+    pub fn accepted_api_versions(self) -> &'static [&'static str] {
+        match self {
+            Kind::Service => &[API_VERSION, "v1"],
+            Kind::WorkloadEntry | Kind::WorkloadGroup => &[
+                API_VERSION,
+                "networking.istio.io/v1",
+                "networking.istio.io/v1beta1",
+                "networking.istio.io/v1alpha3",
+            ],
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown kind {0:?} (expected services, workloadentries or workloadgroups, or svc, we, wg)")]
+pub struct UnknownKind(pub String);
+
+impl FromStr for Kind {
+    type Err = UnknownKind;
+
+    /// Accepts the kind, its plural and the CLI's short names, case-insensitively.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "service" | "services" | "svc" => Ok(Kind::Service),
+            "workloadentry" | "workloadentries" | "workload" | "workloads" | "we" => {
+                Ok(Kind::WorkloadEntry)
+            }
+            "workloadgroup" | "workloadgroups" | "group" | "groups" | "wg" => {
+                Ok(Kind::WorkloadGroup)
+            }
+            _ => Err(UnknownKind(s.to_string())),
+        }
+    }
+}
+
+/// Kubernetes-style object metadata. `resourceVersion`, `uid` and `creationTimestamp` are set by
+/// the server; a `resourceVersion` sent by a client is a compare-and-swap precondition.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ObjectMeta {
+    pub name: String,
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: Labels,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<String>,
+}
+
+/// One object of a kind: `apiVersion`, `kind`, `metadata`, `spec`, `status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(bound(
+    serialize = "S: Serialize, St: Serialize + Default + PartialEq",
+    deserialize = "S: Deserialize<'de>, St: Deserialize<'de> + Default"
+))]
+pub struct Object<S, St> {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub spec: S,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub status: St,
+}
+
+pub type Service = Object<ServiceSpec, ServiceStatus>;
+pub type WorkloadEntry = Object<WorkloadEntrySpec, WorkloadEntryStatus>;
+pub type WorkloadGroup = Object<WorkloadGroupSpec, WorkloadGroupStatus>;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceSpec {
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    /// Workload entries whose labels match are endpoints. Without a selector the service only has
+    /// the entries attached to it explicitly (`register`), like the seeds' selector-less services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<Labels>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePort {
+    pub name: String,
+    /// The port clients connect to on the service's VIP.
+    pub port: u32,
+    /// `TCP` (default), `HTTP`, `HTTP2`, `GRPC`, `HTTPS`, `TLS`, `MYSQL`, `MONGO`, `REDIS`, `UDP`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// The port on the endpoints; a workload entry's `ports` map may override it by port name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u32>,
+}
+
+impl ServicePort {
+    pub fn target(&self) -> u32 {
+        self.target_port.unwrap_or(self.port)
+    }
+
+    pub fn protocol(&self) -> &str {
+        self.protocol.as_deref().unwrap_or("TCP")
+    }
+}
+
+pub const PROTOCOLS: &[&str] = &[
+    "TCP", "UDP", "HTTP", "HTTP2", "GRPC", "HTTPS", "TLS", "MYSQL", "MONGO", "REDIS",
+];
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceStatus {
+    /// The virtual IP allocated from the service CIDR; stable for the service's life.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<IpAddr>,
+}
+
+/// Istio's WorkloadEntry: a VM or host workload, and the endpoint of the services that select it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadEntrySpec {
+    pub address: String,
+    /// Port name → the port this workload listens on for the service port of that name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<String, u32>,
+    /// Labels services select on (Istio keeps them in the spec); merged over `metadata.labels`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub network: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub locality: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub service_account: String,
+    /// Services of the same namespace this entry is attached to explicitly (what `register` does),
+    /// besides those whose selector matches it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Health {
+    #[default]
+    Healthy,
+    Unhealthy,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadEntryStatus {
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub health: Health,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// RFC 3339 time the entry's agent was last heard from (auto-registered entries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
+}
+
+/// Istio's WorkloadGroup: the template for entries of hosts that join by themselves.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadGroupSpec {
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub metadata: GroupMetadata,
+    #[serde(default)]
+    pub template: WorkloadTemplate,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<Probe>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GroupMetadata {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: Labels,
+}
+
+/// A workload entry's spec without the address, which each joining host supplies.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadTemplate {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<String, u32>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub network: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub locality: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub service_account: String,
+}
+
+/// Istio's ReadinessProbe, restricted to what a host agent can run: HTTP GET or TCP connect.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Probe {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_delay_seconds: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period_seconds: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_threshold: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_threshold: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_get: Option<HttpGetProbe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_socket: Option<TcpProbe>,
+}
+
+impl Probe {
+    pub fn period(&self) -> u32 {
+        self.period_seconds.unwrap_or(10)
+    }
+    pub fn timeout(&self) -> u32 {
+        self.timeout_seconds.unwrap_or(1)
+    }
+    pub fn success(&self) -> u32 {
+        self.success_threshold.unwrap_or(1)
+    }
+    pub fn failure(&self) -> u32 {
+        self.failure_threshold.unwrap_or(3)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpGetProbe {
+    #[serde(default)]
+    pub path: String,
+    pub port: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub scheme: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpProbe {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host: String,
+    pub port: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadGroupStatus {}
+
+/// Any resource.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Resource {
+    Service(Service),
+    WorkloadEntry(WorkloadEntry),
+    WorkloadGroup(WorkloadGroup),
+}
+
+impl Resource {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Resource::Service(_) => Kind::Service,
+            Resource::WorkloadEntry(_) => Kind::WorkloadEntry,
+            Resource::WorkloadGroup(_) => Kind::WorkloadGroup,
+        }
+    }
+
+    pub fn meta(&self) -> &ObjectMeta {
+        match self {
+            Resource::Service(o) => &o.metadata,
+            Resource::WorkloadEntry(o) => &o.metadata,
+            Resource::WorkloadGroup(o) => &o.metadata,
+        }
+    }
+
+    pub fn meta_mut(&mut self) -> &mut ObjectMeta {
+        match self {
+            Resource::Service(o) => &mut o.metadata,
+            Resource::WorkloadEntry(o) => &mut o.metadata,
+            Resource::WorkloadGroup(o) => &mut o.metadata,
+        }
+    }
+
+    pub fn key(&self) -> String {
+        let m = self.meta();
+        self.kind().key(&m.namespace, &m.name)
+    }
+
+    /// `Kind namespace/name`, for messages.
+    pub fn id(&self) -> String {
+        let m = self.meta();
+        format!("{} {}/{}", self.kind(), m.namespace, m.name)
+    }
+
+    /// Whether `other` asks for the same thing: same spec, labels and annotations. Server-set
+    /// fields (status, resourceVersion, uid, timestamps) and the accepted apiVersion alias don't
+    /// count, so re-applying a file reports "unchanged".
+    pub fn same_intent(&self, other: &Resource) -> bool {
+        let (a, b) = (self.meta(), other.meta());
+        if a.labels != b.labels || a.annotations != b.annotations {
+            return false;
+        }
+        match (self, other) {
+            (Resource::Service(x), Resource::Service(y)) => x.spec == y.spec,
+            (Resource::WorkloadEntry(x), Resource::WorkloadEntry(y)) => x.spec == y.spec,
+            (Resource::WorkloadGroup(x), Resource::WorkloadGroup(y)) => x.spec == y.spec,
+            _ => false,
+        }
+    }
+
+    /// Labels that selectors and `-l` filters match: for workload entries `spec.labels` merged
+    /// over `metadata.labels`, as Istio selects on the spec's.
+    pub fn effective_labels(&self) -> Labels {
+        match self {
+            Resource::WorkloadEntry(w) => {
+                let mut l = w.metadata.labels.clone();
+                l.extend(w.spec.labels.clone());
+                l
+            }
+            other => other.meta().labels.clone(),
+        }
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing these plain structs (string keys, no non-finite floats) cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+impl Service {
+    /// `<name>.<namespace>.svc.<domain>`
+    pub fn hostname(&self, domain: &str) -> String {
+        format!(
+            "{}.{}.svc.{domain}",
+            self.metadata.name, self.metadata.namespace
+        )
+    }
+}
+
+impl WorkloadEntry {
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.spec.address.parse().ok()
+    }
+
+    /// Whether this entry is an endpoint of `svc`: attached explicitly, or selected by labels.
+    pub fn serves(&self, svc: &Service) -> bool {
+        if self.metadata.namespace != svc.metadata.namespace {
+            return false;
+        }
+        if self.spec.services.iter().any(|s| *s == svc.metadata.name) {
+            return true;
+        }
+        match &svc.spec.selector {
+            Some(sel) if !sel.is_empty() => sel.iter().all(|(k, v)| {
+                self.spec.labels.get(k).or_else(|| self.metadata.labels.get(k)) == Some(v)
+            }),
+            _ => false,
+        }
+    }
+}
