@@ -1,1 +1,10 @@
+//! The `isthmus` command line: subcommand definitions, and the operator's commands, which talk
+//! to the control plane's admin API.
 #![forbid(unsafe_code)]
+
+pub mod args;
+pub mod client;
+pub mod commands;
+mod output;
+
+pub use args::{Cli, Command};

@@ -1,1 +1,12 @@
+//! The control plane (`isthmus server`): the registry over the store, the admin API, the seeds'
+//! registration API, metrics.
 #![forbid(unsafe_code)]
+
+pub mod api;
+pub mod config;
+pub mod legacy;
+pub mod metrics;
+pub mod registry;
+pub mod server;
+
+pub use config::ServerArgs;

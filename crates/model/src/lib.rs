@@ -6,10 +6,11 @@
 //! entries and groups, and Kubernetes' `v1` for services, so Istio users can apply files they have.
 #![forbid(unsafe_code)]
 
+pub mod client_config;
 mod parse;
 mod resource;
 mod selector;
-mod validate;
+pub mod validate;
 
 pub use parse::{parse_documents, parse_json, ParseError};
 pub use resource::*;

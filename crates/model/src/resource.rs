@@ -431,3 +431,22 @@ impl WorkloadEntry {
         }
     }
 }
+
+/// Decoding without validation (for objects the server already accepted); input from users goes
+/// through [`crate::parse_documents`] / [`crate::parse_json`], which validate.
+impl<'de> Deserialize<'de> for Resource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let v = serde_json::Value::deserialize(d)?;
+        let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
+        let kind = Kind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == kind)
+            .ok_or_else(|| D::Error::custom(format!("unknown kind {kind:?}")))?;
+        Ok(match kind {
+            Kind::Service => Resource::Service(serde_json::from_value(v).map_err(D::Error::custom)?),
+            Kind::WorkloadEntry => Resource::WorkloadEntry(serde_json::from_value(v).map_err(D::Error::custom)?),
+            Kind::WorkloadGroup => Resource::WorkloadGroup(serde_json::from_value(v).map_err(D::Error::custom)?),
+        })
+    }
+}

@@ -1,0 +1,142 @@
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+const EXAMPLES: &str = "\
+Examples:
+  isthmus server --dev                         # a throwaway control plane
+  isthmus register mysql 10.0.0.5 3306 -n onprem
+  isthmus get services -A
+  isthmus get workloads -n onprem -o yaml
+  isthmus apply -f bookinfo.yaml
+  isthmus deregister mysql 10.0.0.5 -n onprem";
+
+#[derive(Parser, Debug)]
+#[command(name = "isthmus", version, about = "A service mesh for VMs and bare-metal hosts", after_help = EXAMPLES)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Global {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "ISTHMUS_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Log filter, e.g. `info` or `isthmus_control_plane=debug`.
+    #[arg(long, global = true, default_value = "info", env = "ISTHMUS_LOG")]
+    pub log_level: String,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// How the operator's commands reach the admin API: flags, else environment, else the config
+/// file (`isthmus server --dev` writes it), else the local server's token file.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct Connection {
+    /// Admin API URL [default: from the config file, else http://127.0.0.1:15080].
+    #[arg(long, env = "ISTHMUS_SERVER")]
+    pub server: Option<String>,
+    /// Admin token [default: from the config file, else /var/lib/isthmus/admin-token].
+    #[arg(long, env = "ISTHMUS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The CLI config file [default: ~/.config/isthmus/config.json].
+    #[arg(long, env = "ISTHMUS_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the control plane: registry, admin API, registration API, metrics.
+    #[command(after_help = "Examples:\n  isthmus server --dev\n  isthmus server --data-dir /var/lib/isthmus --registration-addr 0.0.0.0:8080")]
+    Server(isthmus_control_plane::ServerArgs),
+    /// Add an endpoint of a host to a service, creating the (selector-less) service if needed.
+    #[command(after_help = "Unnamed ports get names guessed from the number: 80/8080 http, 443 https, 3306 mysql, else the number.\n\nExamples:\n  isthmus register mysql 10.0.0.5 3306 -n onprem\n  isthmus register web 10.0.0.6 http:8080 grpc:9090 -n shop -s web -l version=v1")]
+    Register {
+        service: String,
+        ip: String,
+        /// `PORT` or `NAME:PORT`
+        #[arg(required = true)]
+        ports: Vec<String>,
+        #[arg(short, long, default_value = isthmus_model::DEFAULT_NAMESPACE)]
+        namespace: String,
+        #[arg(short = 's', long, default_value = isthmus_model::DEFAULT_SERVICE_ACCOUNT)]
+        service_account: String,
+        /// Label of the endpoint, `key=value` (repeatable).
+        #[arg(short, long = "labels", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        /// Annotation, `key=value` (repeatable).
+        #[arg(short, long = "annotations", value_name = "KEY=VALUE")]
+        annotations: Vec<String>,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Remove a host's endpoint from a service (and the service, if `register` made it and no
+    /// endpoint is left).
+    #[command(after_help = "Example:\n  isthmus deregister mysql 10.0.0.5 -n onprem")]
+    Deregister {
+        service: String,
+        ip: String,
+        #[arg(short, long, default_value = isthmus_model::DEFAULT_NAMESPACE)]
+        namespace: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// List or show resources: services (svc), workloads (we), groups (wg).
+    #[command(after_help = "Examples:\n  isthmus get services -A\n  isthmus get svc mysql -n onprem -o yaml\n  isthmus get workloads -l app=reviews -n bookinfo\n  isthmus get services -A --watch")]
+    Get {
+        kind: String,
+        name: Option<String>,
+        #[arg(short, long, default_value = isthmus_model::DEFAULT_NAMESPACE)]
+        namespace: String,
+        /// Every namespace.
+        #[arg(short = 'A', long, conflicts_with = "name")]
+        all_namespaces: bool,
+        /// Label selector: `k=v,k!=v,k,!k`.
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+        /// After listing, print changes as they happen (until interrupted).
+        #[arg(short, long, conflicts_with = "name")]
+        watch: bool,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Create or update resources from YAML/JSON (multi-document); all or nothing.
+    #[command(after_help = "Examples:\n  isthmus apply -f bookinfo.yaml\n  cat entry.yaml | isthmus apply -f -")]
+    Apply {
+        /// File to read, or `-` for standard input.
+        #[arg(short, long)]
+        filename: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Delete a resource.
+    #[command(after_help = "Example:\n  isthmus delete service mysql -n onprem")]
+    Delete {
+        kind: String,
+        name: String,
+        #[arg(short, long, default_value = isthmus_model::DEFAULT_NAMESPACE)]
+        namespace: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Print a shell completion script.
+    #[command(after_help = "Example:\n  isthmus completion bash > /etc/bash_completion.d/isthmus")]
+    Completion { shell: clap_complete::Shell },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Wide,
+    Yaml,
+    Json,
+}

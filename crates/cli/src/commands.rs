@@ -1,0 +1,276 @@
+//! The operator's commands. Each returns an error whose message is the one line the user sees.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use futures::StreamExt;
+use isthmus_control_plane::registry::{
+    Action, ApplyResult, DeregisterRequest, DeregisterResponse, RegisterRequest, RegisterResponse, WatchEvent,
+};
+use isthmus_model::{Kind, Resource};
+use reqwest::Method;
+use serde_json::Value;
+
+use crate::args::{Command, Output};
+use crate::client::{enc, Client, ClientError};
+use crate::output;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot read {path}: {cause}")]
+    Read { path: String, cause: String },
+}
+
+fn key_values(flag: &str, items: &[String]) -> Result<BTreeMap<String, String>, CommandError> {
+    items
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| CommandError::Usage(format!("{flag} {kv:?} must be KEY=VALUE")))
+        })
+        .collect()
+}
+
+fn kind_arg(s: &str) -> Result<Kind, CommandError> {
+    s.parse::<Kind>().map_err(|e| CommandError::Usage(e.to_string()))
+}
+
+fn action(a: Action) -> &'static str {
+    match a {
+        Action::Created => "created",
+        Action::Updated => "updated",
+        Action::Unchanged => "unchanged",
+        Action::Deleted => "deleted",
+    }
+}
+
+/// Runs an operator command (everything but `server`, `agent` and `completion`).
+pub async fn run(cmd: Command, out: &mut dyn Write) -> Result<(), CommandError> {
+    let w = |out: &mut dyn Write, s: String| {
+        let _ = out.write_all(s.as_bytes());
+    };
+    match cmd {
+        Command::Register { service, ip, ports, namespace, service_account, labels, annotations, conn } => {
+            let client = Client::from_connection(&conn)?;
+            let req = RegisterRequest {
+                service,
+                namespace,
+                ip,
+                ports,
+                service_account,
+                labels: key_values("--labels", &labels)?,
+                annotations: key_values("--annotations", &annotations)?,
+            };
+            let body = serde_json::to_vec(&req).unwrap_or_default();
+            let r: RegisterResponse = client.json(Method::POST, "/api/v1/register", Some(("application/json", body))).await?;
+            let vip = r.vip.map_or("no VIP".into(), |v| format!("VIP {v}"));
+            w(out, format!("Service {}/{} {} ({}, {})\n", req.namespace, req.service, action(r.service), r.hostname, vip));
+            w(out, format!("WorkloadEntry {}/{} {}\n", req.namespace, r.workload_entry_name, action(r.workload_entry)));
+        }
+        Command::Deregister { service, ip, namespace, conn } => {
+            let client = Client::from_connection(&conn)?;
+            let req = DeregisterRequest { service: service.clone(), namespace: namespace.clone(), ip };
+            let body = serde_json::to_vec(&req).unwrap_or_default();
+            let r: DeregisterResponse = client.json(Method::POST, "/api/v1/deregister", Some(("application/json", body))).await?;
+            for e in &r.removed_entries {
+                w(out, format!("WorkloadEntry {namespace}/{e} deleted\n"));
+            }
+            if r.service_deleted {
+                w(out, format!("Service {namespace}/{service} deleted (no endpoint left)\n"));
+            }
+        }
+        Command::Apply { filename, conn } => {
+            let text = if filename == "-" {
+                let mut s = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut s)
+                    .map_err(|e| CommandError::Read { path: "standard input".into(), cause: e.to_string() })?;
+                s
+            } else {
+                std::fs::read_to_string(&filename).map_err(|e| CommandError::Read { path: filename.clone(), cause: e.to_string() })?
+            };
+            let client = Client::from_connection(&conn)?;
+            let r: Value = client.json(Method::POST, "/api/v1/apply", Some(("application/yaml", text.into_bytes()))).await?;
+            let results: Vec<ApplyResult> = serde_json::from_value(r["results"].clone()).unwrap_or_default();
+            for a in results {
+                w(out, format!("{} {}/{} {}\n", a.kind, a.namespace, a.name, action(a.action)));
+            }
+        }
+        Command::Delete { kind, name, namespace, conn } => {
+            let kind = kind_arg(&kind)?;
+            let client = Client::from_connection(&conn)?;
+            let path = format!("/api/v1/namespaces/{}/{}/{}", enc(&namespace), kind.plural(), enc(&name));
+            let _: Value = client.json(Method::DELETE, &path, None).await?;
+            w(out, format!("{kind} {namespace}/{name} deleted\n"));
+        }
+        Command::Get { kind, name, namespace, all_namespaces, selector, output: fmt, watch, conn } => {
+            let kind = kind_arg(&kind)?;
+            let client = Client::from_connection(&conn)?;
+            let ns = (!all_namespaces).then_some(namespace);
+            if watch {
+                return watch_cmd(&client, kind, ns, selector, fmt, out).await;
+            }
+            if let Some(name) = name {
+                let ns = ns.unwrap_or_default();
+                let path = format!("/api/v1/namespaces/{}/{}/{}", enc(&ns), kind.plural(), enc(&name));
+                let r: Resource = client.json(Method::GET, &path, None).await?;
+                let s = match fmt {
+                    Output::Json => output::json(&r),
+                    Output::Yaml => output::yaml(&r),
+                    Output::Table | Output::Wide => {
+                        let eps = endpoint_counter(&client, kind, &[r.clone()]).await?;
+                        output::rows(kind, &[r], false, fmt == Output::Wide, &eps)
+                    }
+                };
+                w(out, s);
+                return Ok(());
+            }
+            let mut path = match &ns {
+                Some(ns) => format!("/api/v1/namespaces/{}/{}", enc(ns), kind.plural()),
+                None => format!("/api/v1/{}", kind.plural()),
+            };
+            if let Some(sel) = &selector {
+                path.push_str(&format!("?labelSelector={}", enc(sel)));
+            }
+            let list: Value = client.json(Method::GET, &path, None).await?;
+            let items: Vec<Resource> = serde_json::from_value(list["items"].clone())
+                .map_err(|e| ClientError::Protocol { url: client.base.clone(), cause: e.to_string() })?;
+            let s = match fmt {
+                Output::Json => output::json(&list),
+                Output::Yaml => output::yaml(&list),
+                Output::Table | Output::Wide if items.is_empty() => match &ns {
+                    Some(ns) => format!("No {} found in namespace {ns}.\n", kind.plural()),
+                    None => format!("No {} found.\n", kind.plural()),
+                },
+                Output::Table | Output::Wide => {
+                    let eps = endpoint_counter(&client, kind, &items).await?;
+                    output::rows(kind, &items, ns.is_none(), fmt == Output::Wide, &eps)
+                }
+            };
+            w(out, s);
+        }
+        Command::Server(_) | Command::Completion { .. } => {
+            return Err(CommandError::Usage("not an operator command".into()))
+        }
+    }
+    Ok(())
+}
+
+/// For service tables: how many workload entries serve each service.
+async fn endpoint_counter(client: &Client, kind: Kind, items: &[Resource]) -> Result<impl Fn(&Resource) -> usize, CommandError> {
+    let mut entries = Vec::new();
+    if kind == Kind::Service && !items.is_empty() {
+        let list: Value = client.json(Method::GET, "/api/v1/workloadentries", None).await?;
+        let all: Vec<Resource> = serde_json::from_value(list["items"].clone()).unwrap_or_default();
+        entries = all
+            .into_iter()
+            .filter_map(|r| match r {
+                Resource::WorkloadEntry(w) => Some(w),
+                _ => None,
+            })
+            .collect();
+    }
+    Ok(move |r: &Resource| match r {
+        Resource::Service(s) => entries.iter().filter(|w| w.serves(s)).count(),
+        _ => 0,
+    })
+}
+
+/// Follows the server-sent events of /api/v1/watch, resuming after the last event seen when the
+/// connection drops (e.g. the server restarts), for up to a minute of retries.
+async fn watch_cmd(
+    client: &Client,
+    kind: Kind,
+    ns: Option<String>,
+    selector: Option<String>,
+    fmt: Output,
+    out: &mut dyn Write,
+) -> Result<(), CommandError> {
+    let mut path = format!("/api/v1/watch?kind={}", kind.plural());
+    if let Some(ns) = &ns {
+        path.push_str(&format!("&namespace={}", enc(ns)));
+    }
+    if let Some(sel) = &selector {
+        path.push_str(&format!("&labelSelector={}", enc(sel)));
+    }
+    let mut last: Option<i64> = None;
+    let mut failures = 0u32;
+    let mut header_done = false;
+    loop {
+        let p = match last {
+            Some(rev) => format!("{path}&revision={}", rev + 1),
+            None => path.clone(),
+        };
+        let resp = match client.send(Method::GET, &p, None).await {
+            Ok(r) => r,
+            Err(e @ ClientError::Unreachable { .. }) if last.is_some() && failures < 30 => {
+                failures += 1;
+                let _ = e;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        failures = 0;
+        let mut body = resp.bytes_stream();
+        let mut buf = String::new();
+        let (mut event, mut data) = (String::new(), String::new());
+        while let Some(chunk) = body.next().await {
+            let Ok(chunk) = chunk else { break };
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(pos) = buf.find('\n') {
+                let line: String = buf.drain(..=pos).collect();
+                let line = line.trim_end_matches(['\r', '\n']);
+                if line.is_empty() {
+                    if event == "ERROR" {
+                        let v: Value = serde_json::from_str(&data).unwrap_or_default();
+                        return Err(CommandError::Usage(format!("watch failed: {}", v["error"]["message"].as_str().unwrap_or(&data))));
+                    }
+                    if !data.is_empty() {
+                        if let Ok(ev) = serde_json::from_str::<WatchEvent>(&data) {
+                            last = Some(ev.revision);
+                            print_event(&ev, kind, ns.is_none(), fmt, &mut header_done, out);
+                        }
+                    }
+                    event.clear();
+                    data.clear();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim_start());
+                } else if let Some(v) = line.strip_prefix("event:") {
+                    event = v.trim().to_string();
+                }
+            }
+        }
+        // The stream ended: the server went away or is shutting down. Resume from `last`.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn print_event(ev: &WatchEvent, kind: Kind, all_ns: bool, fmt: Output, header_done: &mut bool, out: &mut dyn Write) {
+    let ty = format!("{:?}", ev.kind).to_uppercase();
+    let s = match fmt {
+        Output::Json => serde_json::to_string(ev).unwrap_or_default() + "\n",
+        Output::Yaml => format!("---\n{}", output::yaml(ev)),
+        Output::Table | Output::Wide => {
+            let t = output::rows(kind, std::slice::from_ref(&ev.object), all_ns, fmt == Output::Wide, &|_| 0);
+            let mut lines = t.lines();
+            let header = lines.next().unwrap_or_default();
+            let row = lines.next().unwrap_or_default();
+            let mut s = String::new();
+            if !*header_done {
+                s.push_str(&format!("{:<10}{header}\n", "EVENT"));
+                *header_done = true;
+            }
+            s.push_str(&format!("{ty:<10}{row}\n"));
+            s
+        }
+    };
+    let _ = out.write_all(s.as_bytes());
+    let _ = out.flush();
+}

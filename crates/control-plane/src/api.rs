@@ -1,0 +1,451 @@
+//! The admin API (HTTP/JSON, bearer-token authenticated) and the probes and metrics endpoints.
+//! Described in docs/openapi.yaml, which is also served at /openapi.yaml.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::{Stream, StreamExt};
+use isthmus_model::{self as model, Kind, LabelSelector, Resource};
+use isthmus_store::StoreError;
+use serde::Deserialize;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use crate::metrics::{Metrics, RequestLabels, RouteLabels};
+use crate::registry::{DeregisterRequest, Filter, RegisterRequest, Registry, RegistryError};
+
+/// Request bodies above this are refused with 413 before being parsed.
+pub const MAX_BODY: usize = 1024 * 1024;
+pub const OPENAPI: &str = include_str!("../../../docs/openapi.yaml");
+
+pub struct ApiState {
+    pub registry: Registry,
+    pub metrics: Arc<Metrics>,
+    pub admin_token: String,
+    pub ready: AtomicBool,
+    /// Turns true when shutdown begins; open watch streams end then.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+/// An error as the API reports it: `{"error": {"code": 409, "reason": "Conflict", "message": ...}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub details: Option<serde_json::Value>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into(), details: None }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({
+            "code": self.status.as_u16(),
+            "reason": self.status.canonical_reason().unwrap_or("Error"),
+            "message": self.message,
+        });
+        if let Some(d) = self.details {
+            body["details"] = d;
+        }
+        (self.status, Json(json!({ "error": body }))).into_response()
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        let status = match &e {
+            RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
+            RegistryError::Conflict(_) | RegistryError::VipExhausted(_) => StatusCode::CONFLICT,
+            RegistryError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            RegistryError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            RegistryError::Store(StoreError::Compacted { .. }) => StatusCode::GONE,
+            RegistryError::Store(StoreError::FutureRevision { .. }) => StatusCode::BAD_REQUEST,
+            RegistryError::Corrupt { .. } | RegistryError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let details = match &e {
+            RegistryError::Invalid(v) => Some(json!(v
+                .errors
+                .iter()
+                .map(|f| json!({"field": f.field, "value": f.value, "message": f.message}))
+                .collect::<Vec<_>>())),
+            _ => None,
+        };
+        let message = match &e {
+            RegistryError::NotFound(what) => format!("{what} not found"),
+            other => other.to_string(),
+        };
+        ApiError { status, message, details }
+    }
+}
+
+impl From<model::ParseError> for ApiError {
+    fn from(e: model::ParseError) -> Self {
+        let details = match &e {
+            model::ParseError::Invalid { source, .. } => Some(json!(source
+                .errors
+                .iter()
+                .map(|f| json!({"field": f.field, "value": f.value, "message": f.message}))
+                .collect::<Vec<_>>())),
+            _ => None,
+        };
+        let status = match &e {
+            model::ParseError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError { status, message: e.to_string(), details }
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    let api = Router::new()
+        .route("/api/v1/{kind}", get(list_all))
+        .route("/api/v1/namespaces/{ns}/{kind}", get(list_ns))
+        .route(
+            "/api/v1/namespaces/{ns}/{kind}/{name}",
+            get(get_one).put(put_one).delete(delete_one),
+        )
+        .route("/api/v1/apply", post(apply))
+        .route("/api/v1/register", post(register))
+        .route("/api/v1/deregister", post(deregister))
+        .route("/api/v1/watch", get(watch))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .merge(api)
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.yaml", get(|| async { ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI) }))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state((state.clone(), "admin"), observe))
+        .with_state(state)
+}
+
+/// Counts and times every request by route template, so cardinality stays bounded.
+pub async fn observe<S>(
+    State((state, api)): State<(Arc<S>, &'static str)>,
+    req: Request,
+    next: Next,
+) -> Response
+where
+    S: HasMetrics,
+{
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let method = req.method().to_string();
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    let m = state.metrics();
+    m.latency
+        .get_or_create(&RouteLabels { api, route: route.clone() })
+        .observe(start.elapsed().as_secs_f64());
+    m.requests
+        .get_or_create(&RequestLabels { api, method, route, code: resp.status().as_u16() })
+        .inc();
+    resp
+}
+
+pub trait HasMetrics: Send + Sync + 'static {
+    fn metrics(&self) -> &Metrics;
+}
+
+impl HasMetrics for ApiState {
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+}
+
+async fn auth(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let token = match header.and_then(|h| h.strip_prefix("Bearer ")) {
+        Some(t) => t.trim(),
+        None => {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing bearer token: pass --token, set ISTHMUS_TOKEN, or use the config file `isthmus server --dev` writes",
+            )
+            .into_response()
+        }
+    };
+    if !bool::from(token.as_bytes().ct_eq(state.admin_token.as_bytes())) {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid admin token: it does not match the server's (see admin-token in the server's data directory)",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no route for {method} {}; the API is described at /openapi.yaml", uri.path()),
+    )
+}
+
+async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
+    if state.ready.load(Ordering::Acquire) {
+        "ready\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+pub async fn refresh_gauges(registry: &Registry, metrics: &Metrics) {
+    metrics.store_revision.set(registry.store().revision());
+    for kind in Kind::ALL {
+        if let Ok((kvs, _)) = registry.store().range(&kind.key_prefix()).await {
+            metrics
+                .resources
+                .get_or_create(&crate::metrics::KindLabels { kind: kind.as_str().into() })
+                .set(kvs.len() as i64);
+        }
+    }
+}
+
+pub async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    refresh_gauges(&state.registry, &state.metrics).await;
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+fn parse_kind(s: &str) -> ApiResult<Kind> {
+    s.parse::<Kind>().map_err(|e| ApiError::new(StatusCode::NOT_FOUND, e.to_string()))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ListQuery {
+    namespace: Option<String>,
+    label_selector: Option<String>,
+}
+
+fn selector(s: Option<&str>) -> ApiResult<LabelSelector> {
+    LabelSelector::parse(s.unwrap_or("")).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+fn query<T: for<'de> Deserialize<'de>>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
+    q.map(|Query(t)| t)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad query parameters: {}", e.body_text())))
+}
+
+async fn list(state: &ApiState, kind: Kind, namespace: Option<String>, q: ListQuery) -> ApiResult<Response> {
+    let filter = Filter {
+        kind: Some(kind),
+        namespace: namespace.or(q.namespace).filter(|n| !n.is_empty()),
+        selector: selector(q.label_selector.as_deref())?,
+    };
+    let (items, revision) = state.registry.list(&filter).await?;
+    Ok(Json(json!({
+        "apiVersion": model::API_VERSION,
+        "kind": format!("{}List", kind.as_str()),
+        "revision": revision,
+        "items": items,
+    }))
+    .into_response())
+}
+
+async fn list_all(
+    State(state): State<Arc<ApiState>>,
+    Path(kind): Path<String>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let kind = parse_kind(&kind)?;
+    list(&state, kind, None, query(q)?).await
+}
+
+async fn list_ns(
+    State(state): State<Arc<ApiState>>,
+    Path((ns, kind)): Path<(String, String)>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let kind = parse_kind(&kind)?;
+    list(&state, kind, Some(ns), query(q)?).await
+}
+
+async fn get_one(
+    State(state): State<Arc<ApiState>>,
+    Path((ns, kind, name)): Path<(String, String, String)>,
+) -> ApiResult<Json<Resource>> {
+    let kind = parse_kind(&kind)?;
+    Ok(Json(state.registry.get(kind, &ns, &name).await?))
+}
+
+/// Reads a request body up to MAX_BODY, refusing larger ones with a 413 that says the limit.
+async fn read_body(body: Body) -> ApiResult<Bytes> {
+    axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than {} KiB; split the input into several requests", MAX_BODY / 1024),
+        )
+    })
+}
+
+fn is_yaml(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.contains("yaml") || ct.starts_with("text/"))
+}
+
+fn parse_json_body<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> ApiResult<T> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let at = if path == "." { String::new() } else { format!(" at {path}") };
+        ApiError::new(StatusCode::BAD_REQUEST, format!("invalid request body{at}: {}", e.into_inner()))
+    })
+}
+
+async fn put_one(
+    State(state): State<Arc<ApiState>>,
+    Path((ns, kind, name)): Path<(String, String, String)>,
+    body: Body,
+) -> ApiResult<Response> {
+    let kind = parse_kind(&kind)?;
+    let bytes = read_body(body).await?;
+    let r = model::parse_json(&bytes)?;
+    let m = r.meta();
+    if r.kind() != kind || m.namespace != ns || m.name != name {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the body is {} but the URL names {kind} {ns}/{name}; they must agree",
+                r.id()
+            ),
+        ));
+    }
+    let (results, _) = state.registry.apply(vec![r]).await?;
+    let object = state.registry.get(kind, &ns, &name).await?;
+    let status = match results.first().map(|r| r.action) {
+        Some(crate::registry::Action::Created) => StatusCode::CREATED,
+        _ => StatusCode::OK,
+    };
+    Ok((status, Json(object)).into_response())
+}
+
+async fn delete_one(
+    State(state): State<Arc<ApiState>>,
+    Path((ns, kind, name)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    let kind = parse_kind(&kind)?;
+    let (object, revision) = state.registry.delete(kind, &ns, &name).await?;
+    Ok(Json(json!({"action": "deleted", "revision": revision, "object": object})).into_response())
+}
+
+async fn apply(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+    let bytes = read_body(body).await?;
+    let resources = if is_yaml(&headers) {
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "the YAML body is not UTF-8 text"))?;
+        model::parse_documents(text)?
+    } else {
+        let v: serde_json::Value = parse_json_body(&bytes)?;
+        match v.get("items") {
+            Some(serde_json::Value::Array(items)) => items
+                .iter()
+                .map(|i| model::parse_json(&serde_json::to_vec(i).unwrap_or_default()))
+                .collect::<Result<Vec<_>, _>>()?,
+            _ => vec![model::parse_json(&bytes)?],
+        }
+    };
+    let (results, revision) = state.registry.apply(resources).await?;
+    Ok(Json(json!({"revision": revision, "results": results})).into_response())
+}
+
+async fn register(State(state): State<Arc<ApiState>>, body: Body) -> ApiResult<Response> {
+    let req: RegisterRequest = parse_json_body(&read_body(body).await?)?;
+    let resp = state.registry.register(req).await?;
+    Ok(Json(resp).into_response())
+}
+
+async fn deregister(State(state): State<Arc<ApiState>>, body: Body) -> ApiResult<Response> {
+    let req: DeregisterRequest = parse_json_body(&read_body(body).await?)?;
+    Ok(Json(state.registry.deregister(req).await?).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct WatchQuery {
+    kind: Option<String>,
+    namespace: Option<String>,
+    label_selector: Option<String>,
+    /// Resume: every change with a revision >= this one.
+    revision: Option<String>,
+}
+
+/// Server-sent events; each event's `id` is its revision, so a client that reconnects with
+/// `Last-Event-ID` resumes after the last event it saw with no gap.
+async fn watch(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    q: Result<Query<WatchQuery>, QueryRejection>,
+) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+    let q = query(q)?;
+    let kind = q.kind.as_deref().map(parse_kind).transpose()?;
+    let filter = Filter {
+        kind,
+        namespace: q.namespace.filter(|n| !n.is_empty()),
+        selector: selector(q.label_selector.as_deref())?,
+    };
+    let bad_rev = |v: &str| ApiError::new(StatusCode::BAD_REQUEST, format!("revision {v:?} is not a number"));
+    let from = match (headers.get("last-event-id").and_then(|v| v.to_str().ok()), q.revision.as_deref()) {
+        (Some(last), _) => Some(last.trim().parse::<i64>().map_err(|_| bad_rev(last))? + 1),
+        (None, Some(r)) => Some(r.parse::<i64>().map_err(|_| bad_rev(r))?),
+        (None, None) => None,
+    };
+    let events = state.registry.watch(filter, from).await?;
+    state.metrics.watchers.inc();
+    let guard = WatcherGuard(state.clone());
+    let mut stopping = state.stopping.clone();
+    let stop = async move {
+        let _ = stopping.wait_for(|s| *s).await;
+    };
+    let stream = events.take_until(stop).map(move |ev| {
+        let _keep = &guard;
+        Ok(match ev {
+            Ok(ev) => SseEvent::default()
+                .event(match ev.kind {
+                    crate::registry::WatchEventType::Added => "ADDED",
+                    crate::registry::WatchEventType::Modified => "MODIFIED",
+                    crate::registry::WatchEventType::Deleted => "DELETED",
+                })
+                .id(ev.revision.to_string())
+                .data(serde_json::to_string(&ev).unwrap_or_default()),
+            Err(e) => SseEvent::default()
+                .event("ERROR")
+                .data(json!({"error": {"message": e.to_string()}}).to_string()),
+        })
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+struct WatcherGuard(Arc<ApiState>);
+
+impl Drop for WatcherGuard {
+    fn drop(&mut self) {
+        self.0.metrics.watchers.dec();
+    }
+}

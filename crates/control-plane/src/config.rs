@@ -1,0 +1,86 @@
+//! Every setting of `isthmus server`, parsed and validated in one place.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+use ipnet::IpNet;
+
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/isthmus";
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15080";
+pub const DEFAULT_REGISTRATION_ADDR: &str = "127.0.0.1:8080";
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:15014";
+pub const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/12";
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+pub const ENDPOINTS_FILE: &str = "endpoints.json";
+pub const REGISTRY_FILE: &str = "registry.redb";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    /// Embedded and durable (redb) in the data directory.
+    Embedded,
+    /// In memory: lost at exit. For tests and throwaway experiments.
+    Memory,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct ServerArgs {
+    /// A throwaway control plane: temporary data directory (removed at exit), prints the admin
+    /// token, the URLs and the next commands, and writes the CLI's config file for this user.
+    #[arg(long)]
+    pub dev: bool,
+    /// Where the registry, the admin token and the endpoints file live [default: /var/lib/isthmus,
+    /// or a temporary directory with --dev].
+    #[arg(long, env = "ISTHMUS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "embedded", env = "ISTHMUS_STORE")]
+    pub store: StoreKind,
+    /// The admin API (authenticated). Keep it on loopback unless the network is trusted.
+    #[arg(long, default_value = DEFAULT_ADMIN_ADDR, env = "ISTHMUS_ADMIN_ADDR")]
+    pub admin_addr: SocketAddr,
+    /// The seeds' read-only registration API (`/v1/registration`); use 0.0.0.0:8080 so hosts
+    /// can read it.
+    #[arg(long, default_value = DEFAULT_REGISTRATION_ADDR, env = "ISTHMUS_REGISTRATION_ADDR")]
+    pub registration_addr: SocketAddr,
+    /// Prometheus metrics (`/metrics`), Istio's control-plane monitoring port.
+    #[arg(long, default_value = DEFAULT_METRICS_ADDR, env = "ISTHMUS_METRICS_ADDR")]
+    pub metrics_addr: SocketAddr,
+    /// The range services' virtual IPs are allocated from.
+    #[arg(long, default_value = DEFAULT_SERVICE_CIDR, env = "ISTHMUS_SERVICE_CIDR")]
+    pub service_cidr: IpNet,
+    /// The mesh's DNS domain: services are `<name>.<namespace>.svc.<domain>`.
+    #[arg(long, default_value = isthmus_model::DEFAULT_DOMAIN, env = "ISTHMUS_DOMAIN")]
+    pub domain: String,
+    /// How many revisions of change history the store keeps for watches to resume from.
+    #[arg(long, default_value_t = 100_000)]
+    pub history: usize,
+    /// With --dev: do not write the CLI config file.
+    #[arg(long)]
+    pub no_client_config: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--domain {0:?} {1}")]
+    Domain(String, String),
+    #[error("--service-cidr {0} is too small: it must hold at least 2 addresses (a /30 or larger for IPv4, /127 for IPv6)")]
+    CidrTooSmall(IpNet),
+    #[error("--history must be at least 1")]
+    History,
+}
+
+impl ServerArgs {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(p) = isthmus_model::validate::dns_subdomain_problem(&self.domain) {
+            return Err(ConfigError::Domain(self.domain.clone(), p));
+        }
+        let host_bits = u32::from(self.service_cidr.max_prefix_len()) - u32::from(self.service_cidr.prefix_len());
+        if host_bits < 2 && matches!(self.service_cidr, IpNet::V4(_)) || host_bits < 1 {
+            return Err(ConfigError::CidrTooSmall(self.service_cidr));
+        }
+        if self.history == 0 {
+            return Err(ConfigError::History);
+        }
+        Ok(())
+    }
+}

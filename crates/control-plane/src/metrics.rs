@@ -1,0 +1,70 @@
+//! The control plane's Prometheus metrics: one sub-registry per component.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub api: &'static str,
+    pub method: String,
+    pub route: String,
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub api: &'static str,
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub latency: Family<RouteLabels, Histogram>,
+    pub store_revision: Gauge,
+    pub resources: Family<KindLabels, Gauge>,
+    pub watchers: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("isthmus");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+        });
+        let store_revision = Gauge::default();
+        let resources = Family::<KindLabels, Gauge>::default();
+        let watchers = Gauge::default();
+        {
+            let http = registry.sub_registry_with_prefix("http");
+            http.register("requests", "HTTP requests served, by API, route and status code", requests.clone());
+            http.register("request_duration_seconds", "HTTP request latency by API and route", latency.clone());
+            http.register("watchers", "Open watch streams", watchers.clone());
+        }
+        {
+            let store = registry.sub_registry_with_prefix("registry");
+            store.register("revision", "Current revision of the registry store", store_revision.clone());
+            store.register("resources", "Resources in the registry, by kind", resources.clone());
+        }
+        Arc::new(Metrics { registry, requests, latency, store_revision, resources, watchers })
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,764 @@
+//! Typed registry operations on top of the store: apply (all-or-nothing), delete, register,
+//! deregister, list and watch. Every write is one store transaction guarded by compare-and-swap on
+//! the revisions it read, so concurrent writers never lose each other's changes.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use ipnet::IpNet;
+use isthmus_model::{
+    self as model, Kind, LabelSelector, ObjectMeta, Resource, Service, ServicePort, ServiceSpec,
+    WorkloadEntry, WorkloadEntrySpec,
+};
+use isthmus_store::{Compare, EventKind, KeyValue, Op, Revision, Store, StoreError, Txn, TxnOutcome};
+use serde::{Deserialize, Serialize};
+
+/// Store keys of VIP allocations: `/registry/vips/<ip>` → the owning service's key.
+const VIP_PREFIX: &str = "/registry/vips/";
+/// Optimistic transactions are retried this many times when another writer got in between.
+const MAX_ATTEMPTS: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Invalid(#[from] model::ValidationError),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("no free virtual IP left in the service CIDR {0}; widen it with --service-cidr")]
+    VipExhausted(IpNet),
+    #[error("stored object {key} cannot be decoded: {message}")]
+    Corrupt { key: String, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Created,
+    Updated,
+    Unchanged,
+    Deleted,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyResult {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+    pub action: Action,
+}
+
+/// `register SERVICE IP [name:]port...`, as istioctl had it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub service: String,
+    #[serde(default)]
+    pub namespace: String,
+    pub ip: String,
+    /// `port` or `name:port`; unnamed ports get istioctl's guessed names.
+    #[serde(default)]
+    pub ports: Vec<String>,
+    #[serde(default)]
+    pub service_account: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegisterResponse {
+    pub service: Action,
+    pub workload_entry: Action,
+    pub workload_entry_name: String,
+    pub hostname: String,
+    pub vip: Option<IpAddr>,
+    pub revision: Revision,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeregisterRequest {
+    pub service: String,
+    #[serde(default)]
+    pub namespace: String,
+    pub ip: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeregisterResponse {
+    pub removed_entries: Vec<String>,
+    pub service_deleted: bool,
+    pub revision: Revision,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum WatchEventType {
+    Added,
+    Modified,
+    Deleted,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WatchEvent {
+    #[serde(rename = "type")]
+    pub kind: WatchEventType,
+    pub revision: Revision,
+    pub object: Resource,
+}
+
+/// What a list or watch selects.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub kind: Option<Kind>,
+    pub namespace: Option<String>,
+    pub selector: LabelSelector,
+}
+
+impl Filter {
+    fn prefix(&self) -> String {
+        match (self.kind, &self.namespace) {
+            (Some(k), Some(ns)) => format!("{}{ns}/", k.key_prefix()),
+            (Some(k), None) => k.key_prefix(),
+            (None, _) => "/registry/".to_string(),
+        }
+    }
+
+    fn matches(&self, r: &Resource) -> bool {
+        self.namespace.as_ref().is_none_or(|ns| *ns == r.meta().namespace)
+            && self.kind.is_none_or(|k| k == r.kind())
+            && self.selector.matches(&r.effective_labels())
+    }
+}
+
+#[derive(Clone)]
+pub struct Registry {
+    store: Arc<dyn Store>,
+    cidr: IpNet,
+    domain: String,
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// The kind a store key belongs to, or None for bookkeeping keys (VIP allocations).
+fn kind_of_key(key: &str) -> Option<Kind> {
+    let rest = key.strip_prefix("/registry/")?;
+    let plural = rest.split('/').next()?;
+    Kind::ALL.into_iter().find(|k| k.plural() == plural)
+}
+
+/// Decodes a stored object without re-validating it, so tightened validation never makes
+/// existing data unreadable. `resourceVersion` is the key's mod revision, as in Kubernetes.
+pub fn decode(kv: &KeyValue) -> Result<Option<Resource>, RegistryError> {
+    let Some(kind) = kind_of_key(&kv.key) else {
+        return Ok(None);
+    };
+    let corrupt = |e: serde_json::Error| RegistryError::Corrupt {
+        key: kv.key.clone(),
+        message: e.to_string(),
+    };
+    let mut r = match kind {
+        Kind::Service => Resource::Service(serde_json::from_slice(&kv.value).map_err(corrupt)?),
+        Kind::WorkloadEntry => {
+            Resource::WorkloadEntry(serde_json::from_slice(&kv.value).map_err(corrupt)?)
+        }
+        Kind::WorkloadGroup => {
+            Resource::WorkloadGroup(serde_json::from_slice(&kv.value).map_err(corrupt)?)
+        }
+    };
+    r.meta_mut().resource_version = Some(kv.mod_revision.to_string());
+    Ok(Some(r))
+}
+
+fn encode(r: &Resource) -> Vec<u8> {
+    let mut r = r.clone();
+    r.meta_mut().resource_version = None;
+    r.to_json()
+}
+
+fn vip_key(ip: IpAddr) -> String {
+    format!("{VIP_PREFIX}{ip}")
+}
+
+fn protocol_for_port_name(name: &str) -> Option<String> {
+    let prefix = name.split('-').next().unwrap_or(name).to_ascii_uppercase();
+    match prefix.as_str() {
+        "HTTP" | "HTTP2" | "GRPC" | "HTTPS" | "TLS" | "MYSQL" | "MONGO" | "REDIS" => Some(prefix),
+        _ => None,
+    }
+}
+
+/// `name:port` or `port` → (name, port), with istioctl's guessed names.
+pub fn parse_port_arg(arg: &str) -> Result<(String, u32), RegistryError> {
+    let (name, num) = match arg.rsplit_once(':') {
+        Some((n, p)) => (Some(n), p),
+        None => (None, arg),
+    };
+    let port: u32 = num
+        .parse()
+        .ok()
+        .filter(|p| (1..=65535).contains(p))
+        .ok_or_else(|| {
+            RegistryError::BadRequest(format!(
+                "port {arg:?} is not a port number from 1 to 65535 (write PORT or NAME:PORT, e.g. 3306 or mysql:3306)"
+            ))
+        })?;
+    let name = name.map_or_else(|| model::guess_port_name(port), str::to_string);
+    if let Some(p) = model::validate::dns_label_problem(&name) {
+        return Err(RegistryError::BadRequest(format!("port name {name:?} {p}")));
+    }
+    Ok((name, port))
+}
+
+/// The workload entry `register` creates for SERVICE at IP: `<service>-<ip with '-' for '.'/':'>`.
+pub fn register_entry_name(service: &str, ip: IpAddr) -> String {
+    format!("{service}-{}", ip.to_string().replace(['.', ':'], "-"))
+}
+
+impl Registry {
+    pub fn new(store: Arc<dyn Store>, cidr: IpNet, domain: String) -> Self {
+        Registry { store, cidr, domain }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    pub async fn get(&self, kind: Kind, ns: &str, name: &str) -> Result<Resource, RegistryError> {
+        let kv = self.store.get(&kind.key(ns, name)).await?;
+        kv.as_ref()
+            .map(decode)
+            .transpose()?
+            .flatten()
+            .ok_or_else(|| RegistryError::NotFound(format!("{kind} {ns}/{name}")))
+    }
+
+    pub async fn list(&self, filter: &Filter) -> Result<(Vec<Resource>, Revision), RegistryError> {
+        let (kvs, rev) = self.store.range(&filter.prefix()).await?;
+        let mut out = Vec::with_capacity(kvs.len());
+        for kv in &kvs {
+            if let Some(r) = decode(kv)? {
+                if filter.matches(&r) {
+                    out.push(r);
+                }
+            }
+        }
+        Ok((out, rev))
+    }
+
+    /// The services and the workload entries, for views that join them (legacy API).
+    pub async fn services_and_entries(
+        &self,
+    ) -> Result<(Vec<Service>, Vec<WorkloadEntry>), RegistryError> {
+        let (all, _) = self.list(&Filter::default()).await?;
+        let (mut svcs, mut wes) = (Vec::new(), Vec::new());
+        for r in all {
+            match r {
+                Resource::Service(s) => svcs.push(s),
+                Resource::WorkloadEntry(w) => wes.push(w),
+                Resource::WorkloadGroup(_) => {}
+            }
+        }
+        Ok((svcs, wes))
+    }
+
+    async fn allocated_vips(&self) -> Result<HashSet<IpAddr>, RegistryError> {
+        let (kvs, _) = self.store.range(VIP_PREFIX).await?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| kv.key.strip_prefix(VIP_PREFIX)?.parse().ok())
+            .collect())
+    }
+
+    /// Picks a free VIP, starting at a position derived from the service's key so that a service
+    /// deleted and re-created tends to get its old address back, then probing linearly.
+    fn pick_vip(&self, key: &str, taken: &HashSet<IpAddr>) -> Result<IpAddr, RegistryError> {
+        let hash = key
+            .bytes()
+            .fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3));
+        let (base, size): (u128, u128) = match self.cidr {
+            IpNet::V4(n) => (
+                u128::from(u32::from(n.network())),
+                1u128 << (32 - u32::from(n.prefix_len())),
+            ),
+            IpNet::V6(n) => (
+                u128::from(n.network()),
+                1u128.checked_shl(128 - u32::from(n.prefix_len())).unwrap_or(u128::MAX),
+            ),
+        };
+        // Skip the network address and, for IPv4, the broadcast address.
+        let usable = match self.cidr {
+            IpNet::V4(_) => size.saturating_sub(2),
+            IpNet::V6(_) => size.saturating_sub(1),
+        };
+        if usable == 0 {
+            return Err(RegistryError::VipExhausted(self.cidr));
+        }
+        let start = u128::from(hash) % usable;
+        let limit = usable.min(taken.len() as u128 + 1);
+        for i in 0..limit {
+            let offset = 1 + (start + i) % usable;
+            let ip = match self.cidr {
+                IpNet::V4(_) => IpAddr::from(std::net::Ipv4Addr::from((base + offset) as u32)),
+                IpNet::V6(_) => IpAddr::from(std::net::Ipv6Addr::from(base + offset)),
+            };
+            if !taken.contains(&ip) {
+                return Ok(ip);
+            }
+        }
+        Err(RegistryError::VipExhausted(self.cidr))
+    }
+
+    /// Creates or updates every resource, in one transaction: either all are written or none.
+    pub async fn apply(
+        &self,
+        resources: Vec<Resource>,
+    ) -> Result<(Vec<ApplyResult>, Revision), RegistryError> {
+        let mut seen = HashSet::new();
+        for r in &resources {
+            model::validate(r)?;
+            if !seen.insert(r.key()) {
+                return Err(RegistryError::BadRequest(format!(
+                    "{} appears twice in the input",
+                    r.id()
+                )));
+            }
+        }
+        for _ in 0..MAX_ATTEMPTS {
+            let mut txn = Txn::default();
+            let mut results = Vec::new();
+            let mut taken: Option<HashSet<IpAddr>> = None;
+            for r in &resources {
+                let key = r.key();
+                let current = self.store.get(&key).await?;
+                let existing = current.as_ref().map(decode).transpose()?.flatten();
+                if let Some(want) = &r.meta().resource_version {
+                    let have = current.as_ref().map(|kv| kv.mod_revision.to_string());
+                    if have.as_deref() != Some(want.as_str()) {
+                        return Err(RegistryError::Conflict(format!(
+                            "{} was changed since resourceVersion {want} (it is now at {}); get it again and re-apply",
+                            r.id(),
+                            have.unwrap_or_else(|| "deleted".into())
+                        )));
+                    }
+                }
+                let mut next = r.clone();
+                let action = match &existing {
+                    Some(old) if old.same_intent(r) => Action::Unchanged,
+                    Some(old) => {
+                        carry_server_fields(old, &mut next);
+                        Action::Updated
+                    }
+                    None => {
+                        let m = next.meta_mut();
+                        m.uid = Some(uuid::Uuid::new_v4().to_string());
+                        m.creation_timestamp = Some(now_rfc3339());
+                        if let Resource::Service(s) = &mut next {
+                            if taken.is_none() {
+                                taken = Some(self.allocated_vips().await?);
+                            }
+                            let set = taken.get_or_insert_with(HashSet::new);
+                            let ip = self.pick_vip(&key, set)?;
+                            set.insert(ip);
+                            s.status.vip = Some(ip);
+                            txn.compares.push(Compare::ModRevision { key: vip_key(ip), revision: 0 });
+                            txn.ops.push(Op::Put { key: vip_key(ip), value: key.clone().into_bytes() });
+                        }
+                        Action::Created
+                    }
+                };
+                if action != Action::Unchanged {
+                    txn.compares.push(Compare::ModRevision {
+                        key: key.clone(),
+                        revision: current.as_ref().map_or(0, |kv| kv.mod_revision),
+                    });
+                    txn.ops.push(Op::Put { key, value: encode(&next) });
+                }
+                let m = r.meta();
+                results.push(ApplyResult {
+                    kind: r.kind(),
+                    namespace: m.namespace.clone(),
+                    name: m.name.clone(),
+                    action,
+                });
+            }
+            if txn.ops.is_empty() {
+                return Ok((results, self.store.revision()));
+            }
+            if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
+                return Ok((results, revision));
+            }
+        }
+        Err(too_busy())
+    }
+
+    /// Deletes one resource (and releases a service's VIP in the same transaction).
+    pub async fn delete(
+        &self,
+        kind: Kind,
+        ns: &str,
+        name: &str,
+    ) -> Result<(Resource, Revision), RegistryError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let key = kind.key(ns, name);
+            let Some(kv) = self.store.get(&key).await? else {
+                return Err(RegistryError::NotFound(format!("{kind} {ns}/{name}")));
+            };
+            let Some(r) = decode(&kv)? else {
+                return Err(RegistryError::NotFound(format!("{kind} {ns}/{name}")));
+            };
+            let mut txn = Txn {
+                compares: vec![Compare::ModRevision { key: key.clone(), revision: kv.mod_revision }],
+                ops: vec![Op::Delete { key }],
+            };
+            if let Resource::Service(s) = &r {
+                if let Some(ip) = s.status.vip {
+                    txn.ops.push(Op::Delete { key: vip_key(ip) });
+                }
+            }
+            if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
+                return Ok((r, revision));
+            }
+        }
+        Err(too_busy())
+    }
+
+    pub async fn register(&self, req: RegisterRequest) -> Result<RegisterResponse, RegistryError> {
+        let ns = if req.namespace.is_empty() { model::DEFAULT_NAMESPACE.to_string() } else { req.namespace.clone() };
+        let ip: IpAddr = req.ip.parse().map_err(|_| {
+            RegistryError::BadRequest(format!("IP {:?} is not an IPv4 or IPv6 address", req.ip))
+        })?;
+        if let Some(p) = model::validate::dns_label_problem(&req.service) {
+            return Err(RegistryError::BadRequest(format!("service name {:?} {p}", req.service)));
+        }
+        if req.ports.is_empty() {
+            return Err(RegistryError::BadRequest(
+                "at least one port is needed (e.g. 3306 or mysql:3306)".into(),
+            ));
+        }
+        let mut ports: Vec<(String, u32)> = Vec::new();
+        for arg in &req.ports {
+            let (name, port) = parse_port_arg(arg)?;
+            if let Some((_, other)) = ports.iter().find(|(n, p)| *n == name && *p != port) {
+                return Err(RegistryError::BadRequest(format!(
+                    "port name {name:?} is given twice, for {other} and {port}; name them apart (e.g. {name}-{port}:{port})"
+                )));
+            }
+            if !ports.contains(&(name.clone(), port)) {
+                ports.push((name, port));
+            }
+        }
+        let sa = if req.service_account.is_empty() { model::DEFAULT_SERVICE_ACCOUNT.to_string() } else { req.service_account.clone() };
+        let svc_key = Kind::Service.key(&ns, &req.service);
+        let entry_name = register_entry_name(&req.service, ip);
+        let entry_key = Kind::WorkloadEntry.key(&ns, &entry_name);
+
+        for _ in 0..MAX_ATTEMPTS {
+            let mut txn = Txn::default();
+            let svc_kv = self.store.get(&svc_key).await?;
+            let existing_svc = match svc_kv.as_ref().map(decode).transpose()?.flatten() {
+                Some(Resource::Service(s)) => Some(s),
+                _ => None,
+            };
+            // The service: create it selector-less, or add the ports it lacks.
+            let (svc_action, svc) = match existing_svc {
+                None => {
+                    let mut svc = Service {
+                        api_version: model::API_VERSION.into(),
+                        kind: Kind::Service.as_str().into(),
+                        metadata: ObjectMeta {
+                            name: req.service.clone(),
+                            namespace: ns.clone(),
+                            annotations: req.annotations.clone(),
+                            uid: Some(uuid::Uuid::new_v4().to_string()),
+                            creation_timestamp: Some(now_rfc3339()),
+                            ..Default::default()
+                        },
+                        spec: ServiceSpec {
+                            ports: ports
+                                .iter()
+                                .map(|(name, port)| ServicePort {
+                                    name: name.clone(),
+                                    port: *port,
+                                    protocol: protocol_for_port_name(name),
+                                    target_port: None,
+                                })
+                                .collect(),
+                            selector: None,
+                        },
+                        status: Default::default(),
+                    };
+                    svc.metadata
+                        .annotations
+                        .insert(model::CREATED_BY_ANNOTATION.into(), model::CREATED_BY_REGISTER.into());
+                    let taken = self.allocated_vips().await?;
+                    let vip = self.pick_vip(&svc_key, &taken)?;
+                    svc.status.vip = Some(vip);
+                    txn.compares.push(Compare::ModRevision { key: vip_key(vip), revision: 0 });
+                    txn.ops.push(Op::Put { key: vip_key(vip), value: svc_key.clone().into_bytes() });
+                    (Action::Created, svc)
+                }
+                Some(mut svc) => {
+                    let mut changed = false;
+                    for (name, port) in &ports {
+                        match svc.spec.ports.iter().find(|p| p.name == *name) {
+                            Some(p) if p.port == *port => {}
+                            Some(p) => {
+                                return Err(RegistryError::Conflict(format!(
+                                    "service {ns}/{} already has port {name:?} = {}; register {port} under another name (e.g. {name}-{port}:{port})",
+                                    req.service, p.port
+                                )))
+                            }
+                            None if svc.spec.ports.iter().any(|p| p.port == *port) => {}
+                            None => {
+                                svc.spec.ports.push(ServicePort {
+                                    name: name.clone(),
+                                    port: *port,
+                                    protocol: protocol_for_port_name(name),
+                                    target_port: None,
+                                });
+                                changed = true;
+                            }
+                        }
+                    }
+                    (if changed { Action::Updated } else { Action::Unchanged }, svc)
+                }
+            };
+            let svc_res = Resource::Service(svc.clone());
+            model::validate(&svc_res)?;
+            if svc_action != Action::Unchanged {
+                txn.compares.push(Compare::ModRevision {
+                    key: svc_key.clone(),
+                    revision: svc_kv.as_ref().map_or(0, |kv| kv.mod_revision),
+                });
+                txn.ops.push(Op::Put { key: svc_key.clone(), value: encode(&svc_res) });
+            }
+
+            // The entry: the service port's name → the port the host listens on.
+            let entry_ports: BTreeMap<String, u32> = ports
+                .iter()
+                .map(|(name, port)| {
+                    let svc_port = svc.spec.ports.iter().find(|p| p.name == *name || p.port == *port);
+                    (svc_port.map_or(name.clone(), |p| p.name.clone()), *port)
+                })
+                .collect();
+            let entry_kv = self.store.get(&entry_key).await?;
+            let existing_entry = match entry_kv.as_ref().map(decode).transpose()?.flatten() {
+                Some(Resource::WorkloadEntry(w)) => Some(w),
+                _ => None,
+            };
+            let spec = WorkloadEntrySpec {
+                address: ip.to_string(),
+                ports: entry_ports,
+                labels: req.labels.clone(),
+                service_account: sa.clone(),
+                services: vec![req.service.clone()],
+                ..existing_entry.as_ref().map(|e| e.spec.clone()).unwrap_or_default()
+            };
+            let (entry_action, entry) = match existing_entry {
+                Some(e) if e.spec == spec && e.metadata.annotations == req.annotations => (Action::Unchanged, e),
+                Some(mut e) => {
+                    e.spec = spec;
+                    e.metadata.annotations = req.annotations.clone();
+                    (Action::Updated, e)
+                }
+                None => (
+                    Action::Created,
+                    WorkloadEntry {
+                        api_version: model::API_VERSION.into(),
+                        kind: Kind::WorkloadEntry.as_str().into(),
+                        metadata: ObjectMeta {
+                            name: entry_name.clone(),
+                            namespace: ns.clone(),
+                            annotations: req.annotations.clone(),
+                            uid: Some(uuid::Uuid::new_v4().to_string()),
+                            creation_timestamp: Some(now_rfc3339()),
+                            ..Default::default()
+                        },
+                        spec,
+                        status: Default::default(),
+                    },
+                ),
+            };
+            let entry_res = Resource::WorkloadEntry(entry);
+            model::validate(&entry_res)?;
+            if entry_action != Action::Unchanged {
+                txn.compares.push(Compare::ModRevision {
+                    key: entry_key.clone(),
+                    revision: entry_kv.as_ref().map_or(0, |kv| kv.mod_revision),
+                });
+                txn.ops.push(Op::Put { key: entry_key.clone(), value: encode(&entry_res) });
+            }
+            let response = |revision| RegisterResponse {
+                service: svc_action,
+                workload_entry: entry_action,
+                workload_entry_name: entry_name.clone(),
+                hostname: svc.hostname(&self.domain),
+                vip: svc.status.vip,
+                revision,
+            };
+            if txn.ops.is_empty() {
+                return Ok(response(self.store.revision()));
+            }
+            if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
+                return Ok(response(revision));
+            }
+        }
+        Err(too_busy())
+    }
+
+    /// Removes the endpoint IP of SERVICE; removes the service too when `register` created it and
+    /// no endpoint is left (fixing the leftover-service bug of istioctl's deregister).
+    pub async fn deregister(&self, req: DeregisterRequest) -> Result<DeregisterResponse, RegistryError> {
+        let ns = if req.namespace.is_empty() { model::DEFAULT_NAMESPACE.to_string() } else { req.namespace.clone() };
+        let ip: IpAddr = req.ip.parse().map_err(|_| {
+            RegistryError::BadRequest(format!("IP {:?} is not an IPv4 or IPv6 address", req.ip))
+        })?;
+        for _ in 0..MAX_ATTEMPTS {
+            let svc_key = Kind::Service.key(&ns, &req.service);
+            let svc_kv = self.store.get(&svc_key).await?;
+            let svc = match svc_kv.as_ref().map(decode).transpose()?.flatten() {
+                Some(Resource::Service(s)) => s,
+                _ => return Err(RegistryError::NotFound(format!("Service {ns}/{}", req.service))),
+            };
+            let (entries, _) = self.store.range(&format!("{}{ns}/", Kind::WorkloadEntry.key_prefix())).await?;
+            let mut txn = Txn::default();
+            let mut removed = Vec::new();
+            let mut remaining = 0usize;
+            for kv in &entries {
+                let Some(Resource::WorkloadEntry(mut w)) = decode(kv)? else { continue };
+                if !w.serves(&svc) {
+                    continue;
+                }
+                let attached = w.spec.services.iter().any(|s| *s == req.service);
+                if attached && w.ip() == Some(ip) {
+                    txn.compares.push(Compare::ModRevision { key: kv.key.clone(), revision: kv.mod_revision });
+                    w.spec.services.retain(|s| *s != req.service);
+                    if w.spec.services.is_empty() {
+                        txn.ops.push(Op::Delete { key: kv.key.clone() });
+                    } else {
+                        txn.ops.push(Op::Put { key: kv.key.clone(), value: encode(&Resource::WorkloadEntry(w.clone())) });
+                    }
+                    removed.push(w.metadata.name.clone());
+                } else {
+                    remaining += 1;
+                }
+            }
+            if removed.is_empty() {
+                return Err(RegistryError::NotFound(format!(
+                    "endpoint {ip} of service {ns}/{}",
+                    req.service
+                )));
+            }
+            let created_by_register = svc.metadata.annotations.get(model::CREATED_BY_ANNOTATION).map(String::as_str)
+                == Some(model::CREATED_BY_REGISTER);
+            let delete_service = created_by_register && remaining == 0;
+            if delete_service {
+                txn.compares.push(Compare::ModRevision { key: svc_key.clone(), revision: svc_kv.as_ref().map_or(0, |k| k.mod_revision) });
+                txn.ops.push(Op::Delete { key: svc_key.clone() });
+                if let Some(vip) = svc.status.vip {
+                    txn.ops.push(Op::Delete { key: vip_key(vip) });
+                }
+            }
+            if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
+                return Ok(DeregisterResponse { removed_entries: removed, service_deleted: delete_service, revision });
+            }
+        }
+        Err(too_busy())
+    }
+
+    /// Typed events for the filter. Without `from`, the current state comes first as ADDED
+    /// events (like `kubectl get -w`), then changes. With `from`, every change since that
+    /// revision. Objects that stop (or start) matching a label selector are reported as DELETED
+    /// (or ADDED), so a client's view stays exactly the selected set.
+    pub async fn watch(
+        &self,
+        filter: Filter,
+        from: Option<Revision>,
+    ) -> Result<impl Stream<Item = Result<WatchEvent, RegistryError>> + Send + 'static, RegistryError> {
+        let (initial, start) = match from {
+            Some(rev) => (Vec::new(), rev),
+            None => {
+                let (items, rev) = self.list(&filter).await?;
+                let initial: Vec<_> = items
+                    .into_iter()
+                    .map(|object| {
+                        let revision = object.meta().resource_version.as_deref().and_then(|v| v.parse().ok()).unwrap_or(rev);
+                        Ok(WatchEvent { kind: WatchEventType::Added, revision, object })
+                    })
+                    .collect();
+                (initial, rev + 1)
+            }
+        };
+        let events = self.store.watch(&filter.prefix(), start.max(1)).await?;
+        let live = events.filter_map(move |ev| {
+            let filter = filter.clone();
+            async move {
+                let ev = match ev {
+                    Ok(ev) => ev,
+                    Err(e) => return Some(Err(RegistryError::from(e))),
+                };
+                let revision = ev.revision();
+                let decode_opt = |kv: Option<&KeyValue>| -> Result<Option<Resource>, RegistryError> {
+                    Ok(kv.map(decode).transpose()?.flatten().filter(|r| filter.matches(r)))
+                };
+                let prev = match decode_opt(ev.prev.as_ref()) {
+                    Ok(p) => p,
+                    Err(e) => return Some(Err(e)),
+                };
+                let (kind, object) = match ev.kind {
+                    EventKind::Put => match (decode_opt(Some(&ev.kv)), prev) {
+                        (Err(e), _) => return Some(Err(e)),
+                        (Ok(Some(now)), Some(_)) => (WatchEventType::Modified, now),
+                        (Ok(Some(now)), None) => (WatchEventType::Added, now),
+                        (Ok(None), Some(before)) => (WatchEventType::Deleted, before),
+                        (Ok(None), None) => return None,
+                    },
+                    EventKind::Delete => (WatchEventType::Deleted, prev?),
+                };
+                Some(Ok(WatchEvent { kind, revision, object }))
+            }
+        });
+        Ok(futures::stream::iter(initial).chain(live))
+    }
+}
+
+/// Keeps what the server owns (identity, creation time, VIP, health) when a client updates.
+fn carry_server_fields(old: &Resource, next: &mut Resource) {
+    let om = old.meta();
+    let nm = next.meta_mut();
+    nm.uid.clone_from(&om.uid);
+    nm.creation_timestamp.clone_from(&om.creation_timestamp);
+    match (old, next) {
+        (Resource::Service(o), Resource::Service(n)) => n.status = o.status.clone(),
+        (Resource::WorkloadEntry(o), Resource::WorkloadEntry(n)) if n.status == Default::default() => {
+            n.status = o.status.clone()
+        }
+        _ => {}
+    }
+}
+
+fn too_busy() -> RegistryError {
+    RegistryError::Conflict(
+        "the registry changed under this request too many times in a row; try again".into(),
+    )
+}

@@ -1,0 +1,236 @@
+//! `isthmus server`: opens the store, binds the listeners, serves until told to stop.
+
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use isthmus_store::{MemStore, RedbStore, Store};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+use crate::api::{self, ApiState};
+use crate::config::{self, ServerArgs, StoreKind};
+use crate::legacy;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+
+/// Where each listener ended up (ports may be 0 in the flags), written to
+/// `<data-dir>/endpoints.json` once all are bound, so scripts and tests can find them.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoints {
+    pub admin: String,
+    pub registration: String,
+    pub metrics: String,
+    pub pid: u32,
+}
+
+/// Writes `contents` to `path` atomically (temp file in the same directory, fsync, rename), with
+/// `mode`, so a crash never leaves a half-written file.
+pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(mode))?;
+    tmp.write_all(contents)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+fn ensure_dir(path: &Path) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .with_context(|| format!("cannot create the data directory {}", path.display()))
+}
+
+/// Reads the admin token, creating it (32 random bytes, hex, owner-only) on first start.
+fn admin_token(dir: &Path) -> anyhow::Result<(String, bool)> {
+    let path = dir.join(config::ADMIN_TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok((t.trim().to_string(), false)),
+        Ok(_) => anyhow::bail!("{} is empty; delete it to have a new admin token generated", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read the admin token {}", path.display())),
+    }
+    let mut bytes = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    let token = hex::encode(bytes);
+    write_atomic(&path, format!("{token}\n").as_bytes(), 0o600)
+        .with_context(|| format!("cannot write the admin token {}", path.display()))?;
+    Ok((token, true))
+}
+
+async fn bind(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            format!(" (is another isthmus server running? pick another address with {flag}, or port 0 for any)")
+        } else {
+            String::new()
+        };
+        anyhow::anyhow!("cannot listen on {addr} for the {what}: {e}{hint}")
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    args.validate()?;
+    // A --dev data dir lives as long as the server and is removed at exit.
+    let mut _temp_dir = None;
+    let data_dir: PathBuf = match (&args.data_dir, args.dev) {
+        (Some(d), _) => d.clone(),
+        (None, true) => {
+            let t = tempfile::Builder::new().prefix("isthmus-dev-").tempdir().context("cannot create a temporary data directory")?;
+            let p = t.path().to_path_buf();
+            _temp_dir = Some(t);
+            p
+        }
+        (None, false) => PathBuf::from(config::DEFAULT_DATA_DIR),
+    };
+    ensure_dir(&data_dir)?;
+
+    let store: Arc<dyn Store> = match args.store {
+        StoreKind::Embedded => {
+            let path = data_dir.join(config::REGISTRY_FILE);
+            let opts = isthmus_store::StoreOptions { history: args.history, ..Default::default() };
+            Arc::new(RedbStore::open(&path, opts).with_context(|| format!("cannot open the registry store {}", path.display()))?)
+        }
+        StoreKind::Memory => Arc::new(MemStore::new()),
+    };
+    let (token, created) = admin_token(&data_dir)?;
+    let registry = Registry::new(store.clone(), args.service_cidr, args.domain.clone());
+    let metrics = Metrics::new();
+    // Watch streams never end by themselves; they are cut when shutdown begins so the graceful
+    // shutdown of the HTTP servers does not wait on them.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let state = Arc::new(ApiState {
+        registry,
+        metrics,
+        admin_token: token.clone(),
+        ready: false.into(),
+        stopping: stop_rx.clone(),
+    });
+
+    let admin = bind(args.admin_addr, "admin API", "--admin-addr").await?;
+    let registration = bind(args.registration_addr, "registration API", "--registration-addr").await?;
+    let metrics_l = bind(args.metrics_addr, "metrics endpoint", "--metrics-addr").await?;
+    let endpoints = Endpoints {
+        admin: format!("http://{}", admin.local_addr()?),
+        registration: format!("http://{}", registration.local_addr()?),
+        metrics: format!("http://{}", metrics_l.local_addr()?),
+        pid: std::process::id(),
+    };
+    write_atomic(&data_dir.join(config::ENDPOINTS_FILE), &serde_json::to_vec_pretty(&endpoints)?, 0o644)?;
+
+    tracing::info!(
+        data_dir = %data_dir.display(),
+        admin = %endpoints.admin,
+        registration = %endpoints.registration,
+        metrics = %endpoints.metrics,
+        revision = store.revision(),
+        "isthmus server started"
+    );
+    if created && !args.dev {
+        tracing::info!(path = %data_dir.join(config::ADMIN_TOKEN_FILE).display(), "generated a new admin token");
+    }
+    if args.dev {
+        dev_banner(&args, &endpoints, &token, &data_dir);
+    }
+
+    let serve = |listener: TcpListener, app: axum::Router| {
+        let mut rx = stop_rx.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await
+        })
+    };
+    let app = api::router(state.clone());
+    let metrics_app = axum::Router::new()
+        .route("/metrics", axum::routing::get(crate::api::metrics))
+        .with_state(state.clone());
+    let tasks = vec![
+        serve(admin, app),
+        serve(registration, legacy::router(state.clone())),
+        serve(metrics_l, metrics_app),
+    ];
+    state.ready.store(true, Ordering::Release);
+
+    shutdown.await;
+    tracing::info!("shutting down: no new requests, closing watches");
+    state.ready.store(false, Ordering::Release);
+    let _ = stop_tx.send(true);
+    let drain = futures::future::join_all(tasks);
+    if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
+        tracing::warn!("some connections did not finish within 10s; closing them");
+    }
+    drop(store);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn dev_banner(args: &ServerArgs, ep: &Endpoints, token: &str, data_dir: &Path) {
+    let cfg_note = if args.no_client_config {
+        String::new()
+    } else {
+        match write_client_config(&ep.admin, token) {
+            Ok(path) => format!("CLI config written to {} (the commands below use it)\n", path.display()),
+            Err(e) => format!("could not write the CLI config ({e}); export the variables below\n"),
+        }
+    };
+    println!(
+        "\nIsthmus control plane (dev mode, data in {dir}, deleted at exit)\n\n\
+         admin API         {admin}\n\
+         registration API  {reg}/v1/registration\n\
+         metrics           {met}/metrics\n\
+         admin token       {token}\n\n\
+         {cfg_note}\
+         export ISTHMUS_SERVER={admin} ISTHMUS_TOKEN={token}\n\n\
+         Next, in another terminal:\n\
+         \x20 isthmus register mysql 10.0.0.5 3306 -n onprem\n\
+         \x20 isthmus get services -A\n\
+         \x20 curl -s {reg}/v1/registration\n\
+         \x20 isthmus get services -A --watch\n\n\
+         Press Ctrl-C to stop.\n",
+        dir = data_dir.display(),
+        admin = ep.admin,
+        reg = ep.registration,
+        met = ep.metrics,
+    );
+}
+
+fn write_client_config(server: &str, token: &str) -> anyhow::Result<PathBuf> {
+    let path = isthmus_model::client_config::default_path().context("no HOME to write the config under")?;
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    }
+    let cfg = isthmus_model::client_config::ClientConfig { server: server.into(), token: token.into() };
+    write_atomic(&path, &serde_json::to_vec_pretty(&cfg)?, 0o600)?;
+    Ok(path)
+}
+
