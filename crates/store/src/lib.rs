@@ -8,7 +8,15 @@
 //! - `txn` = etcd `Txn(If(compares...).Then(ops...))`; a failed compare writes nothing;
 //! - `watch(prefix, from)` = etcd `Watch(prefix, start_revision=from)`: every event with
 //!   revision >= `from`, in revision order, no gaps, then live events; asking for a revision that
-//!   was compacted away fails with [`StoreError::Compacted`], as etcd's `ErrCompacted`.
+//!   was compacted away fails with [`StoreError::Compacted`], as etcd's `ErrCompacted`. One
+//!   deliberate difference: a watch from beyond the next revision fails with
+//!   [`StoreError::FutureRevision`] instead of waiting, so a client that kept a revision across a
+//!   wiped store re-lists rather than silently skipping events.
+//!
+//! Two backends share one implementation of those rules (`engine`: transactions over a small
+//! table interface; `hub`: watches over a broadcast channel backed by the event log):
+//! [`RedbStore`], durable in one file, and [`MemStore`], for tests. Dropping a store ends its
+//! watch streams.
 #![forbid(unsafe_code)]
 
 use std::pin::Pin;
@@ -16,6 +24,9 @@ use std::pin::Pin;
 use async_trait::async_trait;
 use futures::Stream;
 
+mod codec;
+mod engine;
+mod hub;
 pub mod mem;
 pub mod redb_store;
 
@@ -24,6 +35,26 @@ pub use redb_store::RedbStore;
 
 /// etcd's revision type: a signed 64-bit counter starting at 1 for the first write.
 pub type Revision = i64;
+
+/// Tuning shared by both backends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// How many revisions of event history to keep for watches; older ones are compacted away
+    /// automatically as part of each write. At least 1.
+    pub history: usize,
+    /// Committed transactions buffered per watcher before it falls back to re-reading the
+    /// history (a slow watcher never loses events, it only costs a history read).
+    pub watch_buffer: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            history: 10_000,
+            watch_buffer: 1024,
+        }
+    }
+}
 
 /// A stored key with its metadata (etcd `mvccpb.KeyValue`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,19 +77,65 @@ pub enum Compare {
     ModRevision { key: String, revision: Revision },
 }
 
+impl Compare {
+    /// The key's last write was at `revision` (compare-and-swap on a value read earlier).
+    pub fn mod_revision(key: impl Into<String>, revision: Revision) -> Self {
+        Self::ModRevision {
+            key: key.into(),
+            revision,
+        }
+    }
+
+    /// The key does not exist (create-only).
+    pub fn absent(key: impl Into<String>) -> Self {
+        Self::mod_revision(key, 0)
+    }
+}
+
 /// A write of a transaction (etcd `RequestOp`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    Put { key: String, value: Vec<u8> },
+    Put {
+        key: String,
+        value: Vec<u8>,
+    },
     /// Deleting an absent key is not an error and produces no event (as in etcd).
-    Delete { key: String },
+    Delete {
+        key: String,
+    },
 }
 
 /// An atomic transaction: if every compare holds, every op is applied under one new revision.
+/// As in etcd, the ops of one transaction must name distinct keys ([`StoreError::Invalid`]
+/// otherwise).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Txn {
     pub compares: Vec<Compare>,
     pub ops: Vec<Op>,
+}
+
+impl Txn {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn when(mut self, compare: Compare) -> Self {
+        self.compares.push(compare);
+        self
+    }
+
+    pub fn put(mut self, key: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
+        self.ops.push(Op::Put {
+            key: key.into(),
+            value: value.into(),
+        });
+        self
+    }
+
+    pub fn delete(mut self, key: impl Into<String>) -> Self {
+        self.ops.push(Op::Delete { key: key.into() });
+        self
+    }
 }
 
 /// What a transaction did.
@@ -70,7 +147,10 @@ pub enum TxnOutcome {
     Committed { revision: Revision },
     /// Compare number `index` did not hold; nothing was written. `current` is the key's present
     /// value so the caller can retry or report the conflict.
-    Failed { index: usize, current: Option<KeyValue> },
+    Failed {
+        index: usize,
+        current: Option<KeyValue>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,15 +180,23 @@ pub type WatchStream = Pin<Box<dyn Stream<Item = Result<Event, StoreError>> + Se
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("revision {requested} has been compacted; the oldest revision still available is {oldest}")]
-    Compacted { requested: Revision, oldest: Revision },
+    #[error(
+        "revision {requested} has been compacted; the oldest revision still available is {oldest}"
+    )]
+    Compacted {
+        requested: Revision,
+        oldest: Revision,
+    },
     #[error("revision {requested} is in the future; the store is at revision {current}")]
-    FutureRevision { requested: Revision, current: Revision },
+    FutureRevision {
+        requested: Revision,
+        current: Revision,
+    },
     #[error("storage I/O failed at {path}: {message}")]
     Io { path: String, message: String },
     #[error("the data file {path} is corrupt or of an unknown format: {message}")]
     Corrupt { path: String, message: String },
-    #[error("the data directory {path} is in use by another process")]
+    #[error("the data file {path} is in use by another process: is another control plane running on this data directory?")]
     Locked { path: String },
     #[error("the store is closed")]
     Closed,
@@ -135,11 +223,17 @@ pub trait Store: Send + Sync + 'static {
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, StoreError>;
 
     /// Events for keys under `prefix` with revision >= `from`. `from == 0` means "from the next
-    /// write on". The stream ends only when the store is closed or on an error.
+    /// write on", as does `revision() + 1`. Fails at once with `Compacted` if
+    /// `from < oldest_revision()`, and with `FutureRevision` if `from > revision() + 1` (etcd
+    /// would wait; here it means the caller's revision came from another or a wiped store); a watcher that falls so far behind that
+    /// compaction overtakes it gets `Compacted` in the stream (etcd cancels such a watch too).
+    /// The stream ends only when the store is closed (dropped) or after an error.
     async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError>;
 
     /// Forget history before `revision` (etcd `Compact`). Watches from older revisions then fail
-    /// with `Compacted`. Current values are never affected.
+    /// with `Compacted`. Current values are never affected. A revision at or below the oldest one
+    /// is a no-op (unlike etcd, which reports `ErrCompacted`, because automatic retention may
+    /// have got there first); one beyond the current revision is `FutureRevision`.
     async fn compact(&self, revision: Revision) -> Result<(), StoreError>;
 
     /// The oldest revision a watch may still start from.
@@ -147,16 +241,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Unconditional put; returns the new revision.
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<Revision, StoreError> {
-        match self
-            .txn(Txn {
-                compares: vec![],
-                ops: vec![Op::Put {
-                    key: key.to_string(),
-                    value,
-                }],
-            })
-            .await?
-        {
+        match self.txn(Txn::new().put(key, value)).await? {
             TxnOutcome::Committed { revision } => Ok(revision),
             // No compares, so it cannot fail.
             TxnOutcome::Failed { .. } => Err(StoreError::Invalid(
@@ -167,18 +252,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Unconditional delete; returns the deletion's revision, or None if the key was absent.
     async fn delete(&self, key: &str) -> Result<Option<Revision>, StoreError> {
-        let before = self.revision();
-        match self
-            .txn(Txn {
-                compares: vec![],
-                ops: vec![Op::Delete {
-                    key: key.to_string(),
-                }],
-            })
-            .await?
-        {
-            TxnOutcome::Committed { revision } if revision != before => Ok(Some(revision)),
-            _ => Ok(None),
+        // Compare-and-delete, so that "absent" is decided atomically with the delete rather than
+        // guessed from the revision counter, which concurrent writers also move.
+        let mut current = self.get(key).await?;
+        while let Some(kv) = current {
+            let txn = Txn::new()
+                .when(Compare::mod_revision(key, kv.mod_revision))
+                .delete(key);
+            match self.txn(txn).await? {
+                TxnOutcome::Committed { revision } => return Ok(Some(revision)),
+                // Rewritten or deleted since we looked: try again against what is there now.
+                TxnOutcome::Failed { current: now, .. } => current = now,
+            }
         }
+        Ok(None)
     }
 }

@@ -1,0 +1,233 @@
+//! The operator's CLI against a real server: what a user types and sees.
+
+mod common;
+use common::*;
+
+const BOOKINFO: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: bookinfo, labels: {app: reviews}}
+spec:
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: reviews-vm-1, namespace: bookinfo}
+spec: {address: 10.0.1.10, serviceAccount: bookinfo-reviews, labels: {app: reviews, version: v1}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  metadata: {labels: {app: reviews}}
+  template: {serviceAccount: bookinfo-reviews, ports: {http: 9080}}
+  probe: {periodSeconds: 5, httpGet: {path: /health, port: 9080}}
+"#;
+
+#[test]
+fn register_is_idempotent_and_deregister_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+
+    let out = s.ok(&["register", "mysql", "10.0.0.5", "3306", "-n", "onprem"]);
+    assert!(out.contains("Service onprem/mysql created (mysql.onprem.svc.cluster.local, VIP 10.96."), "{out}");
+    assert!(out.contains("WorkloadEntry onprem/mysql-10-0-0-5 created"), "{out}");
+    let again = s.ok(&["register", "mysql", "10.0.0.5", "3306", "-n", "onprem"]);
+    assert!(again.contains("Service onprem/mysql unchanged") && again.contains("mysql-10-0-0-5 unchanged"), "{again}");
+
+    // Same ip with a new label updates the entry rather than adding a second one.
+    let upd = s.ok(&["register", "mysql", "10.0.0.5", "3306", "-n", "onprem", "-l", "tier=db"]);
+    assert!(upd.contains("mysql-10-0-0-5 updated"), "{upd}");
+    s.ok(&["register", "mysql", "10.0.0.6", "mysql:3306", "-n", "onprem", "-s", "dba"]);
+
+    let table = s.ok(&["get", "workloads", "-n", "onprem"]);
+    assert_eq!(table.lines().count(), 3, "{table}");
+    assert!(table.lines().any(|l| l.starts_with("mysql-10-0-0-6") && l.contains("dba") && l.contains("HEALTHY")), "{table}");
+    let svcs = s.ok(&["get", "services", "-A"]);
+    let row = svcs.lines().find(|l| l.starts_with("onprem")).unwrap();
+    assert!(row.contains("mysql:3306/MYSQL") && row.split_whitespace().nth(4) == Some("2"), "{svcs}");
+
+    let sel = s.ok(&["get", "workloads", "-n", "onprem", "-l", "tier=db", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&sel).unwrap();
+    assert_eq!(v["items"].as_array().unwrap().len(), 1);
+    assert_eq!(v["items"][0]["spec"]["address"], "10.0.0.5");
+
+    // The seeds' registration API shows both endpoints.
+    let out = s.ok(&["deregister", "mysql", "10.0.0.5", "-n", "onprem"]);
+    assert_eq!(out, "WorkloadEntry onprem/mysql-10-0-0-5 deleted\n");
+    assert!(s.ok(&["get", "svc", "mysql", "-n", "onprem"]).contains("mysql"));
+    let out = s.ok(&["deregister", "mysql", "10.0.0.6", "-n", "onprem"]);
+    assert!(out.contains("Service onprem/mysql deleted (no endpoint left)"), "{out}");
+    let err = s.fails(&["get", "svc", "mysql", "-n", "onprem"]);
+    assert_eq!(err, "error: Service onprem/mysql not found\n");
+    let err = s.fails(&["deregister", "mysql", "10.0.0.6", "-n", "onprem"]);
+    assert_eq!(err, "error: Service onprem/mysql not found\n");
+}
+
+#[test]
+fn register_port_names_and_conflicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    s.ok(&["register", "web", "10.0.0.7", "80", "443", "grpc:9090", "9999", "-n", "shop"]);
+    let y = s.ok(&["get", "svc", "web", "-n", "shop", "-o", "yaml"]);
+    for want in ["name: http\n    port: 80\n    protocol: HTTP", "name: https\n    port: 443", "name: grpc\n    port: 9090\n    protocol: GRPC", "name: '9999'"] {
+        assert!(y.contains(want), "missing {want:?} in\n{y}");
+    }
+    let err = s.fails(&["register", "web", "10.0.0.8", "http:8081", "-n", "shop"]);
+    assert!(err.contains("service shop/web already has port \"http\" = 80"), "{err}");
+    let err = s.fails(&["register", "web", "10.0.0.8", "http:99999", "-n", "shop"]);
+    assert!(err.contains("port \"http:99999\" is not a port number from 1 to 65535"), "{err}");
+    let err = s.fails(&["register", "web", "10.0.0.300", "80", "-n", "shop"]);
+    assert_eq!(err, "error: IP \"10.0.0.300\" is not an IPv4 or IPv6 address\n");
+    let err = s.fails(&["register", "Web", "10.0.0.8", "80"]);
+    assert!(err.contains("service name \"Web\" must consist of lower-case"), "{err}");
+    let err = s.fails(&["register", "web", "10.0.0.8", "80", "-l", "novalue"]);
+    assert!(err.contains("--labels \"novalue\" must be KEY=VALUE"), "{err}");
+    // Nothing of the refused registrations was written.
+    let v: serde_json::Value = serde_json::from_str(&s.ok(&["get", "we", "-A", "-o", "json"])).unwrap();
+    assert_eq!(v["items"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn apply_reports_changes_and_is_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    let f = dir.path().join("bookinfo.yaml");
+    std::fs::write(&f, BOOKINFO).unwrap();
+    let out = s.ok(&["apply", "-f", f.to_str().unwrap()]);
+    assert_eq!(
+        out,
+        "Service bookinfo/reviews created\nWorkloadEntry bookinfo/reviews-vm-1 created\nWorkloadGroup bookinfo/reviews created\n"
+    );
+    let changed = BOOKINFO.replace("version: v1", "version: v2");
+    let out = s.cli_stdin(&["apply", "-f", "-"], Some(&changed));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Service bookinfo/reviews unchanged\nWorkloadEntry bookinfo/reviews-vm-1 updated\nWorkloadGroup bookinfo/reviews unchanged\n"
+    );
+    let wide = s.ok(&["get", "svc", "-n", "bookinfo", "-o", "wide"]);
+    assert!(wide.contains("app=reviews"), "{wide}");
+    let groups = s.ok(&["get", "groups", "-n", "bookinfo"]);
+    assert!(groups.contains("http-get :9080/health every 5s"), "{groups}");
+
+    // A bad third document: nothing of the first two is written.
+    let bad = format!(
+        "{}---\napiVersion: isthmus.io/v1\nkind: Service\nmetadata: {{name: ratings, namespace: bookinfo}}\nspec: {{ports: [{{name: http, port: 9080}}]}}\n---\napiVersion: isthmus.io/v1\nkind: WorkloadEntry\nmetadata: {{name: bad, namespace: bookinfo}}\nspec: {{address: not-an-ip}}\n",
+        ""
+    );
+    let out = s.cli_stdin(&["apply", "-f", "-"], Some(&bad));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("document 2: WorkloadEntry bookinfo/bad is invalid: spec.address: \"not-an-ip\" is not an IPv4 or IPv6 address"), "{err}");
+    s.fails(&["get", "svc", "ratings", "-n", "bookinfo"]);
+
+    let out = s.cli_stdin(&["apply", "-f", "-"], Some("apiVersion: v1\nkind: Service\nmetadata: {name: [\n"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("document 1: not valid YAML or JSON"));
+    let err = s.fails(&["apply", "-f", "/nonexistent/file.yaml"]);
+    assert!(err.starts_with("error: cannot read /nonexistent/file.yaml: No such file"), "{err}");
+
+    assert_eq!(s.ok(&["delete", "wg", "reviews", "-n", "bookinfo"]), "WorkloadGroup bookinfo/reviews deleted\n");
+    let err = s.fails(&["delete", "wg", "reviews", "-n", "bookinfo"]);
+    assert_eq!(err, "error: WorkloadGroup bookinfo/reviews not found\n");
+    assert_eq!(s.ok(&["get", "groups", "-n", "bookinfo"]), "No workloadgroups found in namespace bookinfo.\n");
+}
+
+#[test]
+fn connection_errors_say_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    let out = std::process::Command::new(BIN)
+        .args(["get", "svc", "--server", &s.admin, "--token", "wrong"])
+        .env("XDG_CONFIG_HOME", s.home.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid admin token"));
+
+    let out = std::process::Command::new(BIN)
+        .args(["get", "svc", "--server", "http://127.0.0.1:1", "--token", "x"])
+        .env("XDG_CONFIG_HOME", s.home.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach the control plane at http://127.0.0.1:1") && err.contains("is `isthmus server` running"), "{err}");
+
+    let out = std::process::Command::new(BIN)
+        .args(["get", "svc"])
+        .env("XDG_CONFIG_HOME", s.home.path())
+        .env_remove("ISTHMUS_TOKEN")
+        .env_remove("ISTHMUS_SERVER")
+        .output()
+        .unwrap();
+    if !std::path::Path::new("/var/lib/isthmus/admin-token").exists() {
+        assert!(String::from_utf8_lossy(&out.stderr).contains("no admin token"), "{out:?}");
+    }
+
+    // A config file, as --dev writes it, is enough on its own.
+    let cfg = s.home.path().join("isthmus");
+    std::fs::create_dir_all(&cfg).unwrap();
+    std::fs::write(cfg.join("config.json"), format!("{{\"server\":\"{}\",\"token\":\"{}\"}}", s.admin, s.token)).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["get", "svc", "-A"])
+        .env("XDG_CONFIG_HOME", s.home.path())
+        .env_remove("ISTHMUS_TOKEN")
+        .env_remove("ISTHMUS_SERVER")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    std::fs::write(cfg.join("config.json"), "{not json").unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["get", "svc"])
+        .env("XDG_CONFIG_HOME", s.home.path())
+        .env_remove("ISTHMUS_TOKEN")
+        .env_remove("ISTHMUS_SERVER")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("config.json is unreadable"), "{out:?}");
+    assert!(s.fails(&["get", "pods"]).contains("unknown kind \"pods\""));
+}
+
+#[test]
+fn get_watch_prints_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    s.ok(&["register", "a", "10.0.0.1", "80"]);
+    let mut child = std::process::Command::new(BIN)
+        .args(["get", "svc", "-A", "--watch", "-o", "json"])
+        .env("ISTHMUS_SERVER", &s.admin)
+        .env("ISTHMUS_TOKEN", &s.token)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let next = || {
+        let line = rx.recv_timeout(std::time::Duration::from_secs(15)).expect("a watch event");
+        serde_json::from_str::<serde_json::Value>(&line).unwrap()
+    };
+    let first = next();
+    assert_eq!((first["type"].as_str(), first["object"]["metadata"]["name"].as_str()), (Some("ADDED"), Some("a")));
+    s.ok(&["register", "b", "10.0.0.2", "80"]);
+    let ev = next();
+    assert_eq!((ev["type"].as_str(), ev["object"]["metadata"]["name"].as_str()), (Some("ADDED"), Some("b")));
+    s.ok(&["deregister", "a", "10.0.0.1"]);
+    let ev = next();
+    assert_eq!((ev["type"].as_str(), ev["object"]["metadata"]["name"].as_str()), (Some("DELETED"), Some("a")));
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn completion_and_help() {
+    let out = std::process::Command::new(BIN).args(["completion", "bash"]).output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("_isthmus()"));
+    let out = std::process::Command::new(BIN).args(["register", "--help"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("isthmus register mysql 10.0.0.5 3306 -n onprem"));
+}

@@ -1,0 +1,138 @@
+//! Test harness: runs the real `isthmus` binary as a server and as the CLI.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_isthmus");
+
+pub struct Server {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub admin: String,
+    pub registration: String,
+    pub metrics: String,
+    pub token: String,
+    /// Isolates the CLI's config file from the user's.
+    pub home: tempfile::TempDir,
+}
+
+/// Polls `f` until it returns Some or the deadline passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Server {
+    pub fn start(dir: &Path) -> Server {
+        Self::start_with(dir, &[])
+    }
+
+    pub fn start_with(dir: &Path, extra: &[&str]) -> Server {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["server", "--data-dir"])
+            .arg(dir)
+            .args(["--admin-addr", "127.0.0.1:0", "--registration-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+            .args(extra)
+            .env("ISTHMUS_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("spawn isthmus server");
+        let pid = child.id();
+        let endpoints = dir.join("endpoints.json");
+        // endpoints.json may be left from an earlier run: wait for the one with our pid.
+        let ep: serde_json::Value = wait_for("endpoints.json", Duration::from_secs(30), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("server exited early with {status}");
+            }
+            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&endpoints).ok()?).ok()?;
+            (v["pid"].as_u64() == Some(u64::from(pid))).then_some(v)
+        });
+        let token = std::fs::read_to_string(dir.join("admin-token")).unwrap().trim().to_string();
+        Server {
+            child,
+            dir: dir.to_path_buf(),
+            admin: ep["admin"].as_str().unwrap().into(),
+            registration: ep["registration"].as_str().unwrap().into(),
+            metrics: ep["metrics"].as_str().unwrap().into(),
+            token,
+            home: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// Runs the CLI against this server (through the environment, as a user would).
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_stdin(args, None)
+    }
+
+    pub fn cli_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env("ISTHMUS_SERVER", &self.admin)
+            .env("ISTHMUS_TOKEN", &self.token)
+            .env("XDG_CONFIG_HOME", self.home.path())
+            .env_remove("ISTHMUS_CONFIG")
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        if let Some(input) = stdin {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    /// Runs the CLI and returns stdout, failing the test if it did not succeed.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(out.status.success(), "isthmus {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs the CLI expecting failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(!out.status.success(), "isthmus {args:?} should have failed; stdout: {}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    pub fn http(&self) -> reqwest::Client {
+        reqwest::Client::new()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.admin)
+    }
+
+    pub fn kill9(&mut self) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+        let _ = self.child.wait();
+    }
+
+    pub fn term(&mut self) -> ExitStatus {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "server did not stop within 20s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

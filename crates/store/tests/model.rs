@@ -1,0 +1,230 @@
+//! Random operation sequences against a plain BTreeMap model of etcd's semantics, on both
+//! backends at once; the redb store is also reopened at the end to check nothing was lost.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use isthmus_store::{
+    Compare, Event, EventKind, KeyValue, MemStore, Op, RedbStore, Revision, Store, StoreOptions,
+    Txn, TxnOutcome,
+};
+use proptest::prelude::*;
+
+const KEYS: &[&str] = &["a", "b", "c", "d/1", "d/2"];
+
+#[derive(Clone, Debug)]
+enum Step {
+    Put(usize, u8),
+    Delete(usize),
+    /// Put if the key's mod_revision is what the model says (`right`) or something else.
+    Cas {
+        key: usize,
+        right: bool,
+        value: u8,
+    },
+    CreateOnly(usize, u8),
+    /// Several ops on distinct keys (None = delete), optionally guarded by a compare.
+    Multi {
+        ops: Vec<(usize, Option<u8>)>,
+        guard: Option<(usize, bool)>,
+    },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let key = 0..KEYS.len();
+    prop_oneof![
+        (key.clone(), any::<u8>()).prop_map(|(k, v)| Step::Put(k, v)),
+        key.clone().prop_map(Step::Delete),
+        (key.clone(), any::<bool>(), any::<u8>()).prop_map(|(key, right, value)| Step::Cas {
+            key,
+            right,
+            value
+        }),
+        (key.clone(), any::<u8>()).prop_map(|(k, v)| Step::CreateOnly(k, v)),
+        (
+            proptest::collection::btree_map(key.clone(), proptest::option::of(any::<u8>()), 0..4),
+            proptest::option::of((key, any::<bool>())),
+        )
+            .prop_map(|(ops, guard)| Step::Multi {
+                ops: ops.into_iter().collect(),
+                guard
+            }),
+    ]
+}
+
+/// etcd's semantics in the most direct form.
+#[derive(Default)]
+struct Model {
+    kv: BTreeMap<String, KeyValue>,
+    revision: Revision,
+    events: Vec<Event>,
+}
+
+impl Model {
+    fn mod_revision(&self, key: usize) -> Revision {
+        self.kv.get(KEYS[key]).map_or(0, |kv| kv.mod_revision)
+    }
+
+    /// A compare that holds (`right`) or cannot hold.
+    fn compare(&self, key: usize, right: bool) -> Compare {
+        let rev = self.mod_revision(key);
+        Compare::mod_revision(KEYS[key], if right { rev } else { rev + 1 })
+    }
+
+    fn txn(&self, step: &Step) -> Txn {
+        match step {
+            Step::Put(k, v) => Txn::new().put(KEYS[*k], vec![*v]),
+            Step::Delete(k) => Txn::new().delete(KEYS[*k]),
+            Step::Cas { key, right, value } => Txn::new()
+                .when(self.compare(*key, *right))
+                .put(KEYS[*key], vec![*value]),
+            Step::CreateOnly(k, v) => Txn::new()
+                .when(Compare::absent(KEYS[*k]))
+                .put(KEYS[*k], vec![*v]),
+            Step::Multi { ops, guard } => {
+                let mut txn = Txn::new();
+                if let Some((key, right)) = guard {
+                    txn = txn.when(self.compare(*key, *right));
+                }
+                for (k, v) in ops {
+                    txn = match v {
+                        Some(v) => txn.put(KEYS[*k], vec![*v]),
+                        None => txn.delete(KEYS[*k]),
+                    };
+                }
+                txn
+            }
+        }
+    }
+
+    fn apply(&mut self, txn: &Txn) -> TxnOutcome {
+        for (index, Compare::ModRevision { key, revision }) in txn.compares.iter().enumerate() {
+            let current = self.kv.get(key).cloned();
+            if current.as_ref().map_or(0, |kv| kv.mod_revision) != *revision {
+                return TxnOutcome::Failed { index, current };
+            }
+        }
+        let rev = self.revision + 1;
+        let before = self.events.len();
+        for op in &txn.ops {
+            match op {
+                Op::Put { key, value } => {
+                    let prev = self.kv.get(key).cloned();
+                    let kv = KeyValue {
+                        key: key.clone(),
+                        value: value.clone(),
+                        create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
+                        mod_revision: rev,
+                        version: prev.as_ref().map_or(1, |p| p.version + 1),
+                    };
+                    self.kv.insert(key.clone(), kv.clone());
+                    self.events.push(Event {
+                        kind: EventKind::Put,
+                        kv,
+                        prev,
+                    });
+                }
+                Op::Delete { key } => {
+                    if let Some(prev) = self.kv.remove(key) {
+                        let kv = KeyValue {
+                            key: key.clone(),
+                            value: vec![],
+                            create_revision: 0,
+                            mod_revision: rev,
+                            version: 0,
+                        };
+                        self.events.push(Event {
+                            kind: EventKind::Delete,
+                            kv,
+                            prev: Some(prev),
+                        });
+                    }
+                }
+            }
+        }
+        if self.events.len() > before {
+            self.revision = rev;
+        }
+        TxnOutcome::Committed {
+            revision: self.revision,
+        }
+    }
+}
+
+/// The store holds exactly the model's state and replays exactly its history.
+async fn check(store: &dyn Store, model: &Model) -> Result<(), TestCaseError> {
+    prop_assert_eq!(store.revision(), model.revision);
+    for key in KEYS {
+        prop_assert_eq!(store.get(key).await.unwrap(), model.kv.get(*key).cloned());
+    }
+    let (all, at) = store.range("").await.unwrap();
+    prop_assert_eq!(all, model.kv.values().cloned().collect::<Vec<_>>());
+    prop_assert_eq!(at, model.revision);
+
+    let mut watch = store.watch("", 1).await.unwrap();
+    let mut replay = Vec::new();
+    for _ in 0..model.events.len() {
+        let next = tokio::time::timeout(Duration::from_secs(10), watch.next()).await;
+        replay.push(next.unwrap().unwrap().unwrap());
+    }
+    prop_assert_eq!(&replay, &model.events);
+    Ok(())
+}
+
+/// Nothing follows the model's history on replay: the next event is a fresh write.
+async fn check_nothing_extra(store: &dyn Store, model: &Model) -> Result<(), TestCaseError> {
+    let mut watch = store.watch("", 1).await.unwrap();
+    let revision = store.put("sentinel", vec![]).await.unwrap();
+    for _ in 0..=model.events.len() {
+        let event = tokio::time::timeout(Duration::from_secs(10), watch.next()).await;
+        let event = event.unwrap().unwrap().unwrap();
+        if event.kv.key == "sentinel" {
+            prop_assert_eq!(event.revision(), revision);
+            prop_assert_eq!(revision, model.revision + 1);
+            return Ok(());
+        }
+    }
+    Err(TestCaseError::fail("more events than the model has"))
+}
+
+fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        let mem = MemStore::new();
+        let redb = RedbStore::open(&path, StoreOptions::default()).unwrap();
+        let mut model = Model::default();
+        for step in &steps {
+            let txn = model.txn(step);
+            let expected = model.apply(&txn);
+            prop_assert_eq!(
+                &mem.txn(txn.clone()).await.unwrap(),
+                &expected,
+                "mem, {:?}",
+                step
+            );
+            prop_assert_eq!(&redb.txn(txn).await.unwrap(), &expected, "redb, {:?}", step);
+        }
+        check(&mem, &model).await?;
+        check_nothing_extra(&mem, &model).await?;
+        check(&redb, &model).await?;
+        drop(redb);
+        let reopened = RedbStore::open(&path, StoreOptions::default()).unwrap();
+        check(&reopened, &model).await?;
+        check_nothing_extra(&reopened, &model).await
+    })
+}
+
+proptest! {
+    // Each case fsyncs every redb commit; 64 cases of up to 24 steps stay within seconds.
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn backends_match_the_model(steps in proptest::collection::vec(step(), 0..24)) {
+        run(steps)?;
+    }
+}
