@@ -357,19 +357,16 @@ async fn delete_one(
 
 async fn apply(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
     let bytes = read_body(body).await?;
-    let resources = if is_yaml(&headers) {
-        let text = std::str::from_utf8(&bytes)
-            .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "the YAML body is not UTF-8 text"))?;
-        model::parse_documents(text)?
-    } else {
-        let v: serde_json::Value = parse_json_body(&bytes)?;
-        match v.get("items") {
-            Some(serde_json::Value::Array(items)) => items
-                .iter()
-                .map(|i| model::parse_json(&serde_json::to_vec(i).unwrap_or_default()))
-                .collect::<Result<Vec<_>, _>>()?,
-            _ => vec![model::parse_json(&bytes)?],
-        }
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "the body is not UTF-8 text"))?;
+    // A JSON list (`{"items": [...]}`) or YAML/JSON documents (JSON is YAML too).
+    let list = if is_yaml(&headers) { None } else { serde_json::from_str::<serde_json::Value>(text).ok() };
+    let resources = match list.as_ref().and_then(|v| v.get("items")).and_then(|i| i.as_array()) {
+        Some(items) => items
+            .iter()
+            .map(|i| model::parse_json(i.to_string().as_bytes()))
+            .collect::<Result<Vec<_>, _>>()?,
+        None => model::parse_documents(text)?,
     };
     let (results, revision) = state.registry.apply(resources).await?;
     Ok(Json(json!({"revision": revision, "results": results})).into_response())

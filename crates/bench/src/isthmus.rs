@@ -1,0 +1,211 @@
+//! Isthmus under test: the release binary as `isthmus server`, driven through its admin API.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::config::{REQUEST_TIMEOUT, START_TIMEOUT};
+use crate::driver::{address, entry_name, service, Target, NAMESPACE};
+use crate::procfs::ServerProcess;
+
+pub struct Isthmus {
+    client: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+#[derive(Deserialize)]
+struct Endpoints {
+    admin: String,
+}
+
+/// A service and a workload entry as Isthmus stores them for registration 0, so that etcd is
+/// given values of the same shape and size.
+#[derive(Clone, Debug)]
+pub struct Templates {
+    pub service: String,
+    pub entry: String,
+}
+
+impl Templates {
+    /// Only when Isthmus could not be asked: objects shaped like its own.
+    pub fn fallback() -> Self {
+        let (svc, ip, entry) = (service(0), address(0), entry_name(0));
+        Templates {
+            service: json!({
+                "apiVersion": "isthmus.dev/v1alpha1", "kind": "Service",
+                "metadata": {"name": svc, "namespace": NAMESPACE,
+                    "annotations": {"isthmus.dev/created-by": "register"},
+                    "uid": "00000000-0000-4000-8000-000000000000",
+                    "creationTimestamp": "2025-01-01T00:00:00.000000000Z"},
+                "spec": {"ports": [{"name": "http", "port": 8080, "protocol": "HTTP"}]},
+                "status": {"vip": "10.96.0.1"}
+            })
+            .to_string(),
+            entry: json!({
+                "apiVersion": "isthmus.dev/v1alpha1", "kind": "WorkloadEntry",
+                "metadata": {"name": entry, "namespace": NAMESPACE,
+                    "uid": "00000000-0000-4000-8000-000000000000",
+                    "creationTimestamp": "2025-01-01T00:00:00.000000000Z"},
+                "spec": {"address": ip, "ports": {"http": 8080}, "serviceAccount": "default", "services": [svc]}
+            })
+            .to_string(),
+        }
+    }
+}
+
+/// Starts `isthmus server` on loopback ports chosen by the kernel, with `dir/data` as its data
+/// directory, and waits until it answers /readyz.
+pub async fn start(bin: PathBuf, dir: PathBuf, client: reqwest::Client) -> anyhow::Result<(Arc<Isthmus>, ServerProcess)> {
+    let data = dir.join("data");
+    let log = dir.join("server.log");
+    let mut cmd = Command::new(&bin);
+    cmd.arg("server")
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--admin-addr", "127.0.0.1:0", "--registration-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"]);
+    let mut server = ServerProcess::spawn("isthmus server", cmd, &log)?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    let endpoints_file = data.join("endpoints.json");
+    let base = loop {
+        server.check_alive(&log)?;
+        // The file is written atomically, so a readable one is complete.
+        if let Ok(bytes) = std::fs::read(&endpoints_file) {
+            let ep: Endpoints = serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is not the endpoints file", endpoints_file.display()))?;
+            break ep.admin;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "isthmus server wrote no {} within {START_TIMEOUT:?}", endpoints_file.display());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let token_file = data.join("admin-token");
+    let token = std::fs::read_to_string(&token_file)
+        .with_context(|| format!("cannot read the admin token {}", token_file.display()))?
+        .trim()
+        .to_string();
+    loop {
+        server.check_alive(&log)?;
+        let ready = client.get(format!("{base}/readyz")).timeout(REQUEST_TIMEOUT).send().await;
+        if ready.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "isthmus server at {base} not ready within {START_TIMEOUT:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok((Arc::new(Isthmus { client, base, token }), server))
+}
+
+impl Isthmus {
+    async fn get_text(&self, path: &str) -> anyhow::Result<String> {
+        let resp = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        anyhow::ensure!(status.is_success(), "GET {path} → HTTP {status}: {text}");
+        Ok(text)
+    }
+
+    /// The stored service and workload entry of registration 0.
+    pub async fn templates(&self) -> anyhow::Result<Templates> {
+        let ns = NAMESPACE;
+        Ok(Templates {
+            service: self.get_text(&format!("/api/v1/namespaces/{ns}/services/{}", service(0))).await?,
+            entry: self.get_text(&format!("/api/v1/namespaces/{ns}/workloadentries/{}", entry_name(0))).await?,
+        })
+    }
+}
+
+/// The object name in one server-sent event's `data:` lines.
+fn sse_object_name(event: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(event).ok()?;
+    let data: String = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.strip_prefix(' ').unwrap_or(d))
+        .collect::<Vec<_>>()
+        .join("\n");
+    if data.is_empty() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&data).ok()?;
+    v.pointer("/object/metadata/name")?.as_str().map(str::to_string)
+}
+
+impl Target for Isthmus {
+    async fn register(&self, i: usize) -> anyhow::Result<()> {
+        let body = json!({"service": service(i), "namespace": NAMESPACE, "ip": address(i), "ports": ["http:8080"]});
+        let resp = self
+            .client
+            .post(format!("{}/api/v1/register", self.base))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await?;
+        let status = resp.status();
+        // Read the body in full so the connection goes back to the pool.
+        let bytes = resp.bytes().await?;
+        anyhow::ensure!(status.is_success(), "register {} → HTTP {status}: {}", service(i), String::from_utf8_lossy(&bytes));
+        Ok(())
+    }
+
+    fn watch_key(&self, i: usize) -> String {
+        entry_name(i)
+    }
+
+    async fn watch(&self, events: mpsc::UnboundedSender<(String, Instant)>) -> anyhow::Result<JoinHandle<()>> {
+        let resp = self
+            .client
+            .get(format!("{}/api/v1/watch?kind=workloadentries&namespace={NAMESPACE}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        let status = resp.status();
+        anyhow::ensure!(status.is_success(), "watch → HTTP {status}: {}", resp.text().await.unwrap_or_default());
+        let mut body = resp.bytes_stream();
+        Ok(tokio::spawn(async move {
+            let mut buf: Vec<u8> = Vec::new();
+            while let Some(Ok(chunk)) = body.next().await {
+                let at = Instant::now();
+                buf.extend_from_slice(&chunk);
+                // One pass over the buffer, one drain at the end: a chunk may hold thousands of
+                // events (the initial state).
+                let mut from = 0;
+                while let Some(len) = buf[from..].windows(2).position(|w| w == b"\n\n") {
+                    if let Some(name) = sse_object_name(&buf[from..from + len]) {
+                        if events.send((name, at)).is_err() {
+                            return;
+                        }
+                    }
+                    from += len + 2;
+                }
+                buf.drain(..from);
+            }
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_name_from_an_sse_event() {
+        let ev = b"event: ADDED\nid: 7\ndata: {\"type\":\"ADDED\",\"revision\":7,\"object\":{\"metadata\":{\"name\":\"svc-1-10-1-1-2\"}}}\n\n";
+        assert_eq!(sse_object_name(ev).as_deref(), Some("svc-1-10-1-1-2"));
+        assert_eq!(sse_object_name(b":\n\n"), None);
+    }
+}

@@ -1,0 +1,214 @@
+//! TLS for port 15012 (certificate API and, later, discovery): the serving certificate,
+//! renewed in place, and client certificates that are requested but judged by the
+//! services rather than by the handshake.
+//!
+//! Why the handshake accepts any client certificate: a rejected handshake gives the
+//! caller an opaque TLS alert, while a service can answer "your certificate expired at
+//! ..." as a gRPC status. The handshake still proves the client holds the certificate's
+//! key; every service on this listener must then call
+//! [`Authenticator::from_peer_certs`](crate::service::Authenticator::from_peer_certs)
+//! (or [`Ca::verify_workload_chain`]) before trusting `peer_certs()`.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::authority::{Ca, ServingCertOptions, SignError};
+
+/// How long a client may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot issue the control plane's serving certificate: {0}")]
+    Issue(#[from] SignError),
+    #[error("serving certificate key is unusable: {0}")]
+    Key(String),
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// Builds the server TLS configuration for port 15012: TLS 1.2/1.3, ALPN `h2`, a serving
+/// certificate from `ca` renewed at half its lifetime, and optional client certificates.
+pub fn server_tls_config(
+    ca: Arc<Ca>,
+    serving: ServingCertOptions,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let resolver = ServingCertResolver::new(ca, serving, provider.clone())?;
+    let mut config = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(Arc::new(DeferredClientAuth {
+            algorithms: provider.signature_verification_algorithms,
+        }))
+        .with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently (a slow client does
+/// not hold up others); feed the stream to tonic's `Server::serve_with_incoming`, whose
+/// `Request::peer_certs()` then works. Ends when the receiving side is dropped.
+pub fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                () = tx.closed() => return,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Per-connection errors (e.g. EMFILE): report, pause briefly, go on.
+                    tracing::warn!(error = %e, "accept failed on the TLS listener");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Serves the control plane's certificate, issuing a fresh one past half its lifetime.
+#[derive(Debug)]
+struct ServingCertResolver {
+    ca: Arc<Ca>,
+    options: ServingCertOptions,
+    provider: Arc<CryptoProvider>,
+    current: Mutex<(Arc<CertifiedKey>, SystemTime)>,
+}
+
+impl ServingCertResolver {
+    fn new(
+        ca: Arc<Ca>,
+        options: ServingCertOptions,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Self, TlsError> {
+        let first = issue(&ca, &options, &provider)?;
+        Ok(Self {
+            ca,
+            options,
+            provider,
+            current: Mutex::new(first),
+        })
+    }
+}
+
+fn issue(
+    ca: &Ca,
+    options: &ServingCertOptions,
+    provider: &CryptoProvider,
+) -> Result<(Arc<CertifiedKey>, SystemTime), TlsError> {
+    let issued = ca.issue_serving(options)?;
+    let key = provider
+        .key_provider
+        .load_private_key(issued.key_der()?)
+        .map_err(|e| TlsError::Key(e.to_string()))?;
+    let renew_at = issued.not_before
+        + issued
+            .not_after
+            .duration_since(issued.not_before)
+            .unwrap_or_default()
+            / 2;
+    Ok((Arc::new(CertifiedKey::new(issued.chain, key)), renew_at))
+}
+
+impl ResolvesServerCert for ServingCertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // Nothing in this lock can panic half-way through an update, so a poisoned
+        // guard still holds a consistent pair.
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if SystemTime::now() >= current.1 {
+            match issue(&self.ca, &self.options, &self.provider) {
+                Ok(fresh) => {
+                    tracing::info!("renewed the control plane's serving certificate");
+                    *current = fresh;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot renew the serving certificate; serving the old one")
+                }
+            }
+        }
+        Some(current.0.clone())
+    }
+}
+
+/// Asks for a client certificate and checks the handshake signature (proof the client
+/// holds the key), but leaves trust decisions to the services (see the module docs).
+#[derive(Debug)]
+struct DeferredClientAuth {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for DeferredClientAuth {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
