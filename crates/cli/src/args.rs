@@ -23,7 +23,13 @@ pub struct Cli {
 #[derive(clap::Args, Debug, Clone)]
 pub struct Global {
     /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value = "text", env = "ISTHMUS_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "ISTHMUS_LOG_FORMAT"
+    )]
     pub log_format: LogFormat,
     /// Log filter, e.g. `info` or `isthmus_control_plane=debug`.
     #[arg(long, global = true, default_value = "info", env = "ISTHMUS_LOG")]
@@ -54,10 +60,14 @@ pub struct Connection {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the control plane: registry, admin API, registration API, metrics.
-    #[command(after_help = "Examples:\n  isthmus server --dev\n  isthmus server --data-dir /var/lib/isthmus --registration-addr 0.0.0.0:8080")]
+    #[command(
+        after_help = "Examples:\n  isthmus server --dev\n  isthmus server --data-dir /var/lib/isthmus --registration-addr 0.0.0.0:8080"
+    )]
     Server(isthmus_control_plane::ServerArgs),
     /// Add an endpoint of a host to a service, creating the (selector-less) service if needed.
-    #[command(after_help = "Unnamed ports get names guessed from the number: 80/8080 http, 443 https, 3306 mysql, else the number.\n\nExamples:\n  isthmus register mysql 10.0.0.5 3306 -n onprem\n  isthmus register web 10.0.0.6 http:8080 grpc:9090 -n shop -s web -l version=v1")]
+    #[command(
+        after_help = "Unnamed ports get names guessed from the number: 80/8080 http, 443 https, 3306 mysql, else the number.\n\nExamples:\n  isthmus register mysql 10.0.0.5 3306 -n onprem\n  isthmus register web 10.0.0.6 http:8080 grpc:9090 -n shop -s web -l version=v1"
+    )]
     Register {
         service: String,
         ip: String,
@@ -89,7 +99,9 @@ pub enum Command {
         conn: Connection,
     },
     /// List or show resources: services (svc), workloads (we), groups (wg).
-    #[command(after_help = "Examples:\n  isthmus get services -A\n  isthmus get svc mysql -n onprem -o yaml\n  isthmus get workloads -l app=reviews -n bookinfo\n  isthmus get services -A --watch")]
+    #[command(
+        after_help = "Examples:\n  isthmus get services -A\n  isthmus get svc mysql -n onprem -o yaml\n  isthmus get workloads -l app=reviews -n bookinfo\n  isthmus get services -A --watch"
+    )]
     Get {
         kind: String,
         name: Option<String>,
@@ -110,7 +122,9 @@ pub enum Command {
         conn: Connection,
     },
     /// Create or update resources from YAML/JSON (multi-document); all or nothing.
-    #[command(after_help = "Examples:\n  isthmus apply -f bookinfo.yaml\n  cat entry.yaml | isthmus apply -f -")]
+    #[command(
+        after_help = "Examples:\n  isthmus apply -f bookinfo.yaml\n  cat entry.yaml | isthmus apply -f -"
+    )]
     Apply {
         /// File to read, or `-` for standard input.
         #[arg(short, long)]

@@ -56,7 +56,10 @@ impl Client {
         let config_path = conn.config.clone().or_else(client_config::default_path);
         let file: Option<ClientConfig> = match &config_path {
             Some(p) if p.exists() => {
-                let err = |cause: String| ClientError::Config { path: p.display().to_string(), cause };
+                let err = |cause: String| ClientError::Config {
+                    path: p.display().to_string(),
+                    cause,
+                };
                 let text = std::fs::read_to_string(p).map_err(|e| err(e.to_string()))?;
                 Some(serde_json::from_str(&text).map_err(|e| err(e.to_string()))?)
             }
@@ -71,10 +74,17 @@ impl Client {
             .token
             .clone()
             .or_else(|| file.as_ref().map(|f| f.token.clone()))
-            .or_else(|| std::fs::read_to_string(Path::new(SERVER_TOKEN_FILE)).ok().map(|t| t.trim().to_string()))
+            .or_else(|| {
+                std::fs::read_to_string(Path::new(SERVER_TOKEN_FILE))
+                    .ok()
+                    .map(|t| t.trim().to_string())
+            })
             .filter(|t| !t.is_empty())
             .ok_or_else(|| ClientError::NoToken {
-                config: config_path.map_or_else(|| "~/.config/isthmus/config.json".into(), |p| p.display().to_string()),
+                config: config_path.map_or_else(
+                    || "~/.config/isthmus/config.json".into(),
+                    |p| p.display().to_string(),
+                ),
             })?;
         Ok(Client::new(&server, &token))
     }
@@ -84,20 +94,32 @@ impl Client {
             .connect_timeout(Duration::from_secs(5))
             .build()
             .unwrap_or_default();
-        Client { http, base: server.trim_end_matches('/').to_string(), token: token.to_string() }
+        Client {
+            http,
+            base: server.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+        }
     }
 
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
-    pub async fn send(&self, method: Method, path: &str, body: Option<(&'static str, Vec<u8>)>) -> Result<reqwest::Response, ClientError> {
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&'static str, Vec<u8>)>,
+    ) -> Result<reqwest::Response, ClientError> {
         let url = self.url(path);
         let mut req = self.http.request(method, &url).bearer_auth(&self.token);
         if let Some((ct, bytes)) = body {
             req = req.header(reqwest::header::CONTENT_TYPE, ct).body(bytes);
         }
-        let resp = req.send().await.map_err(|e| ClientError::Unreachable { url: self.base.clone(), cause: root_cause(&e) })?;
+        let resp = req.send().await.map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            cause: root_cause(&e),
+        })?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -110,11 +132,22 @@ impl Client {
         Err(ClientError::Api { status, message })
     }
 
-    pub async fn json<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<(&'static str, Vec<u8>)>) -> Result<T, ClientError> {
+    pub async fn json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&'static str, Vec<u8>)>,
+    ) -> Result<T, ClientError> {
         let url = self.url(path);
         let resp = self.send(method, path, body).await?;
-        let bytes = resp.bytes().await.map_err(|e| ClientError::Protocol { url: url.clone(), cause: root_cause(&e) })?;
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol { url, cause: e.to_string() })
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Protocol {
+            url: url.clone(),
+            cause: root_cause(&e),
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol {
+            url,
+            cause: e.to_string(),
+        })
     }
 }
 

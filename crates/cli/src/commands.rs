@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use isthmus_control_plane::registry::{
-    Action, ApplyResult, DeregisterRequest, DeregisterResponse, RegisterRequest, RegisterResponse, WatchEvent,
+    Action, ApplyResult, DeregisterRequest, DeregisterResponse, RegisterRequest, RegisterResponse,
+    WatchEvent,
 };
 use isthmus_model::{Kind, Resource};
 use reqwest::Method;
@@ -38,7 +39,8 @@ fn key_values(flag: &str, items: &[String]) -> Result<BTreeMap<String, String>, 
 }
 
 fn kind_arg(s: &str) -> Result<Kind, CommandError> {
-    s.parse::<Kind>().map_err(|e| CommandError::Usage(e.to_string()))
+    s.parse::<Kind>()
+        .map_err(|e| CommandError::Usage(e.to_string()))
 }
 
 fn action(a: Action) -> &'static str {
@@ -56,7 +58,16 @@ pub async fn run(cmd: Command, out: &mut dyn Write) -> Result<(), CommandError> 
         let _ = out.write_all(s.as_bytes());
     };
     match cmd {
-        Command::Register { service, ip, ports, namespace, service_account, labels, annotations, conn } => {
+        Command::Register {
+            service,
+            ip,
+            ports,
+            namespace,
+            service_account,
+            labels,
+            annotations,
+            conn,
+        } => {
             let client = Client::from_connection(&conn)?;
             let req = RegisterRequest {
                 service,
@@ -68,21 +79,63 @@ pub async fn run(cmd: Command, out: &mut dyn Write) -> Result<(), CommandError> 
                 annotations: key_values("--annotations", &annotations)?,
             };
             let body = serde_json::to_vec(&req).unwrap_or_default();
-            let r: RegisterResponse = client.json(Method::POST, "/api/v1/register", Some(("application/json", body))).await?;
+            let r: RegisterResponse = client
+                .json(
+                    Method::POST,
+                    "/api/v1/register",
+                    Some(("application/json", body)),
+                )
+                .await?;
             let vip = r.vip.map_or("no VIP".into(), |v| format!("VIP {v}"));
-            w(out, format!("Service {}/{} {} ({}, {})\n", req.namespace, req.service, action(r.service), r.hostname, vip));
-            w(out, format!("WorkloadEntry {}/{} {}\n", req.namespace, r.workload_entry_name, action(r.workload_entry)));
+            w(
+                out,
+                format!(
+                    "Service {}/{} {} ({}, {})\n",
+                    req.namespace,
+                    req.service,
+                    action(r.service),
+                    r.hostname,
+                    vip
+                ),
+            );
+            w(
+                out,
+                format!(
+                    "WorkloadEntry {}/{} {}\n",
+                    req.namespace,
+                    r.workload_entry_name,
+                    action(r.workload_entry)
+                ),
+            );
         }
-        Command::Deregister { service, ip, namespace, conn } => {
+        Command::Deregister {
+            service,
+            ip,
+            namespace,
+            conn,
+        } => {
             let client = Client::from_connection(&conn)?;
-            let req = DeregisterRequest { service: service.clone(), namespace: namespace.clone(), ip };
+            let req = DeregisterRequest {
+                service: service.clone(),
+                namespace: namespace.clone(),
+                ip,
+            };
             let body = serde_json::to_vec(&req).unwrap_or_default();
-            let r: DeregisterResponse = client.json(Method::POST, "/api/v1/deregister", Some(("application/json", body))).await?;
+            let r: DeregisterResponse = client
+                .json(
+                    Method::POST,
+                    "/api/v1/deregister",
+                    Some(("application/json", body)),
+                )
+                .await?;
             for e in &r.removed_entries {
                 w(out, format!("WorkloadEntry {namespace}/{e} deleted\n"));
             }
             if r.service_deleted {
-                w(out, format!("Service {namespace}/{service} deleted (no endpoint left)\n"));
+                w(
+                    out,
+                    format!("Service {namespace}/{service} deleted (no endpoint left)\n"),
+                );
             }
         }
         Command::Apply { filename, conn } => {
@@ -90,26 +143,67 @@ pub async fn run(cmd: Command, out: &mut dyn Write) -> Result<(), CommandError> 
                 let mut s = String::new();
                 std::io::stdin()
                     .read_to_string(&mut s)
-                    .map_err(|e| CommandError::Read { path: "standard input".into(), cause: e.to_string() })?;
+                    .map_err(|e| CommandError::Read {
+                        path: "standard input".into(),
+                        cause: e.to_string(),
+                    })?;
                 s
             } else {
-                std::fs::read_to_string(&filename).map_err(|e| CommandError::Read { path: filename.clone(), cause: e.to_string() })?
+                std::fs::read_to_string(&filename).map_err(|e| CommandError::Read {
+                    path: filename.clone(),
+                    cause: e.to_string(),
+                })?
             };
             let client = Client::from_connection(&conn)?;
-            let r: Value = client.json(Method::POST, "/api/v1/apply", Some(("application/yaml", text.into_bytes()))).await?;
-            let results: Vec<ApplyResult> = serde_json::from_value(r["results"].clone()).unwrap_or_default();
+            let r: Value = client
+                .json(
+                    Method::POST,
+                    "/api/v1/apply",
+                    Some(("application/yaml", text.into_bytes())),
+                )
+                .await?;
+            let results: Vec<ApplyResult> =
+                serde_json::from_value(r["results"].clone()).unwrap_or_default();
             for a in results {
-                w(out, format!("{} {}/{} {}\n", a.kind, a.namespace, a.name, action(a.action)));
+                w(
+                    out,
+                    format!(
+                        "{} {}/{} {}\n",
+                        a.kind,
+                        a.namespace,
+                        a.name,
+                        action(a.action)
+                    ),
+                );
             }
         }
-        Command::Delete { kind, name, namespace, conn } => {
+        Command::Delete {
+            kind,
+            name,
+            namespace,
+            conn,
+        } => {
             let kind = kind_arg(&kind)?;
             let client = Client::from_connection(&conn)?;
-            let path = format!("/api/v1/namespaces/{}/{}/{}", enc(&namespace), kind.plural(), enc(&name));
+            let path = format!(
+                "/api/v1/namespaces/{}/{}/{}",
+                enc(&namespace),
+                kind.plural(),
+                enc(&name)
+            );
             let _: Value = client.json(Method::DELETE, &path, None).await?;
             w(out, format!("{kind} {namespace}/{name} deleted\n"));
         }
-        Command::Get { kind, name, namespace, all_namespaces, selector, output: fmt, watch, conn } => {
+        Command::Get {
+            kind,
+            name,
+            namespace,
+            all_namespaces,
+            selector,
+            output: fmt,
+            watch,
+            conn,
+        } => {
             let kind = kind_arg(&kind)?;
             let client = Client::from_connection(&conn)?;
             let ns = (!all_namespaces).then_some(namespace);
@@ -118,13 +212,18 @@ pub async fn run(cmd: Command, out: &mut dyn Write) -> Result<(), CommandError> 
             }
             if let Some(name) = name {
                 let ns = ns.unwrap_or_default();
-                let path = format!("/api/v1/namespaces/{}/{}/{}", enc(&ns), kind.plural(), enc(&name));
+                let path = format!(
+                    "/api/v1/namespaces/{}/{}/{}",
+                    enc(&ns),
+                    kind.plural(),
+                    enc(&name)
+                );
                 let r: Resource = client.json(Method::GET, &path, None).await?;
                 let s = match fmt {
                     Output::Json => output::json(&r),
                     Output::Yaml => output::yaml(&r),
                     Output::Table | Output::Wide => {
-                        let eps = endpoint_counter(&client, kind, &[r.clone()]).await?;
+                        let eps = endpoint_counter(&client, kind, std::slice::from_ref(&r)).await?;
                         output::rows(kind, &[r], false, fmt == Output::Wide, &eps)
                     }
                 };
@@ -139,8 +238,13 @@ pub async fn run(cmd: Command, out: &mut dyn Write) -> Result<(), CommandError> 
                 path.push_str(&format!("?labelSelector={}", enc(sel)));
             }
             let list: Value = client.json(Method::GET, &path, None).await?;
-            let items: Vec<Resource> = serde_json::from_value(list["items"].clone())
-                .map_err(|e| ClientError::Protocol { url: client.base.clone(), cause: e.to_string() })?;
+            let items: Vec<Resource> =
+                serde_json::from_value(list["items"].clone()).map_err(|e| {
+                    ClientError::Protocol {
+                        url: client.base.clone(),
+                        cause: e.to_string(),
+                    }
+                })?;
             let s = match fmt {
                 Output::Json => output::json(&list),
                 Output::Yaml => output::yaml(&list),
@@ -163,10 +267,16 @@ pub async fn run(cmd: Command, out: &mut dyn Write) -> Result<(), CommandError> 
 }
 
 /// For service tables: how many workload entries serve each service.
-async fn endpoint_counter(client: &Client, kind: Kind, items: &[Resource]) -> Result<impl Fn(&Resource) -> usize, CommandError> {
+async fn endpoint_counter(
+    client: &Client,
+    kind: Kind,
+    items: &[Resource],
+) -> Result<impl Fn(&Resource) -> usize, CommandError> {
     let mut entries = Vec::new();
     if kind == Kind::Service && !items.is_empty() {
-        let list: Value = client.json(Method::GET, "/api/v1/workloadentries", None).await?;
+        let list: Value = client
+            .json(Method::GET, "/api/v1/workloadentries", None)
+            .await?;
         let all: Vec<Resource> = serde_json::from_value(list["items"].clone()).unwrap_or_default();
         entries = all
             .into_iter()
@@ -230,7 +340,10 @@ async fn watch_cmd(
                 if line.is_empty() {
                     if event == "ERROR" {
                         let v: Value = serde_json::from_str(&data).unwrap_or_default();
-                        return Err(CommandError::Usage(format!("watch failed: {}", v["error"]["message"].as_str().unwrap_or(&data))));
+                        return Err(CommandError::Usage(format!(
+                            "watch failed: {}",
+                            v["error"]["message"].as_str().unwrap_or(&data)
+                        )));
                     }
                     if !data.is_empty() {
                         if let Ok(ev) = serde_json::from_str::<WatchEvent>(&data) {
@@ -252,13 +365,26 @@ async fn watch_cmd(
     }
 }
 
-fn print_event(ev: &WatchEvent, kind: Kind, all_ns: bool, fmt: Output, header_done: &mut bool, out: &mut dyn Write) {
+fn print_event(
+    ev: &WatchEvent,
+    kind: Kind,
+    all_ns: bool,
+    fmt: Output,
+    header_done: &mut bool,
+    out: &mut dyn Write,
+) {
     let ty = format!("{:?}", ev.kind).to_uppercase();
     let s = match fmt {
         Output::Json => serde_json::to_string(ev).unwrap_or_default() + "\n",
         Output::Yaml => format!("---\n{}", output::yaml(ev)),
         Output::Table | Output::Wide => {
-            let t = output::rows(kind, std::slice::from_ref(&ev.object), all_ns, fmt == Output::Wide, &|_| 0);
+            let t = output::rows(
+                kind,
+                std::slice::from_ref(&ev.object),
+                all_ns,
+                fmt == Output::Wide,
+                &|_| 0,
+            );
             let mut lines = t.lines();
             let header = lines.next().unwrap_or_default();
             let row = lines.next().unwrap_or_default();

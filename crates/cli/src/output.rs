@@ -52,7 +52,13 @@ fn join_or_dash(v: Vec<String>) -> String {
 }
 
 /// `endpoints(svc)` counts a service's workload entries; only used for services.
-pub fn rows(kind: Kind, items: &[Resource], all_ns: bool, wide: bool, endpoints: &dyn Fn(&Resource) -> usize) -> String {
+pub fn rows(
+    kind: Kind,
+    items: &[Resource],
+    all_ns: bool,
+    wide: bool,
+    endpoints: &dyn Fn(&Resource) -> usize,
+) -> String {
     let mut header: Vec<&str> = Vec::new();
     if all_ns {
         header.push("NAMESPACE");
@@ -60,8 +66,25 @@ pub fn rows(kind: Kind, items: &[Resource], all_ns: bool, wide: bool, endpoints:
     let cols: &[&str] = match (kind, wide) {
         (Kind::Service, false) => &["NAME", "VIP", "PORTS", "ENDPOINTS", "AGE"],
         (Kind::Service, true) => &["NAME", "VIP", "PORTS", "ENDPOINTS", "SELECTOR", "AGE"],
-        (Kind::WorkloadEntry, false) => &["NAME", "ADDRESS", "SERVICE-ACCOUNT", "HEALTH", "LAST-SEEN", "AGE"],
-        (Kind::WorkloadEntry, true) => &["NAME", "ADDRESS", "SERVICE-ACCOUNT", "HEALTH", "LAST-SEEN", "PORTS", "SERVICES", "LABELS", "AGE"],
+        (Kind::WorkloadEntry, false) => &[
+            "NAME",
+            "ADDRESS",
+            "SERVICE-ACCOUNT",
+            "HEALTH",
+            "LAST-SEEN",
+            "AGE",
+        ],
+        (Kind::WorkloadEntry, true) => &[
+            "NAME",
+            "ADDRESS",
+            "SERVICE-ACCOUNT",
+            "HEALTH",
+            "LAST-SEEN",
+            "PORTS",
+            "SERVICES",
+            "LABELS",
+            "AGE",
+        ],
         (Kind::WorkloadGroup, _) => &["NAME", "SERVICE-ACCOUNT", "PORTS", "PROBE", "AGE"],
     };
     header.extend_from_slice(cols);
@@ -77,33 +100,70 @@ pub fn rows(kind: Kind, items: &[Resource], all_ns: bool, wide: bool, endpoints:
             Resource::Service(s) => {
                 row.push(s.status.vip.map_or("-".into(), |v| v.to_string()));
                 row.push(join_or_dash(
-                    s.spec.ports.iter().map(|p| format!("{}:{}/{}", p.name, p.port, p.protocol())).collect(),
+                    s.spec
+                        .ports
+                        .iter()
+                        .map(|p| format!("{}:{}/{}", p.name, p.port, p.protocol()))
+                        .collect(),
                 ));
                 row.push(endpoints(r).to_string());
                 if wide {
                     row.push(join_or_dash(
-                        s.spec.selector.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect(),
+                        s.spec
+                            .selector
+                            .iter()
+                            .flatten()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect(),
                     ));
                 }
             }
             Resource::WorkloadEntry(w) => {
                 row.push(w.spec.address.clone());
-                row.push(if w.spec.service_account.is_empty() { "-".into() } else { w.spec.service_account.clone() });
+                row.push(if w.spec.service_account.is_empty() {
+                    "-".into()
+                } else {
+                    w.spec.service_account.clone()
+                });
                 row.push(format!("{:?}", w.status.health).to_uppercase());
-                row.push(w.status.last_seen.as_deref().map_or("-".into(), |t| format!("{} ago", age(Some(t)))));
+                row.push(
+                    w.status
+                        .last_seen
+                        .as_deref()
+                        .map_or("-".into(), |t| format!("{} ago", age(Some(t)))),
+                );
                 if wide {
-                    row.push(join_or_dash(w.spec.ports.iter().map(|(n, p)| format!("{n}:{p}")).collect()));
+                    row.push(join_or_dash(
+                        w.spec
+                            .ports
+                            .iter()
+                            .map(|(n, p)| format!("{n}:{p}"))
+                            .collect(),
+                    ));
                     row.push(join_or_dash(w.spec.services.clone()));
-                    row.push(join_or_dash(r.effective_labels().iter().map(|(k, v)| format!("{k}={v}")).collect()));
+                    row.push(join_or_dash(
+                        r.effective_labels()
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect(),
+                    ));
                 }
             }
             Resource::WorkloadGroup(g) => {
                 let t = &g.spec.template;
-                row.push(if t.service_account.is_empty() { "-".into() } else { t.service_account.clone() });
-                row.push(join_or_dash(t.ports.iter().map(|(n, p)| format!("{n}:{p}")).collect()));
+                row.push(if t.service_account.is_empty() {
+                    "-".into()
+                } else {
+                    t.service_account.clone()
+                });
+                row.push(join_or_dash(
+                    t.ports.iter().map(|(n, p)| format!("{n}:{p}")).collect(),
+                ));
                 row.push(match &g.spec.probe {
                     Some(p) => match (&p.http_get, &p.tcp_socket) {
-                        (Some(h), _) => format!("http-get :{}{} every {}s", h.port, h.path, p.period()),
+                        (Some(h), _) => {
+                            format!("http-get :{}{} every {}s", h.port, h.path, p.period())
+                        }
                         (_, Some(t)) => format!("tcp :{} every {}s", t.port, p.period()),
                         _ => "-".into(),
                     },

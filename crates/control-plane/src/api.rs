@@ -48,7 +48,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into(), details: None }
+        ApiError {
+            status,
+            message: message.into(),
+            details: None,
+        }
     }
 }
 
@@ -75,7 +79,9 @@ impl From<RegistryError> for ApiError {
             RegistryError::BadRequest(_) => StatusCode::BAD_REQUEST,
             RegistryError::Store(StoreError::Compacted { .. }) => StatusCode::GONE,
             RegistryError::Store(StoreError::FutureRevision { .. }) => StatusCode::BAD_REQUEST,
-            RegistryError::Corrupt { .. } | RegistryError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            RegistryError::Corrupt { .. } | RegistryError::Store(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         let details = match &e {
             RegistryError::Invalid(v) => Some(json!(v
@@ -89,7 +95,11 @@ impl From<RegistryError> for ApiError {
             RegistryError::NotFound(what) => format!("{what} not found"),
             other => other.to_string(),
         };
-        ApiError { status, message, details }
+        ApiError {
+            status,
+            message,
+            details,
+        }
     }
 }
 
@@ -107,7 +117,11 @@ impl From<model::ParseError> for ApiError {
             model::ParseError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             _ => StatusCode::BAD_REQUEST,
         };
-        ApiError { status, message: e.to_string(), details }
+        ApiError {
+            status,
+            message: e.to_string(),
+            details,
+        }
     }
 }
 
@@ -131,9 +145,15 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/openapi.yaml", get(|| async { ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI) }))
+        .route(
+            "/openapi.yaml",
+            get(|| async { ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI) }),
+        )
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state((state.clone(), "admin"), observe))
+        .layer(middleware::from_fn_with_state(
+            (state.clone(), "admin"),
+            observe,
+        ))
         .with_state(state)
 }
 
@@ -155,10 +175,18 @@ where
     let resp = next.run(req).await;
     let m = state.metrics();
     m.latency
-        .get_or_create(&RouteLabels { api, route: route.clone() })
+        .get_or_create(&RouteLabels {
+            api,
+            route: route.clone(),
+        })
         .observe(start.elapsed().as_secs_f64());
     m.requests
-        .get_or_create(&RequestLabels { api, method, route, code: resp.status().as_u16() })
+        .get_or_create(&RequestLabels {
+            api,
+            method,
+            route,
+            code: resp.status().as_u16(),
+        })
         .inc();
     resp
 }
@@ -174,7 +202,10 @@ impl HasMetrics for ApiState {
 }
 
 async fn auth(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
-    let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
     let token = match header.and_then(|h| h.strip_prefix("Bearer ")) {
         Some(t) => t.trim(),
         None => {
@@ -198,7 +229,10 @@ async fn auth(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> R
 async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
-        format!("no route for {method} {}; the API is described at /openapi.yaml", uri.path()),
+        format!(
+            "no route for {method} {}; the API is described at /openapi.yaml",
+            uri.path()
+        ),
     )
 }
 
@@ -216,7 +250,9 @@ pub async fn refresh_gauges(registry: &Registry, metrics: &Metrics) {
         if let Ok((kvs, _)) = registry.store().range(&kind.key_prefix()).await {
             metrics
                 .resources
-                .get_or_create(&crate::metrics::KindLabels { kind: kind.as_str().into() })
+                .get_or_create(&crate::metrics::KindLabels {
+                    kind: kind.as_str().into(),
+                })
                 .set(kvs.len() as i64);
         }
     }
@@ -225,14 +261,18 @@ pub async fn refresh_gauges(registry: &Registry, metrics: &Metrics) {
 pub async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
     refresh_gauges(&state.registry, &state.metrics).await;
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.encode(),
     )
         .into_response()
 }
 
 fn parse_kind(s: &str) -> ApiResult<Kind> {
-    s.parse::<Kind>().map_err(|e| ApiError::new(StatusCode::NOT_FOUND, e.to_string()))
+    s.parse::<Kind>()
+        .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, e.to_string()))
 }
 
 #[derive(Deserialize, Default)]
@@ -243,15 +283,25 @@ struct ListQuery {
 }
 
 fn selector(s: Option<&str>) -> ApiResult<LabelSelector> {
-    LabelSelector::parse(s.unwrap_or("")).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))
+    LabelSelector::parse(s.unwrap_or(""))
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
 fn query<T: for<'de> Deserialize<'de>>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
-    q.map(|Query(t)| t)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad query parameters: {}", e.body_text())))
+    q.map(|Query(t)| t).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("bad query parameters: {}", e.body_text()),
+        )
+    })
 }
 
-async fn list(state: &ApiState, kind: Kind, namespace: Option<String>, q: ListQuery) -> ApiResult<Response> {
+async fn list(
+    state: &ApiState,
+    kind: Kind,
+    namespace: Option<String>,
+    q: ListQuery,
+) -> ApiResult<Response> {
     let filter = Filter {
         kind: Some(kind),
         namespace: namespace.or(q.namespace).filter(|n| !n.is_empty()),
@@ -298,7 +348,10 @@ async fn read_body(body: Body) -> ApiResult<Bytes> {
     axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body is larger than {} KiB; split the input into several requests", MAX_BODY / 1024),
+            format!(
+                "request body is larger than {} KiB; split the input into several requests",
+                MAX_BODY / 1024
+            ),
         )
     })
 }
@@ -314,8 +367,15 @@ fn parse_json_body<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> ApiResult<T> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        let at = if path == "." { String::new() } else { format!(" at {path}") };
-        ApiError::new(StatusCode::BAD_REQUEST, format!("invalid request body{at}: {}", e.into_inner()))
+        let at = if path == "." {
+            String::new()
+        } else {
+            format!(" at {path}")
+        };
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid request body{at}: {}", e.into_inner()),
+        )
     })
 }
 
@@ -355,13 +415,25 @@ async fn delete_one(
     Ok(Json(json!({"action": "deleted", "revision": revision, "object": object})).into_response())
 }
 
-async fn apply(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+async fn apply(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
     let bytes = read_body(body).await?;
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "the body is not UTF-8 text"))?;
     // A JSON list (`{"items": [...]}`) or YAML/JSON documents (JSON is YAML too).
-    let list = if is_yaml(&headers) { None } else { serde_json::from_str::<serde_json::Value>(text).ok() };
-    let resources = match list.as_ref().and_then(|v| v.get("items")).and_then(|i| i.as_array()) {
+    let list = if is_yaml(&headers) {
+        None
+    } else {
+        serde_json::from_str::<serde_json::Value>(text).ok()
+    };
+    let resources = match list
+        .as_ref()
+        .and_then(|v| v.get("items"))
+        .and_then(|i| i.as_array())
+    {
         Some(items) => items
             .iter()
             .map(|i| model::parse_json(i.to_string().as_bytes()))
@@ -407,8 +479,16 @@ async fn watch(
         namespace: q.namespace.filter(|n| !n.is_empty()),
         selector: selector(q.label_selector.as_deref())?,
     };
-    let bad_rev = |v: &str| ApiError::new(StatusCode::BAD_REQUEST, format!("revision {v:?} is not a number"));
-    let from = match (headers.get("last-event-id").and_then(|v| v.to_str().ok()), q.revision.as_deref()) {
+    let bad_rev = |v: &str| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("revision {v:?} is not a number"),
+        )
+    };
+    let from = match (
+        headers.get("last-event-id").and_then(|v| v.to_str().ok()),
+        q.revision.as_deref(),
+    ) {
         (Some(last), _) => Some(last.trim().parse::<i64>().map_err(|_| bad_rev(last))? + 1),
         (None, Some(r)) => Some(r.parse::<i64>().map_err(|_| bad_rev(r))?),
         (None, None) => None,

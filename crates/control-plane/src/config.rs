@@ -74,7 +74,8 @@ impl ServerArgs {
         if let Some(p) = isthmus_model::validate::dns_subdomain_problem(&self.domain) {
             return Err(ConfigError::Domain(self.domain.clone(), p));
         }
-        let host_bits = u32::from(self.service_cidr.max_prefix_len()) - u32::from(self.service_cidr.prefix_len());
+        let host_bits = u32::from(self.service_cidr.max_prefix_len())
+            - u32::from(self.service_cidr.prefix_len());
         if host_bits < 2 && matches!(self.service_cidr, IpNet::V4(_)) || host_bits < 1 {
             return Err(ConfigError::CidrTooSmall(self.service_cidr));
         }

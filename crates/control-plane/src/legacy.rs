@@ -34,7 +34,11 @@ pub struct ServiceHosts {
 }
 
 /// One entry per service port: `<hostname>|<port name>` and the healthy endpoints' addresses.
-pub fn registrations(domain: &str, services: &[Service], entries: &[WorkloadEntry]) -> Vec<ServiceHosts> {
+pub fn registrations(
+    domain: &str,
+    services: &[Service],
+    entries: &[WorkloadEntry],
+) -> Vec<ServiceHosts> {
     let mut out = Vec::new();
     for svc in services {
         let endpoints: Vec<&WorkloadEntry> = entries
@@ -49,12 +53,20 @@ pub fn registrations(domain: &str, services: &[Service], entries: &[WorkloadEntr
                     tags.extend(w.spec.labels.clone());
                     Host {
                         ip_address: w.spec.address.clone(),
-                        port: w.spec.ports.get(&port.name).copied().unwrap_or_else(|| port.target()),
+                        port: w
+                            .spec
+                            .ports
+                            .get(&port.name)
+                            .copied()
+                            .unwrap_or_else(|| port.target()),
                         tags,
                     }
                 })
                 .collect();
-            out.push(ServiceHosts { service_key: format!("{}|{}", svc.hostname(domain), port.name), hosts });
+            out.push(ServiceHosts {
+                service_key: format!("{}|{}", svc.hostname(domain), port.name),
+                hosts,
+            });
         }
     }
     out
@@ -84,16 +96,25 @@ async fn list(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> 
     Ok(Json(all(&state).await?).into_response())
 }
 
-async fn one(State(state): State<Arc<ApiState>>, Path(key): Path<String>) -> Result<Response, ApiError> {
+async fn one(
+    State(state): State<Arc<ApiState>>,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
     if !key.contains('|') {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("service key {key:?} must be <fqdn>|<port-name>, e.g. mysql.onprem.svc.cluster.local|mysql"),
         ));
     }
-    let found = all(&state).await?.into_iter().find(|s| s.service_key == key);
+    let found = all(&state)
+        .await?
+        .into_iter()
+        .find(|s| s.service_key == key);
     match found {
         Some(s) => Ok(Json(serde_json::json!({ "hosts": s.hosts })).into_response()),
-        None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no registration for service key {key:?}"))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no registration for service key {key:?}"),
+        )),
     }
 }

@@ -49,16 +49,39 @@ impl Metrics {
         let watchers = Gauge::default();
         {
             let http = registry.sub_registry_with_prefix("http");
-            http.register("requests", "HTTP requests served, by API, route and status code", requests.clone());
-            http.register("request_duration_seconds", "HTTP request latency by API and route", latency.clone());
+            http.register(
+                "requests",
+                "HTTP requests served, by API, route and status code",
+                requests.clone(),
+            );
+            http.register(
+                "request_duration_seconds",
+                "HTTP request latency by API and route",
+                latency.clone(),
+            );
             http.register("watchers", "Open watch streams", watchers.clone());
         }
         {
             let store = registry.sub_registry_with_prefix("registry");
-            store.register("revision", "Current revision of the registry store", store_revision.clone());
-            store.register("resources", "Resources in the registry, by kind", resources.clone());
+            store.register(
+                "revision",
+                "Current revision of the registry store",
+                store_revision.clone(),
+            );
+            store.register(
+                "resources",
+                "Resources in the registry, by kind",
+                resources.clone(),
+            );
         }
-        Arc::new(Metrics { registry, requests, latency, store_revision, resources, watchers })
+        Arc::new(Metrics {
+            registry,
+            requests,
+            latency,
+            store_revision,
+            resources,
+            watchers,
+        })
     }
 
     pub fn encode(&self) -> String {

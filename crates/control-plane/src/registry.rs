@@ -12,7 +12,9 @@ use isthmus_model::{
     self as model, Kind, LabelSelector, ObjectMeta, Resource, Service, ServicePort, ServiceSpec,
     WorkloadEntry, WorkloadEntrySpec,
 };
-use isthmus_store::{Compare, EventKind, KeyValue, Op, Revision, Store, StoreError, Txn, TxnOutcome};
+use isthmus_store::{
+    Compare, EventKind, KeyValue, Op, Revision, Store, StoreError, Txn, TxnOutcome,
+};
 use serde::{Deserialize, Serialize};
 
 /// Store keys of VIP allocations: `/registry/vips/<ip>` → the owning service's key.
@@ -136,7 +138,9 @@ impl Filter {
     }
 
     fn matches(&self, r: &Resource) -> bool {
-        self.namespace.as_ref().is_none_or(|ns| *ns == r.meta().namespace)
+        self.namespace
+            .as_ref()
+            .is_none_or(|ns| *ns == r.meta().namespace)
             && self.kind.is_none_or(|k| k == r.kind())
             && self.selector.matches(&r.effective_labels())
     }
@@ -232,7 +236,11 @@ pub fn register_entry_name(service: &str, ip: IpAddr) -> String {
 
 impl Registry {
     pub fn new(store: Arc<dyn Store>, cidr: IpNet, domain: String) -> Self {
-        Registry { store, cidr, domain }
+        Registry {
+            store,
+            cidr,
+            domain,
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -292,9 +300,9 @@ impl Registry {
     /// Picks a free VIP, starting at a position derived from the service's key so that a service
     /// deleted and re-created tends to get its old address back, then probing linearly.
     fn pick_vip(&self, key: &str, taken: &HashSet<IpAddr>) -> Result<IpAddr, RegistryError> {
-        let hash = key
-            .bytes()
-            .fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3));
+        let hash = key.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+        });
         let (base, size): (u128, u128) = match self.cidr {
             IpNet::V4(n) => (
                 u128::from(u32::from(n.network())),
@@ -302,7 +310,9 @@ impl Registry {
             ),
             IpNet::V6(n) => (
                 u128::from(n.network()),
-                1u128.checked_shl(128 - u32::from(n.prefix_len())).unwrap_or(u128::MAX),
+                1u128
+                    .checked_shl(128 - u32::from(n.prefix_len()))
+                    .unwrap_or(u128::MAX),
             ),
         };
         // Skip the network address and, for IPv4, the broadcast address.
@@ -380,8 +390,14 @@ impl Registry {
                             let ip = self.pick_vip(&key, set)?;
                             set.insert(ip);
                             s.status.vip = Some(ip);
-                            txn.compares.push(Compare::ModRevision { key: vip_key(ip), revision: 0 });
-                            txn.ops.push(Op::Put { key: vip_key(ip), value: key.clone().into_bytes() });
+                            txn.compares.push(Compare::ModRevision {
+                                key: vip_key(ip),
+                                revision: 0,
+                            });
+                            txn.ops.push(Op::Put {
+                                key: vip_key(ip),
+                                value: key.clone().into_bytes(),
+                            });
                         }
                         Action::Created
                     }
@@ -391,7 +407,10 @@ impl Registry {
                         key: key.clone(),
                         revision: current.as_ref().map_or(0, |kv| kv.mod_revision),
                     });
-                    txn.ops.push(Op::Put { key, value: encode(&next) });
+                    txn.ops.push(Op::Put {
+                        key,
+                        value: encode(&next),
+                    });
                 }
                 let m = r.meta();
                 results.push(ApplyResult {
@@ -427,7 +446,10 @@ impl Registry {
                 return Err(RegistryError::NotFound(format!("{kind} {ns}/{name}")));
             };
             let mut txn = Txn {
-                compares: vec![Compare::ModRevision { key: key.clone(), revision: kv.mod_revision }],
+                compares: vec![Compare::ModRevision {
+                    key: key.clone(),
+                    revision: kv.mod_revision,
+                }],
                 ops: vec![Op::Delete { key }],
             };
             if let Resource::Service(s) = &r {
@@ -443,12 +465,19 @@ impl Registry {
     }
 
     pub async fn register(&self, req: RegisterRequest) -> Result<RegisterResponse, RegistryError> {
-        let ns = if req.namespace.is_empty() { model::DEFAULT_NAMESPACE.to_string() } else { req.namespace.clone() };
+        let ns = if req.namespace.is_empty() {
+            model::DEFAULT_NAMESPACE.to_string()
+        } else {
+            req.namespace.clone()
+        };
         let ip: IpAddr = req.ip.parse().map_err(|_| {
             RegistryError::BadRequest(format!("IP {:?} is not an IPv4 or IPv6 address", req.ip))
         })?;
         if let Some(p) = model::validate::dns_label_problem(&req.service) {
-            return Err(RegistryError::BadRequest(format!("service name {:?} {p}", req.service)));
+            return Err(RegistryError::BadRequest(format!(
+                "service name {:?} {p}",
+                req.service
+            )));
         }
         if req.ports.is_empty() {
             return Err(RegistryError::BadRequest(
@@ -467,7 +496,11 @@ impl Registry {
                 ports.push((name, port));
             }
         }
-        let sa = if req.service_account.is_empty() { model::DEFAULT_SERVICE_ACCOUNT.to_string() } else { req.service_account.clone() };
+        let sa = if req.service_account.is_empty() {
+            model::DEFAULT_SERVICE_ACCOUNT.to_string()
+        } else {
+            req.service_account.clone()
+        };
         let svc_key = Kind::Service.key(&ns, &req.service);
         let entry_name = register_entry_name(&req.service, ip);
         let entry_key = Kind::WorkloadEntry.key(&ns, &entry_name);
@@ -507,14 +540,21 @@ impl Registry {
                         },
                         status: Default::default(),
                     };
-                    svc.metadata
-                        .annotations
-                        .insert(model::CREATED_BY_ANNOTATION.into(), model::CREATED_BY_REGISTER.into());
+                    svc.metadata.annotations.insert(
+                        model::CREATED_BY_ANNOTATION.into(),
+                        model::CREATED_BY_REGISTER.into(),
+                    );
                     let taken = self.allocated_vips().await?;
                     let vip = self.pick_vip(&svc_key, &taken)?;
                     svc.status.vip = Some(vip);
-                    txn.compares.push(Compare::ModRevision { key: vip_key(vip), revision: 0 });
-                    txn.ops.push(Op::Put { key: vip_key(vip), value: svc_key.clone().into_bytes() });
+                    txn.compares.push(Compare::ModRevision {
+                        key: vip_key(vip),
+                        revision: 0,
+                    });
+                    txn.ops.push(Op::Put {
+                        key: vip_key(vip),
+                        value: svc_key.clone().into_bytes(),
+                    });
                     (Action::Created, svc)
                 }
                 Some(mut svc) => {
@@ -540,7 +580,14 @@ impl Registry {
                             }
                         }
                     }
-                    (if changed { Action::Updated } else { Action::Unchanged }, svc)
+                    (
+                        if changed {
+                            Action::Updated
+                        } else {
+                            Action::Unchanged
+                        },
+                        svc,
+                    )
                 }
             };
             let svc_res = Resource::Service(svc.clone());
@@ -550,14 +597,21 @@ impl Registry {
                     key: svc_key.clone(),
                     revision: svc_kv.as_ref().map_or(0, |kv| kv.mod_revision),
                 });
-                txn.ops.push(Op::Put { key: svc_key.clone(), value: encode(&svc_res) });
+                txn.ops.push(Op::Put {
+                    key: svc_key.clone(),
+                    value: encode(&svc_res),
+                });
             }
 
             // The entry: the service port's name → the port the host listens on.
             let entry_ports: BTreeMap<String, u32> = ports
                 .iter()
                 .map(|(name, port)| {
-                    let svc_port = svc.spec.ports.iter().find(|p| p.name == *name || p.port == *port);
+                    let svc_port = svc
+                        .spec
+                        .ports
+                        .iter()
+                        .find(|p| p.name == *name || p.port == *port);
                     (svc_port.map_or(name.clone(), |p| p.name.clone()), *port)
                 })
                 .collect();
@@ -572,10 +626,15 @@ impl Registry {
                 labels: req.labels.clone(),
                 service_account: sa.clone(),
                 services: vec![req.service.clone()],
-                ..existing_entry.as_ref().map(|e| e.spec.clone()).unwrap_or_default()
+                ..existing_entry
+                    .as_ref()
+                    .map(|e| e.spec.clone())
+                    .unwrap_or_default()
             };
             let (entry_action, entry) = match existing_entry {
-                Some(e) if e.spec == spec && e.metadata.annotations == req.annotations => (Action::Unchanged, e),
+                Some(e) if e.spec == spec && e.metadata.annotations == req.annotations => {
+                    (Action::Unchanged, e)
+                }
                 Some(mut e) => {
                     e.spec = spec;
                     e.metadata.annotations = req.annotations.clone();
@@ -606,7 +665,10 @@ impl Registry {
                     key: entry_key.clone(),
                     revision: entry_kv.as_ref().map_or(0, |kv| kv.mod_revision),
                 });
-                txn.ops.push(Op::Put { key: entry_key.clone(), value: encode(&entry_res) });
+                txn.ops.push(Op::Put {
+                    key: entry_key.clone(),
+                    value: encode(&entry_res),
+                });
             }
             let response = |revision| RegisterResponse {
                 service: svc_action,
@@ -628,8 +690,15 @@ impl Registry {
 
     /// Removes the endpoint IP of SERVICE; removes the service too when `register` created it and
     /// no endpoint is left (fixing the leftover-service bug of istioctl's deregister).
-    pub async fn deregister(&self, req: DeregisterRequest) -> Result<DeregisterResponse, RegistryError> {
-        let ns = if req.namespace.is_empty() { model::DEFAULT_NAMESPACE.to_string() } else { req.namespace.clone() };
+    pub async fn deregister(
+        &self,
+        req: DeregisterRequest,
+    ) -> Result<DeregisterResponse, RegistryError> {
+        let ns = if req.namespace.is_empty() {
+            model::DEFAULT_NAMESPACE.to_string()
+        } else {
+            req.namespace.clone()
+        };
         let ip: IpAddr = req.ip.parse().map_err(|_| {
             RegistryError::BadRequest(format!("IP {:?} is not an IPv4 or IPv6 address", req.ip))
         })?;
@@ -638,25 +707,43 @@ impl Registry {
             let svc_kv = self.store.get(&svc_key).await?;
             let svc = match svc_kv.as_ref().map(decode).transpose()?.flatten() {
                 Some(Resource::Service(s)) => s,
-                _ => return Err(RegistryError::NotFound(format!("Service {ns}/{}", req.service))),
+                _ => {
+                    return Err(RegistryError::NotFound(format!(
+                        "Service {ns}/{}",
+                        req.service
+                    )))
+                }
             };
-            let (entries, _) = self.store.range(&format!("{}{ns}/", Kind::WorkloadEntry.key_prefix())).await?;
+            let (entries, _) = self
+                .store
+                .range(&format!("{}{ns}/", Kind::WorkloadEntry.key_prefix()))
+                .await?;
             let mut txn = Txn::default();
             let mut removed = Vec::new();
             let mut remaining = 0usize;
             for kv in &entries {
-                let Some(Resource::WorkloadEntry(mut w)) = decode(kv)? else { continue };
+                let Some(Resource::WorkloadEntry(mut w)) = decode(kv)? else {
+                    continue;
+                };
                 if !w.serves(&svc) {
                     continue;
                 }
-                let attached = w.spec.services.iter().any(|s| *s == req.service);
+                let attached = w.spec.services.contains(&req.service);
                 if attached && w.ip() == Some(ip) {
-                    txn.compares.push(Compare::ModRevision { key: kv.key.clone(), revision: kv.mod_revision });
+                    txn.compares.push(Compare::ModRevision {
+                        key: kv.key.clone(),
+                        revision: kv.mod_revision,
+                    });
                     w.spec.services.retain(|s| *s != req.service);
                     if w.spec.services.is_empty() {
-                        txn.ops.push(Op::Delete { key: kv.key.clone() });
+                        txn.ops.push(Op::Delete {
+                            key: kv.key.clone(),
+                        });
                     } else {
-                        txn.ops.push(Op::Put { key: kv.key.clone(), value: encode(&Resource::WorkloadEntry(w.clone())) });
+                        txn.ops.push(Op::Put {
+                            key: kv.key.clone(),
+                            value: encode(&Resource::WorkloadEntry(w.clone())),
+                        });
                     }
                     removed.push(w.metadata.name.clone());
                 } else {
@@ -669,18 +756,31 @@ impl Registry {
                     req.service
                 )));
             }
-            let created_by_register = svc.metadata.annotations.get(model::CREATED_BY_ANNOTATION).map(String::as_str)
+            let created_by_register = svc
+                .metadata
+                .annotations
+                .get(model::CREATED_BY_ANNOTATION)
+                .map(String::as_str)
                 == Some(model::CREATED_BY_REGISTER);
             let delete_service = created_by_register && remaining == 0;
             if delete_service {
-                txn.compares.push(Compare::ModRevision { key: svc_key.clone(), revision: svc_kv.as_ref().map_or(0, |k| k.mod_revision) });
-                txn.ops.push(Op::Delete { key: svc_key.clone() });
+                txn.compares.push(Compare::ModRevision {
+                    key: svc_key.clone(),
+                    revision: svc_kv.as_ref().map_or(0, |k| k.mod_revision),
+                });
+                txn.ops.push(Op::Delete {
+                    key: svc_key.clone(),
+                });
                 if let Some(vip) = svc.status.vip {
                     txn.ops.push(Op::Delete { key: vip_key(vip) });
                 }
             }
             if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
-                return Ok(DeregisterResponse { removed_entries: removed, service_deleted: delete_service, revision });
+                return Ok(DeregisterResponse {
+                    removed_entries: removed,
+                    service_deleted: delete_service,
+                    revision,
+                });
             }
         }
         Err(too_busy())
@@ -694,7 +794,8 @@ impl Registry {
         &self,
         filter: Filter,
         from: Option<Revision>,
-    ) -> Result<impl Stream<Item = Result<WatchEvent, RegistryError>> + Send + 'static, RegistryError> {
+    ) -> Result<impl Stream<Item = Result<WatchEvent, RegistryError>> + Send + 'static, RegistryError>
+    {
         let (initial, start) = match from {
             Some(rev) => (Vec::new(), rev),
             None => {
@@ -702,8 +803,17 @@ impl Registry {
                 let initial: Vec<_> = items
                     .into_iter()
                     .map(|object| {
-                        let revision = object.meta().resource_version.as_deref().and_then(|v| v.parse().ok()).unwrap_or(rev);
-                        Ok(WatchEvent { kind: WatchEventType::Added, revision, object })
+                        let revision = object
+                            .meta()
+                            .resource_version
+                            .as_deref()
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(rev);
+                        Ok(WatchEvent {
+                            kind: WatchEventType::Added,
+                            revision,
+                            object,
+                        })
                     })
                     .collect();
                 (initial, rev + 1)
@@ -718,9 +828,14 @@ impl Registry {
                     Err(e) => return Some(Err(RegistryError::from(e))),
                 };
                 let revision = ev.revision();
-                let decode_opt = |kv: Option<&KeyValue>| -> Result<Option<Resource>, RegistryError> {
-                    Ok(kv.map(decode).transpose()?.flatten().filter(|r| filter.matches(r)))
-                };
+                let decode_opt =
+                    |kv: Option<&KeyValue>| -> Result<Option<Resource>, RegistryError> {
+                        Ok(kv
+                            .map(decode)
+                            .transpose()?
+                            .flatten()
+                            .filter(|r| filter.matches(r)))
+                    };
                 let prev = match decode_opt(ev.prev.as_ref()) {
                     Ok(p) => p,
                     Err(e) => return Some(Err(e)),
@@ -735,7 +850,11 @@ impl Registry {
                     },
                     EventKind::Delete => (WatchEventType::Deleted, prev?),
                 };
-                Some(Ok(WatchEvent { kind, revision, object }))
+                Some(Ok(WatchEvent {
+                    kind,
+                    revision,
+                    object,
+                }))
             }
         });
         Ok(futures::stream::iter(initial).chain(live))
@@ -750,7 +869,9 @@ fn carry_server_fields(old: &Resource, next: &mut Resource) {
     nm.creation_timestamp.clone_from(&om.creation_timestamp);
     match (old, next) {
         (Resource::Service(o), Resource::Service(n)) => n.status = o.status.clone(),
-        (Resource::WorkloadEntry(o), Resource::WorkloadEntry(n)) if n.status == Default::default() => {
+        (Resource::WorkloadEntry(o), Resource::WorkloadEntry(n))
+            if n.status == Default::default() =>
+        {
             n.status = o.status.clone()
         }
         _ => {}

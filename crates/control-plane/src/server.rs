@@ -37,7 +37,8 @@ pub struct Endpoints {
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(mode))?;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(mode))?;
     tmp.write_all(contents)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
@@ -57,9 +58,15 @@ fn admin_token(dir: &Path) -> anyhow::Result<(String, bool)> {
     let path = dir.join(config::ADMIN_TOKEN_FILE);
     match std::fs::read_to_string(&path) {
         Ok(t) if !t.trim().is_empty() => return Ok((t.trim().to_string(), false)),
-        Ok(_) => anyhow::bail!("{} is empty; delete it to have a new admin token generated", path.display()),
+        Ok(_) => anyhow::bail!(
+            "{} is empty; delete it to have a new admin token generated",
+            path.display()
+        ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("cannot read the admin token {}", path.display())),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot read the admin token {}", path.display()))
+        }
     }
     let mut bytes = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut bytes);
@@ -96,14 +103,20 @@ pub async fn shutdown_signal() {
     }
 }
 
-pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    args: ServerArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     args.validate()?;
     // A --dev data dir lives as long as the server and is removed at exit.
     let mut _temp_dir = None;
     let data_dir: PathBuf = match (&args.data_dir, args.dev) {
         (Some(d), _) => d.clone(),
         (None, true) => {
-            let t = tempfile::Builder::new().prefix("isthmus-dev-").tempdir().context("cannot create a temporary data directory")?;
+            let t = tempfile::Builder::new()
+                .prefix("isthmus-dev-")
+                .tempdir()
+                .context("cannot create a temporary data directory")?;
             let p = t.path().to_path_buf();
             _temp_dir = Some(t);
             p
@@ -112,14 +125,20 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send + '
     };
     ensure_dir(&data_dir)?;
 
-    let store: Arc<dyn Store> = match args.store {
-        StoreKind::Embedded => {
-            let path = data_dir.join(config::REGISTRY_FILE);
-            let opts = isthmus_store::StoreOptions { history: args.history, ..Default::default() };
-            Arc::new(RedbStore::open(&path, opts).with_context(|| format!("cannot open the registry store {}", path.display()))?)
-        }
-        StoreKind::Memory => Arc::new(MemStore::new()),
-    };
+    let store: Arc<dyn Store> =
+        match args.store {
+            StoreKind::Embedded => {
+                let path = data_dir.join(config::REGISTRY_FILE);
+                let opts = isthmus_store::StoreOptions {
+                    history: args.history,
+                    ..Default::default()
+                };
+                Arc::new(RedbStore::open(&path, opts).with_context(|| {
+                    format!("cannot open the registry store {}", path.display())
+                })?)
+            }
+            StoreKind::Memory => Arc::new(MemStore::new()),
+        };
     let (token, created) = admin_token(&data_dir)?;
     let registry = Registry::new(store.clone(), args.service_cidr, args.domain.clone());
     let metrics = Metrics::new();
@@ -135,7 +154,12 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send + '
     });
 
     let admin = bind(args.admin_addr, "admin API", "--admin-addr").await?;
-    let registration = bind(args.registration_addr, "registration API", "--registration-addr").await?;
+    let registration = bind(
+        args.registration_addr,
+        "registration API",
+        "--registration-addr",
+    )
+    .await?;
     let metrics_l = bind(args.metrics_addr, "metrics endpoint", "--metrics-addr").await?;
     let endpoints = Endpoints {
         admin: format!("http://{}", admin.local_addr()?),
@@ -143,7 +167,11 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send + '
         metrics: format!("http://{}", metrics_l.local_addr()?),
         pid: std::process::id(),
     };
-    write_atomic(&data_dir.join(config::ENDPOINTS_FILE), &serde_json::to_vec_pretty(&endpoints)?, 0o644)?;
+    write_atomic(
+        &data_dir.join(config::ENDPOINTS_FILE),
+        &serde_json::to_vec_pretty(&endpoints)?,
+        0o644,
+    )?;
 
     tracing::info!(
         data_dir = %data_dir.display(),
@@ -186,7 +214,10 @@ pub async fn run(args: ServerArgs, shutdown: impl Future<Output = ()> + Send + '
     state.ready.store(false, Ordering::Release);
     let _ = stop_tx.send(true);
     let drain = futures::future::join_all(tasks);
-    if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .is_err()
+    {
         tracing::warn!("some connections did not finish within 10s; closing them");
     }
     drop(store);
@@ -199,7 +230,10 @@ fn dev_banner(args: &ServerArgs, ep: &Endpoints, token: &str, data_dir: &Path) {
         String::new()
     } else {
         match write_client_config(&ep.admin, token) {
-            Ok(path) => format!("CLI config written to {} (the commands below use it)\n", path.display()),
+            Ok(path) => format!(
+                "CLI config written to {} (the commands below use it)\n",
+                path.display()
+            ),
             Err(e) => format!("could not write the CLI config ({e}); export the variables below\n"),
         }
     };
@@ -225,12 +259,18 @@ fn dev_banner(args: &ServerArgs, ep: &Endpoints, token: &str, data_dir: &Path) {
 }
 
 fn write_client_config(server: &str, token: &str) -> anyhow::Result<PathBuf> {
-    let path = isthmus_model::client_config::default_path().context("no HOME to write the config under")?;
+    let path = isthmus_model::client_config::default_path()
+        .context("no HOME to write the config under")?;
     if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
     }
-    let cfg = isthmus_model::client_config::ClientConfig { server: server.into(), token: token.into() };
+    let cfg = isthmus_model::client_config::ClientConfig {
+        server: server.into(),
+        token: token.into(),
+    };
     write_atomic(&path, &serde_json::to_vec_pretty(&cfg)?, 0o600)?;
     Ok(path)
 }
-

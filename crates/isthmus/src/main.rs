@@ -8,7 +8,8 @@ use isthmus_cli::args::LogFormat;
 use isthmus_cli::{Cli, Command};
 
 fn init_logging(format: LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -21,7 +22,10 @@ fn init_logging(format: LogFormat, filter: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -31,10 +35,18 @@ fn main() -> ExitCode {
     let result: anyhow::Result<()> = match cli.command {
         Command::Server(args) => {
             init_logging(cli.global.log_format, &cli.global.log_level);
-            runtime.block_on(isthmus_control_plane::server::run(args, isthmus_control_plane::server::shutdown_signal()))
+            runtime.block_on(isthmus_control_plane::server::run(
+                args,
+                isthmus_control_plane::server::shutdown_signal(),
+            ))
         }
         Command::Completion { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "isthmus", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "isthmus",
+                &mut std::io::stdout(),
+            );
             Ok(())
         }
         cmd => runtime

@@ -11,7 +11,13 @@ struct Api<'a> {
 }
 
 impl Api<'_> {
-    async fn call(&self, method: reqwest::Method, path: &str, ct: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        ct: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (u16, Value) {
         let resp = self
             .http
             .request(method, self.s.url(path))
@@ -23,11 +29,15 @@ impl Api<'_> {
             .unwrap();
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     async fn get(&self, path: &str) -> (u16, Value) {
-        self.call(reqwest::Method::GET, path, "application/json", "").await
+        self.call(reqwest::Method::GET, path, "application/json", "")
+            .await
     }
 
     async fn revision(&self) -> i64 {
@@ -37,14 +47,32 @@ impl Api<'_> {
 
     /// Asserts the request fails with `status` and a message containing `msg`, and that the
     /// store's revision did not move.
-    async fn refused(&self, method: reqwest::Method, path: &str, ct: &str, body: impl Into<reqwest::Body>, status: u16, msg: &str) {
+    async fn refused(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        ct: &str,
+        body: impl Into<reqwest::Body>,
+        status: u16,
+        msg: &str,
+    ) {
         let before = self.revision().await;
         let (got, v) = self.call(method, path, ct, body).await;
-        let message = v["error"]["message"].as_str().unwrap_or_default().to_string();
+        let message = v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         assert_eq!(got, status, "{path}: {v}");
-        assert!(message.contains(msg), "{path}: expected {msg:?} in {message:?}");
+        assert!(
+            message.contains(msg),
+            "{path}: expected {msg:?} in {message:?}"
+        );
         assert_eq!(v["error"]["code"], status);
-        assert_eq!(self.revision().await, before, "{path}: a refused request changed the store");
+        assert_eq!(
+            self.revision().await,
+            before,
+            "{path}: a refused request changed the store"
+        );
     }
 }
 
@@ -55,52 +83,232 @@ async fn malformed_requests_are_refused_and_change_nothing() {
     use reqwest::Method as M;
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(dir.path());
-    let api = Api { s: &s, http: reqwest::Client::new() };
-    let (st, _) = api.call(M::POST, "/api/v1/apply", "application/json", SVC).await;
+    let api = Api {
+        s: &s,
+        http: reqwest::Client::new(),
+    };
+    let (st, _) = api
+        .call(M::POST, "/api/v1/apply", "application/json", SVC)
+        .await;
     assert_eq!(st, 200);
 
-    api.refused(M::POST, "/api/v1/apply", "application/yaml", "kind: Service\nmetadata: {name: [\n", 400, "document 1: not valid YAML or JSON").await;
-    api.refused(M::POST, "/api/v1/apply", "application/json", "{\"kind\": ", 400, "not valid YAML or JSON").await;
-    api.refused(M::POST, "/api/v1/apply", "application/json", SVC.replace("\"port\":80", "\"port\":\"eighty\""), 400, "spec.ports[0].port: invalid type: string \"eighty\", expected u32").await;
-    api.refused(M::POST, "/api/v1/apply", "application/json", SVC.replace("\"ports\"", "\"portz\""), 400, "unknown field `portz`").await;
-    api.refused(M::POST, "/api/v1/apply", "application/json", SVC.replace("Service", "Pod"), 400, "unknown kind \"Pod\"").await;
-    api.refused(M::POST, "/api/v1/apply", "application/json", SVC.replace("\"port\":80", "\"port\":0"), 422, "spec.ports[0].port: \"0\" is out of range").await;
-    api.refused(M::POST, "/api/v1/apply", "application/json", SVC.replace("\"name\":\"web\"", "\"name\":\"Web!\""), 422, "metadata.name: \"Web!\"").await;
-    api.refused(M::POST, "/api/v1/apply", "application/json", vec![b' '; 2 * 1024 * 1024], 413, "request body is larger than 1024 KiB").await;
-    api.refused(M::PUT, "/api/v1/namespaces/other/services/web", "application/json", SVC, 400, "the body is Service shop/web but the URL names Service other/web").await;
-    api.refused(M::POST, "/api/v1/register", "application/json", r#"{"service":"db","ip":"10.0.0.1","ports":[3306]}"#, 400, "invalid request body at ports[0]: invalid type: integer `3306`, expected a string").await;
-    api.refused(M::POST, "/api/v1/register", "application/json", r#"{"service":"db","ip":"10.0.0.1"}"#, 400, "at least one port is needed").await;
-    api.refused(M::POST, "/api/v1/register", "application/json", r#"{"service":"db","ip":"10.0.0.1","ports":["1"],"color":"x"}"#, 400, "unknown field `color`").await;
-    api.refused(M::POST, "/api/v1/deregister", "application/json", r#"{"service":"web","namespace":"shop","ip":"10.9.9.9"}"#, 404, "endpoint 10.9.9.9 of service shop/web not found").await;
-    api.refused(M::GET, "/api/v1/pods", "application/json", "", 404, "unknown kind \"pods\"").await;
-    api.refused(M::GET, "/api/v1/services?labelSelector=a%20b%3Dc", "application/json", "", 400, "invalid label selector term \"a b=c\"").await;
-    api.refused(M::GET, "/api/v1/services?colour=red", "application/json", "", 400, "bad query parameters").await;
-    api.refused(M::GET, "/api/v2/things", "application/json", "", 404, "no route for GET /api/v2/things; the API is described at /openapi.yaml").await;
-    api.refused(M::DELETE, "/api/v1/namespaces/shop/services/nope", "application/json", "", 404, "Service shop/nope not found").await;
+    api.refused(
+        M::POST,
+        "/api/v1/apply",
+        "application/yaml",
+        "kind: Service\nmetadata: {name: [\n",
+        400,
+        "document 1: not valid YAML or JSON",
+    )
+    .await;
+    api.refused(
+        M::POST,
+        "/api/v1/apply",
+        "application/json",
+        "{\"kind\": ",
+        400,
+        "not valid YAML or JSON",
+    )
+    .await;
+    api.refused(
+        M::POST,
+        "/api/v1/apply",
+        "application/json",
+        SVC.replace("\"port\":80", "\"port\":\"eighty\""),
+        400,
+        "spec.ports[0].port: invalid type: string \"eighty\", expected u32",
+    )
+    .await;
+    api.refused(
+        M::POST,
+        "/api/v1/apply",
+        "application/json",
+        SVC.replace("\"ports\"", "\"portz\""),
+        400,
+        "unknown field `portz`",
+    )
+    .await;
+    api.refused(
+        M::POST,
+        "/api/v1/apply",
+        "application/json",
+        SVC.replace("Service", "Pod"),
+        400,
+        "unknown kind \"Pod\"",
+    )
+    .await;
+    api.refused(
+        M::POST,
+        "/api/v1/apply",
+        "application/json",
+        SVC.replace("\"port\":80", "\"port\":0"),
+        422,
+        "spec.ports[0].port: \"0\" is out of range",
+    )
+    .await;
+    api.refused(
+        M::POST,
+        "/api/v1/apply",
+        "application/json",
+        SVC.replace("\"name\":\"web\"", "\"name\":\"Web!\""),
+        422,
+        "metadata.name: \"Web!\"",
+    )
+    .await;
+    api.refused(
+        M::POST,
+        "/api/v1/apply",
+        "application/json",
+        vec![b' '; 2 * 1024 * 1024],
+        413,
+        "request body is larger than 1024 KiB",
+    )
+    .await;
+    api.refused(
+        M::PUT,
+        "/api/v1/namespaces/other/services/web",
+        "application/json",
+        SVC,
+        400,
+        "the body is Service shop/web but the URL names Service other/web",
+    )
+    .await;
+    api.refused(
+        M::POST,
+        "/api/v1/register",
+        "application/json",
+        r#"{"service":"db","ip":"10.0.0.1","ports":[3306]}"#,
+        400,
+        "invalid request body at ports[0]: invalid type: integer `3306`, expected a string",
+    )
+    .await;
+    api.refused(
+        M::POST,
+        "/api/v1/register",
+        "application/json",
+        r#"{"service":"db","ip":"10.0.0.1"}"#,
+        400,
+        "at least one port is needed",
+    )
+    .await;
+    api.refused(
+        M::POST,
+        "/api/v1/register",
+        "application/json",
+        r#"{"service":"db","ip":"10.0.0.1","ports":["1"],"color":"x"}"#,
+        400,
+        "unknown field `color`",
+    )
+    .await;
+    api.refused(
+        M::POST,
+        "/api/v1/deregister",
+        "application/json",
+        r#"{"service":"web","namespace":"shop","ip":"10.9.9.9"}"#,
+        404,
+        "endpoint 10.9.9.9 of service shop/web not found",
+    )
+    .await;
+    api.refused(
+        M::GET,
+        "/api/v1/pods",
+        "application/json",
+        "",
+        404,
+        "unknown kind \"pods\"",
+    )
+    .await;
+    api.refused(
+        M::GET,
+        "/api/v1/services?labelSelector=a%20b%3Dc",
+        "application/json",
+        "",
+        400,
+        "invalid label selector term \"a b=c\"",
+    )
+    .await;
+    api.refused(
+        M::GET,
+        "/api/v1/services?colour=red",
+        "application/json",
+        "",
+        400,
+        "bad query parameters",
+    )
+    .await;
+    api.refused(
+        M::GET,
+        "/api/v2/things",
+        "application/json",
+        "",
+        404,
+        "no route for GET /api/v2/things; the API is described at /openapi.yaml",
+    )
+    .await;
+    api.refused(
+        M::DELETE,
+        "/api/v1/namespaces/shop/services/nope",
+        "application/json",
+        "",
+        404,
+        "Service shop/nope not found",
+    )
+    .await;
 
     // Compare-and-swap: an update that names a stale resourceVersion is refused.
     let (_, cur) = api.get("/api/v1/namespaces/shop/services/web").await;
-    let rv = cur["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+    let rv = cur["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let mut stale = cur.clone();
     stale["metadata"]["resourceVersion"] = json!("1");
     stale["spec"]["ports"][0]["port"] = json!(81);
     if rv != "1" {
-        api.refused(M::PUT, "/api/v1/namespaces/shop/services/web", "application/json", stale.to_string(), 409, "was changed since resourceVersion 1").await;
+        api.refused(
+            M::PUT,
+            "/api/v1/namespaces/shop/services/web",
+            "application/json",
+            stale.to_string(),
+            409,
+            "was changed since resourceVersion 1",
+        )
+        .await;
     }
     let mut fresh = cur.clone();
     fresh["spec"]["ports"][0]["port"] = json!(81);
-    let (st, v) = api.call(M::PUT, "/api/v1/namespaces/shop/services/web", "application/json", fresh.to_string()).await;
+    let (st, v) = api
+        .call(
+            M::PUT,
+            "/api/v1/namespaces/shop/services/web",
+            "application/json",
+            fresh.to_string(),
+        )
+        .await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["spec"]["ports"][0]["port"], 81);
-    assert_eq!(v["status"]["vip"], cur["status"]["vip"], "an update keeps the VIP");
+    assert_eq!(
+        v["status"]["vip"], cur["status"]["vip"],
+        "an update keeps the VIP"
+    );
     assert_eq!(v["metadata"]["uid"], cur["metadata"]["uid"]);
 
     // Validation errors carry every field problem as details.
     let (st, v) = api
-        .call(M::POST, "/api/v1/apply", "application/json", SVC.replace("\"port\":80", "\"port\":70000,\"protocol\":\"SMTP\""))
+        .call(
+            M::POST,
+            "/api/v1/apply",
+            "application/json",
+            SVC.replace("\"port\":80", "\"port\":70000,\"protocol\":\"SMTP\""),
+        )
         .await;
     assert_eq!(st, 422);
-    let fields: Vec<&str> = v["error"]["details"].as_array().unwrap().iter().map(|d| d["field"].as_str().unwrap()).collect();
+    let fields: Vec<&str> = v["error"]["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["field"].as_str().unwrap())
+        .collect();
     assert_eq!(fields, ["spec.ports[0].port", "spec.ports[0].protocol"]);
 }
 
@@ -112,17 +320,35 @@ async fn authentication_is_required_on_the_api_only() {
     let r = http.get(s.url("/api/v1/services")).send().await.unwrap();
     assert_eq!(r.status(), 401);
     let v: Value = r.json().await.unwrap();
-    assert!(v["error"]["message"].as_str().unwrap().starts_with("missing bearer token"));
-    let r = http.get(s.url("/api/v1/services")).bearer_auth("nope").send().await.unwrap();
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("missing bearer token"));
+    let r = http
+        .get(s.url("/api/v1/services"))
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     let v: Value = r.json().await.unwrap();
-    assert!(v["error"]["message"].as_str().unwrap().starts_with("invalid admin token"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("invalid admin token"));
     for path in ["/healthz", "/readyz", "/metrics", "/openapi.yaml"] {
-        assert_eq!(http.get(s.url(path)).send().await.unwrap().status(), 200, "{path}");
+        assert_eq!(
+            http.get(s.url(path)).send().await.unwrap().status(),
+            200,
+            "{path}"
+        );
     }
     // The admin token file is owner-only.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(dir.path().join("admin-token")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(dir.path().join("admin-token"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
 }
 
@@ -130,28 +356,65 @@ async fn authentication_is_required_on_the_api_only() {
 async fn legacy_registration_api_matches_the_seeds() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(dir.path());
-    s.ok(&["register", "productpage", "10.60.1.4", "http:8080", "-n", "bookinfo", "-l", "version=v1"]);
+    s.ok(&[
+        "register",
+        "productpage",
+        "10.60.1.4",
+        "http:8080",
+        "-n",
+        "bookinfo",
+        "-l",
+        "version=v1",
+    ]);
     let http = reqwest::Client::new();
-    let all: Value = http.get(format!("{}/v1/registration", s.registration)).send().await.unwrap().json().await.unwrap();
-    assert_eq!(
-        all,
-        json!([{"service-key": "productpage.bookinfo.svc.cluster.local|http",
-                "hosts": [{"ip_address": "10.60.1.4", "port": 8080, "tags": {"version": "v1"}}]}])
-    );
-    let one: Value = http
-        .get(format!("{}/v1/registration/productpage.bookinfo.svc.cluster.local%7Chttp", s.registration))
+    let all: Value = http
+        .get(format!("{}/v1/registration", s.registration))
         .send()
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
-    assert_eq!(one, json!({"hosts": [{"ip_address": "10.60.1.4", "port": 8080, "tags": {"version": "v1"}}]}));
-    let r = http.get(format!("{}/v1/registration/nope.x.svc.cluster.local%7Chttp", s.registration)).send().await.unwrap();
+    assert_eq!(
+        all,
+        json!([{"service-key": "productpage.bookinfo.svc.cluster.local|http",
+                "hosts": [{"ip_address": "10.60.1.4", "port": 8080, "tags": {"version": "v1"}}]}])
+    );
+    let one: Value = http
+        .get(format!(
+            "{}/v1/registration/productpage.bookinfo.svc.cluster.local%7Chttp",
+            s.registration
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        one,
+        json!({"hosts": [{"ip_address": "10.60.1.4", "port": 8080, "tags": {"version": "v1"}}]})
+    );
+    let r = http
+        .get(format!(
+            "{}/v1/registration/nope.x.svc.cluster.local%7Chttp",
+            s.registration
+        ))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
-    let r = http.get(format!("{}/v1/registration/no-port-name", s.registration)).send().await.unwrap();
+    let r = http
+        .get(format!("{}/v1/registration/no-port-name", s.registration))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
-    let r = http.post(format!("{}/v1/registration", s.registration)).send().await.unwrap();
+    let r = http
+        .post(format!("{}/v1/registration", s.registration))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 405);
 }
 
@@ -161,11 +424,30 @@ async fn metrics_count_requests_and_resources() {
     let s = Server::start(dir.path());
     s.ok(&["register", "a", "10.0.0.1", "80"]);
     s.ok(&["register", "b", "10.0.0.2", "80"]);
-    let text = reqwest::get(format!("{}/metrics", s.metrics)).await.unwrap().text().await.unwrap();
-    let line = |prefix: &str| text.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix} in\n{text}")).to_string();
-    assert_eq!(line("isthmus_registry_resources{kind=\"Service\"}"), "isthmus_registry_resources{kind=\"Service\"} 2");
-    assert_eq!(line("isthmus_registry_resources{kind=\"WorkloadEntry\"}"), "isthmus_registry_resources{kind=\"WorkloadEntry\"} 2");
-    assert_eq!(line("isthmus_registry_revision "), "isthmus_registry_revision 2");
+    let text = reqwest::get(format!("{}/metrics", s.metrics))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = |prefix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+            .to_string()
+    };
+    assert_eq!(
+        line("isthmus_registry_resources{kind=\"Service\"}"),
+        "isthmus_registry_resources{kind=\"Service\"} 2"
+    );
+    assert_eq!(
+        line("isthmus_registry_resources{kind=\"WorkloadEntry\"}"),
+        "isthmus_registry_resources{kind=\"WorkloadEntry\"} 2"
+    );
+    assert_eq!(
+        line("isthmus_registry_revision "),
+        "isthmus_registry_revision 2"
+    );
     assert!(line("isthmus_http_requests_total{api=\"admin\",method=\"POST\",route=\"/api/v1/register\",code=\"200\"}").ends_with(" 2"));
     assert!(text.contains("isthmus_http_request_duration_seconds_bucket"));
 }
@@ -179,7 +461,9 @@ async fn watch_streams_and_resumes() {
     s.ok(&["register", "a", "10.0.0.1", "80"]);
     let http = reqwest::Client::new();
     let open = |last: Option<i64>| {
-        let mut req = http.get(s.url("/api/v1/watch?kind=services")).bearer_auth(&s.token);
+        let mut req = http
+            .get(s.url("/api/v1/watch?kind=services"))
+            .bearer_auth(&s.token);
         if let Some(l) = last {
             req = req.header("last-event-id", l.to_string());
         }
@@ -200,11 +484,28 @@ async fn watch_streams_and_resumes() {
     let mut events = sse(open(Some(seen)).await.unwrap());
     let e1 = events.next_event().await;
     let e2 = events.next_event().await;
-    assert_eq!((e1["type"].as_str(), e1["object"]["metadata"]["name"].as_str()), (Some("ADDED"), Some("b")));
-    assert_eq!((e2["type"].as_str(), e2["object"]["metadata"]["name"].as_str()), (Some("DELETED"), Some("a")));
+    assert_eq!(
+        (
+            e1["type"].as_str(),
+            e1["object"]["metadata"]["name"].as_str()
+        ),
+        (Some("ADDED"), Some("b"))
+    );
+    assert_eq!(
+        (
+            e2["type"].as_str(),
+            e2["object"]["metadata"]["name"].as_str()
+        ),
+        (Some("DELETED"), Some("a"))
+    );
     assert!(e1["revision"].as_i64() < e2["revision"].as_i64());
 
-    let r = http.get(s.url("/api/v1/watch?revision=abc")).bearer_auth(&s.token).send().await.unwrap();
+    let r = http
+        .get(s.url("/api/v1/watch?revision=abc"))
+        .bearer_auth(&s.token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
 }
 
@@ -217,7 +518,10 @@ mod futures_lite {
     }
 
     pub fn sse(resp: reqwest::Response) -> Sse {
-        Sse { resp, buf: String::new() }
+        Sse {
+            resp,
+            buf: String::new(),
+        }
     }
 
     impl Sse {

@@ -30,24 +30,62 @@ fn register_is_idempotent_and_deregister_cleans_up() {
     let s = Server::start(dir.path());
 
     let out = s.ok(&["register", "mysql", "10.0.0.5", "3306", "-n", "onprem"]);
-    assert!(out.contains("Service onprem/mysql created (mysql.onprem.svc.cluster.local, VIP 10.96."), "{out}");
-    assert!(out.contains("WorkloadEntry onprem/mysql-10-0-0-5 created"), "{out}");
+    assert!(
+        out.contains("Service onprem/mysql created (mysql.onprem.svc.cluster.local, VIP 10.96."),
+        "{out}"
+    );
+    assert!(
+        out.contains("WorkloadEntry onprem/mysql-10-0-0-5 created"),
+        "{out}"
+    );
     let again = s.ok(&["register", "mysql", "10.0.0.5", "3306", "-n", "onprem"]);
-    assert!(again.contains("Service onprem/mysql unchanged") && again.contains("mysql-10-0-0-5 unchanged"), "{again}");
+    assert!(
+        again.contains("Service onprem/mysql unchanged")
+            && again.contains("mysql-10-0-0-5 unchanged"),
+        "{again}"
+    );
 
     // Same ip with a new label updates the entry rather than adding a second one.
-    let upd = s.ok(&["register", "mysql", "10.0.0.5", "3306", "-n", "onprem", "-l", "tier=db"]);
+    let upd = s.ok(&[
+        "register", "mysql", "10.0.0.5", "3306", "-n", "onprem", "-l", "tier=db",
+    ]);
     assert!(upd.contains("mysql-10-0-0-5 updated"), "{upd}");
-    s.ok(&["register", "mysql", "10.0.0.6", "mysql:3306", "-n", "onprem", "-s", "dba"]);
+    s.ok(&[
+        "register",
+        "mysql",
+        "10.0.0.6",
+        "mysql:3306",
+        "-n",
+        "onprem",
+        "-s",
+        "dba",
+    ]);
 
     let table = s.ok(&["get", "workloads", "-n", "onprem"]);
     assert_eq!(table.lines().count(), 3, "{table}");
-    assert!(table.lines().any(|l| l.starts_with("mysql-10-0-0-6") && l.contains("dba") && l.contains("HEALTHY")), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("mysql-10-0-0-6") && l.contains("dba") && l.contains("HEALTHY")),
+        "{table}"
+    );
     let svcs = s.ok(&["get", "services", "-A"]);
     let row = svcs.lines().find(|l| l.starts_with("onprem")).unwrap();
-    assert!(row.contains("mysql:3306/MYSQL") && row.split_whitespace().nth(4) == Some("2"), "{svcs}");
+    assert!(
+        row.contains("mysql:3306/MYSQL") && row.split_whitespace().nth(4) == Some("2"),
+        "{svcs}"
+    );
 
-    let sel = s.ok(&["get", "workloads", "-n", "onprem", "-l", "tier=db", "-o", "json"]);
+    let sel = s.ok(&[
+        "get",
+        "workloads",
+        "-n",
+        "onprem",
+        "-l",
+        "tier=db",
+        "-o",
+        "json",
+    ]);
     let v: serde_json::Value = serde_json::from_str(&sel).unwrap();
     assert_eq!(v["items"].as_array().unwrap().len(), 1);
     assert_eq!(v["items"][0]["spec"]["address"], "10.0.0.5");
@@ -55,9 +93,14 @@ fn register_is_idempotent_and_deregister_cleans_up() {
     // The seeds' registration API shows both endpoints.
     let out = s.ok(&["deregister", "mysql", "10.0.0.5", "-n", "onprem"]);
     assert_eq!(out, "WorkloadEntry onprem/mysql-10-0-0-5 deleted\n");
-    assert!(s.ok(&["get", "svc", "mysql", "-n", "onprem"]).contains("mysql"));
+    assert!(s
+        .ok(&["get", "svc", "mysql", "-n", "onprem"])
+        .contains("mysql"));
     let out = s.ok(&["deregister", "mysql", "10.0.0.6", "-n", "onprem"]);
-    assert!(out.contains("Service onprem/mysql deleted (no endpoint left)"), "{out}");
+    assert!(
+        out.contains("Service onprem/mysql deleted (no endpoint left)"),
+        "{out}"
+    );
     let err = s.fails(&["get", "svc", "mysql", "-n", "onprem"]);
     assert_eq!(err, "error: Service onprem/mysql not found\n");
     let err = s.fails(&["deregister", "mysql", "10.0.0.6", "-n", "onprem"]);
@@ -68,23 +111,54 @@ fn register_is_idempotent_and_deregister_cleans_up() {
 fn register_port_names_and_conflicts() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(dir.path());
-    s.ok(&["register", "web", "10.0.0.7", "80", "443", "grpc:9090", "9999", "-n", "shop"]);
+    s.ok(&[
+        "register",
+        "web",
+        "10.0.0.7",
+        "80",
+        "443",
+        "grpc:9090",
+        "9999",
+        "-n",
+        "shop",
+    ]);
     let y = s.ok(&["get", "svc", "web", "-n", "shop", "-o", "yaml"]);
-    for want in ["name: http\n    port: 80\n    protocol: HTTP", "name: https\n    port: 443", "name: grpc\n    port: 9090\n    protocol: GRPC", "name: '9999'"] {
+    for want in [
+        "name: http\n    port: 80\n    protocol: HTTP",
+        "name: https\n    port: 443",
+        "name: grpc\n    port: 9090\n    protocol: GRPC",
+        "name: '9999'",
+    ] {
         assert!(y.contains(want), "missing {want:?} in\n{y}");
     }
     let err = s.fails(&["register", "web", "10.0.0.8", "http:8081", "-n", "shop"]);
-    assert!(err.contains("service shop/web already has port \"http\" = 80"), "{err}");
+    assert!(
+        err.contains("service shop/web already has port \"http\" = 80"),
+        "{err}"
+    );
     let err = s.fails(&["register", "web", "10.0.0.8", "http:99999", "-n", "shop"]);
-    assert!(err.contains("port \"http:99999\" is not a port number from 1 to 65535"), "{err}");
+    assert!(
+        err.contains("port \"http:99999\" is not a port number from 1 to 65535"),
+        "{err}"
+    );
     let err = s.fails(&["register", "web", "10.0.0.300", "80", "-n", "shop"]);
-    assert_eq!(err, "error: IP \"10.0.0.300\" is not an IPv4 or IPv6 address\n");
+    assert_eq!(
+        err,
+        "error: IP \"10.0.0.300\" is not an IPv4 or IPv6 address\n"
+    );
     let err = s.fails(&["register", "Web", "10.0.0.8", "80"]);
-    assert!(err.contains("service name \"Web\" must consist of lower-case"), "{err}");
+    assert!(
+        err.contains("service name \"Web\" must consist of lower-case"),
+        "{err}"
+    );
     let err = s.fails(&["register", "web", "10.0.0.8", "80", "-l", "novalue"]);
-    assert!(err.contains("--labels \"novalue\" must be KEY=VALUE"), "{err}");
+    assert!(
+        err.contains("--labels \"novalue\" must be KEY=VALUE"),
+        "{err}"
+    );
     // Nothing of the refused registrations was written.
-    let v: serde_json::Value = serde_json::from_str(&s.ok(&["get", "we", "-A", "-o", "json"])).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&s.ok(&["get", "we", "-A", "-o", "json"])).unwrap();
     assert_eq!(v["items"].as_array().unwrap().len(), 1);
 }
 
@@ -108,7 +182,10 @@ fn apply_reports_changes_and_is_all_or_nothing() {
     let wide = s.ok(&["get", "svc", "-n", "bookinfo", "-o", "wide"]);
     assert!(wide.contains("app=reviews"), "{wide}");
     let groups = s.ok(&["get", "groups", "-n", "bookinfo"]);
-    assert!(groups.contains("http-get :9080/health every 5s"), "{groups}");
+    assert!(
+        groups.contains("http-get :9080/health every 5s"),
+        "{groups}"
+    );
 
     // A bad third document: nothing of the first two is written.
     let bad = format!(
@@ -121,15 +198,27 @@ fn apply_reports_changes_and_is_all_or_nothing() {
     assert!(err.contains("document 2: WorkloadEntry bookinfo/bad is invalid: spec.address: \"not-an-ip\" is not an IPv4 or IPv6 address"), "{err}");
     s.fails(&["get", "svc", "ratings", "-n", "bookinfo"]);
 
-    let out = s.cli_stdin(&["apply", "-f", "-"], Some("apiVersion: v1\nkind: Service\nmetadata: {name: [\n"));
+    let out = s.cli_stdin(
+        &["apply", "-f", "-"],
+        Some("apiVersion: v1\nkind: Service\nmetadata: {name: [\n"),
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("document 1: not valid YAML or JSON"));
     let err = s.fails(&["apply", "-f", "/nonexistent/file.yaml"]);
-    assert!(err.starts_with("error: cannot read /nonexistent/file.yaml: No such file"), "{err}");
+    assert!(
+        err.starts_with("error: cannot read /nonexistent/file.yaml: No such file"),
+        "{err}"
+    );
 
-    assert_eq!(s.ok(&["delete", "wg", "reviews", "-n", "bookinfo"]), "WorkloadGroup bookinfo/reviews deleted\n");
+    assert_eq!(
+        s.ok(&["delete", "wg", "reviews", "-n", "bookinfo"]),
+        "WorkloadGroup bookinfo/reviews deleted\n"
+    );
     let err = s.fails(&["delete", "wg", "reviews", "-n", "bookinfo"]);
     assert_eq!(err, "error: WorkloadGroup bookinfo/reviews not found\n");
-    assert_eq!(s.ok(&["get", "groups", "-n", "bookinfo"]), "No workloadgroups found in namespace bookinfo.\n");
+    assert_eq!(
+        s.ok(&["get", "groups", "-n", "bookinfo"]),
+        "No workloadgroups found in namespace bookinfo.\n"
+    );
 }
 
 #[test]
@@ -145,12 +234,23 @@ fn connection_errors_say_what_to_do() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid admin token"));
 
     let out = std::process::Command::new(BIN)
-        .args(["get", "svc", "--server", "http://127.0.0.1:1", "--token", "x"])
+        .args([
+            "get",
+            "svc",
+            "--server",
+            "http://127.0.0.1:1",
+            "--token",
+            "x",
+        ])
         .env("XDG_CONFIG_HOME", s.home.path())
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot reach the control plane at http://127.0.0.1:1") && err.contains("is `isthmus server` running"), "{err}");
+    assert!(
+        err.contains("cannot reach the control plane at http://127.0.0.1:1")
+            && err.contains("is `isthmus server` running"),
+        "{err}"
+    );
 
     let out = std::process::Command::new(BIN)
         .args(["get", "svc"])
@@ -160,13 +260,20 @@ fn connection_errors_say_what_to_do() {
         .output()
         .unwrap();
     if !std::path::Path::new("/var/lib/isthmus/admin-token").exists() {
-        assert!(String::from_utf8_lossy(&out.stderr).contains("no admin token"), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("no admin token"),
+            "{out:?}"
+        );
     }
 
     // A config file, as --dev writes it, is enough on its own.
     let cfg = s.home.path().join("isthmus");
     std::fs::create_dir_all(&cfg).unwrap();
-    std::fs::write(cfg.join("config.json"), format!("{{\"server\":\"{}\",\"token\":\"{}\"}}", s.admin, s.token)).unwrap();
+    std::fs::write(
+        cfg.join("config.json"),
+        format!("{{\"server\":\"{}\",\"token\":\"{}\"}}", s.admin, s.token),
+    )
+    .unwrap();
     let out = std::process::Command::new(BIN)
         .args(["get", "svc", "-A"])
         .env("XDG_CONFIG_HOME", s.home.path())
@@ -183,7 +290,10 @@ fn connection_errors_say_what_to_do() {
         .env_remove("ISTHMUS_SERVER")
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("config.json is unreadable"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("config.json is unreadable"),
+        "{out:?}"
+    );
     assert!(s.fails(&["get", "pods"]).contains("unknown kind \"pods\""));
 }
 
@@ -203,31 +313,61 @@ fn get_watch_prints_changes() {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             let _ = tx.send(line);
         }
     });
     let next = || {
-        let line = rx.recv_timeout(std::time::Duration::from_secs(15)).expect("a watch event");
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(15))
+            .expect("a watch event");
         serde_json::from_str::<serde_json::Value>(&line).unwrap()
     };
     let first = next();
-    assert_eq!((first["type"].as_str(), first["object"]["metadata"]["name"].as_str()), (Some("ADDED"), Some("a")));
+    assert_eq!(
+        (
+            first["type"].as_str(),
+            first["object"]["metadata"]["name"].as_str()
+        ),
+        (Some("ADDED"), Some("a"))
+    );
     s.ok(&["register", "b", "10.0.0.2", "80"]);
     let ev = next();
-    assert_eq!((ev["type"].as_str(), ev["object"]["metadata"]["name"].as_str()), (Some("ADDED"), Some("b")));
+    assert_eq!(
+        (
+            ev["type"].as_str(),
+            ev["object"]["metadata"]["name"].as_str()
+        ),
+        (Some("ADDED"), Some("b"))
+    );
     s.ok(&["deregister", "a", "10.0.0.1"]);
     let ev = next();
-    assert_eq!((ev["type"].as_str(), ev["object"]["metadata"]["name"].as_str()), (Some("DELETED"), Some("a")));
+    assert_eq!(
+        (
+            ev["type"].as_str(),
+            ev["object"]["metadata"]["name"].as_str()
+        ),
+        (Some("DELETED"), Some("a"))
+    );
     let _ = child.kill();
     let _ = child.wait();
 }
 
 #[test]
 fn completion_and_help() {
-    let out = std::process::Command::new(BIN).args(["completion", "bash"]).output().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["completion", "bash"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("_isthmus()"));
-    let out = std::process::Command::new(BIN).args(["register", "--help"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("isthmus register mysql 10.0.0.5 3306 -n onprem"));
+    let out = std::process::Command::new(BIN)
+        .args(["register", "--help"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains("isthmus register mysql 10.0.0.5 3306 -n onprem"));
 }

@@ -43,17 +43,40 @@ async fn restart_keeps_everything_and_vips_are_never_reused() {
 
     let s = Server::start(dir.path());
     let after = s.ok(&["get", "svc", "mysql", "-n", "onprem", "-o", "json"]);
-    assert_eq!(before, after, "the service, its VIP, uid and resourceVersion are unchanged");
+    assert_eq!(
+        before, after,
+        "the service, its VIP, uid and resourceVersion are unchanged"
+    );
     let http = reqwest::Client::new();
-    let reg: Value = http.get(format!("{}/v1/registration", s.registration)).send().await.unwrap().json().await.unwrap();
+    let reg: Value = http
+        .get(format!("{}/v1/registration", s.registration))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(reg[0]["hosts"][0]["ip_address"], "10.0.0.5");
 
     for i in 0..50 {
-        s.ok(&["register", &format!("svc-{i}"), &format!("10.1.0.{i}"), "80"]);
+        s.ok(&[
+            "register",
+            &format!("svc-{i}"),
+            &format!("10.1.0.{i}"),
+            "80",
+        ]);
     }
-    let vips: Vec<String> = list(&s, &http, "services").await.iter().map(|v| v["status"]["vip"].as_str().unwrap().to_string()).collect();
+    let vips: Vec<String> = list(&s, &http, "services")
+        .await
+        .iter()
+        .map(|v| v["status"]["vip"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(vips.len(), 51);
-    assert_eq!(vips.iter().collect::<HashSet<_>>().len(), 51, "a VIP was handed out twice: {vips:?}");
+    assert_eq!(
+        vips.iter().collect::<HashSet<_>>().len(),
+        51,
+        "a VIP was handed out twice: {vips:?}"
+    );
 }
 
 #[tokio::test]
@@ -63,7 +86,14 @@ async fn second_server_on_the_same_data_dir_is_refused() {
     let out = std::process::Command::new(BIN)
         .args(["server", "--data-dir"])
         .arg(dir.path())
-        .args(["--admin-addr", "127.0.0.1:0", "--registration-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+        .args([
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--registration-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -73,9 +103,17 @@ async fn second_server_on_the_same_data_dir_is_refused() {
 
 #[tokio::test]
 async fn bad_server_flags_name_the_problem() {
-    let out = std::process::Command::new(BIN).args(["server", "--dev", "--service-cidr", "10.0.0.0/31"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--service-cidr 10.0.0.0/31 is too small"));
-    let out = std::process::Command::new(BIN).args(["server", "--dev", "--domain", "Bad_Domain"]).output().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["server", "--dev", "--service-cidr", "10.0.0.0/31"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--service-cidr 10.0.0.0/31 is too small")
+    );
+    let out = std::process::Command::new(BIN)
+        .args(["server", "--dev", "--domain", "Bad_Domain"])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("--domain \"Bad_Domain\""));
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
@@ -83,11 +121,22 @@ async fn bad_server_flags_name_the_problem() {
     let out = std::process::Command::new(BIN)
         .args(["server", "--data-dir"])
         .arg(dir.path())
-        .args(["--admin-addr", &addr, "--registration-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+        .args([
+            "--admin-addr",
+            &addr,
+            "--registration-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("cannot listen on {addr} for the admin API")) && err.contains("--admin-addr"), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on {addr} for the admin API"))
+            && err.contains("--admin-addr"),
+        "{err}"
+    );
 }
 
 /// Registers in a loop, SIGKILLs the server at a random moment, restarts it, and checks that
@@ -95,7 +144,10 @@ async fn bad_server_flags_name_the_problem() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_loses_no_acknowledged_registration_and_leaves_nothing_partial() {
     let dir = tempfile::tempdir().unwrap();
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
     let mut acked: BTreeMap<String, String> = BTreeMap::new(); // service -> ip
     let mut next = 0usize;
     let rounds = 6;
@@ -135,33 +187,64 @@ async fn sigkill_loses_no_acknowledged_registration_and_leaves_nothing_partial()
             acked.extend(w.await.unwrap());
         }
         next += 40_000;
-        eprintln!("round {round}: {} acknowledged registrations so far", acked.len());
+        eprintln!(
+            "round {round}: {} acknowledged registrations so far",
+            acked.len()
+        );
     }
     let s = Server::start(dir.path());
     check(&s, &http, &acked).await;
-    assert!(acked.len() > 20, "the test made too few registrations to mean anything: {}", acked.len());
+    assert!(
+        acked.len() > 20,
+        "the test made too few registrations to mean anything: {}",
+        acked.len()
+    );
 }
 
 async fn check(s: &Server, http: &reqwest::Client, acked: &BTreeMap<String, String>) {
     let services = list(s, http, "services").await;
     let entries = list(s, http, "workloadentries").await;
-    let svc_names: HashSet<String> = services.iter().map(|v| v["metadata"]["name"].as_str().unwrap().to_string()).collect();
+    let svc_names: HashSet<String> = services
+        .iter()
+        .map(|v| v["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
     let entry_of: BTreeMap<String, String> = entries
         .iter()
-        .map(|e| (e["spec"]["services"][0].as_str().unwrap().to_string(), e["spec"]["address"].as_str().unwrap().to_string()))
+        .map(|e| {
+            (
+                e["spec"]["services"][0].as_str().unwrap().to_string(),
+                e["spec"]["address"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     for (svc, ip) in acked {
-        assert!(svc_names.contains(svc), "acknowledged service {svc} is missing after SIGKILL");
-        assert_eq!(entry_of.get(svc), Some(ip), "acknowledged endpoint {ip} of {svc} is missing");
+        assert!(
+            svc_names.contains(svc),
+            "acknowledged service {svc} is missing after SIGKILL"
+        );
+        assert_eq!(
+            entry_of.get(svc),
+            Some(ip),
+            "acknowledged endpoint {ip} of {svc} is missing"
+        );
     }
     // No partial registration: each service has its entry and each entry its service, and
     // every service has its own VIP.
     for svc in &svc_names {
-        assert!(entry_of.contains_key(svc), "service {svc} exists without its endpoint (partial write)");
+        assert!(
+            entry_of.contains_key(svc),
+            "service {svc} exists without its endpoint (partial write)"
+        );
     }
     for svc in entry_of.keys() {
-        assert!(svc_names.contains(svc), "endpoint of {svc} exists without its service (partial write)");
+        assert!(
+            svc_names.contains(svc),
+            "endpoint of {svc} exists without its service (partial write)"
+        );
     }
-    let vips: HashSet<&str> = services.iter().map(|v| v["status"]["vip"].as_str().unwrap()).collect();
+    let vips: HashSet<&str> = services
+        .iter()
+        .map(|v| v["status"]["vip"].as_str().unwrap())
+        .collect();
     assert_eq!(vips.len(), services.len(), "two services share a VIP");
 }

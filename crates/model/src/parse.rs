@@ -48,10 +48,11 @@ pub fn parse_documents(text: &str) -> Result<Vec<Resource>, ParseError> {
 
 /// Parses one JSON document (an admin API request body) into a validated resource.
 pub fn parse_json(bytes: &[u8]) -> Result<Resource, ParseError> {
-    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| ParseError::Syntax {
-        doc: 1,
-        message: e.to_string(),
-    })?;
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| ParseError::Syntax {
+            doc: 1,
+            message: e.to_string(),
+        })?;
     from_value(1, value)
 }
 
@@ -61,9 +62,12 @@ fn from_value(doc: usize, mut value: serde_json::Value) -> Result<Resource, Pars
         field: field.to_string(),
         message,
     };
-    let obj = value
-        .as_object_mut()
-        .ok_or_else(|| field_err("(document)", "expected a mapping with apiVersion, kind, metadata and spec".into()))?;
+    let obj = value.as_object_mut().ok_or_else(|| {
+        field_err(
+            "(document)",
+            "expected a mapping with apiVersion, kind, metadata and spec".into(),
+        )
+    })?;
     let kind_str = match obj.get("kind") {
         Some(serde_json::Value::String(s)) => s.clone(),
         Some(other) => return Err(field_err("kind", format!("expected a string, got {other}"))),
@@ -76,11 +80,14 @@ fn from_value(doc: usize, mut value: serde_json::Value) -> Result<Resource, Pars
         .ok_or_else(|| {
             field_err(
                 "kind",
-                format!("unknown kind {kind_str:?} (expected Service, WorkloadEntry or WorkloadGroup)"),
+                format!(
+                    "unknown kind {kind_str:?} (expected Service, WorkloadEntry or WorkloadGroup)"
+                ),
             )
         })?;
     match obj.get("apiVersion") {
-        Some(serde_json::Value::String(v)) if kind.accepted_api_versions().contains(&v.as_str()) => {}
+        Some(serde_json::Value::String(v))
+            if kind.accepted_api_versions().contains(&v.as_str()) => {}
         Some(serde_json::Value::String(v)) => {
             return Err(field_err(
                 "apiVersion",
@@ -121,7 +128,11 @@ fn typed<S: DeserializeOwned, St: DeserializeOwned + Default>(
         let path = e.path().to_string();
         ParseError::Field {
             doc,
-            field: if path == "." { "(document)".into() } else { path },
+            field: if path == "." {
+                "(document)".into()
+            } else {
+                path
+            },
             message: e.into_inner().to_string(),
         }
     })

@@ -70,7 +70,9 @@ impl fmt::Display for Kind {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("unknown kind {0:?} (expected services, workloadentries or workloadgroups, or svc, we, wg)")]
+#[error(
+    "unknown kind {0:?} (expected services, workloadentries or workloadgroups, or svc, we, wg)"
+)]
 pub struct UnknownKind(pub String);
 
 impl FromStr for Kind {
@@ -420,12 +422,16 @@ impl WorkloadEntry {
         if self.metadata.namespace != svc.metadata.namespace {
             return false;
         }
-        if self.spec.services.iter().any(|s| *s == svc.metadata.name) {
+        if self.spec.services.contains(&svc.metadata.name) {
             return true;
         }
         match &svc.spec.selector {
             Some(sel) if !sel.is_empty() => sel.iter().all(|(k, v)| {
-                self.spec.labels.get(k).or_else(|| self.metadata.labels.get(k)) == Some(v)
+                self.spec
+                    .labels
+                    .get(k)
+                    .or_else(|| self.metadata.labels.get(k))
+                    == Some(v)
             }),
             _ => false,
         }
@@ -438,15 +444,25 @@ impl<'de> Deserialize<'de> for Resource {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;
         let v = serde_json::Value::deserialize(d)?;
-        let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
+        let kind = v
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or_default()
+            .to_string();
         let kind = Kind::ALL
             .into_iter()
             .find(|k| k.as_str() == kind)
             .ok_or_else(|| D::Error::custom(format!("unknown kind {kind:?}")))?;
         Ok(match kind {
-            Kind::Service => Resource::Service(serde_json::from_value(v).map_err(D::Error::custom)?),
-            Kind::WorkloadEntry => Resource::WorkloadEntry(serde_json::from_value(v).map_err(D::Error::custom)?),
-            Kind::WorkloadGroup => Resource::WorkloadGroup(serde_json::from_value(v).map_err(D::Error::custom)?),
+            Kind::Service => {
+                Resource::Service(serde_json::from_value(v).map_err(D::Error::custom)?)
+            }
+            Kind::WorkloadEntry => {
+                Resource::WorkloadEntry(serde_json::from_value(v).map_err(D::Error::custom)?)
+            }
+            Kind::WorkloadGroup => {
+                Resource::WorkloadGroup(serde_json::from_value(v).map_err(D::Error::custom)?)
+            }
         })
     }
 }

@@ -30,9 +30,15 @@ impl LabelSelector {
                 if s.trim().is_empty() {
                     continue;
                 }
-                return Err(SelectorError { term: raw.into(), reason: "empty term" });
+                return Err(SelectorError {
+                    term: raw.into(),
+                    reason: "empty term",
+                });
             }
-            let err = |reason| SelectorError { term: raw.into(), reason };
+            let err = |reason| SelectorError {
+                term: raw.into(),
+                reason,
+            };
             let check_key = |k: &str| -> Result<String, SelectorError> {
                 let k = k.trim();
                 if crate::validate::label_key_problem(k).is_some() {
@@ -98,7 +104,10 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]

@@ -42,7 +42,12 @@ impl fmt::Display for ValidationError {
 struct Errors(Vec<FieldError>);
 
 impl Errors {
-    fn add(&mut self, field: impl Into<String>, value: impl fmt::Display, message: impl Into<String>) {
+    fn add(
+        &mut self,
+        field: impl Into<String>,
+        value: impl fmt::Display,
+        message: impl Into<String>,
+    ) {
         self.0.push(FieldError {
             field: field.into(),
             value: value.to_string(),
@@ -65,8 +70,13 @@ pub fn dns_label_problem(s: &str) -> Option<String> {
     if s.len() > 63 {
         return Some(format!("is {} characters long; the limit is 63", s.len()));
     }
-    if !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
-        return Some("must consist of lower-case letters, digits and '-' (a DNS-1123 label)".into());
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Some(
+            "must consist of lower-case letters, digits and '-' (a DNS-1123 label)".into(),
+        );
     }
     if s.starts_with('-') || s.ends_with('-') {
         return Some("must start and end with a letter or digit".into());
@@ -130,24 +140,44 @@ fn port_problem(p: u32) -> Option<String> {
 
 fn check_labels(errs: &mut Errors, path: &str, labels: &BTreeMap<String, String>) {
     for (k, v) in labels {
-        errs.check(&format!("{path}[{k}]"), k, label_key_problem(k).map(|p| format!("label key {p}")));
-        errs.check(&format!("{path}[{k}]"), v, label_value_problem(v).map(|p| format!("label value {p}")));
+        errs.check(
+            &format!("{path}[{k}]"),
+            k,
+            label_key_problem(k).map(|p| format!("label key {p}")),
+        );
+        errs.check(
+            &format!("{path}[{k}]"),
+            v,
+            label_value_problem(v).map(|p| format!("label value {p}")),
+        );
     }
 }
 
 fn check_annotations(errs: &mut Errors, path: &str, ann: &BTreeMap<String, String>) {
     for k in ann.keys() {
-        errs.check(&format!("{path}[{k}]"), k, label_key_problem(k).map(|p| format!("annotation key {p}")));
+        errs.check(
+            &format!("{path}[{k}]"),
+            k,
+            label_key_problem(k).map(|p| format!("annotation key {p}")),
+        );
     }
     let size: usize = ann.iter().map(|(k, v)| k.len() + v.len()).sum();
     if size > 256 * 1024 {
-        errs.add(path, format!("{size} bytes"), "annotations may total at most 256 KiB");
+        errs.add(
+            path,
+            format!("{size} bytes"),
+            "annotations may total at most 256 KiB",
+        );
     }
 }
 
 fn check_port_map(errs: &mut Errors, path: &str, ports: &BTreeMap<String, u32>) {
     for (name, p) in ports {
-        errs.check(&format!("{path}[{name}]"), name, dns_label_problem(name).map(|m| format!("port name {m}")));
+        errs.check(
+            &format!("{path}[{name}]"),
+            name,
+            dns_label_problem(name).map(|m| format!("port name {m}")),
+        );
         errs.check(&format!("{path}[{name}]"), &p.to_string(), port_problem(*p));
     }
 }
@@ -160,7 +190,11 @@ pub fn validate(r: &Resource) -> Result<(), ValidationError> {
         Resource::Service(_) => errs.check("metadata.name", &m.name, dns_label_problem(&m.name)),
         _ => errs.check("metadata.name", &m.name, dns_subdomain_problem(&m.name)),
     }
-    errs.check("metadata.namespace", &m.namespace, dns_label_problem(&m.namespace));
+    errs.check(
+        "metadata.namespace",
+        &m.namespace,
+        dns_label_problem(&m.namespace),
+    );
     check_labels(&mut errs, "metadata.labels", &m.labels);
     check_annotations(&mut errs, "metadata.annotations", &m.annotations);
     match r {
@@ -171,18 +205,33 @@ pub fn validate(r: &Resource) -> Result<(), ValidationError> {
                 let at = |f: &str| format!("spec.ports[{i}].{f}");
                 errs.check(&at("name"), &p.name, dns_label_problem(&p.name));
                 if !names.insert(p.name.as_str()) {
-                    errs.add(at("name"), &p.name, "is used by another port of this service; port names must be unique");
+                    errs.add(
+                        at("name"),
+                        &p.name,
+                        "is used by another port of this service; port names must be unique",
+                    );
                 }
                 errs.check(&at("port"), &p.port.to_string(), port_problem(p.port));
                 let proto = p.protocol();
                 if !numbers.insert((p.port, proto == "UDP")) {
-                    errs.add(at("port"), p.port, "is used by another port of this service");
+                    errs.add(
+                        at("port"),
+                        p.port,
+                        "is used by another port of this service",
+                    );
                 }
                 if let Some(t) = p.target_port {
                     errs.check(&at("targetPort"), &t.to_string(), port_problem(t));
                 }
                 if !PROTOCOLS.contains(&proto) {
-                    errs.add(at("protocol"), proto, format!("is not a known protocol (expected one of {})", PROTOCOLS.join(", ")));
+                    errs.add(
+                        at("protocol"),
+                        proto,
+                        format!(
+                            "is not a known protocol (expected one of {})",
+                            PROTOCOLS.join(", ")
+                        ),
+                    );
                 }
             }
             if let Some(sel) = &s.spec.selector {
@@ -200,40 +249,76 @@ pub fn validate(r: &Resource) -> Result<(), ValidationError> {
             check_port_map(&mut errs, "spec.ports", &w.spec.ports);
             check_labels(&mut errs, "spec.labels", &w.spec.labels);
             if !w.spec.service_account.is_empty() {
-                errs.check("spec.serviceAccount", &w.spec.service_account, dns_subdomain_problem(&w.spec.service_account));
+                errs.check(
+                    "spec.serviceAccount",
+                    &w.spec.service_account,
+                    dns_subdomain_problem(&w.spec.service_account),
+                );
             }
             for (i, s) in w.spec.services.iter().enumerate() {
                 errs.check(&format!("spec.services[{i}]"), s, dns_label_problem(s));
             }
             if !w.spec.network.is_empty() {
-                errs.check("spec.network", &w.spec.network, label_name_problem(&w.spec.network));
+                errs.check(
+                    "spec.network",
+                    &w.spec.network,
+                    label_name_problem(&w.spec.network),
+                );
             }
         }
         Resource::WorkloadGroup(g) => {
             check_labels(&mut errs, "spec.metadata.labels", &g.spec.metadata.labels);
-            check_annotations(&mut errs, "spec.metadata.annotations", &g.spec.metadata.annotations);
+            check_annotations(
+                &mut errs,
+                "spec.metadata.annotations",
+                &g.spec.metadata.annotations,
+            );
             let t = &g.spec.template;
             check_port_map(&mut errs, "spec.template.ports", &t.ports);
             check_labels(&mut errs, "spec.template.labels", &t.labels);
             if !t.service_account.is_empty() {
-                errs.check("spec.template.serviceAccount", &t.service_account, dns_subdomain_problem(&t.service_account));
+                errs.check(
+                    "spec.template.serviceAccount",
+                    &t.service_account,
+                    dns_subdomain_problem(&t.service_account),
+                );
             }
             if !t.network.is_empty() {
-                errs.check("spec.template.network", &t.network, label_name_problem(&t.network));
+                errs.check(
+                    "spec.template.network",
+                    &t.network,
+                    label_name_problem(&t.network),
+                );
             }
             if let Some(p) = &g.spec.probe {
                 match (&p.http_get, &p.tcp_socket) {
                     (Some(h), None) => {
-                        errs.check("spec.probe.httpGet.port", &h.port.to_string(), port_problem(h.port));
+                        errs.check(
+                            "spec.probe.httpGet.port",
+                            &h.port.to_string(),
+                            port_problem(h.port),
+                        );
                         if !h.path.is_empty() && !h.path.starts_with('/') {
                             errs.add("spec.probe.httpGet.path", &h.path, "must start with '/'");
                         }
                         if !matches!(h.scheme.as_str(), "" | "HTTP" | "HTTPS") {
-                            errs.add("spec.probe.httpGet.scheme", &h.scheme, "must be HTTP or HTTPS");
+                            errs.add(
+                                "spec.probe.httpGet.scheme",
+                                &h.scheme,
+                                "must be HTTP or HTTPS",
+                            );
                         }
                     }
-                    (None, Some(t)) => errs.check("spec.probe.tcpSocket.port", &t.port.to_string(), port_problem(t.port)),
-                    _ => errs.add("spec.probe", "", "must have exactly one of httpGet or tcpSocket"),
+                    (None, Some(t)) => errs.check(
+                        "spec.probe.tcpSocket.port",
+                        &t.port.to_string(),
+                        port_problem(t.port),
+                    ),
+                    _ => errs.add(
+                        "spec.probe",
+                        "",
+                        "must have exactly one of httpGet or tcpSocket",
+                    ),
                 }
                 for (f, v) in [
                     ("periodSeconds", p.period_seconds),
@@ -246,7 +331,11 @@ pub fn validate(r: &Resource) -> Result<(), ValidationError> {
                     }
                 }
                 if p.timeout() > p.period() {
-                    errs.add("spec.probe.timeoutSeconds", p.timeout(), format!("must not exceed periodSeconds ({})", p.period()));
+                    errs.add(
+                        "spec.probe.timeoutSeconds",
+                        p.timeout(),
+                        format!("must not exceed periodSeconds ({})", p.period()),
+                    );
                 }
             }
         }
@@ -254,6 +343,9 @@ pub fn validate(r: &Resource) -> Result<(), ValidationError> {
     if errs.0.is_empty() {
         Ok(())
     } else {
-        Err(ValidationError { resource: r.id(), errors: errs.0 })
+        Err(ValidationError {
+            resource: r.id(),
+            errors: errs.0,
+        })
     }
 }

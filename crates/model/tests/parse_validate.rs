@@ -37,8 +37,13 @@ spec:
     assert_eq!(rs[0].kind(), Kind::Service);
     assert_eq!(rs[1].meta().namespace, "default");
     assert_eq!(rs[2].kind(), Kind::WorkloadGroup);
-    let Resource::Service(svc) = &rs[0] else { panic!() };
-    assert_eq!(svc.hostname("cluster.local"), "productpage.bookinfo.svc.cluster.local");
+    let Resource::Service(svc) = &rs[0] else {
+        panic!()
+    };
+    assert_eq!(
+        svc.hostname("cluster.local"),
+        "productpage.bookinfo.svc.cluster.local"
+    );
 }
 
 #[test]
@@ -64,7 +69,10 @@ fn unknown_kind_and_api_version() {
         "document 1: kind: unknown kind \"Deployment\" (expected Service, WorkloadEntry or WorkloadGroup)"
     );
     let e = err("apiVersion: apps/v1\nkind: Service\nmetadata: {name: x}\nspec: {}\n");
-    assert!(e.contains("apiVersion: \"apps/v1\" is not an apiVersion of Service"), "{e}");
+    assert!(
+        e.contains("apiVersion: \"apps/v1\" is not an apiVersion of Service"),
+        "{e}"
+    );
     let e = err("kind: Service\nmetadata: {name: x}\nspec: {}\n");
     assert!(e.contains("apiVersion: missing"), "{e}");
 }
@@ -72,27 +80,63 @@ fn unknown_kind_and_api_version() {
 #[test]
 fn unknown_fields_and_wrong_types_name_the_path() {
     let e = err(&SVC.replace("protocol: HTTP", "protocol: HTTP, colour: red"));
-    assert!(e.contains("spec.ports[0]") && e.contains("unknown field `colour`"), "{e}");
+    assert!(
+        e.contains("spec.ports[0]") && e.contains("unknown field `colour`"),
+        "{e}"
+    );
     let e = err(&SVC.replace("port: 9080", "port: lots"));
-    assert!(e.contains("spec.ports[0].port") && e.contains("invalid type"), "{e}");
+    assert!(
+        e.contains("spec.ports[0].port") && e.contains("invalid type"),
+        "{e}"
+    );
     let e = err(&SVC.replace("namespace: bookinfo,", "namespace: bookinfo, owner: me,"));
-    assert!(e.contains("metadata") && e.contains("unknown field `owner`"), "{e}");
+    assert!(
+        e.contains("metadata") && e.contains("unknown field `owner`"),
+        "{e}"
+    );
 }
 
 #[test]
 fn validation_names_field_and_value() {
     let cases: &[(&str, &str, &str)] = &[
-        ("name: productpage", "name: Product_Page", "metadata.name: \"Product_Page\" must consist of lower-case"),
-        ("namespace: bookinfo", "namespace: -bad", "metadata.namespace: \"-bad\" must start and end"),
-        ("port: 9080", "port: 70000", "spec.ports[0].port: \"70000\" is out of range; a port is 1 to 65535"),
-        ("port: 9080", "port: 0", "spec.ports[0].port: \"0\" is out of range"),
-        ("protocol: HTTP", "protocol: SMTP", "spec.ports[0].protocol: \"SMTP\" is not a known protocol"),
-        ("selector: {app: productpage}", "selector: {\"bad key\": x}", "spec.selector[bad key]: \"bad key\" label key"),
+        (
+            "name: productpage",
+            "name: Product_Page",
+            "metadata.name: \"Product_Page\" must consist of lower-case",
+        ),
+        (
+            "namespace: bookinfo",
+            "namespace: -bad",
+            "metadata.namespace: \"-bad\" must start and end",
+        ),
+        (
+            "port: 9080",
+            "port: 70000",
+            "spec.ports[0].port: \"70000\" is out of range; a port is 1 to 65535",
+        ),
+        (
+            "port: 9080",
+            "port: 0",
+            "spec.ports[0].port: \"0\" is out of range",
+        ),
+        (
+            "protocol: HTTP",
+            "protocol: SMTP",
+            "spec.ports[0].protocol: \"SMTP\" is not a known protocol",
+        ),
+        (
+            "selector: {app: productpage}",
+            "selector: {\"bad key\": x}",
+            "spec.selector[bad key]: \"bad key\" label key",
+        ),
     ];
     for (from, to, want) in cases {
         let e = err(&SVC.replace(from, to));
         assert!(e.contains(want), "{to}: got {e}");
-        assert!(e.contains("Service bookinfo/") || e.contains("Service -bad/"), "{e}");
+        assert!(
+            e.contains("Service bookinfo/") || e.contains("Service -bad/"),
+            "{e}"
+        );
     }
 }
 
@@ -103,21 +147,39 @@ fn duplicate_port_names_and_numbers() {
         "  - {name: http, port: 9080}\n  - {name: http, port: 9081}\n  - {name: grpc, port: 9080}",
     );
     let e = err(&y);
-    assert!(e.contains("spec.ports[1].name: \"http\" is used by another port"), "{e}");
-    assert!(e.contains("spec.ports[2].port: \"9080\" is used by another port"), "{e}");
+    assert!(
+        e.contains("spec.ports[1].name: \"http\" is used by another port"),
+        "{e}"
+    );
+    assert!(
+        e.contains("spec.ports[2].port: \"9080\" is used by another port"),
+        "{e}"
+    );
 }
 
 #[test]
 fn workload_entry_address_and_group_probe() {
     let e = err("apiVersion: isthmus.io/v1\nkind: WorkloadEntry\nmetadata: {name: vm}\nspec: {address: 10.0.0.300}\n");
-    assert!(e.contains("spec.address: \"10.0.0.300\" is not an IPv4 or IPv6 address"), "{e}");
+    assert!(
+        e.contains("spec.address: \"10.0.0.300\" is not an IPv4 or IPv6 address"),
+        "{e}"
+    );
     let ok = "apiVersion: isthmus.io/v1\nkind: WorkloadEntry\nmetadata: {name: vm}\nspec: {address: \"fd00::5\"}\n";
     assert!(parse_documents(ok).is_ok());
     let e = err("apiVersion: isthmus.io/v1\nkind: WorkloadGroup\nmetadata: {name: g}\nspec: {probe: {periodSeconds: 5}}\n");
-    assert!(e.contains("spec.probe: \"\" must have exactly one of httpGet or tcpSocket"), "{e}");
+    assert!(
+        e.contains("spec.probe: \"\" must have exactly one of httpGet or tcpSocket"),
+        "{e}"
+    );
     let e = err("apiVersion: isthmus.io/v1\nkind: WorkloadGroup\nmetadata: {name: g}\nspec: {probe: {periodSeconds: 1, timeoutSeconds: 5, tcpSocket: {port: 99999}}}\n");
-    assert!(e.contains("spec.probe.tcpSocket.port: \"99999\" is out of range"), "{e}");
-    assert!(e.contains("spec.probe.timeoutSeconds: \"5\" must not exceed periodSeconds (1)"), "{e}");
+    assert!(
+        e.contains("spec.probe.tcpSocket.port: \"99999\" is out of range"),
+        "{e}"
+    );
+    assert!(
+        e.contains("spec.probe.timeoutSeconds: \"5\" must not exceed periodSeconds (1)"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -131,7 +193,9 @@ fn selection_by_labels_and_explicit_attachment() {
         "{SVC}---\napiVersion: isthmus.io/v1\nkind: WorkloadEntry\nmetadata: {{name: a, namespace: bookinfo}}\nspec: {{address: 10.0.0.1, labels: {{app: productpage}}}}\n---\napiVersion: isthmus.io/v1\nkind: WorkloadEntry\nmetadata: {{name: b, namespace: bookinfo}}\nspec: {{address: 10.0.0.2, services: [productpage]}}\n---\napiVersion: isthmus.io/v1\nkind: WorkloadEntry\nmetadata: {{name: c, namespace: other}}\nspec: {{address: 10.0.0.3, labels: {{app: productpage}}}}\n"
     ))
     .unwrap();
-    let Resource::Service(svc) = &rs[0] else { panic!() };
+    let Resource::Service(svc) = &rs[0] else {
+        panic!()
+    };
     let serves: Vec<bool> = rs[1..]
         .iter()
         .map(|r| match r {
@@ -147,7 +211,11 @@ fn kind_names_and_port_guesses() {
     assert_eq!("svc".parse::<Kind>().unwrap(), Kind::Service);
     assert_eq!("workloads".parse::<Kind>().unwrap(), Kind::WorkloadEntry);
     assert_eq!("wg".parse::<Kind>().unwrap(), Kind::WorkloadGroup);
-    assert!("pods".parse::<Kind>().unwrap_err().to_string().contains("unknown kind \"pods\""));
+    assert!("pods"
+        .parse::<Kind>()
+        .unwrap_err()
+        .to_string()
+        .contains("unknown kind \"pods\""));
     assert_eq!(guess_port_name(3306), "mysql");
     assert_eq!(guess_port_name(8080), "http");
     assert_eq!(guess_port_name(443), "https");

@@ -25,7 +25,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -39,7 +42,14 @@ impl Server {
         let mut cmd = Command::new(BIN);
         cmd.args(["server", "--data-dir"])
             .arg(dir)
-            .args(["--admin-addr", "127.0.0.1:0", "--registration-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+            .args([
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--registration-addr",
+                "127.0.0.1:0",
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ])
             .args(extra)
             .env("ISTHMUS_LOG", "warn")
             .stdout(Stdio::null())
@@ -52,10 +62,14 @@ impl Server {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("server exited early with {status}");
             }
-            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&endpoints).ok()?).ok()?;
+            let v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&endpoints).ok()?).ok()?;
             (v["pid"].as_u64() == Some(u64::from(pid))).then_some(v)
         });
-        let token = std::fs::read_to_string(dir.join("admin-token")).unwrap().trim().to_string();
+        let token = std::fs::read_to_string(dir.join("admin-token"))
+            .unwrap()
+            .trim()
+            .to_string();
         Server {
             child,
             dir: dir.to_path_buf(),
@@ -79,13 +93,22 @@ impl Server {
             .env("ISTHMUS_TOKEN", &self.token)
             .env("XDG_CONFIG_HOME", self.home.path())
             .env_remove("ISTHMUS_CONFIG")
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap();
         if let Some(input) = stdin {
             use std::io::Write;
-            child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
         }
         child.wait_with_output().unwrap()
     }
@@ -93,14 +116,22 @@ impl Server {
     /// Runs the CLI and returns stdout, failing the test if it did not succeed.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
-        assert!(out.status.success(), "isthmus {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "isthmus {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
     /// Runs the CLI expecting failure; returns stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let out = self.cli(args);
-        assert!(!out.status.success(), "isthmus {args:?} should have failed; stdout: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            !out.status.success(),
+            "isthmus {args:?} should have failed; stdout: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         String::from_utf8(out.stderr).unwrap()
     }
 
@@ -113,18 +144,29 @@ impl Server {
     }
 
     pub fn kill9(&mut self) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
         let _ = self.child.wait();
     }
 
     pub fn term(&mut self) -> ExitStatus {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s;
             }
-            assert!(Instant::now() < deadline, "server did not stop within 20s of SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "server did not stop within 20s of SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

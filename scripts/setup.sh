@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what building and testing Isthmus needs on a Debian machine, if it is missing.
+# Idempotent and quiet when everything is there. Needs root (or sudo) only to install.
+set -euo pipefail
+
+need=()
+command -v protoc >/dev/null || need+=(protobuf-compiler)
+command -v ip >/dev/null || need+=(iproute2)
+command -v iptables >/dev/null || need+=(iptables)
+command -v dig >/dev/null || need+=(dnsutils)
+command -v curl >/dev/null || need+=(curl)
+if ((${#need[@]})); then
+  echo "setup: installing ${need[*]}" >&2
+  sudo_=""
+  [ "$(id -u)" = 0 ] || sudo_="sudo"
+  $sudo_ apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo is missing: install Rust stable (https://rustup.rs) first" >&2
+  exit 1
+fi
+if [ "${1:-}" = "--test-tools" ]; then
+  cargo nextest --version >/dev/null 2>&1 || cargo install cargo-nextest --locked
+  cargo deny --version >/dev/null 2>&1 || cargo install cargo-deny --locked
+fi
