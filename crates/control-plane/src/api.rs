@@ -526,3 +526,28 @@ impl Drop for WatcherGuard {
         self.0.metrics.watchers.dec();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every route the router serves is described in docs/openapi.yaml, and nothing more.
+    #[test]
+    fn openapi_describes_every_route() {
+        let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(super::OPENAPI).expect("openapi.yaml is YAML");
+        let documented: std::collections::BTreeSet<String> = doc["paths"]
+            .as_mapping()
+            .expect("paths")
+            .keys()
+            .map(|k| k.as_str().unwrap_or_default().replace("{namespace}", "{ns}"))
+            .collect();
+        let source = include_str!("api.rs");
+        let served: std::collections::BTreeSet<String> = source
+            .split(".route(")
+            .skip(1)
+            .filter_map(|rest| rest.trim_start().strip_prefix('"'))
+            .filter_map(|l| l.split('"').next())
+            .filter(|p| p.starts_with('/'))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(served, documented);
+    }
+}
