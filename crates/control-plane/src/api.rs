@@ -532,12 +532,17 @@ mod tests {
     /// Every route the router serves is described in docs/openapi.yaml, and nothing more.
     #[test]
     fn openapi_describes_every_route() {
-        let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(super::OPENAPI).expect("openapi.yaml is YAML");
+        let doc: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(super::OPENAPI).expect("openapi.yaml is YAML");
         let documented: std::collections::BTreeSet<String> = doc["paths"]
             .as_mapping()
             .expect("paths")
             .keys()
-            .map(|k| k.as_str().unwrap_or_default().replace("{namespace}", "{ns}"))
+            .map(|k| {
+                k.as_str()
+                    .unwrap_or_default()
+                    .replace("{namespace}", "{ns}")
+            })
             .collect();
         let source = include_str!("api.rs");
         let served: std::collections::BTreeSet<String> = source

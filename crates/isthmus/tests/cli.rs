@@ -371,3 +371,95 @@ fn completion_and_help() {
     assert!(String::from_utf8_lossy(&out.stdout)
         .contains("isthmus register mysql 10.0.0.5 3306 -n onprem"));
 }
+
+#[test]
+fn dev_mode_prints_what_to_do_and_writes_the_cli_config() {
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+    let home = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args([
+            "server",
+            "--dev",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--registration-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .env("XDG_CONFIG_HOME", home.path())
+        .env_remove("ISTHMUS_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut banner = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        banner.push_str(&line);
+        banner.push('\n');
+        if line.starts_with("Press Ctrl-C") {
+            break;
+        }
+    }
+    let field = |name: &str| {
+        banner
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("no {name} in\n{banner}"))
+    };
+    let token = field("admin token");
+    let admin = field("admin API");
+    let data_dir = banner
+        .split("data in ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(
+        banner.contains("isthmus register mysql 10.0.0.5 3306 -n onprem"),
+        "{banner}"
+    );
+    assert!(std::path::Path::new(&data_dir)
+        .join("registry.redb")
+        .exists());
+
+    let cfg = home.path().join("isthmus/config.json");
+    assert_eq!(
+        std::fs::metadata(&cfg).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+    assert_eq!(
+        (v["server"].as_str().unwrap(), v["token"].as_str().unwrap()),
+        (admin.as_str(), token.as_str())
+    );
+
+    // The CLI needs nothing but that file.
+    let out = std::process::Command::new(BIN)
+        .args(["register", "mysql", "10.0.0.5", "3306", "-n", "onprem"])
+        .env("XDG_CONFIG_HOME", home.path())
+        .env_remove("ISTHMUS_TOKEN")
+        .env_remove("ISTHMUS_SERVER")
+        .env_remove("ISTHMUS_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        !std::path::Path::new(&data_dir).exists(),
+        "the --dev data dir is removed at exit"
+    );
+}
