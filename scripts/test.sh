@@ -7,6 +7,7 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # Advisories need the advisory database from the network, which CI does not reach; licenses,
 # sources and duplicate versions are checked offline.
+cargo fetch --locked >/dev/null
 cargo deny --offline check bans licenses sources
 if [ "$(id -u)" != 0 ]; then
   echo "!!!! SKIP WARNING: not root: tests that need network namespaces and iptables will skip !!!!" >&2
