@@ -195,6 +195,30 @@ fn encode(r: &Resource) -> Vec<u8> {
     r.to_json()
 }
 
+/// Adds "write `r` at `key`, if nobody changed the key since `current` was read" to `txn`.
+fn put_if_unchanged(txn: &mut Txn, key: &str, current: Option<&KeyValue>, r: &Resource) {
+    txn.compares.push(Compare::ModRevision {
+        key: key.to_string(),
+        revision: current.map_or(0, |kv| kv.mod_revision),
+    });
+    txn.ops.push(Op::Put {
+        key: key.to_string(),
+        value: encode(r),
+    });
+}
+
+/// Adds the allocation of `vip` to the service at `svc_key`; fails the txn if it was taken.
+fn claim_vip(txn: &mut Txn, vip: IpAddr, svc_key: &str) {
+    txn.compares.push(Compare::ModRevision {
+        key: vip_key(vip),
+        revision: 0,
+    });
+    txn.ops.push(Op::Put {
+        key: vip_key(vip),
+        value: svc_key.as_bytes().to_vec(),
+    });
+}
+
 fn vip_key(ip: IpAddr) -> String {
     format!("{VIP_PREFIX}{ip}")
 }
@@ -390,27 +414,13 @@ impl Registry {
                             let ip = self.pick_vip(&key, set)?;
                             set.insert(ip);
                             s.status.vip = Some(ip);
-                            txn.compares.push(Compare::ModRevision {
-                                key: vip_key(ip),
-                                revision: 0,
-                            });
-                            txn.ops.push(Op::Put {
-                                key: vip_key(ip),
-                                value: key.clone().into_bytes(),
-                            });
+                            claim_vip(&mut txn, ip, &key);
                         }
                         Action::Created
                     }
                 };
                 if action != Action::Unchanged {
-                    txn.compares.push(Compare::ModRevision {
-                        key: key.clone(),
-                        revision: current.as_ref().map_or(0, |kv| kv.mod_revision),
-                    });
-                    txn.ops.push(Op::Put {
-                        key,
-                        value: encode(&next),
-                    });
+                    put_if_unchanged(&mut txn, &key, current.as_ref(), &next);
                 }
                 let m = r.meta();
                 results.push(ApplyResult {
@@ -547,14 +557,7 @@ impl Registry {
                     let taken = self.allocated_vips().await?;
                     let vip = self.pick_vip(&svc_key, &taken)?;
                     svc.status.vip = Some(vip);
-                    txn.compares.push(Compare::ModRevision {
-                        key: vip_key(vip),
-                        revision: 0,
-                    });
-                    txn.ops.push(Op::Put {
-                        key: vip_key(vip),
-                        value: svc_key.clone().into_bytes(),
-                    });
+                    claim_vip(&mut txn, vip, &svc_key);
                     (Action::Created, svc)
                 }
                 Some(mut svc) => {
@@ -593,14 +596,7 @@ impl Registry {
             let svc_res = Resource::Service(svc.clone());
             model::validate(&svc_res)?;
             if svc_action != Action::Unchanged {
-                txn.compares.push(Compare::ModRevision {
-                    key: svc_key.clone(),
-                    revision: svc_kv.as_ref().map_or(0, |kv| kv.mod_revision),
-                });
-                txn.ops.push(Op::Put {
-                    key: svc_key.clone(),
-                    value: encode(&svc_res),
-                });
+                put_if_unchanged(&mut txn, &svc_key, svc_kv.as_ref(), &svc_res);
             }
 
             // The entry: the service port's name → the port the host listens on.
@@ -661,14 +657,7 @@ impl Registry {
             let entry_res = Resource::WorkloadEntry(entry);
             model::validate(&entry_res)?;
             if entry_action != Action::Unchanged {
-                txn.compares.push(Compare::ModRevision {
-                    key: entry_key.clone(),
-                    revision: entry_kv.as_ref().map_or(0, |kv| kv.mod_revision),
-                });
-                txn.ops.push(Op::Put {
-                    key: entry_key.clone(),
-                    value: encode(&entry_res),
-                });
+                put_if_unchanged(&mut txn, &entry_key, entry_kv.as_ref(), &entry_res);
             }
             let response = |revision| RegisterResponse {
                 service: svc_action,
