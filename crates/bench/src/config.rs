@@ -18,7 +18,9 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Parser, Debug, Clone)]
-#[command(about = "Registration throughput and write→watch latency: Isthmus beside etcd, in one run")]
+#[command(
+    about = "Registration throughput and write→watch latency: Isthmus beside etcd, in one run"
+)]
 pub struct Args {
     /// The isthmus binary to start (`isthmus server`).
     #[arg(long, default_value = DEFAULT_ISTHMUS_BIN)]
@@ -41,8 +43,8 @@ pub struct Args {
     /// A load phase stops taking new requests after this many seconds (and says so).
     #[arg(long, default_value_t = DEFAULT_PHASE_TIMEOUT_SECS)]
     pub phase_timeout_secs: u64,
-    /// Appends of 4 KiB each followed by fdatasync, to show what one durable commit costs on
-    /// this disk.
+    /// Durable 4 KiB writes of each kind (overwrite, append) timed on the data directories'
+    /// disk, to show what one fsync costs there; 0 skips the probe.
     #[arg(long, default_value_t = DEFAULT_FSYNC_PROBES)]
     pub fsync_probes: usize,
     /// Where the servers' data directories go [default: the system temp directory].

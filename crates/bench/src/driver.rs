@@ -28,7 +28,12 @@ pub fn service(i: usize) -> String {
 
 /// Distinct for every i below 15 million, never a .0 or .255 address.
 pub fn address(i: usize) -> String {
-    format!("10.{}.{}.{}", 1 + i / 62_500, (i / 250) % 250 + 1, i % 250 + 1)
+    format!(
+        "10.{}.{}.{}",
+        1 + i / 62_500,
+        (i / 250) % 250 + 1,
+        i % 250 + 1
+    )
 }
 
 /// The workload entry Isthmus creates for registration `i` (`<service>-<ip with dashes>`).
@@ -67,7 +72,9 @@ impl Percentiles {
         }
         samples.sort_unstable();
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        let rank = |p: f64| samples[((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1];
+        let rank = |p: f64| {
+            samples[((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1]
+        };
         let total: Duration = samples.iter().sum();
         Percentiles {
             count: samples.len(),
@@ -125,7 +132,13 @@ pub struct SystemResult {
 
 impl SystemResult {
     fn missing(name: &str, version: &str, problem: String) -> Self {
-        SystemResult { name: name.into(), version: version.into(), loads: Vec::new(), watch: None, problem: Some(problem) }
+        SystemResult {
+            name: name.into(),
+            version: version.into(),
+            loads: Vec::new(),
+            watch: None,
+            problem: Some(problem),
+        }
     }
 }
 
@@ -148,7 +161,12 @@ struct Raw {
 
 /// N registrations from `concurrency` tasks sharing one counter, each waiting for its answer
 /// before sending the next; none starts after `timeout`.
-async fn load<T: Target>(target: Arc<T>, n: usize, concurrency: usize, timeout: Duration) -> (Raw, Duration) {
+async fn load<T: Target>(
+    target: Arc<T>,
+    n: usize,
+    concurrency: usize,
+    timeout: Duration,
+) -> (Raw, Duration) {
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let deadline = start + timeout;
@@ -156,7 +174,12 @@ async fn load<T: Target>(target: Arc<T>, n: usize, concurrency: usize, timeout: 
     for _ in 0..concurrency {
         let (target, next) = (target.clone(), next.clone());
         tasks.spawn(async move {
-            let mut raw = Raw { samples: Vec::new(), errors: 0, first_error: None, stopped: false };
+            let mut raw = Raw {
+                samples: Vec::new(),
+                errors: 0,
+                first_error: None,
+                stopped: false,
+            };
             loop {
                 if Instant::now() >= deadline {
                     raw.stopped = next.load(Ordering::Relaxed) < n;
@@ -178,7 +201,12 @@ async fn load<T: Target>(target: Arc<T>, n: usize, concurrency: usize, timeout: 
             raw
         });
     }
-    let mut all = Raw { samples: Vec::with_capacity(n), errors: 0, first_error: None, stopped: false };
+    let mut all = Raw {
+        samples: Vec::with_capacity(n),
+        errors: 0,
+        first_error: None,
+        stopped: false,
+    };
     while let Some(done) = tasks.join_next().await {
         match done {
             Ok(raw) => {
@@ -191,7 +219,8 @@ async fn load<T: Target>(target: Arc<T>, n: usize, concurrency: usize, timeout: 
             }
             Err(e) => {
                 all.errors += 1;
-                all.first_error.get_or_insert_with(|| format!("load task failed: {e}"));
+                all.first_error
+                    .get_or_insert_with(|| format!("load task failed: {e}"));
             }
         }
     }
@@ -200,12 +229,19 @@ async fn load<T: Target>(target: Arc<T>, n: usize, concurrency: usize, timeout: 
 
 fn tenth_p50(samples: &[(usize, Duration)], last: bool) -> f64 {
     let k = (samples.len() / 10).max(1).min(samples.len());
-    let part = if last { &samples[samples.len() - k..] } else { &samples[..k] };
+    let part = if last {
+        &samples[samples.len() - k..]
+    } else {
+        &samples[..k]
+    };
     let mut d: Vec<Duration> = part.iter().map(|(_, d)| *d).collect();
     Percentiles::of(&mut d).p50_ms
 }
 
-async fn wait_for(rx: &mut mpsc::UnboundedReceiver<(String, Instant)>, key: &str) -> Option<Instant> {
+async fn wait_for(
+    rx: &mut mpsc::UnboundedReceiver<(String, Instant)>,
+    key: &str,
+) -> Option<Instant> {
     let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
     loop {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
@@ -223,7 +259,10 @@ async fn watch_latency<T: Target>(target: &Arc<T>, writes: usize) -> anyhow::Res
     let watcher = target.watch(tx).await.context("cannot open the watch")?;
     // The first write proves the watcher is live (and drains the initial state, if any).
     let sentinel = WATCH_BASE - 1;
-    target.register(sentinel).await.context("the first write of the watch phase failed")?;
+    target
+        .register(sentinel)
+        .await
+        .context("the first write of the watch phase failed")?;
     let mut stored_before = 0usize;
     let key = target.watch_key(sentinel);
     let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT * 3;
@@ -231,7 +270,9 @@ async fn watch_latency<T: Target>(target: &Arc<T>, writes: usize) -> anyhow::Res
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(Some((k, _))) if k == key => break,
             Ok(Some(_)) => stored_before += 1,
-            Ok(None) | Err(_) => anyhow::bail!("the watcher did not report the first write of the watch phase"),
+            Ok(None) | Err(_) => {
+                anyhow::bail!("the watcher did not report the first write of the watch phase")
+            }
         }
     }
     let (mut to_event, mut acks) = (Vec::with_capacity(writes), Vec::with_capacity(writes));
@@ -250,7 +291,9 @@ async fn watch_latency<T: Target>(target: &Arc<T>, writes: usize) -> anyhow::Res
             Some(at) => to_event.push(at.saturating_duration_since(t)),
             None => {
                 errors += 1;
-                first_error.get_or_insert_with(|| format!("no watch event for {key} within {EVENT_TIMEOUT:?}"));
+                first_error.get_or_insert_with(|| {
+                    format!("no watch event for {key} within {EVENT_TIMEOUT:?}")
+                });
             }
         }
     }
@@ -273,7 +316,12 @@ async fn bench_system<T, S, Fut>(
     work: &Path,
     label: &str,
     start: S,
-) -> (Vec<LoadResult>, Option<WatchResult>, Option<String>, Option<(Arc<T>, ServerProcess)>)
+) -> (
+    Vec<LoadResult>,
+    Option<WatchResult>,
+    Option<String>,
+    Option<(Arc<T>, ServerProcess)>,
+)
 where
     T: Target,
     S: Fn(PathBuf) -> Fut,
@@ -285,17 +333,25 @@ where
         let dir = work.join(format!("{label}-c{c}"));
         let started = match std::fs::create_dir_all(&dir) {
             Ok(()) => start(dir).await,
-            Err(e) => Err(anyhow::Error::from(e).context(format!("cannot create {}", dir.display()))),
+            Err(e) => {
+                Err(anyhow::Error::from(e).context(format!("cannot create {}", dir.display())))
+            }
         };
         let (target, server) = match started {
             Ok(s) => s,
             Err(e) => return (loads, None, Some(format!("{e:#}")), None),
         };
         let pid = server.pid();
-        eprintln!("{label}: {} registrations at concurrency {c} (pid {pid})", args.registrations);
+        eprintln!(
+            "{label}: {} registrations at concurrency {c} (pid {pid})",
+            args.registrations
+        );
         let cpu0 = procfs::cpu_time(pid).unwrap_or_default();
-        let (mut raw, elapsed) = load(target.clone(), args.registrations, c, args.phase_timeout()).await;
-        let cpu = procfs::cpu_time(pid).unwrap_or_default().saturating_sub(cpu0);
+        let (mut raw, elapsed) =
+            load(target.clone(), args.registrations, c, args.phase_timeout()).await;
+        let cpu = procfs::cpu_time(pid)
+            .unwrap_or_default()
+            .saturating_sub(cpu0);
         let memory_after = procfs::memory(pid).unwrap_or_default();
         raw.samples.sort_unstable_by_key(|(i, _)| *i);
         let completed = raw.samples.len();
@@ -312,7 +368,11 @@ where
             first_tenth_p50_ms: tenth_p50(&raw.samples, false),
             last_tenth_p50_ms: tenth_p50(&raw.samples, true),
             latency: Percentiles::of(&mut lat),
-            server_cpu_ms_per_op: if completed > 0 { cpu.as_secs_f64() * 1000.0 / completed as f64 } else { 0.0 },
+            server_cpu_ms_per_op: if completed > 0 {
+                cpu.as_secs_f64() * 1000.0 / completed as f64
+            } else {
+                0.0
+            },
             memory_after,
         };
         eprintln!(
@@ -329,7 +389,10 @@ where
     let Some((target, server)) = last else {
         return (loads, None, None, None);
     };
-    eprintln!("{label}: write→watch latency, {} sequential writes", args.watch_writes);
+    eprintln!(
+        "{label}: write→watch latency, {} sequential writes",
+        args.watch_writes
+    );
     let watch = match watch_latency(&target, args.watch_writes).await {
         Ok(mut w) => {
             w.memory_after = procfs::memory(server.pid()).unwrap_or_default();
@@ -349,7 +412,9 @@ where
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     args.validate()?;
-    let builder = tempfile::Builder::new().prefix("registry-bench-").to_owned();
+    let builder = tempfile::Builder::new()
+        .prefix("registry-bench-")
+        .to_owned();
     let work = match &args.work_dir {
         Some(d) => builder.tempdir_in(d),
         None => builder.tempdir(),
@@ -367,10 +432,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let fsync_probe = if probes == 0 {
         None
     } else {
-        let p = tokio::task::spawn_blocking(move || procfs::fsync_probe(&probe_dir, probes)).await?;
+        let p =
+            tokio::task::spawn_blocking(move || procfs::fsync_probe(&probe_dir, probes)).await?;
         match p {
             Ok(p) => {
-                eprintln!("disk: 4 KiB append + fdatasync p50 {:.2} ms, p99 {:.2} ms", p.latency.p50_ms, p.latency.p99_ms);
+                eprintln!(
+                    "disk: 4 KiB + fdatasync p50 {:.2} ms (overwrite), {:.2} ms (append)",
+                    p.overwrite.p50_ms, p.append.p50_ms
+                );
                 Some(p)
             }
             Err(e) => {
@@ -382,11 +451,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let bin = args.isthmus_bin.clone();
     let c = client.clone();
-    let (loads, watch, problem, last) =
-        bench_system(&args, work.path(), "isthmus", |dir| isthmus::start(bin.clone(), dir, c.clone())).await;
+    let (loads, watch, problem, last) = bench_system(&args, work.path(), "isthmus", |dir| {
+        isthmus::start(bin.clone(), dir, c.clone())
+    })
+    .await;
     let mut templates = None;
     if let Some((target, server)) = last {
-        templates = target.templates().await.map_err(|e| eprintln!("cannot read stored objects: {e:#}")).ok();
+        templates = target
+            .templates()
+            .await
+            .map_err(|e| eprintln!("cannot read stored objects: {e:#}"))
+            .ok();
         server.stop().await;
     }
     let isthmus_result = SystemResult {
@@ -401,18 +476,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         SystemResult::missing("etcd", "", "not run (--no-etcd)".into())
     } else {
         match etcd::version(&args.etcd_bin) {
-            Err(e) => SystemResult::missing("etcd", "", format!("not available, no figures: {e:#}")),
+            Err(e) => {
+                SystemResult::missing("etcd", "", format!("not available, no figures: {e:#}"))
+            }
             Ok(version) => {
                 let templates = templates.unwrap_or_else(isthmus::Templates::fallback);
                 let bin = args.etcd_bin.clone();
-                let (loads, watch, problem, last) = bench_system(&args, work.path(), "etcd", |dir| {
-                    etcd::start(bin.clone(), dir, client.clone(), templates.clone())
-                })
-                .await;
+                let (loads, watch, problem, last) =
+                    bench_system(&args, work.path(), "etcd", |dir| {
+                        etcd::start(bin.clone(), dir, client.clone(), templates.clone())
+                    })
+                    .await;
                 if let Some((_, server)) = last {
                     server.stop().await;
                 }
-                SystemResult { name: "etcd".into(), version, loads, watch, problem }
+                SystemResult {
+                    name: "etcd".into(),
+                    version,
+                    loads,
+                    watch,
+                    problem,
+                }
             }
         }
     };

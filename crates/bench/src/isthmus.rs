@@ -64,14 +64,22 @@ impl Templates {
 
 /// Starts `isthmus server` on loopback ports chosen by the kernel, with `dir/data` as its data
 /// directory, and waits until it answers /readyz.
-pub async fn start(bin: PathBuf, dir: PathBuf, client: reqwest::Client) -> anyhow::Result<(Arc<Isthmus>, ServerProcess)> {
+pub async fn start(
+    bin: PathBuf,
+    dir: PathBuf,
+    client: reqwest::Client,
+) -> anyhow::Result<(Arc<Isthmus>, ServerProcess)> {
     let data = dir.join("data");
     let log = dir.join("server.log");
     let mut cmd = Command::new(&bin);
-    cmd.arg("server")
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["--admin-addr", "127.0.0.1:0", "--registration-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"]);
+    cmd.arg("server").arg("--data-dir").arg(&data).args([
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--registration-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ]);
     let mut server = ServerProcess::spawn("isthmus server", cmd, &log)?;
     let deadline = Instant::now() + START_TIMEOUT;
     let endpoints_file = data.join("endpoints.json");
@@ -79,11 +87,16 @@ pub async fn start(bin: PathBuf, dir: PathBuf, client: reqwest::Client) -> anyho
         server.check_alive(&log)?;
         // The file is written atomically, so a readable one is complete.
         if let Ok(bytes) = std::fs::read(&endpoints_file) {
-            let ep: Endpoints = serde_json::from_slice(&bytes)
-                .with_context(|| format!("{} is not the endpoints file", endpoints_file.display()))?;
+            let ep: Endpoints = serde_json::from_slice(&bytes).with_context(|| {
+                format!("{} is not the endpoints file", endpoints_file.display())
+            })?;
             break ep.admin;
         }
-        anyhow::ensure!(Instant::now() < deadline, "isthmus server wrote no {} within {START_TIMEOUT:?}", endpoints_file.display());
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "isthmus server wrote no {} within {START_TIMEOUT:?}",
+            endpoints_file.display()
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
     let token_file = data.join("admin-token");
@@ -93,14 +106,28 @@ pub async fn start(bin: PathBuf, dir: PathBuf, client: reqwest::Client) -> anyho
         .to_string();
     loop {
         server.check_alive(&log)?;
-        let ready = client.get(format!("{base}/readyz")).timeout(REQUEST_TIMEOUT).send().await;
+        let ready = client
+            .get(format!("{base}/readyz"))
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await;
         if ready.is_ok_and(|r| r.status().is_success()) {
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "isthmus server at {base} not ready within {START_TIMEOUT:?}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "isthmus server at {base} not ready within {START_TIMEOUT:?}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    Ok((Arc::new(Isthmus { client, base, token }), server))
+    Ok((
+        Arc::new(Isthmus {
+            client,
+            base,
+            token,
+        }),
+        server,
+    ))
 }
 
 impl Isthmus {
@@ -122,8 +149,15 @@ impl Isthmus {
     pub async fn templates(&self) -> anyhow::Result<Templates> {
         let ns = NAMESPACE;
         Ok(Templates {
-            service: self.get_text(&format!("/api/v1/namespaces/{ns}/services/{}", service(0))).await?,
-            entry: self.get_text(&format!("/api/v1/namespaces/{ns}/workloadentries/{}", entry_name(0))).await?,
+            service: self
+                .get_text(&format!("/api/v1/namespaces/{ns}/services/{}", service(0)))
+                .await?,
+            entry: self
+                .get_text(&format!(
+                    "/api/v1/namespaces/{ns}/workloadentries/{}",
+                    entry_name(0)
+                ))
+                .await?,
         })
     }
 }
@@ -141,7 +175,9 @@ fn sse_object_name(event: &[u8]) -> Option<String> {
         return None;
     }
     let v: serde_json::Value = serde_json::from_str(&data).ok()?;
-    v.pointer("/object/metadata/name")?.as_str().map(str::to_string)
+    v.pointer("/object/metadata/name")?
+        .as_str()
+        .map(str::to_string)
 }
 
 impl Target for Isthmus {
@@ -158,7 +194,12 @@ impl Target for Isthmus {
         let status = resp.status();
         // Read the body in full so the connection goes back to the pool.
         let bytes = resp.bytes().await?;
-        anyhow::ensure!(status.is_success(), "register {} → HTTP {status}: {}", service(i), String::from_utf8_lossy(&bytes));
+        anyhow::ensure!(
+            status.is_success(),
+            "register {} → HTTP {status}: {}",
+            service(i),
+            String::from_utf8_lossy(&bytes)
+        );
         Ok(())
     }
 
@@ -166,15 +207,25 @@ impl Target for Isthmus {
         entry_name(i)
     }
 
-    async fn watch(&self, events: mpsc::UnboundedSender<(String, Instant)>) -> anyhow::Result<JoinHandle<()>> {
+    async fn watch(
+        &self,
+        events: mpsc::UnboundedSender<(String, Instant)>,
+    ) -> anyhow::Result<JoinHandle<()>> {
         let resp = self
             .client
-            .get(format!("{}/api/v1/watch?kind=workloadentries&namespace={NAMESPACE}", self.base))
+            .get(format!(
+                "{}/api/v1/watch?kind=workloadentries&namespace={NAMESPACE}",
+                self.base
+            ))
             .bearer_auth(&self.token)
             .send()
             .await?;
         let status = resp.status();
-        anyhow::ensure!(status.is_success(), "watch → HTTP {status}: {}", resp.text().await.unwrap_or_default());
+        anyhow::ensure!(
+            status.is_success(),
+            "watch → HTTP {status}: {}",
+            resp.text().await.unwrap_or_default()
+        );
         let mut body = resp.bytes_stream();
         Ok(tokio::spawn(async move {
             let mut buf: Vec<u8> = Vec::new();

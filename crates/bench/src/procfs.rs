@@ -1,7 +1,7 @@
 //! What the kernel says about a server process (memory, CPU time), the child processes the bench
 //! starts and stops, and a probe of what one fsync costs on the disk under the data directories.
 
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -32,7 +32,10 @@ pub fn memory(pid: u32) -> anyhow::Result<Memory> {
             .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
             .with_context(|| format!("{path} has no readable {name}"))
     };
-    Ok(Memory { rss_kib: field("VmRSS:")?, peak_kib: field("VmHWM:")? })
+    Ok(Memory {
+        rss_kib: field("VmRSS:")?,
+        peak_kib: field("VmHWM:")?,
+    })
 }
 
 /// User plus system CPU time the process has used so far, from /proc/PID/stat.
@@ -40,13 +43,23 @@ pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     let path = format!("/proc/{pid}/stat");
     let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
     // The command name (field 2) may hold spaces; the fields after its closing paren do not.
-    let after = stat.rsplit_once(')').map(|(_, rest)| rest).context("malformed /proc stat")?;
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("malformed /proc stat")?;
     let fields: Vec<&str> = after.split_whitespace().collect();
     // utime and stime are fields 14 and 15; `after` starts at field 3.
     let ticks = |i: usize| -> anyhow::Result<u64> {
-        fields.get(i - 3).and_then(|f| f.parse().ok()).with_context(|| format!("{path}: field {i} unreadable"))
+        fields
+            .get(i - 3)
+            .and_then(|f| f.parse().ok())
+            .with_context(|| format!("{path}: field {i} unreadable"))
     };
-    let hz = sysconf(SysconfVar::CLK_TCK).ok().flatten().filter(|&h| h > 0).unwrap_or(100) as u64;
+    let hz = sysconf(SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|&h| h > 0)
+        .unwrap_or(100) as u64;
     let total = ticks(14)? + ticks(15)?;
     Ok(Duration::from_millis(total * 1000 / hz))
 }
@@ -60,7 +73,8 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `cmd` with stdout and stderr going to `log`.
     pub fn spawn(what: &'static str, mut cmd: Command, log: &Path) -> anyhow::Result<Self> {
-        let out = std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+        let out = std::fs::File::create(log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
         let err = out.try_clone()?;
         let child = cmd
             .stdin(Stdio::null())
@@ -81,7 +95,12 @@ impl ServerProcess {
             let text = std::fs::read_to_string(log).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(15).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            anyhow::bail!("{} exited early ({status}); last lines of {}:\n{}", self.what, log.display(), tail.join("\n"));
+            anyhow::bail!(
+                "{} exited early ({status}); last lines of {}:\n{}",
+                self.what,
+                log.display(),
+                tail.join("\n")
+            );
         }
         Ok(())
     }
@@ -97,7 +116,10 @@ impl ServerProcess {
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            eprintln!("{} did not stop within 10 s of SIGTERM; killing it", self.what);
+            eprintln!(
+                "{} did not stop within 10 s of SIGTERM; killing it",
+                self.what
+            );
         }
         // Drop kills and reaps.
     }
@@ -115,21 +137,41 @@ impl Drop for ServerProcess {
 #[derive(Clone, Debug, Serialize)]
 pub struct FsyncProbe {
     pub count: usize,
-    pub latency: Percentiles,
+    /// 4 KiB written over a preallocated file, then fdatasync: what a write-ahead log with
+    /// preallocated segments (etcd's) pays per commit at least.
+    pub overwrite: Percentiles,
+    /// 4 KiB appended, then fdatasync: the file's size changes too, so the journal commits.
+    pub append: Percentiles,
 }
 
-/// Appends 4 KiB and calls fdatasync, `count` times, in a file under `dir`: the floor under any
+/// `count` of each kind of durable 4 KiB write in a file under `dir`: the floor under any
 /// commit that waits for its own fsync.
 pub fn fsync_probe(dir: &Path, count: usize) -> anyhow::Result<FsyncProbe> {
-    let file = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot create a file in {}", dir.display()))?;
+    let file = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
     let mut f = file.as_file();
     let block = [0x5au8; 4096];
-    let mut samples = Vec::with_capacity(count);
     for _ in 0..count {
-        let t = Instant::now();
-        f.write_all(&block)?;
-        f.sync_data()?;
-        samples.push(t.elapsed());
+        f.write_all(&[0u8; 4096])?;
     }
-    Ok(FsyncProbe { count, latency: Percentiles::of(&mut samples) })
+    f.sync_all()?;
+    let timed = |f: &mut &std::fs::File| -> anyhow::Result<Percentiles> {
+        let mut samples = Vec::with_capacity(count);
+        for _ in 0..count {
+            let t = Instant::now();
+            f.write_all(&block)?;
+            f.sync_data()?;
+            samples.push(t.elapsed());
+        }
+        Ok(Percentiles::of(&mut samples))
+    };
+    f.seek(SeekFrom::Start(0))?;
+    let overwrite = timed(&mut f)?;
+    f.seek(SeekFrom::End(0))?;
+    let append = timed(&mut f)?;
+    Ok(FsyncProbe {
+        count,
+        overwrite,
+        append,
+    })
 }
