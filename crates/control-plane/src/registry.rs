@@ -321,45 +321,61 @@ impl Registry {
             .collect())
     }
 
-    /// Picks a free VIP, starting at a position derived from the service's key so that a service
-    /// deleted and re-created tends to get its old address back, then probing linearly.
-    fn pick_vip(&self, key: &str, taken: &HashSet<IpAddr>) -> Result<IpAddr, RegistryError> {
-        let hash = key.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
-        });
-        let (base, size): (u128, u128) = match self.cidr {
-            IpNet::V4(n) => (
-                u128::from(u32::from(n.network())),
-                1u128 << (32 - u32::from(n.prefix_len())),
-            ),
-            IpNet::V6(n) => (
-                u128::from(n.network()),
-                1u128
-                    .checked_shl(128 - u32::from(n.prefix_len()))
-                    .unwrap_or(u128::MAX),
-            ),
-        };
-        // Skip the network address and, for IPv4, the broadcast address.
-        let usable = match self.cidr {
+    /// The usable addresses of the CIDR (no network address, no IPv4 broadcast) as offsets
+    /// `0..usable`, and the address at an offset.
+    fn vip_space(&self) -> u128 {
+        let host_bits = u32::from(self.cidr.max_prefix_len() - self.cidr.prefix_len());
+        let size = 1u128.checked_shl(host_bits).unwrap_or(u128::MAX);
+        match self.cidr {
             IpNet::V4(_) => size.saturating_sub(2),
             IpNet::V6(_) => size.saturating_sub(1),
-        };
+        }
+    }
+
+    fn vip_at(&self, offset: u128) -> IpAddr {
+        match self.cidr {
+            IpNet::V4(n) => IpAddr::from(std::net::Ipv4Addr::from(
+                (u128::from(u32::from(n.network())) + 1 + offset) as u32,
+            )),
+            IpNet::V6(n) => IpAddr::from(std::net::Ipv6Addr::from(
+                u128::from(n.network()) + 1 + offset,
+            )),
+        }
+    }
+
+    /// Picks a free VIP, starting at a position derived from the service's key (so a service
+    /// deleted and re-created tends to get its old address back), probing with point lookups;
+    /// `pending` holds addresses claimed earlier in the same transaction. The claim itself is a
+    /// create-only compare in the transaction, so a race can't hand an address out twice.
+    async fn pick_vip(
+        &self,
+        key: &str,
+        pending: &HashSet<IpAddr>,
+    ) -> Result<IpAddr, RegistryError> {
+        // Point lookups first: in a sparsely used range the first probe almost always wins.
+        // Past this many, one scan of the allocations is cheaper.
+        const PROBES: u128 = 64;
+        let usable = self.vip_space();
         if usable == 0 {
             return Err(RegistryError::VipExhausted(self.cidr));
         }
+        let hash = key.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+        });
         let start = u128::from(hash) % usable;
-        let limit = usable.min(taken.len() as u128 + 1);
-        for i in 0..limit {
-            let offset = 1 + (start + i) % usable;
-            let ip = match self.cidr {
-                IpNet::V4(_) => IpAddr::from(std::net::Ipv4Addr::from((base + offset) as u32)),
-                IpNet::V6(_) => IpAddr::from(std::net::Ipv6Addr::from(base + offset)),
-            };
-            if !taken.contains(&ip) {
+        for i in 0..usable.min(PROBES) {
+            let ip = self.vip_at((start + i) % usable);
+            if !pending.contains(&ip) && self.store.get(&vip_key(ip)).await?.is_none() {
                 return Ok(ip);
             }
         }
-        Err(RegistryError::VipExhausted(self.cidr))
+        let mut taken = self.allocated_vips().await?;
+        taken.extend(pending);
+        let limit = usable.min(taken.len() as u128 + 1);
+        (0..limit)
+            .map(|i| self.vip_at((start + i) % usable))
+            .find(|ip| !taken.contains(ip))
+            .ok_or(RegistryError::VipExhausted(self.cidr))
     }
 
     /// Creates or updates every resource, in one transaction: either all are written or none.
@@ -380,7 +396,7 @@ impl Registry {
         for _ in 0..MAX_ATTEMPTS {
             let mut txn = Txn::default();
             let mut results = Vec::new();
-            let mut taken: Option<HashSet<IpAddr>> = None;
+            let mut pending: HashSet<IpAddr> = HashSet::new();
             for r in &resources {
                 let key = r.key();
                 let current = self.store.get(&key).await?;
@@ -407,12 +423,8 @@ impl Registry {
                         m.uid = Some(uuid::Uuid::new_v4().to_string());
                         m.creation_timestamp = Some(now_rfc3339());
                         if let Resource::Service(s) = &mut next {
-                            if taken.is_none() {
-                                taken = Some(self.allocated_vips().await?);
-                            }
-                            let set = taken.get_or_insert_with(HashSet::new);
-                            let ip = self.pick_vip(&key, set)?;
-                            set.insert(ip);
+                            let ip = self.pick_vip(&key, &pending).await?;
+                            pending.insert(ip);
                             s.status.vip = Some(ip);
                             claim_vip(&mut txn, ip, &key);
                         }
@@ -554,8 +566,7 @@ impl Registry {
                         model::CREATED_BY_ANNOTATION.into(),
                         model::CREATED_BY_REGISTER.into(),
                     );
-                    let taken = self.allocated_vips().await?;
-                    let vip = self.pick_vip(&svc_key, &taken)?;
+                    let vip = self.pick_vip(&svc_key, &HashSet::new()).await?;
                     svc.status.vip = Some(vip);
                     claim_vip(&mut txn, vip, &svc_key);
                     (Action::Created, svc)

@@ -171,3 +171,31 @@ async fn deregister_keeps_services_it_did_not_create() {
     assert!(!d.service_deleted);
     assert!(reg.get(Kind::Service, "ns", "web").await.is_ok());
 }
+
+#[tokio::test]
+async fn a_full_range_is_used_to_the_last_address() {
+    // 254 usable addresses; the later allocations need the scan past the point-lookup probes.
+    let reg = registry("10.200.0.0/24");
+    reg.apply((0..200).map(|i| svc(&format!("s{i}"))).collect())
+        .await
+        .unwrap();
+    for i in 200..254 {
+        reg.apply(vec![svc(&format!("s{i}"))]).await.unwrap();
+    }
+    let (all, _) = reg
+        .list(&Filter {
+            kind: Some(Kind::Service),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let vips: std::collections::HashSet<_> = all.iter().map(vip).collect();
+    assert_eq!(vips.len(), 254, "every service has its own VIP");
+    assert!(!vips
+        .iter()
+        .any(|v| v.to_string() == "10.200.0.0" || v.to_string() == "10.200.0.255"));
+    assert!(matches!(
+        reg.apply(vec![svc("one-too-many")]).await,
+        Err(RegistryError::VipExhausted(_))
+    ));
+}
