@@ -1,12 +1,15 @@
-//! Generates the certificate API from the project's own .proto files (needs `protoc` and the
-//! well-known types: Debian's `protobuf-compiler` and `libprotobuf-dev`).
+//! Generates the certificate API from the project's own .proto files at build time; needs
+//! only `protoc` (Debian's `protobuf-compiler`): the one well-known type used is in
+//! `proto/google/protobuf/`.
 
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
     let ca_proto = proto_root.join("istio/v1/auth/ca.proto");
-    println!("cargo:rerun-if-changed={}", ca_proto.display());
+    for input in [&ca_proto, &proto_root.join("google/protobuf/struct.proto")] {
+        println!("cargo:rerun-if-changed={}", input.display());
+    }
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

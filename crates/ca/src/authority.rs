@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, SubjectPublicKeyInfo,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, SubjectPublicKeyInfo,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -103,14 +103,18 @@ pub enum CaError {
 pub enum SignError {
     #[error(transparent)]
     Csr(#[from] CsrError),
-    #[error("requested lifetime {requested} is above this CA's maximum of {max}; ask for {max} or less")]
+    #[error(
+        "requested lifetime {requested} is above this CA's maximum of {max}; ask for {max} or less"
+    )]
     LifetimeTooLong { requested: String, max: String },
-    #[error("validity_duration must be 0 (the CA's default) or a positive number of seconds, got {0}")]
+    #[error(
+        "validity_duration must be 0 (the CA's default) or a positive number of seconds, got {0}"
+    )]
     BadLifetime(i64),
     #[error("CSR asks for {requested} but the caller is {caller}")]
     IdentityMismatch {
-        requested: SpiffeId,
-        caller: SpiffeId,
+        requested: Box<SpiffeId>,
+        caller: Box<SpiffeId>,
     },
     #[error("cannot sign the certificate: {0}")]
     Internal(String),
@@ -241,10 +245,11 @@ impl Ca {
             .into_iter()
             .next()
             .ok_or_else(|| CaError::Config("unreachable: empty bundle".into()))?;
-        let info = CertInfo::parse(&signing_cert, CA_CERT_FILE).map_err(|source| CaError::Cert {
-            path: cert_path.clone(),
-            source,
-        })?;
+        let info =
+            CertInfo::parse(&signing_cert, CA_CERT_FILE).map_err(|source| CaError::Cert {
+                path: cert_path.clone(),
+                source,
+            })?;
         if info.public_key != key.public_key_raw() {
             return Err(CaError::KeyMismatch {
                 key: key_path,
@@ -260,10 +265,12 @@ impl Ca {
         }
 
         let chain_path = dir.join(CA_CHAIN_FILE);
-        let listed_chain = if chain_path.exists() {
-            read_certs(&chain_path)?
-        } else {
-            Vec::new()
+        // Absent or empty is fine: a root CA (or Istio's self-signed layout) has none.
+        let listed_chain = match files::read_text(&chain_path) {
+            Ok(text) if text.trim().is_empty() => Vec::new(),
+            Ok(_) => read_certs(&chain_path)?,
+            Err(_) if !chain_path.exists() => Vec::new(),
+            Err(e) => return Err(e.into()),
         };
         // cert-chain.pem may repeat ca-cert.pem and may end with the root; keep only the
         // certificates strictly between them.
@@ -276,10 +283,12 @@ impl Ca {
         for root in &roots {
             check_is_ca(root, &dir.join(CA_ROOT_FILE))?;
         }
-        let signing_root = find_signing_root(&signing_cert, &intermediates, &roots)
-            .map_err(|detail| CaError::Chain {
-                dir: dir.clone(),
-                detail,
+        let signing_root =
+            find_signing_root(&signing_cert, &intermediates, &roots).map_err(|detail| {
+                CaError::Chain {
+                    dir: dir.clone(),
+                    detail,
+                }
             })?;
         if let Some(path) = &config.trust_bundle {
             for extra in read_certs(path)? {
@@ -303,11 +312,12 @@ impl Ca {
         tail.extend(roots[1..].iter().map(|c| cert::cert_to_pem(c)));
         tail.push(cert::cert_to_pem(&signing_root));
 
-        let verifier =
-            ChainVerifier::new(&roots, ca_intermediates.clone()).map_err(|source| CaError::Cert {
+        let verifier = ChainVerifier::new(&roots, ca_intermediates.clone()).map_err(|source| {
+            CaError::Cert {
                 path: dir.join(CA_ROOT_FILE),
                 source,
-            })?;
+            }
+        })?;
         let issuer = Issuer::from_ca_cert_der(&signing_cert, key).map_err(|e| CaError::Cert {
             path: cert_path.clone(),
             source: CertError::Parse {
@@ -391,8 +401,8 @@ impl Ca {
         let parsed = csr::parse_csr(csr_pem)?;
         if parsed.identity != *caller {
             return Err(SignError::IdentityMismatch {
-                requested: parsed.identity,
-                caller: caller.clone(),
+                requested: Box::new(parsed.identity),
+                caller: Box::new(caller.clone()),
             });
         }
         Ok(SignRequest {
@@ -464,9 +474,10 @@ impl Ca {
         params
             .subject_alt_names
             .extend(opts.ips.iter().map(|ip| SanType::IpAddress(*ip)));
-        params
-            .distinguished_name
-            .push(DnType::CommonName, opts.dns_names.first().map_or("isthmus", |s| s));
+        params.distinguished_name.push(
+            DnType::CommonName,
+            opts.dns_names.first().map_or("isthmus", |s| s),
+        );
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.issue_with_new_key(&params)
     }
@@ -532,7 +543,7 @@ impl Ca {
 }
 
 fn human(d: Duration) -> String {
-    humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+    crate::format_duration(d)
 }
 
 fn to_system(t: OffsetDateTime) -> SystemTime {
@@ -552,9 +563,10 @@ fn parse<'a>(der: &'a CertificateDer<'_>) -> Option<X509Certificate<'a>> {
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
     let text = files::read_text(path)?;
-    let name = path
-        .file_name()
-        .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let name = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
     cert::parse_pem_certs(&text, &name).map_err(|source| CaError::Cert {
         path: path.to_owned(),
         source,
@@ -656,7 +668,14 @@ fn generate_root(dir: &Path, trust_domain: &str) -> Result<(), CaError> {
         .push(DnType::OrganizationName, trust_domain);
     params
         .distinguished_name
-        .push(DnType::CommonName, "Isthmus mesh root CA");
+        // A unique name: two meshes' roots must not be mistaken for each other by name.
+        .push(
+            DnType::CommonName,
+            format!(
+                "Isthmus mesh root CA {}",
+                hex::encode(rand::random::<[u8; 4]>())
+            ),
+        );
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -670,7 +689,11 @@ fn generate_root(dir: &Path, trust_domain: &str) -> Result<(), CaError> {
     let pem = cert.pem();
     let key_pem = key.serialize_pem();
     // Key first and ca-cert.pem last: ca-cert.pem is what marks the set as present.
-    files::write_atomic(&dir.join(CA_KEY_FILE), key_pem.as_bytes(), files::PRIVATE_FILE_MODE)?;
+    files::write_atomic(
+        &dir.join(CA_KEY_FILE),
+        key_pem.as_bytes(),
+        files::PRIVATE_FILE_MODE,
+    )?;
     for name in [CA_CHAIN_FILE, CA_ROOT_FILE, CA_CERT_FILE] {
         files::write_atomic(&dir.join(name), pem.as_bytes(), files::PUBLIC_FILE_MODE)?;
     }

@@ -31,7 +31,9 @@ pub enum CertError {
     Pem { what: String, detail: String },
     #[error("{what} is not a valid X.509 certificate: {detail}")]
     Parse { what: String, detail: String },
-    #[error("certificate has {found} URI SANs; a workload certificate carries exactly one SPIFFE ID")]
+    #[error(
+        "certificate has {found} URI SANs; a workload certificate carries exactly one SPIFFE ID"
+    )]
     UriSanCount { found: usize },
     #[error("certificate's URI SAN {uri:?} is not a workload SPIFFE ID: {source}")]
     NotSpiffe {
@@ -237,7 +239,9 @@ pub(crate) fn describe_rustls_error(e: &rustls::Error) -> String {
             CertificateError::UnknownIssuer => {
                 "it was not issued by a CA in this mesh's trust bundle".into()
             }
-            CertificateError::BadSignature => "its signature does not verify".into(),
+            CertificateError::BadSignature => {
+                "its signature does not verify against this mesh's CA (a CA of the same name issued it?)".into()
+            }
             CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
                 "it is not meant for client authentication".into()
             }

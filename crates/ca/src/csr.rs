@@ -22,7 +22,9 @@ pub enum CsrError {
     BlockCount { found: String },
     #[error("CSR is not a valid PKCS#10 request: {0}")]
     Der(String),
-    #[error("CSR signature does not verify: the request was altered or not signed with its own key")]
+    #[error(
+        "CSR signature does not verify: the request was altered or not signed with its own key"
+    )]
     BadSignature,
     #[error("CSR key is {0}; use an ECDSA P-256 key (P-384 and RSA of 2048 bits or more are also accepted)")]
     UnsupportedKey(String),
@@ -44,7 +46,10 @@ impl CsrError {
     /// True when the CSR is well-formed but asks for more than one identity: a permission
     /// problem rather than a malformed request.
     pub fn asks_for_extra_identity(&self) -> bool {
-        matches!(self, Self::SeveralIdentities { .. } | Self::ForeignSan { .. })
+        matches!(
+            self,
+            Self::SeveralIdentities { .. } | Self::ForeignSan { .. }
+        )
     }
 }
 
@@ -206,7 +211,10 @@ mod tests {
                 ],
                 "DNS SAN \"evil.example\"",
             ),
-            (vec![uri("https://example.com/x")], "not a workload SPIFFE ID"),
+            (
+                vec![uri("https://example.com/x")],
+                "not a workload SPIFFE ID",
+            ),
         ];
         for (sans, want) in cases {
             let err = parse_csr(&csr_with(sans)).unwrap_err().to_string();

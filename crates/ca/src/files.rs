@@ -83,7 +83,9 @@ pub fn read_text(path: &Path) -> Result<String, FileError> {
 
 /// The permission bits of `path`, if it exists.
 pub fn mode_of(path: &Path) -> Option<u32> {
-    fs::metadata(path).ok().map(|m| m.permissions().mode() & 0o777)
+    fs::metadata(path)
+        .ok()
+        .map(|m| m.permissions().mode() & 0o777)
 }
 
 #[cfg(test)]

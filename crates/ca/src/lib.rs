@@ -39,3 +39,37 @@ pub use token::{
 pub fn decode_request(bytes: &[u8]) -> Result<pb::IstioCertificateRequest, prost::DecodeError> {
     prost::Message::decode(bytes)
 }
+
+/// Formats a duration compactly for messages: `90d`, `1d12h`, `11h59m58s`, `0s`.
+pub fn format_duration(d: std::time::Duration) -> String {
+    let mut secs = d.as_secs();
+    let mut out = String::new();
+    for (unit, size) in [("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1)] {
+        if secs >= size {
+            out.push_str(&format!("{}{unit}", secs / size));
+            secs %= size;
+        }
+    }
+    if out.is_empty() {
+        out.push_str("0s");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn formats_durations() {
+        assert_eq!(
+            super::format_duration(Duration::from_secs(90 * 86_400)),
+            "90d"
+        );
+        assert_eq!(
+            super::format_duration(Duration::from_secs(43_198)),
+            "11h59m58s"
+        );
+        assert_eq!(super::format_duration(Duration::from_millis(300)), "0s");
+    }
+}

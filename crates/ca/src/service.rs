@@ -261,12 +261,13 @@ impl CertificateService {
 
 fn sign_status(e: SignError, caller: &Caller) -> Status {
     match e {
-        SignError::IdentityMismatch { requested, caller: id } => Status::permission_denied(
-            format!(
-                "CSR asks for {requested} but the {} is for {id}",
-                caller.credential.noun()
-            ),
-        ),
+        SignError::IdentityMismatch {
+            requested,
+            caller: id,
+        } => Status::permission_denied(format!(
+            "CSR asks for {requested} but the {} is for {id}",
+            caller.credential.noun()
+        )),
         SignError::Csr(c) if c.asks_for_extra_identity() => {
             Status::permission_denied(c.to_string())
         }

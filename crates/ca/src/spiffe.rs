@@ -11,7 +11,9 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub enum SpiffeError {
     #[error("{0:?} is not a workload SPIFFE ID: expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
     Shape(String),
-    #[error("{what} {value:?} is invalid: use 1 to {max} characters from a-z, 0-9, '-', '.' and '_'")]
+    #[error(
+        "{what} {value:?} is invalid: use 1 to {max} characters from a-z, 0-9, '-', '.' and '_'"
+    )]
     Segment {
         what: &'static str,
         value: String,

@@ -10,8 +10,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::{
-    server_tls_config, tls_incoming, Authenticator, Ca, CaConfig, CertificateService,
-    MemoryLedger, ServingCertOptions, TokenIssuer,
+    server_tls_config, tls_incoming, Authenticator, Ca, CaConfig, CertificateService, MemoryLedger,
+    ServingCertOptions, TokenIssuer,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -61,12 +61,24 @@ impl TestCa {
 
     /// (Re)starts serving, on the same port as before if there was one.
     pub async fn serve(&mut self) -> Result<(), BoxError> {
-        let listener = TcpListener::bind(self.addr).await?;
+        // After `stop` the old accept task may hold the port for a moment longer.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => break other?,
+            }
+        };
         self.addr = listener.local_addr()?;
         let tls = server_tls_config(self.ca.clone(), ServingCertOptions::default())?;
         let (tx, rx) = oneshot::channel();
-        let router = tonic::transport::Server::builder()
-            .add_service(self.service.clone().into_server());
+        let router =
+            tonic::transport::Server::builder().add_service(self.service.clone().into_server());
         let task = tokio::spawn(async move {
             let incoming = tls_incoming(listener, tls);
             if let Err(e) = router
@@ -86,8 +98,14 @@ impl TestCa {
     pub async fn stop(&mut self) {
         if let Some((tx, task)) = self.server.take() {
             let _ = tx.send(());
-            // Open connections may hold the graceful shutdown; the port is what matters.
-            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+            // Open connections may hold up a graceful shutdown; then cut them.
+            let abort = task.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
         }
     }
 

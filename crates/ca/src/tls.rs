@@ -141,12 +141,13 @@ fn issue(
     Ok((Arc::new(CertifiedKey::new(issued.chain, key)), renew_at))
 }
 
-impl ResolvesServerCert for ServingCertResolver {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+impl ServingCertResolver {
+    /// The certificate to serve at `now`, reissued once past half its lifetime.
+    fn current(&self, now: SystemTime) -> Arc<CertifiedKey> {
         // Nothing in this lock can panic half-way through an update, so a poisoned
         // guard still holds a consistent pair.
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if SystemTime::now() >= current.1 {
+        if now >= current.1 {
             match issue(&self.ca, &self.options, &self.provider) {
                 Ok(fresh) => {
                     tracing::info!("renewed the control plane's serving certificate");
@@ -157,7 +158,13 @@ impl ResolvesServerCert for ServingCertResolver {
                 }
             }
         }
-        Some(current.0.clone())
+        current.0.clone()
+    }
+}
+
+impl ResolvesServerCert for ServingCertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current(SystemTime::now()))
     }
 }
 
@@ -210,5 +217,28 @@ impl ClientCertVerifier for DeferredClientAuth {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authority::CaConfig;
+
+    #[test]
+    fn serving_certificate_is_reissued_past_half_life() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Arc::new(Ca::load_or_create(&CaConfig::new(dir.path())).unwrap());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let resolver =
+            ServingCertResolver::new(ca, ServingCertOptions::default(), provider).unwrap();
+        let now = SystemTime::now();
+        let first = resolver.current(now);
+        assert!(Arc::ptr_eq(&first, &resolver.current(now)));
+        let later = now + Duration::from_secs(16 * 24 * 3600);
+        let second = resolver.current(later);
+        assert_ne!(first.cert[0], second.cert[0]);
+        let info = crate::CertInfo::parse(&second.cert[0], "serving").unwrap();
+        assert!(info.uri_sans.is_empty());
     }
 }

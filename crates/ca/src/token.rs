@@ -153,7 +153,9 @@ impl MemoryLedger {
 impl TokenLedger for MemoryLedger {
     async fn consume(&self, id: &str) -> Result<(), LedgerError> {
         let mut entries = self.lock();
-        let entry = entries.get_mut(id).ok_or_else(|| LedgerError::Unknown { id: id.into() })?;
+        let entry = entries
+            .get_mut(id)
+            .ok_or_else(|| LedgerError::Unknown { id: id.into() })?;
         if entry.revoked {
             return Err(LedgerError::Revoked { id: id.into() });
         }
@@ -191,7 +193,11 @@ impl TokenIssuer {
         if !path.exists() {
             let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
                 .map_err(|e| key_err(path, e))?;
-            files::write_atomic(path, key.serialize_pem().as_bytes(), files::PRIVATE_FILE_MODE)?;
+            files::write_atomic(
+                path,
+                key.serialize_pem().as_bytes(),
+                files::PRIVATE_FILE_MODE,
+            )?;
             tracing::info!(path = %path.display(), "generated the join-token signing key");
         } else if files::mode_of(path).is_some_and(|m| m & 0o077 != 0) {
             tracing::warn!(path = %path.display(), "token key is readable by group or others; chmod 600 it");
@@ -212,8 +218,8 @@ impl TokenIssuer {
         if key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
             return Err(key_err(Path::new("<pem>"), "not an ECDSA P-256 key"));
         }
-        let encoding =
-            EncodingKey::from_ec_pem(key_pem.as_bytes()).map_err(|e| key_err(Path::new("<pem>"), e))?;
+        let encoding = EncodingKey::from_ec_pem(key_pem.as_bytes())
+            .map_err(|e| key_err(Path::new("<pem>"), e))?;
         let decoding = DecodingKey::from_ec_pem(key.public_key_pem().as_bytes())
             .map_err(|e| key_err(Path::new("<pem>"), e))?;
         Ok(Self {
@@ -400,7 +406,9 @@ mod tests {
     async fn ledger_counts_and_revokes() {
         let iss = issuer();
         let ledger = MemoryLedger::new();
-        let (_, one) = iss.create("a", "b", Duration::from_secs(60), Some(1)).unwrap();
+        let (_, one) = iss
+            .create("a", "b", Duration::from_secs(60), Some(1))
+            .unwrap();
         let (_, two) = iss.create("a", "b", Duration::from_secs(60), None).unwrap();
         ledger.register(one.clone());
         ledger.register(two.clone());

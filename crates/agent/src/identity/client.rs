@@ -108,9 +108,9 @@ pub(crate) async fn request_certificate(
         metadata: None,
     });
     if let Some(token) = token {
-        let value = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| ClientError::Csr("the join token has characters not allowed in a header".into()))?;
+        let value = format!("Bearer {token}").parse().map_err(|_| {
+            ClientError::Csr("the join token has characters not allowed in a header".into())
+        })?;
         request.metadata_mut().insert("authorization", value);
     }
     let response = IstioCertificateServiceClient::new(channel)

@@ -14,7 +14,9 @@ pub const DEFAULT_CERT_DIR: &str = "/etc/certs";
 /// A configuration value that cannot work.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("control-plane address {value:?} is invalid: {why} (expected e.g. https://10.0.0.2:15012)")]
+    #[error(
+        "control-plane address {value:?} is invalid: {why} (expected e.g. https://10.0.0.2:15012)"
+    )]
     Address { value: String, why: String },
     #[error("CA server name {0:?} is not a valid DNS name or IP address")]
     ServerName(String),
@@ -124,12 +126,14 @@ impl IdentityConfig {
             .parse()
             .map_err(|e: tonic::codegen::http::uri::InvalidUri| bad(&e.to_string()))?;
         if uri.scheme_str() != Some("https") {
-            return Err(bad("the certificate API is only served over TLS: use https://"));
+            return Err(bad(
+                "the certificate API is only served over TLS: use https://",
+            ));
         }
         if uri.host().is_none_or(str::is_empty) {
             return Err(bad("no host"));
         }
-        if rustls_name_ok(&self.ca_server_name).is_none() {
+        if !is_valid_server_name(&self.ca_server_name) {
             return Err(ConfigError::ServerName(self.ca_server_name.clone()));
         }
         if self.initial_backoff.is_zero() || self.initial_backoff > self.max_backoff {
@@ -147,15 +151,16 @@ impl IdentityConfig {
     }
 }
 
-fn rustls_name_ok(name: &str) -> Option<()> {
-    let ok = !name.is_empty()
-        && (name.parse::<std::net::IpAddr>().is_ok()
-            || name.split('.').all(|label| {
+fn is_valid_server_name(name: &str) -> bool {
+    name.parse::<std::net::IpAddr>().is_ok()
+        || (!name.is_empty()
+            && name.split('.').all(|label| {
                 !label.is_empty()
                     && label.len() <= 63
-                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            }));
-    ok.then_some(())
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            }))
 }
 
 #[cfg(test)]
@@ -164,7 +169,9 @@ mod tests {
 
     #[test]
     fn validates_address_and_names() {
-        assert!(IdentityConfig::new("https://10.0.0.2:15012").validate().is_ok());
+        assert!(IdentityConfig::new("https://10.0.0.2:15012")
+            .validate()
+            .is_ok());
         let err = IdentityConfig::new("http://10.0.0.2:15012")
             .validate()
             .unwrap_err();

@@ -37,7 +37,7 @@ pub enum IdentityError {
     NoCredential { dir: String },
     #[error("cannot get a certificate for {identity}: {source}")]
     Refused {
-        identity: SpiffeId,
+        identity: Box<SpiffeId>,
         #[source]
         source: ClientError,
     },
@@ -115,33 +115,46 @@ impl IdentityManager {
         let mut backoff = self.config.initial_backoff;
         let mut unsaved = false;
         loop {
-            let now = SystemTime::now();
+            let renew_in = current.as_ref().map_or(Duration::ZERO, |c| {
+                c.renew_at()
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default()
+            });
             if unsaved {
                 if let Some(c) = &current {
                     match self.files.save(c) {
                         Ok(()) => unsaved = false,
                         Err(e) => {
-                            tracing::error!(error = %e, dir = %self.files.dir().display(), "cannot write the certificate files; retrying in {}", human(backoff));
-                            backoff = self.sleep_backoff(backoff).await;
-                            continue;
+                            tracing::error!(error = %e, "cannot write the certificate files; retrying in {}", human(backoff.min(renew_in)))
                         }
                     }
                 }
+                // Keep retrying the write, but never past the renewal time.
+                if unsaved && !renew_in.is_zero() {
+                    backoff = self.sleep_backoff(backoff.min(renew_in)).await;
+                    continue;
+                }
             }
-            if let Some(c) = current.as_ref().filter(|c| c.renew_at() > now) {
-                let wait = c.renew_at().duration_since(now).unwrap_or_default();
-                tracing::info!(identity = %c.identity, expires = %humantime::format_rfc3339_seconds(c.not_after), "certificate valid; will renew in {}", human(wait));
-                tokio::time::sleep(wait).await;
+            if let Some(c) = current.as_ref().filter(|_| !renew_in.is_zero()) {
+                tracing::info!(identity = %c.identity, expires = %humantime::format_rfc3339_seconds(c.not_after), "certificate valid; will renew in {}", human(renew_in));
+                tokio::time::sleep(renew_in).await;
             }
 
             match self.obtain(&identity, current.as_deref()).await {
                 Ok(fresh) => {
                     self.record("issued");
                     tracing::info!(%identity, expires = %humantime::format_rfc3339_seconds(fresh.not_after), "got a new certificate");
+                    // Files first, so that whoever sees the new certificate published
+                    // can also find it on disk; a write failure is retried at the top of
+                    // the loop without asking the CA again (a one-use token would not
+                    // allow it).
+                    if let Err(e) = self.files.save(&fresh) {
+                        tracing::error!(error = %e, "cannot write the certificate files");
+                        unsaved = true;
+                    }
                     let fresh = Arc::new(fresh);
                     self.publish(fresh.clone());
                     current = Some(fresh);
-                    unsaved = true;
                     backoff = self.config.initial_backoff;
                 }
                 Err(e) => {
@@ -154,8 +167,12 @@ impl IdentityManager {
                     };
                     match valid {
                         None if permanent => return Err(e),
-                        None => tracing::warn!(error = %e, "no valid certificate yet; retrying in {}", human(backoff)),
-                        Some(c) => tracing::warn!(error = %e, "renewal failed; keeping the current certificate (expires {}), retrying in {}", humantime::format_rfc3339_seconds(c.not_after), human(backoff)),
+                        None => {
+                            tracing::warn!(error = %e, "no valid certificate yet; retrying in {}", human(backoff))
+                        }
+                        Some(c) => {
+                            tracing::warn!(error = %e, "renewal failed; keeping the current certificate (expires {}), retrying in {}", humantime::format_rfc3339_seconds(c.not_after), human(backoff))
+                        }
                     }
                     backoff = self.sleep_backoff(backoff).await;
                 }
@@ -163,9 +180,10 @@ impl IdentityManager {
         }
     }
 
+    /// Sleeps `backoff`, returns the next one (doubled, capped).
     async fn sleep_backoff(&self, backoff: Duration) -> Duration {
         tokio::time::sleep(backoff).await;
-        (backoff * 2).min(self.config.max_backoff)
+        (backoff * 2).clamp(self.config.initial_backoff, self.config.max_backoff)
     }
 
     /// Renews with the current certificate while it is valid; falls back to the join
@@ -176,13 +194,12 @@ impl IdentityManager {
         current: Option<&WorkloadCertificate>,
     ) -> Result<WorkloadCertificate, IdentityError> {
         let refused = |source| IdentityError::Refused {
-            identity: identity.clone(),
+            identity: Box::new(identity.clone()),
             source,
         };
         let valid = current.filter(|c| c.is_valid_at(SystemTime::now()));
         if let Some(cert) = valid {
-            match request_certificate(&self.config, identity, Credential::Certificate(cert)).await
-            {
+            match request_certificate(&self.config, identity, Credential::Certificate(cert)).await {
                 Ok(fresh) => return Ok(fresh),
                 Err(e) if e.is_unauthenticated() && self.config.token.is_some() => {
                     tracing::warn!(error = %e, "the CA did not accept the current certificate; trying the join token");
@@ -222,9 +239,14 @@ impl IdentityManager {
             return Ok(id.clone());
         }
         if let Some(source) = &self.config.token {
-            match source.read().map(|t| isthmus_ca::token_identity_unverified(&t)) {
+            match source
+                .read()
+                .map(|t| isthmus_ca::token_identity_unverified(&t))
+            {
                 Ok(Ok(id)) => return Ok(id),
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot read the identity from the join token"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot read the identity from the join token")
+                }
                 Err(e) => tracing::warn!(error = %e, "cannot read the join token"),
             }
         }
@@ -254,5 +276,5 @@ impl IdentityManager {
 }
 
 fn human(d: Duration) -> String {
-    humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+    isthmus_ca::format_duration(d)
 }

@@ -29,8 +29,6 @@ pub enum StoreError {
     Key { what: String, detail: String },
     #[error("the private key does not match the leaf certificate")]
     KeyMismatch,
-    #[error("the certificate is for {found}, not {expected}")]
-    WrongIdentity { found: SpiffeId, expected: SpiffeId },
     #[error("{0}")]
     Incomplete(String),
 }
@@ -53,8 +51,14 @@ impl std::fmt::Debug for WorkloadCertificate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WorkloadCertificate")
             .field("identity", &self.identity.to_string())
-            .field("not_before", &humantime::format_rfc3339_seconds(self.not_before))
-            .field("not_after", &humantime::format_rfc3339_seconds(self.not_after))
+            .field(
+                "not_before",
+                &humantime::format_rfc3339_seconds(self.not_before),
+            )
+            .field(
+                "not_after",
+                &humantime::format_rfc3339_seconds(self.not_after),
+            )
             .finish_non_exhaustive()
     }
 }
