@@ -79,6 +79,8 @@ pub async fn start(
         "127.0.0.1:0",
         "--metrics-addr",
         "127.0.0.1:0",
+        "--grpc-addr",
+        "127.0.0.1:0",
     ]);
     let mut server = ServerProcess::spawn("isthmus server", cmd, &log)?;
     let deadline = Instant::now() + START_TIMEOUT;

@@ -189,9 +189,11 @@ pub struct CaMetrics {
 }
 
 impl CaMetrics {
+    /// Registers `certificate_requests_total{outcome}`; pass the CA's sub-registry (the
+    /// control plane uses the prefix `isthmus_ca`).
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
-            "isthmus_ca_certificate_requests",
+            "certificate_requests",
             "CreateCertificate calls by outcome (issued or the gRPC code)",
             self.requests.clone(),
         );

@@ -63,7 +63,7 @@ pub enum Command {
     #[command(
         after_help = "Examples:\n  isthmus server --dev\n  isthmus server --data-dir /var/lib/isthmus --registration-addr 0.0.0.0:8080"
     )]
-    Server(isthmus_control_plane::ServerArgs),
+    Server(Box<isthmus_control_plane::ServerArgs>),
     /// Add an endpoint of a host to a service, creating the (selector-less) service if needed.
     #[command(
         after_help = "Unnamed ports get names guessed from the number: 80/8080 http, 443 https, 3306 mysql, else the number.\n\nExamples:\n  isthmus register mysql 10.0.0.5 3306 -n onprem\n  isthmus register web 10.0.0.6 http:8080 grpc:9090 -n shop -s web -l version=v1"
@@ -142,6 +142,21 @@ pub enum Command {
         #[command(flatten)]
         conn: Connection,
     },
+    /// Run the host agent (today: the identity manager, with --identity-only).
+    #[command(
+        after_help = "Example:\n  isthmus agent --identity-only --ca-addr https://10.0.0.2:15012 \\\n      --join-token-file /etc/isthmus/token --cert-dir /etc/certs"
+    )]
+    Agent(isthmus_agent::AgentArgs),
+    /// Join tokens: what a host presents to get its first certificate.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Prepare a host for the mesh.
+    Vm {
+        #[command(subcommand)]
+        command: VmCommand,
+    },
     /// Print a shell completion script.
     #[command(after_help = "Example:\n  isthmus completion bash > /etc/bash_completion.d/isthmus")]
     Completion { shell: clap_complete::Shell },
@@ -153,4 +168,68 @@ pub enum Output {
     Wide,
     Yaml,
     Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Create a join token for NAMESPACE/SERVICE-ACCOUNT; prints the token alone on stdout.
+    #[command(
+        after_help = "Examples:\n  isthmus token create -n onprem -s mysql --ttl 1h --uses 1 > token\n  isthmus token create -n onprem -s mysql -o json"
+    )]
+    Create {
+        #[arg(short, long, default_value = isthmus_model::DEFAULT_NAMESPACE)]
+        namespace: String,
+        #[arg(short = 's', long, default_value = isthmus_model::DEFAULT_SERVICE_ACCOUNT)]
+        service_account: String,
+        /// How long the token is valid (e.g. 30m, 1h, 7d).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// How many certificates it may obtain (default: any number until it expires).
+        #[arg(long)]
+        uses: Option<u32>,
+        /// `text` prints the token only; `json` prints it with its id and expiry.
+        #[arg(short, long, default_value = "text")]
+        output: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// List join tokens (ids and metadata; the tokens themselves are never stored).
+    List {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Revoke a join token: it gets no more certificates.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCommand {
+    /// Write the seeds' "machineCerts" for a host: root-cert.pem, and with --all a short-lived
+    /// key.pem and cert-chain.pem for hosts that cannot use a join token.
+    #[command(
+        after_help = "Example:\n  isthmus vm certs -n onprem -s mysql -o ./mysql-vm --all --lifetime 2h"
+    )]
+    Certs {
+        #[arg(short, long, default_value = isthmus_model::DEFAULT_NAMESPACE)]
+        namespace: String,
+        #[arg(short = 's', long, default_value = isthmus_model::DEFAULT_SERVICE_ACCOUNT)]
+        service_account: String,
+        /// Directory to write to (created if missing).
+        #[arg(short, long = "output-dir")]
+        output_dir: PathBuf,
+        /// Also a bootstrap key and certificate.
+        #[arg(long)]
+        all: bool,
+        /// Lifetime of the bootstrap certificate (default: the CA's default).
+        #[arg(long)]
+        lifetime: Option<String>,
+        #[command(flatten)]
+        conn: Connection,
+    },
 }

@@ -13,7 +13,7 @@ use isthmus_model::{Kind, Resource};
 use reqwest::Method;
 use serde_json::Value;
 
-use crate::args::{Command, Output};
+use crate::args::{Command, Output, TokenCommand, VmCommand};
 use crate::client::{enc, Client, ClientError};
 use crate::output;
 
@@ -259,7 +259,9 @@ pub async fn run(cmd: Command, out: &mut dyn Write) -> Result<(), CommandError> 
             };
             w(out, s);
         }
-        Command::Server(_) | Command::Completion { .. } => {
+        Command::Token { command } => token_cmd(command, out).await?,
+        Command::Vm { command } => vm_cmd(command, out).await?,
+        Command::Server(_) | Command::Agent(_) | Command::Completion { .. } => {
             return Err(CommandError::Usage("not an operator command".into()))
         }
     }
@@ -399,4 +401,151 @@ fn print_event(
     };
     let _ = out.write_all(s.as_bytes());
     let _ = out.flush();
+}
+
+async fn token_cmd(cmd: TokenCommand, out: &mut dyn Write) -> Result<(), CommandError> {
+    match cmd {
+        TokenCommand::Create {
+            namespace,
+            service_account,
+            ttl,
+            uses,
+            output,
+            conn,
+        } => {
+            let client = Client::from_connection(&conn)?;
+            let body = serde_json::json!({"namespace": namespace, "serviceAccount": service_account, "ttl": ttl, "uses": uses});
+            let r: Value = client
+                .json(
+                    Method::POST,
+                    "/api/v1/tokens",
+                    Some(("application/json", body.to_string().into_bytes())),
+                )
+                .await?;
+            let text = match output.as_str() {
+                "json" => output::json(&r),
+                "text" => {
+                    let uses = r["maxUses"]
+                        .as_u64()
+                        .map_or("any number of".into(), |u| u.to_string());
+                    eprintln!(
+                        "token {} for {}: valid until {}, for {uses} certificate(s)",
+                        r["id"].as_str().unwrap_or_default(),
+                        r["identity"].as_str().unwrap_or_default(),
+                        output::unix_time(r["expiresAt"].as_u64().unwrap_or_default()),
+                    );
+                    format!("{}\n", r["token"].as_str().unwrap_or_default())
+                }
+                other => {
+                    return Err(CommandError::Usage(format!(
+                        "-o {other:?}: expected text or json"
+                    )))
+                }
+            };
+            let _ = out.write_all(text.as_bytes());
+        }
+        TokenCommand::List { output: fmt, conn } => {
+            let client = Client::from_connection(&conn)?;
+            let r: Value = client.json(Method::GET, "/api/v1/tokens", None).await?;
+            let text = match fmt {
+                Output::Json => output::json(&r),
+                Output::Yaml => output::yaml(&r),
+                Output::Table | Output::Wide => {
+                    let items = r["items"].as_array().cloned().unwrap_or_default();
+                    if items.is_empty() {
+                        "No tokens.\n".to_string()
+                    } else {
+                        let rows: Vec<Vec<String>> = items
+                            .iter()
+                            .map(|t| {
+                                vec![
+                                    t["id"].as_str().unwrap_or_default().to_string(),
+                                    t["identity"].as_str().unwrap_or_default().to_string(),
+                                    output::unix_time(t["expiresAt"].as_u64().unwrap_or_default()),
+                                    match t["maxUses"].as_u64() {
+                                        Some(m) => format!("{}/{m}", t["uses"]),
+                                        None => format!("{}", t["uses"]),
+                                    },
+                                    t["state"].as_str().unwrap_or_default().to_string(),
+                                ]
+                            })
+                            .collect();
+                        output::table(&["ID", "IDENTITY", "EXPIRES", "USES", "STATE"], &rows)
+                    }
+                }
+            };
+            let _ = out.write_all(text.as_bytes());
+        }
+        TokenCommand::Revoke { id, conn } => {
+            let client = Client::from_connection(&conn)?;
+            let _: Value = client
+                .json(
+                    Method::DELETE,
+                    &format!("/api/v1/tokens/{}", enc(&id)),
+                    None,
+                )
+                .await?;
+            let _ = writeln!(out, "token {id} revoked");
+        }
+    }
+    Ok(())
+}
+
+async fn vm_cmd(cmd: VmCommand, out: &mut dyn Write) -> Result<(), CommandError> {
+    match cmd {
+        VmCommand::Certs {
+            namespace,
+            service_account,
+            output_dir,
+            all,
+            lifetime,
+            conn,
+        } => {
+            let client = Client::from_connection(&conn)?;
+            let body = serde_json::json!({
+                "namespace": namespace, "serviceAccount": service_account,
+                "bootstrap": all, "lifetime": lifetime,
+            });
+            let r: Value = client
+                .json(
+                    Method::POST,
+                    "/api/v1/certs",
+                    Some(("application/json", body.to_string().into_bytes())),
+                )
+                .await?;
+            let write_err = |path: &std::path::Path, e: std::io::Error| CommandError::Read {
+                path: path.display().to_string(),
+                cause: format!("cannot write: {e}"),
+            };
+            std::fs::create_dir_all(&output_dir).map_err(|e| write_err(&output_dir, e))?;
+            let mut files = vec![(
+                "root-cert.pem",
+                r["rootCert"].as_str().unwrap_or_default(),
+                0o644,
+            )];
+            if all {
+                // The key first, so the certificate never sits on disk without it.
+                files.insert(0, ("key.pem", r["key"].as_str().unwrap_or_default(), 0o600));
+                files.push((
+                    "cert-chain.pem",
+                    r["certChain"].as_str().unwrap_or_default(),
+                    0o644,
+                ));
+            }
+            for (name, contents, mode) in files {
+                let path = output_dir.join(name);
+                isthmus_control_plane::server::write_atomic(&path, contents.as_bytes(), mode)
+                    .map_err(|e| write_err(&path, e))?;
+                let _ = writeln!(out, "wrote {}", path.display());
+            }
+            if all {
+                let _ = writeln!(
+                    out,
+                    "bootstrap certificate for {}",
+                    r["identity"].as_str().unwrap_or_default()
+                );
+            }
+        }
+    }
+    Ok(())
 }

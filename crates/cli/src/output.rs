@@ -184,3 +184,11 @@ pub fn yaml<T: serde::Serialize>(v: &T) -> String {
 pub fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string_pretty(v).unwrap_or_default() + "\n"
 }
+
+/// Unix seconds as RFC 3339 (UTC).
+pub fn unix_time(secs: u64) -> String {
+    OffsetDateTime::from_unix_timestamp(secs as i64)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| secs.to_string())
+}

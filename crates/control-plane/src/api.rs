@@ -22,6 +22,7 @@ use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
+use crate::identity::{self, CreateTokenRequest, IdentityError, StoreLedger};
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 use crate::registry::{DeregisterRequest, Filter, RegisterRequest, Registry, RegistryError};
 
@@ -36,6 +37,14 @@ pub struct ApiState {
     pub ready: AtomicBool,
     /// Turns true when shutdown begins; open watch streams end then.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    pub identity: IdentityState,
+}
+
+/// The CA and the join tokens, for the token and certificate routes.
+pub struct IdentityState {
+    pub ca: Arc<isthmus_ca::Ca>,
+    pub tokens: Arc<isthmus_ca::TokenIssuer>,
+    pub ledger: Arc<StoreLedger>,
 }
 
 /// An error as the API reports it: `{"error": {"code": 409, "reason": "Conflict", "message": ...}}`.
@@ -139,6 +148,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/register", post(register))
         .route("/api/v1/deregister", post(deregister))
         .route("/api/v1/watch", get(watch))
+        .route("/api/v1/tokens", get(list_tokens).post(create_token))
+        .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
+        .route("/api/v1/certs", post(issue_certs))
+        .route("/api/v1/ca/root", get(ca_root))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .merge(api)
@@ -517,6 +530,116 @@ async fn watch(
         })
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+impl From<IdentityError> for ApiError {
+    fn from(e: IdentityError) -> Self {
+        let status = match &e {
+            IdentityError::UnknownToken(_) => StatusCode::NOT_FOUND,
+            IdentityError::Invalid(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+async fn create_token(State(state): State<Arc<ApiState>>, body: Body) -> ApiResult<Response> {
+    let req: CreateTokenRequest = parse_json_body(&read_body(body).await?)?;
+    let id = &state.identity;
+    let resp = identity::create_token(&id.tokens, &id.ledger, req).await?;
+    Ok((StatusCode::CREATED, Json(resp)).into_response())
+}
+
+async fn list_tokens(State(state): State<Arc<ApiState>>) -> ApiResult<Response> {
+    let entries = state.identity.ledger.list().await?;
+    let items: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|e| {
+            let r = &e.record;
+            json!({
+                "id": r.id, "namespace": r.namespace, "serviceAccount": r.service_account,
+                "identity": r.identity.to_string(), "issuedAt": r.issued_at, "expiresAt": r.expires_at,
+                "maxUses": r.max_uses, "uses": e.uses, "revoked": e.revoked,
+                "state": identity::token_state(e),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "items": items })).into_response())
+}
+
+async fn revoke_token(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let entry = state.identity.ledger.revoke(&id).await?;
+    Ok(Json(json!({"id": entry.record.id, "revoked": entry.revoked})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CertsRequest {
+    #[serde(default)]
+    namespace: String,
+    #[serde(default)]
+    service_account: String,
+    /// Also issue a key and certificate for the host (the seeds' machine certs).
+    #[serde(default)]
+    bootstrap: bool,
+    /// Lifetime of the bootstrap certificate, like `1h` (default: the CA's default).
+    #[serde(default)]
+    lifetime: Option<String>,
+}
+
+/// The seeds' "machineCerts": the root bundle, and on request a short-lived key and certificate
+/// for a host that cannot use a join token. The key is generated here, so only use this over
+/// a trusted channel (the admin API is loopback-only by default).
+async fn issue_certs(State(state): State<Arc<ApiState>>, body: Body) -> ApiResult<Response> {
+    let req: CertsRequest = parse_json_body(&read_body(body).await?)?;
+    let ca = &state.identity.ca;
+    let mut out = json!({ "rootCert": ca.trust_bundle_pem() });
+    if req.bootstrap {
+        let ns = if req.namespace.is_empty() {
+            model::DEFAULT_NAMESPACE
+        } else {
+            &req.namespace
+        };
+        let sa = if req.service_account.is_empty() {
+            model::DEFAULT_SERVICE_ACCOUNT
+        } else {
+            &req.service_account
+        };
+        let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, m);
+        let id =
+            isthmus_ca::SpiffeId::new(ca.trust_domain(), ns, sa).map_err(|e| bad(e.to_string()))?;
+        let lifetime = match req.lifetime.as_deref() {
+            None | Some("") => None,
+            Some(t) => Some(
+                humantime::parse_duration(t)
+                    .map_err(|e| bad(format!("lifetime {t:?} is not a duration like 1h: {e}")))?,
+            ),
+        };
+        if let Some(l) = lifetime {
+            if l > ca.max_lifetime() {
+                return Err(bad(format!(
+                    "lifetime {} is above this CA's maximum of {}",
+                    humantime::format_duration(l),
+                    humantime::format_duration(ca.max_lifetime())
+                )));
+            }
+        }
+        let pair = ca
+            .issue_workload(&id, lifetime)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        out["identity"] = json!(id.to_string());
+        out["certChain"] = json!(pair.chain_pem());
+        out["key"] = json!(pair.key_pem);
+    }
+    Ok(Json(out).into_response())
+}
+
+async fn ca_root(State(state): State<Arc<ApiState>>) -> Response {
+    Json(json!({ "rootCert": state.identity.ca.trust_bundle_pem(), "trustDomain": state.identity.ca.trust_domain() }))
+        .into_response()
 }
 
 struct WatcherGuard(Arc<ApiState>);

@@ -10,6 +10,7 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/isthmus";
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15080";
 pub const DEFAULT_REGISTRATION_ADDR: &str = "127.0.0.1:8080";
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:15014";
+pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:15012";
 pub const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/12";
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 pub const ENDPOINTS_FILE: &str = "endpoints.json";
@@ -57,6 +58,45 @@ pub struct ServerArgs {
     /// With --dev: do not write the CLI config file.
     #[arg(long)]
     pub no_client_config: bool,
+
+    /// Certificate API and discovery (gRPC over TLS), Istio's port.
+    #[arg(long, default_value = DEFAULT_GRPC_ADDR, env = "ISTHMUS_GRPC_ADDR")]
+    pub grpc_addr: SocketAddr,
+    /// The CA's directory (Istio's "cacerts" layout) [default: <data-dir>/ca]. A self-signed
+    /// root is generated there on first start unless CA files are plugged in.
+    #[arg(long, env = "ISTHMUS_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// Plug in an intermediate CA signed by your own root: its certificate...
+    #[arg(long, requires_all = ["ca_key", "ca_root"])]
+    pub ca_cert: Option<PathBuf>,
+    /// ...its private key (PKCS#8 PEM)...
+    #[arg(long, requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// ...the chain from it up to the root (intermediates)...
+    #[arg(long, requires = "ca_cert")]
+    pub ca_chain: Option<PathBuf>,
+    /// ...and the root.
+    #[arg(long, requires = "ca_cert")]
+    pub ca_root: Option<PathBuf>,
+    /// Extra roots to trust and hand out beside the CA's own (root rotation, see the README).
+    #[arg(long, env = "ISTHMUS_TRUST_BUNDLE")]
+    pub trust_bundle: Option<PathBuf>,
+    /// SPIFFE trust domain of workload identities.
+    #[arg(long, default_value = "cluster.local", env = "ISTHMUS_TRUST_DOMAIN")]
+    pub trust_domain: String,
+    /// Lifetime of a workload certificate when the request asks for none.
+    #[arg(long, default_value = "24h", env = "ISTHMUS_CERT_TTL")]
+    pub cert_ttl: humantime::Duration,
+    /// The longest lifetime a certificate request may ask for.
+    #[arg(long, default_value = "90d", env = "ISTHMUS_MAX_CERT_TTL")]
+    pub max_cert_ttl: humantime::Duration,
+    /// Extra DNS names for the control plane's serving certificate (repeatable), besides
+    /// istiod.istio-system.svc, istiod, isthmus and localhost.
+    #[arg(long = "server-dns-name", value_name = "NAME")]
+    pub server_dns_names: Vec<String>,
+    /// Extra IPs for the serving certificate (repeatable), besides 127.0.0.1.
+    #[arg(long = "server-ip", value_name = "IP")]
+    pub server_ips: Vec<std::net::IpAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +107,10 @@ pub enum ConfigError {
     CidrTooSmall(IpNet),
     #[error("--history must be at least 1")]
     History,
+    #[error("--cert-ttl {0} is longer than --max-cert-ttl {1}")]
+    CertTtl(humantime::Duration, humantime::Duration),
+    #[error("--trust-domain {0:?} {1}")]
+    TrustDomain(String, String),
 }
 
 impl ServerArgs {
@@ -81,6 +125,12 @@ impl ServerArgs {
         }
         if self.history == 0 {
             return Err(ConfigError::History);
+        }
+        if *self.cert_ttl > *self.max_cert_ttl {
+            return Err(ConfigError::CertTtl(self.cert_ttl, self.max_cert_ttl));
+        }
+        if let Some(p) = isthmus_model::validate::dns_subdomain_problem(&self.trust_domain) {
+            return Err(ConfigError::TrustDomain(self.trust_domain.clone(), p));
         }
         Ok(())
     }

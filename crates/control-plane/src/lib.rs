@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod config;
+pub mod identity;
 pub mod informer;
 pub mod legacy;
 pub mod metrics;

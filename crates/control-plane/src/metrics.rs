@@ -38,8 +38,10 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Arc<Self> {
+    /// `more` registers the metrics of other components (each in its own sub-registry).
+    pub fn new(more: impl FnOnce(&mut Registry)) -> Arc<Self> {
         let mut registry = Registry::with_prefix("isthmus");
+        more(&mut registry);
         let requests = Family::<RequestLabels, Counter>::default();
         let latency = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.0001, 2.0, 18))

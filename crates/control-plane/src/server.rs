@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, ApiState};
 use crate::config::{self, ServerArgs, StoreKind};
+use crate::identity;
 use crate::legacy;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -26,6 +27,8 @@ use crate::registry::Registry;
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Endpoints {
+    /// Certificate API (and discovery): gRPC over TLS.
+    pub grpc: String,
     pub admin: String,
     pub registration: String,
     pub metrics: String,
@@ -141,7 +144,24 @@ pub async fn run(
         };
     let (token, created) = admin_token(&data_dir)?;
     let registry = Registry::new(store.clone(), args.service_cidr, args.domain.clone());
-    let metrics = Metrics::new();
+
+    let ca_dir = args.ca_dir.clone().unwrap_or_else(|| data_dir.join("ca"));
+    let (ca, tokens) = identity::load_ca(&args, &ca_dir)?;
+    let ledger = Arc::new(identity::StoreLedger::new(store.clone()));
+    let auth = isthmus_ca::Authenticator::new(ca.clone(), tokens.clone(), ledger.clone());
+    let cert_service = isthmus_ca::CertificateService::new(ca.clone(), auth.clone());
+    let metrics = Metrics::new(|reg| {
+        cert_service
+            .metrics()
+            .register(reg.sub_registry_with_prefix("ca"))
+    });
+    let mut serving = isthmus_ca::ServingCertOptions::default();
+    serving
+        .dns_names
+        .extend(args.server_dns_names.iter().cloned());
+    serving.ips.extend(args.server_ips.iter().copied());
+    let grpc_tls = isthmus_ca::server_tls_config(ca.clone(), serving)
+        .context("cannot set up TLS for the gRPC port")?;
     // Watch streams never end by themselves; they are cut when shutdown begins so the graceful
     // shutdown of the HTTP servers does not wait on them.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -151,6 +171,11 @@ pub async fn run(
         admin_token: token.clone(),
         ready: false.into(),
         stopping: stop_rx.clone(),
+        identity: crate::api::IdentityState {
+            ca: ca.clone(),
+            tokens,
+            ledger,
+        },
     });
 
     let admin = bind(args.admin_addr, "admin API", "--admin-addr").await?;
@@ -161,7 +186,14 @@ pub async fn run(
     )
     .await?;
     let metrics_l = bind(args.metrics_addr, "metrics endpoint", "--metrics-addr").await?;
+    let grpc = bind(
+        args.grpc_addr,
+        "certificate and discovery API",
+        "--grpc-addr",
+    )
+    .await?;
     let endpoints = Endpoints {
+        grpc: format!("https://{}", grpc.local_addr()?),
         admin: format!("http://{}", admin.local_addr()?),
         registration: format!("http://{}", registration.local_addr()?),
         metrics: format!("http://{}", metrics_l.local_addr()?),
@@ -176,6 +208,8 @@ pub async fn run(
     tracing::info!(
         data_dir = %data_dir.display(),
         admin = %endpoints.admin,
+        grpc = %endpoints.grpc,
+        trust_domain = %ca.trust_domain(),
         registration = %endpoints.registration,
         metrics = %endpoints.metrics,
         revision = store.revision(),
@@ -207,13 +241,21 @@ pub async fn run(
         serve(registration, legacy::router(state.clone())),
         serve(metrics_l, metrics_app),
     ];
+    let mut grpc_stop = stop_rx.clone();
+    let grpc_task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(cert_service.into_server())
+            .serve_with_incoming_shutdown(isthmus_ca::tls_incoming(grpc, grpc_tls), async move {
+                let _ = grpc_stop.wait_for(|s| *s).await;
+            }),
+    );
     state.ready.store(true, Ordering::Release);
 
     shutdown.await;
     tracing::info!("shutting down: no new requests, closing watches");
     state.ready.store(false, Ordering::Release);
     let _ = stop_tx.send(true);
-    let drain = futures::future::join_all(tasks);
+    let drain = futures::future::join(futures::future::join_all(tasks), grpc_task);
     if tokio::time::timeout(Duration::from_secs(10), drain)
         .await
         .is_err()
@@ -240,6 +282,8 @@ fn dev_banner(args: &ServerArgs, ep: &Endpoints, token: &str, data_dir: &Path) {
     println!(
         "\nIsthmus control plane (dev mode, data in {dir}, deleted at exit)\n\n\
          admin API         {admin}\n\
+         certificate API   {grpc}  (gRPC/TLS, Istio's IstioCertificateService)\n\
+         certificates      {grpc}  (gRPC/TLS, Istio's CA API)\n\
          registration API  {reg}/v1/registration\n\
          metrics           {met}/metrics\n\
          admin token       {token}\n\n\
@@ -249,10 +293,12 @@ fn dev_banner(args: &ServerArgs, ep: &Endpoints, token: &str, data_dir: &Path) {
          \x20 isthmus register mysql 10.0.0.5 3306 -n onprem\n\
          \x20 isthmus get services -A\n\
          \x20 curl -s {reg}/v1/registration\n\
-         \x20 isthmus get services -A --watch\n\n\
+         \x20 isthmus get services -A --watch\n\
+         \x20 isthmus token create -n onprem -s mysql --ttl 1h\n\n\
          Press Ctrl-C to stop.\n",
         dir = data_dir.display(),
         admin = ep.admin,
+        grpc = ep.grpc,
         reg = ep.registration,
         met = ep.metrics,
     );

@@ -36,6 +36,13 @@ fn main() -> ExitCode {
         Command::Server(args) => {
             init_logging(cli.global.log_format, &cli.global.log_level);
             runtime.block_on(isthmus_control_plane::server::run(
+                *args,
+                isthmus_control_plane::server::shutdown_signal(),
+            ))
+        }
+        Command::Agent(args) => {
+            init_logging(cli.global.log_format, &cli.global.log_level);
+            runtime.block_on(isthmus_agent::run::run(
                 args,
                 isthmus_control_plane::server::shutdown_signal(),
             ))

@@ -3,7 +3,7 @@
 //! half its lifetime, first with a join token and then with the certificate itself.
 
 mod client;
-mod config;
+pub mod config;
 mod store;
 
 use std::convert::Infallible;

@@ -13,6 +13,8 @@ pub struct Server {
     pub admin: String,
     pub registration: String,
     pub metrics: String,
+    /// Certificate API (gRPC over TLS), `https://127.0.0.1:PORT`.
+    pub grpc: String,
     pub token: String,
     /// Isolates the CLI's config file from the user's.
     pub home: tempfile::TempDir,
@@ -49,6 +51,8 @@ impl Server {
                 "127.0.0.1:0",
                 "--metrics-addr",
                 "127.0.0.1:0",
+                "--grpc-addr",
+                "127.0.0.1:0",
             ])
             .args(extra)
             .env("ISTHMUS_LOG", "warn")
@@ -76,6 +80,7 @@ impl Server {
             admin: ep["admin"].as_str().unwrap().into(),
             registration: ep["registration"].as_str().unwrap().into(),
             metrics: ep["metrics"].as_str().unwrap().into(),
+            grpc: ep["grpc"].as_str().unwrap().into(),
             token,
             home: tempfile::tempdir().unwrap(),
         }
