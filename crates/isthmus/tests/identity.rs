@@ -270,3 +270,116 @@ fn bootstrap_certs_and_token_input_errors() {
         "refused requests stored nothing"
     );
 }
+
+/// The three-phase root rotation of crates/ca/ROTATION.md, with a live host: its agent keeps a
+/// valid certificate through every phase and ends up trusting only the new root.
+#[test]
+fn root_rotation_without_breaking_hosts() {
+    // The agent needs a stable address across control-plane restarts.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let grpc = format!("127.0.0.1:{port}");
+    let new_ca = tempfile::tempdir().unwrap();
+    {
+        // A throwaway control plane makes the new root's material.
+        let _throwaway = Server::start(new_ca.path());
+    }
+    let new_ca_dir = new_ca.path().join("ca");
+    let dir = tempfile::tempdir().unwrap();
+    let old_ca_dir = dir.path().join("ca");
+    let start = |extra: &[&str]| {
+        let mut args = vec!["--grpc-addr", grpc.as_str()];
+        args.extend_from_slice(extra);
+        Server::start_with_grpc(dir.path(), &args)
+    };
+    let roots_on_host = |certs: &std::path::Path| {
+        parse_pem_certs(
+            &std::fs::read_to_string(certs.join("root-cert.pem")).unwrap(),
+            "roots",
+        )
+        .unwrap()
+    };
+    let root_of = |ca_dir: &std::path::Path| {
+        parse_pem_certs(
+            &std::fs::read_to_string(ca_dir.join("root-cert.pem")).unwrap(),
+            "root",
+        )
+        .unwrap()[0]
+            .clone()
+    };
+
+    let mut s = start(&[]);
+    let host = tempfile::tempdir().unwrap();
+    let certs = host.path().join("certs");
+    s.ok(&["vm", "certs", "-o", certs.to_str().unwrap()]);
+    let token_file = host.path().join("token");
+    std::fs::write(
+        &token_file,
+        String::from_utf8(s.cli(&["token", "create", "--uses", "1"]).stdout).unwrap(),
+    )
+    .unwrap();
+    let _agent = agent(&s, &certs, &token_file, &["--cert-lifetime", "4s"]);
+    let serial_now = || leaf(&certs).map(|c| c.serial);
+    let renewed_after = |what: &str, before: Option<String>| {
+        wait_for(what, Duration::from_secs(30), || {
+            let now = leaf(&certs).expect("certificate files are always present");
+            assert!(
+                now.is_valid_at(SystemTime::now()),
+                "{what}: the host was left without a valid certificate"
+            );
+            (Some(&now.serial) != before.as_ref()).then_some(())
+        })
+    };
+    wait_for("the first certificate", Duration::from_secs(20), || {
+        leaf(&certs)
+    });
+    let (old_root, new_root) = (root_of(&old_ca_dir), root_of(&new_ca_dir));
+
+    // Phase 1: old CA signs, new root distributed.
+    let bundle_new = host.path().join("new-root.pem");
+    std::fs::copy(new_ca_dir.join("root-cert.pem"), &bundle_new).unwrap();
+    assert!(s.term().success());
+    s = start(&["--trust-bundle", bundle_new.to_str().unwrap()]);
+    renewed_after("a renewal in phase 1", serial_now());
+    renewed_after("a second renewal in phase 1", serial_now());
+    let roots = roots_on_host(&certs);
+    assert!(
+        roots.contains(&old_root) && roots.contains(&new_root),
+        "phase 1: the host trusts both roots"
+    );
+
+    // Phase 2: new CA signs, old root still trusted; the host renews with its old-root certificate.
+    let bundle_old = host.path().join("old-root.pem");
+    std::fs::copy(old_ca_dir.join("root-cert.pem"), &bundle_old).unwrap();
+    assert!(s.term().success());
+    s = start(&[
+        "--ca-dir",
+        new_ca_dir.to_str().unwrap(),
+        "--trust-bundle",
+        bundle_old.to_str().unwrap(),
+    ]);
+    renewed_after("a renewal in phase 2", serial_now());
+    let chain = parse_pem_certs(
+        &std::fs::read_to_string(certs.join("cert-chain.pem")).unwrap(),
+        "chain",
+    )
+    .unwrap();
+    isthmus_ca::ChainVerifier::new(&[new_root.clone()], vec![])
+        .unwrap()
+        .verify(&chain, SystemTime::now())
+        .expect("phase 2: signed by the new root");
+
+    // Phase 3: the old root retired.
+    assert!(s.term().success());
+    let _s = start(&["--ca-dir", new_ca_dir.to_str().unwrap()]);
+    renewed_after("a renewal in phase 3", serial_now());
+    renewed_after("a second renewal in phase 3", serial_now());
+    assert_eq!(
+        roots_on_host(&certs),
+        vec![new_root],
+        "phase 3: only the new root is trusted"
+    );
+}

@@ -41,6 +41,13 @@ impl Server {
     }
 
     pub fn start_with(dir: &Path, extra: &[&str]) -> Server {
+        let mut args = vec!["--grpc-addr", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        Self::start_with_grpc(dir, &args)
+    }
+
+    /// Like `start_with`, but `extra` must say `--grpc-addr` itself.
+    pub fn start_with_grpc(dir: &Path, extra: &[&str]) -> Server {
         let mut cmd = Command::new(BIN);
         cmd.args(["server", "--data-dir"])
             .arg(dir)
@@ -50,8 +57,6 @@ impl Server {
                 "--registration-addr",
                 "127.0.0.1:0",
                 "--metrics-addr",
-                "127.0.0.1:0",
-                "--grpc-addr",
                 "127.0.0.1:0",
             ])
             .args(extra)
