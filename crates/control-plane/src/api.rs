@@ -79,7 +79,10 @@ impl IntoResponse for ApiError {
         if self.status == StatusCode::PAYLOAD_TOO_LARGE {
             // The rest of the body is not read, so this connection cannot carry another request:
             // say so, or a client may reuse it and see it cut.
-            resp.headers_mut().insert(header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+            resp.headers_mut().insert(
+                header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
         }
         resp
     }

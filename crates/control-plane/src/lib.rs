@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod autoreg;
 pub mod config;
 pub mod identity;
 pub mod informer;

@@ -452,6 +452,40 @@ impl Registry {
         Err(too_busy())
     }
 
+    /// Changes a workload entry's status (health, last seen) under compare-and-swap; the spec
+    /// is left as it is.
+    pub async fn update_status(
+        &self,
+        ns: &str,
+        name: &str,
+        f: impl Fn(&mut WorkloadEntry),
+    ) -> Result<Revision, RegistryError> {
+        let key = Kind::WorkloadEntry.key(ns, name);
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(kv) = self.store.get(&key).await? else {
+                return Err(RegistryError::NotFound(format!(
+                    "WorkloadEntry {ns}/{name}"
+                )));
+            };
+            let Some(Resource::WorkloadEntry(mut w)) = decode(&kv)? else {
+                return Err(RegistryError::NotFound(format!(
+                    "WorkloadEntry {ns}/{name}"
+                )));
+            };
+            let before = w.status.clone();
+            f(&mut w);
+            if w.status == before {
+                return Ok(kv.mod_revision);
+            }
+            let mut txn = Txn::default();
+            put_if_unchanged(&mut txn, &key, Some(&kv), &Resource::WorkloadEntry(w));
+            if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
+                return Ok(revision);
+            }
+        }
+        Err(too_busy())
+    }
+
     /// Deletes one resource (and releases a service's VIP in the same transaction).
     pub async fn delete(
         &self,
