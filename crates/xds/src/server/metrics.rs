@@ -1,0 +1,119 @@
+//! Counters of the discovery server (`isthmus_xds_*`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TypeLabels {
+    type_url: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    code: String,
+}
+
+/// Discovery server metrics; register them with [`XdsMetrics::register`].
+#[derive(Clone, Debug, Default)]
+pub struct XdsMetrics {
+    connected: Gauge,
+    pushes: Family<TypeLabels, Counter>,
+    resources_sent: Family<TypeLabels, Counter>,
+    nacks: Family<TypeLabels, Counter>,
+    refused: Family<CodeLabels, Counter>,
+}
+
+impl XdsMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "isthmus_xds_connected_clients",
+            "Discovery streams open now",
+            self.connected.clone(),
+        );
+        registry.register(
+            "isthmus_xds_pushes",
+            "Discovery responses sent, by type",
+            self.pushes.clone(),
+        );
+        registry.register(
+            "isthmus_xds_resources_sent",
+            "Resources sent in discovery responses, by type",
+            self.resources_sent.clone(),
+        );
+        registry.register(
+            "isthmus_xds_nacks",
+            "Discovery responses a client rejected, by type",
+            self.nacks.clone(),
+        );
+        registry.register(
+            "isthmus_xds_refused_streams",
+            "Discovery streams refused or closed with an error, by gRPC code",
+            self.refused.clone(),
+        );
+    }
+
+    pub(crate) fn connected(&self) -> &Gauge {
+        &self.connected
+    }
+
+    pub(crate) fn pushed(&self, type_url: &str, resources: usize) {
+        let labels = TypeLabels {
+            type_url: type_url.to_owned(),
+        };
+        self.pushes.get_or_create(&labels).inc();
+        self.resources_sent
+            .get_or_create(&labels)
+            .inc_by(resources as u64);
+    }
+
+    pub(crate) fn nacked(&self, type_url: &str) {
+        self.nacks
+            .get_or_create(&TypeLabels {
+                type_url: type_url.to_owned(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn refused(&self, code: tonic::Code) {
+        self.refused
+            .get_or_create(&CodeLabels {
+                code: format!("{code:?}"),
+            })
+            .inc();
+    }
+
+    /// Streams open now.
+    pub fn connected_clients(&self) -> i64 {
+        self.connected.get()
+    }
+
+    /// Responses sent so far for `type_url`.
+    pub fn pushes(&self, type_url: &str) -> u64 {
+        self.pushes
+            .get_or_create(&TypeLabels {
+                type_url: type_url.to_owned(),
+            })
+            .get()
+    }
+
+    /// NACKs received so far for `type_url`.
+    pub fn nacks(&self, type_url: &str) -> u64 {
+        self.nacks
+            .get_or_create(&TypeLabels {
+                type_url: type_url.to_owned(),
+            })
+            .get()
+    }
+
+    /// Resources sent so far for `type_url`.
+    pub fn resources_sent(&self, type_url: &str) -> u64 {
+        self.resources_sent
+            .get_or_create(&TypeLabels {
+                type_url: type_url.to_owned(),
+            })
+            .get()
+    }
+}

@@ -1,0 +1,576 @@
+//! One client's discovery stream: its subscriptions, what it has, and what is in flight.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use prost_types::value::Kind;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::time::Instant;
+use tonic::Status;
+
+use super::publisher::Snapshot;
+use super::wire::{encode_response, Requests};
+use super::{Identity, Outgoing, Shared};
+use crate::pb::envoy::config::core::v3::Node;
+use crate::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use crate::resources::{TypeResources, Version, XdsResource};
+
+type Outbound = mpsc::Sender<Outgoing>;
+
+/// What the server believes the client holds under one name, where that differs from the
+/// generation the client is based on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Known {
+    /// It has this version (from `initial_resource_versions`).
+    Has(Version),
+    /// It may have anything: send the current state of the name (a fresh subscription, or a
+    /// version from another server).
+    Stale,
+    /// It refused this version (`None`: this removal); unknown what it has. Not sent again
+    /// until the name changes.
+    Held(Option<Version>),
+}
+
+/// What one name needs.
+enum Action {
+    Nothing,
+    Hold(Option<Version>),
+    Send(Arc<XdsResource>),
+    Remove,
+}
+
+fn decide(view: Option<Known>, current: Option<&Arc<XdsResource>>) -> Action {
+    match (view, current) {
+        (None, None) => Action::Nothing,
+        (Some(Known::Has(v)), Some(r)) if v == r.version => Action::Nothing,
+        (Some(Known::Held(h)), Some(r)) if h == Some(r.version) => Action::Hold(h),
+        (Some(Known::Held(None)), None) => Action::Hold(None),
+        (_, Some(r)) => Action::Send(r.clone()),
+        (Some(_), None) => Action::Remove,
+    }
+}
+
+struct InFlight {
+    nonce: String,
+    sent: Vec<(Arc<str>, Option<Version>)>,
+    permit: Option<(OwnedSemaphorePermit, Instant)>,
+}
+
+/// One type URL on one stream.
+struct TypeState {
+    wildcard: bool,
+    names: HashSet<Arc<str>>,
+    /// The generation (and its resources of this type) the client holds, except for `overlay`.
+    base: Option<(u64, Arc<TypeResources>)>,
+    overlay: HashMap<Arc<str>, Known>,
+    inflight: Option<InFlight>,
+    answered: bool,
+    dirty: bool,
+}
+
+impl TypeState {
+    fn subscribed(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+
+    /// What the client holds under `name`, as far as the server knows.
+    fn view(&self, name: &str) -> Option<Known> {
+        if !self.subscribed(name) {
+            return None;
+        }
+        if let Some(k) = self.overlay.get(name) {
+            return Some(*k);
+        }
+        let (_, base) = self.base.as_ref()?;
+        base.get(name).map(|r| Known::Has(r.version))
+    }
+
+    /// Forgets the base generation, keeping what the client holds as explicit entries (before
+    /// the subscription widens, when "the base minus unsubscribed names" stops being exact).
+    fn materialize(&mut self) {
+        if let Some((_, base)) = self.base.take() {
+            for (name, r) in base.iter() {
+                if self.names.contains(name) && !self.overlay.contains_key(name) {
+                    self.overlay.insert(name.clone(), Known::Has(r.version));
+                }
+            }
+        }
+    }
+}
+
+struct Diff {
+    resources: Vec<Arc<XdsResource>>,
+    removed: Vec<Arc<str>>,
+}
+
+pub(crate) struct Connection {
+    id: u64,
+    identity: Identity,
+    shared: Arc<Shared>,
+    types: BTreeMap<String, TypeState>,
+    responses: u64,
+    first_request: bool,
+}
+
+/// Keeps the connected-clients gauge right however the task ends.
+struct ConnectedGuard(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for ConnectedGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl Connection {
+    pub fn new(id: u64, identity: Identity, shared: Arc<Shared>) -> Self {
+        Self {
+            id,
+            identity,
+            shared,
+            types: BTreeMap::new(),
+            responses: 0,
+            first_request: true,
+        }
+    }
+
+    pub async fn run(mut self, mut requests: Requests, tx: Outbound) {
+        let gauge = self.shared.metrics.connected().clone();
+        gauge.inc();
+        let _guard = ConnectedGuard(gauge);
+        let mut snapshots = self.shared.snapshots.clone();
+        let mut source_open = true;
+        let mut seen_generation = snapshots.borrow_and_update().generation;
+        let mut closing = self.shared.closing.subscribe();
+        tracing::debug!("discovery stream opened");
+        loop {
+            let deadline = self.permit_deadline();
+            tokio::select! {
+                msg = requests.next() => match msg {
+                    Some(Ok(request)) => {
+                        if let Err(status) = self.on_request(request) {
+                            tracing::warn!(code = ?status.code(), message = status.message(), "closing discovery stream");
+                            self.shared.metrics.refused(status.code());
+                            let _ = tx.try_send(Outgoing::Close(status));
+                            return;
+                        }
+                    }
+                    None => {
+                        tracing::debug!("client closed the discovery stream");
+                        return;
+                    }
+                    Some(Err(status)) => {
+                        tracing::debug!(error = %status, "discovery stream broke");
+                        let _ = tx.try_send(Outgoing::Close(status));
+                        return;
+                    }
+                },
+                changed = snapshots.changed(), if source_open => {
+                    // Only a wake-up: the generation check below marks the work.
+                    source_open = changed.is_ok();
+                }
+                () = sleep_until_opt(deadline), if deadline.is_some() => self.release_expired_permits(),
+                () = tx.closed() => return,
+                _ = closing.wait_for(|c| *c) => {
+                    tracing::debug!("closing the discovery stream: server shutting down");
+                    let _ = tx.try_send(Outgoing::Close(super::closing_status()));
+                    return;
+                }
+            }
+            let snapshot = snapshots.borrow_and_update().clone();
+            if snapshot.generation != seen_generation {
+                seen_generation = snapshot.generation;
+                for t in self.types.values_mut() {
+                    t.dirty = true;
+                }
+            }
+            if self.flush(&snapshot, &tx).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn permit_deadline(&self) -> Option<Instant> {
+        self.types
+            .values()
+            .filter_map(|t| t.inflight.as_ref()?.permit.as_ref().map(|(_, d)| *d))
+            .min()
+    }
+
+    fn release_expired_permits(&mut self) {
+        let now = Instant::now();
+        for t in self.types.values_mut() {
+            if let Some(f) = t.inflight.as_mut() {
+                if f.permit.as_ref().is_some_and(|(_, d)| *d <= now) {
+                    tracing::debug!(nonce = %f.nonce, "large response still not ACKed; releasing its permit");
+                    f.permit = None;
+                }
+            }
+        }
+    }
+
+    fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Status> {
+        if std::mem::take(&mut self.first_request) {
+            if let Some(node) = &req.node {
+                check_node(node, &self.identity)?;
+            }
+        }
+        if req.type_url.is_empty() {
+            return Err(Status::invalid_argument(
+                "DeltaDiscoveryRequest without type_url: set it to type.googleapis.com/istio.workload.Address or type.googleapis.com/istio.security.Authorization",
+            ));
+        }
+        let DeltaDiscoveryRequest {
+            type_url,
+            resource_names_subscribe,
+            resource_names_unsubscribe,
+            initial_resource_versions,
+            response_nonce,
+            error_detail,
+            ..
+        } = req;
+        let Some(state) = self.types.get_mut(&type_url) else {
+            // First request of this type on this stream.
+            let wildcard = resource_names_subscribe.is_empty()
+                || resource_names_subscribe.iter().any(|n| n == "*");
+            let names: HashSet<Arc<str>> = resource_names_subscribe
+                .iter()
+                .filter(|n| *n != "*")
+                .map(|n| Arc::from(n.as_str()))
+                .collect();
+            let mut overlay: HashMap<Arc<str>, Known> = initial_resource_versions
+                .into_iter()
+                .map(|(name, v)| {
+                    let known = Version::parse(&v).map_or(Known::Stale, Known::Has);
+                    (Arc::from(name), known)
+                })
+                .collect();
+            for n in &names {
+                overlay.entry(n.clone()).or_insert(Known::Stale);
+            }
+            tracing::debug!(%type_url, wildcard, names = names.len(), initial = overlay.len(), "subscribed");
+            self.types.insert(
+                type_url,
+                TypeState {
+                    wildcard,
+                    names,
+                    base: None,
+                    overlay,
+                    inflight: None,
+                    answered: false,
+                    dirty: true,
+                },
+            );
+            return Ok(());
+        };
+
+        if !response_nonce.is_empty() {
+            let matches = state
+                .inflight
+                .as_ref()
+                .is_some_and(|f| f.nonce == response_nonce);
+            if matches {
+                // Matched above; taking it ends the flight (and frees a large-response permit).
+                if let Some(flight) = state.inflight.take() {
+                    if let Some(error) = error_detail {
+                        self.shared.metrics.nacked(&type_url);
+                        tracing::warn!(
+                            %type_url,
+                            nonce = %flight.nonce,
+                            resources = flight.sent.len(),
+                            error = %error.message,
+                            "client rejected a discovery response; its resources are held until they change"
+                        );
+                        for (name, version) in flight.sent {
+                            if state.subscribed(&name) {
+                                state.overlay.insert(name, Known::Held(version));
+                            }
+                        }
+                    }
+                }
+            } else {
+                tracing::debug!(%type_url, nonce = %response_nonce, "stale nonce ignored");
+            }
+        }
+
+        for name in resource_names_subscribe {
+            if name == "*" {
+                if !state.wildcard {
+                    state.materialize();
+                    state.wildcard = true;
+                    state.dirty = true;
+                }
+            } else {
+                let name: Arc<str> = Arc::from(name);
+                state.names.insert(name.clone());
+                // Sent again even if it is believed up to date (the xDS rule for subscribe).
+                state.overlay.insert(name, Known::Stale);
+                state.dirty = true;
+            }
+        }
+        for name in resource_names_unsubscribe {
+            if name == "*" {
+                state.wildcard = false;
+            } else {
+                state.names.remove(name.as_str());
+                if !state.subscribed(&name) {
+                    state.overlay.remove(name.as_str());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends what each type needs, where nothing is in flight for it.
+    async fn flush(&mut self, snapshot: &Snapshot, tx: &Outbound) -> Result<(), ()> {
+        let urls: Vec<String> = self
+            .types
+            .iter()
+            .filter(|(_, t)| t.dirty && t.inflight.is_none())
+            .map(|(u, _)| u.clone())
+            .collect();
+        for url in urls {
+            let Some(state) = self.types.get_mut(&url) else {
+                continue;
+            };
+            state.dirty = false;
+            let diff = compute(state, snapshot, &url);
+            if diff.resources.is_empty() && diff.removed.is_empty() && state.answered {
+                continue;
+            }
+            let permit = if diff.resources.len() >= self.shared.config.large_response {
+                let acquire = self.shared.large.clone().acquire_owned();
+                let permit = tokio::select! {
+                    p = acquire => p.ok(),
+                    () = tx.closed() => return Err(()),
+                };
+                permit.map(|p| (p, Instant::now() + self.shared.config.large_response_hold))
+            } else {
+                None
+            };
+            self.responses += 1;
+            let nonce = format!("{:x}-{:x}", self.id, self.responses);
+            let encoded = match encode_response(
+                &snapshot.generation.to_string(),
+                &url,
+                &nonce,
+                &diff.resources,
+                &diff.removed,
+            ) {
+                Ok(bytes) => bytes,
+                Err(status) => {
+                    tracing::error!(error = %status, "cannot encode a discovery response");
+                    let _ = tx.try_send(Outgoing::Close(status));
+                    return Err(());
+                }
+            };
+            let (pushed, removed) = (diff.resources.len(), diff.removed.len());
+            let mut sent: Vec<(Arc<str>, Option<Version>)> = diff
+                .resources
+                .iter()
+                .map(|r| (r.name.clone(), Some(r.version)))
+                .collect();
+            sent.extend(diff.removed.into_iter().map(|n| (n, None)));
+            state.answered = true;
+            state.inflight = Some(InFlight {
+                nonce: nonce.clone(),
+                sent,
+                permit,
+            });
+            self.shared.metrics.pushed(&url, pushed);
+            tracing::debug!(type_url = %url, %nonce, resources = pushed, removed, "push");
+            match tokio::time::timeout(
+                self.shared.config.send_timeout,
+                tx.send(Outgoing::Message(encoded)),
+            )
+            .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(()),
+                Err(_) => {
+                    tracing::warn!(
+                        timeout = ?self.shared.config.send_timeout,
+                        "discovery client is not reading its stream; ending it (it will reconnect and get the difference)"
+                    );
+                    return Err(());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The client's difference from `snapshot` for one type; afterwards the client is based on
+/// `snapshot`, with only held names left as exceptions.
+fn compute(state: &mut TypeState, snapshot: &Snapshot, url: &str) -> Diff {
+    let empty = Arc::new(TypeResources::new());
+    let current = snapshot.set.of_type(url).cloned().unwrap_or(empty);
+    let mut candidates: HashSet<Arc<str>> = match &state.base {
+        Some((generation, _)) => snapshot
+            .changed_since(*generation, url)
+            .unwrap_or_else(|| all_names(state, &current)),
+        None => all_names(state, &current),
+    };
+    candidates.extend(state.overlay.keys().cloned());
+
+    let mut resources = Vec::new();
+    let mut removed = Vec::new();
+    let mut held = HashMap::new();
+    for name in candidates {
+        let current_item = if state.subscribed(&name) {
+            current.get(&name)
+        } else {
+            None
+        };
+        match decide(state.view(&name), current_item) {
+            Action::Nothing => {}
+            Action::Hold(v) => {
+                held.insert(name, Known::Held(v));
+            }
+            Action::Send(r) => resources.push(r),
+            Action::Remove => removed.push(name),
+        }
+    }
+    resources.sort_by(|a, b| a.name.cmp(&b.name));
+    removed.sort();
+    state.overlay = held;
+    state.base = Some((snapshot.generation, current));
+    Diff { resources, removed }
+}
+
+fn all_names(state: &TypeState, current: &TypeResources) -> HashSet<Arc<str>> {
+    let mut names: HashSet<Arc<str>> = current.keys().cloned().collect();
+    if let Some((_, base)) = &state.base {
+        names.extend(base.keys().cloned());
+    }
+    names
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn metadata_str<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
+    match node.metadata.as_ref()?.fields.get(key)?.kind.as_ref()? {
+        Kind::StringValue(s) if !s.is_empty() => Some(s),
+        _ => None,
+    }
+}
+
+/// The node must not claim another namespace or service account than the client proved.
+/// Node id form: `<role>~<ip>~<name>.<namespace>~<namespace>.svc.<domain>`.
+fn check_node(node: &Node, identity: &Identity) -> Result<(), Status> {
+    let refuse = |what: &str, claimed: &str| {
+        Err(Status::permission_denied(format!(
+            "node {:?} claims {what} {claimed:?} but the client is authenticated as {identity}; \
+             run the agent with the identity of its own namespace and service account",
+            node.id
+        )))
+    };
+    if let Some(ns) = metadata_str(node, "NAMESPACE") {
+        if ns != identity.namespace {
+            return refuse("namespace", ns);
+        }
+    }
+    if let Some(sa) = metadata_str(node, "SERVICE_ACCOUNT") {
+        if sa != identity.service_account {
+            return refuse("service account", sa);
+        }
+    }
+    let parts: Vec<&str> = node.id.split('~').collect();
+    if let [_, _, name_ns, domain] = parts.as_slice() {
+        let from_name = name_ns.split_once('.').map(|(_, ns)| ns);
+        let from_domain = domain.split('.').next().filter(|s| !s.is_empty());
+        for ns in [from_name, from_domain].into_iter().flatten() {
+            if ns != identity.namespace {
+                return refuse("namespace", ns);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, meta: &[(&str, &str)]) -> Node {
+        Node {
+            id: id.to_owned(),
+            metadata: Some(prost_types::Struct {
+                fields: meta
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            (*k).to_owned(),
+                            prost_types::Value {
+                                kind: Some(Kind::StringValue((*v).to_owned())),
+                            },
+                        )
+                    })
+                    .collect(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn node_must_match_identity() {
+        let id = Identity::new("cluster.local", "prod", "web");
+        let ok = "sidecar~10.0.0.5~vm1.prod~prod.svc.cluster.local";
+        assert!(check_node(&node(ok, &[("NAMESPACE", "prod")]), &id).is_ok());
+        assert!(check_node(&node("opaque-id", &[]), &id).is_ok());
+        let bad = check_node(
+            &node("sidecar~10.0.0.5~vm1.other~other.svc.cluster.local", &[]),
+            &id,
+        )
+        .unwrap_err();
+        assert_eq!(bad.code(), tonic::Code::PermissionDenied);
+        assert!(bad.message().contains("\"other\""), "{}", bad.message());
+        let bad = check_node(&node(ok, &[("SERVICE_ACCOUNT", "db")]), &id).unwrap_err();
+        assert!(
+            bad.message().contains("service account \"db\""),
+            "{}",
+            bad.message()
+        );
+    }
+
+    #[test]
+    fn decisions() {
+        let r = Arc::new(XdsResource {
+            name: Arc::from("a"),
+            version: Version(1),
+            any: Default::default(),
+        });
+        assert!(matches!(decide(None, None), Action::Nothing));
+        assert!(matches!(
+            decide(Some(Known::Has(Version(1))), Some(&r)),
+            Action::Nothing
+        ));
+        assert!(matches!(
+            decide(Some(Known::Has(Version(2))), Some(&r)),
+            Action::Send(_)
+        ));
+        assert!(matches!(
+            decide(Some(Known::Held(Some(Version(1)))), Some(&r)),
+            Action::Hold(_)
+        ));
+        assert!(matches!(
+            decide(Some(Known::Held(Some(Version(2)))), Some(&r)),
+            Action::Send(_)
+        ));
+        assert!(matches!(
+            decide(Some(Known::Held(None)), None),
+            Action::Hold(None)
+        ));
+        assert!(matches!(
+            decide(Some(Known::Held(Some(Version(1)))), None),
+            Action::Remove
+        ));
+        assert!(matches!(decide(Some(Known::Stale), None), Action::Remove));
+        assert!(matches!(decide(None, Some(&r)), Action::Send(_)));
+    }
+}
