@@ -43,7 +43,8 @@ pub(crate) struct Applied {
     pub meta: Meta,
 }
 
-/// Apply `txn` on top of `meta`, keeping at most `history` revisions of log.
+/// Apply `txn` on top of `meta`, keeping at most `history` revisions of log. See
+/// [`wrote_nothing`] for what an error leaves behind.
 pub(crate) fn apply(
     tables: &mut impl Tables,
     meta: Meta,
@@ -158,6 +159,14 @@ pub(crate) fn compact(
     };
     tables.set_meta(meta)?;
     Ok(meta)
+}
+
+/// Whether `apply` or `compact` returned `err` before touching the tables: their own checks
+/// (`Invalid`, `FutureRevision`) run before the first write, so only a storage error can leave a
+/// transaction half applied. A backend batching several transactions in one write relies on this
+/// to fail one of them without undoing the others.
+pub(crate) fn wrote_nothing(err: &StoreError) -> bool {
+    !matches!(err, StoreError::Io { .. } | StoreError::Corrupt { .. })
 }
 
 /// Whether history from `from` on is still complete, for a read of the log.

@@ -46,6 +46,12 @@ impl Hub {
         // An error only means nobody is watching right now.
         let _ = self.live.send(Arc::new(batch));
     }
+
+    /// Every batch published from now on, for tests that check what was (not) published.
+    #[cfg(test)]
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Batch>> {
+        self.live.subscribe()
+    }
 }
 
 /// Start a watch. The stream holds the backend only weakly, so dropping the store closes the

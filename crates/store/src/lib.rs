@@ -15,8 +15,8 @@
 //!
 //! Two backends share one implementation of those rules (`engine`: transactions over a small
 //! table interface; `hub`: watches over a broadcast channel backed by the event log):
-//! [`RedbStore`], durable in one file, and [`MemStore`], for tests. Dropping a store ends its
-//! watch streams.
+//! [`RedbStore`], durable in one file, with group commit (concurrent transactions share one
+//! fsync), and [`MemStore`], for tests. Dropping a store ends its watch streams.
 #![forbid(unsafe_code)]
 
 use std::pin::Pin;
@@ -31,7 +31,7 @@ pub mod mem;
 pub mod redb_store;
 
 pub use mem::MemStore;
-pub use redb_store::RedbStore;
+pub use redb_store::{RedbStore, WriteStats};
 
 /// etcd's revision type: a signed 64-bit counter starting at 1 for the first write.
 pub type Revision = i64;
@@ -178,7 +178,9 @@ impl Event {
 
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<Event, StoreError>> + Send>>;
 
-#[derive(Debug, thiserror::Error)]
+/// Why a store operation failed. `Clone`, so that one failed commit can fail every transaction
+/// it carried.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
         "revision {requested} has been compacted; the oldest revision still available is {oldest}"
