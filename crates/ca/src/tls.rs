@@ -81,6 +81,11 @@ pub fn tls_incoming(
                     continue;
                 }
             };
+            // gRPC sends many small frames (discovery pushes, ACKs): without this each one
+            // waits out Nagle's algorithm and a delayed ACK (~40 ms).
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+            }
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {

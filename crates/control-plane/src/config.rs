@@ -94,6 +94,15 @@ pub struct ServerArgs {
     /// istiod.istio-system.svc, istiod, isthmus and localhost.
     #[arg(long = "server-dns-name", value_name = "NAME")]
     pub server_dns_names: Vec<String>,
+    /// How long an auto-registered workload's entry outlives its agent's disconnection.
+    #[arg(long, default_value = "10s", env = "ISTHMUS_AUTOREG_GRACE")]
+    pub autoreg_grace: humantime::Duration,
+    /// Cluster id put on discovery's workloads (Istio's `CLUSTER_ID`).
+    #[arg(long, default_value = "Kubernetes", env = "CLUSTER_ID")]
+    pub cluster_id: String,
+    /// Network of the registry's workloads (Istio's `--network`), empty for a flat network.
+    #[arg(long, default_value = "", env = "ISTHMUS_NETWORK")]
+    pub network: String,
     /// Extra IPs for the serving certificate (repeatable), besides 127.0.0.1.
     #[arg(long = "server-ip", value_name = "IP")]
     pub server_ips: Vec<std::net::IpAddr>,

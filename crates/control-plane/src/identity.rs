@@ -157,6 +157,23 @@ impl StoreLedger {
             .collect())
     }
 
+    /// Whether the token may still be used to connect (known and not revoked); unlike
+    /// `consume`, it does not spend a use.
+    pub async fn check(&self, id: &str) -> Result<(), LedgerError> {
+        let kv = self
+            .store
+            .get(&Self::key(id))
+            .await
+            .map_err(|e| LedgerError::Backend(e.to_string()))?
+            .ok_or_else(|| LedgerError::Unknown { id: id.to_string() })?;
+        let entry: TokenEntry =
+            serde_json::from_slice(&kv.value).map_err(|e| LedgerError::Backend(e.to_string()))?;
+        if entry.revoked {
+            return Err(LedgerError::Revoked { id: id.to_string() });
+        }
+        Ok(())
+    }
+
     /// Marks a token revoked; it keeps its record so `token list` shows what happened.
     pub async fn revoke(&self, id: &str) -> Result<TokenEntry, IdentityError> {
         self.update(id, |e| {

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod autoreg;
 pub mod config;
+pub mod discovery;
 pub mod identity;
 pub mod informer;
 pub mod legacy;

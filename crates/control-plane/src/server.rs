@@ -150,10 +150,40 @@ pub async fn run(
     let ledger = Arc::new(identity::StoreLedger::new(store.clone()));
     let auth = isthmus_ca::Authenticator::new(ca.clone(), tokens.clone(), ledger.clone());
     let cert_service = isthmus_ca::CertificateService::new(ca.clone(), auth.clone());
+
+    // Discovery: registry view → Istio workload resources → delta ADS; agents in a
+    // WorkloadGroup auto-register through their stream.
+    let view = crate::informer::start(registry.clone())
+        .await
+        .context("cannot read the registry")?;
+    let mapping = isthmus_xds::MappingOptions {
+        domain: args.domain.clone(),
+        trust_domain: args.trust_domain.clone(),
+        network: args.network.clone(),
+        cluster_id: args.cluster_id.clone(),
+    };
+    let autoreg = crate::autoreg::AutoRegistrar::new(registry.clone(), args.autoreg_grace.into());
+    let adopted = autoreg
+        .adopt_existing()
+        .await
+        .context("cannot read auto-registered workloads")?;
+    if adopted > 0 {
+        tracing::info!(adopted, grace = %args.autoreg_grace, "auto-registered workloads found; each is removed unless its agent reconnects in time");
+    }
+    let xds = isthmus_xds::server::XdsServer::start_observed(
+        crate::discovery::resources(view, mapping),
+        Arc::new(crate::discovery::XdsAuth {
+            auth: auth.clone(),
+            ledger: ledger.clone(),
+        }),
+        Some(Arc::new(crate::discovery::Observer { autoreg })),
+        Default::default(),
+    );
     let metrics = Metrics::new(|reg| {
         cert_service
             .metrics()
-            .register(reg.sub_registry_with_prefix("ca"))
+            .register(reg.sub_registry_with_prefix("ca"));
+        xds.metrics().register(reg.sub_registry_with_prefix("xds"));
     });
     let mut serving = isthmus_ca::ServingCertOptions::default();
     serving
@@ -244,7 +274,10 @@ pub async fn run(
     let mut grpc_stop = stop_rx.clone();
     let grpc_task = tokio::spawn(
         tonic::transport::Server::builder()
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(1 << 20)
             .add_service(cert_service.into_server())
+            .add_service(xds.clone().into_service())
             .serve_with_incoming_shutdown(isthmus_ca::tls_incoming(grpc, grpc_tls), async move {
                 let _ = grpc_stop.wait_for(|s| *s).await;
             }),
@@ -255,6 +288,8 @@ pub async fn run(
     tracing::info!("shutting down: no new requests, closing watches");
     state.ready.store(false, Ordering::Release);
     let _ = stop_tx.send(true);
+    // Discovery streams never end by themselves: end them so the gRPC server can stop.
+    xds.close_streams();
     let drain = futures::future::join(futures::future::join_all(tasks), grpc_task);
     if tokio::time::timeout(Duration::from_secs(10), drain)
         .await

@@ -29,27 +29,27 @@ pub struct XdsMetrics {
 impl XdsMetrics {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
-            "isthmus_xds_connected_clients",
+            "connected_clients",
             "Discovery streams open now",
             self.connected.clone(),
         );
         registry.register(
-            "isthmus_xds_pushes",
+            "pushes",
             "Discovery responses sent, by type",
             self.pushes.clone(),
         );
         registry.register(
-            "isthmus_xds_resources_sent",
+            "resources_sent",
             "Resources sent in discovery responses, by type",
             self.resources_sent.clone(),
         );
         registry.register(
-            "isthmus_xds_nacks",
+            "nacks",
             "Discovery responses a client rejected, by type",
             self.nacks.clone(),
         );
         registry.register(
-            "isthmus_xds_refused_streams",
+            "refused_streams",
             "Discovery streams refused or closed with an error, by gRPC code",
             self.refused.clone(),
         );

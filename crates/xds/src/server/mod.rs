@@ -84,7 +84,28 @@ impl Default for ServerConfig {
     }
 }
 
+/// The type URL on which agents report their workload's health, as Istio's agents do: an
+/// empty `error_detail` means healthy, a set one unhealthy (its message says why).
+pub const HEALTH_TYPE_URL: &str = "istio.io/health";
+
+/// What the control plane does with a connected client beyond serving it resources:
+/// auto-registration and health (Istio's WorkloadGroup flow).
+#[tonic::async_trait]
+pub trait StreamObserver: Send + Sync + 'static {
+    /// Called with the first request's node, after authentication and the node check. An
+    /// error closes the stream with it. The returned handle (if any) identifies the client in
+    /// later calls.
+    async fn connected(&self, identity: &Identity, node: &Node) -> Result<Option<String>, Status>;
+    /// A health report on [`HEALTH_TYPE_URL`].
+    async fn health(&self, handle: &str, healthy: bool, message: Option<String>);
+    /// The stream ended, however it ended.
+    fn disconnected(&self, handle: &str);
+}
+
+pub use crate::pb::envoy::config::core::v3::Node;
+
 pub(crate) struct Shared {
+    pub observer: Option<Arc<dyn StreamObserver>>,
     pub config: ServerConfig,
     pub metrics: XdsMetrics,
     pub large: Arc<Semaphore>,
@@ -118,11 +139,22 @@ impl XdsServer {
         auth: Arc<dyn Authenticate>,
         config: ServerConfig,
     ) -> Self {
+        Self::start_observed(resources, auth, None, config)
+    }
+
+    /// Like [`XdsServer::start`], with hooks for connects, health reports and disconnects.
+    pub fn start_observed(
+        resources: watch::Receiver<Arc<ResourceSet>>,
+        auth: Arc<dyn Authenticate>,
+        observer: Option<Arc<dyn StreamObserver>>,
+        config: ServerConfig,
+    ) -> Self {
         let first = Arc::new(Snapshot::first(resources.borrow().clone()));
         let (tx, rx) = watch::channel(first);
         tokio::spawn(publisher::run(resources, tx, config.history.max(1)));
         Self {
             shared: Arc::new(Shared {
+                observer,
                 large: Arc::new(Semaphore::new(config.max_large_responses.max(1))),
                 config,
                 metrics: XdsMetrics::default(),

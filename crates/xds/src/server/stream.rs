@@ -11,7 +11,7 @@ use tonic::Status;
 
 use super::publisher::Snapshot;
 use super::wire::{encode_response, Requests};
-use super::{Identity, Outgoing, Shared};
+use super::{Identity, Outgoing, Shared, HEALTH_TYPE_URL};
 use crate::pb::envoy::config::core::v3::Node;
 use crate::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use crate::resources::{TypeResources, Version, XdsResource};
@@ -113,6 +113,18 @@ pub(crate) struct Connection {
     first_request: bool,
 }
 
+/// Tells the observer the stream ended, however the task ends.
+struct ObservedGuard {
+    observer: Arc<dyn super::StreamObserver>,
+    handle: String,
+}
+
+impl Drop for ObservedGuard {
+    fn drop(&mut self) {
+        self.observer.disconnected(&self.handle);
+    }
+}
+
 /// Keeps the connected-clients gauge right however the task ends.
 struct ConnectedGuard(prometheus_client::metrics::gauge::Gauge);
 
@@ -138,6 +150,7 @@ impl Connection {
         let gauge = self.shared.metrics.connected().clone();
         gauge.inc();
         let _guard = ConnectedGuard(gauge);
+        let mut observed: Option<ObservedGuard> = None;
         let mut snapshots = self.shared.snapshots.clone();
         let mut source_open = true;
         let mut seen_generation = snapshots.borrow_and_update().generation;
@@ -145,9 +158,67 @@ impl Connection {
         tracing::debug!("discovery stream opened");
         loop {
             let deadline = self.permit_deadline();
-            tokio::select! {
-                msg = requests.next() => match msg {
-                    Some(Ok(request)) => {
+            // The select only picks what happened; the handling (which may await the observer)
+            // runs after it, when none of its futures is alive.
+            let incoming = tokio::select! {
+                msg = requests.next() => Some(msg),
+                changed = snapshots.changed(), if source_open => {
+                    // Only a wake-up: the generation check below marks the work.
+                    source_open = changed.is_ok();
+                    None
+                }
+                () = sleep_until_opt(deadline), if deadline.is_some() => {
+                    self.release_expired_permits();
+                    None
+                }
+                () = tx.closed() => return,
+                _ = closing.wait_for(|c| *c) => {
+                    tracing::debug!("closing the discovery stream: server shutting down");
+                    let _ = tx.try_send(Outgoing::Close(super::closing_status()));
+                    return;
+                }
+            };
+            match incoming {
+                None => {}
+                Some(Some(Ok(request))) => {
+                    let mut subscription = true;
+                    if let Some(observer) = self.shared.observer.clone() {
+                        if self.first_request {
+                            let node = request.node.clone().unwrap_or_default();
+                            let hello = match check_node(&node, &self.identity) {
+                                Ok(()) => observer.connected(&self.identity, &node).await,
+                                Err(status) => Err(status),
+                            };
+                            match hello {
+                                Ok(Some(handle)) => {
+                                    observed = Some(ObservedGuard {
+                                        observer: observer.clone(),
+                                        handle,
+                                    })
+                                }
+                                Ok(None) => {}
+                                Err(status) => {
+                                    tracing::warn!(code = ?status.code(), message = status.message(), "closing discovery stream");
+                                    self.shared.metrics.refused(status.code());
+                                    let _ = tx.try_send(Outgoing::Close(status));
+                                    return;
+                                }
+                            }
+                        }
+                        if request.type_url == HEALTH_TYPE_URL {
+                            // Health is a report, not a subscription: nothing is sent back.
+                            subscription = false;
+                            self.first_request = false;
+                            if let Some(o) = &observed {
+                                let message =
+                                    request.error_detail.as_ref().map(|e| e.message.clone());
+                                o.observer
+                                    .health(&o.handle, message.is_none(), message)
+                                    .await;
+                            }
+                        }
+                    }
+                    if subscription {
                         if let Err(status) = self.on_request(request) {
                             tracing::warn!(code = ?status.code(), message = status.message(), "closing discovery stream");
                             self.shared.metrics.refused(status.code());
@@ -155,25 +226,14 @@ impl Connection {
                             return;
                         }
                     }
-                    None => {
-                        tracing::debug!("client closed the discovery stream");
-                        return;
-                    }
-                    Some(Err(status)) => {
-                        tracing::debug!(error = %status, "discovery stream broke");
-                        let _ = tx.try_send(Outgoing::Close(status));
-                        return;
-                    }
-                },
-                changed = snapshots.changed(), if source_open => {
-                    // Only a wake-up: the generation check below marks the work.
-                    source_open = changed.is_ok();
                 }
-                () = sleep_until_opt(deadline), if deadline.is_some() => self.release_expired_permits(),
-                () = tx.closed() => return,
-                _ = closing.wait_for(|c| *c) => {
-                    tracing::debug!("closing the discovery stream: server shutting down");
-                    let _ = tx.try_send(Outgoing::Close(super::closing_status()));
+                Some(None) => {
+                    tracing::debug!("client closed the discovery stream");
+                    return;
+                }
+                Some(Some(Err(status))) => {
+                    tracing::debug!(error = %status, "discovery stream broke");
+                    let _ = tx.try_send(Outgoing::Close(status));
                     return;
                 }
             }

@@ -1,0 +1,135 @@
+//! Discovery on the gRPC port: the registry, mapped to Istio's workload resources, served by
+//! `isthmus-xds`; callers authenticated like the CA's (join token or workload certificate);
+//! agents that name a WorkloadGroup are auto-registered and report their health on the stream.
+
+use std::sync::Arc;
+
+use isthmus_ca::{Authenticator, Credential};
+use isthmus_xds::server::{Authenticate, Identity, Node, StreamObserver};
+use isthmus_xds::{build_resources, MappingOptions, ResourceSet};
+use rustls::pki_types::CertificateDer;
+use tokio::sync::watch;
+use tonic::metadata::MetadataMap;
+use tonic::Status;
+
+use crate::autoreg::{AutoRegistrar, Member};
+use crate::identity::StoreLedger;
+use crate::informer::RegistryView;
+
+/// Node metadata naming the WorkloadGroup to join (Istio's `ISTIO_META_AUTO_REGISTER_GROUP`).
+pub const AUTO_REGISTER_GROUP: &str = "AUTO_REGISTER_GROUP";
+
+/// Keeps a `ResourceSet` built from the live registry view; rebuilt off the async workers
+/// (it is proportional to the registry) and at most one build behind the newest view.
+pub fn resources(
+    mut view: watch::Receiver<Arc<RegistryView>>,
+    opts: MappingOptions,
+) -> watch::Receiver<Arc<ResourceSet>> {
+    let build = |v: &RegistryView, opts: &MappingOptions| {
+        let services: Vec<_> = v.services.values().cloned().collect();
+        let entries: Vec<_> = v.entries.values().cloned().collect();
+        Arc::new(build_resources(&services, &entries, opts))
+    };
+    let first = build(&view.borrow_and_update(), &opts);
+    let (tx, rx) = watch::channel(first);
+    tokio::spawn(async move {
+        while view.changed().await.is_ok() {
+            let v = view.borrow_and_update().clone();
+            let opts = opts.clone();
+            match tokio::task::spawn_blocking(move || build(&v, &opts)).await {
+                Ok(set) => {
+                    if tx.send(set).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "building discovery resources failed"),
+            }
+        }
+    });
+    rx
+}
+
+/// A join token (verified, not revoked; a discovery stream does not spend a use) or a client
+/// certificate issued by the mesh CA.
+pub struct XdsAuth {
+    pub auth: Authenticator,
+    pub ledger: Arc<StoreLedger>,
+}
+
+#[tonic::async_trait]
+impl Authenticate for XdsAuth {
+    async fn authenticate(
+        &self,
+        metadata: &MetadataMap,
+        peer_certs: Option<&[CertificateDer<'static>]>,
+    ) -> Result<Identity, Status> {
+        let caller = self
+            .auth
+            .authenticate(metadata, peer_certs)
+            .map_err(Status::from)?;
+        if let Credential::Token { id } = &caller.credential {
+            self.ledger
+                .check(id)
+                .await
+                .map_err(|e| Status::unauthenticated(format!("join token rejected: {e}")))?;
+        }
+        Identity::from_spiffe_id(&caller.identity.to_string()).ok_or_else(|| {
+            Status::unauthenticated(format!("{} is not a workload identity", caller.identity))
+        })
+    }
+}
+
+fn metadata_str<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
+    match node.metadata.as_ref()?.fields.get(key)?.kind.as_ref()? {
+        prost_types::value::Kind::StringValue(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// Auto-registration and health through the discovery stream.
+pub struct Observer {
+    pub autoreg: AutoRegistrar,
+}
+
+#[tonic::async_trait]
+impl StreamObserver for Observer {
+    async fn connected(&self, identity: &Identity, node: &Node) -> Result<Option<String>, Status> {
+        let Some(group) = metadata_str(node, AUTO_REGISTER_GROUP).filter(|g| !g.is_empty()) else {
+            return Ok(None);
+        };
+        // Istio's node id: <role>~<ip>~<name>.<ns>~<ns>.svc.<domain>
+        let ip = node
+            .id
+            .split('~')
+            .nth(1)
+            .and_then(|ip| ip.parse().ok())
+            .ok_or_else(|| Status::invalid_argument(format!("node id {:?} carries no IP (expected <role>~<ip>~<name>.<ns>~<ns>.svc.<domain>); auto-registration needs it", node.id)))?;
+        let member = Member {
+            namespace: identity.namespace.clone(),
+            service_account: identity.service_account.clone(),
+            group: group.to_string(),
+            ip,
+        };
+        match self.autoreg.connected(&member).await {
+            Ok(name) => Ok(Some(format!("{}/{name}", member.namespace))),
+            Err(e @ crate::autoreg::AutoRegError::Registry(_)) => {
+                Err(Status::unavailable(e.to_string()))
+            }
+            Err(e) => Err(Status::permission_denied(e.to_string())),
+        }
+    }
+
+    async fn health(&self, handle: &str, healthy: bool, message: Option<String>) {
+        if let Some((ns, name)) = handle.split_once('/') {
+            if let Err(e) = self.autoreg.health(ns, name, healthy, message).await {
+                tracing::warn!(entry = %handle, error = %e, "could not record a health report");
+            }
+        }
+    }
+
+    fn disconnected(&self, handle: &str) {
+        if let Some((ns, name)) = handle.split_once('/') {
+            self.autoreg.disconnected(ns, name);
+        }
+    }
+}

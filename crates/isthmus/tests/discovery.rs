@@ -1,0 +1,246 @@
+//! Discovery end to end: the real server on its gRPC/TLS port, the real agent-side client,
+//! a join token to authenticate; auto-registration of a WorkloadGroup member.
+
+mod common;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use isthmus_xds::{node_id, ClientConfig, EndpointConnector, State, XdsClient};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+fn client(
+    s: &Server,
+    root_pem: &str,
+    token: Option<&str>,
+    ns: &str,
+    sa: &str,
+    group: Option<&str>,
+) -> XdsClient {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(root_pem))
+        .domain_name("istiod.istio-system.svc");
+    let endpoint = Endpoint::from_shared(s.grpc.clone())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap();
+    let mut conn = EndpointConnector::new(endpoint);
+    if let Some(t) = token {
+        conn = conn.with_bearer_token(t);
+    }
+    let mut cfg = ClientConfig::new(node_id("10.0.0.9", "vm-1", ns, "cluster.local"));
+    cfg.node_metadata.insert("NAMESPACE".into(), ns.into());
+    cfg.node_metadata
+        .insert("SERVICE_ACCOUNT".into(), sa.into());
+    if let Some(g) = group {
+        cfg.node_metadata
+            .insert("AUTO_REGISTER_GROUP".into(), g.into());
+    }
+    cfg.backoff_max = Duration::from_millis(500);
+    XdsClient::new(cfg, Arc::new(conn))
+}
+
+fn token(s: &Server, ns: &str, sa: &str) -> String {
+    String::from_utf8(s.cli(&["token", "create", "-n", ns, "-s", sa]).stdout)
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+fn root(s: &Server) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    s.ok(&["vm", "certs", "-o", dir.path().to_str().unwrap()]);
+    std::fs::read_to_string(dir.path().join("root-cert.pem")).unwrap()
+}
+
+async fn wait_state(
+    rx: &mut tokio::sync::watch::Receiver<Arc<State>>,
+    what: &str,
+    f: impl Fn(&State) -> bool,
+) {
+    tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|s| f(s)))
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_changes_reach_a_subscribed_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    s.ok(&["register", "mysql", "10.0.0.5", "3306", "-n", "onprem"]);
+    let vip: serde_json::Value =
+        serde_json::from_str(&s.ok(&["get", "svc", "mysql", "-n", "onprem", "-o", "json"]))
+            .unwrap();
+    let vip: std::net::IpAddr = vip["status"]["vip"].as_str().unwrap().parse().unwrap();
+
+    let c = client(
+        &s,
+        &root(&s),
+        Some(&token(&s, "onprem", "db")),
+        "onprem",
+        "db",
+        None,
+    );
+    let mut state = c.state();
+    let mut ready = c.ready();
+    let task = tokio::spawn(c.run());
+    tokio::time::timeout(Duration::from_secs(20), ready.wait())
+        .await
+        .expect("ready after the first full state");
+    let host = "mysql.onprem.svc.cluster.local";
+    wait_state(&mut state, "the mysql service", |st| {
+        st.service_by_hostname(host).is_some()
+    })
+    .await;
+    {
+        let st = state.borrow();
+        let svc = st.service_by_hostname(host).unwrap();
+        assert!(svc.vips.iter().any(|(_, ip)| *ip == vip), "{svc:?}");
+        assert!(st
+            .service_by_vip(std::net::SocketAddr::new(vip, 3306))
+            .is_some());
+        let ep = st
+            .workload_by_address("10.0.0.5".parse().unwrap())
+            .expect("the registered endpoint");
+        assert_eq!(ep.namespace, "onprem");
+    }
+
+    // An incremental update, then a removal.
+    s.ok(&["register", "web", "10.0.0.6", "http:8080", "-n", "onprem"]);
+    wait_state(&mut state, "the web service", |st| {
+        st.service_by_hostname("web.onprem.svc.cluster.local")
+            .is_some()
+    })
+    .await;
+    s.ok(&["deregister", "mysql", "10.0.0.5", "-n", "onprem"]);
+    wait_state(&mut state, "mysql's removal", |st| {
+        st.service_by_hostname(host).is_none()
+            && st
+                .workload_by_address("10.0.0.5".parse().unwrap())
+                .is_none()
+    })
+    .await;
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_hosts_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    let root = root(&s);
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        client(&s, &root, None, "onprem", "db", None).run(),
+    )
+    .await
+    .expect("the client gives up on Unauthenticated")
+    .unwrap_err();
+    assert!(
+        err.to_string().to_lowercase().contains("unauthenticated")
+            || err.to_string().contains("no credentials"),
+        "{err}"
+    );
+
+    // A token for one identity cannot claim another in its node.
+    let t = token(&s, "onprem", "db");
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        client(&s, &root, Some(&t), "other", "db", None).run(),
+    )
+    .await
+    .expect("the client gives up on PermissionDenied")
+    .unwrap_err();
+    assert!(err.to_string().contains("claims namespace"), "{err}");
+
+    // A revoked token gets nothing either.
+    let list = s.ok(&["token", "list"]);
+    let id = list
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    s.ok(&["token", "revoke", &id]);
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        client(&s, &root, Some(&t), "onprem", "db", None).run(),
+    )
+    .await
+    .expect("the client gives up")
+    .unwrap_err();
+    assert!(err.to_string().contains("revoked"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_members_register_themselves_and_leave_after_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(dir.path(), &["--autoreg-grace", "1s"]);
+    let group = "apiVersion: networking.istio.io/v1\nkind: WorkloadGroup\nmetadata: {name: mysql, namespace: onprem}\nspec:\n  metadata: {labels: {app: mysql}}\n  template: {serviceAccount: db, ports: {mysql: 3306}}\n";
+    let out = s.cli_stdin(&["apply", "-f", "-"], Some(group));
+    assert!(out.status.success(), "{out:?}");
+    let root = root(&s);
+
+    // Wrong identity for the group: refused, nothing registered.
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        client(
+            &s,
+            &root,
+            Some(&token(&s, "onprem", "web")),
+            "onprem",
+            "web",
+            Some("mysql"),
+        )
+        .run(),
+    )
+    .await
+    .expect("refused")
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("may not join WorkloadGroup onprem/mysql"),
+        "{err}"
+    );
+
+    let c = client(
+        &s,
+        &root,
+        Some(&token(&s, "onprem", "db")),
+        "onprem",
+        "db",
+        Some("mysql"),
+    );
+    let task = tokio::spawn(c.run());
+    let row = wait_for("the auto-registered entry", Duration::from_secs(20), || {
+        s.ok(&["get", "workloads", "-n", "onprem"])
+            .lines()
+            .find(|l| l.starts_with("mysql-10-0-0-9"))
+            .map(str::to_string)
+    });
+    assert!(
+        row.contains("10.0.0.9")
+            && row.contains("db")
+            && row.contains("HEALTHY")
+            && row.contains("ago"),
+        "{row}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&s.ok(&["get", "we", "mysql-10-0-0-9", "-n", "onprem", "-o", "json"]))
+            .unwrap();
+    assert_eq!(v["spec"]["labels"]["app"], "mysql");
+    assert_eq!(v["metadata"]["annotations"]["isthmus.io/agent"], "true");
+
+    task.abort();
+    wait_for(
+        "removal after the grace period",
+        Duration::from_secs(20),
+        || {
+            (!s.ok(&["get", "workloads", "-n", "onprem"])
+                .contains("mysql-10-0-0-9"))
+            .then_some(())
+        },
+    );
+}
