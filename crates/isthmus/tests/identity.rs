@@ -367,7 +367,7 @@ fn root_rotation_without_breaking_hosts() {
         "chain",
     )
     .unwrap();
-    isthmus_ca::ChainVerifier::new(&[new_root.clone()], vec![])
+    isthmus_ca::ChainVerifier::new(std::slice::from_ref(&new_root), vec![])
         .unwrap()
         .verify(&chain, SystemTime::now())
         .expect("phase 2: signed by the new root");
