@@ -11,6 +11,7 @@ pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15080";
 pub const DEFAULT_REGISTRATION_ADDR: &str = "127.0.0.1:8080";
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:15014";
 pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:15012";
+pub const DEFAULT_DNS_ADDR: &str = "127.0.0.1:15054";
 pub const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/12";
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 pub const ENDPOINTS_FILE: &str = "endpoints.json";
@@ -103,6 +104,17 @@ pub struct ServerArgs {
     /// Network of the registry's workloads (Istio's `--network`), empty for a flat network.
     #[arg(long, default_value = "", env = "ISTHMUS_NETWORK")]
     pub network: String,
+    /// DNS for the mesh domain (UDP and TCP). Hosts' dnsmasq points `svc.<domain>` here.
+    #[arg(long, default_value = DEFAULT_DNS_ADDR, env = "ISTHMUS_DNS_ADDR")]
+    pub dns_addr: SocketAddr,
+    /// Where the DNS server forwards names outside the mesh domain (repeatable, `ip[:port]`);
+    /// without any, those names are refused.
+    #[arg(long = "dns-upstream", value_name = "ADDR", value_parser = parse_upstream)]
+    pub dns_upstreams: Vec<SocketAddr>,
+    /// The address hosts reach the control plane at: control-plane names (istiod,
+    /// istio-pilot, istio-citadel, ... with and without .istio-system) resolve to it.
+    #[arg(long, env = "ISTHMUS_ADVERTISE_IP")]
+    pub advertise_ip: Option<std::net::IpAddr>,
     /// Extra IPs for the serving certificate (repeatable), besides 127.0.0.1.
     #[arg(long = "server-ip", value_name = "IP")]
     pub server_ips: Vec<std::net::IpAddr>,
@@ -122,7 +134,26 @@ pub enum ConfigError {
     TrustDomain(String, String),
 }
 
+fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| {
+            s.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+        .map_err(|_| format!("{s:?} is not an IP or IP:port"))
+}
+
 impl ServerArgs {
+    /// The address control-plane names resolve to: --advertise-ip, else the gRPC address
+    /// when it names one.
+    pub fn advertised_ips(&self) -> Vec<std::net::IpAddr> {
+        match self.advertise_ip {
+            Some(ip) => vec![ip],
+            None if !self.grpc_addr.ip().is_unspecified() => vec![self.grpc_addr.ip()],
+            None => Vec::new(),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(p) = isthmus_model::validate::dns_subdomain_problem(&self.domain) {
             return Err(ConfigError::Domain(self.domain.clone(), p));

@@ -6,6 +6,7 @@ pub mod api;
 pub mod autoreg;
 pub mod config;
 pub mod discovery;
+pub mod dns;
 pub mod identity;
 pub mod informer;
 pub mod legacy;

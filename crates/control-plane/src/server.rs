@@ -29,6 +29,8 @@ use crate::registry::Registry;
 pub struct Endpoints {
     /// Certificate API (and discovery): gRPC over TLS.
     pub grpc: String,
+    /// Mesh DNS, `ip:port` (UDP and TCP).
+    pub dns: String,
     pub admin: String,
     pub registration: String,
     pub metrics: String,
@@ -156,6 +158,8 @@ pub async fn run(
     let view = crate::informer::start(registry.clone())
         .await
         .context("cannot read the registry")?;
+    let dns_tables = crate::dns::tables(view.clone(), args.domain.clone(), args.advertised_ips())
+        .context("cannot build the DNS name table")?;
     let mapping = isthmus_xds::MappingOptions {
         domain: args.domain.clone(),
         trust_domain: args.trust_domain.clone(),
@@ -222,8 +226,21 @@ pub async fn run(
         "--grpc-addr",
     )
     .await?;
+    let mut dns_cfg = isthmus_dns::DnsServerConfig::new(args.dns_addr);
+    if !args.dns_upstreams.is_empty() {
+        dns_cfg.forward = isthmus_dns::Forward::Upstreams(args.dns_upstreams.clone());
+    }
+    let dns = isthmus_dns::DnsServer::bind(dns_cfg, dns_tables)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot serve DNS on {} (change it with --dns-addr): {e}",
+                args.dns_addr
+            )
+        })?;
     let endpoints = Endpoints {
         grpc: format!("https://{}", grpc.local_addr()?),
+        dns: dns.local_addr().to_string(),
         admin: format!("http://{}", admin.local_addr()?),
         registration: format!("http://{}", registration.local_addr()?),
         metrics: format!("http://{}", metrics_l.local_addr()?),
@@ -271,6 +288,10 @@ pub async fn run(
         serve(registration, legacy::router(state.clone())),
         serve(metrics_l, metrics_app),
     ];
+    let mut dns_stop = stop_rx.clone();
+    let dns_task = tokio::spawn(dns.serve(async move {
+        let _ = dns_stop.wait_for(|s| *s).await;
+    }));
     let mut grpc_stop = stop_rx.clone();
     let grpc_task = tokio::spawn(
         tonic::transport::Server::builder()
@@ -290,7 +311,7 @@ pub async fn run(
     let _ = stop_tx.send(true);
     // Discovery streams never end by themselves: end them so the gRPC server can stop.
     xds.close_streams();
-    let drain = futures::future::join(futures::future::join_all(tasks), grpc_task);
+    let drain = futures::future::join3(futures::future::join_all(tasks), grpc_task, dns_task);
     if tokio::time::timeout(Duration::from_secs(10), drain)
         .await
         .is_err()
@@ -317,7 +338,8 @@ fn dev_banner(args: &ServerArgs, ep: &Endpoints, token: &str, data_dir: &Path) {
     println!(
         "\nIsthmus control plane (dev mode, data in {dir}, deleted at exit)\n\n\
          admin API         {admin}\n\
-         certificate API   {grpc}  (gRPC/TLS, Istio's IstioCertificateService)\n\
+         certificate API   {grpc}  (gRPC/TLS: Istio's CA and workload discovery)\n\
+         mesh DNS          {dns}\n\
          certificates      {grpc}  (gRPC/TLS, Istio's CA API)\n\
          registration API  {reg}/v1/registration\n\
          metrics           {met}/metrics\n\
@@ -329,11 +351,15 @@ fn dev_banner(args: &ServerArgs, ep: &Endpoints, token: &str, data_dir: &Path) {
          \x20 isthmus get services -A\n\
          \x20 curl -s {reg}/v1/registration\n\
          \x20 isthmus get services -A --watch\n\
-         \x20 isthmus token create -n onprem -s mysql --ttl 1h\n\n\
+         \x20 isthmus token create -n onprem -s mysql --ttl 1h\n\
+         \x20 dig @{dns_ip} -p {dns_port} mysql.onprem.svc.cluster.local\n\n\
          Press Ctrl-C to stop.\n",
         dir = data_dir.display(),
         admin = ep.admin,
         grpc = ep.grpc,
+        dns = ep.dns,
+        dns_ip = ep.dns.rsplit_once(':').map_or("127.0.0.1", |(ip, _)| ip),
+        dns_port = ep.dns.rsplit_once(':').map_or("53", |(_, p)| p),
         reg = ep.registration,
         met = ep.metrics,
     );

@@ -387,6 +387,8 @@ fn dev_mode_prints_what_to_do_and_writes_the_cli_config() {
             "127.0.0.1:0",
             "--metrics-addr",
             "127.0.0.1:0",
+            "--dns-addr",
+            "127.0.0.1:0",
             "--grpc-addr",
             "127.0.0.1:0",
         ])

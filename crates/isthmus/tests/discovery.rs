@@ -244,3 +244,99 @@ async fn group_members_register_themselves_and_leave_after_the_grace_period() {
         },
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_mark_the_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    let group = "apiVersion: isthmus.io/v1\nkind: WorkloadGroup\nmetadata: {name: mysql, namespace: onprem}\nspec:\n  template: {serviceAccount: db}\n  probe: {periodSeconds: 2, tcpSocket: {port: 3306}}\n";
+    assert!(s
+        .cli_stdin(&["apply", "-f", "-"], Some(group))
+        .status
+        .success());
+    let c = client(
+        &s,
+        &root(&s),
+        Some(&token(&s, "onprem", "db")),
+        "onprem",
+        "db",
+        Some("mysql"),
+    );
+    let health = c.health();
+    let task = tokio::spawn(c.run());
+    let entry = || {
+        let out = s.cli(&["get", "we", "mysql-10-0-0-9", "-n", "onprem", "-o", "json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()
+    };
+    let v = wait_for("the entry", Duration::from_secs(20), entry);
+    assert_eq!(
+        v["status"]["health"], "UNHEALTHY",
+        "a group with a probe starts unhealthy: {v}"
+    );
+    health.send_replace(Some(isthmus_xds::HealthReport {
+        healthy: true,
+        message: None,
+    }));
+    wait_for("HEALTHY", Duration::from_secs(20), || {
+        entry().filter(|v| v["status"].get("health").is_none())
+    });
+    health.send_replace(Some(isthmus_xds::HealthReport {
+        healthy: false,
+        message: Some("connect to 127.0.0.1:3306 refused".into()),
+    }));
+    let v = wait_for("UNHEALTHY", Duration::from_secs(20), || {
+        entry().filter(|v| v["status"]["health"] == "UNHEALTHY")
+    });
+    assert_eq!(v["status"]["message"], "connect to 127.0.0.1:3306 refused");
+    task.abort();
+}
+
+fn dig(server: &str, args: &[&str]) -> Option<String> {
+    let (ip, port) = server.rsplit_once(':').unwrap();
+    let out = std::process::Command::new("dig")
+        .arg(format!("@{ip}"))
+        .args(["-p", port, "+tries=1", "+time=2"])
+        .args(args)
+        .output()
+        .ok()?;
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_dns_answers_mesh_names() {
+    if std::process::Command::new("dig")
+        .arg("-v")
+        .output()
+        .is_err()
+    {
+        eprintln!("!!!! SKIP: dig not installed (scripts/setup.sh installs dnsutils) !!!!");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(dir.path(), &["--advertise-ip", "127.0.0.9"]);
+    s.ok(&["register", "mysql", "10.0.0.5", "3306", "-n", "onprem"]);
+    let v: serde_json::Value =
+        serde_json::from_str(&s.ok(&["get", "svc", "mysql", "-n", "onprem", "-o", "json"]))
+            .unwrap();
+    let vip = v["status"]["vip"].as_str().unwrap().to_string();
+    let answer = wait_for("the VIP in DNS", Duration::from_secs(20), || {
+        dig(&s.dns, &["+short", "mysql.onprem.svc.cluster.local", "A"])
+            .filter(|a| !a.trim().is_empty())
+    });
+    assert_eq!(answer.trim(), vip);
+    let nx = dig(&s.dns, &["nope.onprem.svc.cluster.local"]).unwrap();
+    assert!(nx.contains("status: NXDOMAIN"), "{nx}");
+    let alias = dig(&s.dns, &["+short", "istio-pilot.istio-system"]).unwrap();
+    assert_eq!(alias.trim(), "127.0.0.9");
+    let other = dig(&s.dns, &["example.com"]).unwrap();
+    assert!(
+        other.contains("status: REFUSED"),
+        "names outside the mesh are refused without --dns-upstream: {other}"
+    );
+    let tcp = dig(
+        &s.dns,
+        &["+tcp", "+short", "mysql.onprem.svc.cluster.local"],
+    )
+    .unwrap();
+    assert_eq!(tcp.trim(), vip);
+}

@@ -93,6 +93,8 @@ async fn second_server_on_the_same_data_dir_is_refused() {
             "127.0.0.1:0",
             "--metrics-addr",
             "127.0.0.1:0",
+            "--dns-addr",
+            "127.0.0.1:0",
             "--grpc-addr",
             "127.0.0.1:0",
         ])
@@ -129,6 +131,8 @@ async fn bad_server_flags_name_the_problem() {
             "--registration-addr",
             "127.0.0.1:0",
             "--metrics-addr",
+            "127.0.0.1:0",
+            "--dns-addr",
             "127.0.0.1:0",
             "--grpc-addr",
             "127.0.0.1:0",

@@ -25,7 +25,7 @@ pub mod pb {
 
 pub use client::{
     node_id, ClientConfig, ClientError, ClientStatus, Connect, ConnectError, EndpointConnector,
-    Ready, State, XdsClient,
+    HealthReport, Ready, State, XdsClient,
 };
 pub use mapping::{build_resources, MappingOptions, AGENT_ANNOTATION};
 pub use resources::{ResourceSet, Version, XdsResource, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};

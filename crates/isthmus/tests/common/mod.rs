@@ -15,6 +15,8 @@ pub struct Server {
     pub metrics: String,
     /// Certificate API (gRPC over TLS), `https://127.0.0.1:PORT`.
     pub grpc: String,
+    /// Mesh DNS, `127.0.0.1:PORT`.
+    pub dns: String,
     pub token: String,
     /// Isolates the CLI's config file from the user's.
     pub home: tempfile::TempDir,
@@ -58,6 +60,8 @@ impl Server {
                 "127.0.0.1:0",
                 "--metrics-addr",
                 "127.0.0.1:0",
+                "--dns-addr",
+                "127.0.0.1:0",
             ])
             .args(extra)
             .env("ISTHMUS_LOG", "warn")
@@ -86,6 +90,7 @@ impl Server {
             registration: ep["registration"].as_str().unwrap().into(),
             metrics: ep["metrics"].as_str().unwrap().into(),
             grpc: ep["grpc"].as_str().unwrap().into(),
+            dns: ep["dns"].as_str().unwrap().into(),
             token,
             home: tempfile::tempdir().unwrap(),
         }

@@ -128,6 +128,16 @@ pub struct XdsClient {
     state: watch::Sender<Arc<State>>,
     ready: watch::Sender<bool>,
     status: watch::Sender<ClientStatus>,
+    health: watch::Sender<Option<HealthReport>>,
+}
+
+/// The workload's health as the agent's probe sees it, reported on the discovery stream
+/// (Istio's `istio.io/health` requests): sent when it changes and again on every reconnect.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthReport {
+    pub healthy: bool,
+    /// Why it is unhealthy.
+    pub message: Option<String>,
 }
 
 impl std::fmt::Debug for XdsClient {
@@ -171,6 +181,24 @@ impl XdsClient {
             state: watch::Sender::new(Arc::new(initial)),
             ready: watch::Sender::new(false),
             status: watch::Sender::new(ClientStatus::Connecting),
+            health: watch::Sender::new(None),
+        }
+    }
+
+    /// Where the agent's prober puts the workload's health.
+    pub fn health(&self) -> watch::Sender<Option<HealthReport>> {
+        self.health.clone()
+    }
+
+    fn health_request(report: &HealthReport) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            type_url: crate::server::HEALTH_TYPE_URL.to_owned(),
+            error_detail: (!report.healthy).then(|| crate::pb::google::rpc::Status {
+                code: 14,
+                message: report.message.clone().unwrap_or_else(|| "unhealthy".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
         }
     }
 
@@ -299,8 +327,27 @@ impl XdsClient {
         );
         let mut answered = std::collections::HashSet::new();
         let mut received = false;
+        let mut health = self.health.subscribe();
+        let report = health.borrow_and_update().clone();
+        if let Some(report) = report {
+            let _ = tx.send(Self::health_request(&report)).await;
+        }
         loop {
-            match stream.message().await {
+            let message = tokio::select! {
+                m = stream.message() => m,
+                changed = health.changed() => {
+                    if changed.is_ok() {
+                        let report = health.borrow_and_update().clone();
+                        if let Some(report) = report {
+                            if tx.send(Self::health_request(&report)).await.is_err() {
+                                return failed("request stream closed".into(), received);
+                            }
+                        }
+                    }
+                    continue;
+                }
+            };
+            match message {
                 Ok(Some(response)) => {
                     received = true;
                     let type_url = response.type_url.clone();
