@@ -7,6 +7,9 @@ use std::path::PathBuf;
 use clap::Args;
 
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:15020";
+pub const DEFAULT_DNS_ADDR: &str = "127.0.0.1:15053";
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+pub const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
 
 #[derive(Args, Clone, Debug)]
 pub struct AgentArgs {
@@ -43,9 +46,66 @@ pub struct AgentArgs {
     /// --cert-dir and nothing else.
     #[arg(long)]
     pub identity_only: bool,
+
+    /// This host's mesh IP (Istio's ISTIO_SVC_IP) [default: the local address that routes to
+    /// the control plane].
+    #[arg(long, env = "ISTIO_SVC_IP")]
+    pub ip: Option<std::net::IpAddr>,
+    /// Register this host as a member of this WorkloadGroup (of its own namespace) while it is
+    /// connected.
+    #[arg(long, env = "ISTHMUS_WORKLOAD_GROUP")]
+    pub group: Option<String>,
+    /// The mesh's DNS domain.
+    #[arg(long, default_value = "cluster.local", env = "ISTHMUS_DOMAIN")]
+    pub domain: String,
+    /// Where the agent keeps its state (the last-known-good discovery state).
+    #[arg(long, default_value = "/var/lib/isthmus", env = "ISTHMUS_STATE_DIR")]
+    pub state_dir: PathBuf,
+    /// The DNS proxy: mesh names from local state, the rest forwarded to the host's resolvers.
+    #[arg(long, default_value = DEFAULT_DNS_ADDR, env = "ISTHMUS_AGENT_DNS_ADDR")]
+    pub dns_addr: SocketAddr,
+    /// Resolvers for names outside the mesh (repeatable) [default: /etc/resolv.conf's].
+    #[arg(long = "dns-upstream", value_name = "IP:PORT")]
+    pub dns_upstreams: Vec<SocketAddr>,
+    /// Agent admin (config dump, certificate): localhost only.
+    #[arg(long, default_value = DEFAULT_ADMIN_ADDR, env = "ISTHMUS_AGENT_ADMIN_ADDR")]
+    pub admin_addr: SocketAddr,
+    /// Readiness (`/healthz/ready`): 200 once the agent has a certificate and the first full
+    /// discovery state.
+    #[arg(long, default_value = DEFAULT_READINESS_ADDR, env = "ISTHMUS_AGENT_READINESS_ADDR")]
+    pub readiness_addr: SocketAddr,
+    /// Health probe of the local app, TCP connect: PORT (the group's tcpSocket probe).
+    #[arg(long, value_name = "PORT", conflicts_with = "probe_http")]
+    pub probe_tcp: Option<String>,
+    /// Health probe of the local app, HTTP GET: PORT/PATH (the group's httpGet probe).
+    #[arg(long, value_name = "PORT/PATH")]
+    pub probe_http: Option<String>,
+    #[arg(long, default_value = "10s")]
+    pub probe_period: humantime::Duration,
+    #[arg(long, default_value = "1s")]
+    pub probe_timeout: humantime::Duration,
+    #[arg(long, default_value_t = 1)]
+    pub probe_success_threshold: u32,
+    #[arg(long, default_value_t = 3)]
+    pub probe_failure_threshold: u32,
 }
 
 impl AgentArgs {
+    pub fn probe(&self) -> Result<Option<crate::probe::Probe>, crate::probe::ProbeSpecError> {
+        let check = match (&self.probe_tcp, &self.probe_http) {
+            (Some(t), _) => crate::probe::parse_spec(t, false)?,
+            (None, Some(h)) => crate::probe::parse_spec(h, true)?,
+            (None, None) => return Ok(None),
+        };
+        Ok(Some(crate::probe::Probe {
+            check,
+            period: self.probe_period.into(),
+            timeout: self.probe_timeout.into(),
+            success_threshold: self.probe_success_threshold,
+            failure_threshold: self.probe_failure_threshold,
+        }))
+    }
+
     pub fn identity_config(&self) -> crate::identity::IdentityConfig {
         let mut cfg = crate::identity::IdentityConfig::new(self.ca_addr.clone());
         cfg.ca_server_name.clone_from(&self.ca_server_name);

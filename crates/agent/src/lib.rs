@@ -1,9 +1,14 @@
-//! `isthmus agent`, run on every member host. Today: the identity manager (the seeds' node
-//! agent); discovery, DNS, interception and the proxy come next.
+//! `isthmus agent`, run on every member host: the identity manager (the seeds' node agent), the
+//! discovery subscriber with its last-known-good cache, the DNS proxy, the workload's health
+//! probe and auto-registration, admin and readiness endpoints. Interception and the proxy come
+//! next.
 #![forbid(unsafe_code)]
 
 pub mod args;
+pub mod discovery;
+pub mod dnsproxy;
 pub mod identity;
+pub mod probe;
 pub mod run;
 
 pub use args::AgentArgs;

@@ -1,64 +1,323 @@
-//! `isthmus agent`: starts the agent's parts and runs until told to stop.
+//! `isthmus agent`: starts the agent's parts and runs until told to stop. Identity comes first
+//! (discovery connects with the workload certificate); discovery, the DNS proxy, the prober and
+//! the admin endpoints run beside it, and the last good state keeps serving when the control
+//! plane is away.
 
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use anyhow::Context;
+use axum::routing::get;
+use axum::Json;
 use prometheus_client::registry::Registry;
+use serde_json::json;
+use tokio::net::TcpListener;
 
 use crate::args::AgentArgs;
+use crate::discovery::CertConnector;
 use crate::identity::IdentityManager;
+
+/// Where each listener ended up, written to `<state-dir>/agent-endpoints.json`.
+#[derive(serde::Serialize)]
+struct Endpoints {
+    admin: String,
+    readiness: String,
+    metrics: String,
+    dns: String,
+    pid: u32,
+}
+
+async fn bind(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for the {what} (change it with {flag})"))
+}
+
+/// The local address the kernel would use towards the control plane (no packet is sent).
+fn detect_ip(ca_addr: &str) -> Option<IpAddr> {
+    let authority = ca_addr
+        .split("://")
+        .nth(1)
+        .unwrap_or(ca_addr)
+        .split('/')
+        .next()?;
+    let target: SocketAddr = authority.parse().ok().or_else(|| {
+        use std::net::ToSocketAddrs;
+        authority.to_socket_addrs().ok()?.next()
+    })?;
+    let bind: SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0".parse().ok()?
+    } else {
+        "[::]:0".parse().ok()?
+    };
+    let sock = std::net::UdpSocket::bind(bind).ok()?;
+    sock.connect(target).ok()?;
+    Some(sock.local_addr().ok()?.ip())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into())
+}
+
+fn metrics_text(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}
 
 pub async fn run(
     args: AgentArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    if !args.identity_only {
-        anyhow::bail!(
-            "this version of the agent runs the identity manager only: pass --identity-only \
-             (discovery, DNS and the proxy are not built yet)"
-        );
-    }
-    let manager =
-        IdentityManager::new(args.identity_config()).context("invalid agent configuration")?;
+    let manager = Arc::new(
+        IdentityManager::new(args.identity_config()).context("invalid agent configuration")?,
+    );
+    let probe = args.probe().context("invalid probe")?;
     let mut registry = Registry::default();
     manager.register_metrics(&mut registry);
+    let mut dns_metrics = None;
+    if !args.identity_only {
+        let m = isthmus_dns::DnsMetrics::new();
+        m.register(registry.sub_registry_with_prefix("isthmus_agent"));
+        dns_metrics = Some(m);
+    }
     let registry = Arc::new(registry);
-
-    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} for metrics (change it with --metrics-addr)",
-                args.metrics_addr
-            )
-        })?;
-    let app = axum::Router::new()
+    let metrics_l = bind(args.metrics_addr, "metrics", "--metrics-addr").await?;
+    let reg = registry.clone();
+    let metrics_app = axum::Router::new()
         .route(
             "/metrics",
-            axum::routing::get(move || {
-                let registry = registry.clone();
-                async move {
-                    let mut out = String::new();
-                    // Writing into a String cannot fail.
-                    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-                    out
+            get(move || {
+                let reg = reg.clone();
+                async move { metrics_text(&reg) }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }));
+    let metrics_addr = metrics_l.local_addr()?;
+    tokio::spawn(async move { axum::serve(metrics_l, metrics_app).await });
+
+    let certs = manager.subscribe();
+    let m = manager.clone();
+    let mut identity_task = tokio::spawn(async move { m.run().await });
+    tokio::pin!(shutdown);
+
+    if args.identity_only {
+        return tokio::select! {
+            r = &mut identity_task => match r {
+                Ok(Err(e)) => Err(anyhow::Error::new(e)),
+                Ok(Ok(never)) => match never {},
+                Err(e) => Err(anyhow::anyhow!("the identity manager stopped: {e}")),
+            },
+            _ = &mut shutdown => {
+                tracing::info!("stopping; the certificate on disk stays valid until it expires");
+                Ok(())
+            }
+        };
+    }
+
+    std::fs::create_dir_all(&args.state_dir).with_context(|| {
+        format!(
+            "cannot create the state directory {}",
+            args.state_dir.display()
+        )
+    })?;
+    // Discovery needs the workload certificate: wait for the first one.
+    let mut cert_rx = certs.clone();
+    let cert = tokio::select! {
+        c = cert_rx.wait_for(|c| c.is_some()) => c.map_err(|_| anyhow::anyhow!("the identity manager stopped"))?.clone(),
+        r = &mut identity_task => return match r {
+            Ok(Err(e)) => Err(anyhow::Error::new(e)),
+            Ok(Ok(never)) => match never {},
+            Err(e) => Err(anyhow::anyhow!("the identity manager stopped: {e}")),
+        },
+        _ = &mut shutdown => return Ok(()),
+    };
+    let cert = cert.context("no certificate")?;
+    let (ns, sa) = (
+        cert.identity.namespace().to_string(),
+        cert.identity.service_account().to_string(),
+    );
+    let ip = match args.ip.or_else(|| detect_ip(&args.ca_addr)) {
+        Some(ip) => ip,
+        None => anyhow::bail!("cannot tell this host's mesh IP: pass --ip (or set ISTIO_SVC_IP)"),
+    };
+    let node = isthmus_xds::node_id(&ip.to_string(), &hostname(), &ns, &args.domain);
+    let mut cfg = isthmus_xds::ClientConfig::new(node);
+    cfg.node_metadata.insert("NAMESPACE".into(), ns.clone());
+    cfg.node_metadata
+        .insert("SERVICE_ACCOUNT".into(), sa.clone());
+    if let Some(g) = &args.group {
+        cfg.node_metadata
+            .insert("AUTO_REGISTER_GROUP".into(), g.clone());
+    }
+    cfg.cache_path = Some(args.state_dir.join("discovery.cache"));
+    let client = isthmus_xds::XdsClient::new(
+        cfg,
+        Arc::new(CertConnector {
+            address: args.ca_addr.clone(),
+            server_name: args.ca_server_name.clone(),
+            cert: certs.clone(),
+        }),
+    );
+    let state = client.state();
+    let ready = client.ready();
+    let status = client.status();
+    if let Some(p) = probe {
+        tokio::spawn(crate::probe::run(p, client.health()));
+    }
+
+    // DNS proxy from the local state.
+    let upstreams = crate::dnsproxy::upstreams(&args.dns_upstreams, args.dns_addr);
+    let search = isthmus_dns::search_domains(&ns, &args.domain);
+    let mut dns_cfg = isthmus_dns::DnsServerConfig::agent(args.dns_addr, search, upstreams.clone());
+    if upstreams.is_empty() {
+        dns_cfg.forward = isthmus_dns::Forward::Refuse;
+    }
+    let tables = crate::dnsproxy::tables(state.clone(), args.domain.clone())
+        .context("cannot build the DNS table")?;
+    let dns = isthmus_dns::DnsServer::bind_with_metrics(dns_cfg, tables, dns_metrics)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot serve DNS on {} (change it with --dns-addr): {e}",
+                args.dns_addr
+            )
+        })?;
+    let dns_addr = dns.local_addr();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut dns_stop = stop_rx.clone();
+    tokio::spawn(dns.serve(async move {
+        let _ = dns_stop.wait_for(|s| *s).await;
+    }));
+
+    // Admin (config dump) and readiness.
+    let is_ready = {
+        let (certs, ready) = (certs.clone(), ready.clone());
+        move || {
+            certs
+                .borrow()
+                .as_ref()
+                .is_some_and(|c| c.is_valid_at(std::time::SystemTime::now()))
+                && ready.is_ready()
+        }
+    };
+    let dump = {
+        let (state, status, certs, is_ready) = (
+            state.clone(),
+            status.clone(),
+            certs.clone(),
+            is_ready.clone(),
+        );
+        move || {
+            let st = state.borrow().clone();
+            let cert = certs.borrow().clone();
+            json!({
+                "ready": is_ready(),
+                "identity": cert.as_ref().map(|c| json!({
+                    "spiffeId": c.identity.to_string(),
+                    "expires": humantime::format_rfc3339_seconds(c.not_after).to_string(),
+                    "renewAt": humantime::format_rfc3339_seconds(c.renew_at()).to_string(),
+                })),
+                "discovery": {
+                    "status": format!("{:?}", *status.borrow()),
+                    "origin": format!("{:?}", st.origin()),
+                    "services": st.services().map(|s| json!({
+                        "hostname": s.hostname, "namespace": s.namespace,
+                        "vips": s.vips.iter().map(|(_, ip)| ip.to_string()).collect::<Vec<_>>(),
+                        "ports": s.ports.iter().map(|p| json!({"port": p.service_port, "targetPort": p.target_port})).collect::<Vec<_>>(),
+                        "subjectAltNames": s.subject_alt_names,
+                    })).collect::<Vec<_>>(),
+                    "workloads": st.workloads().map(|w| json!({
+                        "uid": w.uid, "name": w.name, "namespace": w.namespace,
+                        "addresses": w.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        "serviceAccount": w.service_account, "tunnel": format!("{:?}", w.tunnel),
+                        "health": format!("{:?}", w.health), "services": w.services.keys().collect::<Vec<_>>(),
+                    })).collect::<Vec<_>>(),
+                },
+            })
+        }
+    };
+    let ready_route = {
+        let is_ready = is_ready.clone();
+        move || {
+            let r = is_ready();
+            async move {
+                if r {
+                    (axum::http::StatusCode::OK, "ready\n")
+                } else {
+                    (
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        "not ready: waiting for a certificate and the first discovery state\n",
+                    )
+                }
+            }
+        }
+    };
+    let admin_l = bind(args.admin_addr, "admin endpoint", "--admin-addr").await?;
+    let readiness_l = bind(
+        args.readiness_addr,
+        "readiness endpoint",
+        "--readiness-addr",
+    )
+    .await?;
+    let admin_app = axum::Router::new()
+        .route(
+            "/config_dump",
+            get({
+                let dump = dump.clone();
+                move || {
+                    let v = dump();
+                    async move { Json(v) }
                 }
             }),
         )
-        .route("/healthz", axum::routing::get(|| async { "ok\n" }));
-    let metrics = tokio::spawn(async move { axum::serve(listener, app).await });
+        .route("/healthz/ready", get(ready_route.clone()));
+    let readiness_app = axum::Router::new().route("/healthz/ready", get(ready_route));
+    let endpoints = Endpoints {
+        admin: format!("http://{}", admin_l.local_addr()?),
+        readiness: format!("http://{}", readiness_l.local_addr()?),
+        metrics: format!("http://{metrics_addr}"),
+        dns: dns_addr.to_string(),
+        pid: std::process::id(),
+    };
+    tokio::spawn(async move { axum::serve(admin_l, admin_app).await });
+    tokio::spawn(async move { axum::serve(readiness_l, readiness_app).await });
+    let ep_path = args.state_dir.join("agent-endpoints.json");
+    let tmp = args.state_dir.join(".agent-endpoints.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&endpoints)?)
+        .and_then(|()| std::fs::rename(&tmp, &ep_path))
+        .with_context(|| format!("cannot write {}", ep_path.display()))?;
+    tracing::info!(identity = %cert.identity, %ip, dns = %endpoints.dns, admin = %endpoints.admin, group = ?args.group, "agent started");
 
     let result = tokio::select! {
-        r = manager.run() => match r {
-            Ok(never) => match never {},
-            Err(e) => Err(anyhow::Error::new(e)),
+        r = client.run() => r.map_err(|e| anyhow::anyhow!("discovery stopped: {e}")),
+        r = &mut identity_task => match r {
+            Ok(Err(e)) => Err(anyhow::Error::new(e)),
+            Ok(Ok(never)) => match never {},
+            Err(e) => Err(anyhow::anyhow!("the identity manager stopped: {e}")),
         },
-        _ = shutdown => {
-            tracing::info!("stopping; the certificate on disk stays valid until it expires");
+        _ = &mut shutdown => {
+            tracing::info!("stopping");
             Ok(())
         }
     };
-    metrics.abort();
+    let _ = stop_tx.send(true);
+    // The periodic cache write may be up to a second behind: save the newest state now, so
+    // a restart without the control plane starts from it.
+    let cache = args.state_dir.join("discovery.cache");
+    let latest = state.borrow().clone();
+    if latest.origin() == isthmus_xds::client::Origin::Empty {
+        // Never connected and nothing on disk: keep whatever file is there.
+    } else if let Err(e) =
+        isthmus_xds::client::write_cache(&cache, &isthmus_xds::client::encode_cache(&latest))
+    {
+        tracing::warn!(error = %e, "cannot save the discovery state");
+    }
     result
 }

@@ -146,7 +146,7 @@ pub enum Command {
     #[command(
         after_help = "Example:\n  isthmus agent --identity-only --ca-addr https://10.0.0.2:15012 \\\n      --join-token-file /etc/isthmus/token --cert-dir /etc/certs"
     )]
-    Agent(isthmus_agent::AgentArgs),
+    Agent(Box<isthmus_agent::AgentArgs>),
     /// Join tokens: what a host presents to get its first certificate.
     Token {
         #[command(subcommand)]

@@ -43,7 +43,7 @@ fn main() -> ExitCode {
         Command::Agent(args) => {
             init_logging(cli.global.log_format, &cli.global.log_level);
             runtime.block_on(isthmus_agent::run::run(
-                args,
+                *args,
                 isthmus_control_plane::server::shutdown_signal(),
             ))
         }

@@ -25,7 +25,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Status};
 
-pub use cache::{decode as decode_cache, encode as encode_cache, load as load_cache, CacheError};
+pub use cache::{
+    decode as decode_cache, encode as encode_cache, load as load_cache,
+    write_atomic as write_cache, CacheError,
+};
 pub use connect::{Connect, ConnectError, EndpointConnector};
 pub use state::{
     AppProtocol, Authorization, Health, Item, Locality, Origin, PortMapping, ResourceError,

@@ -1,0 +1,52 @@
+//! The agent's discovery subscriber: connects to the control plane with the workload
+//! certificate the identity manager keeps (mTLS), so a renewed certificate is used from the next
+//! connection on and no join token is spent.
+
+use std::sync::Arc;
+
+use isthmus_xds::{Connect, ConnectError};
+use tokio::sync::watch;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::identity::CurrentCert;
+
+pub struct CertConnector {
+    pub address: String,
+    pub server_name: String,
+    pub cert: watch::Receiver<CurrentCert>,
+}
+
+#[tonic::async_trait]
+impl Connect for CertConnector {
+    async fn connect(&self) -> Result<Channel, ConnectError> {
+        let cert: Option<Arc<_>> = self.cert.borrow().clone();
+        let Some(cert) = cert else {
+            return Err(ConnectError::Credentials(
+                "no workload certificate yet".into(),
+            ));
+        };
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&cert.roots_pem))
+            .identity(Identity::from_pem(&cert.chain_pem, &cert.key_pem))
+            .domain_name(self.server_name.clone());
+        let endpoint = Endpoint::from_shared(self.address.clone())
+            .map_err(|e| {
+                ConnectError::Credentials(format!(
+                    "bad control-plane address {:?}: {e}",
+                    self.address
+                ))
+            })?
+            .tls_config(tls)
+            .map_err(|e| ConnectError::Credentials(format!("TLS setup failed: {e}")))?
+            .tcp_nodelay(true)
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(1 << 20);
+        endpoint
+            .connect()
+            .await
+            .map_err(|source| ConnectError::Transport {
+                uri: self.address.clone(),
+                source,
+            })
+    }
+}
