@@ -240,6 +240,26 @@ async fn agent_joins_resolves_registers_and_survives_the_control_plane() {
         .iter()
         .any(|s| s["hostname"] == "ratings.bookinfo.svc.cluster.local"));
 
+    // A control-plane restart neither loses nor duplicates the auto-registered entry: the agent
+    // reconnects within the grace period and its entry is refreshed, once.
+    let seen_before = entry_json(&s)["status"]["lastSeen"].clone();
+    assert!(s.term().success());
+    s = Server::start_with_grpc(dir.path(), &["--grpc-addr", &grpc, "--autoreg-grace", "2s"]);
+    wait_for(
+        "the agent to reconnect and refresh its entry",
+        Duration::from_secs(30),
+        || {
+            let v = entry_json(&s);
+            (v["status"]["lastSeen"] != seen_before).then_some(())
+        },
+    );
+    let entries = s.ok(&["get", "workloads", "-n", "onprem"]);
+    assert_eq!(
+        entries.lines().filter(|l| l.contains("10.0.0.9")).count(),
+        1,
+        "{entries}"
+    );
+
     // The control plane goes away: the agent keeps answering; restarted, it answers from disk.
     s.kill9();
     assert_eq!(
@@ -263,6 +283,11 @@ async fn agent_joins_resolves_registers_and_survives_the_control_plane() {
         503,
         "not ready without the control plane's first state"
     );
+}
+
+fn entry_json(s: &Server) -> serde_json::Value {
+    serde_json::from_str(&s.ok(&["get", "we", "mysql-10-0-0-9", "-n", "onprem", "-o", "json"]))
+        .unwrap()
 }
 
 fn vip(s: &Server, name: &str, ns: &str) -> String {
