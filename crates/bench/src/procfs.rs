@@ -11,7 +11,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::{sysconf, Pid, SysconfVar};
 use serde::Serialize;
 
-use crate::driver::Percentiles;
+use crate::stats::Percentiles;
 
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct Memory {

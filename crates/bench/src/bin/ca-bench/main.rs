@@ -1,12 +1,15 @@
-//! `registry-bench`: registration throughput and write→watch latency of the Isthmus control plane,
-//! with etcd driven the same way in the same run. Loopback only, bounded in count and time.
+//! `ca-bench`: certificates signed per second by `isthmus server` over gRPC/TLS, with the
+//! in-process signing rate and openssl measured on the same CSRs in the same run. Loopback
+//! only, bounded in count and time.
 #![forbid(unsafe_code)]
 
 mod config;
+mod csr;
 mod driver;
-mod etcd;
-mod isthmus;
-mod procfs;
+mod grpc;
+mod inprocess;
+mod loopback;
+mod openssl;
 mod report;
 
 use std::process::ExitCode;

@@ -2,28 +2,11 @@
 
 use std::fmt::Write;
 
+use isthmus_bench::format::{mib, ms};
+
 use crate::driver::{LoadResult, RunResult, SystemResult, WatchResult};
-use crate::procfs::Memory;
 
 const NONE: &str = "—";
-
-fn ms(v: f64) -> String {
-    if v < 0.1 {
-        format!("{v:.3}")
-    } else if v < 100.0 {
-        format!("{v:.2}")
-    } else {
-        format!("{v:.0}")
-    }
-}
-
-fn mib(m: &Memory) -> String {
-    format!(
-        "{:.1} (peak {:.1})",
-        m.rss_kib as f64 / 1024.0,
-        m.peak_kib as f64 / 1024.0
-    )
-}
 
 fn header(s: &SystemResult) -> String {
     if s.version.is_empty() {

@@ -1,30 +1,21 @@
 //! Isthmus under test: the release binary as `isthmus server`, driven through its admin API.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Context;
 use futures::StreamExt;
-use serde::Deserialize;
+use isthmus_bench::procfs::ServerProcess;
+use isthmus_bench::server::{self, Admin};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::config::{REQUEST_TIMEOUT, START_TIMEOUT};
+use crate::config::REQUEST_TIMEOUT;
 use crate::driver::{address, entry_name, service, Target, NAMESPACE};
-use crate::procfs::ServerProcess;
 
 pub struct Isthmus {
-    client: reqwest::Client,
-    base: String,
-    token: String,
-}
-
-#[derive(Deserialize)]
-struct Endpoints {
-    admin: String,
+    admin: Admin,
 }
 
 /// A service and a workload entry as Isthmus stores them for registration 0, so that etcd is
@@ -62,99 +53,32 @@ impl Templates {
     }
 }
 
-/// Starts `isthmus server` on loopback ports chosen by the kernel, with `dir/data` as its data
-/// directory, and waits until it answers /readyz.
+/// Starts `isthmus server` with `dir/data` as its data directory and waits until it is ready.
 pub async fn start(
     bin: PathBuf,
     dir: PathBuf,
     client: reqwest::Client,
 ) -> anyhow::Result<(Arc<Isthmus>, ServerProcess)> {
-    let data = dir.join("data");
-    let log = dir.join("server.log");
-    let mut cmd = Command::new(&bin);
-    cmd.arg("server").arg("--data-dir").arg(&data).args([
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--registration-addr",
-        "127.0.0.1:0",
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--grpc-addr",
-        "127.0.0.1:0",
-    ]);
-    let mut server = ServerProcess::spawn("isthmus server", cmd, &log)?;
-    let deadline = Instant::now() + START_TIMEOUT;
-    let endpoints_file = data.join("endpoints.json");
-    let base = loop {
-        server.check_alive(&log)?;
-        // The file is written atomically, so a readable one is complete.
-        if let Ok(bytes) = std::fs::read(&endpoints_file) {
-            let ep: Endpoints = serde_json::from_slice(&bytes).with_context(|| {
-                format!("{} is not the endpoints file", endpoints_file.display())
-            })?;
-            break ep.admin;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "isthmus server wrote no {} within {START_TIMEOUT:?}",
-            endpoints_file.display()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
-    let token_file = data.join("admin-token");
-    let token = std::fs::read_to_string(&token_file)
-        .with_context(|| format!("cannot read the admin token {}", token_file.display()))?
-        .trim()
-        .to_string();
-    loop {
-        server.check_alive(&log)?;
-        let ready = client
-            .get(format!("{base}/readyz"))
-            .timeout(REQUEST_TIMEOUT)
-            .send()
-            .await;
-        if ready.is_ok_and(|r| r.status().is_success()) {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "isthmus server at {base} not ready within {START_TIMEOUT:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let started = server::start(&bin, &dir, client).await?;
     Ok((
         Arc::new(Isthmus {
-            client,
-            base,
-            token,
+            admin: started.admin,
         }),
-        server,
+        started.process,
     ))
 }
 
 impl Isthmus {
-    async fn get_text(&self, path: &str) -> anyhow::Result<String> {
-        let resp = self
-            .client
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .timeout(REQUEST_TIMEOUT)
-            .send()
-            .await?;
-        let status = resp.status();
-        let text = resp.text().await?;
-        anyhow::ensure!(status.is_success(), "GET {path} → HTTP {status}: {text}");
-        Ok(text)
-    }
-
     /// The stored service and workload entry of registration 0.
     pub async fn templates(&self) -> anyhow::Result<Templates> {
         let ns = NAMESPACE;
         Ok(Templates {
             service: self
+                .admin
                 .get_text(&format!("/api/v1/namespaces/{ns}/services/{}", service(0)))
                 .await?,
             entry: self
+                .admin
                 .get_text(&format!(
                     "/api/v1/namespaces/{ns}/workloadentries/{}",
                     entry_name(0)
@@ -186,9 +110,10 @@ impl Target for Isthmus {
     async fn register(&self, i: usize) -> anyhow::Result<()> {
         let body = json!({"service": service(i), "namespace": NAMESPACE, "ip": address(i), "ports": ["http:8080"]});
         let resp = self
+            .admin
             .client
-            .post(format!("{}/api/v1/register", self.base))
-            .bearer_auth(&self.token)
+            .post(format!("{}/api/v1/register", self.admin.base))
+            .bearer_auth(&self.admin.token)
             .json(&body)
             .timeout(REQUEST_TIMEOUT)
             .send()
@@ -214,12 +139,13 @@ impl Target for Isthmus {
         events: mpsc::UnboundedSender<(String, Instant)>,
     ) -> anyhow::Result<JoinHandle<()>> {
         let resp = self
+            .admin
             .client
             .get(format!(
                 "{}/api/v1/watch?kind=workloadentries&namespace={NAMESPACE}",
-                self.base
+                self.admin.base
             ))
-            .bearer_auth(&self.token)
+            .bearer_auth(&self.admin.token)
             .send()
             .await?;
         let status = resp.status();

@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,8 +11,10 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use isthmus_bench::procfs::{self, Memory, ServerProcess};
+use isthmus_bench::stats::{closed_loop, Percentiles};
+
 use crate::config::{Args, EVENT_TIMEOUT};
-use crate::procfs::{self, Memory, ServerProcess};
 use crate::{etcd, isthmus, report};
 
 pub const NAMESPACE: &str = "bench";
@@ -53,37 +54,6 @@ pub trait Target: Send + Sync + 'static {
         &self,
         events: mpsc::UnboundedSender<(String, Instant)>,
     ) -> impl Future<Output = anyhow::Result<JoinHandle<()>>> + Send;
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Percentiles {
-    pub count: usize,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub max_ms: f64,
-    pub mean_ms: f64,
-}
-
-impl Percentiles {
-    /// Nearest-rank percentiles; sorts `samples`.
-    pub fn of(samples: &mut [Duration]) -> Self {
-        if samples.is_empty() {
-            return Percentiles::default();
-        }
-        samples.sort_unstable();
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        let rank = |p: f64| {
-            samples[((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1]
-        };
-        let total: Duration = samples.iter().sum();
-        Percentiles {
-            count: samples.len(),
-            p50_ms: ms(rank(0.50)),
-            p99_ms: ms(rank(0.99)),
-            max_ms: ms(samples[samples.len() - 1]),
-            mean_ms: ms(total) / samples.len() as f64,
-        }
-    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -150,81 +120,6 @@ pub struct RunResult {
     pub fsync_probe: Option<procfs::FsyncProbe>,
     pub isthmus: SystemResult,
     pub etcd: SystemResult,
-}
-
-struct Raw {
-    samples: Vec<(usize, Duration)>,
-    errors: usize,
-    first_error: Option<String>,
-    stopped: bool,
-}
-
-/// N registrations from `concurrency` tasks sharing one counter, each waiting for its answer
-/// before sending the next; none starts after `timeout`.
-async fn load<T: Target>(
-    target: Arc<T>,
-    n: usize,
-    concurrency: usize,
-    timeout: Duration,
-) -> (Raw, Duration) {
-    let next = Arc::new(AtomicUsize::new(0));
-    let start = Instant::now();
-    let deadline = start + timeout;
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..concurrency {
-        let (target, next) = (target.clone(), next.clone());
-        tasks.spawn(async move {
-            let mut raw = Raw {
-                samples: Vec::new(),
-                errors: 0,
-                first_error: None,
-                stopped: false,
-            };
-            loop {
-                if Instant::now() >= deadline {
-                    raw.stopped = next.load(Ordering::Relaxed) < n;
-                    break;
-                }
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    break;
-                }
-                let t = Instant::now();
-                match target.register(i).await {
-                    Ok(()) => raw.samples.push((i, t.elapsed())),
-                    Err(e) => {
-                        raw.errors += 1;
-                        raw.first_error.get_or_insert_with(|| format!("{e:#}"));
-                    }
-                }
-            }
-            raw
-        });
-    }
-    let mut all = Raw {
-        samples: Vec::with_capacity(n),
-        errors: 0,
-        first_error: None,
-        stopped: false,
-    };
-    while let Some(done) = tasks.join_next().await {
-        match done {
-            Ok(raw) => {
-                all.samples.extend(raw.samples);
-                all.errors += raw.errors;
-                all.stopped |= raw.stopped;
-                if all.first_error.is_none() {
-                    all.first_error = raw.first_error;
-                }
-            }
-            Err(e) => {
-                all.errors += 1;
-                all.first_error
-                    .get_or_insert_with(|| format!("load task failed: {e}"));
-            }
-        }
-    }
-    (all, start.elapsed())
 }
 
 fn tenth_p50(samples: &[(usize, Duration)], last: bool) -> f64 {
@@ -347,27 +242,31 @@ where
             args.registrations
         );
         let cpu0 = procfs::cpu_time(pid).unwrap_or_default();
-        let (mut raw, elapsed) =
-            load(target.clone(), args.registrations, c, args.phase_timeout()).await;
+        let t = target.clone();
+        let mut raw = closed_loop(args.registrations, c, args.phase_timeout(), move |_, i| {
+            let t = t.clone();
+            async move { t.register(i).await }
+        })
+        .await;
         let cpu = procfs::cpu_time(pid)
             .unwrap_or_default()
             .saturating_sub(cpu0);
         let memory_after = procfs::memory(pid).unwrap_or_default();
         raw.samples.sort_unstable_by_key(|(i, _)| *i);
         let completed = raw.samples.len();
-        let mut lat: Vec<Duration> = raw.samples.iter().map(|(_, d)| *d).collect();
+        let (latency, ops_per_s) = (raw.latency(), raw.ops_per_s());
         let result = LoadResult {
             concurrency: c,
             requested: args.registrations,
             completed,
             errors: raw.errors,
             first_error: raw.first_error,
-            stopped_at_deadline: raw.stopped,
-            elapsed_s: elapsed.as_secs_f64(),
-            ops_per_s: completed as f64 / elapsed.as_secs_f64(),
+            stopped_at_deadline: raw.stopped_at_deadline,
+            elapsed_s: raw.elapsed.as_secs_f64(),
+            ops_per_s,
             first_tenth_p50_ms: tenth_p50(&raw.samples, false),
             last_tenth_p50_ms: tenth_p50(&raw.samples, true),
-            latency: Percentiles::of(&mut lat),
+            latency,
             server_cpu_ms_per_op: if completed > 0 {
                 cpu.as_secs_f64() * 1000.0 / completed as f64
             } else {
@@ -530,13 +429,5 @@ mod tests {
             assert!(!a.ends_with(".0") && !a.ends_with(".255"), "{a}");
             assert!(seen.insert(a.clone()), "{a} repeats at {i}");
         }
-    }
-
-    #[test]
-    fn percentiles_use_nearest_rank() {
-        let mut d: Vec<Duration> = (1..=100).rev().map(Duration::from_millis).collect();
-        let p = Percentiles::of(&mut d);
-        assert_eq!((p.p50_ms, p.p99_ms, p.max_ms), (50.0, 99.0, 100.0));
-        assert_eq!(Percentiles::of(&mut []).count, 0);
     }
 }

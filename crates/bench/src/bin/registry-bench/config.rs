@@ -11,10 +11,8 @@ pub const DEFAULT_REGISTRATIONS: usize = 5_000;
 pub const DEFAULT_WATCH_WRITES: usize = 500;
 pub const DEFAULT_PHASE_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_FSYNC_PROBES: usize = 200;
-/// Per-request limit, so one stuck request cannot hold the run.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a server may take to start, and a watcher to deliver one event.
-pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+pub use isthmus_bench::server::{REQUEST_TIMEOUT, START_TIMEOUT};
+/// How long a watcher may take to deliver one event.
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Parser, Debug, Clone)]

@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use crate::config::{REQUEST_TIMEOUT, START_TIMEOUT};
 use crate::driver::{address, entry_name, service, Target, NAMESPACE};
 use crate::isthmus::Templates;
-use crate::procfs::ServerProcess;
+use isthmus_bench::procfs::ServerProcess;
 
 const SERVICES: &str = "/registry/services/";
 const ENTRIES: &str = "/registry/workloadentries/";

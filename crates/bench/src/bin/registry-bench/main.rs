@@ -1,0 +1,34 @@
+//! `registry-bench`: registration throughput and write→watch latency of the Isthmus control plane,
+//! with etcd driven the same way in the same run. Loopback only, bounded in count and time.
+#![forbid(unsafe_code)]
+
+mod config;
+mod driver;
+mod etcd;
+mod isthmus;
+mod report;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = config::Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(driver::run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
