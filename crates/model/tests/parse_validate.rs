@@ -221,3 +221,28 @@ fn kind_names_and_port_guesses() {
     assert_eq!(guess_port_name(443), "https");
     assert_eq!(guess_port_name(9999), "9999");
 }
+
+proptest::proptest! {
+    /// The fuzz target's property, run in every test run: arbitrary text never panics the
+    /// parser, and whatever parses validates and round-trips through JSON.
+    #[test]
+    fn arbitrary_text_never_panics_and_parsed_input_round_trips(text in ".{0,400}") {
+        if let Ok(resources) = parse_documents(&text) {
+            for r in resources {
+                proptest::prop_assert!(validate(&r).is_ok());
+                proptest::prop_assert_eq!(parse_json(&r.to_json()).unwrap(), r);
+            }
+        }
+        let _ = LabelSelector::parse(&text);
+    }
+
+    #[test]
+    fn mutated_documents_never_panic(cut in 0usize..300, byte in proptest::prelude::any::<u8>()) {
+        let mut doc = SVC.as_bytes().to_vec();
+        let at = cut.min(doc.len() - 1);
+        doc[at] = byte;
+        if let Ok(text) = std::str::from_utf8(&doc) {
+            let _ = parse_documents(text);
+        }
+    }
+}
