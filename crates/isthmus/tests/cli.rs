@@ -378,20 +378,8 @@ fn dev_mode_prints_what_to_do_and_writes_the_cli_config() {
     use std::os::unix::fs::PermissionsExt;
     let home = tempfile::tempdir().unwrap();
     let mut child = std::process::Command::new(BIN)
-        .args([
-            "server",
-            "--dev",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--registration-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--dns-addr",
-            "127.0.0.1:0",
-            "--grpc-addr",
-            "127.0.0.1:0",
-        ])
+        .args(["server", "--dev"])
+        .args(ANY_PORTS)
         .env("XDG_CONFIG_HOME", home.path())
         .env_remove("ISTHMUS_CONFIG")
         .stdout(std::process::Stdio::piped())

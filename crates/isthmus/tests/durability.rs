@@ -86,18 +86,7 @@ async fn second_server_on_the_same_data_dir_is_refused() {
     let out = std::process::Command::new(BIN)
         .args(["server", "--data-dir"])
         .arg(dir.path())
-        .args([
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--registration-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--dns-addr",
-            "127.0.0.1:0",
-            "--grpc-addr",
-            "127.0.0.1:0",
-        ])
+        .args(ANY_PORTS)
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -7,6 +7,32 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_isthmus");
 
+/// Every listener of `isthmus server` but the gRPC one on a free loopback port.
+pub const ANY_PORTS_BUT_GRPC: [&str; 8] = [
+    "--admin-addr",
+    "127.0.0.1:0",
+    "--registration-addr",
+    "127.0.0.1:0",
+    "--metrics-addr",
+    "127.0.0.1:0",
+    "--dns-addr",
+    "127.0.0.1:0",
+];
+
+/// Every listener of `isthmus server` on a free loopback port.
+pub const ANY_PORTS: [&str; 10] = [
+    "--admin-addr",
+    "127.0.0.1:0",
+    "--registration-addr",
+    "127.0.0.1:0",
+    "--metrics-addr",
+    "127.0.0.1:0",
+    "--dns-addr",
+    "127.0.0.1:0",
+    "--grpc-addr",
+    "127.0.0.1:0",
+];
+
 pub struct Server {
     pub child: Child,
     pub dir: PathBuf,
@@ -53,16 +79,7 @@ impl Server {
         let mut cmd = Command::new(BIN);
         cmd.args(["server", "--data-dir"])
             .arg(dir)
-            .args([
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--registration-addr",
-                "127.0.0.1:0",
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--dns-addr",
-                "127.0.0.1:0",
-            ])
+            .args(ANY_PORTS_BUT_GRPC)
             .args(extra)
             .env("ISTHMUS_LOG", "warn")
             .stdout(Stdio::null())
