@@ -157,6 +157,29 @@ pub enum Command {
         #[command(subcommand)]
         command: VmCommand,
     },
+    /// The host's interception rules (iptables), from the seeds' cluster.env and sidecar.env:
+    /// print them, or remove them. The agent installs them.
+    #[command(
+        after_help = "Examples:\n  isthmus iptables --dry-run\n  isthmus iptables --dry-run --sidecar-env ./sidecar.env -e ISTIO_INBOUND_PORTS=3306\n  isthmus iptables --cleanup"
+    )]
+    Iptables {
+        /// Print the iptables-restore input the agent would install, and change nothing.
+        #[arg(long, required_unless_present = "cleanup", conflicts_with = "cleanup")]
+        dry_run: bool,
+        /// Remove every rule and chain Isthmus installed (safe when there are none).
+        #[arg(long)]
+        cleanup: bool,
+        #[arg(long, default_value = "/var/lib/istio/envoy/cluster.env")]
+        cluster_env: PathBuf,
+        #[arg(long, default_value = "/var/lib/istio/envoy/sidecar.env")]
+        sidecar_env: PathBuf,
+        /// Override a variable, `NAME=VALUE` (repeatable).
+        #[arg(short = 'e', long = "env", value_name = "NAME=VALUE")]
+        env: Vec<String>,
+        /// Act inside this network namespace (`ip netns exec`).
+        #[arg(long)]
+        netns: Option<String>,
+    },
     /// Print a shell completion script.
     #[command(after_help = "Example:\n  isthmus completion bash > /etc/bash_completion.d/isthmus")]
     Completion { shell: clap_complete::Shell },

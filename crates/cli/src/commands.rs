@@ -260,6 +260,45 @@ pub async fn run(cmd: Command, out: &mut dyn Write) -> Result<(), CommandError> 
             w(out, s);
         }
         Command::Token { command } => token_cmd(command, out).await?,
+        Command::Iptables {
+            dry_run,
+            cleanup,
+            cluster_env,
+            sidecar_env,
+            env,
+            netns,
+        } => {
+            let nf = match netns {
+                Some(ns) => isthmus_intercept::SystemNetfilter::in_netns(ns),
+                None => isthmus_intercept::SystemNetfilter::new(),
+            };
+            if cleanup {
+                let removed = isthmus_intercept::cleanup(&nf)
+                    .map_err(|e| CommandError::Usage(e.to_string()))?;
+                w(
+                    out,
+                    if removed {
+                        "interception rules removed\n".into()
+                    } else {
+                        "no interception rules were installed\n".into()
+                    },
+                );
+            } else if dry_run {
+                let overrides: Vec<(String, String)> =
+                    key_values("--env", &env)?.into_iter().collect();
+                let read = |p: &std::path::Path| {
+                    isthmus_intercept::EnvFile::read_optional(p)
+                        .map_err(|e| CommandError::Usage(e.to_string()))
+                };
+                let cfg = isthmus_intercept::InterceptConfig::from_env(
+                    &read(&cluster_env)?,
+                    &read(&sidecar_env)?,
+                    &overrides,
+                )
+                .map_err(|e| CommandError::Usage(e.to_string()))?;
+                w(out, isthmus_intercept::dry_run(&cfg));
+            }
+        }
         Command::Vm { command } => vm_cmd(command, out).await?,
         Command::Server(_) | Command::Agent(_) | Command::Completion { .. } => {
             return Err(CommandError::Usage("not an operator command".into()))

@@ -86,6 +86,7 @@ pub fn rows(
             "AGE",
         ],
         (Kind::WorkloadGroup, _) => &["NAME", "SERVICE-ACCOUNT", "PORTS", "PROBE", "AGE"],
+        (Kind::AuthorizationPolicy, _) => &["NAME", "ACTION", "SELECTOR", "RULES", "AGE"],
     };
     header.extend_from_slice(cols);
     let mut out = Vec::new();
@@ -148,6 +149,19 @@ pub fn rows(
                             .collect(),
                     ));
                 }
+            }
+            Resource::AuthorizationPolicy(p) => {
+                row.push(p.spec.action().to_string());
+                row.push(match &p.spec.selector {
+                    Some(sel) => join_or_dash(
+                        sel.match_labels
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect(),
+                    ),
+                    None => "(namespace)".into(),
+                });
+                row.push(p.spec.rules.len().to_string());
             }
             Resource::WorkloadGroup(g) => {
                 let t = &g.spec.template;

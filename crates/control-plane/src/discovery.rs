@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use isthmus_ca::{Authenticator, Credential};
 use isthmus_xds::server::{Authenticate, Identity, Node, StreamObserver};
-use isthmus_xds::{build_resources, MappingOptions, ResourceSet};
+use isthmus_xds::{build_resources_with_policies, MappingOptions, ResourceSet};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
@@ -28,7 +28,10 @@ pub fn resources(
     let build = |v: &RegistryView, opts: &MappingOptions| {
         let services: Vec<_> = v.services.values().cloned().collect();
         let entries: Vec<_> = v.entries.values().cloned().collect();
-        Arc::new(build_resources(&services, &entries, opts))
+        let policies: Vec<_> = v.policies.values().cloned().collect();
+        Arc::new(build_resources_with_policies(
+            &services, &entries, &policies, opts,
+        ))
     };
     let first = build(&view.borrow_and_update(), &opts);
     let (tx, rx) = watch::channel(first);

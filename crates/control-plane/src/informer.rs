@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use isthmus_model::{Resource, Service, WorkloadEntry, WorkloadGroup};
+use isthmus_model::{AuthorizationPolicy, Resource, Service, WorkloadEntry, WorkloadGroup};
 use isthmus_store::{EventKind, Revision, StoreError};
 use tokio::sync::watch;
 
@@ -20,6 +20,7 @@ pub struct RegistryView {
     pub services: BTreeMap<(String, String), Service>,
     pub entries: BTreeMap<(String, String), WorkloadEntry>,
     pub groups: BTreeMap<(String, String), WorkloadGroup>,
+    pub policies: BTreeMap<(String, String), AuthorizationPolicy>,
 }
 
 impl RegistryView {
@@ -36,6 +37,9 @@ impl RegistryView {
             Resource::WorkloadGroup(g) => {
                 self.groups.insert(key, g);
             }
+            Resource::AuthorizationPolicy(p) => {
+                self.policies.insert(key, p);
+            }
         }
     }
 
@@ -51,6 +55,9 @@ impl RegistryView {
             }
             Resource::WorkloadGroup(_) => {
                 self.groups.remove(&key);
+            }
+            Resource::AuthorizationPolicy(_) => {
+                self.policies.remove(&key);
             }
         }
     }

@@ -176,15 +176,13 @@ pub fn decode(kv: &KeyValue) -> Result<Option<Resource>, RegistryError> {
         key: kv.key.clone(),
         message: e.to_string(),
     };
-    let mut r = match kind {
-        Kind::Service => Resource::Service(serde_json::from_slice(&kv.value).map_err(corrupt)?),
-        Kind::WorkloadEntry => {
-            Resource::WorkloadEntry(serde_json::from_slice(&kv.value).map_err(corrupt)?)
-        }
-        Kind::WorkloadGroup => {
-            Resource::WorkloadGroup(serde_json::from_slice(&kv.value).map_err(corrupt)?)
-        }
-    };
+    let mut r: Resource = serde_json::from_slice(&kv.value).map_err(corrupt)?;
+    if r.kind() != kind {
+        return Err(RegistryError::Corrupt {
+            key: kv.key.clone(),
+            message: format!("holds a {} under the {} prefix", r.kind(), kind.plural()),
+        });
+    }
     r.meta_mut().resource_version = Some(kv.mod_revision.to_string());
     Ok(Some(r))
 }
@@ -307,7 +305,7 @@ impl Registry {
             match r {
                 Resource::Service(s) => svcs.push(s),
                 Resource::WorkloadEntry(w) => wes.push(w),
-                Resource::WorkloadGroup(_) => {}
+                Resource::WorkloadGroup(_) | Resource::AuthorizationPolicy(_) => {}
             }
         }
         Ok((svcs, wes))

@@ -455,3 +455,53 @@ fn dev_mode_prints_what_to_do_and_writes_the_cli_config() {
         "the --dev data dir is removed at exit"
     );
 }
+
+#[test]
+fn iptables_dry_run_from_the_seed_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = dir.path().join("cluster.env");
+    let sidecar = dir.path().join("sidecar.env");
+    std::fs::write(
+        &cluster,
+        "ISTIO_SERVICE_CIDR=10.96.0.0/12\nISTIO_CP_AUTH=MUTUAL_TLS\n",
+    )
+    .unwrap();
+    std::fs::write(&sidecar, "ISTIO_INBOUND_PORTS=3306,8080\n").unwrap();
+    let run = |extra: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(["iptables", "--dry-run", "--cluster-env"])
+            .arg(&cluster)
+            .arg("--sidecar-env")
+            .arg(&sidecar)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    assert!(out.status.success(), "{out:?}");
+    let rules = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        rules.contains("*nat") && rules.contains("COMMIT"),
+        "{rules}"
+    );
+    assert!(
+        rules.contains("-d 10.96.0.0/12") && rules.contains("--to-ports 15001"),
+        "{rules}"
+    );
+    assert!(
+        rules.contains("--dport 3306") && rules.contains("--to-ports 15006"),
+        "{rules}"
+    );
+    assert!(
+        rules.contains("--uid-owner 1337"),
+        "the proxy's own traffic is exempt: {rules}"
+    );
+
+    let out = run(&["-e", "ISTIO_INBOUND_PORTS=80,http"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ISTIO_INBOUND_PORTS=\"80,http\": \"http\" is not a port"),
+        "{err}"
+    );
+}

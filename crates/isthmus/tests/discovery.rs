@@ -340,3 +340,62 @@ async fn control_plane_dns_answers_mesh_names() {
     .unwrap();
     assert_eq!(tcp.trim(), vip);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_policies_reach_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    s.ok(&[
+        "register",
+        "mysql",
+        "10.0.0.5",
+        "3306",
+        "-n",
+        "onprem",
+        "-l",
+        "app=mysql",
+    ]);
+    let policy = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: mysql-clients, namespace: onprem}\nspec:\n  selector: {matchLabels: {app: mysql}}\n  action: DENY\n  rules:\n  - from:\n    - source: {namespaces: [untrusted]}\n    to:\n    - operation: {ports: [\"3306\"]}\n";
+    let out = s.cli_stdin(&["apply", "-f", "-"], Some(policy));
+    assert!(out.status.success(), "{out:?}");
+    let table = s.ok(&["get", "ap", "-n", "onprem"]);
+    assert!(
+        table.contains("mysql-clients") && table.contains("DENY") && table.contains("app=mysql"),
+        "{table}"
+    );
+
+    let c = client(
+        &s,
+        &root(&s),
+        Some(&token(&s, "onprem", "db")),
+        "onprem",
+        "db",
+        None,
+    );
+    let mut state = c.state();
+    let task = tokio::spawn(c.run());
+    wait_state(&mut state, "the policy", |st| {
+        st.authorization("onprem/mysql-clients").is_some()
+    })
+    .await;
+    {
+        let st = state.borrow();
+        let a = st.authorization("onprem/mysql-clients").unwrap();
+        assert_eq!(a.action, 1, "DENY");
+        assert_eq!(a.scope, 2, "WORKLOAD_SELECTOR");
+        assert_eq!(a.rules[0].clauses.len(), 2, "a from clause and a to clause");
+        assert_eq!(a.rules[0].clauses[1].matches[0].destination_ports, [3306]);
+        let w = st.workload_by_address("10.0.0.5".parse().unwrap()).unwrap();
+        assert_eq!(
+            w.authorization_policies,
+            ["onprem/mysql-clients"],
+            "listed on the workload it selects"
+        );
+    }
+    s.ok(&["delete", "ap", "mysql-clients", "-n", "onprem"]);
+    wait_state(&mut state, "the policy's removal", |st| {
+        st.authorization("onprem/mysql-clients").is_none()
+    })
+    .await;
+    task.abort();
+}

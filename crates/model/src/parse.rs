@@ -99,7 +99,9 @@ fn from_value(doc: usize, mut value: serde_json::Value) -> Result<Resource, Pars
         }
         _ => return Err(field_err("apiVersion", "missing or not a string".into())),
     }
-    if !obj.contains_key("spec") && kind != Kind::WorkloadGroup {
+    // An empty group or policy (`spec: {}` — for a policy: allow nothing) may omit the spec.
+    if !obj.contains_key("spec") && !matches!(kind, Kind::WorkloadGroup | Kind::AuthorizationPolicy)
+    {
         return Err(field_err("spec", "missing".into()));
     }
     let resource = match kind {
@@ -110,6 +112,12 @@ fn from_value(doc: usize, mut value: serde_json::Value) -> Result<Resource, Pars
                 o.entry("spec").or_insert_with(|| serde_json::json!({}));
             }
             Resource::WorkloadGroup(typed(doc, value)?)
+        }
+        Kind::AuthorizationPolicy => {
+            if let Some(o) = value.as_object_mut() {
+                o.entry("spec").or_insert_with(|| serde_json::json!({}));
+            }
+            Resource::AuthorizationPolicy(typed(doc, value)?)
         }
     };
     let mut resource = resource;

@@ -18,16 +18,23 @@ pub enum Kind {
     Service,
     WorkloadEntry,
     WorkloadGroup,
+    AuthorizationPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Service, Kind::WorkloadEntry, Kind::WorkloadGroup];
+    pub const ALL: [Kind; 4] = [
+        Kind::Service,
+        Kind::WorkloadEntry,
+        Kind::WorkloadGroup,
+        Kind::AuthorizationPolicy,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Service => "Service",
             Kind::WorkloadEntry => "WorkloadEntry",
             Kind::WorkloadGroup => "WorkloadGroup",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
         }
     }
 
@@ -37,6 +44,7 @@ impl Kind {
             Kind::Service => "services",
             Kind::WorkloadEntry => "workloadentries",
             Kind::WorkloadGroup => "workloadgroups",
+            Kind::AuthorizationPolicy => "authorizationpolicies",
         }
     }
 
@@ -58,6 +66,11 @@ impl Kind {
                 "networking.istio.io/v1",
                 "networking.istio.io/v1beta1",
                 "networking.istio.io/v1alpha3",
+            ],
+            Kind::AuthorizationPolicy => &[
+                API_VERSION,
+                "security.istio.io/v1",
+                "security.istio.io/v1beta1",
             ],
         }
     }
@@ -87,6 +100,9 @@ impl FromStr for Kind {
             }
             "workloadgroup" | "workloadgroups" | "group" | "groups" | "wg" => {
                 Ok(Kind::WorkloadGroup)
+            }
+            "authorizationpolicy" | "authorizationpolicies" | "policy" | "policies" | "ap" => {
+                Ok(Kind::AuthorizationPolicy)
             }
             _ => Err(UnknownKind(s.to_string())),
         }
@@ -132,6 +148,88 @@ pub struct Object<S, St> {
 pub type Service = Object<ServiceSpec, ServiceStatus>;
 pub type WorkloadEntry = Object<WorkloadEntrySpec, WorkloadEntryStatus>;
 pub type WorkloadGroup = Object<WorkloadGroupSpec, WorkloadGroupStatus>;
+pub type AuthorizationPolicy = Object<AuthorizationPolicySpec, WorkloadGroupStatus>;
+
+/// Istio's AuthorizationPolicy, the parts a host's proxy enforces (L4): who may connect to
+/// which ports of the selected workloads.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicySpec {
+    /// The workloads it applies to; none = every workload of the namespace (of every
+    /// namespace when the policy is in the root namespace, istio-system).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<PolicySelector>,
+    /// `ALLOW` (default) or `DENY`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<PolicyRule>,
+}
+
+impl AuthorizationPolicySpec {
+    pub fn action(&self) -> &str {
+        self.action.as_deref().unwrap_or("ALLOW")
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicySelector {
+    #[serde(default)]
+    pub match_labels: Labels,
+}
+
+/// A rule matches when one of its `from` and one of its `to` entries match (an absent list
+/// matches everything).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyRule {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<PolicyFrom>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<PolicyTo>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyFrom {
+    pub source: PolicySource,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicySource {
+    /// `<trust-domain>/ns/<ns>/sa/<sa>`, with a `*` prefix or suffix allowed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub principals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_principals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_namespaces: Vec<String>,
+    /// IPs or CIDRs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_blocks: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ip_blocks: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyTo {
+    pub operation: PolicyOperation,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyOperation {
+    /// Port numbers, as strings (Istio's form).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ports: Vec<String>,
+}
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -329,6 +427,7 @@ pub enum Resource {
     Service(Service),
     WorkloadEntry(WorkloadEntry),
     WorkloadGroup(WorkloadGroup),
+    AuthorizationPolicy(AuthorizationPolicy),
 }
 
 impl Resource {
@@ -337,6 +436,7 @@ impl Resource {
             Resource::Service(_) => Kind::Service,
             Resource::WorkloadEntry(_) => Kind::WorkloadEntry,
             Resource::WorkloadGroup(_) => Kind::WorkloadGroup,
+            Resource::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
         }
     }
 
@@ -345,6 +445,7 @@ impl Resource {
             Resource::Service(o) => &o.metadata,
             Resource::WorkloadEntry(o) => &o.metadata,
             Resource::WorkloadGroup(o) => &o.metadata,
+            Resource::AuthorizationPolicy(o) => &o.metadata,
         }
     }
 
@@ -353,6 +454,7 @@ impl Resource {
             Resource::Service(o) => &mut o.metadata,
             Resource::WorkloadEntry(o) => &mut o.metadata,
             Resource::WorkloadGroup(o) => &mut o.metadata,
+            Resource::AuthorizationPolicy(o) => &mut o.metadata,
         }
     }
 
@@ -379,6 +481,9 @@ impl Resource {
             (Resource::Service(x), Resource::Service(y)) => x.spec == y.spec,
             (Resource::WorkloadEntry(x), Resource::WorkloadEntry(y)) => x.spec == y.spec,
             (Resource::WorkloadGroup(x), Resource::WorkloadGroup(y)) => x.spec == y.spec,
+            (Resource::AuthorizationPolicy(x), Resource::AuthorizationPolicy(y)) => {
+                x.spec == y.spec
+            }
             _ => false,
         }
     }
@@ -462,6 +567,9 @@ impl<'de> Deserialize<'de> for Resource {
             }
             Kind::WorkloadGroup => {
                 Resource::WorkloadGroup(serde_json::from_value(v).map_err(D::Error::custom)?)
+            }
+            Kind::AuthorizationPolicy => {
+                Resource::AuthorizationPolicy(serde_json::from_value(v).map_err(D::Error::custom)?)
             }
         })
     }

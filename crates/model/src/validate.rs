@@ -266,6 +266,69 @@ pub fn validate(r: &Resource) -> Result<(), ValidationError> {
                 );
             }
         }
+        Resource::AuthorizationPolicy(p) => {
+            let spec = &p.spec;
+            if let Some(sel) = &spec.selector {
+                check_labels(&mut errs, "spec.selector.matchLabels", &sel.match_labels);
+            }
+            match spec.action() {
+                "ALLOW" | "DENY" => {}
+                other @ ("AUDIT" | "CUSTOM") => errs.add(
+                    "spec.action",
+                    other,
+                    "is not supported: Isthmus enforces ALLOW and DENY",
+                ),
+                other => errs.add("spec.action", other, "must be ALLOW or DENY"),
+            }
+            for (i, rule) in spec.rules.iter().enumerate() {
+                for (j, from) in rule.from.iter().enumerate() {
+                    let at = |f: &str| format!("spec.rules[{i}].from[{j}].source.{f}");
+                    let src = &from.source;
+                    for (f, list) in [
+                        ("ipBlocks", &src.ip_blocks),
+                        ("notIpBlocks", &src.not_ip_blocks),
+                    ] {
+                        for v in list {
+                            if v.parse::<ipnet::IpNet>().is_err() && v.parse::<IpAddr>().is_err() {
+                                errs.add(at(f), v, "is not an IP address or CIDR");
+                            }
+                        }
+                    }
+                    for (f, list) in [
+                        ("principals", &src.principals),
+                        ("notPrincipals", &src.not_principals),
+                        ("namespaces", &src.namespaces),
+                        ("notNamespaces", &src.not_namespaces),
+                    ] {
+                        for v in list {
+                            if v.is_empty() || v.trim_matches('*').contains('*') {
+                                errs.add(
+                                    at(f),
+                                    v,
+                                    "must be non-empty, with `*` only at the start or the end",
+                                );
+                            }
+                        }
+                    }
+                }
+                for (j, to) in rule.to.iter().enumerate() {
+                    for (f, list) in [
+                        ("ports", &to.operation.ports),
+                        ("notPorts", &to.operation.not_ports),
+                    ] {
+                        for v in list {
+                            if !v.parse::<u32>().is_ok_and(|p| port_problem(p).is_none()) {
+                                errs.add(
+                                    format!("spec.rules[{i}].to[{j}].operation.{f}"),
+                                    v,
+                                    "is not a port from 1 to 65535",
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
         Resource::WorkloadGroup(g) => {
             check_labels(&mut errs, "spec.metadata.labels", &g.spec.metadata.labels);
             check_annotations(

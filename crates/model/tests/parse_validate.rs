@@ -246,3 +246,64 @@ proptest::proptest! {
         }
     }
 }
+
+const POLICY: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: mysql-clients, namespace: onprem}
+spec:
+  selector: {matchLabels: {app: mysql}}
+  action: ALLOW
+  rules:
+  - from:
+    - source: {principals: ["cluster.local/ns/bookinfo/sa/*"], ipBlocks: [10.0.0.0/8]}
+    to:
+    - operation: {ports: ["3306"]}
+"#;
+
+#[test]
+fn authorization_policies_parse_and_validate() {
+    let r = parse_documents(POLICY).unwrap().remove(0);
+    let Resource::AuthorizationPolicy(p) = &r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(p.spec.action(), "ALLOW");
+    assert_eq!(
+        p.spec.rules[0].from[0].source.principals,
+        ["cluster.local/ns/bookinfo/sa/*"]
+    );
+    assert_eq!("ap".parse::<Kind>().unwrap(), Kind::AuthorizationPolicy);
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "action: ALLOW",
+            "action: AUDIT",
+            "spec.action: \"AUDIT\" is not supported",
+        ),
+        (
+            "action: ALLOW",
+            "action: MAYBE",
+            "spec.action: \"MAYBE\" must be ALLOW or DENY",
+        ),
+        (
+            "ports: [\"3306\"]",
+            "ports: [\"mysql\"]",
+            "spec.rules[0].to[0].operation.ports: \"mysql\" is not a port",
+        ),
+        (
+            "ipBlocks: [10.0.0.0/8]",
+            "ipBlocks: [10.0.0.0/33]",
+            "spec.rules[0].from[0].source.ipBlocks: \"10.0.0.0/33\" is not an IP",
+        ),
+        (
+            "sa/*\"]",
+            "s*a\"]",
+            "must be non-empty, with `*` only at the start or the end",
+        ),
+    ];
+    for (from, to, want) in cases {
+        let e = err(&POLICY.replace(from, to));
+        assert!(e.contains(want), "{to}: got {e}");
+    }
+    let e = err(&POLICY.replace("source:", "sauce:"));
+    assert!(e.contains("unknown field `sauce`"), "{e}");
+}

@@ -27,7 +27,9 @@ pub use client::{
     node_id, ClientConfig, ClientError, ClientStatus, Connect, ConnectError, EndpointConnector,
     HealthReport, Ready, State, XdsClient,
 };
-pub use mapping::{build_resources, MappingOptions, AGENT_ANNOTATION};
+pub use mapping::{
+    build_resources, build_resources_with_policies, MappingOptions, AGENT_ANNOTATION,
+};
 pub use resources::{ResourceSet, Version, XdsResource, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 pub use server::{
     AdsService, Authenticate, Identity, ServerConfig, StaticAuthenticator, XdsMetrics, XdsServer,

@@ -10,8 +10,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use isthmus_model::{Health, Service, WorkloadEntry};
+use isthmus_model::{AuthorizationPolicy, Health, Service, WorkloadEntry};
 
+use crate::pb::istio::security as sec;
 use crate::pb::istio::workload as wl;
 use crate::resources::{ResourceSet, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 
@@ -74,8 +75,29 @@ pub fn build_resources(
     entries: &[WorkloadEntry],
     opts: &MappingOptions,
 ) -> ResourceSet {
+    build_resources_with_policies(services, entries, &[], opts)
+}
+
+/// The namespace whose policies without a selector apply mesh-wide (Istio's root namespace).
+pub const ROOT_NAMESPACE: &str = "istio-system";
+
+/// Like [`build_resources`], with AuthorizationPolicies as `istio.security.Authorization`
+/// resources (named `<namespace>/<name>`) and listed on the workloads they select.
+pub fn build_resources_with_policies(
+    services: &[Service],
+    entries: &[WorkloadEntry],
+    policies: &[AuthorizationPolicy],
+    opts: &MappingOptions,
+) -> ResourceSet {
     let mut set = ResourceSet::new();
     set.declare(AUTHORIZATION_TYPE_URL);
+    for p in policies {
+        set.insert(
+            AUTHORIZATION_TYPE_URL,
+            &format!("{}/{}", p.metadata.namespace, p.metadata.name),
+            &authorization(p, opts),
+        );
+    }
     let index = ServiceIndex::new(services);
 
     let mut identities: HashMap<usize, BTreeSet<String>> = HashMap::new();
@@ -89,7 +111,12 @@ pub fn build_resources(
                 .insert(opts.spiffe_id(&entry.metadata.namespace, sa));
         }
         let served: Vec<&Service> = served.iter().map(|&i| &services[i]).collect();
-        let workload = workload(entry, &served, opts);
+        let mut workload = workload(entry, &served, opts);
+        workload.authorization_policies = policies
+            .iter()
+            .filter(|p| selects(p, entry))
+            .map(|p| format!("{}/{}", p.metadata.namespace, p.metadata.name))
+            .collect();
         let address = wl::Address {
             r#type: Some(wl::address::Type::Workload(workload)),
         };
@@ -294,5 +321,143 @@ fn workload(entry: &WorkloadEntry, served: &[&Service], opts: &MappingOptions) -
         } as i32,
         cluster_id: opts.cluster_id.clone(),
         locality,
+    }
+}
+
+/// Whether a policy with a selector applies to the entry (same namespace, labels match).
+fn selects(p: &AuthorizationPolicy, entry: &WorkloadEntry) -> bool {
+    let Some(sel) = &p.spec.selector else {
+        return false;
+    };
+    p.metadata.namespace == entry.metadata.namespace
+        && sel.match_labels.iter().all(|(k, v)| {
+            entry
+                .spec
+                .labels
+                .get(k)
+                .or_else(|| entry.metadata.labels.get(k))
+                == Some(v)
+        })
+}
+
+/// `*` at the start or end of a value is Istio's suffix or prefix match.
+fn string_match(v: &str) -> sec::StringMatch {
+    use sec::string_match::MatchType;
+    let m = if v == "*" {
+        MatchType::Presence(())
+    } else if let Some(rest) = v.strip_prefix('*') {
+        MatchType::Suffix(rest.to_string())
+    } else if let Some(rest) = v.strip_suffix('*') {
+        MatchType::Prefix(rest.to_string())
+    } else {
+        MatchType::Exact(v.to_string())
+    };
+    sec::StringMatch {
+        match_type: Some(m),
+    }
+}
+
+fn address(v: &str) -> Option<sec::Address> {
+    let net: ipnet::IpNet = v
+        .parse()
+        .or_else(|_| v.parse::<IpAddr>().map(ipnet::IpNet::from))
+        .ok()?;
+    let bytes = match net.network() {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    Some(sec::Address {
+        address: bytes,
+        length: u32::from(net.prefix_len()),
+    })
+}
+
+/// Istio's mapping: each rule is a conjunction of clauses (one for `from`, one for `to`); a
+/// clause matches when any of its matches does; a match needs all of its fields.
+fn authorization(p: &AuthorizationPolicy, opts: &MappingOptions) -> sec::Authorization {
+    let scope = match (&p.spec.selector, p.metadata.namespace.as_str()) {
+        (Some(_), _) => sec::Scope::WorkloadSelector,
+        (None, ROOT_NAMESPACE) => sec::Scope::Global,
+        (None, _) => sec::Scope::Namespace,
+    };
+    let action = if p.spec.action() == "DENY" {
+        sec::Action::Deny
+    } else {
+        sec::Action::Allow
+    };
+    // Principals are written without the scheme (`cluster.local/ns/a/sa/b`); the proxy matches
+    // the peer's SPIFFE id without `spiffe://` as Istio does.
+    let _ = opts;
+    let rules = p
+        .spec
+        .rules
+        .iter()
+        .map(|rule| {
+            let mut clauses = Vec::new();
+            if !rule.from.is_empty() {
+                clauses.push(sec::Clause {
+                    matches: rule
+                        .from
+                        .iter()
+                        .map(|f| {
+                            let s = &f.source;
+                            sec::Match {
+                                principals: s.principals.iter().map(|v| string_match(v)).collect(),
+                                not_principals: s
+                                    .not_principals
+                                    .iter()
+                                    .map(|v| string_match(v))
+                                    .collect(),
+                                namespaces: s.namespaces.iter().map(|v| string_match(v)).collect(),
+                                not_namespaces: s
+                                    .not_namespaces
+                                    .iter()
+                                    .map(|v| string_match(v))
+                                    .collect(),
+                                source_ips: s.ip_blocks.iter().filter_map(|v| address(v)).collect(),
+                                not_source_ips: s
+                                    .not_ip_blocks
+                                    .iter()
+                                    .filter_map(|v| address(v))
+                                    .collect(),
+                                ..Default::default()
+                            }
+                        })
+                        .collect(),
+                });
+            }
+            if !rule.to.is_empty() {
+                clauses.push(sec::Clause {
+                    matches: rule
+                        .to
+                        .iter()
+                        .map(|t| sec::Match {
+                            destination_ports: t
+                                .operation
+                                .ports
+                                .iter()
+                                .filter_map(|v| v.parse().ok())
+                                .collect(),
+                            not_destination_ports: t
+                                .operation
+                                .not_ports
+                                .iter()
+                                .filter_map(|v| v.parse().ok())
+                                .collect(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                });
+            }
+            sec::Rule { clauses }
+        })
+        .collect();
+    sec::Authorization {
+        name: p.metadata.name.clone(),
+        namespace: p.metadata.namespace.clone(),
+        scope: scope as i32,
+        action: action as i32,
+        rules,
+        dry_run: false,
     }
 }

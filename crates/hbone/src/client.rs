@@ -1,0 +1,436 @@
+//! Outbound HBONE: pooled mTLS + HTTP/2 connections to peers' port 15008, one CONNECT stream
+//! per tunnelled TCP connection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode, Uri};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tracing::Instrument;
+
+use crate::stream::HboneStream;
+use crate::tls::{self, Credentials, CredentialsWatch, TlsError};
+use crate::REASON_HEADER;
+
+/// Tuning of the outbound side. `Default` matches what the agent uses.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Bound on TCP connect + TLS handshake + HTTP/2 handshake to a peer, and on the CONNECT reply.
+    pub connect_timeout: Duration,
+    /// Streams opened on one connection before another is opened (the peer's
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` lowers it further).
+    pub max_streams_per_connection: usize,
+    /// HTTP/2 per-stream receive window.
+    pub stream_window: u32,
+    /// HTTP/2 per-connection receive window.
+    pub connection_window: u32,
+    /// Largest HTTP/2 frame we accept.
+    pub max_frame_size: u32,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            max_streams_per_connection: 100,
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+            max_frame_size: 256 * 1024,
+        }
+    }
+}
+
+/// Why an HBONE tunnel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("no expected identities for {target}: refusing to tunnel to an unauthenticated peer (does the service list subject_alt_names or the workload a service account?)")]
+    NoExpectedIdentity { target: SocketAddr },
+    #[error("connecting to HBONE port {dst} failed: {source} (is the agent running on {} and port {} open?)", dst.ip(), dst.port())]
+    Connect {
+        dst: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HBONE connection to {dst} did not complete within {timeout:?}")]
+    Timeout { dst: SocketAddr, timeout: Duration },
+    #[error("wrong peer at {dst}: server presented identity {found} but one of [{}] was expected", expected.join(", "))]
+    ServerIdentity {
+        dst: SocketAddr,
+        found: String,
+        expected: Vec<String>,
+    },
+    #[error("TLS handshake with {dst} failed: {source}")]
+    Handshake {
+        dst: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("peer {dst} did not negotiate ALPN h2: it is not an HBONE endpoint")]
+    NoH2 { dst: SocketAddr },
+    #[error("peer {dst} refused our certificate ({alert}): is our workload certificate issued by the mesh CA the peer trusts?")]
+    CertificateRefused { dst: SocketAddr, alert: String },
+    #[error("HTTP/2 with {dst} failed: {source}")]
+    H2 { dst: SocketAddr, source: h2::Error },
+    #[error("peer {dst} refused CONNECT to {target}: {status} {reason}")]
+    Rejected {
+        dst: SocketAddr,
+        target: SocketAddr,
+        status: StatusCode,
+        reason: String,
+    },
+    #[error("invalid CONNECT request to {target}: {reason}")]
+    BadRequest { target: SocketAddr, reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    dst: SocketAddr,
+    expected: Vec<String>,
+}
+
+struct PooledConn {
+    id: u64,
+    send: h2::client::SendRequest<Bytes>,
+    active: AtomicUsize,
+    closed: Arc<AtomicBool>,
+    creds: Arc<Credentials>,
+}
+
+impl PooledConn {
+    fn capacity(&self, cap: usize) -> usize {
+        cap.min(self.send.current_max_send_streams())
+    }
+}
+
+/// Holds one stream slot on a pooled connection until the stream is dropped.
+struct Slot(Arc<PooledConn>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+type Bucket = Arc<tokio::sync::Mutex<Vec<Arc<PooledConn>>>>;
+
+struct Inner {
+    creds: CredentialsWatch,
+    options: ClientOptions,
+    pool: Mutex<HashMap<PoolKey, Bucket>>,
+    next_id: AtomicU64,
+}
+
+/// Opens HBONE tunnels. Cheap to clone; clones share the connection pool.
+///
+/// Connection driver tasks run on the runtime that calls [`HboneClient::connect`]; call it from
+/// the data-plane runtime.
+#[derive(Clone)]
+pub struct HboneClient {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for HboneClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HboneClient")
+            .field("options", &self.inner.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HboneClient {
+    pub fn new(creds: CredentialsWatch, options: ClientOptions) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                creds,
+                options,
+                pool: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// Number of live (not closed) pooled connections, across all destinations.
+    pub async fn pooled_connections(&self) -> usize {
+        let buckets: Vec<Bucket> = self.lock_pool().values().cloned().collect();
+        let mut n = 0;
+        for b in buckets {
+            n += b
+                .lock()
+                .await
+                .iter()
+                .filter(|c| !c.closed.load(Ordering::Acquire))
+                .count();
+        }
+        n
+    }
+
+    /// Opens a tunnel to `target` (`<workload ip>:<port>`) through the peer's HBONE port `dst`
+    /// (`<workload ip>:15008`). The peer must present one of the `expected` SPIFFE identities.
+    /// `headers` (e.g. `baggage`, `forwarded`, `traceparent`) are sent on the CONNECT request.
+    pub async fn connect(
+        &self,
+        dst: SocketAddr,
+        target: SocketAddr,
+        expected: &[String],
+        headers: &HeaderMap,
+    ) -> Result<HboneStream, HboneError> {
+        let mut expected = expected.to_vec();
+        expected.sort();
+        expected.dedup();
+        if expected.is_empty() {
+            return Err(HboneError::NoExpectedIdentity { target });
+        }
+        let uri = Uri::try_from(target.to_string()).map_err(|e| HboneError::BadRequest {
+            target,
+            reason: e.to_string(),
+        })?;
+        let key = PoolKey { dst, expected };
+        let span = tracing::debug_span!("hbone_stream", %dst, %target);
+        async {
+            // One retry: a pooled connection can die (GOAWAY, reset) between checkout and use.
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let slot = self.checkout(&key).await?;
+                match self.open_stream(&slot, &uri, headers).await {
+                    Ok((send, recv)) => {
+                        return Ok(HboneStream::new(send, recv, Some(Box::new(slot))));
+                    }
+                    Err(StreamError::H2(source)) if refused_alert(&source).is_some() => {
+                        slot.0.closed.store(true, Ordering::Release);
+                        let alert = refused_alert(&source).unwrap_or_default();
+                        return Err(HboneError::CertificateRefused { dst, alert });
+                    }
+                    Err(source) if attempt == 1 && !source.is_remote() => {
+                        tracing::debug!(conn = slot.0.id, error = %source, "pooled connection unusable, retrying on a new one");
+                        slot.0.closed.store(true, Ordering::Release);
+                    }
+                    Err(StreamError::H2(source)) => {
+                        slot.0.closed.store(true, Ordering::Release);
+                        return Err(HboneError::H2 { dst, source });
+                    }
+                    Err(StreamError::Timeout) => {
+                        return Err(HboneError::Timeout {
+                            dst,
+                            timeout: self.inner.options.connect_timeout,
+                        })
+                    }
+                    Err(StreamError::Rejected { status, reason }) => {
+                        return Err(HboneError::Rejected {
+                            dst,
+                            target,
+                            status,
+                            reason,
+                        })
+                    }
+                    Err(StreamError::Build(reason)) => {
+                        return Err(HboneError::BadRequest { target, reason })
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn open_stream(
+        &self,
+        slot: &Slot,
+        uri: &Uri,
+        headers: &HeaderMap,
+    ) -> Result<(h2::SendStream<Bytes>, h2::RecvStream), StreamError> {
+        let mut req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(uri.clone())
+            .version(http::Version::HTTP_2)
+            .body(())
+            .map_err(|e| StreamError::Build(e.to_string()))?;
+        *req.headers_mut() = headers.clone();
+        let timeout = self.inner.options.connect_timeout;
+        let exchange = async {
+            let mut send = slot.0.send.clone().ready().await?;
+            let (resp, stream) = send.send_request(req, false)?;
+            let resp = resp.await?;
+            Ok::<_, h2::Error>((resp, stream))
+        };
+        let (resp, send) = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| StreamError::Timeout)?
+            .map_err(StreamError::H2)?;
+        if resp.status() != StatusCode::OK {
+            let reason = resp
+                .headers()
+                .get(REASON_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            return Err(StreamError::Rejected {
+                status: resp.status(),
+                reason,
+            });
+        }
+        Ok((send, resp.into_body()))
+    }
+
+    fn lock_pool(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Bucket>> {
+        // The map is only ever mutated by infallible inserts; a poisoned lock still holds a
+        // consistent map.
+        self.inner
+            .pool
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Reserves a stream slot on a connection to `key`, opening a connection if every live one
+    /// is saturated or was made with superseded credentials.
+    async fn checkout(&self, key: &PoolKey) -> Result<Slot, HboneError> {
+        let creds = self
+            .inner
+            .creds
+            .borrow()
+            .clone()
+            .ok_or(TlsError::NoCredentials)?;
+        let bucket = self.lock_pool().entry(key.clone()).or_default().clone();
+        // Held across the handshake so concurrent callers share the connection being opened.
+        let mut conns = bucket.lock().await;
+        conns.retain(|c| {
+            let live = !c.closed.load(Ordering::Acquire);
+            let stale = !Arc::ptr_eq(&c.creds, &creds);
+            live && !(stale && c.active.load(Ordering::Acquire) == 0)
+        });
+        let cap = self.inner.options.max_streams_per_connection.max(1);
+        for c in conns.iter() {
+            if !Arc::ptr_eq(&c.creds, &creds) {
+                continue;
+            }
+            let active = c.active.load(Ordering::Acquire);
+            if active < c.capacity(cap) {
+                c.active.fetch_add(1, Ordering::AcqRel);
+                return Ok(Slot(c.clone()));
+            }
+        }
+        let conn = Arc::new(self.open_connection(key, creds).await?);
+        conn.active.fetch_add(1, Ordering::AcqRel);
+        conns.push(conn.clone());
+        Ok(Slot(conn))
+    }
+
+    async fn open_connection(
+        &self,
+        key: &PoolKey,
+        creds: Arc<Credentials>,
+    ) -> Result<PooledConn, HboneError> {
+        let dst = key.dst;
+        let opts = &self.inner.options;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let cfg = tls::client_config(&creds, &key.expected)?;
+        let handshake = async {
+            let tcp = TcpStream::connect(dst)
+                .await
+                .map_err(|source| HboneError::Connect { dst, source })?;
+            // Tunnels carry interactive traffic; batching belongs to the application.
+            let _ = tcp.set_nodelay(true);
+            let tls = TlsConnector::from(cfg)
+                .connect(ServerName::IpAddress(dst.ip().into()), tcp)
+                .await
+                .map_err(|source| match tls::peer_identity_error(&source) {
+                    Some(tls::PeerIdentityError::Mismatch { found, expected }) => {
+                        HboneError::ServerIdentity {
+                            dst,
+                            found: found.clone(),
+                            expected: expected.clone(),
+                        }
+                    }
+                    Some(tls::PeerIdentityError::Missing { expected }) => {
+                        HboneError::ServerIdentity {
+                            dst,
+                            found: "<none>".to_string(),
+                            expected: expected.clone(),
+                        }
+                    }
+                    None => HboneError::Handshake { dst, source },
+                })?;
+            if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
+                return Err(HboneError::NoH2 { dst });
+            }
+            h2::client::Builder::new()
+                .initial_window_size(opts.stream_window)
+                .initial_connection_window_size(opts.connection_window)
+                .max_frame_size(opts.max_frame_size)
+                .enable_push(false)
+                .handshake::<_, Bytes>(tls)
+                .await
+                .map_err(|source| HboneError::H2 { dst, source })
+        };
+        let (send, connection) = tokio::time::timeout(opts.connect_timeout, handshake)
+            .await
+            .map_err(|_| HboneError::Timeout {
+                dst,
+                timeout: opts.connect_timeout,
+            })??;
+        let closed = Arc::new(AtomicBool::new(false));
+        let closed_flag = closed.clone();
+        let span = tracing::info_span!("hbone_conn", conn = id, %dst);
+        tokio::spawn(
+            async move {
+                tracing::debug!("connection established");
+                match connection.await {
+                    Ok(()) => tracing::debug!("connection closed"),
+                    Err(e) => tracing::debug!(error = %e, "connection failed"),
+                }
+                closed_flag.store(true, Ordering::Release);
+            }
+            .instrument(span),
+        );
+        Ok(PooledConn {
+            id,
+            send,
+            active: AtomicUsize::new(0),
+            closed,
+            creds,
+        })
+    }
+}
+
+/// In TLS 1.3 the server judges our certificate after our handshake completed, so its refusal
+/// surfaces on the first HTTP/2 exchange as a received alert.
+/// h2 flattens I/O errors to kind + message, so the rustls error can only be recognised by text.
+fn refused_alert(e: &h2::Error) -> Option<String> {
+    let msg = e.get_io()?.to_string();
+    msg.contains("received fatal alert").then_some(msg)
+}
+
+enum StreamError {
+    H2(h2::Error),
+    Timeout,
+    Rejected { status: StatusCode, reason: String },
+    Build(String),
+}
+
+impl StreamError {
+    /// True when the peer answered (retrying elsewhere would not help).
+    fn is_remote(&self) -> bool {
+        match self {
+            StreamError::H2(e) => e.is_remote() && e.is_reset(),
+            StreamError::Timeout | StreamError::Build(_) => true,
+            StreamError::Rejected { .. } => true,
+        }
+    }
+}
+
+impl std::fmt::Display for StreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamError::H2(e) => write!(f, "{e}"),
+            StreamError::Timeout => f.write_str("timed out"),
+            StreamError::Rejected { status, reason } => write!(f, "{status} {reason}"),
+            StreamError::Build(r) => f.write_str(r),
+        }
+    }
+}

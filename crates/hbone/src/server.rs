@@ -1,0 +1,562 @@
+//! Inbound HBONE: accepts mTLS + HTTP/2 on port 15008 and terminates CONNECT streams to local
+//! targets, after validation and a policy decision by the caller's handler.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use rustls::pki_types::CertificateDer;
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
+
+use crate::stream::HboneStream;
+use crate::tls::{self, Credentials, CredentialsWatch, TlsError};
+use crate::REASON_HEADER;
+
+/// Tuning of the inbound side. `Default` matches what the agent uses.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Bound on the TLS + HTTP/2 handshake of an accepted connection.
+    pub handshake_timeout: Duration,
+    /// Bound on connecting to the local target of a stream.
+    pub upstream_connect_timeout: Duration,
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` advertised to clients.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 per-stream receive window.
+    pub stream_window: u32,
+    /// HTTP/2 per-connection receive window.
+    pub connection_window: u32,
+    /// Largest HTTP/2 frame we accept.
+    pub max_frame_size: u32,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            upstream_connect_timeout: Duration::from_secs(10),
+            max_concurrent_streams: 100,
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+            max_frame_size: 256 * 1024,
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen for HBONE on {addr}: {source} (is another agent already bound to it?)")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot read the HBONE listener's address: {0}")]
+    LocalAddr(std::io::Error),
+}
+
+/// A CONNECT stream that passed validation, handed to [`InboundHandler::decide`].
+#[derive(Debug, Clone)]
+pub struct InboundRequest {
+    /// SPIFFE ID of the authenticated peer workload.
+    pub peer_identity: String,
+    /// The peer's leaf certificate.
+    pub peer_certificate: CertificateDer<'static>,
+    /// Source address of the TLS connection.
+    pub peer_addr: SocketAddr,
+    /// Address the TLS connection was made to (this workload's ip:15008).
+    pub local_addr: SocketAddr,
+    /// `<this workload ip>:<target port>` from the CONNECT authority.
+    pub target: SocketAddr,
+    /// Request headers (`baggage`, `forwarded`, `traceparent`, ...).
+    pub headers: HeaderMap,
+}
+
+/// Any bidirectional byte stream the handler wants the tunnel spliced to.
+pub trait Upstream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Upstream for T {}
+
+/// What to do with a validated stream.
+pub enum Decision {
+    /// Connect to `request.target` and splice.
+    Allow,
+    /// Splice to this stream instead of connecting to the target.
+    AllowVia(Box<dyn Upstream>),
+    /// Refuse with this status (403 for policy, 503 for "not ready").
+    Deny(StatusCode),
+}
+
+impl std::fmt::Debug for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Decision::Allow => f.write_str("Allow"),
+            Decision::AllowVia(_) => f.write_str("AllowVia(..)"),
+            Decision::Deny(s) => write!(f, "Deny({s})"),
+        }
+    }
+}
+
+/// Policy hooks of the server.
+pub trait InboundHandler: Send + Sync + 'static {
+    /// Whether this workload serves `port` at all; others get 403 before `decide` runs.
+    fn port_allowed(&self, _port: u16) -> bool {
+        true
+    }
+
+    /// Authorization decision for one stream.
+    fn decide(&self, request: &InboundRequest) -> impl Future<Output = Decision> + Send;
+}
+
+/// Counters a caller (and the tests) can read.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    tls_accepted: AtomicU64,
+    tls_failed: AtomicU64,
+    streams: AtomicU64,
+    streams_refused: AtomicU64,
+}
+
+impl ServerStats {
+    /// Connections that completed mTLS with an authenticated peer.
+    pub fn tls_accepted(&self) -> u64 {
+        self.tls_accepted.load(Ordering::Relaxed)
+    }
+    /// Connections dropped during the handshake (bad certificate, no ALPN h2, timeout).
+    pub fn tls_failed(&self) -> u64 {
+        self.tls_failed.load(Ordering::Relaxed)
+    }
+    /// CONNECT streams received.
+    pub fn streams(&self) -> u64 {
+        self.streams.load(Ordering::Relaxed)
+    }
+    /// Streams answered with a non-200 status.
+    pub fn streams_refused(&self) -> u64 {
+        self.streams_refused.load(Ordering::Relaxed)
+    }
+}
+
+/// A bound, not yet running HBONE server.
+pub struct HboneServer<H> {
+    listener: TcpListener,
+    creds: CredentialsWatch,
+    handler: Arc<H>,
+    options: ServerOptions,
+    stats: Arc<ServerStats>,
+}
+
+/// Controls a running server.
+pub struct ServerHandle {
+    local_addr: SocketAddr,
+    stats: Arc<ServerStats>,
+    shutdown: watch::Sender<Option<Duration>>,
+    task: JoinHandle<()>,
+}
+
+impl<H: InboundHandler> HboneServer<H> {
+    /// Binds `addr` (normally `<workload ip>:15008`).
+    pub async fn bind(
+        addr: SocketAddr,
+        creds: CredentialsWatch,
+        handler: H,
+        options: ServerOptions,
+    ) -> Result<Self, ServerError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        Ok(Self::from_listener(listener, creds, handler, options))
+    }
+
+    /// Uses an already bound listener.
+    pub fn from_listener(
+        listener: TcpListener,
+        creds: CredentialsWatch,
+        handler: H,
+        options: ServerOptions,
+    ) -> Self {
+        Self {
+            listener,
+            creds,
+            handler: Arc::new(handler),
+            options,
+            stats: Arc::default(),
+        }
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr, ServerError> {
+        self.listener.local_addr().map_err(ServerError::LocalAddr)
+    }
+
+    /// Starts serving on the current runtime (run it on the data-plane runtime).
+    pub fn spawn(self) -> Result<ServerHandle, ServerError> {
+        let local_addr = self.local_addr()?;
+        let stats = self.stats.clone();
+        let (tx, rx) = watch::channel(None);
+        let span = tracing::info_span!("hbone_server", addr = %local_addr);
+        let task = tokio::spawn(self.run(rx).instrument(span));
+        Ok(ServerHandle {
+            local_addr,
+            stats,
+            shutdown: tx,
+            task,
+        })
+    }
+
+    async fn run(self, mut shutdown: watch::Receiver<Option<Duration>>) {
+        let mut conns = JoinSet::new();
+        let mut cached: Option<(Arc<Credentials>, Arc<ServerConfig>)> = None;
+        let deadline = loop {
+            tokio::select! {
+                accepted = self.listener.accept() => {
+                    let (tcp, peer) = match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // Per-connection accept errors (EMFILE, aborted handshakes) are transient.
+                            tracing::warn!(error = %e, "accept failed");
+                            continue;
+                        }
+                    };
+                    let cfg = match self.current_config(&mut cached) {
+                        Ok(cfg) => cfg,
+                        Err(e) => {
+                            tracing::warn!(%peer, error = %e, "refusing HBONE connection");
+                            continue;
+                        }
+                    };
+                    let conn = Conn {
+                        handler: self.handler.clone(),
+                        options: self.options.clone(),
+                        stats: self.stats.clone(),
+                        shutdown: shutdown.clone(),
+                    };
+                    let span = tracing::info_span!("hbone_inbound", %peer);
+                    conns.spawn(conn.serve(tcp, peer, cfg).instrument(span));
+                }
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                // A dropped handle also shuts the server down.
+                _ = shutdown.changed() => break shutdown.borrow().unwrap_or(DRAIN_DEFAULT),
+            }
+        };
+        drop(self.listener);
+        let drained = tokio::time::timeout(deadline, async {
+            while conns.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::info!(
+                remaining = conns.len(),
+                "drain deadline reached, closing remaining connections"
+            );
+            conns.shutdown().await;
+        }
+    }
+
+    fn current_config(
+        &self,
+        cached: &mut Option<(Arc<Credentials>, Arc<ServerConfig>)>,
+    ) -> Result<Arc<ServerConfig>, TlsError> {
+        let creds = self.creds.borrow().clone().ok_or(TlsError::NoCredentials)?;
+        if let Some((c, cfg)) = cached.as_ref() {
+            if Arc::ptr_eq(c, &creds) {
+                return Ok(cfg.clone());
+            }
+        }
+        let cfg = tls::server_config(&creds)?;
+        *cached = Some((creds, cfg.clone()));
+        Ok(cfg)
+    }
+}
+
+/// Drain deadline when the handle is dropped instead of calling `shutdown`.
+const DRAIN_DEFAULT: Duration = Duration::from_secs(30);
+
+impl ServerHandle {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn stats(&self) -> Arc<ServerStats> {
+        self.stats.clone()
+    }
+
+    /// Stops accepting, asks clients to stop opening streams (GOAWAY), lets open streams finish
+    /// for up to `deadline`, then closes what is left.
+    pub async fn shutdown(self, deadline: Duration) {
+        let _ = self.shutdown.send(Some(deadline));
+        let mut task = self.task;
+        if tokio::time::timeout(deadline + Duration::from_millis(100), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
+    }
+}
+
+struct Conn<H> {
+    handler: Arc<H>,
+    options: ServerOptions,
+    stats: Arc<ServerStats>,
+    shutdown: watch::Receiver<Option<Duration>>,
+}
+
+struct ConnInfo {
+    peer_identity: String,
+    peer_certificate: CertificateDer<'static>,
+    peer_addr: SocketAddr,
+    local_addr: SocketAddr,
+}
+
+impl<H: InboundHandler> Conn<H> {
+    async fn serve(mut self, tcp: TcpStream, peer_addr: SocketAddr, cfg: Arc<ServerConfig>) {
+        let local_addr = match tcp.local_addr() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(error = %e, "connection gone before handshake");
+                return;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let opts = self.options.clone();
+        let handshake = async {
+            let tls = TlsAcceptor::from(cfg)
+                .accept(tcp)
+                .await
+                .map_err(|e| format!("TLS handshake failed: {e}"))?;
+            let (_, session) = tls.get_ref();
+            if session.alpn_protocol() != Some(tls::ALPN_H2) {
+                return Err("client did not negotiate ALPN h2".to_string());
+            }
+            let leaf = session
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .cloned()
+                .ok_or_else(|| "client presented no certificate".to_string())?;
+            let identity = tls::spiffe_id(&leaf).map_err(|e| format!("client certificate: {e}"))?;
+            let h2 = h2::server::Builder::new()
+                .initial_window_size(opts.stream_window)
+                .initial_connection_window_size(opts.connection_window)
+                .max_frame_size(opts.max_frame_size)
+                .max_concurrent_streams(opts.max_concurrent_streams)
+                .handshake::<_, Bytes>(tls)
+                .await
+                .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
+            Ok((h2, identity, leaf))
+        };
+        let (mut h2, peer_identity, peer_certificate) =
+            match tokio::time::timeout(opts.handshake_timeout, handshake).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(reason)) => {
+                    self.stats.tls_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(%reason, "HBONE connection refused");
+                    return;
+                }
+                Err(_) => {
+                    self.stats.tls_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(timeout = ?opts.handshake_timeout, "HBONE handshake timed out");
+                    return;
+                }
+            };
+        self.stats.tls_accepted.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(peer = %peer_identity, "HBONE connection accepted");
+        let info = Arc::new(ConnInfo {
+            peer_identity,
+            peer_certificate,
+            peer_addr,
+            local_addr,
+        });
+        let mut streams = JoinSet::new();
+        let mut draining = self.shutdown.borrow().is_some();
+        if draining {
+            h2.graceful_shutdown();
+        }
+        loop {
+            tokio::select! {
+                next = h2.accept() => match next {
+                    Some(Ok((req, respond))) => {
+                        self.stats.streams.fetch_add(1, Ordering::Relaxed);
+                        let span = tracing::debug_span!("stream", authority = ?req.uri().authority().map(|a| a.as_str().to_string()));
+                        let ctx = StreamCtx {
+                            handler: self.handler.clone(),
+                            info: info.clone(),
+                            stats: self.stats.clone(),
+                            upstream_timeout: opts.upstream_connect_timeout,
+                        };
+                        streams.spawn(ctx.serve(req, respond).instrument(span));
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "HBONE connection ended with error");
+                        break;
+                    }
+                    None => break,
+                },
+                Some(_) = streams.join_next(), if !streams.is_empty() => {}
+                changed = self.shutdown.changed(), if !draining => {
+                    // A dropped sender also means "shut down".
+                    let _ = changed;
+                    draining = true;
+                    h2.graceful_shutdown();
+                }
+            }
+        }
+        // The connection is gone; stream tasks see errors and finish promptly.
+        while streams.join_next().await.is_some() {}
+    }
+}
+
+struct StreamCtx<H> {
+    handler: Arc<H>,
+    info: Arc<ConnInfo>,
+    stats: Arc<ServerStats>,
+    upstream_timeout: Duration,
+}
+
+impl<H: InboundHandler> StreamCtx<H> {
+    async fn serve(self, req: Request<h2::RecvStream>, mut respond: SendResponse<Bytes>) {
+        let target = match self.validate(&req) {
+            Ok(t) => t,
+            Err((status, reason)) => {
+                self.refuse(&mut respond, status, &reason);
+                return;
+            }
+        };
+        let (parts, body) = req.into_parts();
+        let request = InboundRequest {
+            peer_identity: self.info.peer_identity.clone(),
+            peer_certificate: self.info.peer_certificate.clone(),
+            peer_addr: self.info.peer_addr,
+            local_addr: self.info.local_addr,
+            target,
+            headers: parts.headers,
+        };
+        let mut upstream: Box<dyn Upstream> = match self.handler.decide(&request).await {
+            Decision::Deny(status) => {
+                self.refuse(&mut respond, status, "denied by policy");
+                return;
+            }
+            Decision::AllowVia(io) => io,
+            Decision::Allow => {
+                match tokio::time::timeout(self.upstream_timeout, TcpStream::connect(target)).await
+                {
+                    Ok(Ok(tcp)) => {
+                        let _ = tcp.set_nodelay(true);
+                        Box::new(tcp)
+                    }
+                    Ok(Err(e)) => {
+                        let reason = format!("cannot connect to {target}: {e}");
+                        self.refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE, &reason);
+                        return;
+                    }
+                    Err(_) => {
+                        let reason = format!("connecting to {target} timed out");
+                        self.refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE, &reason);
+                        return;
+                    }
+                }
+            }
+        };
+        let ok = Response::builder().status(StatusCode::OK).body(());
+        let send = match ok
+            .map_err(|e| e.to_string())
+            .and_then(|r| respond.send_response(r, false).map_err(|e| e.to_string()))
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "client went away before the tunnel was established");
+                return;
+            }
+        };
+        let mut tunnel = HboneStream::new(send, body, None);
+        let result = tokio::io::copy_bidirectional_with_sizes(
+            &mut tunnel,
+            &mut upstream,
+            64 * 1024,
+            64 * 1024,
+        )
+        .await;
+        match result {
+            Ok((up, down)) => tracing::info!(
+                target: "hbone_access",
+                peer = %self.info.peer_identity,
+                src = %self.info.peer_addr,
+                dst = %target,
+                bytes_in = up,
+                bytes_out = down,
+                "tunnel closed"
+            ),
+            Err(e) => tracing::info!(
+                target: "hbone_access",
+                peer = %self.info.peer_identity,
+                src = %self.info.peer_addr,
+                dst = %target,
+                error = %e,
+                "tunnel failed"
+            ),
+        }
+    }
+
+    fn validate(&self, req: &Request<h2::RecvStream>) -> Result<SocketAddr, (StatusCode, String)> {
+        if req.method() != Method::CONNECT {
+            return Err((
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!(
+                    "{} is not supported on the HBONE port, only CONNECT",
+                    req.method()
+                ),
+            ));
+        }
+        let authority = req.uri().authority().ok_or((
+            StatusCode::BAD_REQUEST,
+            "CONNECT without authority".to_string(),
+        ))?;
+        let target: SocketAddr = authority.as_str().parse().map_err(|_| {
+            (
+                StatusCode::BAD_REQUEST,
+                format!("authority {authority} is not <ip>:<port>"),
+            )
+        })?;
+        let local = self.info.local_addr.ip().to_canonical();
+        if target.ip().to_canonical() != local {
+            return Err((
+                StatusCode::FORBIDDEN,
+                format!("authority {authority} does not match this workload's address {local}"),
+            ));
+        }
+        if !self.handler.port_allowed(target.port()) {
+            return Err((
+                StatusCode::FORBIDDEN,
+                format!("port {} is not served by this workload", target.port()),
+            ));
+        }
+        Ok(target)
+    }
+
+    fn refuse(&self, respond: &mut SendResponse<Bytes>, status: StatusCode, reason: &str) {
+        self.stats.streams_refused.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            target: "hbone_access",
+            peer = %self.info.peer_identity,
+            src = %self.info.peer_addr,
+            %status,
+            %reason,
+            "stream refused"
+        );
+        let mut resp = Response::new(());
+        *resp.status_mut() = status;
+        if let Ok(v) = HeaderValue::from_str(reason) {
+            resp.headers_mut().insert(REASON_HEADER, v);
+        }
+        if let Err(e) = respond.send_response(resp, true) {
+            tracing::debug!(error = %e, "could not send refusal");
+        }
+    }
+}

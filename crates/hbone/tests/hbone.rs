@@ -1,0 +1,541 @@
+//! HBONE client and server over real loopback sockets with real mTLS, certificates from an
+//! in-test CA carrying SPIFFE URI SANs.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Result;
+use http::{HeaderMap, HeaderValue, StatusCode};
+use isthmus_hbone::{
+    ClientOptions, Credentials, Decision, HboneClient, HboneError, HboneServer, InboundHandler,
+    InboundRequest, ServerHandle, ServerOptions,
+};
+use rcgen::{
+    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+const TD: &str = "cluster.local";
+const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
+
+struct TestCa {
+    issuer: Issuer<'static, KeyPair>,
+    cert: CertificateDer<'static>,
+}
+
+impl TestCa {
+    fn new(name: &str) -> Result<Self> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params.self_signed(&key)?;
+        Ok(Self {
+            cert: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// A workload certificate for `spiffe`, trusting `roots` (this CA when empty).
+    fn issue(&self, spiffe: &str, roots: &[&TestCa]) -> Result<Arc<Credentials>> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = vec![SanType::URI(spiffe.try_into()?)];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let roots = if roots.is_empty() {
+            vec![self.cert.clone()]
+        } else {
+            roots.iter().map(|r| r.cert.clone()).collect()
+        };
+        Ok(Arc::new(Credentials {
+            cert_chain: vec![cert.der().clone()],
+            private_key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            roots,
+            trust_domain: TD.to_string(),
+        }))
+    }
+}
+
+#[derive(Default)]
+struct TestHandler {
+    denied_port: Option<u16>,
+    seen: Mutex<Vec<InboundRequest>>,
+}
+
+impl InboundHandler for TestHandler {
+    async fn decide(&self, request: &InboundRequest) -> Decision {
+        self.seen.lock().unwrap().push(request.clone());
+        if Some(request.target.port()) == self.denied_port {
+            Decision::Deny(StatusCode::FORBIDDEN)
+        } else {
+            Decision::Allow
+        }
+    }
+}
+
+/// Echoes every byte; half-closes after the client does.
+async fn echo_server() -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Reads until EOF, then replies with the byte count and the data reversed.
+async fn read_all_then_reply_server() -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if s.read_to_end(&mut buf).await.is_ok() {
+                    buf.reverse();
+                    let _ = s.write_all(format!("{}:", buf.len()).as_bytes()).await;
+                    let _ = s.write_all(&buf).await;
+                    let _ = s.shutdown().await;
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+struct Mesh {
+    ca: TestCa,
+    server: ServerHandle,
+    handler: Arc<TestHandler>,
+    client: HboneClient,
+    client_creds: watch::Sender<Option<Arc<Credentials>>>,
+    _server_creds: watch::Sender<Option<Arc<Credentials>>>,
+}
+
+struct SharedHandler(Arc<TestHandler>);
+
+impl InboundHandler for SharedHandler {
+    async fn decide(&self, request: &InboundRequest) -> Decision {
+        self.0.decide(request).await
+    }
+}
+
+async fn mesh_with(handler: TestHandler, client_opts: ClientOptions) -> Result<Mesh> {
+    let ca = TestCa::new("mesh root")?;
+    let (server_tx, server_rx) = watch::channel(Some(ca.issue(SERVER_ID, &[])?));
+    let (client_tx, client_rx) = watch::channel(Some(ca.issue(CLIENT_ID, &[])?));
+    let handler = Arc::new(handler);
+    let server = HboneServer::bind(
+        "127.0.0.1:0".parse()?,
+        server_rx,
+        SharedHandler(handler.clone()),
+        ServerOptions::default(),
+    )
+    .await?
+    .spawn()?;
+    Ok(Mesh {
+        ca,
+        server,
+        handler,
+        client: HboneClient::new(client_rx, client_opts),
+        client_creds: client_tx,
+        _server_creds: server_tx,
+    })
+}
+
+async fn mesh() -> Result<Mesh> {
+    mesh_with(TestHandler::default(), ClientOptions::default()).await
+}
+
+fn ids(ids: &[&str]) -> Vec<String> {
+    ids.iter().map(|s| s.to_string()).collect()
+}
+
+impl Mesh {
+    async fn open(&self, target: SocketAddr) -> Result<isthmus_hbone::HboneStream, HboneError> {
+        self.client
+            .connect(
+                self.server.local_addr(),
+                target,
+                &ids(&[SERVER_ID]),
+                &HeaderMap::new(),
+            )
+            .await
+    }
+}
+
+/// Polls `cond` every few milliseconds until it holds or 10 s pass.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+async fn roundtrip(stream: &mut isthmus_hbone::HboneStream, msg: &[u8]) -> Result<Vec<u8>> {
+    stream.write_all(msg).await?;
+    let mut got = vec![0; msg.len()];
+    stream.read_exact(&mut got).await?;
+    Ok(got)
+}
+
+#[tokio::test]
+async fn echo_through_tunnel_carries_identity_and_headers() -> Result<()> {
+    let m = mesh().await?;
+    let echo = echo_server().await?;
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "traceparent",
+        HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+    );
+    headers.insert("baggage", HeaderValue::from_static("k=v"));
+    let mut s = m
+        .client
+        .connect(m.server.local_addr(), echo, &ids(&[SERVER_ID]), &headers)
+        .await?;
+    assert_eq!(roundtrip(&mut s, b"hello mesh").await?, b"hello mesh");
+    s.shutdown().await?;
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await?;
+    assert!(rest.is_empty());
+
+    let seen = m.handler.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].peer_identity, CLIENT_ID);
+    assert_eq!(seen[0].target, echo);
+    assert_eq!(seen[0].headers["baggage"], "k=v");
+    assert!(seen[0].headers.contains_key("traceparent"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_streams_share_one_tls_connection() -> Result<()> {
+    let m = Arc::new(mesh().await?);
+    let echo = echo_server().await?;
+    let mut tasks = Vec::new();
+    // Every stream stays open until all are established, so they are truly concurrent.
+    let barrier = Arc::new(tokio::sync::Barrier::new(50));
+    for i in 0..50u64 {
+        let m = m.clone();
+        let barrier = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = m.open(echo).await?;
+            barrier.wait().await;
+            let msg = pattern(4096, i + 1);
+            anyhow::ensure!(
+                roundtrip(&mut s, &msg).await? == msg,
+                "stream {i} corrupted"
+            );
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    assert_eq!(m.server.stats().tls_accepted(), 1);
+    assert_eq!(m.server.stats().streams(), 50);
+    assert_eq!(m.client.pooled_connections().await, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn saturated_connection_opens_another() -> Result<()> {
+    let opts = ClientOptions {
+        max_streams_per_connection: 2,
+        ..ClientOptions::default()
+    };
+    let m = mesh_with(TestHandler::default(), opts).await?;
+    let echo = echo_server().await?;
+    let mut streams = Vec::new();
+    for _ in 0..5 {
+        streams.push(m.open(echo).await?);
+    }
+    for s in &mut streams {
+        assert_eq!(roundtrip(s, b"ping").await?, b"ping");
+    }
+    assert_eq!(m.server.stats().tls_accepted(), 3);
+    // Slots are returned when streams drop: the next stream reuses a connection.
+    drop(streams);
+    let mut s = m.open(echo).await?;
+    assert_eq!(roundtrip(&mut s, b"again").await?, b"again");
+    assert_eq!(m.server.stats().tls_accepted(), 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn client_refuses_wrong_server_identity() -> Result<()> {
+    let m = mesh().await?;
+    let echo = echo_server().await?;
+    let expected = "spiffe://cluster.local/ns/default/sa/reviews";
+    let err = m
+        .client
+        .connect(
+            m.server.local_addr(),
+            echo,
+            &ids(&[expected]),
+            &HeaderMap::new(),
+        )
+        .await
+        .expect_err("must refuse a server with the wrong identity");
+    match &err {
+        HboneError::ServerIdentity { found, .. } => assert_eq!(found, SERVER_ID),
+        other => panic!("unexpected error: {other}"),
+    }
+    let msg = err.to_string();
+    assert!(msg.contains(SERVER_ID) && msg.contains(expected), "{msg}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn client_requires_expected_identities() -> Result<()> {
+    let m = mesh().await?;
+    let echo = echo_server().await?;
+    let err = m
+        .client
+        .connect(m.server.local_addr(), echo, &[], &HeaderMap::new())
+        .await
+        .expect_err("no expected identity");
+    assert!(
+        matches!(err, HboneError::NoExpectedIdentity { .. }),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn server_refuses_client_from_another_ca() -> Result<()> {
+    let m = mesh().await?;
+    let echo = echo_server().await?;
+    let rogue_ca = TestCa::new("rogue root")?;
+    // The rogue client trusts the mesh root (so it accepts the server) but its own cert is rogue.
+    let rogue = rogue_ca.issue(CLIENT_ID, &[&m.ca])?;
+    let (_tx, rx) = watch::channel(Some(rogue));
+    let client = HboneClient::new(rx, ClientOptions::default());
+    let err = client
+        .connect(
+            m.server.local_addr(),
+            echo,
+            &ids(&[SERVER_ID]),
+            &HeaderMap::new(),
+        )
+        .await
+        .expect_err("server must refuse a client certificate from another CA");
+    assert!(
+        matches!(err, HboneError::CertificateRefused { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("refused our certificate"), "{err}");
+    let stats = m.server.stats();
+    eventually("the server to count the failed handshake", || {
+        stats.tls_failed() == 1
+    })
+    .await;
+    assert_eq!(stats.tls_accepted(), 0);
+    assert!(m.handler.seen.lock().unwrap().is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn authority_ip_must_be_the_connected_ip() -> Result<()> {
+    let m = mesh().await?;
+    let echo = echo_server().await?;
+    let other_ip: SocketAddr = format!("127.0.0.2:{}", echo.port()).parse()?;
+    let err = m.open(other_ip).await.expect_err("mismatched authority");
+    match &err {
+        HboneError::Rejected { status, reason, .. } => {
+            assert_eq!(*status, StatusCode::FORBIDDEN);
+            assert!(reason.contains("does not match"), "{reason}");
+        }
+        other => panic!("unexpected error: {other}"),
+    }
+    assert!(m.handler.seen.lock().unwrap().is_empty());
+    // The connection is still usable for valid streams.
+    let mut s = m.open(echo).await?;
+    assert_eq!(roundtrip(&mut s, b"ok").await?, b"ok");
+    Ok(())
+}
+
+#[tokio::test]
+async fn denied_stream_gets_403() -> Result<()> {
+    let echo = echo_server().await?;
+    let handler = TestHandler {
+        denied_port: Some(echo.port()),
+        ..TestHandler::default()
+    };
+    let m = mesh_with(handler, ClientOptions::default()).await?;
+    let err = m.open(echo).await.expect_err("policy denies this port");
+    match &err {
+        HboneError::Rejected { status, .. } => assert_eq!(*status, StatusCode::FORBIDDEN),
+        other => panic!("unexpected error: {other}"),
+    }
+    assert!(err.to_string().contains("403"), "{err}");
+    assert_eq!(m.server.stats().streams_refused(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn unreachable_target_gets_503() -> Result<()> {
+    let m = mesh().await?;
+    // Bind then drop: nothing listens on this port any more.
+    let closed = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
+    let err = m.open(closed).await.expect_err("nothing listens");
+    match &err {
+        HboneError::Rejected { status, reason, .. } => {
+            assert_eq!(*status, StatusCode::SERVICE_UNAVAILABLE);
+            assert!(reason.contains("cannot connect"), "{reason}");
+        }
+        other => panic!("unexpected error: {other}"),
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_mib_both_directions_intact() -> Result<()> {
+    let m = mesh().await?;
+    let echo = echo_server().await?;
+    let s = m.open(echo).await?;
+    let data = pattern(16 * 1024 * 1024, 42);
+    let (mut r, mut w) = tokio::io::split(s);
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await?;
+        w.shutdown().await?;
+        Ok::<_, std::io::Error>(())
+    });
+    let mut got = Vec::with_capacity(data.len());
+    r.read_to_end(&mut got).await?;
+    writer.await??;
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "echoed bytes differ");
+    Ok(())
+}
+
+#[tokio::test]
+async fn half_close_still_reads_the_reply() -> Result<()> {
+    let m = mesh().await?;
+    let target = read_all_then_reply_server().await?;
+    let mut s = m.open(target).await?;
+    s.write_all(b"abc").await?;
+    s.write_all(b"def").await?;
+    // The target only answers after it sees EOF, which only a half-close delivers.
+    s.shutdown().await?;
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).await?;
+    assert_eq!(reply, b"6:fedcba");
+    Ok(())
+}
+
+#[tokio::test]
+async fn rotation_applies_to_new_connections_only() -> Result<()> {
+    let m = mesh().await?;
+    let echo = echo_server().await?;
+    let mut old_stream = m.open(echo).await?;
+    assert_eq!(roundtrip(&mut old_stream, b"before").await?, b"before");
+    let old_cert = m.client_creds.borrow().as_ref().unwrap().cert_chain[0].clone();
+
+    let rotated = m.ca.issue(CLIENT_ID, &[])?;
+    let new_cert = rotated.cert_chain[0].clone();
+    m.client_creds.send_replace(Some(rotated));
+
+    let mut new_stream = m.open(echo).await?;
+    assert_eq!(roundtrip(&mut new_stream, b"after").await?, b"after");
+    // The stream opened before rotation keeps working on its original connection.
+    assert_eq!(
+        roundtrip(&mut old_stream, b"still here").await?,
+        b"still here"
+    );
+
+    assert_eq!(m.server.stats().tls_accepted(), 2);
+    let seen = m.handler.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].peer_certificate, old_cert);
+    assert_eq!(seen[1].peer_certificate, new_cert);
+    assert_ne!(old_cert, new_cert);
+    Ok(())
+}
+
+#[tokio::test]
+async fn no_credentials_is_a_clear_error() -> Result<()> {
+    let m = mesh().await?;
+    let echo = echo_server().await?;
+    let (_tx, rx) = watch::channel(None);
+    let client = HboneClient::new(rx, ClientOptions::default());
+    let err = client
+        .connect(
+            m.server.local_addr(),
+            echo,
+            &ids(&[SERVER_ID]),
+            &HeaderMap::new(),
+        )
+        .await
+        .expect_err("no certificate yet");
+    assert!(err.to_string().contains("no workload certificate"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn graceful_shutdown_lets_open_streams_finish() -> Result<()> {
+    let m = mesh().await?;
+    let echo = echo_server().await?;
+    let addr = m.server.local_addr();
+    let mut s = m.open(echo).await?;
+    let Mesh { server, client, .. } = m;
+    let shutdown = tokio::spawn(server.shutdown(Duration::from_secs(10)));
+    // Wait until the listener is closed: a fresh connection is refused.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "listener never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(roundtrip(&mut s, b"draining").await?, b"draining");
+    assert!(!shutdown.is_finished());
+    s.shutdown().await?;
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await?;
+    drop(s);
+    drop(client);
+    tokio::time::timeout(Duration::from_secs(10), shutdown).await??;
+    Ok(())
+}
