@@ -1,7 +1,7 @@
 //! `isthmus agent`, run on every member host: the identity manager (the seeds' node agent), the
 //! discovery subscriber with its last-known-good cache, the DNS proxy, the workload's health
-//! probe and auto-registration, admin and readiness endpoints. Interception and the proxy come
-//! next.
+//! probe and auto-registration, admin and readiness endpoints, and the proxy's data path
+//! ([`proxy`]).
 #![forbid(unsafe_code)]
 
 pub mod args;
@@ -9,6 +9,7 @@ pub mod discovery;
 pub mod dnsproxy;
 pub mod identity;
 pub mod probe;
+pub mod proxy;
 pub mod run;
 
 pub use args::AgentArgs;

@@ -1,0 +1,448 @@
+//! Inbound: HBONE streams (through [`InboundPolicy`], the HBONE server's handler) and
+//! plaintext connections redirected to 15006 ([`PlaintextInbound`]), both authorized against
+//! the local workload's policies. Every admitted connection is registered; when the discovery
+//! state changes, each is re-authorized and the ones no longer allowed are closed.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use isthmus_hbone::{Decision, InboundHandler, InboundRequest};
+use isthmus_xds::client::State;
+use isthmus_xds::Identity;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use super::authz::{self, Connection, Verdict};
+use super::metrics::{Direction, Outcome, ProxyMetrics};
+use super::orig_dst::OrigDst;
+use super::{splice, AccessRecord};
+
+#[derive(Clone, Debug)]
+pub struct InboundConfig {
+    /// Accept any port, not only the target ports of the local workload's services.
+    pub any_port: bool,
+    /// Bound on connecting to the local application.
+    pub connect_timeout: Duration,
+}
+
+impl Default for InboundConfig {
+    fn default() -> Self {
+        Self {
+            any_port: false,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the plaintext listener (15006) does with connections that did not come over HBONE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlaintextMode {
+    /// Forward to the original destination (after authorization without a peer identity).
+    Permissive,
+    /// Refuse: only mTLS (HBONE) reaches the workload.
+    Strict,
+}
+
+/// Why a connection is not admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Refusal {
+    status: StatusCode,
+    outcome: Outcome,
+    reason: String,
+}
+
+/// The inbound decision maker, shared by the HBONE server and the plaintext listener.
+#[derive(Clone)]
+pub struct InboundPolicy {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: InboundConfig,
+    state: watch::Receiver<Arc<State>>,
+    metrics: Arc<ProxyMetrics>,
+    live: Mutex<HashMap<u64, Arc<Live>>>,
+    next_id: AtomicU64,
+}
+
+/// One admitted connection as re-authorization sees it.
+struct Live {
+    conn: Connection,
+    revoked: AtomicBool,
+    reason: Mutex<String>,
+    /// Tasks blocked reading or writing, woken on revocation.
+    wakers: Mutex<[Option<Waker>; 2]>,
+}
+
+impl Live {
+    fn revoke(&self, reason: String) {
+        *self.reason.lock().unwrap_or_else(PoisonError::into_inner) = reason;
+        self.revoked.store(true, Ordering::Release);
+        let wakers =
+            std::mem::take(&mut *self.wakers.lock().unwrap_or_else(PoisonError::into_inner));
+        for w in wakers.into_iter().flatten() {
+            w.wake();
+        }
+    }
+
+    /// `Err` once revoked; otherwise remembers the waker in `slot` (0 read, 1 write).
+    fn check(&self, cx: &Context<'_>, slot: usize) -> io::Result<()> {
+        if !self.revoked.load(Ordering::Acquire) {
+            let mut w = self.wakers.lock().unwrap_or_else(PoisonError::into_inner);
+            w[slot] = Some(cx.waker().clone());
+        }
+        // Checked again after registering, so a revocation in between is not missed.
+        if self.revoked.load(Ordering::Acquire) {
+            let reason = self
+                .reason
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                format!("closed by a policy change: {reason}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl InboundPolicy {
+    pub fn new(
+        config: InboundConfig,
+        state: watch::Receiver<Arc<State>>,
+        metrics: Arc<ProxyMetrics>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                state,
+                metrics,
+                live: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// Admitted connections still open.
+    pub fn live_connections(&self) -> usize {
+        self.lock_live().len()
+    }
+
+    /// Re-authorizes every live connection against the current state, closing the ones no
+    /// longer allowed; returns how many were closed.
+    pub fn revalidate(&self) -> usize {
+        let state = self.inner.state.borrow().clone();
+        let live: Vec<Arc<Live>> = self.lock_live().values().cloned().collect();
+        let mut closed = 0;
+        for l in live {
+            if l.revoked.load(Ordering::Acquire) {
+                continue;
+            }
+            if let Err(r) = self.check(&state, &l.conn) {
+                tracing::info!(src = %l.conn.src, dst = %l.conn.dst, reason = %r.reason,
+                    "closing a connection the current policy no longer allows");
+                l.revoke(r.reason);
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// Runs [`Self::revalidate`] on every state change, until the state's sender is gone.
+    pub async fn revalidate_on_change(self) {
+        let mut rx = self.inner.state.clone();
+        rx.mark_unchanged();
+        while rx.changed().await.is_ok() {
+            self.revalidate();
+        }
+    }
+
+    fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Live>>> {
+        // Entries are independent; a panic elsewhere cannot leave the map inconsistent.
+        self.inner
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Authorizes `conn` against the local workload at `conn.dst`.
+    fn check(&self, state: &State, conn: &Connection) -> Result<String, Refusal> {
+        let Some(w) = state.workload_by_address(conn.dst.ip()) else {
+            return Err(Refusal {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                outcome: Outcome::Refused,
+                reason: format!(
+                    "no workload known at {} (discovery not ready?)",
+                    conn.dst.ip()
+                ),
+            });
+        };
+        let port = conn.dst.port();
+        let serves = w.services.values().flatten().any(|p| p.target_port == port);
+        if !self.inner.config.any_port && !serves {
+            return Err(Refusal {
+                status: StatusCode::FORBIDDEN,
+                outcome: Outcome::Refused,
+                reason: format!("workload {} serves no port {port}", w.name),
+            });
+        }
+        match authz::authorize(state, w, conn) {
+            Verdict::Allow(r) => Ok(r),
+            Verdict::Deny(reason) => Err(Refusal {
+                status: StatusCode::FORBIDDEN,
+                outcome: Outcome::Denied,
+                reason,
+            }),
+        }
+    }
+
+    /// Authorizes, connects to the local application and registers the connection.
+    async fn admit(
+        &self,
+        conn: Connection,
+        rec: AccessRecord,
+        start: Instant,
+    ) -> Result<Tracked, StatusCode> {
+        let state = self.inner.state.borrow().clone();
+        let metrics = &self.inner.metrics;
+        if let Err(r) = self.check(&state, &conn) {
+            rec.finish(metrics, r.outcome, &r.reason, start, false);
+            return Err(r.status);
+        }
+        let timeout = self.inner.config.connect_timeout;
+        let app = match tokio::time::timeout(timeout, TcpStream::connect(conn.dst)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let reason = format!("cannot connect to {}: {e}", conn.dst);
+                rec.finish(metrics, Outcome::Unreachable, &reason, start, false);
+                return Err(StatusCode::SERVICE_UNAVAILABLE);
+            }
+            Err(_) => {
+                let reason = format!("connecting to {} timed out", conn.dst);
+                rec.finish(metrics, Outcome::Unreachable, &reason, start, false);
+                return Err(StatusCode::SERVICE_UNAVAILABLE);
+            }
+        };
+        let _ = app.set_nodelay(true);
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let live = Arc::new(Live {
+            conn,
+            revoked: AtomicBool::new(false),
+            reason: Mutex::new(String::new()),
+            wakers: Mutex::new([None, None]),
+        });
+        self.lock_live().insert(id, live.clone());
+        metrics.opened(rec.direction);
+        Ok(Tracked {
+            app,
+            live,
+            id,
+            policy: self.clone(),
+            rec,
+            start,
+            failed: None,
+        })
+    }
+}
+
+impl InboundHandler for InboundPolicy {
+    /// Ports are checked in `decide`, where the target address names the workload and the
+    /// refusal gets a reason in the access log.
+    fn port_allowed(&self, _port: u16) -> bool {
+        true
+    }
+
+    async fn decide(&self, request: &InboundRequest) -> Decision {
+        let start = Instant::now();
+        let mut rec = AccessRecord::new(Direction::Inbound, request.peer_addr);
+        rec.dst = Some(request.target);
+        rec.endpoint = Some(request.target);
+        rec.identity = Some(request.peer_identity.clone());
+        let conn = Connection {
+            peer: Identity::from_spiffe_id(&request.peer_identity),
+            src: request.peer_addr.ip(),
+            dst: request.target,
+        };
+        match self.admit(conn, rec, start).await {
+            Ok(t) => Decision::AllowVia(Box::new(t)),
+            Err(status) => Decision::Deny(status),
+        }
+    }
+}
+
+/// The local application's side of an admitted connection: counts bytes, fails once the
+/// connection is revoked, and writes the access-log line when dropped.
+struct Tracked {
+    app: TcpStream,
+    live: Arc<Live>,
+    id: u64,
+    policy: InboundPolicy,
+    rec: AccessRecord,
+    start: Instant,
+    failed: Option<String>,
+}
+
+impl Tracked {
+    fn note<T>(&mut self, r: &io::Result<T>) {
+        if let Err(e) = r {
+            if self.failed.is_none() {
+                self.failed = Some(e.to_string());
+            }
+        }
+    }
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if let Err(e) = this.live.check(cx, 0) {
+            return Poll::Ready(Err(e));
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.app).poll_read(cx, buf);
+        if let Poll::Ready(res) = &r {
+            this.note(res);
+            this.rec.received += (buf.filled().len() - before) as u64;
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if let Err(e) = this.live.check(cx, 1) {
+            return Poll::Ready(Err(e));
+        }
+        let r = Pin::new(&mut this.app).poll_write(cx, data);
+        if let Poll::Ready(res) = &r {
+            this.note(res);
+            if let Ok(n) = res {
+                this.rec.sent += *n as u64;
+            }
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.app).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.app).poll_shutdown(cx)
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.policy.lock_live().remove(&self.id);
+        let (outcome, reason) = if self.live.revoked.load(Ordering::Acquire) {
+            let r = self
+                .live
+                .reason
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            (Outcome::Revoked, r)
+        } else if let Some(e) = self.failed.take() {
+            (Outcome::Error, e)
+        } else {
+            (Outcome::Ok, "closed".into())
+        };
+        self.rec.finish(
+            &self.policy.inner.metrics,
+            outcome,
+            &reason,
+            self.start,
+            true,
+        );
+    }
+}
+
+/// The plaintext inbound listener (15006).
+pub struct PlaintextInbound {
+    mode: PlaintextMode,
+    orig_dst: Arc<dyn OrigDst>,
+    policy: InboundPolicy,
+}
+
+impl PlaintextInbound {
+    pub fn new(mode: PlaintextMode, orig_dst: Arc<dyn OrigDst>, policy: InboundPolicy) -> Self {
+        Self {
+            mode,
+            orig_dst,
+            policy,
+        }
+    }
+
+    /// Serves `listener` until the returned future is dropped (which closes every connection).
+    pub async fn serve(self, listener: TcpListener) {
+        let this = Arc::new(self);
+        let mut conns = JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, src)) => {
+                        let this = this.clone();
+                        let span = tracing::debug_span!("inbound_plaintext", %src);
+                        conns.spawn(async move { this.handle(tcp, src).await }.instrument(span));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "inbound plaintext accept failed"),
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+    }
+
+    async fn handle(&self, mut client: TcpStream, src: SocketAddr) {
+        let start = Instant::now();
+        let mut rec = AccessRecord::new(Direction::InboundPlaintext, src);
+        let metrics = self.policy.inner.metrics.clone();
+        let dst = match self.orig_dst.original_dst(&client) {
+            Ok(d) => d,
+            Err(e) => {
+                let reason = format!("cannot read the original destination: {e}");
+                rec.finish(&metrics, Outcome::Refused, &reason, start, false);
+                return;
+            }
+        };
+        rec.dst = Some(dst);
+        if self.mode == PlaintextMode::Strict {
+            let reason = "plaintext refused: STRICT mode accepts only mTLS (HBONE)";
+            rec.finish(&metrics, Outcome::Refused, reason, start, false);
+            return;
+        }
+        rec.endpoint = Some(dst);
+        let conn = Connection {
+            peer: None,
+            src: src.ip(),
+            dst,
+        };
+        let Ok(mut app) = self.policy.admit(conn, rec, start).await else {
+            return;
+        };
+        let _ = client.set_nodelay(true);
+        // The access log is written when `app` drops, with the counts it kept.
+        let mut scratch = AccessRecord::new(Direction::InboundPlaintext, src);
+        let _ = splice(&mut client, &mut app, &mut scratch).await;
+    }
+}

@@ -1,0 +1,152 @@
+//! Proxy metrics, registered under the agent's sub-registry.
+
+use std::fmt::Write;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Direction {
+    Outbound,
+    Inbound,
+    InboundPlaintext,
+}
+
+/// How a connection ended, as the access log says it.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Outcome {
+    /// Bytes flowed and the connection closed normally.
+    Ok,
+    /// Refused by authorization (ours inbound, the peer's outbound).
+    Denied,
+    /// Refused by configuration: unknown destination, STRICT mode, a loop.
+    Refused,
+    /// No endpoint could be reached.
+    Unreachable,
+    /// Closed by an error mid-stream.
+    Error,
+    /// Closed because a policy change no longer allows it.
+    Revoked,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Denied => "denied",
+            Outcome::Refused => "refused",
+            Outcome::Unreachable => "unreachable",
+            Outcome::Error => "error",
+            Outcome::Revoked => "revoked",
+        }
+    }
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+            Direction::InboundPlaintext => "inbound_plaintext",
+        }
+    }
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, e: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        e.write_str(self.as_str())
+    }
+}
+
+impl EncodeLabelValue for Outcome {
+    fn encode(&self, e: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        e.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    pub direction: Direction,
+    pub outcome: Outcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirLabels {
+    pub direction: Direction,
+}
+
+#[derive(Debug, Default)]
+pub struct ProxyMetrics {
+    /// Closed connections by outcome.
+    pub connections: Family<ConnLabels, Counter>,
+    /// Open connections.
+    pub active: Family<DirLabels, Gauge>,
+    /// Bytes from the downstream (client) side to the upstream.
+    pub bytes_sent: Family<DirLabels, Counter>,
+    /// Bytes from the upstream back to the client.
+    pub bytes_received: Family<DirLabels, Counter>,
+}
+
+impl ProxyMetrics {
+    /// Registers `proxy_connections_total{direction,outcome}`, `proxy_active_connections`,
+    /// `proxy_sent_bytes_total`, `proxy_received_bytes_total` (prefix them by registering in
+    /// the agent's sub-registry).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "proxy_connections",
+            "Proxied connections by direction and outcome",
+            self.connections.clone(),
+        );
+        registry.register(
+            "proxy_active_connections",
+            "Proxied connections open now",
+            self.active.clone(),
+        );
+        registry.register_with_unit(
+            "proxy_sent",
+            "Bytes proxied from clients to upstreams",
+            Unit::Bytes,
+            self.bytes_sent.clone(),
+        );
+        registry.register_with_unit(
+            "proxy_received",
+            "Bytes proxied from upstreams back to clients",
+            Unit::Bytes,
+            self.bytes_received.clone(),
+        );
+    }
+
+    pub fn opened(&self, direction: Direction) {
+        self.active.get_or_create(&DirLabels { direction }).inc();
+    }
+
+    /// Records a closed connection; `opened` must have been called for it when `was_open`.
+    pub fn closed(
+        &self,
+        direction: Direction,
+        outcome: Outcome,
+        sent: u64,
+        received: u64,
+        was_open: bool,
+    ) {
+        if was_open {
+            self.active.get_or_create(&DirLabels { direction }).dec();
+        }
+        self.connections
+            .get_or_create(&ConnLabels { direction, outcome })
+            .inc();
+        let l = DirLabels { direction };
+        self.bytes_sent.get_or_create(&l).inc_by(sent);
+        self.bytes_received.get_or_create(&l).inc_by(received);
+    }
+
+    /// Closed connections with this direction and outcome so far.
+    pub fn count(&self, direction: Direction, outcome: Outcome) -> u64 {
+        self.connections
+            .get_or_create(&ConnLabels { direction, outcome })
+            .get()
+    }
+}

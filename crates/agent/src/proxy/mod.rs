@@ -1,0 +1,346 @@
+//! The data path: outbound capture (15001) to service endpoints over HBONE or plain TCP,
+//! inbound HBONE (15008) and plaintext capture (15006) to the local workload, with Istio L4
+//! authorization enforced inbound and re-checked when policies change.
+//!
+//! - [`outbound`]: original destination → service → endpoint ([`lb`]) → upstream.
+//! - [`inbound`]: the HBONE server's [`isthmus_hbone::InboundHandler`] and the plaintext
+//!   listener, both deciding with [`authz`].
+//! - OS side effects sit behind [`orig_dst::OrigDst`], so tests run without root.
+//!
+//! Access-log lines go to the tracing target [`ACCESS_LOG_TARGET`].
+
+pub mod authz;
+pub mod inbound;
+pub mod lb;
+pub mod metrics;
+pub mod orig_dst;
+pub mod outbound;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use isthmus_hbone::{
+    ClientOptions, Credentials, CredentialsWatch, HboneClient, HboneServer, ServerError,
+    ServerHandle, ServerOptions,
+};
+use isthmus_xds::client::State;
+use prometheus_client::registry::Registry;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::identity::{CurrentCert, WorkloadCertificate};
+pub use inbound::{InboundConfig, InboundPolicy, PlaintextInbound, PlaintextMode};
+pub use lb::LoadTracker;
+pub use metrics::{Direction, Outcome, ProxyMetrics};
+pub use orig_dst::{OrigDst, SoOriginalDst};
+pub use outbound::{Outbound, OutboundConfig, UnknownDestination};
+
+/// Tracing target of the per-connection access log.
+pub const ACCESS_LOG_TARGET: &str = "access";
+
+/// Where the proxy listens and how it behaves.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Outbound capture (iptables REDIRECT target), normally `127.0.0.1:15001`.
+    pub outbound_addr: SocketAddr,
+    /// Plaintext inbound capture, normally `0.0.0.0:15006`.
+    pub inbound_plaintext_addr: SocketAddr,
+    /// HBONE, normally `<workload ip>:15008`.
+    pub hbone_addr: SocketAddr,
+    pub outbound: OutboundConfig,
+    pub inbound: InboundConfig,
+    pub plaintext_mode: PlaintextMode,
+    pub hbone_client: ClientOptions,
+    pub hbone_server: ServerOptions,
+}
+
+impl ProxyConfig {
+    /// Istio's ports on the given workload address.
+    pub fn new(workload_ip: std::net::IpAddr) -> Self {
+        Self {
+            outbound_addr: SocketAddr::from(([127, 0, 0, 1], 15001)),
+            inbound_plaintext_addr: SocketAddr::from(([0, 0, 0, 0], 15006)),
+            hbone_addr: SocketAddr::new(workload_ip, isthmus_hbone::HBONE_PORT),
+            outbound: OutboundConfig::default(),
+            inbound: InboundConfig::default(),
+            plaintext_mode: PlaintextMode::Permissive,
+            hbone_client: ClientOptions::default(),
+            hbone_server: ServerOptions::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(
+        "cannot listen for {what} on {addr}: {source} (is another agent already bound to it?)"
+    )]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Hbone(#[from] ServerError),
+    #[error("workload certificate from the identity manager is unusable: {0}")]
+    BadCertificate(String),
+}
+
+/// The running proxy. Dropping it stops the listeners.
+pub struct Proxy {
+    outbound_addr: SocketAddr,
+    plaintext_addr: SocketAddr,
+    hbone: ServerHandle,
+    tasks: JoinSet<()>,
+    metrics: Arc<ProxyMetrics>,
+}
+
+impl Proxy {
+    pub fn outbound_addr(&self) -> SocketAddr {
+        self.outbound_addr
+    }
+
+    pub fn inbound_plaintext_addr(&self) -> SocketAddr {
+        self.plaintext_addr
+    }
+
+    pub fn hbone_addr(&self) -> SocketAddr {
+        self.hbone.local_addr()
+    }
+
+    pub fn metrics(&self) -> Arc<ProxyMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Stops accepting, lets HBONE streams drain for up to `deadline`, closes the rest.
+    pub async fn shutdown(mut self, deadline: Duration) {
+        self.tasks.shutdown().await;
+        self.hbone.shutdown(deadline).await;
+    }
+}
+
+/// Binds the three listeners and starts serving on the current runtime (the data-plane one).
+/// `state` is the discovery state; `certs` the identity manager's certificate watch. Metrics
+/// are registered in `registry` (pass the agent's sub-registry).
+pub async fn start(
+    config: ProxyConfig,
+    state: watch::Receiver<Arc<State>>,
+    certs: watch::Receiver<CurrentCert>,
+    registry: &mut Registry,
+) -> Result<Proxy, ProxyError> {
+    let bind = |what: &'static str, addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| ProxyError::Bind { what, addr, source })
+    };
+    let outbound_l = bind("outbound capture", config.outbound_addr).await?;
+    let plaintext_l = bind("inbound plaintext capture", config.inbound_plaintext_addr).await?;
+    let hbone_l = bind("HBONE", config.hbone_addr).await?;
+    let local = |l: &TcpListener, addr: SocketAddr| {
+        l.local_addr().map_err(|source| ProxyError::Bind {
+            what: "local address",
+            addr,
+            source,
+        })
+    };
+    let outbound_addr = local(&outbound_l, config.outbound_addr)?;
+    let plaintext_addr = local(&plaintext_l, config.inbound_plaintext_addr)?;
+
+    let metrics = Arc::new(ProxyMetrics::default());
+    metrics.register(registry);
+    let mut tasks = JoinSet::new();
+    let creds = credentials_watch(certs, &mut tasks);
+
+    let policy = InboundPolicy::new(config.inbound.clone(), state.clone(), metrics.clone());
+    tasks.spawn(policy.clone().revalidate_on_change());
+    let hbone = HboneServer::from_listener(
+        hbone_l,
+        creds.clone(),
+        policy.clone(),
+        config.hbone_server.clone(),
+    )
+    .spawn()?;
+
+    let orig_dst: Arc<dyn OrigDst> = Arc::new(SoOriginalDst);
+    let outbound = Outbound::new(
+        config.outbound.clone(),
+        state,
+        HboneClient::new(creds, config.hbone_client.clone()),
+        orig_dst.clone(),
+        Arc::new(LoadTracker::default()),
+        metrics.clone(),
+    );
+    tasks.spawn(outbound.serve(outbound_l));
+    let plaintext = PlaintextInbound::new(config.plaintext_mode, orig_dst, policy);
+    tasks.spawn(plaintext.serve(plaintext_l));
+    Ok(Proxy {
+        outbound_addr,
+        plaintext_addr,
+        hbone,
+        tasks,
+        metrics,
+    })
+}
+
+/// Converts the identity manager's PEM certificate into HBONE credentials.
+pub fn credentials(cert: &WorkloadCertificate) -> Result<Credentials, ProxyError> {
+    let bad =
+        |what: &str, e: &dyn std::fmt::Display| ProxyError::BadCertificate(format!("{what}: {e}"));
+    let cert_chain = CertificateDer::pem_slice_iter(cert.chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("certificate chain", &e))?;
+    let roots = CertificateDer::pem_slice_iter(cert.roots_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("roots", &e))?;
+    let private_key =
+        PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).map_err(|e| bad("key", &e))?;
+    if cert_chain.is_empty() || roots.is_empty() {
+        return Err(ProxyError::BadCertificate(
+            "empty certificate chain or roots".into(),
+        ));
+    }
+    Ok(Credentials {
+        cert_chain,
+        private_key,
+        roots,
+        trust_domain: cert.identity.trust_domain().to_owned(),
+    })
+}
+
+/// Follows the identity manager's watch with converted credentials. A certificate that does
+/// not convert keeps the previous credentials in place.
+fn credentials_watch(
+    mut certs: watch::Receiver<CurrentCert>,
+    tasks: &mut JoinSet<()>,
+) -> CredentialsWatch {
+    let (tx, rx) = watch::channel(None);
+    tasks.spawn(async move {
+        loop {
+            let current = certs.borrow_and_update().clone();
+            if let Some(cert) = current {
+                match credentials(&cert) {
+                    Ok(c) => {
+                        tx.send_replace(Some(Arc::new(c)));
+                    }
+                    Err(e) => tracing::error!(error = %e, "keeping the previous credentials"),
+                }
+            }
+            if certs.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// The facts of one connection, written once to the access log when it ends.
+#[derive(Clone, Debug)]
+pub(crate) struct AccessRecord {
+    pub direction: Direction,
+    pub src: SocketAddr,
+    pub dst: Option<SocketAddr>,
+    pub service: Option<String>,
+    pub endpoint: Option<SocketAddr>,
+    /// The peer's identity: verified inbound, expected outbound.
+    pub identity: Option<String>,
+    pub sent: u64,
+    pub received: u64,
+}
+
+impl AccessRecord {
+    pub fn new(direction: Direction, src: SocketAddr) -> Self {
+        Self {
+            direction,
+            src,
+            dst: None,
+            service: None,
+            endpoint: None,
+            identity: None,
+            sent: 0,
+            received: 0,
+        }
+    }
+
+    pub fn finish(
+        &self,
+        metrics: &ProxyMetrics,
+        outcome: Outcome,
+        reason: &str,
+        start: Instant,
+        was_open: bool,
+    ) {
+        let dash = |o: Option<String>| o.unwrap_or_else(|| "-".into());
+        tracing::info!(
+            target: ACCESS_LOG_TARGET,
+            direction = self.direction.as_str(),
+            src = %self.src,
+            dst = %dash(self.dst.map(|d| d.to_string())),
+            service = %dash(self.service.clone()),
+            endpoint = %dash(self.endpoint.map(|d| d.to_string())),
+            identity = %dash(self.identity.clone()),
+            bytes_sent = self.sent,
+            bytes_received = self.received,
+            duration_ms = start.elapsed().as_millis() as u64,
+            result = outcome.as_str(),
+            reason,
+            "connection closed"
+        );
+        metrics.closed(self.direction, outcome, self.sent, self.received, was_open);
+    }
+}
+
+/// Copies both ways with half-close; fills in the byte counts.
+pub(crate) async fn splice<A, B>(a: &mut A, b: &mut B, rec: &mut AccessRecord) -> (Outcome, String)
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    match tokio::io::copy_bidirectional(a, b).await {
+        Ok((sent, received)) => {
+            rec.sent = sent;
+            rec.received = received;
+            (Outcome::Ok, "closed".into())
+        }
+        Err(e) => (Outcome::Error, e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    fn cert(key_pem: String, chain_pem: String, roots_pem: String) -> WorkloadCertificate {
+        WorkloadCertificate {
+            identity: "spiffe://example.org/ns/a/sa/b".parse().unwrap(),
+            key_pem,
+            chain_pem,
+            roots_pem,
+            not_before: SystemTime::now(),
+            not_after: SystemTime::now(),
+        }
+    }
+
+    #[test]
+    fn pem_certificate_converts_to_credentials() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["x".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let c = credentials(&cert(key.serialize_pem(), leaf.pem(), leaf.pem())).unwrap();
+        assert_eq!(c.cert_chain.len(), 1);
+        assert_eq!(c.roots.len(), 1);
+        assert_eq!(c.trust_domain, "example.org");
+
+        let err = credentials(&cert(key.serialize_pem(), String::new(), leaf.pem())).unwrap_err();
+        assert!(err.to_string().contains("empty certificate chain"), "{err}");
+        let err = credentials(&cert("junk".into(), leaf.pem(), leaf.pem())).unwrap_err();
+        assert!(err.to_string().contains("key"), "{err}");
+    }
+}

@@ -1,0 +1,843 @@
+//! The proxy's data path over real loopback sockets with real mTLS: an application's
+//! connection to a service VIP goes through the outbound listener (original destination from a
+//! stand-in for iptables), over HBONE to the destination's HBONE server (our inbound handler)
+//! and on to the application there. The discovery state is built from xDS resources through
+//! the subscriber's own cache decoder, so it is validated exactly as on the network path.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use isthmus_agent::identity::WorkloadCertificate;
+use isthmus_agent::proxy::{
+    self, Direction, InboundConfig, InboundPolicy, LoadTracker, OrigDst, Outbound, OutboundConfig,
+    Outcome, PlaintextInbound, PlaintextMode, ProxyConfig, ProxyMetrics, UnknownDestination,
+};
+use isthmus_hbone::{
+    ClientOptions, Credentials, CredentialsWatch, HboneClient, HboneServer, ServerHandle,
+    ServerOptions,
+};
+use isthmus_xds::client::{decode_cache, State};
+use isthmus_xds::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource};
+use isthmus_xds::pb::istio::security as sec;
+use isthmus_xds::pb::istio::workload as wl;
+use isthmus_xds::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use prost::Message;
+use rcgen::{
+    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+const TD: &str = "cluster.local";
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/client-ns/sa/client";
+const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
+const SVC_KEY: &str = "default/echo.default.svc.cluster.local";
+const DEADLINE: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------- certificates
+
+struct TestCa {
+    issuer: Issuer<'static, KeyPair>,
+    cert: CertificateDer<'static>,
+}
+
+impl TestCa {
+    fn new() -> Result<Self> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "test mesh CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params.self_signed(&key)?;
+        Ok(Self {
+            cert: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    fn issue(&self, spiffe: &str) -> Result<CredentialsWatch> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = vec![SanType::URI(spiffe.try_into()?)];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let creds = Credentials {
+            cert_chain: vec![cert.der().clone()],
+            private_key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            roots: vec![self.cert.clone()],
+            trust_domain: TD.to_string(),
+        };
+        // The receiver keeps the last value after the sender is gone.
+        Ok(watch::channel(Some(Arc::new(creds))).1)
+    }
+}
+
+// ---------------------------------------------------------------- discovery state
+
+fn any<M: Message>(type_url: &str, m: &M) -> prost_types::Any {
+    prost_types::Any {
+        type_url: type_url.into(),
+        value: m.encode_to_vec(),
+    }
+}
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+#[derive(Clone)]
+struct Ep {
+    uid: &'static str,
+    ip: IpAddr,
+    target_port: u16,
+    hbone: bool,
+    healthy: bool,
+}
+
+fn workload(ep: &Ep) -> wl::Workload {
+    let mut services = BTreeMap::new();
+    services.insert(
+        SVC_KEY.to_string(),
+        wl::PortList {
+            ports: vec![wl::Port {
+                service_port: 80,
+                target_port: u32::from(ep.target_port),
+                app_protocol: 0,
+            }],
+        },
+    );
+    wl::Workload {
+        uid: ep.uid.into(),
+        name: ep.uid.into(),
+        namespace: "default".into(),
+        addresses: vec![ip_bytes(ep.ip)],
+        tunnel_protocol: if ep.hbone {
+            wl::TunnelProtocol::Hbone as i32
+        } else {
+            wl::TunnelProtocol::None as i32
+        },
+        trust_domain: TD.into(),
+        service_account: "server".into(),
+        services,
+        status: if ep.healthy {
+            wl::WorkloadStatus::Healthy as i32
+        } else {
+            wl::WorkloadStatus::Unhealthy as i32
+        },
+        ..Default::default()
+    }
+}
+
+/// The state the subscriber would hold after receiving these resources.
+fn state(vip: IpAddr, eps: &[Ep], policies: &[sec::Authorization]) -> Result<State> {
+    let service = wl::Service {
+        name: "echo".into(),
+        namespace: "default".into(),
+        hostname: "echo.default.svc.cluster.local".into(),
+        addresses: vec![wl::NetworkAddress {
+            network: String::new(),
+            address: ip_bytes(vip),
+        }],
+        ports: vec![wl::Port {
+            service_port: 80,
+            target_port: 8080,
+            app_protocol: 0,
+        }],
+        ..Default::default()
+    };
+    let mut addresses = vec![Resource {
+        name: SVC_KEY.into(),
+        version: "1".into(),
+        resource: Some(any(
+            ADDRESS_TYPE_URL,
+            &wl::Address {
+                r#type: Some(wl::address::Type::Service(service)),
+            },
+        )),
+        ..Default::default()
+    }];
+    for ep in eps {
+        addresses.push(Resource {
+            name: ep.uid.into(),
+            version: "1".into(),
+            resource: Some(any(
+                ADDRESS_TYPE_URL,
+                &wl::Address {
+                    r#type: Some(wl::address::Type::Workload(workload(ep))),
+                },
+            )),
+            ..Default::default()
+        });
+    }
+    let authz = policies
+        .iter()
+        .map(|p| Resource {
+            name: format!("{}/{}", p.namespace, p.name),
+            version: "1".into(),
+            resource: Some(any(AUTHORIZATION_TYPE_URL, p)),
+            ..Default::default()
+        })
+        .collect();
+    let mut bytes = b"isthmus-xds-cache v1\n".to_vec();
+    for (type_url, resources) in [
+        (ADDRESS_TYPE_URL, addresses),
+        (AUTHORIZATION_TYPE_URL, authz),
+    ] {
+        DeltaDiscoveryResponse {
+            type_url: type_url.into(),
+            resources,
+            ..Default::default()
+        }
+        .encode_length_delimited(&mut bytes)?;
+    }
+    Ok(decode_cache(std::path::Path::new("test-state"), &bytes)?)
+}
+
+fn deny_namespace(ns: &str) -> sec::Authorization {
+    sec::Authorization {
+        name: format!("deny-{ns}"),
+        namespace: "default".into(),
+        scope: sec::Scope::Namespace as i32,
+        action: sec::Action::Deny as i32,
+        rules: vec![sec::Rule {
+            clauses: vec![sec::Clause {
+                matches: vec![sec::Match {
+                    namespaces: vec![sec::StringMatch {
+                        match_type: Some(sec::string_match::MatchType::Exact(ns.into())),
+                    }],
+                    ..Default::default()
+                }],
+            }],
+        }],
+        dry_run: false,
+    }
+}
+
+// ---------------------------------------------------------------- applications
+
+/// Echoes every byte; half-closes after the client does. Counts accepted connections.
+async fn echo_app(ip: IpAddr) -> Result<(SocketAddr, Arc<AtomicUsize>)> {
+    let l = TcpListener::bind(SocketAddr::new(ip, 0)).await?;
+    let addr = l.local_addr()?;
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let n = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            n.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    Ok((addr, accepted))
+}
+
+/// A port on `ip` with nothing listening.
+async fn dead_port(ip: IpAddr) -> Result<u16> {
+    let l = TcpListener::bind(SocketAddr::new(ip, 0)).await?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Sends `msg`, half-closes, reads everything back.
+async fn round_trip(proxy: SocketAddr, msg: &[u8]) -> Result<Vec<u8>> {
+    let mut s = TcpStream::connect(proxy).await?;
+    s.write_all(msg).await?;
+    s.shutdown().await?;
+    let mut out = Vec::new();
+    // A refused connection may end in a reset rather than EOF: both mean "nothing came back".
+    match tokio::time::timeout(DEADLINE, s.read_to_end(&mut out)).await {
+        Ok(Ok(_)) | Ok(Err(_)) => Ok(out),
+        Err(_) => anyhow::bail!("no answer within {DEADLINE:?}"),
+    }
+}
+
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn loopback(block: u8, host: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, block, host))
+}
+
+// ---------------------------------------------------------------- harness
+
+/// One outbound listener in front of a mesh; each test takes its own 127.0.<block>.0/24.
+struct Mesh {
+    ca: TestCa,
+    state: watch::Sender<Arc<State>>,
+    outbound: SocketAddr,
+    out_metrics: Arc<ProxyMetrics>,
+    in_metrics: Arc<ProxyMetrics>,
+    hbone_port: u16,
+    _servers: Vec<ServerHandle>,
+}
+
+impl Mesh {
+    /// Starts an outbound listener whose every connection "was going to" `dst`.
+    async fn new(dst: SocketAddr, unknown: UnknownDestination, hbone_port: u16) -> Result<Self> {
+        let ca = TestCa::new()?;
+        let (state, state_rx) = watch::channel(Arc::new(State::default()));
+        let out_metrics = Arc::new(ProxyMetrics::default());
+        let orig_dst: Arc<dyn OrigDst> =
+            Arc::new(move |_: &TcpStream| -> io::Result<SocketAddr> { Ok(dst) });
+        let outbound = Outbound::new(
+            OutboundConfig {
+                unknown,
+                hbone_port,
+                max_attempts: 3,
+                connect_timeout: Duration::from_secs(5),
+            },
+            state_rx,
+            HboneClient::new(ca.issue(CLIENT_ID)?, ClientOptions::default()),
+            orig_dst,
+            Arc::new(LoadTracker::default()),
+            out_metrics.clone(),
+        );
+        let l = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = l.local_addr()?;
+        tokio::spawn(outbound.serve(l));
+        Ok(Self {
+            ca,
+            state,
+            outbound: addr,
+            out_metrics,
+            in_metrics: Arc::new(ProxyMetrics::default()),
+            hbone_port,
+            _servers: Vec::new(),
+        })
+    }
+
+    fn set_state(&self, s: State) {
+        self.state.send_replace(Arc::new(s));
+    }
+
+    /// Runs an HBONE server with the proxy's inbound handler on `ip`; returns the handler.
+    async fn hbone_server(&mut self, ip: IpAddr) -> Result<InboundPolicy> {
+        let policy = InboundPolicy::new(
+            InboundConfig::default(),
+            self.state.subscribe(),
+            self.in_metrics.clone(),
+        );
+        tokio::spawn(policy.clone().revalidate_on_change());
+        let server = HboneServer::bind(
+            SocketAddr::new(ip, self.hbone_port),
+            self.ca.issue(SERVER_ID)?,
+            policy.clone(),
+            ServerOptions::default(),
+        )
+        .await?
+        .spawn()?;
+        self._servers.push(server);
+        Ok(policy)
+    }
+}
+
+/// An ephemeral port free on `ip`, for HBONE servers in one test to share.
+async fn hbone_port(ip: IpAddr) -> Result<u16> {
+    dead_port(ip).await
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test]
+async fn vip_over_hbone_reaches_the_app_with_bytes_intact() -> Result<()> {
+    let (vip, ip) = (loopback(1, 100), loopback(1, 2));
+    let port = hbone_port(ip).await?;
+    let mut mesh = Mesh::new(SocketAddr::new(vip, 80), UnknownDestination::Refuse, port).await?;
+    let (app, _) = echo_app(ip).await?;
+    let ep = Ep {
+        uid: "server",
+        ip,
+        target_port: app.port(),
+        hbone: true,
+        healthy: true,
+    };
+    mesh.set_state(state(vip, &[ep], &[])?);
+    let policy = mesh.hbone_server(ip).await?;
+
+    let msg: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let back = round_trip(mesh.outbound, &msg).await?;
+    assert_eq!(back.len(), msg.len());
+    assert_eq!(back, msg);
+
+    let (out, inb) = (mesh.out_metrics.clone(), mesh.in_metrics.clone());
+    eventually("outbound ok", || {
+        out.count(Direction::Outbound, Outcome::Ok) == 1
+    })
+    .await;
+    eventually("inbound ok", || {
+        inb.count(Direction::Inbound, Outcome::Ok) == 1
+    })
+    .await;
+    assert_eq!(policy.live_connections(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn plain_endpoint_is_reached_directly() -> Result<()> {
+    let (vip, ip) = (loopback(2, 100), loopback(2, 5));
+    let mesh = Mesh::new(SocketAddr::new(vip, 80), UnknownDestination::Refuse, 1).await?;
+    let (app, accepted) = echo_app(ip).await?;
+    let ep = Ep {
+        uid: "plain",
+        ip,
+        target_port: app.port(),
+        hbone: false,
+        healthy: true,
+    };
+    mesh.set_state(state(vip, &[ep], &[])?);
+    assert_eq!(
+        round_trip(mesh.outbound, b"hello plain").await?,
+        b"hello plain"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn unhealthy_endpoint_gets_no_traffic_while_a_healthy_one_exists() -> Result<()> {
+    let vip = loopback(3, 100);
+    let mesh = Mesh::new(SocketAddr::new(vip, 80), UnknownDestination::Refuse, 1).await?;
+    let (good, good_n) = echo_app(loopback(3, 2)).await?;
+    let (bad, bad_n) = echo_app(loopback(3, 3)).await?;
+    let eps = [
+        Ep {
+            uid: "good",
+            ip: good.ip(),
+            target_port: good.port(),
+            hbone: false,
+            healthy: true,
+        },
+        Ep {
+            uid: "bad",
+            ip: bad.ip(),
+            target_port: bad.port(),
+            hbone: false,
+            healthy: false,
+        },
+    ];
+    mesh.set_state(state(vip, &eps, &[])?);
+    for i in 0..20 {
+        let msg = format!("msg {i}");
+        assert_eq!(
+            round_trip(mesh.outbound, msg.as_bytes()).await?,
+            msg.as_bytes()
+        );
+    }
+    assert_eq!(good_n.load(Ordering::SeqCst), 20);
+    assert_eq!(bad_n.load(Ordering::SeqCst), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn connect_failure_fails_over_to_another_endpoint() -> Result<()> {
+    let vip = loopback(4, 100);
+    let mesh = Mesh::new(SocketAddr::new(vip, 80), UnknownDestination::Refuse, 1).await?;
+    let (live, live_n) = echo_app(loopback(4, 2)).await?;
+    let dead_ip = loopback(4, 3);
+    let eps = [
+        Ep {
+            uid: "dead",
+            ip: dead_ip,
+            target_port: dead_port(dead_ip).await?,
+            hbone: false,
+            healthy: true,
+        },
+        Ep {
+            uid: "live",
+            ip: live.ip(),
+            target_port: live.port(),
+            hbone: false,
+            healthy: true,
+        },
+    ];
+    mesh.set_state(state(vip, &eps, &[])?);
+    for i in 0..10 {
+        let msg = format!("try {i}");
+        assert_eq!(
+            round_trip(mesh.outbound, msg.as_bytes()).await?,
+            msg.as_bytes()
+        );
+    }
+    assert_eq!(live_n.load(Ordering::SeqCst), 10);
+    let out = mesh.out_metrics.clone();
+    eventually("10 ok", || {
+        out.count(Direction::Outbound, Outcome::Ok) == 10
+    })
+    .await;
+    assert_eq!(out.count(Direction::Outbound, Outcome::Unreachable), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn all_endpoints_down_is_unreachable() -> Result<()> {
+    let vip = loopback(5, 100);
+    let mesh = Mesh::new(SocketAddr::new(vip, 80), UnknownDestination::Refuse, 1).await?;
+    let ip = loopback(5, 2);
+    let ep = Ep {
+        uid: "dead",
+        ip,
+        target_port: dead_port(ip).await?,
+        hbone: false,
+        healthy: true,
+    };
+    mesh.set_state(state(vip, &[ep], &[])?);
+    assert!(round_trip(mesh.outbound, b"anyone?").await?.is_empty());
+    let out = mesh.out_metrics.clone();
+    eventually("unreachable", || {
+        out.count(Direction::Outbound, Outcome::Unreachable) == 1
+    })
+    .await;
+    Ok(())
+}
+
+/// A writer the access log goes to, for assertions.
+#[derive(Clone, Default)]
+struct LogBuf(Arc<Mutex<Vec<u8>>>);
+
+impl io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuf {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// The access log of the whole test binary. A global subscriber, because a scoped one misses
+/// events whose callsites other tests' threads registered first; tests pick their own lines
+/// by their own addresses.
+fn access_log() -> &'static LogBuf {
+    static LOG: OnceLock<LogBuf> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let log = LogBuf::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter("access=info")
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        // Only this function installs one; a failure would mean another did, and the
+        // assertions below would say so.
+        let _ = tracing::subscriber::set_global_default(subscriber);
+        log
+    })
+}
+
+#[tokio::test]
+async fn deny_policy_for_the_callers_namespace_refuses_the_connection() -> Result<()> {
+    let log = access_log();
+    let (vip, ip) = (loopback(6, 100), loopback(6, 2));
+    let port = hbone_port(ip).await?;
+    let mut mesh = Mesh::new(SocketAddr::new(vip, 80), UnknownDestination::Refuse, port).await?;
+    let (app, accepted) = echo_app(ip).await?;
+    let ep = Ep {
+        uid: "server",
+        ip,
+        target_port: app.port(),
+        hbone: true,
+        healthy: true,
+    };
+    mesh.set_state(state(vip, &[ep], &[deny_namespace("client-ns")])?);
+    mesh.hbone_server(ip).await?;
+
+    assert!(round_trip(mesh.outbound, b"let me in").await?.is_empty());
+    assert_eq!(accepted.load(Ordering::SeqCst), 0);
+    let (out, inb) = (mesh.out_metrics.clone(), mesh.in_metrics.clone());
+    eventually("inbound denied", || {
+        inb.count(Direction::Inbound, Outcome::Denied) == 1
+    })
+    .await;
+    eventually("outbound denied", || {
+        out.count(Direction::Outbound, Outcome::Denied) == 1
+    })
+    .await;
+    let text = log.text();
+    let ours = |l: &&str| l.contains("127.0.6.");
+    let inbound_line = text
+        .lines()
+        .filter(ours)
+        .find(|l| l.contains("direction=\"inbound\""))
+        .context("no inbound access-log line")?;
+    assert!(
+        inbound_line.contains("result=\"denied\"") || inbound_line.contains("result=denied"),
+        "{inbound_line}"
+    );
+    assert!(
+        inbound_line.contains("denied by policy default/deny-client-ns"),
+        "{inbound_line}"
+    );
+    assert!(inbound_line.contains(CLIENT_ID), "{inbound_line}");
+    let outbound_line = text
+        .lines()
+        .filter(ours)
+        .find(|l| l.contains("direction=\"outbound\""))
+        .context("no outbound access-log line")?;
+    assert!(
+        outbound_line.contains("service=echo.default.svc.cluster.local"),
+        "{outbound_line}"
+    );
+    assert!(outbound_line.contains(SERVER_ID), "{outbound_line}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_policy_change_closes_live_connections_it_no_longer_allows() -> Result<()> {
+    let (vip, ip) = (loopback(7, 100), loopback(7, 2));
+    let port = hbone_port(ip).await?;
+    let mut mesh = Mesh::new(SocketAddr::new(vip, 80), UnknownDestination::Refuse, port).await?;
+    let (app, _) = echo_app(ip).await?;
+    let ep = Ep {
+        uid: "server",
+        ip,
+        target_port: app.port(),
+        hbone: true,
+        healthy: true,
+    };
+    mesh.set_state(state(vip, std::slice::from_ref(&ep), &[])?);
+    let policy = mesh.hbone_server(ip).await?;
+
+    let mut s = TcpStream::connect(mesh.outbound).await?;
+    s.write_all(b"ping").await?;
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut buf)).await??;
+    assert_eq!(&buf, b"ping");
+    assert_eq!(policy.live_connections(), 1);
+
+    // A policy that does not concern this caller leaves it alone.
+    mesh.set_state(state(
+        vip,
+        std::slice::from_ref(&ep),
+        &[deny_namespace("other")],
+    )?);
+    s.write_all(b"pong").await?;
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut buf)).await??;
+    assert_eq!(&buf, b"pong");
+
+    mesh.set_state(state(vip, &[ep], &[deny_namespace("client-ns")])?);
+    let mut rest = Vec::new();
+    // EOF or reset, but no more bytes and no hang.
+    let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest))
+        .await
+        .context("connection still open after the policy change")?;
+    assert!(rest.is_empty());
+    let inb = mesh.in_metrics.clone();
+    eventually("revoked", || {
+        inb.count(Direction::Inbound, Outcome::Revoked) == 1
+    })
+    .await;
+    assert_eq!(policy.live_connections(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn unknown_destination_passes_through_or_is_refused_by_setting() -> Result<()> {
+    let (app, accepted) = echo_app(loopback(8, 9)).await?;
+    let vip = loopback(8, 100);
+
+    let pass = Mesh::new(app, UnknownDestination::Passthrough, 1).await?;
+    pass.set_state(state(vip, &[], &[])?);
+    assert_eq!(round_trip(pass.outbound, b"outside").await?, b"outside");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    let refuse = Mesh::new(app, UnknownDestination::Refuse, 1).await?;
+    refuse.set_state(state(vip, &[], &[])?);
+    assert!(round_trip(refuse.outbound, b"outside").await?.is_empty());
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    let out = refuse.out_metrics.clone();
+    eventually("refused", || {
+        out.count(Direction::Outbound, Outcome::Refused) == 1
+    })
+    .await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn workload_address_destination_is_tunnelled_to_that_workload() -> Result<()> {
+    let (vip, ip) = (loopback(9, 100), loopback(9, 2));
+    let port = hbone_port(ip).await?;
+    let (app, accepted) = echo_app(ip).await?;
+    // The application dials the workload's own address, not the VIP.
+    let mut mesh = Mesh::new(app, UnknownDestination::Refuse, port).await?;
+    let ep = Ep {
+        uid: "server",
+        ip,
+        target_port: app.port(),
+        hbone: true,
+        healthy: true,
+    };
+    mesh.set_state(state(vip, &[ep], &[])?);
+    mesh.hbone_server(ip).await?;
+    assert_eq!(round_trip(mesh.outbound, b"direct").await?, b"direct");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    let inb = mesh.in_metrics.clone();
+    eventually("inbound ok", || {
+        inb.count(Direction::Inbound, Outcome::Ok) == 1
+    })
+    .await;
+    Ok(())
+}
+
+/// The plaintext listener (15006) forwards in PERMISSIVE mode and refuses in STRICT mode.
+#[tokio::test]
+async fn plaintext_inbound_permissive_forwards_strict_refuses() -> Result<()> {
+    let (vip, ip) = (loopback(10, 100), loopback(10, 2));
+    let (app, accepted) = echo_app(ip).await?;
+    let ep = Ep {
+        uid: "server",
+        ip,
+        target_port: app.port(),
+        hbone: true,
+        healthy: true,
+    };
+    let (_tx, state_rx) = watch::channel(Arc::new(state(vip, &[ep], &[])?));
+    let metrics = Arc::new(ProxyMetrics::default());
+    let policy = InboundPolicy::new(InboundConfig::default(), state_rx, metrics.clone());
+    let mut addrs = Vec::new();
+    for mode in [PlaintextMode::Permissive, PlaintextMode::Strict] {
+        let orig: Arc<dyn OrigDst> =
+            Arc::new(move |_: &TcpStream| -> io::Result<SocketAddr> { Ok(app) });
+        let l = TcpListener::bind("127.0.0.1:0").await?;
+        addrs.push(l.local_addr()?);
+        tokio::spawn(PlaintextInbound::new(mode, orig, policy.clone()).serve(l));
+    }
+    assert_eq!(round_trip(addrs[0], b"plain in").await?, b"plain in");
+    assert!(round_trip(addrs[1], b"plain in").await?.is_empty());
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    let m = metrics.clone();
+    eventually("plaintext outcomes", || {
+        m.count(Direction::InboundPlaintext, Outcome::Ok) == 1
+            && m.count(Direction::InboundPlaintext, Outcome::Refused) == 1
+    })
+    .await;
+    Ok(())
+}
+
+/// `start` as the agent calls it: three listeners, credentials from the identity manager's
+/// PEM certificate, serving until shut down.
+#[tokio::test]
+async fn start_serves_hbone_with_the_identity_managers_certificate() -> Result<()> {
+    let ip = loopback(11, 2);
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.subject_alt_names = vec![SanType::URI(SERVER_ID.try_into()?)];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let leaf = params.signed_by(&key, &issuer)?;
+    let cert = WorkloadCertificate {
+        identity: SERVER_ID.parse()?,
+        key_pem: key.serialize_pem(),
+        chain_pem: leaf.pem(),
+        roots_pem: ca_cert.pem(),
+        not_before: std::time::SystemTime::now(),
+        not_after: std::time::SystemTime::now() + Duration::from_secs(3600),
+    };
+    let (app, accepted) = echo_app(ip).await?;
+    let ep = Ep {
+        uid: "server",
+        ip,
+        target_port: app.port(),
+        hbone: true,
+        healthy: true,
+    };
+    let (_state_tx, state_rx) = watch::channel(Arc::new(state(loopback(11, 100), &[ep], &[])?));
+    let (_cert_tx, cert_rx) = watch::channel(Some(Arc::new(cert)));
+    let mut config = ProxyConfig::new(ip);
+    config.outbound_addr = "127.0.0.1:0".parse()?;
+    config.inbound_plaintext_addr = "127.0.0.1:0".parse()?;
+    config.hbone_addr = SocketAddr::new(ip, 0);
+    let mut registry = prometheus_client::registry::Registry::default();
+    let proxy = proxy::start(config, state_rx, cert_rx, &mut registry).await?;
+
+    // A mesh peer (same CA) tunnels to the local application through the started server.
+    let client_creds = {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = vec![SanType::URI(CLIENT_ID.try_into()?)];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let leaf = params.signed_by(&key, &issuer)?;
+        Credentials {
+            cert_chain: vec![leaf.der().clone()],
+            private_key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            roots: vec![ca_cert.der().clone()],
+            trust_domain: TD.into(),
+        }
+    };
+    let client = HboneClient::new(
+        watch::channel(Some(Arc::new(client_creds))).1,
+        ClientOptions::default(),
+    );
+    let mut s = client
+        .connect(
+            proxy.hbone_addr(),
+            app,
+            &[SERVER_ID.to_string()],
+            &http::HeaderMap::new(),
+        )
+        .await?;
+    s.write_all(b"via start").await?;
+    s.shutdown().await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut out)).await??;
+    assert_eq!(out, b"via start");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    let metrics = proxy.metrics();
+    eventually("inbound ok", || {
+        metrics.count(Direction::Inbound, Outcome::Ok) == 1
+    })
+    .await;
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry)?;
+    assert!(
+        text.contains("proxy_connections_total{direction=\"inbound\",outcome=\"ok\"} 1")
+            && text.contains("proxy_sent_bytes_total{direction=\"inbound\"} 9"),
+        "{text}"
+    );
+    proxy.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
