@@ -88,6 +88,42 @@ pub struct AgentArgs {
     pub probe_success_threshold: u32,
     #[arg(long, default_value_t = 3)]
     pub probe_failure_threshold: u32,
+
+    /// Run the proxy: outbound capture 127.0.0.1:15001, plaintext inbound 0.0.0.0:15006,
+    /// HBONE inbound <ip>:15008.
+    #[arg(long)]
+    pub proxy: bool,
+    /// Install the interception rules (iptables) from cluster.env and sidecar.env while the
+    /// proxy runs, and remove them on a clean stop. Needs --proxy and root (or NET_ADMIN).
+    #[arg(long, requires = "proxy")]
+    pub capture: bool,
+    #[arg(long, default_value = "/var/lib/istio/envoy/cluster.env")]
+    pub cluster_env: PathBuf,
+    #[arg(long, default_value = "/var/lib/istio/envoy/sidecar.env")]
+    pub sidecar_env: PathBuf,
+    /// Plaintext connections captured inbound: PERMISSIVE passes them on, STRICT refuses them.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "permissive",
+        env = "ISTHMUS_INBOUND_MODE"
+    )]
+    pub inbound_mode: InboundMode,
+    /// Captured outbound connections to an address the mesh does not know.
+    #[arg(long, value_enum, default_value = "passthrough")]
+    pub outbound_unknown: OutboundUnknown,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum InboundMode {
+    Permissive,
+    Strict,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutboundUnknown {
+    Passthrough,
+    Refuse,
 }
 
 impl AgentArgs {

@@ -87,7 +87,8 @@ pub async fn run(
         m.register(registry.sub_registry_with_prefix("isthmus_agent"));
         dns_metrics = Some(m);
     }
-    let registry = Arc::new(registry);
+    // Behind a lock: the proxy registers its metrics once it starts.
+    let registry = Arc::new(std::sync::RwLock::new(registry));
     let metrics_l = bind(args.metrics_addr, "metrics", "--metrics-addr").await?;
     let reg = registry.clone();
     let metrics_app = axum::Router::new()
@@ -95,7 +96,7 @@ pub async fn run(
             "/metrics",
             get(move || {
                 let reg = reg.clone();
-                async move { metrics_text(&reg) }
+                async move { metrics_text(&reg.read().unwrap_or_else(|e| e.into_inner())) }
             }),
         )
         .route("/healthz", get(|| async { "ok\n" }));
@@ -170,6 +171,50 @@ pub async fn run(
     let status = client.status();
     if let Some(p) = probe {
         tokio::spawn(crate::probe::run(p, client.health()));
+    }
+
+    // The proxy, and the rules that send traffic to it (only once it listens).
+    let mut proxy = None;
+    let mut capture = None;
+    if args.proxy {
+        let mut cfg = crate::proxy::ProxyConfig::new(ip);
+        cfg.plaintext_mode = match args.inbound_mode {
+            crate::args::InboundMode::Permissive => crate::proxy::PlaintextMode::Permissive,
+            crate::args::InboundMode::Strict => crate::proxy::PlaintextMode::Strict,
+        };
+        cfg.outbound.unknown = match args.outbound_unknown {
+            crate::args::OutboundUnknown::Passthrough => {
+                crate::proxy::UnknownDestination::Passthrough
+            }
+            crate::args::OutboundUnknown::Refuse => crate::proxy::UnknownDestination::Refuse,
+        };
+        let started = {
+            let mut reg = registry.write().unwrap_or_else(|e| e.into_inner());
+            crate::proxy::start(
+                cfg,
+                state.clone(),
+                certs.clone(),
+                reg.sub_registry_with_prefix("isthmus_agent"),
+            )
+            .await
+        };
+        proxy = Some(started.context("cannot start the proxy")?);
+        if args.capture {
+            let read = |p: &std::path::Path| {
+                isthmus_intercept::EnvFile::read_optional(p).map_err(anyhow::Error::new)
+            };
+            let icfg = isthmus_intercept::InterceptConfig::from_env(
+                &read(&args.cluster_env)?,
+                &read(&args.sidecar_env)?,
+                &[],
+            )
+            .context("invalid interception settings")?;
+            let nf = isthmus_intercept::SystemNetfilter::new();
+            isthmus_intercept::install(&nf, &icfg)
+                .context("cannot install the interception rules")?;
+            tracing::info!("interception rules installed");
+            capture = Some(nf);
+        }
     }
 
     // DNS proxy from the local state.
@@ -308,6 +353,18 @@ pub async fn run(
         }
     };
     let _ = stop_tx.send(true);
+    if let Some(nf) = capture {
+        match isthmus_intercept::cleanup(&nf) {
+            Ok(_) => tracing::info!("interception rules removed"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot remove the interception rules; run `isthmus iptables --cleanup`")
+            }
+        }
+    }
+    if let Some(p) = proxy {
+        // Stop accepting; let open streams finish for a while.
+        p.shutdown(std::time::Duration::from_secs(5)).await;
+    }
     // The periodic cache write may be up to a second behind: save the newest state now, so
     // a restart without the control plane starts from it.
     let cache = args.state_dir.join("discovery.cache");
