@@ -64,10 +64,16 @@ fn hostname() -> String {
         .unwrap_or_else(|| "host".into())
 }
 
-fn metrics_text(registry: &Registry) -> String {
+/// The registries' metrics as one OpenMetrics text (one `# EOF`, at the end).
+fn metrics_text(registries: &[Registry]) -> String {
     let mut out = String::new();
-    // Writing into a String cannot fail.
-    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    for r in registries {
+        let mut one = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut one, r);
+        out.push_str(one.strip_suffix("# EOF\n").unwrap_or(&one));
+    }
+    out.push_str("# EOF\n");
     out
 }
 
@@ -87,8 +93,8 @@ pub async fn run(
         m.register(registry.sub_registry_with_prefix("isthmus_agent"));
         dns_metrics = Some(m);
     }
-    // Behind a lock: the proxy registers its metrics once it starts.
-    let registry = Arc::new(std::sync::RwLock::new(registry));
+    // A list behind a lock: the proxy adds its registry once it starts.
+    let registry = Arc::new(std::sync::RwLock::new(vec![registry]));
     let metrics_l = bind(args.metrics_addr, "metrics", "--metrics-addr").await?;
     let reg = registry.clone();
     let metrics_app = axum::Router::new()
