@@ -194,17 +194,14 @@ pub async fn run(
             }
             crate::args::OutboundUnknown::Refuse => crate::proxy::UnknownDestination::Refuse,
         };
-        let started = {
-            let mut reg = registry.write().unwrap_or_else(|e| e.into_inner());
-            crate::proxy::start(
-                cfg,
-                state.clone(),
-                certs.clone(),
-                reg.sub_registry_with_prefix("isthmus_agent"),
-            )
-            .await
-        };
+        let mut proxy_registry = Registry::with_prefix("isthmus_agent");
+        let started =
+            crate::proxy::start(cfg, state.clone(), certs.clone(), &mut proxy_registry).await;
         proxy = Some(started.context("cannot start the proxy")?);
+        registry
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(proxy_registry);
         if args.capture {
             let read = |p: &std::path::Path| {
                 isthmus_intercept::EnvFile::read_optional(p).map_err(anyhow::Error::new)
