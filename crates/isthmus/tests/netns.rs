@@ -1,0 +1,485 @@
+//! The seeds' scenario end to end, in network namespaces (root only; CI runs as root): a
+//! control-plane host, a mesh host serving `productpage` in `bookinfo`, and a "VM" host with its
+//! own agent, `cluster.env` and `sidecar.env`, all on one bridge. Nothing leaves the namespaces.
+
+mod common;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{wait_for, BIN};
+
+const CP: &str = "10.77.0.1";
+const MESH: &str = "10.77.0.2";
+const VM: &str = "10.77.0.3";
+
+struct Lab {
+    id: String,
+    names: Vec<String>,
+    children: Vec<Child>,
+}
+
+impl Lab {
+    fn ns(&self, host: &str) -> String {
+        format!("i{host}-{}", self.id)
+    }
+
+    fn exec(&self, host: &str, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(host)])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn spawn(&mut self, host: &str, args: &[&str], envs: &[(&str, &str)]) {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(host)])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        self.children.push(cmd.spawn().unwrap());
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+            let _ = std::fs::remove_dir_all(format!("/etc/netns/{n}"));
+        }
+    }
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn lab() -> Lab {
+    let id = format!("{}", std::process::id() % 100_000);
+    let mut lab = Lab {
+        id: id.clone(),
+        names: Vec::new(),
+        children: Vec::new(),
+    };
+    let sw = format!("isw-{id}");
+    sh(&["ip", "netns", "add", &sw]);
+    lab.names.push(sw.clone());
+    sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"]);
+    sh(&["ip", "-n", &sw, "link", "set", "br0", "up"]);
+    for (host, ip) in [("cp", CP), ("mesh", MESH), ("vm", VM)] {
+        let ns = lab.ns(host);
+        sh(&["ip", "netns", "add", &ns]);
+        lab.names.push(ns.clone());
+        let outer = format!("v{host}{id}");
+        sh(&[
+            "ip", "link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ]);
+        sh(&["ip", "link", "set", &outer, "netns", &sw]);
+        sh(&[
+            "ip", "-n", &sw, "link", "set", &outer, "master", "br0", "up",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "eth0",
+        ]);
+        sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        // The service CIDR needs a route for the kernel to hand connections to the nat rules.
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "10.96.0.0/12",
+            "dev",
+            "eth0",
+        ]);
+        // Name resolution in the namespace goes to the control plane's address; the agent's DNS
+        // capture takes it.
+        let etc = format!("/etc/netns/{ns}");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(format!("{etc}/resolv.conf"), format!("nameserver {CP}\n")).unwrap();
+    }
+    lab
+}
+
+fn wait_file_json(path: &Path) -> serde_json::Value {
+    wait_for(
+        &format!("{}", path.display()),
+        Duration::from_secs(30),
+        || serde_json::from_slice(&std::fs::read(path).ok()?).ok(),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start_agent(
+    lab: &mut Lab,
+    host: &str,
+    ip: &str,
+    dir: &Path,
+    token: &str,
+    sidecar: &str,
+    extra: &[&str],
+) -> PathBuf {
+    let certs = dir.join("certs");
+    let state = dir.join("state");
+    std::fs::write(dir.join("token"), token).unwrap();
+    std::fs::write(
+        dir.join("cluster.env"),
+        "ISTIO_SERVICE_CIDR=10.96.0.0/12\nISTIO_META_DNS_CAPTURE=true\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("sidecar.env"), sidecar).unwrap();
+    let _ = std::fs::remove_file(state.join("agent-endpoints.json"));
+    let mut args: Vec<String> = [
+        BIN,
+        "agent",
+        "--ca-addr",
+        &format!("https://{CP}:15012"),
+        "--ip",
+        ip,
+        "--proxy",
+        "--capture",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--readiness-addr",
+        "127.0.0.1:0",
+        "--dns-upstream",
+        "127.0.0.1:9",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for (flag, p) in [("--cert-dir", &certs), ("--state-dir", &state)] {
+        args.push(flag.into());
+        args.push(p.display().to_string());
+    }
+    for (flag, f) in [
+        ("--join-token-file", "token"),
+        ("--cluster-env", "cluster.env"),
+        ("--sidecar-env", "sidecar.env"),
+    ] {
+        args.push(flag.into());
+        args.push(dir.join(f).display().to_string());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    lab.spawn(host, &refs, &[("ISTHMUS_LOG", "warn")]);
+    let ep = wait_file_json(&state.join("agent-endpoints.json"));
+    PathBuf::from(ep["readiness"].as_str().unwrap())
+}
+
+#[test]
+fn seeds_scenario_in_network_namespaces() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("!!!! SKIP seeds_scenario_in_network_namespaces: needs root (network namespaces, iptables) !!!!");
+        return;
+    }
+    let mut lab = lab();
+    let work = tempfile::tempdir().unwrap();
+    let cp_dir = work.path().join("cp");
+    let cp_args = |dir: &Path| -> Vec<String> {
+        [
+            BIN,
+            "server",
+            "--data-dir",
+            &dir.display().to_string(),
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--registration-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--grpc-addr",
+            &format!("{CP}:15012"),
+            "--dns-addr",
+            &format!("{CP}:15054"),
+            "--server-ip",
+            CP,
+            "--autoreg-grace",
+            "30s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let args = cp_args(&cp_dir);
+    lab.spawn(
+        "cp",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[("ISTHMUS_LOG", "warn")],
+    );
+    let ep = wait_file_json(&cp_dir.join("endpoints.json"));
+    let admin = ep["admin"].as_str().unwrap().to_string();
+    let token = std::fs::read_to_string(cp_dir.join("admin-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let cli = |lab: &Lab, args: &[&str], stdin: Option<&str>| -> String {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &lab.ns("cp"), BIN])
+            .args(args)
+            .env("ISTHMUS_SERVER", &admin)
+            .env("ISTHMUS_TOKEN", &token);
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        if let Some(input) = stdin {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "isthmus {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+
+    // The mesh: productpage in bookinfo, served by the mesh host, which joins through a group.
+    cli(&lab, &["apply", "-f", "-"], Some(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: productpage, namespace: bookinfo}\nspec:\n  selector: {app: productpage}\n  ports: [{name: http, port: 9080}]\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadGroup\nmetadata: {name: productpage, namespace: bookinfo}\nspec:\n  metadata: {labels: {app: productpage}}\n  template: {serviceAccount: productpage, ports: {http: 9080}}\n",
+    ));
+    let host_dirs: Vec<PathBuf> = ["mesh", "vm"].iter().map(|h| work.path().join(h)).collect();
+    for d in &host_dirs {
+        std::fs::create_dir_all(d).unwrap();
+        cli(
+            &lab,
+            &["vm", "certs", "-o", d.join("certs").to_str().unwrap()],
+            None,
+        );
+    }
+    let mesh_token = cli(
+        &lab,
+        &["token", "create", "-n", "bookinfo", "-s", "productpage"],
+        None,
+    );
+    let vm_token = cli(
+        &lab,
+        &["token", "create", "-n", "onprem", "-s", "mysql"],
+        None,
+    );
+
+    // Apps: productpage on the mesh host, "mysql" (an HTTP server on 3306, for curl) on the VM.
+    lab.spawn(
+        "mesh",
+        &["python3", "-m", "http.server", "9080", "--bind", MESH],
+        &[],
+    );
+    lab.spawn(
+        "vm",
+        &["python3", "-m", "http.server", "3306", "--bind", VM],
+        &[],
+    );
+    // The mesh host refuses plaintext on its app port (STRICT): only mTLS reaches it.
+    let mesh_ready = start_agent(
+        &mut lab,
+        "mesh",
+        MESH,
+        &host_dirs[0],
+        &mesh_token,
+        "ISTIO_INBOUND_PORTS=9080\n",
+        &["--group", "productpage", "--inbound-mode", "strict"],
+    );
+    let vm_ready = start_agent(
+        &mut lab,
+        "vm",
+        VM,
+        &host_dirs[1],
+        &vm_token,
+        "ISTIO_INBOUND_PORTS=3306\n",
+        &[],
+    );
+    for (host, url) in [("mesh", &mesh_ready), ("vm", &vm_ready)] {
+        wait_for(
+            &format!("{host} agent ready"),
+            Duration::from_secs(30),
+            || {
+                let out = lab.exec(
+                    host,
+                    &[
+                        "curl",
+                        "-sf",
+                        "--max-time",
+                        "2",
+                        &format!("{}/healthz/ready", url.display()),
+                    ],
+                );
+                out.status.success().then_some(())
+            },
+        );
+    }
+
+    // On the VM, the app calls productpage by name: resolved by the agent's DNS (captured port
+    // 53), captured on 15001, tunnelled over HBONE to the mesh host.
+    let curl = |lab: &Lab, host: &str, url: &str| {
+        lab.exec(
+            host,
+            &[
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "5",
+                url,
+            ],
+        )
+    };
+    let code = |o: Output| String::from_utf8_lossy(&o.stdout).to_string();
+    wait_for(
+        "productpage through the mesh from the VM",
+        Duration::from_secs(30),
+        || {
+            (code(curl(
+                &lab,
+                "vm",
+                "http://productpage.bookinfo.svc.cluster.local:9080/",
+            )) == "200")
+                .then_some(())
+        },
+    );
+    // The app port refuses plaintext from outside the mesh (STRICT): the bytes that worked came over mTLS.
+    assert_ne!(
+        code(curl(&lab, "vm", &format!("http://{MESH}:9080/"))),
+        "200",
+        "plaintext reached the STRICT app port"
+    );
+
+    // Back the other way: the VM's MySQL registered as the seeds did, reached from the mesh host.
+    cli(
+        &lab,
+        &["register", "mysql", VM, "3306", "-n", "onprem"],
+        None,
+    );
+    wait_for(
+        "mysql on the VM from the mesh host",
+        Duration::from_secs(30),
+        || {
+            (code(curl(
+                &lab,
+                "mesh",
+                "http://mysql.onprem.svc.cluster.local:3306/",
+            )) == "200")
+                .then_some(())
+        },
+    );
+
+    // A policy denying the VM's namespace blocks it; removing it lets it through again.
+    cli(&lab, &["apply", "-f", "-"], Some(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-onprem, namespace: bookinfo}\nspec:\n  selector: {matchLabels: {app: productpage}}\n  action: DENY\n  rules:\n  - from:\n    - source: {namespaces: [onprem]}\n",
+    ));
+    wait_for(
+        "the policy to block the VM",
+        Duration::from_secs(30),
+        || {
+            (code(curl(
+                &lab,
+                "vm",
+                "http://productpage.bookinfo.svc.cluster.local:9080/",
+            )) != "200")
+                .then_some(())
+        },
+    );
+    cli(&lab, &["delete", "ap", "no-onprem", "-n", "bookinfo"], None);
+    wait_for("the VM let through again", Duration::from_secs(30), || {
+        (code(curl(
+            &lab,
+            "vm",
+            "http://productpage.bookinfo.svc.cluster.local:9080/",
+        )) == "200")
+            .then_some(())
+    });
+
+    // The control plane dies: traffic goes on from the hosts' last good state.
+    let cp = lab.children.remove(0);
+    let mut cp = cp;
+    let _ = cp.kill();
+    let _ = cp.wait();
+    assert_eq!(
+        code(curl(
+            &lab,
+            "vm",
+            "http://productpage.bookinfo.svc.cluster.local:9080/"
+        )),
+        "200"
+    );
+    // It returns: new registrations flow again.
+    lab.spawn(
+        "cp",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[("ISTHMUS_LOG", "warn")],
+    );
+    wait_for("the control plane back", Duration::from_secs(30), || {
+        let ep: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(cp_dir.join("endpoints.json")).ok()?).ok()?;
+        (ep["admin"].as_str()? != admin).then_some(())
+    });
+    let ep = wait_file_json(&cp_dir.join("endpoints.json"));
+    let admin2 = ep["admin"].as_str().unwrap().to_string();
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.ns("cp"),
+            BIN,
+            "register",
+            "mysql-replica",
+            VM,
+            "3306",
+            "-n",
+            "onprem",
+        ])
+        .env("ISTHMUS_SERVER", &admin2)
+        .env("ISTHMUS_TOKEN", &token)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    wait_for(
+        "the new registration on the mesh host",
+        Duration::from_secs(30),
+        || {
+            (code(curl(
+                &lab,
+                "mesh",
+                "http://mysql-replica.onprem.svc.cluster.local:3306/",
+            )) == "200")
+                .then_some(())
+        },
+    );
+}
