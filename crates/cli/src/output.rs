@@ -87,6 +87,7 @@ pub fn rows(
         ],
         (Kind::WorkloadGroup, _) => &["NAME", "SERVICE-ACCOUNT", "PORTS", "PROBE", "AGE"],
         (Kind::AuthorizationPolicy, _) => &["NAME", "ACTION", "SELECTOR", "RULES", "AGE"],
+        (Kind::PeerAuthentication, _) => &["NAME", "MODE", "SELECTOR", "AGE"],
     };
     header.extend_from_slice(cols);
     let mut out = Vec::new();
@@ -149,6 +150,18 @@ pub fn rows(
                             .collect(),
                     ));
                 }
+            }
+            Resource::PeerAuthentication(p) => {
+                row.push(p.spec.mode().to_string());
+                row.push(match &p.spec.selector {
+                    Some(sel) => join_or_dash(
+                        sel.match_labels
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect(),
+                    ),
+                    None => "(namespace)".into(),
+                });
             }
             Resource::AuthorizationPolicy(p) => {
                 row.push(p.spec.action().to_string());

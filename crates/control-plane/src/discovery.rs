@@ -29,8 +29,13 @@ pub fn resources(
         let services: Vec<_> = v.services.values().cloned().collect();
         let entries: Vec<_> = v.entries.values().cloned().collect();
         let policies: Vec<_> = v.policies.values().cloned().collect();
+        let peer_auths: Vec<_> = v.peer_authentications.values().cloned().collect();
         Arc::new(build_resources_with_policies(
-            &services, &entries, &policies, opts,
+            &services,
+            &entries,
+            &policies,
+            &peer_auths,
+            opts,
         ))
     };
     let first = build(&view.borrow_and_update(), &opts);

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use isthmus_model::{AuthorizationPolicy, Resource, Service, WorkloadEntry, WorkloadGroup};
+use isthmus_model::{
+    AuthorizationPolicy, PeerAuthentication, Resource, Service, WorkloadEntry, WorkloadGroup,
+};
 use isthmus_store::{EventKind, Revision, StoreError};
 use tokio::sync::watch;
 
@@ -21,6 +23,7 @@ pub struct RegistryView {
     pub entries: BTreeMap<(String, String), WorkloadEntry>,
     pub groups: BTreeMap<(String, String), WorkloadGroup>,
     pub policies: BTreeMap<(String, String), AuthorizationPolicy>,
+    pub peer_authentications: BTreeMap<(String, String), PeerAuthentication>,
 }
 
 impl RegistryView {
@@ -40,6 +43,9 @@ impl RegistryView {
             Resource::AuthorizationPolicy(p) => {
                 self.policies.insert(key, p);
             }
+            Resource::PeerAuthentication(p) => {
+                self.peer_authentications.insert(key, p);
+            }
         }
     }
 
@@ -58,6 +64,9 @@ impl RegistryView {
             }
             Resource::AuthorizationPolicy(_) => {
                 self.policies.remove(&key);
+            }
+            Resource::PeerAuthentication(_) => {
+                self.peer_authentications.remove(&key);
             }
         }
     }

@@ -305,7 +305,9 @@ impl Registry {
             match r {
                 Resource::Service(s) => svcs.push(s),
                 Resource::WorkloadEntry(w) => wes.push(w),
-                Resource::WorkloadGroup(_) | Resource::AuthorizationPolicy(_) => {}
+                Resource::WorkloadGroup(_)
+                | Resource::AuthorizationPolicy(_)
+                | Resource::PeerAuthentication(_) => {}
             }
         }
         Ok((svcs, wes))

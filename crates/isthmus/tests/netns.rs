@@ -304,7 +304,8 @@ fn seeds_scenario_in_network_namespaces() {
         &["python3", "-m", "http.server", "3306", "--bind", VM],
         &[],
     );
-    // The mesh host refuses plaintext on its app port (STRICT): only mTLS reaches it.
+    // The mesh host captures its app port inbound; whether plaintext may pass is the control
+    // plane's PeerAuthentication.
     let mesh_ready = start_agent(
         &mut lab,
         "mesh",
@@ -312,7 +313,7 @@ fn seeds_scenario_in_network_namespaces() {
         &host_dirs[0],
         &mesh_token,
         "ISTIO_INBOUND_PORTS=9080\n",
-        &["--group", "productpage", "--inbound-mode", "strict"],
+        &["--group", "productpage"],
     );
     let vm_ready = start_agent(
         &mut lab,
@@ -374,11 +375,29 @@ fn seeds_scenario_in_network_namespaces() {
                 .then_some(())
         },
     );
-    // The app port refuses plaintext from outside the mesh (STRICT): the bytes that worked came over mTLS.
-    assert_ne!(
+    // PERMISSIVE (the default) lets plaintext from outside the mesh reach the app port; a
+    // PeerAuthentication STRICT for bookinfo makes it refuse, while the mTLS path keeps working.
+    assert_eq!(
         code(curl(&lab, "vm", &format!("http://{MESH}:9080/"))),
         "200",
-        "plaintext reached the STRICT app port"
+        "PERMISSIVE passes plaintext"
+    );
+    cli(&lab, &["apply", "-f", "-"], Some(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: bookinfo}\nspec: {mtls: {mode: STRICT}}\n",
+    ));
+    wait_for(
+        "STRICT to refuse plaintext",
+        Duration::from_secs(30),
+        || (code(curl(&lab, "vm", &format!("http://{MESH}:9080/"))) != "200").then_some(()),
+    );
+    assert_eq!(
+        code(curl(
+            &lab,
+            "vm",
+            "http://productpage.bookinfo.svc.cluster.local:9080/"
+        )),
+        "200",
+        "mTLS still passes"
     );
 
     // Back the other way: the VM's MySQL registered as the seeds did, reached from the mesh host.

@@ -100,7 +100,11 @@ fn from_value(doc: usize, mut value: serde_json::Value) -> Result<Resource, Pars
         _ => return Err(field_err("apiVersion", "missing or not a string".into())),
     }
     // An empty group or policy (`spec: {}` — for a policy: allow nothing) may omit the spec.
-    if !obj.contains_key("spec") && !matches!(kind, Kind::WorkloadGroup | Kind::AuthorizationPolicy)
+    if !obj.contains_key("spec")
+        && !matches!(
+            kind,
+            Kind::WorkloadGroup | Kind::AuthorizationPolicy | Kind::PeerAuthentication
+        )
     {
         return Err(field_err("spec", "missing".into()));
     }
@@ -118,6 +122,12 @@ fn from_value(doc: usize, mut value: serde_json::Value) -> Result<Resource, Pars
                 o.entry("spec").or_insert_with(|| serde_json::json!({}));
             }
             Resource::AuthorizationPolicy(typed(doc, value)?)
+        }
+        Kind::PeerAuthentication => {
+            if let Some(o) = value.as_object_mut() {
+                o.entry("spec").or_insert_with(|| serde_json::json!({}));
+            }
+            Resource::PeerAuthentication(typed(doc, value)?)
         }
     };
     let mut resource = resource;

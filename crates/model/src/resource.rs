@@ -19,14 +19,16 @@ pub enum Kind {
     WorkloadEntry,
     WorkloadGroup,
     AuthorizationPolicy,
+    PeerAuthentication,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::Service,
         Kind::WorkloadEntry,
         Kind::WorkloadGroup,
         Kind::AuthorizationPolicy,
+        Kind::PeerAuthentication,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -35,6 +37,7 @@ impl Kind {
             Kind::WorkloadEntry => "WorkloadEntry",
             Kind::WorkloadGroup => "WorkloadGroup",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::PeerAuthentication => "PeerAuthentication",
         }
     }
 
@@ -45,6 +48,7 @@ impl Kind {
             Kind::WorkloadEntry => "workloadentries",
             Kind::WorkloadGroup => "workloadgroups",
             Kind::AuthorizationPolicy => "authorizationpolicies",
+            Kind::PeerAuthentication => "peerauthentications",
         }
     }
 
@@ -67,7 +71,7 @@ impl Kind {
                 "networking.istio.io/v1beta1",
                 "networking.istio.io/v1alpha3",
             ],
-            Kind::AuthorizationPolicy => &[
+            Kind::AuthorizationPolicy | Kind::PeerAuthentication => &[
                 API_VERSION,
                 "security.istio.io/v1",
                 "security.istio.io/v1beta1",
@@ -104,6 +108,7 @@ impl FromStr for Kind {
             "authorizationpolicy" | "authorizationpolicies" | "policy" | "policies" | "ap" => {
                 Ok(Kind::AuthorizationPolicy)
             }
+            "peerauthentication" | "peerauthentications" | "pa" => Ok(Kind::PeerAuthentication),
             _ => Err(UnknownKind(s.to_string())),
         }
     }
@@ -149,6 +154,35 @@ pub type Service = Object<ServiceSpec, ServiceStatus>;
 pub type WorkloadEntry = Object<WorkloadEntrySpec, WorkloadEntryStatus>;
 pub type WorkloadGroup = Object<WorkloadGroupSpec, WorkloadGroupStatus>;
 pub type AuthorizationPolicy = Object<AuthorizationPolicySpec, WorkloadGroupStatus>;
+pub type PeerAuthentication = Object<PeerAuthenticationSpec, WorkloadGroupStatus>;
+
+/// Istio's PeerAuthentication: whether the selected workloads (or the namespace, or with the
+/// root namespace the mesh) accept plaintext. STRICT refuses it; PERMISSIVE (default) takes it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerAuthenticationSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<PolicySelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MutualTls>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MutualTls {
+    /// `STRICT`, `PERMISSIVE` or `UNSET` (inherit; PERMISSIVE at the top).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+}
+
+impl PeerAuthenticationSpec {
+    pub fn mode(&self) -> &str {
+        self.mtls
+            .as_ref()
+            .and_then(|m| m.mode.as_deref())
+            .unwrap_or("UNSET")
+    }
+}
 
 /// Istio's AuthorizationPolicy, the parts a host's proxy enforces (L4): who may connect to
 /// which ports of the selected workloads.
@@ -428,6 +462,7 @@ pub enum Resource {
     WorkloadEntry(WorkloadEntry),
     WorkloadGroup(WorkloadGroup),
     AuthorizationPolicy(AuthorizationPolicy),
+    PeerAuthentication(PeerAuthentication),
 }
 
 impl Resource {
@@ -437,6 +472,7 @@ impl Resource {
             Resource::WorkloadEntry(_) => Kind::WorkloadEntry,
             Resource::WorkloadGroup(_) => Kind::WorkloadGroup,
             Resource::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            Resource::PeerAuthentication(_) => Kind::PeerAuthentication,
         }
     }
 
@@ -446,6 +482,7 @@ impl Resource {
             Resource::WorkloadEntry(o) => &o.metadata,
             Resource::WorkloadGroup(o) => &o.metadata,
             Resource::AuthorizationPolicy(o) => &o.metadata,
+            Resource::PeerAuthentication(o) => &o.metadata,
         }
     }
 
@@ -455,6 +492,7 @@ impl Resource {
             Resource::WorkloadEntry(o) => &mut o.metadata,
             Resource::WorkloadGroup(o) => &mut o.metadata,
             Resource::AuthorizationPolicy(o) => &mut o.metadata,
+            Resource::PeerAuthentication(o) => &mut o.metadata,
         }
     }
 
@@ -484,6 +522,7 @@ impl Resource {
             (Resource::AuthorizationPolicy(x), Resource::AuthorizationPolicy(y)) => {
                 x.spec == y.spec
             }
+            (Resource::PeerAuthentication(x), Resource::PeerAuthentication(y)) => x.spec == y.spec,
             _ => false,
         }
     }
@@ -570,6 +609,9 @@ impl<'de> Deserialize<'de> for Resource {
             }
             Kind::AuthorizationPolicy => {
                 Resource::AuthorizationPolicy(serde_json::from_value(v).map_err(D::Error::custom)?)
+            }
+            Kind::PeerAuthentication => {
+                Resource::PeerAuthentication(serde_json::from_value(v).map_err(D::Error::custom)?)
             }
         })
     }

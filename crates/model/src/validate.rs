@@ -266,6 +266,24 @@ pub fn validate(r: &Resource) -> Result<(), ValidationError> {
                 );
             }
         }
+        Resource::PeerAuthentication(p) => {
+            if let Some(sel) = &p.spec.selector {
+                check_labels(&mut errs, "spec.selector.matchLabels", &sel.match_labels);
+            }
+            match p.spec.mode() {
+                "STRICT" | "PERMISSIVE" | "UNSET" => {}
+                "DISABLE" => errs.add(
+                    "spec.mtls.mode",
+                    "DISABLE",
+                    "is not supported: Isthmus always offers mTLS between workloads",
+                ),
+                other => errs.add(
+                    "spec.mtls.mode",
+                    other,
+                    "must be STRICT, PERMISSIVE or UNSET",
+                ),
+            }
+        }
         Resource::AuthorizationPolicy(p) => {
             let spec = &p.spec;
             if let Some(sel) = &spec.selector {

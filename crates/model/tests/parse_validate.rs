@@ -307,3 +307,23 @@ fn authorization_policies_parse_and_validate() {
     let e = err(&POLICY.replace("source:", "sauce:"));
     assert!(e.contains("unknown field `sauce`"), "{e}");
 }
+
+#[test]
+fn peer_authentications_parse_and_validate() {
+    let doc = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: bookinfo}\nspec: {mtls: {mode: STRICT}}\n";
+    let r = parse_documents(doc).unwrap().remove(0);
+    let Resource::PeerAuthentication(p) = &r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(p.spec.mode(), "STRICT");
+    assert_eq!("pa".parse::<Kind>().unwrap(), Kind::PeerAuthentication);
+    let e = err(&doc.replace("STRICT", "DISABLE"));
+    assert!(
+        e.contains("spec.mtls.mode: \"DISABLE\" is not supported"),
+        "{e}"
+    );
+    let e = err(&doc.replace("STRICT", "LOOSE"));
+    assert!(e.contains("must be STRICT, PERMISSIVE or UNSET"), "{e}");
+    let e = err(&doc.replace("{mode: STRICT}", "{mode: STRICT}, portLevelMtls: {}"));
+    assert!(e.contains("unknown field `portLevelMtls`"), "{e}");
+}

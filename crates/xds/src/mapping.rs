@@ -10,7 +10,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use isthmus_model::{AuthorizationPolicy, Health, Service, WorkloadEntry};
+use isthmus_model::{
+    AuthorizationPolicy, Health, PeerAuthentication, PolicySelector, Service, WorkloadEntry,
+};
 
 use crate::pb::istio::security as sec;
 use crate::pb::istio::workload as wl;
@@ -75,28 +77,41 @@ pub fn build_resources(
     entries: &[WorkloadEntry],
     opts: &MappingOptions,
 ) -> ResourceSet {
-    build_resources_with_policies(services, entries, &[], opts)
+    build_resources_with_policies(services, entries, &[], &[], opts)
 }
 
 /// The namespace whose policies without a selector apply mesh-wide (Istio's root namespace).
 pub const ROOT_NAMESPACE: &str = "istio-system";
 
 /// Like [`build_resources`], with AuthorizationPolicies as `istio.security.Authorization`
-/// resources (named `<namespace>/<name>`) and listed on the workloads they select.
+/// resources (named `<namespace>/<name>`) and listed on the workloads they select, and STRICT
+/// PeerAuthentications converted as Istio does for ztunnel: a DENY of connections that present
+/// no peer identity (plaintext), named `<namespace>/converted_peer_authentication_<name>`.
 pub fn build_resources_with_policies(
     services: &[Service],
     entries: &[WorkloadEntry],
     policies: &[AuthorizationPolicy],
+    peer_auths: &[PeerAuthentication],
     opts: &MappingOptions,
 ) -> ResourceSet {
     let mut set = ResourceSet::new();
     set.declare(AUTHORIZATION_TYPE_URL);
+    // (namespace, selector, resource name) of every policy, for listing them on workloads.
+    let mut selecting: Vec<(&str, &PolicySelector, String)> = Vec::new();
     for p in policies {
-        set.insert(
-            AUTHORIZATION_TYPE_URL,
-            &format!("{}/{}", p.metadata.namespace, p.metadata.name),
-            &authorization(p, opts),
-        );
+        let name = format!("{}/{}", p.metadata.namespace, p.metadata.name);
+        set.insert(AUTHORIZATION_TYPE_URL, &name, &authorization(p, opts));
+        if let Some(sel) = &p.spec.selector {
+            selecting.push((&p.metadata.namespace, sel, name));
+        }
+    }
+    for pa in peer_auths.iter().filter(|pa| pa.spec.mode() == "STRICT") {
+        let converted = format!("converted_peer_authentication_{}", pa.metadata.name);
+        let name = format!("{}/{converted}", pa.metadata.namespace);
+        set.insert(AUTHORIZATION_TYPE_URL, &name, &strict(pa, converted));
+        if let Some(sel) = &pa.spec.selector {
+            selecting.push((&pa.metadata.namespace, sel, name));
+        }
     }
     let index = ServiceIndex::new(services);
 
@@ -112,10 +127,10 @@ pub fn build_resources_with_policies(
         }
         let served: Vec<&Service> = served.iter().map(|&i| &services[i]).collect();
         let mut workload = workload(entry, &served, opts);
-        workload.authorization_policies = policies
+        workload.authorization_policies = selecting
             .iter()
-            .filter(|p| selects(p, entry))
-            .map(|p| format!("{}/{}", p.metadata.namespace, p.metadata.name))
+            .filter(|(ns, sel, _)| selects(ns, sel, entry))
+            .map(|(_, _, name)| name.clone())
             .collect();
         let address = wl::Address {
             r#type: Some(wl::address::Type::Workload(workload)),
@@ -324,12 +339,9 @@ fn workload(entry: &WorkloadEntry, served: &[&Service], opts: &MappingOptions) -
     }
 }
 
-/// Whether a policy with a selector applies to the entry (same namespace, labels match).
-fn selects(p: &AuthorizationPolicy, entry: &WorkloadEntry) -> bool {
-    let Some(sel) = &p.spec.selector else {
-        return false;
-    };
-    p.metadata.namespace == entry.metadata.namespace
+/// Whether a policy's selector picks the entry (same namespace, labels match).
+fn selects(namespace: &str, sel: &PolicySelector, entry: &WorkloadEntry) -> bool {
+    namespace == entry.metadata.namespace
         && sel.match_labels.iter().all(|(k, v)| {
             entry
                 .spec
@@ -375,11 +387,7 @@ fn address(v: &str) -> Option<sec::Address> {
 /// Istio's mapping: each rule is a conjunction of clauses (one for `from`, one for `to`); a
 /// clause matches when any of its matches does; a match needs all of its fields.
 fn authorization(p: &AuthorizationPolicy, opts: &MappingOptions) -> sec::Authorization {
-    let scope = match (&p.spec.selector, p.metadata.namespace.as_str()) {
-        (Some(_), _) => sec::Scope::WorkloadSelector,
-        (None, ROOT_NAMESPACE) => sec::Scope::Global,
-        (None, _) => sec::Scope::Namespace,
-    };
+    let scope = scope(p.spec.selector.is_some(), &p.metadata.namespace);
     let action = if p.spec.action() == "DENY" {
         sec::Action::Deny
     } else {
@@ -458,6 +466,36 @@ fn authorization(p: &AuthorizationPolicy, opts: &MappingOptions) -> sec::Authori
         scope: scope as i32,
         action: action as i32,
         rules,
+        dry_run: false,
+    }
+}
+
+fn scope(selector: bool, namespace: &str) -> sec::Scope {
+    match (selector, namespace) {
+        (true, _) => sec::Scope::WorkloadSelector,
+        (false, ROOT_NAMESPACE) => sec::Scope::Global,
+        (false, _) => sec::Scope::Namespace,
+    }
+}
+
+/// STRICT mTLS as an authorization: deny what arrives without a peer identity.
+fn strict(pa: &PeerAuthentication, name: String) -> sec::Authorization {
+    use sec::string_match::MatchType;
+    sec::Authorization {
+        name,
+        namespace: pa.metadata.namespace.clone(),
+        scope: scope(pa.spec.selector.is_some(), &pa.metadata.namespace) as i32,
+        action: sec::Action::Deny as i32,
+        rules: vec![sec::Rule {
+            clauses: vec![sec::Clause {
+                matches: vec![sec::Match {
+                    not_principals: vec![sec::StringMatch {
+                        match_type: Some(MatchType::Presence(())),
+                    }],
+                    ..Default::default()
+                }],
+            }],
+        }],
         dry_run: false,
     }
 }
