@@ -835,7 +835,8 @@ async fn start_serves_hbone_with_the_identity_managers_certificate() -> Result<(
     prometheus_client::encoding::text::encode(&mut text, &registry)?;
     assert!(
         text.contains("proxy_connections_total{direction=\"inbound\",outcome=\"ok\"} 1")
-            && text.contains("proxy_sent_bytes_total{direction=\"inbound\"} 9"),
+            && text.contains("proxy_sent_bytes_total{direction=\"inbound\"} 9")
+            && text.contains("proxy_peer_connections_total{direction=\"inbound\",outcome=\"ok\",peer_identity=\"spiffe://"),
         "{text}"
     );
     proxy.shutdown(Duration::from_secs(1)).await;

@@ -78,6 +78,23 @@ pub struct DirLabels {
     pub direction: Direction,
 }
 
+/// Who talked to which service: the peer's SPIFFE id (verified inbound, expected outbound,
+/// `unknown` for plaintext) and the service (`unknown` when not a mesh service).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub direction: Direction,
+    pub outcome: Outcome,
+    pub peer_identity: String,
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerBytesLabels {
+    pub direction: Direction,
+    pub peer_identity: String,
+    pub service: String,
+}
+
 #[derive(Debug, Default)]
 pub struct ProxyMetrics {
     /// Closed connections by outcome.
@@ -88,6 +105,10 @@ pub struct ProxyMetrics {
     pub bytes_sent: Family<DirLabels, Counter>,
     /// Bytes from the upstream back to the client.
     pub bytes_received: Family<DirLabels, Counter>,
+    /// Closed connections by peer identity and service (policy denials, handshake and connect
+    /// failures show in `outcome`).
+    pub by_peer: Family<PeerLabels, Counter>,
+    pub bytes_by_peer: Family<PeerBytesLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -111,6 +132,17 @@ impl ProxyMetrics {
             Unit::Bytes,
             self.bytes_sent.clone(),
         );
+        registry.register(
+            "proxy_peer_connections",
+            "Proxied connections by direction, outcome, peer identity and service",
+            self.by_peer.clone(),
+        );
+        registry.register_with_unit(
+            "proxy_peer",
+            "Bytes proxied (both ways) by direction, peer identity and service",
+            Unit::Bytes,
+            self.bytes_by_peer.clone(),
+        );
         registry.register_with_unit(
             "proxy_received",
             "Bytes proxied from upstreams back to clients",
@@ -131,7 +163,26 @@ impl ProxyMetrics {
         sent: u64,
         received: u64,
         was_open: bool,
+        peer_identity: Option<&str>,
+        service: Option<&str>,
     ) {
+        let peer_identity = peer_identity.unwrap_or("unknown").to_string();
+        let service = service.unwrap_or("unknown").to_string();
+        self.by_peer
+            .get_or_create(&PeerLabels {
+                direction,
+                outcome,
+                peer_identity: peer_identity.clone(),
+                service: service.clone(),
+            })
+            .inc();
+        self.bytes_by_peer
+            .get_or_create(&PeerBytesLabels {
+                direction,
+                peer_identity,
+                service,
+            })
+            .inc_by(sent + received);
         if was_open {
             self.active.get_or_create(&DirLabels { direction }).dec();
         }

@@ -290,7 +290,15 @@ impl AccessRecord {
             reason,
             "connection closed"
         );
-        metrics.closed(self.direction, outcome, self.sent, self.received, was_open);
+        metrics.closed(
+            self.direction,
+            outcome,
+            self.sent,
+            self.received,
+            was_open,
+            self.identity.as_deref(),
+            self.service.as_deref(),
+        );
     }
 }
 
