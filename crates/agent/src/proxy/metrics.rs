@@ -156,16 +156,9 @@ impl ProxyMetrics {
     }
 
     /// Records a closed connection; `opened` must have been called for it when `was_open`.
-    pub fn closed(
-        &self,
-        direction: Direction,
-        outcome: Outcome,
-        sent: u64,
-        received: u64,
-        was_open: bool,
-        peer_identity: Option<&str>,
-        service: Option<&str>,
-    ) {
+    pub(crate) fn closed(&self, rec: &super::AccessRecord, outcome: Outcome, was_open: bool) {
+        let (direction, sent, received) = (rec.direction, rec.sent, rec.received);
+        let (peer_identity, service) = (rec.identity.as_deref(), rec.service.as_deref());
         let peer_identity = peer_identity.unwrap_or("unknown").to_string();
         let service = service.unwrap_or("unknown").to_string();
         self.by_peer

@@ -290,15 +290,7 @@ impl AccessRecord {
             reason,
             "connection closed"
         );
-        metrics.closed(
-            self.direction,
-            outcome,
-            self.sent,
-            self.received,
-            was_open,
-            self.identity.as_deref(),
-            self.service.as_deref(),
-        );
+        metrics.closed(self, outcome, was_open);
     }
 }
 
