@@ -1,0 +1,371 @@
+#!/usr/bin/env bash
+# Data plane latency and throughput (issue 5): one HTTP app and one iperf3 server on a "mesh"
+# host, a client on a "VM" host, three ways between them in one run:
+#   direct   the client connects to the app (plain TCP, no proxy)
+#   isthmus  the client connects to the service VIP; the VM's agent captures it (iptables, 15001)
+#            and tunnels it over HBONE (mTLS, HTTP/2 CONNECT, 15008) to the mesh host's agent
+#            (STRICT inbound), which delivers it to the app
+#   haproxy  the client connects to a plain haproxy on the VM, which opens TLS with a client
+#            certificate to a haproxy on the mesh host that requires one and forwards to the app
+# Fixed-rate latency (open loop, `http-load` from crates/bench), closed-loop maximum throughput,
+# bulk TCP (iperf3), and the RSS of each proxy idle and under load.
+#
+# Root only: every packet stays inside network namespaces this script creates (a bridge namespace
+# and three hosts) and their loopbacks; all of them, the processes and the temp dir go on exit.
+# Installs Debian's haproxy, nginx-light and iperf3 if missing. Prints the machine and markdown.
+# The figures in BENCHMARKS.md came from `bench/dataplane.sh` with no arguments.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION="${DURATION:-10}"          # seconds measured per HTTP run
+WARMUP="${WARMUP:-2}"               # seconds of load before each HTTP run is measured
+RATES="${RATES:-1000 10000}"        # fixed rates, requests/s
+CONNS="${CONNS:-32}"                # keep-alive connections of every HTTP run
+BULK_SECONDS="${BULK_SECONDS:-5}"   # iperf3 -t
+BODY_BYTES="${BODY_BYTES:-1024}"
+
+load_at_start="$(cut -d' ' -f1-3 /proc/loadavg)"
+if [ "$(id -u)" != 0 ]; then
+    echo "bench/dataplane.sh needs root (network namespaces, iptables)" >&2
+    exit 1
+fi
+missing=()
+command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+command -v iperf3 >/dev/null 2>&1 || missing+=(iperf3)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v jq >/dev/null 2>&1 || missing+=(jq)
+if ((${#missing[@]})); then
+    echo "installing ${missing[*]}" >&2
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+
+cargo build --release -p isthmus -p isthmus-bench --bin isthmus --bin http-load >&2
+BIN="$PWD/target/release/isthmus"
+LOAD="$PWD/target/release/http-load"
+
+id=$(($$ % 100000))
+SW="dpsw-$id"
+ns() { echo "dp$1-$id"; }
+CP=10.78.0.1
+MESH=10.78.0.2
+VM=10.78.0.3
+work="$(mktemp -d)"
+chmod 755 "$work" # nginx's worker reads its files as www-data
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    for _ in $(seq 50); do
+        alive=0
+        for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+        ((alive)) || break
+        sleep 0.1
+    done
+    for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    for n in "$SW" "$(ns cp)" "$(ns mesh)" "$(ns vm)"; do ip netns del "$n" 2>/dev/null || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+inns() { local h=$1; shift; ip netns exec "$(ns "$h")" "$@"; }
+# In the background, with $! the program's own pid (`ip netns exec` execs it).
+spawn() { local h=$1; shift; ip netns exec "$(ns "$h")" "$@" & }
+wait_until() { # what seconds command...
+    local what=$1 deadline=$((SECONDS + $2)); shift 2
+    until "$@" >/dev/null 2>&1; do
+        if ((SECONDS > deadline)); then
+            echo "timed out waiting for $what" >&2
+            tail -n 20 "$work"/*.log >&2 || true
+            exit 1
+        fi
+        sleep 0.2
+    done
+}
+
+# --- Namespaces: one bridge, three hosts (as crates/isthmus/tests/netns.rs) ---
+ip netns add "$SW"
+ip -n "$SW" link add br0 type bridge
+ip -n "$SW" link set br0 up
+for h in cp mesh vm; do
+    case $h in cp) addr=$CP ;; mesh) addr=$MESH ;; vm) addr=$VM ;; esac
+    ip netns add "$(ns "$h")"
+    ip link add "d$h$id" type veth peer name eth0 netns "$(ns "$h")"
+    ip link set "d$h$id" netns "$SW"
+    ip -n "$SW" link set "d$h$id" master br0 up
+    ip -n "$(ns "$h")" addr add "$addr/24" dev eth0
+    ip -n "$(ns "$h")" link set eth0 up
+    ip -n "$(ns "$h")" link set lo up
+    # The service CIDR needs a route for the kernel to hand connections to the nat rules.
+    ip -n "$(ns "$h")" route add 10.96.0.0/12 dev eth0
+done
+
+# --- The app: nginx serving BODY_BYTES on 9080 (mesh service port, STRICT) and 8080 (direct,
+# haproxy), and iperf3 on 5201 (mesh) and 5202 (direct, haproxy) ---
+mkdir -p "$work/www"
+head -c "$BODY_BYTES" /dev/zero | tr '\0' 'x' >"$work/www/index.html"
+cat >"$work/nginx.conf" <<EOF
+daemon off;
+worker_processes 1;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    server {
+        listen 9080;
+        listen 8080;
+        root $work/www;
+    }
+}
+EOF
+spawn mesh "$NGINX" -c "$work/nginx.conf" -e "$work/nginx-error.log" >"$work/nginx.log" 2>&1
+pids+=($!)
+spawn mesh iperf3 -s -p 5201 >"$work/iperf-5201.log" 2>&1
+pids+=($!)
+spawn mesh iperf3 -s -p 5202 >"$work/iperf-5202.log" 2>&1
+pids+=($!)
+
+# --- Isthmus: control plane, then one agent per host (join tokens, cluster.env, sidecar.env) ---
+ISTHMUS_LOG=warn spawn cp "$BIN" server --data-dir "$work/cp" --admin-addr 127.0.0.1:0 \
+    --registration-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 --grpc-addr "$CP:15012" \
+    --dns-addr "$CP:15054" --server-ip "$CP" --autoreg-grace 30s >"$work/cp.log" 2>&1
+pids+=($!)
+wait_until "the control plane's endpoints.json" 30 test -s "$work/cp/endpoints.json"
+wait_until "the control plane's admin API" 30 jq -e .admin "$work/cp/endpoints.json"
+export ISTHMUS_SERVER ISTHMUS_TOKEN
+ISTHMUS_SERVER="$(jq -r .admin "$work/cp/endpoints.json")"
+ISTHMUS_TOKEN="$(tr -d '[:space:]' <"$work/cp/admin-token")"
+cli() { inns cp "$BIN" "$@"; }
+cli apply -f - >/dev/null <<'EOF'
+apiVersion: v1
+kind: Service
+metadata: {name: productpage, namespace: bookinfo}
+spec:
+  selector: {app: productpage}
+  ports: [{name: http, port: 9080}, {name: tcp-bulk, port: 5201}]
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata: {name: productpage, namespace: bookinfo}
+spec:
+  metadata: {labels: {app: productpage}}
+  template: {serviceAccount: productpage, ports: {http: 9080, tcp-bulk: 5201}}
+EOF
+mesh_token="$(cli token create -n bookinfo -s productpage)"
+vm_token="$(cli token create -n onprem -s mysql)"
+declare -A agent_pid ready
+start_agent() { # host ip token inbound-ports extra...
+    local h=$1 ip=$2 token=$3 ports=$4
+    local d="$work/$h" # a separate `local`: its words are expanded before any is assigned
+    shift 4
+    mkdir -p "$d"
+    cli vm certs -o "$d/certs" >/dev/null
+    printf '%s' "$token" >"$d/token"
+    printf 'ISTIO_SERVICE_CIDR=10.96.0.0/12\nISTIO_META_DNS_CAPTURE=true\n' >"$d/cluster.env"
+    printf 'ISTIO_INBOUND_PORTS=%s\n' "$ports" >"$d/sidecar.env"
+    ISTHMUS_LOG=warn spawn "$h" "$BIN" agent --ca-addr "https://$CP:15012" --ip "$ip" --proxy \
+        --capture --metrics-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
+        --readiness-addr 127.0.0.1:0 --dns-upstream 127.0.0.1:9 --cert-dir "$d/certs" \
+        --state-dir "$d/state" --join-token-file "$d/token" --cluster-env "$d/cluster.env" \
+        --sidecar-env "$d/sidecar.env" "$@" >"$work/agent-$h.log" 2>&1
+    pids+=($!)
+    agent_pid[$h]=$!
+    wait_until "the $h agent's endpoints" 30 jq -e .readiness "$d/state/agent-endpoints.json"
+    ready[$h]="$(jq -r .readiness "$d/state/agent-endpoints.json")"
+}
+start_agent mesh "$MESH" "$mesh_token" 9080,5201 --group productpage --inbound-mode strict
+start_agent vm "$VM" "$vm_token" 3306
+for h in mesh vm; do
+    wait_until "the $h agent ready" 30 inns "$h" curl -sf --max-time 2 "${ready[$h]}/healthz/ready"
+done
+VIP="$(cli get svc productpage -n bookinfo -o json | jq -r .status.vip)"
+
+# --- HAProxy pair: plain on the VM's loopback, TLS with client certificates between hosts ---
+pki="$work/pki"
+mkdir -p "$pki"
+(
+    cd "$pki"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+        -subj /CN=bench-ca -keyout ca.key -out ca.pem
+    for who in server client; do
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$who" \
+            -keyout "$who.key" -out "$who.csr"
+        printf 'subjectAltName=IP:%s\n' "$MESH" >"$who.ext"
+        openssl x509 -req -in "$who.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+            -extfile "$who.ext" -out "$who.crt"
+        cat "$who.crt" "$who.key" >"$who.pem"
+    done
+) >"$work/openssl.log" 2>&1
+cat >"$work/haproxy-mesh.cfg" <<EOF
+global
+    log stdout format raw local0 err
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+frontend http_in
+    bind $MESH:8443 ssl crt $pki/server.pem ca-file $pki/ca.pem verify required
+    default_backend app_http
+frontend bulk_in
+    bind $MESH:8444 ssl crt $pki/server.pem ca-file $pki/ca.pem verify required
+    default_backend app_bulk
+backend app_http
+    server app 127.0.0.1:8080
+backend app_bulk
+    server app 127.0.0.1:5202
+EOF
+cat >"$work/haproxy-vm.cfg" <<EOF
+global
+    log stdout format raw local0 err
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+frontend http_out
+    bind 127.0.0.1:18080
+    default_backend mesh_http
+frontend bulk_out
+    bind 127.0.0.1:15202
+    default_backend mesh_bulk
+backend mesh_http
+    server mesh $MESH:8443 ssl crt $pki/client.pem ca-file $pki/ca.pem verify required
+backend mesh_bulk
+    server mesh $MESH:8444 ssl crt $pki/client.pem ca-file $pki/ca.pem verify required
+EOF
+declare -A hap_pid
+for h in mesh vm; do
+    spawn "$h" haproxy -db -f "$work/haproxy-$h.cfg" >"$work/haproxy-$h.log" 2>&1
+    pids+=($!)
+    hap_pid[$h]=$!
+done
+
+declare -A http_addr bulk_host bulk_port
+http_addr[direct]="$MESH:8080"
+http_addr[isthmus]="$VIP:9080"
+http_addr[haproxy]="127.0.0.1:18080"
+bulk_host[direct]=$MESH bulk_port[direct]=5202
+bulk_host[isthmus]=$VIP bulk_port[isthmus]=5201
+bulk_host[haproxy]=127.0.0.1 bulk_port[haproxy]=15202
+paths=(direct isthmus haproxy)
+for p in "${paths[@]}"; do
+    wait_until "$p path answering 200" 30 \
+        sh -c "[ \"\$(ip netns exec $(ns vm) curl -s -o /dev/null -w '%{http_code}' --max-time 2 http://${http_addr[$p]}/)\" = 200 ]"
+done
+# The STRICT port refuses plaintext: what the isthmus path carried went over mTLS.
+if [ "$(inns vm curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://$MESH:9080/" || true)" = 200 ]; then
+    echo "plaintext reached the STRICT app port; the isthmus path is not what it claims" >&2
+    exit 1
+fi
+
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
+threads() { awk '/^Threads/ {print $2}' "/proc/$1/status"; }
+proxy_pids() { # path
+    case $1 in
+    isthmus) echo "${agent_pid[vm]} ${agent_pid[mesh]}" ;;
+    haproxy) echo "${hap_pid[vm]} ${hap_pid[mesh]}" ;;
+    esac
+}
+declare -A rss_idle rss_peak
+for p in isthmus haproxy; do
+    read -r a b <<<"$(proxy_pids $p)"
+    rss_idle[$p]="$(rss_kb "$a") $(rss_kb "$b")"
+done
+
+# Runs the load in the background, sampling the proxies' RSS every 0.2 s; keeps the largest.
+results="$work/results"
+mkdir -p "$results"
+run_http() { # path label rate
+    local p=$1 label=$2 rate=$3 out="$results/$1-$2.json" max_a=0 max_b=0 a=0 b=0 lp r
+    timeout $((WARMUP + DURATION + 30)) ip netns exec "$(ns vm)" "$LOAD" --addr "${http_addr[$p]}" \
+        --rate "$rate" --conns "$CONNS" --duration "$DURATION" --warmup "$WARMUP" >"$out" &
+    lp=$!
+    if [ "$p" != direct ]; then read -r a b <<<"$(proxy_pids "$p")"; fi
+    sleep "$WARMUP"
+    while kill -0 "$lp" 2>/dev/null; do
+        if [ "$p" != direct ]; then
+            r=$(rss_kb "$a"); ((r > max_a)) && max_a=$r
+            r=$(rss_kb "$b"); ((r > max_b)) && max_b=$r
+        fi
+        sleep 0.2
+    done
+    wait "$lp"
+    rss_peak[$p-$label]="$max_a $max_b"
+    echo "$p $label: $(cat "$out")" >&2
+}
+run_bulk() { # path
+    local p=$1
+    timeout $((BULK_SECONDS + 30)) ip netns exec "$(ns vm)" iperf3 -c "${bulk_host[$p]}" \
+        -p "${bulk_port[$p]}" -t "$BULK_SECONDS" -J >"$results/$p-bulk.json"
+    echo "$p bulk: $(jq -r '.end.sum_received.bits_per_second / 1e9 | . * 100 | round / 100' "$results/$p-bulk.json") Gbit/s" >&2
+}
+
+load_before_runs="$(cut -d' ' -f1-3 /proc/loadavg)"
+# Each scenario runs the three paths back to back, so slow drift of the machine hits them alike.
+for rate in $RATES; do
+    for p in "${paths[@]}"; do run_http "$p" "r$rate" "$rate"; done
+done
+for p in "${paths[@]}"; do run_http "$p" max 0; done
+for p in "${paths[@]}"; do run_bulk "$p"; done
+declare -A hwm
+for p in isthmus haproxy; do
+    read -r a b <<<"$(proxy_pids $p)"
+    hwm[$p]="$(hwm_kb "$a") $(hwm_kb "$b")"
+    hwm[$p-threads]="$(threads "$a") $(threads "$b")"
+done
+
+# --- Report ---
+mb() { awk -v k="$1" 'BEGIN {printf "%.1f", k / 1024}'; }
+pair_mb() { local a b; read -r a b <<<"$1"; echo "$(mb "$a") / $(mb "$b")"; }
+field() { jq -r "$2" "$results/$1.json"; }
+f2() { awk -v x="$1" 'BEGIN {printf "%.3f", x}'; }
+echo "### Machine"
+echo
+echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+echo "- nproc: $(nproc); CPU: $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
+echo "- RAM: $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo); kernel: $(uname -r)"
+echo "- load average (1, 5, 15 min): $load_at_start at the start of the script, $load_before_runs after the build and setup, $(cut -d' ' -f1-3 /proc/loadavg) at the end"
+echo "- isthmus $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $("$BIN" --version 2>/dev/null || true); $(haproxy -v | head -1 | cut -d' ' -f1-3); nginx $("$NGINX" -v 2>&1 | cut -d/ -f2); $(iperf3 --version | head -1 | cut -d' ' -f1-2)"
+echo "- isthmus agent threads (vm / mesh): ${hwm[isthmus-threads]}; haproxy threads: ${hwm[haproxy-threads]}"
+echo
+echo "### HTTP, ${BODY_BYTES}-byte responses, $CONNS keep-alive connections, ${DURATION} s measured after ${WARMUP} s warm-up"
+echo
+echo "| load | path | requests/s | p50 ms | p99 ms | p99.9 ms | max ms | queued | errors | added p99 ms |"
+echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+for label in $(for r in $RATES; do echo "r$r"; done) max; do
+    base=$(field "direct-$label" .p99_ms)
+    for p in "${paths[@]}"; do
+        k="$p-$label"
+        if [ "$label" = max ]; then load="max (closed loop)"; else load="${label#r} req/s"; fi
+        added="—"
+        [ "$p" != direct ] && added=$(f2 "$(awk -v a="$(field "$k" .p99_ms)" -v b="$base" 'BEGIN {print a - b}')")
+        echo "| $load | $p | $(field "$k" .rps | awk '{printf "%.0f", $1}') | $(f2 "$(field "$k" .p50_ms)") | $(f2 "$(field "$k" .p99_ms)") | $(f2 "$(field "$k" .p999_ms)") | $(f2 "$(field "$k" .max_ms)") | $(field "$k" .queued) | $(field "$k" .errors) | $added |"
+    done
+done
+echo
+echo "### Bulk TCP (iperf3, one stream, ${BULK_SECONDS} s, VM → mesh host)"
+echo
+echo "| path | Gbit/s received | retransmits |"
+echo "| --- | ---: | ---: |"
+for p in "${paths[@]}"; do
+    echo "| $p | $(field "$p-bulk" '.end.sum_received.bits_per_second / 1e9 | . * 100 | round / 100') | $(field "$p-bulk" '.end.sum_sent.retransmits // 0') |"
+done
+echo
+echo "### Proxy RSS, MB (VM side / mesh side)"
+echo
+header="| proxy | idle |"
+sep="| --- | ---: |"
+for r in $RATES; do header="$header at $r req/s (max sampled) |"; sep="$sep ---: |"; done
+echo "$header closed loop (max sampled) | peak over the run (VmHWM) |"
+echo "$sep ---: | ---: |"
+for p in isthmus haproxy; do
+    row="| $p | $(pair_mb "${rss_idle[$p]}") |"
+    for r in $RATES; do row="$row $(pair_mb "${rss_peak[$p-r$r]}") |"; done
+    echo "$row $(pair_mb "${rss_peak[$p-max]}") | $(pair_mb "${hwm[$p]}") |"
+done
