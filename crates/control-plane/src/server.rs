@@ -340,7 +340,6 @@ fn dev_banner(args: &ServerArgs, ep: &Endpoints, token: &str, data_dir: &Path) {
          admin API         {admin}\n\
          certificate API   {grpc}  (gRPC/TLS: Istio's CA and workload discovery)\n\
          mesh DNS          {dns}\n\
-         certificates      {grpc}  (gRPC/TLS, Istio's CA API)\n\
          registration API  {reg}/v1/registration\n\
          metrics           {met}/metrics\n\
          admin token       {token}\n\n\
