@@ -14,7 +14,7 @@ use isthmus_model::{
     self as model, Health, Kind, ObjectMeta, Resource, WorkloadEntry, WorkloadEntrySpec,
 };
 
-use crate::registry::{Filter, Registry, RegistryError};
+use crate::registry::{now_rfc3339, Filter, Registry, RegistryError};
 
 /// Annotation naming the group an entry was registered from.
 pub const GROUP_ANNOTATION: &str = "isthmus.io/workload-group";
@@ -60,14 +60,8 @@ pub struct AutoRegistrar {
     conns: Arc<Mutex<HashMap<(String, String), Conn>>>,
 }
 
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
 pub fn entry_name(group: &str, ip: IpAddr) -> String {
-    format!("{group}-{}", ip.to_string().replace(['.', ':'], "-"))
+    crate::registry::register_entry_name(group, ip)
 }
 
 impl AutoRegistrar {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use isthmus_ca::{Authenticator, Credential};
-use isthmus_xds::server::{Authenticate, Identity, Node, StreamObserver};
+use isthmus_xds::server::{node_metadata, Authenticate, Identity, Node, StreamObserver};
 use isthmus_xds::{build_resources_with_policies, MappingOptions, ResourceSet};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
@@ -87,13 +87,6 @@ impl Authenticate for XdsAuth {
     }
 }
 
-fn metadata_str<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
-    match node.metadata.as_ref()?.fields.get(key)?.kind.as_ref()? {
-        prost_types::value::Kind::StringValue(s) => Some(s),
-        _ => None,
-    }
-}
-
 /// Auto-registration and health through the discovery stream.
 pub struct Observer {
     pub autoreg: AutoRegistrar,
@@ -102,7 +95,7 @@ pub struct Observer {
 #[tonic::async_trait]
 impl StreamObserver for Observer {
     async fn connected(&self, identity: &Identity, node: &Node) -> Result<Option<String>, Status> {
-        let Some(group) = metadata_str(node, AUTO_REGISTER_GROUP).filter(|g| !g.is_empty()) else {
+        let Some(group) = node_metadata(node, AUTO_REGISTER_GROUP) else {
             return Ok(None);
         };
         // Istio's node id: <role>~<ip>~<name>.<ns>~<ns>.svc.<domain>

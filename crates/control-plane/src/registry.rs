@@ -153,7 +153,7 @@ pub struct Registry {
     domain: String,
 }
 
-fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
@@ -251,9 +251,10 @@ pub fn parse_port_arg(arg: &str) -> Result<(String, u32), RegistryError> {
     Ok((name, port))
 }
 
-/// The workload entry `register` creates for SERVICE at IP: `<service>-<ip with '-' for '.'/':'>`.
-pub fn register_entry_name(service: &str, ip: IpAddr) -> String {
-    format!("{service}-{}", ip.to_string().replace(['.', ':'], "-"))
+/// The name of the workload entry for a host at IP: `<prefix>-<ip with '-' for '.'/':'>`, as
+/// `register` (prefix: the service) and auto-registration (prefix: the group) name them.
+pub fn register_entry_name(prefix: &str, ip: IpAddr) -> String {
+    format!("{prefix}-{}", ip.to_string().replace(['.', ':'], "-"))
 }
 
 impl Registry {

@@ -47,6 +47,7 @@ use tracing::Instrument;
 
 pub use auth::{spiffe_id_of, Authenticate, Identity, StaticAuthenticator};
 pub use metrics::XdsMetrics;
+pub use stream::node_metadata;
 
 use crate::resources::ResourceSet;
 use publisher::Snapshot;

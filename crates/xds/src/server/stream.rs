@@ -513,7 +513,8 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-fn metadata_str<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
+/// A non-empty string value of the node's metadata.
+pub fn node_metadata<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
     match node.metadata.as_ref()?.fields.get(key)?.kind.as_ref()? {
         Kind::StringValue(s) if !s.is_empty() => Some(s),
         _ => None,
@@ -530,12 +531,12 @@ fn check_node(node: &Node, identity: &Identity) -> Result<(), Status> {
             node.id
         )))
     };
-    if let Some(ns) = metadata_str(node, "NAMESPACE") {
+    if let Some(ns) = node_metadata(node, "NAMESPACE") {
         if ns != identity.namespace {
             return refuse("namespace", ns);
         }
     }
-    if let Some(sa) = metadata_str(node, "SERVICE_ACCOUNT") {
+    if let Some(sa) = node_metadata(node, "SERVICE_ACCOUNT") {
         if sa != identity.service_account {
             return refuse("service account", sa);
         }
