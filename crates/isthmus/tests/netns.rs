@@ -1,6 +1,7 @@
 //! The seeds' scenario end to end, in network namespaces (root only; CI runs as root): a
-//! control-plane host, a mesh host serving `productpage` in `bookinfo`, and a "VM" host with its
-//! own agent, `cluster.env` and `sidecar.env`, all on one bridge. Nothing leaves the namespaces.
+//! control-plane host; mesh hosts serving `productpage` and `reviews` in `bookinfo` (a second,
+//! unhealthy `productpage` member checks that health is respected); and a "VM" host with its own
+//! agent, `cluster.env` and `sidecar.env`, all on one bridge. Nothing leaves the namespaces.
 
 mod common;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,9 @@ use common::{wait_for, BIN};
 const CP: &str = "10.77.0.1";
 const MESH: &str = "10.77.0.2";
 const VM: &str = "10.77.0.3";
+const REVIEWS: &str = "10.77.0.4";
+/// A second productpage member whose probe fails until the test makes it pass.
+const MESH3: &str = "10.77.0.5";
 
 struct Lab {
     id: String,
@@ -79,7 +83,13 @@ fn lab() -> Lab {
     lab.names.push(sw.clone());
     sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"]);
     sh(&["ip", "-n", &sw, "link", "set", "br0", "up"]);
-    for (host, ip) in [("cp", CP), ("mesh", MESH), ("vm", VM)] {
+    for (host, ip) in [
+        ("cp", CP),
+        ("mesh", MESH),
+        ("vm", VM),
+        ("reviews", REVIEWS),
+        ("mesh3", MESH3),
+    ] {
         let ns = lab.ns(host);
         sh(&["ip", "netns", "add", &ns]);
         lab.names.push(ns.clone());
@@ -140,7 +150,7 @@ fn start_agent(
     token: &str,
     sidecar: &str,
     extra: &[&str],
-) -> PathBuf {
+) -> serde_json::Value {
     let certs = dir.join("certs");
     let state = dir.join("state");
     std::fs::write(dir.join("token"), token).unwrap();
@@ -187,8 +197,7 @@ fn start_agent(
     args.extend(extra.iter().map(|s| s.to_string()));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     lab.spawn(host, &refs, &[("ISTHMUS_LOG", "warn")]);
-    let ep = wait_file_json(&state.join("agent-endpoints.json"));
-    PathBuf::from(ep["readiness"].as_str().unwrap())
+    wait_file_json(&state.join("agent-endpoints.json"))
 }
 
 #[test]
@@ -269,11 +278,15 @@ fn seeds_scenario_in_network_namespaces() {
         String::from_utf8(out.stdout).unwrap()
     };
 
-    // The mesh: productpage in bookinfo, served by the mesh host, which joins through a group.
+    // The mesh: productpage and reviews in bookinfo, served by mesh hosts that join through
+    // groups; productpage's group has a probe, so its members start unhealthy.
     cli(&lab, &["apply", "-f", "-"], Some(
-        "apiVersion: v1\nkind: Service\nmetadata: {name: productpage, namespace: bookinfo}\nspec:\n  selector: {app: productpage}\n  ports: [{name: http, port: 9080}]\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadGroup\nmetadata: {name: productpage, namespace: bookinfo}\nspec:\n  metadata: {labels: {app: productpage}}\n  template: {serviceAccount: productpage, ports: {http: 9080}}\n",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: productpage, namespace: bookinfo}\nspec:\n  selector: {app: productpage}\n  ports: [{name: http, port: 9080}]\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadGroup\nmetadata: {name: productpage, namespace: bookinfo}\nspec:\n  metadata: {labels: {app: productpage}}\n  template: {serviceAccount: productpage, ports: {http: 9080}}\n  probe: {httpGet: {port: 9080, path: /healthz}}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  selector: {app: reviews}\n  ports: [{name: http, port: 9080}]\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadGroup\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  metadata: {labels: {app: reviews}}\n  template: {serviceAccount: reviews, ports: {http: 9080}}\n",
     ));
-    let host_dirs: Vec<PathBuf> = ["mesh", "vm"].iter().map(|h| work.path().join(h)).collect();
+    let host_dirs: Vec<PathBuf> = ["mesh", "vm", "reviews", "mesh3"]
+        .iter()
+        .map(|h| work.path().join(h))
+        .collect();
     for d in &host_dirs {
         std::fs::create_dir_all(d).unwrap();
         cli(
@@ -287,18 +300,44 @@ fn seeds_scenario_in_network_namespaces() {
         &["token", "create", "-n", "bookinfo", "-s", "productpage"],
         None,
     );
+    let reviews_token = cli(
+        &lab,
+        &["token", "create", "-n", "bookinfo", "-s", "reviews"],
+        None,
+    );
     let vm_token = cli(
         &lab,
         &["token", "create", "-n", "onprem", "-s", "mysql"],
         None,
     );
 
-    // Apps: productpage on the mesh host, "mysql" (an HTTP server on 3306, for curl) on the VM.
-    lab.spawn(
-        "mesh",
-        &["python3", "-m", "http.server", "9080", "--bind", MESH],
-        &[],
-    );
+    // Apps: productpage on the mesh host and on mesh3 (each page names its host; mesh3 has no
+    // /healthz yet, so its probe fails), reviews on its host, "mysql" (an HTTP server on 3306,
+    // for curl) on the VM.
+    let site = |host: &str, healthy: bool| -> PathBuf {
+        let d = work.path().join(format!("site-{host}"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("index.html"), format!("served by {host}\n")).unwrap();
+        if healthy {
+            std::fs::write(d.join("healthz"), "ok\n").unwrap();
+        }
+        d
+    };
+    for (host, healthy) in [("mesh", true), ("mesh3", false), ("reviews", true)] {
+        let d = site(host, healthy);
+        lab.spawn(
+            host,
+            &[
+                "python3",
+                "-m",
+                "http.server",
+                "9080",
+                "--directory",
+                d.to_str().unwrap(),
+            ],
+            &[],
+        );
+    }
     lab.spawn(
         "vm",
         &["python3", "-m", "http.server", "3306", "--bind", VM],
@@ -313,7 +352,41 @@ fn seeds_scenario_in_network_namespaces() {
         &host_dirs[0],
         &mesh_token,
         "ISTIO_INBOUND_PORTS=9080\n",
-        &["--group", "productpage"],
+        &[
+            "--group",
+            "productpage",
+            "--probe-http",
+            "9080/healthz",
+            "--probe-period",
+            "1s",
+        ],
+    );
+    let reviews_ready = start_agent(
+        &mut lab,
+        "reviews",
+        REVIEWS,
+        &host_dirs[2],
+        &reviews_token,
+        "ISTIO_INBOUND_PORTS=9080\n",
+        &["--group", "reviews"],
+    );
+    let mesh3_ready = start_agent(
+        &mut lab,
+        "mesh3",
+        MESH3,
+        &host_dirs[3],
+        &mesh_token,
+        "ISTIO_INBOUND_PORTS=9080\n",
+        &[
+            "--group",
+            "productpage",
+            "--probe-http",
+            "9080/healthz",
+            "--probe-period",
+            "1s",
+            "--probe-failure-threshold",
+            "1",
+        ],
     );
     let vm_ready = start_agent(
         &mut lab,
@@ -324,7 +397,12 @@ fn seeds_scenario_in_network_namespaces() {
         "ISTIO_INBOUND_PORTS=3306\n",
         &[],
     );
-    for (host, url) in [("mesh", &mesh_ready), ("vm", &vm_ready)] {
+    for (host, url) in [
+        ("mesh", &mesh_ready),
+        ("vm", &vm_ready),
+        ("reviews", &reviews_ready),
+        ("mesh3", &mesh3_ready),
+    ] {
         wait_for(
             &format!("{host} agent ready"),
             Duration::from_secs(30),
@@ -336,7 +414,7 @@ fn seeds_scenario_in_network_namespaces() {
                         "-sf",
                         "--max-time",
                         "2",
-                        &format!("{}/healthz/ready", url.display()),
+                        &format!("{}/healthz/ready", url["readiness"].as_str().unwrap()),
                     ],
                 );
                 out.status.success().then_some(())
@@ -375,6 +453,96 @@ fn seeds_scenario_in_network_namespaces() {
                 .then_some(())
         },
     );
+    // Health: mesh3's probe fails, so its productpage entry is UNHEALTHY and the VM's proxy never
+    // sends it a connection while mesh's is healthy.
+    let entry_line = |lab: &Lab, ip: &str| -> String {
+        cli(lab, &["get", "workloads", "-n", "bookinfo"], None)
+            .lines()
+            .find(|l| l.contains(ip))
+            .unwrap_or_default()
+            .to_lowercase()
+    };
+    wait_for(
+        "mesh3's entry registered unhealthy",
+        Duration::from_secs(30),
+        || entry_line(&lab, MESH3).contains("unhealthy").then_some(()),
+    );
+    let body = |lab: &Lab, host: &str, url: &str| -> String {
+        let o = lab.exec(host, &["curl", "-s", "--max-time", "5", url]);
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    // What the VM's proxy knows of a workload's health (its admin config dump).
+    let vm_view = |lab: &Lab, ip: &str| -> Option<String> {
+        let o = lab.exec(
+            "vm",
+            &[
+                "curl",
+                "-sf",
+                "--max-time",
+                "2",
+                &format!("{}/config_dump", vm_ready["admin"].as_str().unwrap()),
+            ],
+        );
+        let dump: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        dump["discovery"]["workloads"]
+            .as_array()?
+            .iter()
+            .find(|w| {
+                w["addresses"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x == ip))
+            })
+            .map(|w| w["health"].as_str().unwrap_or_default().to_lowercase())
+    };
+    wait_for(
+        "the VM to see mesh healthy and mesh3 unhealthy",
+        Duration::from_secs(30),
+        || {
+            (vm_view(&lab, MESH)? == "healthy" && vm_view(&lab, MESH3)? == "unhealthy")
+                .then_some(())
+        },
+    );
+    for i in 0..20 {
+        assert_eq!(
+            body(
+                &lab,
+                "vm",
+                "http://productpage.bookinfo.svc.cluster.local:9080/"
+            ),
+            "served by mesh",
+            "request {i}: only the healthy productpage endpoint gets traffic"
+        );
+    }
+    // Its app recovers: the probe passes, the entry turns healthy, and it takes its share.
+    std::fs::write(work.path().join("site-mesh3/healthz"), "ok\n").unwrap();
+    wait_for(
+        "traffic to mesh3 once healthy",
+        Duration::from_secs(30),
+        || {
+            (body(
+                &lab,
+                "vm",
+                "http://productpage.bookinfo.svc.cluster.local:9080/",
+            ) == "served by mesh3")
+                .then_some(())
+        },
+    );
+    // reviews, on its own host, from the VM and from the productpage host.
+    for host in ["vm", "mesh"] {
+        wait_for(
+            &format!("reviews from {host}"),
+            Duration::from_secs(30),
+            || {
+                (body(
+                    &lab,
+                    host,
+                    "http://reviews.bookinfo.svc.cluster.local:9080/",
+                ) == "served by reviews")
+                    .then_some(())
+            },
+        );
+    }
+
     // PERMISSIVE (the default) lets plaintext from outside the mesh reach the app port; a
     // PeerAuthentication STRICT for bookinfo makes it refuse, while the mTLS path keeps working.
     assert_eq!(
