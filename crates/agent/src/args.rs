@@ -112,6 +112,10 @@ pub struct AgentArgs {
     /// Captured outbound connections to an address the mesh does not know.
     #[arg(long, value_enum, default_value = "passthrough")]
     pub outbound_unknown: OutboundUnknown,
+    /// On SIGTERM, how long open connections may finish after the proxy stops accepting
+    /// (Istio's terminationDrainDuration).
+    #[arg(long, default_value = "5s", env = "ISTHMUS_DRAIN_DURATION")]
+    pub drain_duration: humantime::Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

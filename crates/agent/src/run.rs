@@ -278,7 +278,7 @@ pub async fn run(
                     "services": st.services().map(|s| json!({
                         "hostname": s.hostname, "namespace": s.namespace,
                         "vips": s.vips.iter().map(|(_, ip)| ip.to_string()).collect::<Vec<_>>(),
-                        "ports": s.ports.iter().map(|p| json!({"port": p.service_port, "targetPort": p.target_port})).collect::<Vec<_>>(),
+                        "ports": s.ports.iter().map(|p| json!({"port": p.service_port, "targetPort": p.target_port, "appProtocol": format!("{:?}", p.app_protocol)})).collect::<Vec<_>>(),
                         "subjectAltNames": s.subject_alt_names,
                     })).collect::<Vec<_>>(),
                     "workloads": st.workloads().map(|w| json!({
@@ -366,7 +366,7 @@ pub async fn run(
     }
     if let Some(p) = proxy {
         // Stop accepting; let open streams finish for a while.
-        p.shutdown(std::time::Duration::from_secs(5)).await;
+        p.shutdown(args.drain_duration.into()).await;
     }
     // The periodic cache write may be up to a second behind: save the newest state now, so
     // a restart without the control plane starts from it.

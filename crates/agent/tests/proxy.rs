@@ -299,6 +299,9 @@ struct Mesh {
     in_metrics: Arc<ProxyMetrics>,
     hbone_port: u16,
     _servers: Vec<ServerHandle>,
+    /// Starts the outbound listener's drain (what SIGTERM does).
+    drain: watch::Sender<Option<Duration>>,
+    serving: tokio::task::JoinHandle<()>,
 }
 
 impl Mesh {
@@ -324,7 +327,8 @@ impl Mesh {
         );
         let l = TcpListener::bind("127.0.0.1:0").await?;
         let addr = l.local_addr()?;
-        tokio::spawn(outbound.serve(l));
+        let (drain, drain_rx) = watch::channel(None);
+        let serving = tokio::spawn(outbound.serve_until(l, drain_rx));
         Ok(Self {
             ca,
             state,
@@ -333,6 +337,8 @@ impl Mesh {
             in_metrics: Arc::new(ProxyMetrics::default()),
             hbone_port,
             _servers: Vec::new(),
+            drain,
+            serving,
         })
     }
 
@@ -841,4 +847,86 @@ async fn start_serves_hbone_with_the_identity_managers_certificate() -> Result<(
     );
     proxy.shutdown(Duration::from_secs(1)).await;
     Ok(())
+}
+
+/// A live connection through the proxy to an echo app, and the mesh around it.
+async fn live_connection(block: u8) -> Result<(Mesh, TcpStream)> {
+    let (vip, ip) = (loopback(block, 100), loopback(block, 2));
+    let port = hbone_port(ip).await?;
+    let mut mesh = Mesh::new(SocketAddr::new(vip, 80), UnknownDestination::Refuse, port).await?;
+    let (app, _) = echo_app(ip).await?;
+    let ep = Ep {
+        uid: "server",
+        ip,
+        target_port: app.port(),
+        hbone: true,
+        healthy: true,
+    };
+    mesh.set_state(state(vip, &[ep], &[])?);
+    mesh.hbone_server(ip).await?;
+    let mut c = TcpStream::connect(mesh.outbound).await?;
+    assert_eq!(
+        echo(&mut c, b"before the drain").await?,
+        b"before the drain"
+    );
+    Ok((mesh, c))
+}
+
+async fn echo(c: &mut TcpStream, msg: &[u8]) -> Result<Vec<u8>> {
+    c.write_all(msg).await?;
+    let mut buf = vec![0; msg.len()];
+    tokio::time::timeout(DEADLINE, c.read_exact(&mut buf))
+        .await
+        .context("no echo")??;
+    Ok(buf)
+}
+
+#[tokio::test]
+async fn drain_refuses_new_connections_and_lets_open_ones_finish() -> Result<()> {
+    let (mut mesh, mut c) = live_connection(20).await?;
+    mesh.drain.send_replace(Some(Duration::from_secs(30)));
+
+    // New connections are refused at once: the listener is closed.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "still accepting");
+        match TcpStream::connect(mesh.outbound).await {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => break,
+            // Queued in the backlog when the listener closed: reset. Try once more.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => continue,
+            Err(e) => anyhow::bail!("unexpected connect error while draining: {e}"),
+            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    // The open one keeps working, and the listener's task waits for it.
+    assert_eq!(echo(&mut c, b"while draining").await?, b"while draining");
+    assert!(
+        !mesh.serving.is_finished(),
+        "drain ended with a connection open"
+    );
+    // When it ends, the drain is over long before its deadline.
+    c.shutdown().await?;
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).await?;
+    tokio::time::timeout(DEADLINE, &mut mesh.serving)
+        .await
+        .context("drain did not end after the last connection closed")??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn drain_deadline_closes_connections_left_open() -> Result<()> {
+    let (mut mesh, mut c) = live_connection(21).await?;
+    mesh.drain.send_replace(Some(Duration::from_millis(200)));
+    tokio::time::timeout(DEADLINE, &mut mesh.serving)
+        .await
+        .context("drain did not end at its deadline")??;
+    // The proxy closed the client's connection: EOF or a reset, and no echo.
+    let mut buf = [0u8; 16];
+    let _ = c.write_all(b"after the deadline").await;
+    match tokio::time::timeout(DEADLINE, c.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => Ok(()),
+        Ok(Ok(n)) => anyhow::bail!("got {n} bytes after the drain deadline"),
+        Err(_) => anyhow::bail!("connection still open after the drain deadline"),
+    }
 }

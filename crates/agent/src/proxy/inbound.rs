@@ -19,7 +19,6 @@ use isthmus_xds::Identity;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use super::authz::{self, Connection, Verdict};
@@ -396,21 +395,20 @@ impl PlaintextInbound {
 
     /// Serves `listener` until the returned future is dropped (which closes every connection).
     pub async fn serve(self, listener: TcpListener) {
+        let (_never, drain) = tokio::sync::watch::channel(None);
+        self.serve_until(listener, drain).await
+    }
+
+    /// Serves `listener` until `drain` fires, then stops accepting and lets open connections
+    /// finish for up to the deadline it carries.
+    pub async fn serve_until(self, listener: TcpListener, drain: super::drain::DrainSignal) {
         let this = Arc::new(self);
-        let mut conns = JoinSet::new();
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((tcp, src)) => {
-                        let this = this.clone();
-                        let span = tracing::debug_span!("inbound_plaintext", %src);
-                        conns.spawn(async move { this.handle(tcp, src).await }.instrument(span));
-                    }
-                    Err(e) => tracing::warn!(error = %e, "inbound plaintext accept failed"),
-                },
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            }
-        }
+        super::drain::serve(listener, "inbound_plaintext", drain, move |tcp, src| {
+            let this = this.clone();
+            let span = tracing::debug_span!("inbound_plaintext", %src);
+            async move { this.handle(tcp, src).await }.instrument(span)
+        })
+        .await
     }
 
     async fn handle(&self, mut client: TcpStream, src: SocketAddr) {

@@ -10,6 +10,7 @@
 //! Access-log lines go to the tracing target [`ACCESS_LOG_TARGET`].
 
 pub mod authz;
+pub mod drain;
 pub mod inbound;
 pub mod lb;
 pub mod metrics;
@@ -96,6 +97,10 @@ pub struct Proxy {
     outbound_addr: SocketAddr,
     plaintext_addr: SocketAddr,
     hbone: ServerHandle,
+    /// The outbound and plaintext listeners (they end after draining).
+    serving: JoinSet<()>,
+    drain: drain::DrainSender,
+    /// Background work (credentials, policy re-checks) stopped after the drain.
     tasks: JoinSet<()>,
     metrics: Arc<ProxyMetrics>,
 }
@@ -117,10 +122,13 @@ impl Proxy {
         self.metrics.clone()
     }
 
-    /// Stops accepting, lets HBONE streams drain for up to `deadline`, closes the rest.
+    /// Stops accepting on every listener at once, lets open connections and HBONE streams
+    /// finish for up to `deadline`, then closes the rest.
     pub async fn shutdown(mut self, deadline: Duration) {
+        self.drain.send_replace(Some(deadline));
+        let listeners = async { while self.serving.join_next().await.is_some() {} };
+        tokio::join!(listeners, self.hbone.shutdown(deadline));
         self.tasks.shutdown().await;
-        self.hbone.shutdown(deadline).await;
     }
 }
 
@@ -175,13 +183,17 @@ pub async fn start(
         Arc::new(LoadTracker::default()),
         metrics.clone(),
     );
-    tasks.spawn(outbound.serve(outbound_l));
+    let (drain, drain_rx) = watch::channel(None);
+    let mut serving = JoinSet::new();
+    serving.spawn(outbound.serve_until(outbound_l, drain_rx.clone()));
     let plaintext = PlaintextInbound::new(config.plaintext_mode, orig_dst, policy);
-    tasks.spawn(plaintext.serve(plaintext_l));
+    serving.spawn(plaintext.serve_until(plaintext_l, drain_rx));
     Ok(Proxy {
         outbound_addr,
         plaintext_addr,
         hbone,
+        serving,
+        drain,
         tasks,
         metrics,
     })

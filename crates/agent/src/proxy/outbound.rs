@@ -12,7 +12,6 @@ use isthmus_hbone::{HboneClient, HboneError, Upstream};
 use isthmus_xds::client::{Service, State, Tunnel, Workload};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use super::lb::{ConnGuard, LoadTracker};
@@ -151,23 +150,21 @@ impl Outbound {
 
     /// Serves `listener` until the returned future is dropped (which closes every connection).
     pub async fn serve(self, listener: TcpListener) {
+        let (_never, drain) = tokio::sync::watch::channel(None);
+        self.serve_until(listener, drain).await
+    }
+
+    /// Serves `listener` until `drain` fires, then stops accepting and lets open connections
+    /// finish for up to the deadline it carries.
+    pub async fn serve_until(self, listener: TcpListener, drain: super::drain::DrainSignal) {
         let this = Arc::new(self);
         let local = listener.local_addr().ok();
-        let mut conns = JoinSet::new();
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((tcp, src)) => {
-                        let this = this.clone();
-                        let span = tracing::debug_span!("outbound", %src);
-                        conns.spawn(async move { this.handle(tcp, src, local).await }.instrument(span));
-                    }
-                    // Per-connection accept errors (EMFILE, aborted handshakes) are transient.
-                    Err(e) => tracing::warn!(error = %e, "outbound accept failed"),
-                },
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            }
-        }
+        super::drain::serve(listener, "outbound", drain, move |tcp, src| {
+            let this = this.clone();
+            let span = tracing::debug_span!("outbound", %src);
+            async move { this.handle(tcp, src, local).await }.instrument(span)
+        })
+        .await
     }
 
     async fn handle(&self, mut client: TcpStream, src: SocketAddr, local: Option<SocketAddr>) {
