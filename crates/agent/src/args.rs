@@ -91,15 +91,23 @@ pub struct AgentArgs {
 
     /// Run the proxy: outbound capture 127.0.0.1:15001, plaintext inbound 0.0.0.0:15006,
     /// HBONE inbound <ip>:15008.
-    #[arg(long)]
+    #[arg(long, env = "ISTHMUS_PROXY", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
     pub proxy: bool,
     /// Install the interception rules (iptables) from cluster.env and sidecar.env while the
     /// proxy runs, and remove them on a clean stop. Needs --proxy and root (or NET_ADMIN).
-    #[arg(long, requires = "proxy")]
+    #[arg(long, env = "ISTHMUS_CAPTURE", requires_if("true", "proxy"), value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
     pub capture: bool,
-    #[arg(long, default_value = "/var/lib/istio/envoy/cluster.env")]
+    #[arg(
+        long,
+        default_value = "/var/lib/istio/envoy/cluster.env",
+        env = "ISTHMUS_CLUSTER_ENV"
+    )]
     pub cluster_env: PathBuf,
-    #[arg(long, default_value = "/var/lib/istio/envoy/sidecar.env")]
+    #[arg(
+        long,
+        default_value = "/var/lib/istio/envoy/sidecar.env",
+        env = "ISTHMUS_SIDECAR_ENV"
+    )]
     pub sidecar_env: PathBuf,
     /// Plaintext connections captured inbound: PERMISSIVE passes them on, STRICT refuses them.
     #[arg(

@@ -159,6 +159,11 @@ pub async fn run(
     cfg.node_metadata.insert("NAMESPACE".into(), ns.clone());
     cfg.node_metadata
         .insert("SERVICE_ACCOUNT".into(), sa.clone());
+    // Shown by `isthmus status` on the control plane (Istio's agents send the same key).
+    cfg.node_metadata.insert(
+        isthmus_xds::server::VERSION_METADATA.into(),
+        env!("CARGO_PKG_VERSION").into(),
+    );
     if let Some(g) = &args.group {
         cfg.node_metadata
             .insert("AUTO_REGISTER_GROUP".into(), g.clone());

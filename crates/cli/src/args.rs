@@ -76,8 +76,10 @@ pub enum Command {
         ports: Vec<String>,
         #[arg(short, long, default_value = isthmus_model::DEFAULT_NAMESPACE)]
         namespace: String,
-        #[arg(short = 's', long, default_value = isthmus_model::DEFAULT_SERVICE_ACCOUNT)]
-        service_account: String,
+        /// The endpoint's service account [default: that of the agent connected from IP in this
+        /// namespace, if any (so the mesh reaches it over mTLS), else `default`].
+        #[arg(short = 's', long)]
+        service_account: Option<String>,
         /// Label of the endpoint, `key=value` (repeatable).
         #[arg(short, long = "labels", value_name = "KEY=VALUE")]
         labels: Vec<String>,
@@ -157,6 +159,13 @@ pub enum Command {
         #[command(subcommand)]
         command: VmCommand,
     },
+    /// Install a host's files from `isthmus vm config` (a directory or its .tar.gz) and start
+    /// the agent: checks the control plane first, then the istio-proxy user, the files at the
+    /// paths of docs/host-layout.md, /etc/hosts, dnsmasq, and the service. Safe to re-run.
+    #[command(
+        after_help = "Examples:\n  isthmus join ./mysql-vm\n  isthmus join mysql-vm.tar.gz --no-start\n  isthmus join ./mysql-vm --root /tmp/fakeroot --no-start"
+    )]
+    Join(crate::join::JoinArgs),
     /// The host's interception rules (iptables), from the seeds' cluster.env and sidecar.env:
     /// print them, or remove them. The agent installs them.
     #[command(
@@ -180,6 +189,24 @@ pub enum Command {
         #[arg(long)]
         netns: Option<String>,
     },
+    /// Hosts connected to the control plane's discovery stream: identity, IP, version, health,
+    /// certificate expiry and how fresh their config is (like `istioctl proxy-status`).
+    #[command(
+        after_help = "Config states: SYNCED (last response ACKed, nothing newer sent), NOT SENT, STALE (sent, not ACKed yet), NACKED (rejected; the detail says why).\n\nExamples:\n  isthmus status\n  isthmus status -o wide\n  isthmus status 10.0.0.9\n  isthmus status vm-1.onprem -o json"
+    )]
+    Status(crate::status::StatusArgs),
+    /// Build the seeds' scenario on this machine in network namespaces (root): a control plane,
+    /// mesh hosts serving a small bookinfo, a VM host; show the calls both ways; clean up.
+    #[command(
+        after_help = "Examples:\n  sudo isthmus demo\n  sudo isthmus demo --keep        # explore it, Ctrl-C removes it"
+    )]
+    Demo(Box<isthmus_demo::DemoArgs>),
+    /// Check this member host: files, control plane, clock, certificate, agent, interception
+    /// rules, DNS and a mesh connection; one line per check, non-zero exit when one fails.
+    #[command(
+        after_help = "Examples:\n  sudo isthmus doctor\n  sudo isthmus doctor -o json --timeout 5s"
+    )]
+    Doctor(crate::doctor::DoctorArgs),
     /// Print a shell completion script.
     #[command(after_help = "Example:\n  isthmus completion bash > /etc/bash_completion.d/isthmus")]
     Completion { shell: clap_complete::Shell },
@@ -233,6 +260,13 @@ pub enum TokenCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum VmCommand {
+    /// Write everything a host needs to join the mesh: cluster.env, sidecar.env, kubedns,
+    /// hosts, root-cert.pem, a join token and agent.env (and with --bootstrap-certs a
+    /// short-lived key.pem and cert-chain.pem), into a new directory and/or a .tar.gz.
+    #[command(
+        after_help = "Examples:\n  isthmus vm config -n onprem -s mysql -o ./mysql-vm --inbound-ports 3306\n  isthmus vm config -n onprem --group mysql --archive mysql-vm.tar.gz --token-ttl 2h --token-uses 1\n\nThen, on the host: isthmus join ./mysql-vm"
+    )]
+    Config(crate::vmconfig::VmConfigArgs),
     /// Write the seeds' "machineCerts" for a host: root-cert.pem, and with --all a short-lived
     /// key.pem and cert-chain.pem for hosts that cannot use a join token.
     #[command(

@@ -25,6 +25,10 @@ pub enum CommandError {
     Usage(String),
     #[error("cannot read {path}: {cause}")]
     Read { path: String, cause: String },
+    #[error(transparent)]
+    VmConfig(#[from] crate::vmconfig::VmConfigError),
+    #[error(transparent)]
+    Join(#[from] crate::join::JoinError),
 }
 
 fn key_values(flag: &str, items: &[String]) -> Result<BTreeMap<String, String>, CommandError> {
@@ -69,6 +73,25 @@ pub async fn run(cmd: Command, out: &mut dyn Write) -> Result<(), CommandError> 
             conn,
         } => {
             let client = Client::from_connection(&conn)?;
+            let service_account = match service_account {
+                Some(sa) => sa,
+                None => match agent_service_account(&client, &ip, &namespace).await {
+                    Some(sa) => {
+                        w(
+                            out,
+                            format!("Service account {sa}: the identity of the agent connected from {ip}\n"),
+                        );
+                        sa
+                    }
+                    None => {
+                        w(
+                            out,
+                            format!("Service account default: no agent of namespace {namespace} is connected from {ip} (if one will serve it, pass -s with its service account)\n"),
+                        );
+                        isthmus_model::DEFAULT_SERVICE_ACCOUNT.to_string()
+                    }
+                },
+            };
             let req = RegisterRequest {
                 service,
                 namespace,
@@ -300,7 +323,12 @@ pub async fn run(cmd: Command, out: &mut dyn Write) -> Result<(), CommandError> 
             }
         }
         Command::Vm { command } => vm_cmd(command, out).await?,
-        Command::Server(_) | Command::Agent(_) | Command::Completion { .. } => {
+        Command::Status(args) => crate::status::run(args, out).await?,
+        Command::Join(args) => crate::join::run(args, out).await?,
+        Command::Doctor(args) => crate::doctor::run(args, out)
+            .await
+            .map_err(CommandError::Usage)?,
+        Command::Server(_) | Command::Agent(_) | Command::Demo(_) | Command::Completion { .. } => {
             return Err(CommandError::Usage("not an operator command".into()))
         }
     }
@@ -308,6 +336,29 @@ pub async fn run(cmd: Command, out: &mut dyn Write) -> Result<(), CommandError> 
 }
 
 /// For service tables: how many workload entries serve each service.
+/// The service account of an agent connected from `ip` with an identity in `namespace`: an
+/// endpoint registered under it is reached over HBONE and its certificate matches. `None` when
+/// there is none (or the server cannot tell).
+async fn agent_service_account(client: &Client, ip: &str, namespace: &str) -> Option<String> {
+    let proxies: Vec<serde_json::Value> = client
+        .json(Method::GET, "/api/v1/proxies", None)
+        .await
+        .ok()?;
+    proxies.iter().find_map(|p| {
+        if p["ip"].as_str()? != ip {
+            return None;
+        }
+        // spiffe://<trust domain>/ns/<namespace>/sa/<service account>
+        let id = p["identity"].as_str()?;
+        let rest = id.strip_prefix("spiffe://")?;
+        let mut parts = rest.split('/').skip(1);
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some("ns"), Some(ns), Some("sa"), Some(sa)) if ns == namespace => Some(sa.to_string()),
+            _ => None,
+        }
+    })
+}
+
 async fn endpoint_counter(
     client: &Client,
     kind: Kind,
@@ -532,6 +583,7 @@ async fn token_cmd(cmd: TokenCommand, out: &mut dyn Write) -> Result<(), Command
 
 async fn vm_cmd(cmd: VmCommand, out: &mut dyn Write) -> Result<(), CommandError> {
     match cmd {
+        VmCommand::Config(args) => crate::vmconfig::run(args, out).await?,
         VmCommand::Certs {
             namespace,
             service_account,

@@ -5,6 +5,10 @@
 pub mod args;
 pub mod client;
 pub mod commands;
+pub mod doctor;
+pub mod join;
 mod output;
+pub mod status;
+pub mod vmconfig;
 
 pub use args::{Cli, Command};

@@ -28,6 +28,8 @@ use crate::registry::{DeregisterRequest, Filter, RegisterRequest, Registry, Regi
 
 /// Request bodies above this are refused with 413 before being parsed.
 pub const MAX_BODY: usize = 1024 * 1024;
+/// The name the serving certificate of port 15012 always carries, which hosts check.
+pub const CA_SERVER_NAME: &str = "istiod.istio-system.svc";
 pub const OPENAPI: &str = include_str!("../../../docs/openapi.yaml");
 
 pub struct ApiState {
@@ -38,6 +40,31 @@ pub struct ApiState {
     /// Turns true when shutdown begins; open watch streams end then.
     pub stopping: tokio::sync::watch::Receiver<bool>,
     pub identity: IdentityState,
+    /// The discovery server, for the connected hosts (`GET /api/v1/proxies`).
+    pub xds: isthmus_xds::XdsServer,
+    /// What hosts need to know about this control plane (`GET /api/v1/mesh`); set once the
+    /// listeners are bound, before the admin API serves.
+    pub mesh: std::sync::OnceLock<MeshInfo>,
+}
+
+/// The control plane as a host sees it: what `isthmus vm config` writes into a host's files.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshInfo {
+    pub trust_domain: String,
+    /// The DNS domain: services are `<name>.<namespace>.svc.<domain>`.
+    pub domain: String,
+    /// Where service VIPs come from: what hosts capture (`ISTIO_SERVICE_CIDR`).
+    pub service_cidr: String,
+    /// The addresses hosts reach the control plane at (--advertise-ip, else the gRPC address
+    /// when it names one); empty when the server cannot know.
+    pub advertised_ips: Vec<std::net::IpAddr>,
+    /// The certificate and discovery API as bound (`ip:port`).
+    pub grpc_addr: std::net::SocketAddr,
+    /// The mesh DNS server as bound (`ip:port`).
+    pub dns_addr: std::net::SocketAddr,
+    /// The name on the control plane's serving certificate that hosts check.
+    pub ca_server_name: String,
 }
 
 /// The CA and the join tokens, for the token and certificate routes.
@@ -161,6 +188,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/api/v1/certs", post(issue_certs))
         .route("/api/v1/ca/root", get(ca_root))
+        .route("/api/v1/proxies", get(list_proxies))
+        .route("/api/v1/mesh", get(mesh_info))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .merge(api)
@@ -649,6 +678,21 @@ async fn issue_certs(State(state): State<Arc<ApiState>>, body: Body) -> ApiResul
 async fn ca_root(State(state): State<Arc<ApiState>>) -> Response {
     Json(json!({ "rootCert": state.identity.ca.trust_bundle_pem(), "trustDomain": state.identity.ca.trust_domain() }))
         .into_response()
+}
+
+async fn mesh_info(State(state): State<Arc<ApiState>>) -> ApiResult<Response> {
+    let info = state.mesh.get().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is still starting",
+        )
+    })?;
+    Ok(Json(info).into_response())
+}
+
+/// Hosts connected to this server's discovery stream (`isthmus status`).
+async fn list_proxies(State(state): State<Arc<ApiState>>) -> Response {
+    Json(crate::proxies::list(&state.xds)).into_response()
 }
 
 struct WatcherGuard(Arc<ApiState>);

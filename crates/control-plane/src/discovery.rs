@@ -2,11 +2,14 @@
 //! `isthmus-xds`; callers authenticated like the CA's (join token or workload certificate);
 //! agents that name a WorkloadGroup are auto-registered and report their health on the stream.
 
+use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use isthmus_ca::{Authenticator, Credential};
+use isthmus_model::WorkloadEntry;
 use isthmus_xds::server::{node_metadata, Authenticate, Identity, Node, StreamObserver};
-use isthmus_xds::{build_resources_with_policies, MappingOptions, ResourceSet};
+use isthmus_xds::{build_resources_with_policies, MappingOptions, ResourceSet, AGENT_ANNOTATION};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
@@ -19,15 +22,20 @@ use crate::informer::RegistryView;
 /// Node metadata naming the WorkloadGroup to join (Istio's `ISTIO_META_AUTO_REGISTER_GROUP`).
 pub const AUTO_REGISTER_GROUP: &str = "AUTO_REGISTER_GROUP";
 
-/// Keeps a `ResourceSet` built from the live registry view; rebuilt off the async workers
-/// (it is proportional to the registry) and at most one build behind the newest view.
+/// IPs where a mesh agent is connected to this server's discovery stream: their workloads can
+/// be reached over HBONE, whether they joined by a group or were `register`ed by hand.
+pub type MeshHosts = Arc<BTreeSet<IpAddr>>;
+
+/// Keeps a `ResourceSet` built from the live registry view and the connected agents; rebuilt
+/// off the async workers (it is proportional to the registry) and at most one build behind.
 pub fn resources(
     mut view: watch::Receiver<Arc<RegistryView>>,
+    mut hosts: watch::Receiver<MeshHosts>,
     opts: MappingOptions,
 ) -> watch::Receiver<Arc<ResourceSet>> {
-    let build = |v: &RegistryView, opts: &MappingOptions| {
+    let build = |v: &RegistryView, hosts: &BTreeSet<IpAddr>, opts: &MappingOptions| {
         let services: Vec<_> = v.services.values().cloned().collect();
-        let entries: Vec<_> = v.entries.values().cloned().collect();
+        let entries: Vec<_> = v.entries.values().map(|e| with_agent(e, hosts)).collect();
         let policies: Vec<_> = v.policies.values().cloned().collect();
         let peer_auths: Vec<_> = v.peer_authentications.values().cloned().collect();
         Arc::new(build_resources_with_policies(
@@ -38,13 +46,18 @@ pub fn resources(
             opts,
         ))
     };
-    let first = build(&view.borrow_and_update(), &opts);
+    let first = build(&view.borrow_and_update(), &hosts.borrow_and_update(), &opts);
     let (tx, rx) = watch::channel(first);
     tokio::spawn(async move {
-        while view.changed().await.is_ok() {
+        loop {
+            tokio::select! {
+                r = view.changed() => if r.is_err() { return },
+                r = hosts.changed() => if r.is_err() { return },
+            }
             let v = view.borrow_and_update().clone();
+            let h = hosts.borrow_and_update().clone();
             let opts = opts.clone();
-            match tokio::task::spawn_blocking(move || build(&v, &opts)).await {
+            match tokio::task::spawn_blocking(move || build(&v, &h, &opts)).await {
                 Ok(set) => {
                     if tx.send(set).is_err() {
                         return;
@@ -55,6 +68,47 @@ pub fn resources(
         }
     });
     rx
+}
+
+/// An entry at a connected agent's IP is marked as served by an agent (HBONE), as
+/// auto-registered ones are.
+fn with_agent(e: &WorkloadEntry, hosts: &BTreeSet<IpAddr>) -> WorkloadEntry {
+    let marked = e.metadata.annotations.contains_key(AGENT_ANNOTATION);
+    match e.ip() {
+        Some(ip) if !marked && hosts.contains(&ip) => {
+            let mut e = e.clone();
+            e.metadata
+                .annotations
+                .insert(AGENT_ANNOTATION.to_string(), "true".to_string());
+            e
+        }
+        _ => e.clone(),
+    }
+}
+
+/// Follows the discovery server's open streams into the set of IPs with a connected agent
+/// (the IP of Istio's node id, `<role>~<ip>~...`, as auto-registration reads it).
+pub fn follow_mesh_hosts(xds: isthmus_xds::server::XdsServer, tx: watch::Sender<MeshHosts>) {
+    let mut changes = xds.stream_changes();
+    tokio::spawn(async move {
+        loop {
+            let ips: BTreeSet<IpAddr> = xds
+                .streams()
+                .iter()
+                .filter_map(|s| s.node_id.split('~').nth(1)?.parse().ok())
+                .collect();
+            tx.send_if_modified(|cur| {
+                if **cur == ips {
+                    return false;
+                }
+                *cur = Arc::new(ips);
+                true
+            });
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 /// A join token (verified, not revoked; a discovery stream does not spend a use) or a client

@@ -11,6 +11,7 @@ pub mod identity;
 pub mod informer;
 pub mod legacy;
 pub mod metrics;
+pub mod proxies;
 pub mod registry;
 pub mod server;
 

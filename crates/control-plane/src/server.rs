@@ -174,8 +174,9 @@ pub async fn run(
     if adopted > 0 {
         tracing::info!(adopted, grace = %args.autoreg_grace, "auto-registered workloads found; each is removed unless its agent reconnects in time");
     }
+    let (hosts_tx, hosts_rx) = tokio::sync::watch::channel(Default::default());
     let xds = isthmus_xds::server::XdsServer::start_observed(
-        crate::discovery::resources(view, mapping),
+        crate::discovery::resources(view, hosts_rx, mapping),
         Arc::new(crate::discovery::XdsAuth {
             auth: auth.clone(),
             ledger: ledger.clone(),
@@ -183,6 +184,7 @@ pub async fn run(
         Some(Arc::new(crate::discovery::Observer { autoreg })),
         Default::default(),
     );
+    crate::discovery::follow_mesh_hosts(xds.clone(), hosts_tx);
     let metrics = Metrics::new(|reg| {
         cert_service
             .metrics()
@@ -210,6 +212,8 @@ pub async fn run(
             tokens,
             ledger,
         },
+        xds: xds.clone(),
+        mesh: Default::default(),
     });
 
     let admin = bind(args.admin_addr, "admin API", "--admin-addr").await?;
@@ -246,6 +250,15 @@ pub async fn run(
         metrics: format!("http://{}", metrics_l.local_addr()?),
         pid: std::process::id(),
     };
+    let _ = state.mesh.set(api::MeshInfo {
+        trust_domain: ca.trust_domain().to_string(),
+        domain: args.domain.clone(),
+        service_cidr: args.service_cidr.to_string(),
+        advertised_ips: args.advertised_ips(),
+        grpc_addr: grpc.local_addr()?,
+        dns_addr: dns.local_addr(),
+        ca_server_name: api::CA_SERVER_NAME.to_string(),
+    });
     write_atomic(
         &data_dir.join(config::ENDPOINTS_FILE),
         &serde_json::to_vec_pretty(&endpoints)?,

@@ -47,6 +47,10 @@ fn main() -> ExitCode {
                 isthmus_control_plane::server::shutdown_signal(),
             ))
         }
+        Command::Demo(args) => {
+            init_logging(cli.global.log_format, &cli.global.log_level);
+            runtime.block_on(isthmus_demo::run(*args, &mut std::io::stdout()))
+        }
         Command::Completion { shell } => {
             clap_complete::generate(
                 shell,

@@ -569,11 +569,14 @@ fn seeds_scenario_in_network_namespaces() {
     );
 
     // Back the other way: the VM's MySQL registered as the seeds did, reached from the mesh host.
-    cli(
+    // The VM's agent is connected as onprem/mysql: the endpoint takes that service account, so
+    // the mesh reaches it over HBONE and its certificate matches.
+    let registered = cli(
         &lab,
         &["register", "mysql", VM, "3306", "-n", "onprem"],
         None,
     );
+    assert!(registered.contains("Service account mysql"), "{registered}");
     wait_for(
         "mysql on the VM from the mesh host",
         Duration::from_secs(30),
@@ -585,6 +588,26 @@ fn seeds_scenario_in_network_namespaces() {
             )) == "200")
                 .then_some(())
         },
+    );
+
+    // Mesh to VM is mTLS: with STRICT for onprem the VM refuses plaintext to its port from the
+    // mesh host, and the call by name (tunnelled) still passes.
+    cli(&lab, &["apply", "-f", "-"], Some(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: onprem}\nspec: {mtls: {mode: STRICT}}\n",
+    ));
+    wait_for(
+        "STRICT on the VM to refuse plaintext",
+        Duration::from_secs(30),
+        || (code(curl(&lab, "mesh", &format!("http://{VM}:3306/"))) != "200").then_some(()),
+    );
+    assert_eq!(
+        code(curl(
+            &lab,
+            "mesh",
+            "http://mysql.onprem.svc.cluster.local:3306/"
+        )),
+        "200",
+        "mesh to VM over HBONE"
     );
 
     // A policy denying the VM's namespace blocks it; removing it lets it through again.
@@ -651,6 +674,9 @@ fn seeds_scenario_in_network_namespaces() {
             "3306",
             "-n",
             "onprem",
+            // The VM's agent may not have reconnected yet to say who it is.
+            "-s",
+            "mysql",
         ])
         .env("ISTHMUS_SERVER", &admin2)
         .env("ISTHMUS_TOKEN", &token)

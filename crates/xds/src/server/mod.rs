@@ -22,11 +22,15 @@
 //! - **NACK**: the client kept what it had for the rejected response's resources. They are
 //!   marked with the version it refused and not sent again until they change (re-sending the
 //!   same bad resource would loop).
+//! - **Status** ([`XdsServer::streams`]): each open stream's identity, peer, certificate expiry,
+//!   health and per-type freshness (SYNCED / NOT SENT / STALE / NACKED), kept in memory by the
+//!   stream's own task under a short, never-awaited lock and dropped with the stream.
 
 mod auth;
 mod metrics;
 mod publisher;
 mod stream;
+mod tracker;
 mod wire;
 
 use std::convert::Infallible;
@@ -48,6 +52,9 @@ use tracing::Instrument;
 pub use auth::{spiffe_id_of, Authenticate, Identity, StaticAuthenticator};
 pub use metrics::XdsMetrics;
 pub use stream::node_metadata;
+pub use tracker::{
+    HealthStatus, NackStatus, StreamStatus, SyncState, TypeStatus, MAX_TYPES, VERSION_METADATA,
+};
 
 use crate::resources::ResourceSet;
 use publisher::Snapshot;
@@ -95,7 +102,7 @@ pub const HEALTH_TYPE_URL: &str = "istio.io/health";
 pub trait StreamObserver: Send + Sync + 'static {
     /// Called with the first request's node, after authentication and the node check. An
     /// error closes the stream with it. The returned handle (if any) identifies the client in
-    /// later calls.
+    /// later calls, and is shown in [`XdsServer::streams`] as what the client registered.
     async fn connected(&self, identity: &Identity, node: &Node) -> Result<Option<String>, Status>;
     /// A health report on [`HEALTH_TYPE_URL`].
     async fn health(&self, handle: &str, healthy: bool, message: Option<String>);
@@ -115,6 +122,7 @@ pub(crate) struct Shared {
     pub next_stream: AtomicU64,
     /// Set to `true` to end every stream (see [`XdsServer::close_streams`]).
     pub closing: watch::Sender<bool>,
+    pub streams: Arc<tracker::Streams>,
 }
 
 /// The discovery service. Cheap to clone; serve it with [`XdsServer::into_service`].
@@ -163,12 +171,24 @@ impl XdsServer {
                 snapshots: rx,
                 next_stream: AtomicU64::new(1),
                 closing: watch::Sender::new(false),
+                streams: Arc::default(),
             }),
         }
     }
 
     pub fn metrics(&self) -> &XdsMetrics {
         &self.shared.metrics
+    }
+
+    /// Every open stream that has sent its first request: who it is and how fresh its config
+    /// is (`isthmus status`), ordered by node id.
+    pub fn streams(&self) -> Vec<StreamStatus> {
+        self.shared.streams.list()
+    }
+
+    /// Fires when a stream opens or closes (read [`XdsServer::streams`] then).
+    pub fn stream_changes(&self) -> watch::Receiver<u64> {
+        self.shared.streams.changes()
     }
 
     /// Ends every open stream with `UNAVAILABLE` (clients reconnect, to another replica or to
@@ -251,6 +271,10 @@ impl XdsServer {
         let meta = tonic::Request::from_http(http::Request::from_parts(parts, ()));
         let peer = meta.remote_addr();
         let certs = meta.peer_certs();
+        let cert_expires = certs
+            .as_deref()
+            .and_then(|c| c.first())
+            .and_then(|leaf| not_after(leaf));
         let identity = match self
             .shared
             .auth
@@ -271,7 +295,12 @@ impl XdsServer {
         let span = tracing::info_span!("xds_stream", id, ?peer, identity = %identity);
         let (tx, rx) = mpsc::channel(self.shared.config.queue_depth.max(2));
         let requests = wire::decode_requests(body, self.shared.config.max_request_bytes);
-        let connection = stream::Connection::new(id, identity, self.shared.clone());
+        let peer = tracker::Peer {
+            addr: peer,
+            cert_expires,
+            connected_at: std::time::SystemTime::now(),
+        };
+        let connection = stream::Connection::new(id, identity, peer, self.shared.clone());
         tokio::spawn(connection.run(requests, tx).instrument(span));
         let mut response = http::Response::new(response_body(rx));
         response.headers_mut().insert(
@@ -280,6 +309,13 @@ impl XdsServer {
         );
         response
     }
+}
+
+/// A certificate's expiry (`None` if it does not parse, which the authenticator refuses anyway).
+fn not_after(cert: &rustls::pki_types::CertificateDer<'_>) -> Option<std::time::SystemTime> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let secs = u64::try_from(parsed.validity().not_after.timestamp()).ok()?;
+    Some(std::time::UNIX_EPOCH + Duration::from_secs(secs))
 }
 
 pub(crate) fn closing_status() -> Status {

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use tonic::Status;
 
 use super::publisher::Snapshot;
+use super::tracker::{Entry, Peer};
 use super::wire::{encode_response, Requests};
 use super::{Identity, Outgoing, Shared, HEALTH_TYPE_URL};
 use crate::pb::envoy::config::core::v3::Node;
@@ -111,6 +112,9 @@ pub(crate) struct Connection {
     types: BTreeMap<String, TypeState>,
     responses: u64,
     first_request: bool,
+    peer: Peer,
+    /// This stream in the server's list of open streams (from the first request on).
+    tracked: Option<Entry>,
 }
 
 /// Tells the observer the stream ended, however the task ends.
@@ -135,7 +139,7 @@ impl Drop for ConnectedGuard {
 }
 
 impl Connection {
-    pub fn new(id: u64, identity: Identity, shared: Arc<Shared>) -> Self {
+    pub fn new(id: u64, identity: Identity, peer: Peer, shared: Arc<Shared>) -> Self {
         Self {
             id,
             identity,
@@ -143,6 +147,8 @@ impl Connection {
             types: BTreeMap::new(),
             responses: 0,
             first_request: true,
+            peer,
+            tracked: None,
         }
     }
 
@@ -181,50 +187,51 @@ impl Connection {
             match incoming {
                 None => {}
                 Some(Some(Ok(request))) => {
-                    let mut subscription = true;
-                    if let Some(observer) = self.shared.observer.clone() {
-                        if self.first_request {
-                            let node = request.node.clone().unwrap_or_default();
-                            let hello = match check_node(&node, &self.identity) {
-                                Ok(()) => observer.connected(&self.identity, &node).await,
-                                Err(status) => Err(status),
-                            };
-                            match hello {
-                                Ok(Some(handle)) => {
-                                    observed = Some(ObservedGuard {
-                                        observer: observer.clone(),
-                                        handle,
-                                    })
-                                }
-                                Ok(None) => {}
-                                Err(status) => {
-                                    tracing::warn!(code = ?status.code(), message = status.message(), "closing discovery stream");
-                                    self.shared.metrics.refused(status.code());
-                                    let _ = tx.try_send(Outgoing::Close(status));
-                                    return;
-                                }
+                    if std::mem::take(&mut self.first_request) {
+                        let node = request.node.clone().unwrap_or_default();
+                        let hello = match check_node(&node, &self.identity) {
+                            Ok(()) => match self.shared.observer.clone() {
+                                Some(observer) => observer
+                                    .connected(&self.identity, &node)
+                                    .await
+                                    .map(|h| h.map(|handle| ObservedGuard { observer, handle })),
+                                None => Ok(None),
+                            },
+                            Err(status) => Err(status),
+                        };
+                        match hello {
+                            Ok(o) => observed = o,
+                            Err(status) => {
+                                tracing::warn!(code = ?status.code(), message = status.message(), "closing discovery stream");
+                                self.shared.metrics.refused(status.code());
+                                let _ = tx.try_send(Outgoing::Close(status));
+                                return;
                             }
                         }
-                        if request.type_url == HEALTH_TYPE_URL {
-                            // Health is a report, not a subscription: nothing is sent back.
-                            subscription = false;
-                            self.first_request = false;
-                            if let Some(o) = &observed {
-                                let message =
-                                    request.error_detail.as_ref().map(|e| e.message.clone());
-                                o.observer
-                                    .health(&o.handle, message.is_none(), message)
-                                    .await;
-                            }
-                        }
+                        self.tracked = Some(self.shared.streams.register(
+                            self.id,
+                            &self.identity,
+                            &node,
+                            &self.peer,
+                            observed.as_ref().map(|o| o.handle.clone()),
+                        ));
                     }
-                    if subscription {
-                        if let Err(status) = self.on_request(request) {
-                            tracing::warn!(code = ?status.code(), message = status.message(), "closing discovery stream");
-                            self.shared.metrics.refused(status.code());
-                            let _ = tx.try_send(Outgoing::Close(status));
-                            return;
+                    if request.type_url == HEALTH_TYPE_URL {
+                        // Health is a report, not a subscription: nothing is sent back.
+                        let message = request.error_detail.as_ref().map(|e| e.message.clone());
+                        if let Some(t) = &self.tracked {
+                            t.health(message.is_none(), message.as_deref());
                         }
+                        if let Some(o) = &observed {
+                            o.observer
+                                .health(&o.handle, message.is_none(), message)
+                                .await;
+                        }
+                    } else if let Err(status) = self.on_request(request) {
+                        tracing::warn!(code = ?status.code(), message = status.message(), "closing discovery stream");
+                        self.shared.metrics.refused(status.code());
+                        let _ = tx.try_send(Outgoing::Close(status));
+                        return;
                     }
                 }
                 Some(None) => {
@@ -270,11 +277,6 @@ impl Connection {
     }
 
     fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Status> {
-        if std::mem::take(&mut self.first_request) {
-            if let Some(node) = &req.node {
-                check_node(node, &self.identity)?;
-            }
-        }
         if req.type_url.is_empty() {
             return Err(Status::invalid_argument(
                 "DeltaDiscoveryRequest without type_url: set it to type.googleapis.com/istio.workload.Address or type.googleapis.com/istio.security.Authorization",
@@ -309,6 +311,9 @@ impl Connection {
                 overlay.entry(n.clone()).or_insert(Known::Stale);
             }
             tracing::debug!(%type_url, wildcard, names = names.len(), initial = overlay.len(), "subscribed");
+            if let Some(t) = &self.tracked {
+                t.subscribed(&type_url);
+            }
             self.types.insert(
                 type_url,
                 TypeState {
@@ -333,6 +338,9 @@ impl Connection {
                 // Matched above; taking it ends the flight (and frees a large-response permit).
                 if let Some(flight) = state.inflight.take() {
                     if let Some(error) = error_detail {
+                        if let Some(t) = &self.tracked {
+                            t.nacked(&type_url, &error.message);
+                        }
                         self.shared.metrics.nacked(&type_url);
                         tracing::warn!(
                             %type_url,
@@ -346,6 +354,9 @@ impl Connection {
                                 state.overlay.insert(name, Known::Held(version));
                             }
                         }
+                    } else if let Some(t) = &self.tracked {
+                        let holding = state.overlay.values().any(|k| matches!(k, Known::Held(_)));
+                        t.acked(&type_url, holding);
                     }
                 }
             } else {
@@ -437,6 +448,9 @@ impl Connection {
                 sent,
                 permit,
             });
+            if let Some(t) = &self.tracked {
+                t.sent(&url, snapshot.generation);
+            }
             self.shared.metrics.pushed(&url, pushed);
             tracing::debug!(type_url = %url, %nonce, resources = pushed, removed, "push");
             match tokio::time::timeout(

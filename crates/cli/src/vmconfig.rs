@@ -1,0 +1,701 @@
+//! `isthmus vm config`: everything a host needs to join the mesh, in the seeds' formats
+//! (docs/host-layout.md says where `join` puts each file). The server is asked first, the files
+//! are built in memory, then written whole: a temporary directory renamed into place, and/or a
+//! .tar.gz written atomically. On any error nothing is left behind.
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use isthmus_control_plane::api::MeshInfo;
+use isthmus_model::validate::{dns_label_problem, dns_subdomain_problem};
+use isthmus_model::Resource;
+use reqwest::Method;
+use serde_json::Value;
+
+use crate::args::Connection;
+use crate::client::{enc, Client, ClientError};
+
+pub const CLUSTER_ENV: &str = "cluster.env";
+pub const SIDECAR_ENV: &str = "sidecar.env";
+pub const KUBEDNS: &str = "kubedns";
+pub const HOSTS: &str = "hosts";
+pub const ROOT_CERT: &str = "root-cert.pem";
+pub const TOKEN: &str = "token";
+pub const AGENT_ENV: &str = "agent.env";
+pub const KEY: &str = "key.pem";
+pub const CERT_CHAIN: &str = "cert-chain.pem";
+/// Files every bundle has; `KEY` and `CERT_CHAIN` only with --bootstrap-certs.
+pub const REQUIRED: [&str; 7] = [
+    CLUSTER_ENV,
+    SIDECAR_ENV,
+    KUBEDNS,
+    HOSTS,
+    ROOT_CERT,
+    TOKEN,
+    AGENT_ENV,
+];
+
+/// Seed names of the control plane that hosts' dnsmasq resolves to it, each also with the
+/// `.istio-system` suffix.
+pub const CONTROL_PLANE_NAMES: [&str; 6] = [
+    "istiod",
+    "istio-pilot",
+    "istio-citadel",
+    "istio-ca",
+    "istio-policy",
+    "istio-telemetry",
+];
+pub const SYSTEM_NAMESPACE: &str = "istio-system";
+/// Istio's `ISTIO_LOCAL_EXCLUDE_PORTS` default for VMs: the sidecar's own metrics and health.
+pub const LOCAL_EXCLUDE_PORTS: &str = "15090,15021,15020";
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct VmConfigArgs {
+    /// The host's namespace.
+    #[arg(short, long, default_value = isthmus_model::DEFAULT_NAMESPACE)]
+    pub namespace: String,
+    /// The host's service account [default: the group's template's, else `default`].
+    #[arg(short = 's', long)]
+    pub service_account: Option<String>,
+    /// The WorkloadGroup (in --namespace) the host joins: its template gives the service
+    /// account and the inbound ports, and the agent registers the host as a member.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Directory to create (it must not exist, or be empty).
+    #[arg(short, long = "output-dir", required_unless_present = "archive")]
+    pub output_dir: Option<PathBuf>,
+    /// Also (or instead) write everything as one .tar.gz (mode 0600).
+    #[arg(long, value_name = "FILE.tar.gz")]
+    pub archive: Option<PathBuf>,
+    /// The address hosts reach the control plane's gRPC port at [default: what the server
+    /// advertises (--advertise-ip), with its gRPC port].
+    #[arg(long, value_name = "IP[:PORT]")]
+    pub control_plane: Option<String>,
+    /// Ports to capture inbound (sidecar.env's ISTIO_INBOUND_PORTS): `3306,8080`, `*` for all,
+    /// `""` for none [default: the group's template ports, else none].
+    #[arg(long, value_name = "PORTS")]
+    pub inbound_ports: Option<String>,
+    /// The host's mesh IP (ISTIO_SVC_IP) [default: the agent picks the address that routes to
+    /// the control plane].
+    #[arg(long)]
+    pub ip: Option<IpAddr>,
+    /// Lifetime of the join token (e.g. 30m, 24h, 7d).
+    #[arg(long, default_value = "24h")]
+    pub token_ttl: String,
+    /// How many certificates the token may obtain [default: any number until it expires].
+    #[arg(long)]
+    pub token_uses: Option<u32>,
+    /// Also a short-lived key.pem and cert-chain.pem made by the control plane (the seeds'
+    /// machine certs), for hosts that cannot use the token at first start.
+    #[arg(long)]
+    pub bootstrap_certs: bool,
+    /// Lifetime of the bootstrap certificate [default: the CA's].
+    #[arg(long, requires = "bootstrap_certs")]
+    pub cert_lifetime: Option<String>,
+    #[command(flatten)]
+    pub conn: Connection,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmConfigError {
+    #[error("{flag} {value:?} {problem}")]
+    Invalid {
+        flag: &'static str,
+        value: String,
+        problem: String,
+    },
+    #[error("WorkloadGroup {namespace}/{name} not found: create it first (isthmus apply -f group.yaml) or leave out --group")]
+    NoGroup { namespace: String, name: String },
+    #[error("--service-account {given:?} differs from WorkloadGroup {group}'s template service account {template:?}; leave it out or make them agree")]
+    ServiceAccount {
+        given: String,
+        group: String,
+        template: String,
+    },
+    #[error("the control plane does not know the address hosts reach it at (its gRPC port is {grpc} and it has no --advertise-ip): pass --control-plane IP[:PORT]")]
+    NoAddress { grpc: SocketAddr },
+    #[error("{path} already exists and is not empty: remove it or choose another --output-dir")]
+    Exists { path: String },
+    #[error("cannot write {path}: {cause}")]
+    Write { path: String, cause: String },
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+/// One file of a host's bundle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BundleFile {
+    pub name: &'static str,
+    pub contents: Vec<u8>,
+    pub mode: u32,
+}
+
+/// What the files are made of: the server's facts and the operator's choices.
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    pub mesh: MeshInfo,
+    pub namespace: String,
+    pub service_account: String,
+    pub group: Option<String>,
+    pub control_plane: SocketAddr,
+    pub dns: SocketAddr,
+    pub inbound_ports: String,
+    pub ip: Option<IpAddr>,
+}
+
+fn invalid(flag: &'static str, value: &str, problem: impl Into<String>) -> VmConfigError {
+    VmConfigError::Invalid {
+        flag,
+        value: value.to_string(),
+        problem: problem.into(),
+    }
+}
+
+/// `*`, empty, or a comma list of ports 1-65535, normalised (sorted, no duplicates).
+pub fn parse_inbound_ports(s: &str) -> Result<String, VmConfigError> {
+    let s = s.trim();
+    if s == "*" || s.is_empty() {
+        return Ok(s.to_string());
+    }
+    let mut ports = Vec::new();
+    for p in s.split(',').map(str::trim) {
+        let n: u16 = p.parse().ok().filter(|n| *n != 0).ok_or_else(|| {
+            invalid(
+                "--inbound-ports",
+                s,
+                format!("has {p:?}, which is not a port 1-65535 (expected e.g. 3306,8080 or *)"),
+            )
+        })?;
+        ports.push(n);
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    Ok(join_ports(&ports))
+}
+
+fn join_ports(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `IP` or `IP:PORT` (IPv6 as `[::1]:15012`); the port defaults to `default_port`.
+pub fn parse_control_plane(s: &str, default_port: u16) -> Result<SocketAddr, VmConfigError> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let ip = s.trim_start_matches('[').trim_end_matches(']');
+    ip.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, default_port))
+        .map_err(|_| {
+            invalid(
+                "--control-plane",
+                s,
+                "is not IP or IP:PORT (e.g. 10.0.0.2 or 10.0.0.2:15012); hosts' files need an address, not a name",
+            )
+        })
+}
+
+impl HostConfig {
+    fn ca_addr(&self) -> String {
+        format!("https://{}", self.control_plane)
+    }
+
+    pub fn cluster_env(&self) -> String {
+        let mut s = format!(
+            "ISTIO_SERVICE_CIDR={}\n\
+             ISTIO_SYSTEM_NAMESPACE={SYSTEM_NAMESPACE}\n\
+             ISTIO_CP_AUTH=MUTUAL_TLS\n\
+             ISTIO_NAMESPACE={}\n\
+             SERVICE_ACCOUNT={}\n\
+             TRUST_DOMAIN={}\n\
+             CA_ADDR={}\n\
+             ISTIO_META_DNS_CAPTURE=true\n\
+             ISTIO_LOCAL_EXCLUDE_PORTS={LOCAL_EXCLUDE_PORTS}\n",
+            self.mesh.service_cidr,
+            self.namespace,
+            self.service_account,
+            self.mesh.trust_domain,
+            self.ca_addr(),
+        );
+        if let Some(ip) = self.ip {
+            s.push_str(&format!("ISTIO_SVC_IP={ip}\n"));
+        }
+        s
+    }
+
+    pub fn sidecar_env(&self) -> String {
+        format!(
+            "ISTIO_INBOUND_PORTS={}\nISTIO_INBOUND_INTERCEPTION_MODE=REDIRECT\n",
+            self.inbound_ports
+        )
+    }
+
+    /// The seeds' dnsmasq file: mesh names to the mesh DNS, control-plane names to its address.
+    pub fn kubedns(&self) -> String {
+        let dns = if self.dns.port() == 53 {
+            self.dns.ip().to_string()
+        } else {
+            format!("{}#{}", self.dns.ip(), self.dns.port())
+        };
+        let mut s = format!("server=/svc.{}/{dns}\n", self.mesh.domain);
+        let ip = self.control_plane.ip();
+        for name in CONTROL_PLANE_NAMES {
+            s.push_str(&format!("address=/{name}/{ip}\n"));
+            s.push_str(&format!("address=/{name}.{SYSTEM_NAMESPACE}/{ip}\n"));
+        }
+        s
+    }
+
+    pub fn hosts(&self) -> String {
+        format!("{} {}\n", self.control_plane.ip(), self.mesh.ca_server_name)
+    }
+
+    /// The agent's whole configuration (docs/host-layout.md); the host's real paths.
+    pub fn agent_env(&self) -> String {
+        let mut s = format!(
+            "CA_ADDR={}\n\
+             ISTHMUS_CA_SERVER_NAME={}\n\
+             ISTHMUS_CERT_DIR=/etc/certs\n\
+             ISTHMUS_JOIN_TOKEN_FILE=/etc/isthmus/token\n\
+             ISTHMUS_STATE_DIR=/var/lib/isthmus\n\
+             ISTHMUS_DOMAIN={}\n\
+             ISTHMUS_PROXY=true\n\
+             ISTHMUS_CAPTURE=true\n",
+            self.ca_addr(),
+            self.mesh.ca_server_name,
+            self.mesh.domain,
+        );
+        if let Some(g) = &self.group {
+            s.push_str(&format!("ISTHMUS_WORKLOAD_GROUP={g}\n"));
+        }
+        if let Some(ip) = self.ip {
+            s.push_str(&format!("ISTIO_SVC_IP={ip}\n"));
+        }
+        s
+    }
+
+    /// Every file of the bundle; the secrets (token, key) owner-only.
+    pub fn files(
+        &self,
+        root_cert: &str,
+        token: &str,
+        bootstrap: Option<(&str, &str)>,
+    ) -> Vec<BundleFile> {
+        let f = |name, contents: String, mode| BundleFile {
+            name,
+            contents: contents.into_bytes(),
+            mode,
+        };
+        let mut files = vec![
+            f(CLUSTER_ENV, self.cluster_env(), 0o644),
+            f(SIDECAR_ENV, self.sidecar_env(), 0o644),
+            f(KUBEDNS, self.kubedns(), 0o644),
+            f(HOSTS, self.hosts(), 0o644),
+            f(ROOT_CERT, root_cert.to_string(), 0o644),
+            f(TOKEN, format!("{}\n", token.trim()), 0o600),
+            f(AGENT_ENV, self.agent_env(), 0o644),
+        ];
+        if let Some((key, chain)) = bootstrap {
+            files.push(f(KEY, key.to_string(), 0o600));
+            files.push(f(CERT_CHAIN, chain.to_string(), 0o644));
+        }
+        files
+    }
+}
+
+/// Checks every flag before anything is asked of the server.
+fn validate(a: &VmConfigArgs) -> Result<(), VmConfigError> {
+    if let Some(p) = dns_label_problem(&a.namespace) {
+        return Err(invalid("--namespace", &a.namespace, p));
+    }
+    if let Some(sa) = &a.service_account {
+        if let Some(p) = dns_subdomain_problem(sa) {
+            return Err(invalid("--service-account", sa, p));
+        }
+    }
+    if let Some(g) = &a.group {
+        if let Some(p) = dns_subdomain_problem(g) {
+            return Err(invalid("--group", g, p));
+        }
+    }
+    if let Some(p) = &a.inbound_ports {
+        parse_inbound_ports(p)?;
+    }
+    if let Some(cp) = &a.control_plane {
+        parse_control_plane(cp, 15012)?;
+    }
+    humantime::parse_duration(&a.token_ttl).map_err(|e| {
+        invalid(
+            "--token-ttl",
+            &a.token_ttl,
+            format!("is not a duration like 24h: {e}"),
+        )
+    })?;
+    if let Some(l) = &a.cert_lifetime {
+        humantime::parse_duration(l).map_err(|e| {
+            invalid(
+                "--cert-lifetime",
+                l,
+                format!("is not a duration like 2h: {e}"),
+            )
+        })?;
+    }
+    if a.token_uses == Some(0) {
+        return Err(invalid("--token-uses", "0", "must be at least 1"));
+    }
+    if let Some(dir) = &a.output_dir {
+        check_output_dir(dir)?;
+    }
+    for (flag, p) in [("--output-dir", &a.output_dir), ("--archive", &a.archive)] {
+        if let Some(p) = p {
+            let parent = parent_of(p);
+            if !parent.is_dir() {
+                return Err(invalid(
+                    flag,
+                    &p.display().to_string(),
+                    format!("is in {}, which is not a directory", parent.display()),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parent_of(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+fn check_output_dir(dir: &Path) -> Result<(), VmConfigError> {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(VmConfigError::Exists {
+                    path: dir.display().to_string(),
+                });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(_) => Err(VmConfigError::Exists {
+            path: dir.display().to_string(),
+        }),
+    }
+}
+
+/// The mesh DNS address hosts can use: the server's, or the control plane's address when the
+/// server listens on every address (or only on loopback while hosts are elsewhere).
+fn host_dns(mesh: &MeshInfo, control_plane: SocketAddr) -> SocketAddr {
+    let ip = mesh.dns_addr.ip();
+    if ip.is_unspecified() {
+        return SocketAddr::new(control_plane.ip(), mesh.dns_addr.port());
+    }
+    if ip.is_loopback() && !control_plane.ip().is_loopback() {
+        eprintln!(
+            "warning: the mesh DNS listens on {} only, which hosts cannot reach; kubedns points at {} instead (run the server with --dns-addr 0.0.0.0:53)",
+            mesh.dns_addr,
+            control_plane.ip()
+        );
+        return SocketAddr::new(control_plane.ip(), mesh.dns_addr.port());
+    }
+    mesh.dns_addr
+}
+
+pub async fn run(a: VmConfigArgs, out: &mut dyn Write) -> Result<(), VmConfigError> {
+    validate(&a)?;
+    let client = Client::from_connection(&a.conn)?;
+    let mesh: MeshInfo = client.json(Method::GET, "/api/v1/mesh", None).await?;
+
+    let mut service_account = a.service_account.clone();
+    let mut inbound_ports = a
+        .inbound_ports
+        .as_deref()
+        .map(parse_inbound_ports)
+        .transpose()?;
+    if let Some(g) = &a.group {
+        let path = format!(
+            "/api/v1/namespaces/{}/workloadgroups/{}",
+            enc(&a.namespace),
+            enc(g)
+        );
+        let group = match client.json::<Resource>(Method::GET, &path, None).await {
+            Ok(Resource::WorkloadGroup(g)) => g,
+            Ok(_)
+            | Err(ClientError::Api {
+                status: reqwest::StatusCode::NOT_FOUND,
+                ..
+            }) => {
+                return Err(VmConfigError::NoGroup {
+                    namespace: a.namespace.clone(),
+                    name: g.clone(),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let template = &group.spec.template;
+        if !template.service_account.is_empty() {
+            match &service_account {
+                Some(sa) if *sa != template.service_account => {
+                    return Err(VmConfigError::ServiceAccount {
+                        given: sa.clone(),
+                        group: format!("{}/{g}", a.namespace),
+                        template: template.service_account.clone(),
+                    })
+                }
+                _ => service_account = Some(template.service_account.clone()),
+            }
+        }
+        if inbound_ports.is_none() {
+            let mut ports: Vec<u16> = template
+                .ports
+                .values()
+                .filter_map(|p| u16::try_from(*p).ok())
+                .collect();
+            ports.sort_unstable();
+            ports.dedup();
+            inbound_ports = Some(join_ports(&ports));
+        }
+    }
+    let service_account =
+        service_account.unwrap_or_else(|| isthmus_model::DEFAULT_SERVICE_ACCOUNT.to_string());
+
+    let control_plane = match &a.control_plane {
+        Some(cp) => parse_control_plane(cp, mesh.grpc_addr.port())?,
+        None => match mesh.advertised_ips.first() {
+            Some(ip) => SocketAddr::new(*ip, mesh.grpc_addr.port()),
+            None => {
+                return Err(VmConfigError::NoAddress {
+                    grpc: mesh.grpc_addr,
+                })
+            }
+        },
+    };
+    let cfg = HostConfig {
+        dns: host_dns(&mesh, control_plane),
+        mesh,
+        namespace: a.namespace.clone(),
+        service_account: service_account.clone(),
+        group: a.group.clone(),
+        control_plane,
+        inbound_ports: inbound_ports.unwrap_or_default(),
+        ip: a.ip,
+    };
+
+    let certs_req = serde_json::json!({
+        "namespace": a.namespace, "serviceAccount": service_account,
+        "bootstrap": a.bootstrap_certs, "lifetime": a.cert_lifetime,
+    });
+    let certs: Value = client
+        .json(
+            Method::POST,
+            "/api/v1/certs",
+            Some(("application/json", certs_req.to_string().into_bytes())),
+        )
+        .await?;
+    let token_req = serde_json::json!({
+        "namespace": a.namespace, "serviceAccount": service_account,
+        "ttl": a.token_ttl, "uses": a.token_uses,
+    });
+    let token: Value = client
+        .json(
+            Method::POST,
+            "/api/v1/tokens",
+            Some(("application/json", token_req.to_string().into_bytes())),
+        )
+        .await?;
+    let s = |v: &Value, k: &str| v[k].as_str().unwrap_or_default().to_string();
+    let bootstrap = a
+        .bootstrap_certs
+        .then(|| (s(&certs, "key"), s(&certs, "certChain")));
+    let files = cfg.files(
+        &s(&certs, "rootCert"),
+        &s(&token, "token"),
+        bootstrap.as_ref().map(|(k, c)| (k.as_str(), c.as_str())),
+    );
+
+    let written = write_outputs(&a, &files);
+    if let Err(e) = written {
+        // Nothing was written: the token must not outlive the files it was made for.
+        let id = s(&token, "id");
+        let _ = client
+            .send(
+                Method::DELETE,
+                &format!("/api/v1/tokens/{}", enc(&id)),
+                None,
+            )
+            .await;
+        return Err(e);
+    }
+    if let Some(dir) = &a.output_dir {
+        for f in &files {
+            let _ = writeln!(out, "wrote {} ({:04o})", dir.join(f.name).display(), f.mode);
+        }
+    }
+    if let Some(archive) = &a.archive {
+        let _ = writeln!(
+            out,
+            "wrote {} (0600, {} files)",
+            archive.display(),
+            files.len()
+        );
+    }
+    let uses = token["maxUses"]
+        .as_u64()
+        .map_or("any number of".into(), |u| u.to_string());
+    let _ = writeln!(
+        out,
+        "join token {} for {}: valid until {}, for {uses} certificate(s)",
+        s(&token, "id"),
+        s(&token, "identity"),
+        crate::output::unix_time(token["expiresAt"].as_u64().unwrap_or_default()),
+    );
+    let _ = writeln!(
+        out,
+        "control plane {} (CA_ADDR), service CIDR {}, DNS {}",
+        cfg.control_plane, cfg.mesh.service_cidr, cfg.dns
+    );
+    let what = a
+        .output_dir
+        .as_ref()
+        .or(a.archive.as_ref())
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let _ = writeln!(out, "next, on the host: isthmus join {what}");
+    Ok(())
+}
+
+fn write_outputs(a: &VmConfigArgs, files: &[BundleFile]) -> Result<(), VmConfigError> {
+    let archive = match &a.archive {
+        Some(p) => Some((p, make_archive(p, files)?)),
+        None => None,
+    };
+    if let Some(dir) = &a.output_dir {
+        write_dir(dir, files)?;
+    }
+    if let Some((path, bytes)) = archive {
+        if let Err(e) = isthmus_control_plane::server::write_atomic(path, &bytes, 0o600) {
+            if let Some(dir) = &a.output_dir {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            return Err(VmConfigError::Write {
+                path: path.display().to_string(),
+                cause: e.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Writes the files into a temporary directory beside `dir` (mode 0700: it holds the token)
+/// and renames it into place.
+fn write_dir(dir: &Path, files: &[BundleFile]) -> Result<(), VmConfigError> {
+    let werr = |p: &Path, e: std::io::Error| VmConfigError::Write {
+        path: p.display().to_string(),
+        cause: e.to_string(),
+    };
+    let parent = parent_of(dir);
+    let tmp = tempfile::Builder::new()
+        .prefix(".isthmus-vm-config-")
+        .tempdir_in(&parent)
+        .map_err(|e| werr(&parent, e))?;
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| werr(dir, e))?;
+    for f in files {
+        let path = tmp.path().join(f.name);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(f.mode)
+            .open(&path)
+            .map_err(|e| werr(&dir.join(f.name), e))?;
+        file.write_all(&f.contents)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| werr(&dir.join(f.name), e))?;
+    }
+    // An empty directory in the way is replaced (rename(2) allows it); a non-empty one is not.
+    std::fs::rename(tmp.path(), dir).map_err(|e| werr(dir, e))?;
+    let _ = tmp.keep();
+    Ok(())
+}
+
+/// The bundle as a gzipped tar, under a directory named after the archive.
+pub fn make_archive(path: &Path, files: &[BundleFile]) -> Result<Vec<u8>, VmConfigError> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let base = name
+        .trim_end_matches(".tar.gz")
+        .trim_end_matches(".tgz")
+        .to_string();
+    let base = if base.is_empty() {
+        "isthmus-host".to_string()
+    } else {
+        base
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let err = |e: std::io::Error| VmConfigError::Write {
+        path: path.display().to_string(),
+        cause: e.to_string(),
+    };
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let mut tar = tar::Builder::new(gz);
+    let mut dir = tar::Header::new_gnu();
+    dir.set_entry_type(tar::EntryType::Directory);
+    dir.set_mode(0o700);
+    dir.set_mtime(now);
+    dir.set_size(0);
+    tar.append_data(&mut dir, format!("{base}/"), std::io::empty())
+        .map_err(err)?;
+    for f in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(f.mode);
+        h.set_mtime(now);
+        h.set_size(f.contents.len() as u64);
+        tar.append_data(&mut h, format!("{base}/{}", f.name), f.contents.as_slice())
+            .map_err(err)?;
+    }
+    tar.into_inner().and_then(|gz| gz.finish()).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inbound_ports_are_checked_and_normalised() {
+        assert_eq!(parse_inbound_ports("8080, 3306,8080").unwrap(), "3306,8080");
+        assert_eq!(parse_inbound_ports("*").unwrap(), "*");
+        assert_eq!(parse_inbound_ports("").unwrap(), "");
+        let e = parse_inbound_ports("80,http").unwrap_err().to_string();
+        assert!(e.contains("\"http\""), "{e}");
+        assert!(parse_inbound_ports("0").is_err());
+    }
+
+    #[test]
+    fn control_plane_address_forms() {
+        assert_eq!(
+            parse_control_plane("10.0.0.2", 15012).unwrap(),
+            "10.0.0.2:15012".parse().unwrap()
+        );
+        assert_eq!(
+            parse_control_plane("10.0.0.2:1234", 15012).unwrap(),
+            "10.0.0.2:1234".parse().unwrap()
+        );
+        assert_eq!(
+            parse_control_plane("fd00::1", 15012).unwrap(),
+            "[fd00::1]:15012".parse().unwrap()
+        );
+        assert!(parse_control_plane("istiod", 15012).is_err());
+    }
+}
