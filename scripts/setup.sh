@@ -9,6 +9,9 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v iptables >/dev/null || need+=(iptables)
 command -v dig >/dev/null || need+=(dnsutils)
 command -v curl >/dev/null || need+=(curl)
+# The package test: debootstrap makes a throwaway Debian root to install the .deb into.
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v dpkg-deb >/dev/null || need+=(dpkg)
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}" >&2
   sudo_=""
@@ -24,4 +27,7 @@ fi
 if [ "${1:-}" = "--test-tools" ]; then
   cargo nextest --version >/dev/null 2>&1 || cargo install cargo-nextest --locked
   cargo deny --version >/dev/null 2>&1 || cargo install cargo-deny --locked
+  # The package test builds the .deb from the debug binary (`--profile dev --no-build`), which
+  # cargo-deb 3.x only warns about: keep to the version it was written against.
+  cargo deb --version >/dev/null 2>&1 || cargo install cargo-deb --version 3.8.0 --locked
 fi

@@ -49,7 +49,8 @@ pub struct Connection {
     /// Admin API URL [default: from the config file, else http://127.0.0.1:15080].
     #[arg(long, env = "ISTHMUS_SERVER")]
     pub server: Option<String>,
-    /// Admin token [default: from the config file, else /var/lib/isthmus/admin-token].
+    /// Admin token [default: from the config file, else /var/lib/isthmus/admin-token or
+    /// /var/lib/isthmus-server/admin-token (the package's server)].
     #[arg(long, env = "ISTHMUS_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// The CLI config file [default: ~/.config/isthmus/config.json].

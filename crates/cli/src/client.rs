@@ -11,7 +11,11 @@ use serde_json::Value;
 use crate::args::Connection;
 
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:15080";
-pub const SERVER_TOKEN_FILE: &str = "/var/lib/isthmus/admin-token";
+/// Where a local server keeps its admin token: the default data dir, then the Debian package's.
+pub const SERVER_TOKEN_FILES: [&str; 2] = [
+    "/var/lib/isthmus/admin-token",
+    "/var/lib/isthmus-server/admin-token",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -75,9 +79,11 @@ impl Client {
             .clone()
             .or_else(|| file.as_ref().map(|f| f.token.clone()))
             .or_else(|| {
-                std::fs::read_to_string(Path::new(SERVER_TOKEN_FILE))
-                    .ok()
-                    .map(|t| t.trim().to_string())
+                SERVER_TOKEN_FILES.iter().find_map(|f| {
+                    std::fs::read_to_string(Path::new(f))
+                        .ok()
+                        .map(|t| t.trim().to_string())
+                })
             })
             .filter(|t| !t.is_empty())
             .ok_or_else(|| ClientError::NoToken {

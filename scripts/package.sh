@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Builds the Debian package (release profile unless --profile NAME) and prints its path.
+#   scripts/package.sh                 # target/debian/isthmus_<version>-1_<arch>.deb
+#   scripts/package.sh --profile NAME  # another cargo profile (e.g. a custom [profile.dist])
+# Contents and maintainer scripts: [package.metadata.deb] in crates/isthmus/Cargo.toml and
+# packaging/; the layout it installs: docs/host-layout.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+profile=release
+while (($#)); do
+  case "$1" in
+    --profile) profile="$2"; shift 2 ;;
+    *) echo "usage: scripts/package.sh [--profile NAME]" >&2; exit 2 ;;
+  esac
+done
+case "$profile" in
+  dev | debug) echo "package: use a release-like profile (cargo-deb refuses dev builds)" >&2; exit 2 ;;
+esac
+
+cargo deb --version >/dev/null 2>&1 || {
+  echo "package: cargo-deb is missing: run scripts/setup.sh --test-tools" >&2
+  exit 1
+}
+cargo build --locked --profile "$profile" -p isthmus >&2
+
+target_dir=$(cargo metadata --format-version 1 --no-deps --locked |
+  sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+bin="$target_dir/$profile/isthmus"
+# Completions come from the binary just built; cargo-deb picks them up from there
+# (`target/release/completions/*` in the asset list means this profile's directory).
+completions="$target_dir/$profile/completions"
+mkdir -p "$completions"
+"$bin" completion bash >"$completions/isthmus.bash"
+"$bin" completion zsh >"$completions/_isthmus"
+"$bin" completion fish >"$completions/isthmus.fish"
+
+out="$target_dir/debian"
+mkdir -p "$out"
+# Debian's way with debug info ([profile.release] debug = 1): a stripped binary in the .deb,
+# its symbols in isthmus-dbgsym_*.ddeb beside it.
+built=$(cargo deb --locked -p isthmus --no-build --profile "$profile" --dbgsym -o "$out" --quiet)
+grep -v '\.deb$' <<<"$built" | sed 's/^/package: also /' >&2 || true
+grep '\.deb$' <<<"$built"
