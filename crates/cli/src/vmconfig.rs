@@ -561,6 +561,13 @@ pub async fn run(a: VmConfigArgs, out: &mut dyn Write) -> Result<(), VmConfigErr
         "control plane {} (CA_ADDR), service CIDR {}, DNS {}",
         cfg.control_plane, cfg.mesh.service_cidr, cfg.dns
     );
+    if cfg.control_plane.ip().is_loopback() {
+        let _ = writeln!(
+            out,
+            "warning: CA_ADDR {} is a loopback address: only this machine reaches it; for another host pass --control-plane with an address it can reach (and run the server with --grpc-addr 0.0.0.0:15012)",
+            cfg.control_plane
+        );
+    }
     let what = a
         .output_dir
         .as_ref()

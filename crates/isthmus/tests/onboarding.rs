@@ -169,6 +169,11 @@ fn vm_config_writes_the_seed_files() {
         stdout.contains("next, on the host: isthmus join"),
         "{stdout}"
     );
+    // The test's control plane is on loopback: a real host could not reach it, and is told so.
+    assert!(
+        stdout.contains("warning: CA_ADDR 127.0.0.1:") && stdout.contains("--control-plane"),
+        "{stdout}"
+    );
     assert_eq!(
         mode(&dir),
         0o700,
