@@ -23,6 +23,8 @@ RATES="${RATES:-1000 10000}"        # fixed rates, requests/s
 CONNS="${CONNS:-32}"                # keep-alive connections of every HTTP run
 BULK_SECONDS="${BULK_SECONDS:-5}"   # iperf3 -t
 BODY_BYTES="${BODY_BYTES:-1024}"
+PATHS="${PATHS:-direct isthmus haproxy}" # which paths run (the report needs direct for "added")
+PERF_DIR="${PERF_DIR:-}"            # if set: `perf record -g` both agents during each isthmus run
 
 load_at_start="$(cut -d' ' -f1-3 /proc/loadavg)"
 if [ "$(id -u)" != 0 ]; then
@@ -43,7 +45,7 @@ fi
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 
 cargo build --release -p isthmus -p isthmus-bench --bin isthmus --bin http-load >&2
-BIN="$PWD/target/release/isthmus"
+BIN="${ISTHMUS_BIN:-$PWD/target/release/isthmus}" # another build of isthmus, e.g. a baseline
 LOAD="$PWD/target/release/http-load"
 
 id=$(($$ % 100000))
@@ -252,7 +254,7 @@ http_addr[haproxy]="127.0.0.1:18080"
 bulk_host[direct]=$MESH bulk_port[direct]=5202
 bulk_host[isthmus]=$VIP bulk_port[isthmus]=5201
 bulk_host[haproxy]=127.0.0.1 bulk_port[haproxy]=15202
-paths=(direct isthmus haproxy)
+read -r -a paths <<<"$PATHS"
 for p in "${paths[@]}"; do
     wait_until "$p path answering 200" 30 \
         sh -c "[ \"\$(ip netns exec $(ns vm) curl -s -o /dev/null -w '%{http_code}' --max-time 2 http://${http_addr[$p]}/)\" = 200 ]"
@@ -278,6 +280,16 @@ for p in isthmus haproxy; do
     rss_idle[$p]="$(rss_kb "$a") $(rss_kb "$b")"
 done
 
+# With PERF_DIR: samples both agents (call graphs) for the given seconds, in the background.
+perf_agents() { # label seconds
+    [ -n "$PERF_DIR" ] || return 0
+    mkdir -p "$PERF_DIR"
+    for h in vm mesh; do
+        perf record -q -F 499 --call-graph dwarf,8192 -p "${agent_pid[$h]}" -o "$PERF_DIR/$1-$h.data" -- sleep "$2" \
+            >/dev/null 2>&1 &
+    done
+}
+
 # Runs the load in the background, sampling the proxies' RSS every 0.2 s; keeps the largest.
 results="$work/results"
 mkdir -p "$results"
@@ -288,6 +300,7 @@ run_http() { # path label rate
     lp=$!
     if [ "$p" != direct ]; then read -r a b <<<"$(proxy_pids "$p")"; fi
     sleep "$WARMUP"
+    [ "$p" = isthmus ] && perf_agents "$label" "$DURATION"
     while kill -0 "$lp" 2>/dev/null; do
         if [ "$p" != direct ]; then
             r=$(rss_kb "$a"); ((r > max_a)) && max_a=$r
@@ -301,6 +314,7 @@ run_http() { # path label rate
 }
 run_bulk() { # path
     local p=$1
+    [ "$p" = isthmus ] && perf_agents bulk "$BULK_SECONDS"
     timeout $((BULK_SECONDS + 30)) ip netns exec "$(ns vm)" iperf3 -c "${bulk_host[$p]}" \
         -p "${bulk_port[$p]}" -t "$BULK_SECONDS" -J >"$results/$p-bulk.json"
     echo "$p bulk: $(jq -r '.end.sum_received.bits_per_second / 1e9 | . * 100 | round / 100' "$results/$p-bulk.json") Gbit/s" >&2
@@ -313,6 +327,10 @@ for rate in $RATES; do
 done
 for p in "${paths[@]}"; do run_http "$p" max 0; done
 for p in "${paths[@]}"; do run_bulk "$p"; done
+if [ "$PATHS" != "direct isthmus haproxy" ]; then
+    echo "PATHS=$PATHS: no report (it compares all three paths)" >&2
+    exit 0
+fi
 declare -A hwm
 for p in isthmus haproxy; do
     read -r a b <<<"$(proxy_pids $p)"

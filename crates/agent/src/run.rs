@@ -34,6 +34,47 @@ async fn bind(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<TcpLis
         .with_context(|| format!("cannot listen on {addr} for the {what} (change it with {flag})"))
 }
 
+/// Worker threads of the data-plane runtime. One, as linkerd2-proxy's default: with two workers
+/// shared with control work, a profile of `bench/dataplane.sh` put a fifth of the agent's CPU
+/// in workers parking and waking each other (BENCHMARKS.md, issue 5, run 3).
+const DATA_PLANE_THREADS: usize = 1;
+
+/// The proxy's own runtime, apart from discovery, identity, DNS and the admin endpoints (which
+/// run on the caller's), so control work never delays a forwarded byte.
+struct DataPlane {
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+}
+
+impl DataPlane {
+    fn new() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(DATA_PLANE_THREADS)
+            .thread_name("isthmus-proxy")
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        Ok(Self {
+            runtime: Some(runtime),
+            handle,
+        })
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+}
+
+impl Drop for DataPlane {
+    fn drop(&mut self) {
+        // Dropped from async code: a blocking shutdown would panic there. The proxy has been
+        // drained by now; whatever is left is stopped without waiting.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// The local address the kernel would use towards the control plane (no packet is sent).
 fn detect_ip(ca_addr: &str) -> Option<IpAddr> {
     let authority = ca_addr
@@ -187,6 +228,7 @@ pub async fn run(
     // The proxy, and the rules that send traffic to it (only once it listens).
     let mut proxy = None;
     let mut capture = None;
+    let mut data_plane = None;
     if args.proxy {
         let mut cfg = crate::proxy::ProxyConfig::new(ip);
         cfg.plaintext_mode = match args.inbound_mode {
@@ -199,10 +241,23 @@ pub async fn run(
             }
             crate::args::OutboundUnknown::Refuse => crate::proxy::UnknownDestination::Refuse,
         };
-        let mut proxy_registry = Registry::with_prefix("isthmus_agent");
-        let started =
-            crate::proxy::start(cfg, state.clone(), certs.clone(), &mut proxy_registry).await;
-        proxy = Some(started.context("cannot start the proxy")?);
+        let dp = DataPlane::new().context("cannot start the data-plane runtime")?;
+        // Started from inside the data-plane runtime: its listeners, connections and HBONE
+        // pool tasks all land there.
+        let (st, ce) = (state.clone(), certs.clone());
+        let started = dp
+            .handle()
+            .spawn(async move {
+                let mut proxy_registry = Registry::with_prefix("isthmus_agent");
+                crate::proxy::start(cfg, st, ce, &mut proxy_registry)
+                    .await
+                    .map(|p| (p, proxy_registry))
+            })
+            .await
+            .context("the data-plane runtime stopped")?;
+        let (started, proxy_registry) = started.context("cannot start the proxy")?;
+        proxy = Some(started);
+        data_plane = Some(dp);
         registry
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -373,6 +428,7 @@ pub async fn run(
         // Stop accepting; let open streams finish for a while.
         p.shutdown(args.drain_duration.into()).await;
     }
+    drop(data_plane);
     // The periodic cache write may be up to a second behind: save the newest state now, so
     // a restart without the control plane starts from it.
     let cache = args.state_dir.join("discovery.cache");

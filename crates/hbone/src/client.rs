@@ -32,6 +32,8 @@ pub struct ClientOptions {
     pub connection_window: u32,
     /// Largest HTTP/2 frame we accept.
     pub max_frame_size: u32,
+    /// A pooled connection without streams for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ClientOptions {
@@ -42,6 +44,8 @@ impl Default for ClientOptions {
             stream_window: 4 * 1024 * 1024,
             connection_window: 16 * 1024 * 1024,
             max_frame_size: 256 * 1024,
+            // As ztunnel's POOL_UNUSED_RELEASE_TIMEOUT.
+            idle_timeout: Duration::from_secs(5 * 60),
         }
     }
 }
@@ -97,9 +101,73 @@ struct PoolKey {
 struct PooledConn {
     id: u64,
     send: h2::client::SendRequest<Bytes>,
-    active: AtomicUsize,
-    closed: Arc<AtomicBool>,
+    usage: Arc<Usage>,
     creds: Arc<Credentials>,
+}
+
+/// What the pool and the connection's driver task share.
+struct Usage {
+    /// Streams open (or being opened) on the connection.
+    active: AtomicUsize,
+    /// Set when the connection ended or was retired; checkout skips it.
+    closed: AtomicBool,
+    /// When `active` last went to 0, in milliseconds after `epoch`.
+    idle_since_ms: AtomicU64,
+    epoch: tokio::time::Instant,
+}
+
+impl Usage {
+    fn new() -> Self {
+        Self {
+            active: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            idle_since_ms: AtomicU64::new(0),
+            epoch: tokio::time::Instant::now(),
+        }
+    }
+
+    fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
+    fn release(&self) {
+        if self.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let ms = self.epoch.elapsed().as_millis() as u64;
+            self.idle_since_ms.store(ms, Ordering::Release);
+        }
+    }
+
+    /// Resolves once the connection has had no stream for `timeout`, marking it closed first
+    /// so no checkout picks it again.
+    async fn idle(&self, timeout: Duration) {
+        loop {
+            let wait = if self.active() > 0 {
+                timeout
+            } else {
+                let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
+                let idle_for = self.epoch.elapsed().saturating_sub(since);
+                if idle_for >= timeout {
+                    self.close();
+                    // A checkout may have raced the flag; that stream keeps the connection.
+                    if self.active() == 0 {
+                        return;
+                    }
+                    timeout
+                } else {
+                    timeout - idle_for
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
 }
 
 impl PooledConn {
@@ -113,7 +181,7 @@ struct Slot(Arc<PooledConn>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        self.0.usage.release();
     }
 }
 
@@ -164,7 +232,7 @@ impl HboneClient {
                 .lock()
                 .await
                 .iter()
-                .filter(|c| !c.closed.load(Ordering::Acquire))
+                .filter(|c| !c.usage.is_closed())
                 .count();
         }
         n
@@ -203,16 +271,16 @@ impl HboneClient {
                         return Ok(HboneStream::new(send, recv, Some(Box::new(slot))));
                     }
                     Err(StreamError::H2(source)) if refused_alert(&source).is_some() => {
-                        slot.0.closed.store(true, Ordering::Release);
+                        slot.0.usage.close();
                         let alert = refused_alert(&source).unwrap_or_default();
                         return Err(HboneError::CertificateRefused { dst, alert });
                     }
                     Err(source) if attempt == 1 && !source.is_remote() => {
                         tracing::debug!(conn = slot.0.id, error = %source, "pooled connection unusable, retrying on a new one");
-                        slot.0.closed.store(true, Ordering::Release);
+                        slot.0.usage.close();
                     }
                     Err(StreamError::H2(source)) => {
-                        slot.0.closed.store(true, Ordering::Release);
+                        slot.0.usage.close();
                         return Err(HboneError::H2 { dst, source });
                     }
                     Err(StreamError::Timeout) => {
@@ -300,23 +368,22 @@ impl HboneClient {
         // Held across the handshake so concurrent callers share the connection being opened.
         let mut conns = bucket.lock().await;
         conns.retain(|c| {
-            let live = !c.closed.load(Ordering::Acquire);
+            let live = !c.usage.is_closed();
             let stale = !Arc::ptr_eq(&c.creds, &creds);
-            live && !(stale && c.active.load(Ordering::Acquire) == 0)
+            live && !(stale && c.usage.active() == 0)
         });
         let cap = self.inner.options.max_streams_per_connection.max(1);
         for c in conns.iter() {
             if !Arc::ptr_eq(&c.creds, &creds) {
                 continue;
             }
-            let active = c.active.load(Ordering::Acquire);
-            if active < c.capacity(cap) {
-                c.active.fetch_add(1, Ordering::AcqRel);
+            if c.usage.active() < c.capacity(cap) && !c.usage.is_closed() {
+                c.usage.active.fetch_add(1, Ordering::AcqRel);
                 return Ok(Slot(c.clone()));
             }
         }
         let conn = Arc::new(self.open_connection(key, creds).await?);
-        conn.active.fetch_add(1, Ordering::AcqRel);
+        conn.usage.active.fetch_add(1, Ordering::AcqRel);
         conns.push(conn.clone());
         Ok(Slot(conn))
     }
@@ -337,7 +404,10 @@ impl HboneClient {
             // Tunnels carry interactive traffic; batching belongs to the application.
             let _ = tcp.set_nodelay(true);
             let tls = TlsConnector::from(cfg)
-                .connect(ServerName::IpAddress(dst.ip().into()), tcp)
+                .connect(
+                    ServerName::IpAddress(dst.ip().into()),
+                    crate::io::buffered(tcp),
+                )
                 .await
                 .map_err(|source| match tls::peer_identity_error(&source) {
                     Some(tls::PeerIdentityError::Mismatch { found, expected }) => {
@@ -374,25 +444,31 @@ impl HboneClient {
                 dst,
                 timeout: opts.connect_timeout,
             })??;
-        let closed = Arc::new(AtomicBool::new(false));
-        let closed_flag = closed.clone();
+        let usage = Arc::new(Usage::new());
+        let driver_usage = usage.clone();
+        let idle_timeout = opts.idle_timeout;
         let span = tracing::info_span!("hbone_conn", conn = id, %dst);
         tokio::spawn(
             async move {
                 tracing::debug!("connection established");
-                match connection.await {
-                    Ok(()) => tracing::debug!("connection closed"),
-                    Err(e) => tracing::debug!(error = %e, "connection failed"),
+                tokio::select! {
+                    r = connection => match r {
+                        Ok(()) => tracing::debug!("connection closed"),
+                        Err(e) => tracing::debug!(error = %e, "connection failed"),
+                    },
+                    // Dropping the connection closes the socket; no stream is open on it.
+                    () = driver_usage.idle(idle_timeout) => {
+                        tracing::debug!(?idle_timeout, "idle connection closed");
+                    }
                 }
-                closed_flag.store(true, Ordering::Release);
+                driver_usage.close();
             }
             .instrument(span),
         );
         Ok(PooledConn {
             id,
             send,
-            active: AtomicUsize::new(0),
-            closed,
+            usage,
             creds,
         })
     }

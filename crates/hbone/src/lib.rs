@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod client;
+mod io;
 mod server;
 mod stream;
 mod tls;

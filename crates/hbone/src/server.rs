@@ -329,7 +329,7 @@ impl<H: InboundHandler> Conn<H> {
         let opts = self.options.clone();
         let handshake = async {
             let tls = TlsAcceptor::from(cfg)
-                .accept(tcp)
+                .accept(crate::io::buffered(tcp))
                 .await
                 .map_err(|e| format!("TLS handshake failed: {e}"))?;
             let (_, session) = tls.get_ref();

@@ -302,6 +302,38 @@ async fn saturated_connection_opens_another() -> Result<()> {
 }
 
 #[tokio::test]
+async fn idle_pooled_connection_is_closed_and_replaced() -> Result<()> {
+    let opts = ClientOptions {
+        idle_timeout: Duration::from_millis(300),
+        ..ClientOptions::default()
+    };
+    let m = mesh_with(TestHandler::default(), opts).await?;
+    let echo = echo_server().await?;
+
+    // A connection carrying a stream is never idle, however long the stream is quiet.
+    let mut busy = m.open(echo).await?;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(roundtrip(&mut busy, b"still here").await?, b"still here");
+    assert_eq!(m.client.pooled_connections().await, 1);
+    drop(busy);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while m.client.pooled_connections().await != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "idle connection still pooled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The next stream gets a fresh connection.
+    let mut s = m.open(echo).await?;
+    assert_eq!(roundtrip(&mut s, b"again").await?, b"again");
+    assert_eq!(m.server.stats().tls_accepted(), 2);
+    assert_eq!(m.client.pooled_connections().await, 1);
+    Ok(())
+}
+
+#[tokio::test]
 async fn client_refuses_wrong_server_identity() -> Result<()> {
     let m = mesh().await?;
     let echo = echo_server().await?;

@@ -98,7 +98,14 @@ impl Live {
     fn check(&self, cx: &Context<'_>, slot: usize) -> io::Result<()> {
         if !self.revoked.load(Ordering::Acquire) {
             let mut w = self.wakers.lock().unwrap_or_else(PoisonError::into_inner);
-            w[slot] = Some(cx.waker().clone());
+            // Polled on every read and write of the connection: keep the stored waker when it
+            // is the same task's (a clone is two atomic operations and a drop).
+            if !w[slot]
+                .as_ref()
+                .is_some_and(|old| old.will_wake(cx.waker()))
+            {
+                w[slot] = Some(cx.waker().clone());
+            }
         }
         // Checked again after registering, so a revocation in between is not missed.
         if self.revoked.load(Ordering::Acquire) {
