@@ -1,5 +1,6 @@
-//! Hosts as network namespaces on one bridge: what `isthmus demo` builds (and tears down).
-//! Every side effect is an `ip` command; `Drop` removes everything made, also on error.
+//! Hosts as network namespaces on one bridge: what `isthmus demo` builds (and tears down), and
+//! what the root-only tests build (through `tests/common/lab.rs`). Every side effect is an `ip`
+//! command; `Drop` removes everything made, also on error.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,8 @@ pub struct Lab {
     prefix: String,
     subnet: [u8; 3],
     namespaces: Vec<String>,
+    /// Hosts added so far: numbers the bridge-side veth ends.
+    hosts: u8,
     children: Vec<(String, Child)>,
     logs: PathBuf,
 }
@@ -27,6 +30,7 @@ impl Lab {
             prefix: prefix.to_string(),
             subnet,
             namespaces: Vec::new(),
+            hosts: 0,
             children: Vec::new(),
             logs: logs.to_path_buf(),
         };
@@ -60,10 +64,24 @@ impl Lab {
     /// A host `name` with address `<subnet>.<index>/24` on the bridge; its resolver is
     /// `nameserver` (the agent's DNS capture answers for it).
     pub fn add_host(&mut self, name: &str, index: u8, nameserver: Ipv4Addr) -> Result<Ipv4Addr> {
+        let addr = self.ip_of(index);
+        self.add_host_at(name, addr, nameserver)?;
+        Ok(addr)
+    }
+
+    /// A host `name` with address `addr/24` on the bridge, a route for the service CIDR through
+    /// its link, and `nameserver` in its resolv.conf.
+    pub fn add_host_at(&mut self, name: &str, addr: Ipv4Addr, nameserver: Ipv4Addr) -> Result<()> {
         let ns = self.ns(name);
         self.add_namespace(&ns)?;
-        let addr = self.ip_of(index);
-        let outer = format!("{}{index}", &self.prefix[..self.prefix.len().min(8)]);
+        self.hosts += 1;
+        // Made in the root namespace first: the prefix keeps concurrent labs apart, and the
+        // name stays within IFNAMSIZ.
+        let outer = format!(
+            "{}v{}",
+            &self.prefix[..self.prefix.len().min(10)],
+            self.hosts
+        );
         let sw = self.ns("switch");
         ip(&[
             "link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &ns,
@@ -81,17 +99,25 @@ impl Lab {
         ])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        // The kernel hands connections to the interception rules only if the VIPs route.
         ip(&["-n", &ns, "route", "add", SERVICE_CIDR, "dev", "eth0"])?;
-        // `ip netns exec` bind-mounts this over /etc/resolv.conf inside the namespace.
-        let etc = PathBuf::from(format!("/etc/netns/{ns}"));
+        self.set_resolv_conf(name, &format!("nameserver {nameserver}\n"))
+    }
+
+    /// What `ip netns exec` bind-mounts over /etc/resolv.conf in `host`'s namespace.
+    pub fn set_resolv_conf(&self, host: &str, text: &str) -> Result<()> {
+        let etc = PathBuf::from(format!("/etc/netns/{}", self.ns(host)));
         std::fs::create_dir_all(&etc)
             .with_context(|| format!("cannot create {}", etc.display()))?;
-        std::fs::write(
-            etc.join("resolv.conf"),
-            format!("nameserver {nameserver}\n"),
-        )
-        .with_context(|| format!("cannot write {}/resolv.conf", etc.display()))?;
-        Ok(addr)
+        std::fs::write(etc.join("resolv.conf"), text)
+            .with_context(|| format!("cannot write {}/resolv.conf", etc.display()))
+    }
+
+    /// `args` to run in `host`'s namespace, not started.
+    pub fn command<S: AsRef<std::ffi::OsStr>>(&self, host: &str, args: &[S]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(host)]).args(args);
+        cmd
     }
 
     /// Runs `args` in `host`'s namespace in the background; its output goes to
@@ -100,9 +126,8 @@ impl Lab {
         let log = self.logs.join(format!("{label}.log"));
         let file = std::fs::File::create(&log)
             .with_context(|| format!("cannot create {}", log.display()))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns(host)])
-            .args(args)
+        let child = self
+            .command(host, args)
             .env("ISTHMUS_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
@@ -137,9 +162,7 @@ impl Lab {
 
     /// Runs `args` in `host`'s namespace and waits for it.
     pub fn exec(&self, host: &str, args: &[String]) -> Result<Output> {
-        Command::new("ip")
-            .args(["netns", "exec", &self.ns(host)])
-            .args(args)
+        self.command(host, args)
             .stdin(Stdio::null())
             .output()
             .with_context(|| format!("cannot run {args:?} in {host}"))

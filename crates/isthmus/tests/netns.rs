@@ -4,11 +4,14 @@
 //! agent, `cluster.env` and `sidecar.env`, all on one bridge. Nothing leaves the namespaces.
 
 mod common;
+#[path = "common/lab.rs"]
+mod lab;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::{wait_for, BIN};
+use lab::Lab;
 
 const CP: &str = "10.77.0.1";
 const MESH: &str = "10.77.0.2";
@@ -16,122 +19,6 @@ const VM: &str = "10.77.0.3";
 const REVIEWS: &str = "10.77.0.4";
 /// A second productpage member whose probe fails until the test makes it pass.
 const MESH3: &str = "10.77.0.5";
-
-struct Lab {
-    id: String,
-    names: Vec<String>,
-    children: Vec<Child>,
-}
-
-impl Lab {
-    fn ns(&self, host: &str) -> String {
-        format!("i{host}-{}", self.id)
-    }
-
-    fn exec(&self, host: &str, args: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.ns(host)])
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn spawn(&mut self, host: &str, args: &[&str], envs: &[(&str, &str)]) {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns(host)])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        self.children.push(cmd.spawn().unwrap());
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for n in &self.names {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
-            let _ = std::fs::remove_dir_all(format!("/etc/netns/{n}"));
-        }
-    }
-}
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn lab() -> Lab {
-    let id = format!("{}", std::process::id() % 100_000);
-    let mut lab = Lab {
-        id: id.clone(),
-        names: Vec::new(),
-        children: Vec::new(),
-    };
-    let sw = format!("isw-{id}");
-    sh(&["ip", "netns", "add", &sw]);
-    lab.names.push(sw.clone());
-    sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"]);
-    sh(&["ip", "-n", &sw, "link", "set", "br0", "up"]);
-    for (host, ip) in [
-        ("cp", CP),
-        ("mesh", MESH),
-        ("vm", VM),
-        ("reviews", REVIEWS),
-        ("mesh3", MESH3),
-    ] {
-        let ns = lab.ns(host);
-        sh(&["ip", "netns", "add", &ns]);
-        lab.names.push(ns.clone());
-        let outer = format!("v{host}{id}");
-        sh(&[
-            "ip", "link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-        ]);
-        sh(&["ip", "link", "set", &outer, "netns", &sw]);
-        sh(&[
-            "ip", "-n", &sw, "link", "set", &outer, "master", "br0", "up",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{ip}/24"),
-            "dev",
-            "eth0",
-        ]);
-        sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
-        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-        // The service CIDR needs a route for the kernel to hand connections to the nat rules.
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "route",
-            "add",
-            "10.96.0.0/12",
-            "dev",
-            "eth0",
-        ]);
-        // Name resolution in the namespace goes to the control plane's address; the agent's DNS
-        // capture takes it.
-        let etc = format!("/etc/netns/{ns}");
-        std::fs::create_dir_all(&etc).unwrap();
-        std::fs::write(format!("{etc}/resolv.conf"), format!("nameserver {CP}\n")).unwrap();
-    }
-    lab
-}
 
 fn wait_file_json(path: &Path) -> serde_json::Value {
     wait_for(
@@ -206,7 +93,19 @@ fn seeds_scenario_in_network_namespaces() {
         eprintln!("!!!! SKIP seeds_scenario_in_network_namespaces: needs root (network namespaces, iptables) !!!!");
         return;
     }
-    let mut lab = lab();
+    let mut lab = Lab::new(
+        "i",
+        &[
+            ("cp", CP),
+            ("mesh", MESH),
+            ("vm", VM),
+            ("reviews", REVIEWS),
+            ("mesh3", MESH3),
+        ],
+        // Name resolution goes to the control plane's address; each agent's DNS capture
+        // takes it.
+        CP,
+    );
     let work = tempfile::tempdir().unwrap();
     let cp_dir = work.path().join("cp");
     let cp_args = |dir: &Path| -> Vec<String> {

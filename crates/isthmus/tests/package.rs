@@ -169,6 +169,7 @@ fn target_dir() -> PathBuf {
 fn base_root(cache: &Path) -> PathBuf {
     let base = cache.join(BASE);
     if base.join(".complete").exists() {
+        drop_downloaded_debs(&base);
         return base;
     }
     let tmp = cache.join(format!("{BASE}.tmp-{}", std::process::id()));
@@ -180,6 +181,7 @@ fn base_root(cache: &Path) -> PathBuf {
         .arg(&tmp)
         .arg(MIRROR));
     eprintln!("package test: debootstrap took {:?}", started.elapsed());
+    drop_downloaded_debs(&tmp);
     std::fs::write(tmp.join(".complete"), "").unwrap();
     if std::fs::rename(&tmp, &base).is_err() {
         // Another run got there first.
@@ -187,6 +189,35 @@ fn base_root(cache: &Path) -> PathBuf {
         assert!(base.join(".complete").exists(), "no base root at {base:?}");
     }
     base
+}
+
+/// Copies left by runs that were killed before their drop ran (their process is gone).
+fn remove_stale_runs(cache: &Path) {
+    let Ok(entries) = std::fs::read_dir(cache) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("run-") else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// debootstrap leaves the ~100 MB of .debs it installed in apt's cache; every run copies the base
+/// root, so they go (what `apt-get clean` does). CI once ran out of disk copying them.
+fn drop_downloaded_debs(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root.join("var/cache/apt/archives")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.path().extension().is_some_and(|e| e == "deb") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Builds the .deb from the debug binary the test harness already built (a release build is too
@@ -242,6 +273,7 @@ fn debian_package_installs_removes_and_purges() {
         netns: format!("isthmus-pkg-{id}"),
     };
     let _ = std::fs::remove_dir_all(&root.dir);
+    remove_stale_runs(&cache);
     run(Command::new("cp").args(["-a"]).arg(&base).arg(&root.dir));
     run(Command::new("ip").args(["netns", "add", &root.netns]));
     root.ok("ip link set lo up 2>/dev/null || true");

@@ -1,89 +1,50 @@
-//! Network namespaces on one bridge, as `netns.rs` builds them (root only): one namespace per
-//! host with `eth0` on a private /24, a route for the service CIDR, and its own resolv.conf
-//! pointing at the first host. Everything is removed on drop.
+//! Network namespaces on one bridge for the root-only tests: `isthmus demo`'s own lab (one
+//! namespace per host with `eth0` on a private /24, a route for the service CIDR, its own
+//! resolv.conf), with the processes a test starts killed first on drop, then every namespace
+//! removed.
 #![allow(dead_code)]
 
+use std::net::Ipv4Addr;
 use std::process::{Child, Command, Output, Stdio};
 
 pub struct Lab {
-    /// Prefix of every name, so that labs of different tests never collide.
-    prefix: &'static str,
-    id: String,
-    names: Vec<String>,
+    inner: isthmus_demo::lab::Lab,
+    /// Processes started with [`Lab::spawn`]; a test may take one out to stop it itself.
     pub children: Vec<Child>,
 }
 
-pub fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 impl Lab {
-    /// `hosts`: (name, IPv4) pairs on a /24; resolv.conf of each names `nameserver`.
-    pub fn new(prefix: &'static str, hosts: &[(&str, &str)], nameserver: &str) -> Lab {
-        let id = format!("{}", std::process::id() % 100_000);
-        let mut lab = Lab {
-            prefix,
-            id: id.clone(),
-            names: Vec::new(),
-            children: Vec::new(),
-        };
-        let sw = format!("{prefix}sw-{id}");
-        sh(&["ip", "netns", "add", &sw]);
-        lab.names.push(sw.clone());
-        sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"]);
-        sh(&["ip", "-n", &sw, "link", "set", "br0", "up"]);
+    /// `hosts`: (name, IPv4) pairs on one /24; resolv.conf of each names `nameserver`. Names
+    /// carry `prefix` and this process's id, so concurrent tests never collide.
+    pub fn new(prefix: &str, hosts: &[(&str, &str)], nameserver: &str) -> Lab {
+        let prefix = format!("{prefix}{}", std::process::id() % 100_000);
+        let logs = std::env::temp_dir();
+        let first: Ipv4Addr = hosts[0].1.parse().unwrap();
+        let [a, b, c, _] = first.octets();
+        let mut inner = isthmus_demo::lab::Lab::new(&prefix, [a, b, c], &logs).unwrap();
+        let nameserver: Ipv4Addr = nameserver.parse().unwrap();
         for (host, ip) in hosts {
-            let ns = lab.ns(host);
-            sh(&["ip", "netns", "add", &ns]);
-            lab.names.push(ns.clone());
-            let outer = format!("{prefix}v{host}{id}");
-            sh(&[
-                "ip", "link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-            ]);
-            sh(&["ip", "link", "set", &outer, "netns", &sw]);
-            sh(&[
-                "ip", "-n", &sw, "link", "set", &outer, "master", "br0", "up",
-            ]);
-            let cidr = format!("{ip}/24");
-            sh(&["ip", "-n", &ns, "addr", "add", &cidr, "dev", "eth0"]);
-            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
-            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-            // The service CIDR needs a route for the kernel to hand connections to the rules.
-            sh(&[
-                "ip",
-                "-n",
-                &ns,
-                "route",
-                "add",
-                "10.96.0.0/12",
-                "dev",
-                "eth0",
-            ]);
-            lab.set_resolv_conf(host, &format!("nameserver {nameserver}\n"));
+            inner
+                .add_host_at(host, ip.parse().unwrap(), nameserver)
+                .unwrap();
         }
-        lab
+        Lab {
+            inner,
+            children: Vec::new(),
+        }
     }
 
     pub fn ns(&self, host: &str) -> String {
-        format!("{}{host}-{}", self.prefix, self.id)
+        self.inner.ns(host)
     }
 
     /// What `ip netns exec` mounts over /etc/resolv.conf in the host's namespace.
     pub fn set_resolv_conf(&self, host: &str, text: &str) {
-        let etc = format!("/etc/netns/{}", self.ns(host));
-        std::fs::create_dir_all(&etc).unwrap();
-        std::fs::write(format!("{etc}/resolv.conf"), text).unwrap();
+        self.inner.set_resolv_conf(host, text).unwrap();
     }
 
     pub fn command(&self, host: &str, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns(host)]).args(args);
-        cmd
+        self.inner.command(host, args)
     }
 
     pub fn exec(&self, host: &str, args: &[&str]) -> Output {
@@ -96,7 +57,8 @@ impl Lab {
         self.children.push(child);
     }
 
-    /// Starts a process in the host's namespace; the caller owns it.
+    /// Starts a process in the host's namespace (stdout dropped, stderr the test's); the caller
+    /// owns it.
     pub fn start(&self, host: &str, args: &[&str], envs: &[(&str, &str)]) -> Child {
         let mut cmd = self.command(host, args);
         cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
@@ -108,14 +70,11 @@ impl Lab {
 }
 
 impl Drop for Lab {
+    /// Kills the test's processes; `inner` then removes the namespaces when it drops.
     fn drop(&mut self) {
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
-        }
-        for n in &self.names {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
-            let _ = std::fs::remove_dir_all(format!("/etc/netns/{n}"));
         }
     }
 }
