@@ -14,8 +14,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use isthmus_agent::identity::WorkloadCertificate;
 use isthmus_agent::proxy::{
-    self, Direction, InboundConfig, InboundPolicy, LoadTracker, OrigDst, Outbound, OutboundConfig,
-    Outcome, PlaintextInbound, PlaintextMode, ProxyConfig, ProxyMetrics, UnknownDestination,
+    self, metadata, Direction, InboundConfig, InboundPolicy, LoadTracker, OrigDst, Outbound,
+    OutboundConfig, Outcome, PlaintextInbound, PlaintextMode, ProxyConfig, ProxyMetrics,
+    UnknownDestination,
 };
 use isthmus_hbone::{
     ClientOptions, Credentials, CredentialsWatch, HboneClient, HboneServer, ServerHandle,
@@ -150,6 +151,16 @@ fn workload(ep: &Ep) -> wl::Workload {
 
 /// The state the subscriber would hold after receiving these resources.
 fn state(vip: IpAddr, eps: &[Ep], policies: &[sec::Authorization]) -> Result<State> {
+    state_with(vip, eps, policies, &[])
+}
+
+/// [`state`] with more workloads (not endpoints of the service).
+fn state_with(
+    vip: IpAddr,
+    eps: &[Ep],
+    policies: &[sec::Authorization],
+    others: &[wl::Workload],
+) -> Result<State> {
     let service = wl::Service {
         name: "echo".into(),
         namespace: "default".into(),
@@ -184,6 +195,19 @@ fn state(vip: IpAddr, eps: &[Ep], policies: &[sec::Authorization]) -> Result<Sta
                 ADDRESS_TYPE_URL,
                 &wl::Address {
                     r#type: Some(wl::address::Type::Workload(workload(ep))),
+                },
+            )),
+            ..Default::default()
+        });
+    }
+    for w in others {
+        addresses.push(Resource {
+            name: w.uid.clone(),
+            version: "1".into(),
+            resource: Some(any(
+                ADDRESS_TYPE_URL,
+                &wl::Address {
+                    r#type: Some(wl::address::Type::Workload(w.clone())),
                 },
             )),
             ..Default::default()
@@ -307,8 +331,37 @@ struct Mesh {
 impl Mesh {
     /// Starts an outbound listener whose every connection "was going to" `dst`.
     async fn new(dst: SocketAddr, unknown: UnknownDestination, hbone_port: u16) -> Result<Self> {
+        Self::new_at(dst, unknown, hbone_port, None).await
+    }
+
+    /// [`Mesh::new`] whose outbound side describes itself (`baggage`) as the agent at
+    /// `own_ip` with the identity [`CLIENT_ID`] would, following the discovery state.
+    async fn new_at(
+        dst: SocketAddr,
+        unknown: UnknownDestination,
+        hbone_port: u16,
+        own_ip: Option<IpAddr>,
+    ) -> Result<Self> {
         let ca = TestCa::new()?;
         let (state, state_rx) = watch::channel(Arc::new(State::default()));
+        let local = match own_ip {
+            Some(ip) => {
+                // Only the identity of the identity manager's certificate is read here.
+                let cert = WorkloadCertificate {
+                    identity: CLIENT_ID.parse()?,
+                    key_pem: String::new(),
+                    chain_pem: String::new(),
+                    roots_pem: String::new(),
+                    not_before: std::time::SystemTime::now(),
+                    not_after: std::time::SystemTime::now(),
+                };
+                let (_tx, certs) = watch::channel(Some(Arc::new(cert)));
+                let (local, follow) = metadata::follow(Some(ip), state_rx.clone(), certs);
+                tokio::spawn(follow);
+                local
+            }
+            None => metadata::unknown(),
+        };
         let out_metrics = Arc::new(ProxyMetrics::default());
         let orig_dst: Arc<dyn OrigDst> =
             Arc::new(move |_: &TcpStream| -> io::Result<SocketAddr> { Ok(dst) });
@@ -324,7 +377,8 @@ impl Mesh {
             orig_dst,
             Arc::new(LoadTracker::default()),
             out_metrics.clone(),
-        );
+        )
+        .with_local(local);
         let l = TcpListener::bind("127.0.0.1:0").await?;
         let addr = l.local_addr()?;
         let (drain, drain_rx) = watch::channel(None);
@@ -546,23 +600,61 @@ impl LogBuf {
     }
 }
 
-/// The access log of the whole test binary. A global subscriber, because a scoped one misses
-/// events whose callsites other tests' threads registered first; tests pick their own lines
-/// by their own addresses.
-fn access_log() -> &'static LogBuf {
-    static LOG: OnceLock<LogBuf> = OnceLock::new();
+/// The access log of the whole test binary, in the text and the JSON forms. A global
+/// subscriber, because a scoped one misses events whose callsites other tests' threads
+/// registered first; tests pick their own lines by their own addresses.
+fn access_logs() -> &'static (LogBuf, LogBuf) {
+    use tracing_subscriber::layer::SubscriberExt;
+    static LOG: OnceLock<(LogBuf, LogBuf)> = OnceLock::new();
     LOG.get_or_init(|| {
-        let log = LogBuf::default();
-        let writer = log.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter("access=info")
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
+        let (text, json) = (LogBuf::default(), LogBuf::default());
+        let (t, j) = (text.clone(), json.clone());
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_subscriber::EnvFilter::new("access=info"))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(move || t.clone())
+                    .with_ansi(false),
+            )
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(move || j.clone()),
+            );
         // Only this function installs one; a failure would mean another did, and the
         // assertions below would say so.
         let _ = tracing::subscriber::set_global_default(subscriber);
-        log
+        (text, json)
+    })
+}
+
+fn access_log() -> &'static LogBuf {
+    &access_logs().0
+}
+
+/// The JSON access-log records whose destination is in `block`'s addresses.
+fn json_access(block: u8) -> Vec<serde_json::Value> {
+    let prefix = format!("127.0.{block}.");
+    access_logs()
+        .1
+        .text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| {
+            v["fields"]["dst"]
+                .as_str()
+                .is_some_and(|d| d.starts_with(&prefix))
+        })
+        .collect()
+}
+
+/// The value of `field` in a text access-log line (`field=value` or `field="value"`).
+fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let start = line.find(&format!(" {name}="))? + name.len() + 2;
+    let rest = &line[start..];
+    Some(match rest.strip_prefix('"') {
+        Some(q) => &q[..q.find('"')?],
+        None => rest.split(' ').next()?,
     })
 }
 
@@ -752,6 +844,269 @@ async fn plaintext_inbound_permissive_forwards_strict_refuses() -> Result<()> {
             && m.count(Direction::InboundPlaintext, Outcome::Refused) == 1
     })
     .await;
+    Ok(())
+}
+
+/// The client agent's own workload entry, with canonical labels, at `ip`.
+fn client_workload(ip: IpAddr) -> wl::Workload {
+    wl::Workload {
+        uid: "Kubernetes//WorkloadEntry/client-ns/vm-client".into(),
+        name: "vm-client".into(),
+        namespace: "client-ns".into(),
+        addresses: vec![ip_bytes(ip)],
+        tunnel_protocol: wl::TunnelProtocol::Hbone as i32,
+        trust_domain: TD.into(),
+        service_account: "client".into(),
+        canonical_name: "client app".into(),
+        canonical_revision: "v2".into(),
+        cluster_id: "Kubernetes".into(),
+        ..Default::default()
+    }
+}
+
+/// The outbound side sends baggage describing its workload, `forwarded` and a new
+/// `traceparent`; the inbound side labels its metrics with the source workload and logs the
+/// original source and the same trace id, in text and JSON.
+#[tokio::test]
+async fn baggage_and_trace_follow_the_connection_to_the_inbound_side() -> Result<()> {
+    let log = access_log();
+    let (vip, ip, client_ip) = (loopback(12, 100), loopback(12, 2), loopback(12, 3));
+    let port = hbone_port(ip).await?;
+    let mut mesh = Mesh::new_at(
+        SocketAddr::new(vip, 80),
+        UnknownDestination::Refuse,
+        port,
+        Some(client_ip),
+    )
+    .await?;
+    let (app, _) = echo_app(ip).await?;
+    let ep = Ep {
+        uid: "server",
+        ip,
+        target_port: app.port(),
+        hbone: true,
+        healthy: true,
+    };
+    mesh.set_state(state_with(vip, &[ep], &[], &[client_workload(client_ip)])?);
+    mesh.hbone_server(ip).await?;
+    let mut in_registry = prometheus_client::registry::Registry::default();
+    mesh.in_metrics.register(&mut in_registry);
+    let mut out_registry = prometheus_client::registry::Registry::default();
+    mesh.out_metrics.register(&mut out_registry);
+
+    // The description follows the discovery state (a background task): wait for it.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        assert_eq!(round_trip(mesh.outbound, b"traced").await?, b"traced");
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &in_registry)?;
+        if text.contains("source_workload=\"vm-client\"") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (out, inb) = (mesh.out_metrics.clone(), mesh.in_metrics.clone());
+    eventually("both sides closed", || {
+        let n = inb.count(Direction::Inbound, Outcome::Ok);
+        n > 0 && out.count(Direction::Outbound, Outcome::Ok) == n
+    })
+    .await;
+
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &in_registry)?;
+    let line = text
+        .lines()
+        .find(|l| {
+            l.starts_with("proxy_peer_connections_total{direction=\"inbound\"")
+                && l.contains("source_workload=\"vm-client\"")
+        })
+        .with_context(|| format!("no inbound series with the source workload:\n{text}"))?;
+    for label in [
+        "source_workload_namespace=\"client-ns\"",
+        "source_canonical_service=\"client app\"",
+        "source_canonical_revision=\"v2\"",
+        "source_cluster=\"Kubernetes\"",
+        &format!("peer_identity=\"{CLIENT_ID}\""),
+    ] {
+        assert!(line.contains(label), "{label} missing: {line}");
+    }
+    // Outbound, the source is this agent's own workload.
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &out_registry)?;
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("proxy_peer_bytes_total{direction=\"outbound\"")
+                && l.contains("source_workload=\"vm-client\"")
+        ),
+        "{text}"
+    );
+
+    // The last connection's lines on both sides carry the same trace id.
+    let text = log.text();
+    let ours: Vec<&str> = text.lines().filter(|l| l.contains("127.0.12.")).collect();
+    let last = |dir: &str| {
+        ours.iter()
+            .rev()
+            .find(|l| l.contains(&format!("direction=\"{dir}\"")))
+            .copied()
+            .with_context(|| format!("no {dir} access-log line in {ours:#?}"))
+    };
+    let (outbound_line, inbound_line) = (last("outbound")?, last("inbound")?);
+    let trace = field(outbound_line, "trace_id").context("outbound line without trace_id")?;
+    assert_eq!(trace.len(), 32, "{outbound_line}");
+    assert!(trace.bytes().all(|b| b.is_ascii_hexdigit()) && trace.bytes().any(|b| b != b'0'));
+    assert_eq!(
+        field(inbound_line, "trace_id"),
+        Some(trace),
+        "{inbound_line}"
+    );
+    assert_eq!(
+        field(inbound_line, "src_workload"),
+        Some("vm-client"),
+        "{inbound_line}"
+    );
+    assert_eq!(
+        field(inbound_line, "src_namespace"),
+        Some("client-ns"),
+        "{inbound_line}"
+    );
+    // The application connected to the outbound listener from 127.0.0.1: the inbound side
+    // learns it from `forwarded`.
+    assert_eq!(
+        field(inbound_line, "original_src"),
+        Some("127.0.0.1"),
+        "{inbound_line}"
+    );
+
+    // The JSON form has the same fields.
+    let records = json_access(12);
+    let inbound = records
+        .iter()
+        .rev()
+        .find(|r| r["fields"]["direction"] == "inbound")
+        .context("no inbound JSON access record")?;
+    assert_eq!(inbound["fields"]["trace_id"], trace, "{inbound}");
+    assert_eq!(inbound["fields"]["src_workload"], "vm-client", "{inbound}");
+    assert_eq!(inbound["fields"]["original_src"], "127.0.0.1", "{inbound}");
+    assert!(
+        records
+            .iter()
+            .any(|r| r["fields"]["direction"] == "outbound" && r["fields"]["trace_id"] == trace),
+        "{records:#?}"
+    );
+    Ok(())
+}
+
+/// A peer with a valid certificate sends hostile CONNECT headers straight over HTTP/2 (our
+/// client sends whatever headers it is given). Within the header-list limit (16 KiB) the
+/// stream is served with the bad headers ignored; over it h2 refuses the stream (431) and
+/// far over it closes the connection. Either way the server goes on serving.
+#[tokio::test]
+async fn hostile_connect_headers_are_ignored_or_refused_and_the_server_carries_on() -> Result<()> {
+    let log = access_log();
+    let (vip, ip) = (loopback(13, 100), loopback(13, 2));
+    let port = hbone_port(ip).await?;
+    let mut mesh = Mesh::new(SocketAddr::new(vip, 80), UnknownDestination::Refuse, port).await?;
+    let (app, accepted) = echo_app(ip).await?;
+    let ep = Ep {
+        uid: "server",
+        ip,
+        target_port: app.port(),
+        hbone: true,
+        healthy: true,
+    };
+    mesh.set_state(state(vip, &[ep], &[])?);
+    mesh.hbone_server(ip).await?;
+    let client = HboneClient::new(mesh.ca.issue(CLIENT_ID)?, ClientOptions::default());
+    let hbone = SocketAddr::new(ip, port);
+    let expected = [SERVER_ID.to_string()];
+    let echo_once = |headers: http::HeaderMap| {
+        let client = client.clone();
+        let expected = expected.clone();
+        async move {
+            let mut s = client.connect(hbone, app, &expected, &headers).await?;
+            s.write_all(b"still served").await?;
+            s.shutdown().await?;
+            let mut out = Vec::new();
+            tokio::time::timeout(DEADLINE, s.read_to_end(&mut out)).await??;
+            anyhow::ensure!(out == b"still served", "echo came back as {out:?}");
+            anyhow::Ok(())
+        }
+    };
+    let value = |s: &str| http::HeaderValue::from_str(s);
+
+    // Over the W3C baggage limit but under h2's header-list limit, with a garbage
+    // traceparent and a forwarded that is not an address: served, all three ignored.
+    let mut h = http::HeaderMap::new();
+    let huge = format!(
+        "k8s.namespace.name=client-ns,k8s.pod.name={}",
+        "x".repeat(12 * 1024)
+    );
+    h.insert("baggage", value(&huge)?);
+    h.insert("traceparent", value("00-garbage-garbage-01")?);
+    h.insert("forwarded", value("for=\"[::1")?);
+    echo_once(h).await?;
+    // Not ASCII, a forged log line, two traceparents: served, ignored.
+    let mut h = http::HeaderMap::new();
+    h.insert(
+        "baggage",
+        http::HeaderValue::from_bytes(b"k8s.pod.name=\xff\xfe")?,
+    );
+    h.append("baggage", value("service.name=a%0Aforged=line")?);
+    h.insert("forwarded", value("for=unknown")?);
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    h.insert("traceparent", value(tp)?);
+    h.append("traceparent", value(tp)?);
+    echo_once(h).await?;
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    let inb = mesh.in_metrics.clone();
+    eventually("both served", || {
+        inb.count(Direction::Inbound, Outcome::Ok) == 2
+    })
+    .await;
+    let text = log.text();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("127.0.13.") && l.contains("direction=\"inbound\""))
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    for l in lines {
+        for f in [
+            "trace_id",
+            "src_workload",
+            "src_namespace",
+            "src_service",
+            "original_src",
+        ] {
+            assert_eq!(field(l, f), Some("-"), "{f} in {l}");
+        }
+        assert!(!l.contains("forged"), "{l}");
+    }
+
+    // Over h2's header-list limit: refused before our handler sees it.
+    let mut h = http::HeaderMap::new();
+    h.insert("baggage", value(&format!("k={}", "y".repeat(40 * 1024)))?);
+    match client.connect(hbone, app, &expected, &h).await {
+        Err(isthmus_hbone::HboneError::Rejected { status, .. }) => {
+            assert_eq!(status, http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        }
+        // The 431 and the stream reset that follows it may arrive in either order.
+        Err(isthmus_hbone::HboneError::H2 { source, .. }) => {
+            assert!(source.to_string().contains("refused"), "{source}")
+        }
+        other => anyhow::bail!("a 40 KiB header was not refused: {other:?}"),
+    }
+    // Far over it: h2 gives up on the connection.
+    let mut h = http::HeaderMap::new();
+    h.insert("baggage", value(&format!("k={}", "z".repeat(256 * 1024)))?);
+    let r = client.connect(hbone, app, &expected, &h).await;
+    assert!(r.is_err(), "a 256 KiB header was accepted");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+    // And the server carries on.
+    echo_once(http::HeaderMap::new()).await?;
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
     Ok(())
 }
 

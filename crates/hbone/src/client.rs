@@ -34,6 +34,9 @@ pub struct ClientOptions {
     pub max_frame_size: u32,
     /// A pooled connection without streams for this long is closed.
     pub idle_timeout: Duration,
+    /// `SETTINGS_MAX_HEADER_LIST_SIZE` for the peer's responses (h2's default, 16 MiB, would
+    /// let a hostile server make us buffer that much per stream).
+    pub max_header_list_size: u32,
 }
 
 impl Default for ClientOptions {
@@ -46,6 +49,8 @@ impl Default for ClientOptions {
             max_frame_size: 256 * 1024,
             // As ztunnel's POOL_UNUSED_RELEASE_TIMEOUT.
             idle_timeout: Duration::from_secs(5 * 60),
+            // A CONNECT reply is a status and perhaps a reason.
+            max_header_list_size: 16 * 1024,
         }
     }
 }
@@ -433,6 +438,7 @@ impl HboneClient {
                 .initial_window_size(opts.stream_window)
                 .initial_connection_window_size(opts.connection_window)
                 .max_frame_size(opts.max_frame_size)
+                .max_header_list_size(opts.max_header_list_size)
                 .enable_push(false)
                 .handshake::<_, Bytes>(tls)
                 .await

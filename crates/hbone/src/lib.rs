@@ -4,15 +4,19 @@
 //! - [`HboneClient`] opens tunnels over pooled connections, verifying the server's SPIFFE ID.
 //! - [`HboneServer`] terminates them, validating each stream and asking an [`InboundHandler`].
 //! - [`Credentials`] arrive through a `watch` channel; rotation applies to new connections.
+//! - [`metadata`]: the optional CONNECT headers (`baggage`, `forwarded`, `traceparent`), built
+//!   by the client's caller and parsed defensively by the server into [`StreamMetadata`].
 #![forbid(unsafe_code)]
 
 mod client;
 mod io;
+pub mod metadata;
 mod server;
 mod stream;
 mod tls;
 
 pub use client::{ClientOptions, HboneClient, HboneError};
+pub use metadata::{Baggage, StreamMetadata, TraceId, TraceParent};
 pub use server::{
     Decision, HboneServer, InboundHandler, InboundRequest, ServerError, ServerHandle,
     ServerOptions, ServerStats, Upstream,

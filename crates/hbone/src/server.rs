@@ -19,6 +19,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
+use crate::metadata::{StreamMetadata, TraceId};
 use crate::stream::HboneStream;
 use crate::tls::{self, Credentials, CredentialsWatch, TlsError};
 use crate::REASON_HEADER;
@@ -38,6 +39,10 @@ pub struct ServerOptions {
     pub connection_window: u32,
     /// Largest HTTP/2 frame we accept.
     pub max_frame_size: u32,
+    /// `SETTINGS_MAX_HEADER_LIST_SIZE`: a CONNECT whose headers decode to more is refused
+    /// (431, the connection kept); four times more closes the connection. h2's default is
+    /// 16 MiB, which would let a peer make us buffer that much per request.
+    pub max_header_list_size: u32,
 }
 
 impl Default for ServerOptions {
@@ -49,6 +54,8 @@ impl Default for ServerOptions {
             stream_window: 4 * 1024 * 1024,
             connection_window: 16 * 1024 * 1024,
             max_frame_size: 256 * 1024,
+            // Room for the W3C limits (8 KiB of baggage) and the rest of a CONNECT.
+            max_header_list_size: 16 * 1024,
         }
     }
 }
@@ -80,6 +87,10 @@ pub struct InboundRequest {
     pub target: SocketAddr,
     /// Request headers (`baggage`, `forwarded`, `traceparent`, ...).
     pub headers: HeaderMap,
+    /// What `baggage`, `forwarded` and `traceparent` say, parsed defensively (malformed or
+    /// oversized ones are left out). The peer asserts them unverified: informational only,
+    /// authorization must use `peer_identity`.
+    pub metadata: StreamMetadata,
 }
 
 /// Any bidirectional byte stream the handler wants the tunnel spliced to.
@@ -347,6 +358,7 @@ impl<H: InboundHandler> Conn<H> {
                 .initial_connection_window_size(opts.connection_window)
                 .max_frame_size(opts.max_frame_size)
                 .max_concurrent_streams(opts.max_concurrent_streams)
+                .max_header_list_size(opts.max_header_list_size)
                 .handshake::<_, Bytes>(tls)
                 .await
                 .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
@@ -422,10 +434,13 @@ struct StreamCtx<H> {
 
 impl<H: InboundHandler> StreamCtx<H> {
     async fn serve(self, req: Request<h2::RecvStream>, mut respond: SendResponse<Bytes>) {
+        // Parsed first, so even a refusal's log line carries the trace id.
+        let metadata = StreamMetadata::from_headers(req.headers());
+        let trace = metadata.traceparent.map(|t| t.trace_id);
         let target = match self.validate(&req) {
             Ok(t) => t,
             Err((status, reason)) => {
-                self.refuse(&mut respond, status, &reason);
+                self.refuse(&mut respond, status, &reason, trace);
                 return;
             }
         };
@@ -437,10 +452,11 @@ impl<H: InboundHandler> StreamCtx<H> {
             local_addr: self.info.local_addr,
             target,
             headers: parts.headers,
+            metadata,
         };
         let mut upstream: Box<dyn Upstream> = match self.handler.decide(&request).await {
             Decision::Deny(status) => {
-                self.refuse(&mut respond, status, "denied by policy");
+                self.refuse(&mut respond, status, "denied by policy", trace);
                 return;
             }
             Decision::AllowVia(io) => io,
@@ -453,12 +469,22 @@ impl<H: InboundHandler> StreamCtx<H> {
                     }
                     Ok(Err(e)) => {
                         let reason = format!("cannot connect to {target}: {e}");
-                        self.refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE, &reason);
+                        self.refuse(
+                            &mut respond,
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            &reason,
+                            trace,
+                        );
                         return;
                     }
                     Err(_) => {
                         let reason = format!("connecting to {target} timed out");
-                        self.refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE, &reason);
+                        self.refuse(
+                            &mut respond,
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            &reason,
+                            trace,
+                        );
                         return;
                     }
                 }
@@ -489,6 +515,7 @@ impl<H: InboundHandler> StreamCtx<H> {
                 peer = %self.info.peer_identity,
                 src = %self.info.peer_addr,
                 dst = %target,
+                trace_id = %OrDash(trace),
                 bytes_in = up,
                 bytes_out = down,
                 "tunnel closed"
@@ -498,6 +525,7 @@ impl<H: InboundHandler> StreamCtx<H> {
                 peer = %self.info.peer_identity,
                 src = %self.info.peer_addr,
                 dst = %target,
+                trace_id = %OrDash(trace),
                 error = %e,
                 "tunnel failed"
             ),
@@ -540,12 +568,19 @@ impl<H: InboundHandler> StreamCtx<H> {
         Ok(target)
     }
 
-    fn refuse(&self, respond: &mut SendResponse<Bytes>, status: StatusCode, reason: &str) {
+    fn refuse(
+        &self,
+        respond: &mut SendResponse<Bytes>,
+        status: StatusCode,
+        reason: &str,
+        trace: Option<TraceId>,
+    ) {
         self.stats.streams_refused.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             target: "hbone_access",
             peer = %self.info.peer_identity,
             src = %self.info.peer_addr,
+            trace_id = %OrDash(trace),
             %status,
             %reason,
             "stream refused"
@@ -557,6 +592,18 @@ impl<H: InboundHandler> StreamCtx<H> {
         }
         if let Err(e) = respond.send_response(resp, true) {
             tracing::debug!(error = %e, "could not send refusal");
+        }
+    }
+}
+
+/// Shows the value, or `-` when there is none (as access logs do).
+struct OrDash<T>(Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OrDash<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("-"),
         }
     }
 }

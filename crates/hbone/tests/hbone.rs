@@ -244,6 +244,69 @@ async fn echo_through_tunnel_carries_identity_and_headers() -> Result<()> {
     assert_eq!(seen[0].target, echo);
     assert_eq!(seen[0].headers["baggage"], "k=v");
     assert!(seen[0].headers.contains_key("traceparent"));
+    let trace = seen[0].metadata.traceparent.map(|t| t.trace_id.to_string());
+    assert_eq!(trace.as_deref(), Some("0af7651916cd43dd8448eb211c80319c"));
+    // `k` is no key ztunnel uses.
+    assert!(seen[0].metadata.baggage.is_empty());
+    Ok(())
+}
+
+/// The server hands the handler the parsed `baggage`, `forwarded` and `traceparent`; a
+/// CONNECT whose headers exceed the header-list limit is refused (431) by HTTP/2 itself and
+/// the connection goes on carrying other streams.
+#[tokio::test]
+async fn connect_metadata_is_parsed_and_oversized_header_lists_refused() -> Result<()> {
+    use isthmus_hbone::metadata::{self, Baggage, TraceParent};
+    let m = mesh().await?;
+    let echo = echo_server().await?;
+    let source = Baggage {
+        cluster_id: Some("Kubernetes".into()),
+        namespace: Some("default".into()),
+        workload_type: Some("pod".into()),
+        workload_name: Some("vm 1".into()),
+        service_name: Some("client".into()),
+        service_version: Some("v1".into()),
+    };
+    let trace = TraceParent::new(0x1234, 0x5678, metadata::SAMPLED).unwrap();
+    let mut headers = HeaderMap::new();
+    headers.insert(metadata::BAGGAGE, source.to_header_value().unwrap());
+    headers.insert(
+        metadata::FORWARDED,
+        metadata::forwarded_for("2001:db8::7".parse()?),
+    );
+    headers.insert(metadata::TRACEPARENT, trace.to_header_value());
+    let mut s = m
+        .client
+        .connect(m.server.local_addr(), echo, &ids(&[SERVER_ID]), &headers)
+        .await?;
+    assert_eq!(roundtrip(&mut s, b"meta").await?, b"meta");
+    let seen = m.handler.seen.lock().unwrap().clone();
+    assert_eq!(seen[0].metadata.baggage, source);
+    assert_eq!(seen[0].metadata.forwarded_for, Some("2001:db8::7".parse()?));
+    assert_eq!(seen[0].metadata.traceparent, Some(trace));
+
+    let limit = ServerOptions::default().max_header_list_size as usize;
+    let mut big = HeaderMap::new();
+    big.insert(
+        metadata::BAGGAGE,
+        HeaderValue::from_str(&format!("k={}", "x".repeat(limit)))?,
+    );
+    match m
+        .client
+        .connect(m.server.local_addr(), echo, &ids(&[SERVER_ID]), &big)
+        .await
+    {
+        Err(HboneError::Rejected { status, .. }) => {
+            assert_eq!(status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        }
+        other => anyhow::bail!("an oversized CONNECT was not refused with 431: {other:?}"),
+    }
+    assert_eq!(m.handler.seen.lock().unwrap().len(), 1);
+    // The open stream and the connection are unharmed.
+    assert_eq!(roundtrip(&mut s, b"after").await?, b"after");
+    let mut again = m.open(echo).await?;
+    assert_eq!(roundtrip(&mut again, b"again").await?, b"again");
+    assert_eq!(m.client.pooled_connections().await, 1);
     Ok(())
 }
 

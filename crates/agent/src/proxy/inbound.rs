@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::authz::{self, Connection, Verdict};
+use super::metadata;
 use super::metrics::{Direction, Outcome, ProxyMetrics};
 use super::orig_dst::OrigDst;
 use super::{splice, AccessRecord};
@@ -275,11 +276,18 @@ impl InboundHandler for InboundPolicy {
         rec.dst = Some(request.target);
         rec.endpoint = Some(request.target);
         rec.identity = Some(request.peer_identity.clone());
+        // Authorization sees only what was verified: the certificate's identity and the TCP
+        // peer's address. The CONNECT's baggage, forwarded and traceparent are the peer's
+        // unverified say, kept for metrics labels and the access log, never for policy.
         let conn = Connection {
             peer: Identity::from_spiffe_id(&request.peer_identity),
             src: request.peer_addr.ip(),
             dst: request.target,
         };
+        let meta = &request.metadata;
+        rec.source = metadata::peer_source(&meta.baggage, conn.peer.as_ref());
+        rec.forwarded_for = meta.forwarded_for;
+        rec.trace = meta.traceparent;
         match self.admit(conn, rec, start).await {
             Ok(t) => Decision::AllowVia(Box::new(t)),
             Err(status) => Decision::Deny(status),

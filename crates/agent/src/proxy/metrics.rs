@@ -1,7 +1,9 @@
 //! Proxy metrics, registered under the agent's sub-registry.
 
 use std::fmt::Write;
+use std::sync::Arc;
 
+use isthmus_hbone::Baggage;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -78,14 +80,51 @@ pub struct DirLabels {
     pub direction: Direction,
 }
 
+/// A label value that reads `unknown` when absent, as Istio's do.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+pub struct Known(pub Option<Arc<str>>);
+
+impl EncodeLabelValue for Known {
+    fn encode(&self, e: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        e.write_str(self.0.as_deref().unwrap_or("unknown"))
+    }
+}
+
+/// The source workload with Istio's `istio_tcp_*` label names. Outbound, it is this agent's
+/// own workload; inbound, what the peer's `baggage` said (informational: never used for
+/// authorization, which relies on the verified `peer_identity`); plaintext, unknown.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source_workload: Known,
+    pub source_workload_namespace: Known,
+    pub source_canonical_service: Known,
+    pub source_canonical_revision: Known,
+    pub source_cluster: Known,
+}
+
+impl SourceLabels {
+    pub fn from_baggage(b: &Baggage) -> Self {
+        Self {
+            source_workload: Known(b.workload_name.clone()),
+            source_workload_namespace: Known(b.namespace.clone()),
+            source_canonical_service: Known(b.service_name.clone()),
+            source_canonical_revision: Known(b.service_version.clone()),
+            source_cluster: Known(b.cluster_id.clone()),
+        }
+    }
+}
+
 /// Who talked to which service: the peer's SPIFFE id (verified inbound, expected outbound,
-/// `unknown` for plaintext) and the service (`unknown` when not a mesh service).
+/// `unknown` for plaintext), the service (`unknown` when not a mesh service) and the source
+/// workload.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {
     pub direction: Direction,
     pub outcome: Outcome,
     pub peer_identity: String,
     pub service: String,
+    #[prometheus(flatten)]
+    pub source: SourceLabels,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -93,6 +132,8 @@ pub struct PeerBytesLabels {
     pub direction: Direction,
     pub peer_identity: String,
     pub service: String,
+    #[prometheus(flatten)]
+    pub source: SourceLabels,
 }
 
 #[derive(Debug, Default)]
@@ -161,12 +202,14 @@ impl ProxyMetrics {
         let (peer_identity, service) = (rec.identity.as_deref(), rec.service.as_deref());
         let peer_identity = peer_identity.unwrap_or("unknown").to_string();
         let service = service.unwrap_or("unknown").to_string();
+        let source = SourceLabels::from_baggage(&rec.source);
         self.by_peer
             .get_or_create(&PeerLabels {
                 direction,
                 outcome,
                 peer_identity: peer_identity.clone(),
                 service: service.clone(),
+                source: source.clone(),
             })
             .inc();
         self.bytes_by_peer
@@ -174,6 +217,7 @@ impl ProxyMetrics {
                 direction,
                 peer_identity,
                 service,
+                source,
             })
             .inc_by(sent + received);
         if was_open {

@@ -5,6 +5,8 @@
 //! - [`outbound`]: original destination → service → endpoint ([`lb`]) → upstream.
 //! - [`inbound`]: the HBONE server's [`isthmus_hbone::InboundHandler`] and the plaintext
 //!   listener, both deciding with [`authz`].
+//! - [`metadata`]: the CONNECT's `baggage`/`forwarded`/`traceparent`, sent outbound and read
+//!   inbound (for labels and the access log only, never for authorization).
 //! - OS side effects sit behind [`orig_dst::OrigDst`], so tests run without root.
 //!
 //! Access-log lines go to the tracing target [`ACCESS_LOG_TARGET`].
@@ -13,17 +15,18 @@ pub mod authz;
 pub mod drain;
 pub mod inbound;
 pub mod lb;
+pub mod metadata;
 pub mod metrics;
 pub mod orig_dst;
 pub mod outbound;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use isthmus_hbone::{
-    ClientOptions, Credentials, CredentialsWatch, HboneClient, HboneServer, ServerError,
-    ServerHandle, ServerOptions,
+    Baggage, ClientOptions, Credentials, CredentialsWatch, HboneClient, HboneServer, ServerError,
+    ServerHandle, ServerOptions, TraceParent,
 };
 use isthmus_xds::client::State;
 use prometheus_client::registry::Registry;
@@ -162,6 +165,7 @@ pub async fn start(
     let metrics = Arc::new(ProxyMetrics::default());
     metrics.register(registry);
     let mut tasks = JoinSet::new();
+    let certs_for_local = certs.clone();
     let creds = credentials_watch(certs, &mut tasks);
 
     let policy = InboundPolicy::new(config.inbound.clone(), state.clone(), metrics.clone());
@@ -174,6 +178,10 @@ pub async fn start(
     )
     .spawn()?;
 
+    // Our own workload is the one at the HBONE listener's address (the mesh IP).
+    let own_ip = Some(config.hbone_addr.ip()).filter(|ip| !ip.is_unspecified());
+    let (local, follow) = metadata::follow(own_ip, state.clone(), certs_for_local);
+    tasks.spawn(follow);
     let orig_dst: Arc<dyn OrigDst> = Arc::new(SoOriginalDst);
     let outbound = Outbound::new(
         config.outbound.clone(),
@@ -182,7 +190,8 @@ pub async fn start(
         orig_dst.clone(),
         Arc::new(LoadTracker::default()),
         metrics.clone(),
-    );
+    )
+    .with_local(local);
     let (drain, drain_rx) = watch::channel(None);
     let mut serving = JoinSet::new();
     serving.spawn(outbound.serve_until(outbound_l, drain_rx.clone()));
@@ -260,6 +269,13 @@ pub(crate) struct AccessRecord {
     pub endpoint: Option<SocketAddr>,
     /// The peer's identity: verified inbound, expected outbound.
     pub identity: Option<String>,
+    /// The source workload: ours outbound, the peer's `baggage` inbound (informational).
+    pub source: Baggage,
+    /// Inbound: the original client address the peer's `forwarded` header names
+    /// (informational; `src` is the verified TCP peer).
+    pub forwarded_for: Option<IpAddr>,
+    /// The connection's trace context: made outbound, the peer's inbound.
+    pub trace: Option<TraceParent>,
     pub sent: u64,
     pub received: u64,
 }
@@ -273,6 +289,9 @@ impl AccessRecord {
             service: None,
             endpoint: None,
             identity: None,
+            source: Baggage::default(),
+            forwarded_for: None,
+            trace: None,
             sent: 0,
             received: 0,
         }
@@ -286,15 +305,20 @@ impl AccessRecord {
         start: Instant,
         was_open: bool,
     ) {
-        let dash = |o: Option<String>| o.unwrap_or_else(|| "-".into());
+        let src = &self.source;
         tracing::info!(
             target: ACCESS_LOG_TARGET,
             direction = self.direction.as_str(),
             src = %self.src,
-            dst = %dash(self.dst.map(|d| d.to_string())),
-            service = %dash(self.service.clone()),
-            endpoint = %dash(self.endpoint.map(|d| d.to_string())),
-            identity = %dash(self.identity.clone()),
+            original_src = %OrDash(self.forwarded_for),
+            dst = %OrDash(self.dst),
+            service = %OrDash(self.service.as_deref()),
+            endpoint = %OrDash(self.endpoint),
+            identity = %OrDash(self.identity.as_deref()),
+            src_workload = %OrDash(src.workload_name.as_deref()),
+            src_namespace = %OrDash(src.namespace.as_deref()),
+            src_service = %OrDash(src.service_name.as_deref()),
+            trace_id = %OrDash(self.trace.map(|t| t.trace_id)),
             bytes_sent = self.sent,
             bytes_received = self.received,
             duration_ms = start.elapsed().as_millis() as u64,
@@ -303,6 +327,18 @@ impl AccessRecord {
             "connection closed"
         );
         metrics.closed(self, outcome, was_open);
+    }
+}
+
+/// Shows the value, or `-` when there is none, without formatting into a string first.
+struct OrDash<T>(Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OrDash<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("-"),
+        }
     }
 }
 

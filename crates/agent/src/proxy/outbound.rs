@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::HeaderMap;
-use isthmus_hbone::{HboneClient, HboneError, Upstream};
+use isthmus_hbone::{HboneClient, HboneError, TraceParent, Upstream};
 use isthmus_xds::client::{Service, State, Tunnel, Workload};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::lb::{ConnGuard, LoadTracker};
+use super::metadata::{self, LocalWatch, LocalWorkload};
 use super::metrics::{Direction, Outcome, ProxyMetrics};
 use super::orig_dst::OrigDst;
 use super::{splice, AccessRecord};
@@ -127,6 +128,20 @@ pub struct Outbound {
     orig_dst: Arc<dyn OrigDst>,
     lb: Arc<LoadTracker>,
     metrics: Arc<ProxyMetrics>,
+    local: LocalWatch,
+}
+
+/// What one connection's CONNECT says about it (the same on every endpoint tried).
+struct Origin {
+    src: SocketAddr,
+    trace: TraceParent,
+    local: Arc<LocalWorkload>,
+}
+
+impl Origin {
+    fn headers(&self) -> HeaderMap {
+        self.local.connect_headers(self.src.ip(), &self.trace)
+    }
 }
 
 impl Outbound {
@@ -145,7 +160,16 @@ impl Outbound {
             orig_dst,
             lb,
             metrics,
+            local: metadata::unknown(),
         }
+    }
+
+    /// Describes the source to peers (`baggage`) and in outbound metrics with this
+    /// workload (see [`metadata::follow`]); without it, only `forwarded` and `traceparent`
+    /// are sent.
+    pub fn with_local(mut self, local: LocalWatch) -> Self {
+        self.local = local;
+        self
     }
 
     /// Serves `listener` until the returned future is dropped (which closes every connection).
@@ -171,6 +195,13 @@ impl Outbound {
         let start = Instant::now();
         let _ = client.set_nodelay(true);
         let mut rec = AccessRecord::new(Direction::Outbound, src);
+        let origin = Origin {
+            src,
+            trace: metadata::new_trace(),
+            local: self.local.borrow().clone(),
+        };
+        rec.trace = Some(origin.trace);
+        rec.source = origin.local.meta.clone();
         let dst = match self.orig_dst.original_dst(&client) {
             Ok(d) => d,
             Err(e) => {
@@ -180,7 +211,7 @@ impl Outbound {
             }
         };
         rec.dst = Some(dst);
-        let opened = self.open(dst, local, &mut rec).await;
+        let opened = self.open(dst, local, &origin, &mut rec).await;
         let (mut upstream, _guard) = match opened {
             Ok(u) => u,
             Err(e) => {
@@ -198,6 +229,7 @@ impl Outbound {
         &self,
         dst: SocketAddr,
         local: Option<SocketAddr>,
+        origin: &Origin,
         rec: &mut AccessRecord,
     ) -> Result<(Box<dyn Upstream>, Option<ConnGuard>), OutboundError> {
         if Some(dst) == local || (dst.port() == local.map_or(0, |l| l.port()) && is_local(dst.ip()))
@@ -214,11 +246,11 @@ impl Outbound {
                 rec.endpoint = Some(t.addr);
                 rec.identity = t.expected.first().cloned();
                 let guard = self.lb.acquire(&t.workload.uid);
-                Ok((self.connect(&t).await?, Some(guard)))
+                Ok((self.connect(&t, origin).await?, Some(guard)))
             }
             Plan::Service { service, targets } => {
                 rec.service = Some(service.hostname.clone());
-                self.connect_service(&service, targets, dst.port(), rec)
+                self.connect_service(&service, targets, dst.port(), origin, rec)
                     .await
             }
         }
@@ -257,6 +289,7 @@ impl Outbound {
         service: &Service,
         mut targets: Vec<Target>,
         port: u16,
+        origin: &Origin,
         rec: &mut AccessRecord,
     ) -> Result<(Box<dyn Upstream>, Option<ConnGuard>), OutboundError> {
         let mut attempts = 0;
@@ -279,7 +312,7 @@ impl Outbound {
             let guard = self.lb.acquire(&t.workload.uid);
             rec.endpoint = Some(t.addr);
             rec.identity = t.expected.first().cloned();
-            match self.connect(&t).await {
+            match self.connect(&t, origin).await {
                 Ok(u) => return Ok((u, Some(guard))),
                 Err(e) => {
                     tracing::warn!(service = %service.hostname, endpoint = %t.addr, error = %e,
@@ -305,13 +338,17 @@ impl Outbound {
         }
     }
 
-    async fn connect(&self, t: &Target) -> Result<Box<dyn Upstream>, OutboundError> {
+    async fn connect(
+        &self,
+        t: &Target,
+        origin: &Origin,
+    ) -> Result<Box<dyn Upstream>, OutboundError> {
         match t.workload.tunnel {
             Tunnel::Hbone => {
                 let hbone = SocketAddr::new(t.addr.ip(), self.config.hbone_port);
                 let s = self
                     .hbone
-                    .connect(hbone, t.addr, &t.expected, &HeaderMap::new())
+                    .connect(hbone, t.addr, &t.expected, &origin.headers())
                     .await?;
                 Ok(Box::new(s))
             }
