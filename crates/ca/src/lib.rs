@@ -9,6 +9,7 @@ pub mod authority;
 pub mod cert;
 pub mod csr;
 pub mod files;
+pub mod pin;
 pub mod service;
 pub mod spiffe;
 #[cfg(feature = "test-util")]
@@ -27,12 +28,15 @@ pub use authority::{
 };
 pub use cert::{CertError, CertInfo, ChainVerifier};
 pub use csr::{parse_csr, parse_csr_der, CsrError, ParsedCsr};
-pub use service::{AuthError, Authenticator, CaMetrics, Caller, CertificateService, Credential};
+pub use pin::{parse_root_hash, root_hash, PinError};
+pub use service::{
+    bearer_token, AuthError, Authenticator, CaMetrics, Caller, CertificateService, Credential,
+};
 pub use spiffe::{SpiffeError, SpiffeId};
 pub use tls::{server_tls_config, tls_incoming, TlsError};
 pub use token::{
-    token_identity_unverified, LedgerError, MemoryLedger, TokenClaims, TokenError, TokenIssuer,
-    TokenLedger, TokenRecord,
+    claims_unverified, token_identity_unverified, LedgerError, MemoryLedger, TokenClaims,
+    TokenError, TokenIssuer, TokenLedger, TokenRecord,
 };
 
 /// Decodes an `IstioCertificateRequest` from its protobuf bytes (fuzzing entry point).

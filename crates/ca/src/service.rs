@@ -19,7 +19,7 @@ use crate::pb::istio_certificate_service_server::{
 };
 use crate::pb::{IstioCertificateRequest, IstioCertificateResponse};
 use crate::spiffe::SpiffeId;
-use crate::token::{LedgerError, TokenError, TokenIssuer, TokenLedger};
+use crate::token::{LedgerError, TokenClaims, TokenError, TokenIssuer, TokenLedger};
 
 /// Largest encoded request the server decodes (the CSR itself is capped lower, at
 /// [`crate::csr::MAX_CSR_BYTES`], with a clearer message).
@@ -30,6 +30,8 @@ pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
 pub enum AuthError {
     #[error("no credentials: send `authorization: Bearer <join token>` or a client certificate issued by this mesh's CA")]
     Missing,
+    #[error("no join token: send `authorization: Bearer <join token>`")]
+    NoToken,
     #[error("authorization header is not `Bearer <token>`")]
     BadHeader,
     #[error("join token rejected: {0}")]
@@ -129,21 +131,34 @@ impl Authenticator {
     /// Verifies an `authorization: Bearer` join token (signature and claims only: the
     /// ledger is consulted by [`Authenticator::consume`]); `Ok(None)` when absent.
     pub fn from_bearer(&self, metadata: &MetadataMap) -> Result<Option<Caller>, AuthError> {
-        let Some(value) = metadata.get("authorization") else {
-            return Ok(None);
-        };
-        let value = value.to_str().map_err(|_| AuthError::BadHeader)?;
-        let token = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or(AuthError::BadHeader)?;
-        let (claims, identity) = self.tokens.verify(token)?;
-        Ok(Some(Caller {
-            identity,
-            credential: Credential::Token { id: claims.jti },
-        }))
+        Ok(self
+            .bearer_claims(metadata)?
+            .map(|(claims, identity)| Caller {
+                identity,
+                credential: Credential::Token { id: claims.jti },
+            }))
+    }
+
+    fn bearer_claims(
+        &self,
+        metadata: &MetadataMap,
+    ) -> Result<Option<(TokenClaims, SpiffeId)>, AuthError> {
+        match bearer_token(metadata)? {
+            Some(token) => Ok(Some(self.tokens.verify(token)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Checks a bearer join token as a certificate request would (signature, issuer, audience,
+    /// expiry, identity, and in the ledger: known, not revoked, uses left) without spending a
+    /// use; returns its claims. For requests only a join token authorizes.
+    pub async fn check_token(
+        &self,
+        metadata: &MetadataMap,
+    ) -> Result<(TokenClaims, SpiffeId), AuthError> {
+        let (claims, identity) = self.bearer_claims(metadata)?.ok_or(AuthError::NoToken)?;
+        self.ledger.usable(&claims.jti).await?;
+        Ok((claims, identity))
     }
 
     /// Authenticates a request: a valid client certificate wins, else a join token.
@@ -175,6 +190,22 @@ impl Authenticator {
             Credential::ClientCertificate => Ok(()),
         }
     }
+}
+
+/// The token of an `authorization: Bearer <token>` header (unverified); `Ok(None)` when there
+/// is no such header.
+pub fn bearer_token(metadata: &MetadataMap) -> Result<Option<&str>, AuthError> {
+    let Some(value) = metadata.get("authorization") else {
+        return Ok(None);
+    };
+    let value = value.to_str().map_err(|_| AuthError::BadHeader)?;
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(Some)
+        .ok_or(AuthError::BadHeader)
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

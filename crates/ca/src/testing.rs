@@ -39,10 +39,13 @@ impl TestCa {
         let mut config = CaConfig::new(dir.path().join("ca"));
         tweak(&mut config);
         let ca = Arc::new(Ca::load_or_create(&config)?);
-        let tokens = Arc::new(TokenIssuer::load_or_create(
-            &config.dir.join(crate::token::TOKEN_KEY_FILE),
-            &config.trust_domain,
-        )?);
+        let tokens = Arc::new(
+            TokenIssuer::load_or_create(
+                &config.dir.join(crate::token::TOKEN_KEY_FILE),
+                &config.trust_domain,
+            )?
+            .with_root_pins(ca.roots()),
+        );
         let ledger = Arc::new(MemoryLedger::new());
         let auth = Authenticator::new(ca.clone(), tokens.clone(), ledger.clone());
         let service = CertificateService::new(ca.clone(), auth);

@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rcgen::KeyPair;
+use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 
 use crate::files::{self, FileError};
@@ -66,6 +67,14 @@ pub struct TokenClaims {
     pub exp: u64,
     /// Random id: the key of the token's [`TokenRecord`].
     pub jti: String,
+    /// Pins of the mesh roots when the token was made ([`crate::pin`]): a host that joins with
+    /// only this token and an address trusts the control plane that serves one of them. Older
+    /// tokens have none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub root: Vec<String>,
+    /// The WorkloadGroup (in `ns`) the host joins, when the token was made for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 /// What the control plane stores about a token (never the token itself).
@@ -102,6 +111,10 @@ pub trait TokenLedger: Send + Sync {
     /// Records one use of token `id`; fails when it is unknown, revoked or used up. Must be
     /// atomic: two concurrent calls on a one-use token let exactly one through.
     async fn consume(&self, id: &str) -> Result<(), LedgerError>;
+
+    /// Fails as [`TokenLedger::consume`] would, but spends nothing: for requests that a token
+    /// authorizes without being a certificate (the host's bundle).
+    async fn usable(&self, id: &str) -> Result<(), LedgerError>;
 }
 
 /// In-memory [`TokenLedger`] for tests and `--dev`.
@@ -149,6 +162,24 @@ impl MemoryLedger {
     }
 }
 
+impl LedgerEntry {
+    fn check(&self) -> Result<(), LedgerError> {
+        let id = &self.record.id;
+        if self.revoked {
+            return Err(LedgerError::Revoked { id: id.clone() });
+        }
+        if let Some(max) = self.record.max_uses {
+            if self.uses >= max {
+                return Err(LedgerError::Exhausted {
+                    id: id.clone(),
+                    max_uses: max,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 #[async_trait::async_trait]
 impl TokenLedger for MemoryLedger {
     async fn consume(&self, id: &str) -> Result<(), LedgerError> {
@@ -156,19 +187,16 @@ impl TokenLedger for MemoryLedger {
         let entry = entries
             .get_mut(id)
             .ok_or_else(|| LedgerError::Unknown { id: id.into() })?;
-        if entry.revoked {
-            return Err(LedgerError::Revoked { id: id.into() });
-        }
-        if let Some(max) = entry.record.max_uses {
-            if entry.uses >= max {
-                return Err(LedgerError::Exhausted {
-                    id: id.into(),
-                    max_uses: max,
-                });
-            }
-        }
+        entry.check()?;
         entry.uses += 1;
         Ok(())
+    }
+
+    async fn usable(&self, id: &str) -> Result<(), LedgerError> {
+        self.lock()
+            .get(id)
+            .ok_or_else(|| LedgerError::Unknown { id: id.into() })?
+            .check()
     }
 }
 
@@ -177,12 +205,14 @@ pub struct TokenIssuer {
     encoding: EncodingKey,
     decoding: DecodingKey,
     trust_domain: String,
+    root_pins: Vec<String>,
 }
 
 impl std::fmt::Debug for TokenIssuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenIssuer")
             .field("trust_domain", &self.trust_domain)
+            .field("root_pins", &self.root_pins)
             .finish_non_exhaustive()
     }
 }
@@ -226,7 +256,19 @@ impl TokenIssuer {
             encoding,
             decoding,
             trust_domain: trust_domain.to_owned(),
+            root_pins: Vec::new(),
         })
+    }
+
+    /// Tokens made from now on carry the pins of `roots` (the CA's trust bundle).
+    pub fn with_root_pins(mut self, roots: &[CertificateDer<'_>]) -> Self {
+        self.root_pins = crate::pin::root_hashes(roots);
+        self
+    }
+
+    /// The pins new tokens carry.
+    pub fn root_pins(&self) -> &[String] {
+        &self.root_pins
     }
 
     /// Creates a token for `namespace`/`service_account`, valid for `ttl` from now.
@@ -240,11 +282,43 @@ impl TokenIssuer {
         self.create_at(namespace, service_account, ttl, max_uses, SystemTime::now())
     }
 
+    /// [`TokenIssuer::create`] for a host that joins WorkloadGroup `group` (the token records it;
+    /// the host's bundle is made from the group's template).
+    pub fn create_in_group(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        group: Option<&str>,
+        ttl: Duration,
+        max_uses: Option<u32>,
+    ) -> Result<(String, TokenRecord), TokenError> {
+        self.create_full(
+            namespace,
+            service_account,
+            group,
+            ttl,
+            max_uses,
+            SystemTime::now(),
+        )
+    }
+
     /// [`TokenIssuer::create`] with an explicit issue time (tests, replays of a clock).
     pub fn create_at(
         &self,
         namespace: &str,
         service_account: &str,
+        ttl: Duration,
+        max_uses: Option<u32>,
+        issued_at: SystemTime,
+    ) -> Result<(String, TokenRecord), TokenError> {
+        self.create_full(namespace, service_account, None, ttl, max_uses, issued_at)
+    }
+
+    fn create_full(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        group: Option<&str>,
         ttl: Duration,
         max_uses: Option<u32>,
         issued_at: SystemTime,
@@ -263,6 +337,8 @@ impl TokenIssuer {
             iat,
             exp: iat + ttl.as_secs(),
             jti: hex::encode(rand::random::<[u8; 16]>()),
+            root: self.root_pins.clone(),
+            group: group.map(str::to_owned),
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &self.encoding)
             .map_err(|e| TokenError::Sign(e.to_string()))?;
@@ -330,6 +406,13 @@ impl TokenIssuer {
 /// Reads the identity a token is for without verifying it: lets a host agent know which
 /// identity to ask for. The CA verifies the token when it is used.
 pub fn token_identity_unverified(token: &str) -> Result<SpiffeId, TokenError> {
+    Ok(claims_unverified(token)?.sub.parse()?)
+}
+
+/// Reads a token's claims without verifying them: a host has no key to check the signature
+/// with; it learns from them what to ask for and which root to pin, and the control plane
+/// verifies the token when it is used.
+pub fn claims_unverified(token: &str) -> Result<TokenClaims, TokenError> {
     let payload = token
         .split('.')
         .nth(1)
@@ -337,9 +420,7 @@ pub fn token_identity_unverified(token: &str) -> Result<SpiffeId, TokenError> {
     let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
         .map_err(|e| TokenError::Malformed(format!("payload is not base64url: {e}")))?;
-    let claims: TokenClaims =
-        serde_json::from_slice(&json).map_err(|e| TokenError::Malformed(e.to_string()))?;
-    Ok(claims.sub.parse()?)
+    serde_json::from_slice(&json).map_err(|e| TokenError::Malformed(e.to_string()))
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -373,6 +454,60 @@ mod tests {
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/db/sa/mysql");
         assert_eq!(token_identity_unverified(&token).unwrap(), id);
         assert_eq!(record.expires_at - record.issued_at, 600);
+    }
+
+    #[test]
+    fn root_pins_and_group_round_trip() {
+        let root = rcgen::CertificateParams::new(vec!["root".to_string()])
+            .unwrap()
+            .self_signed(&KeyPair::generate().unwrap())
+            .unwrap();
+        let unpinned = issuer();
+        // A token made before pins existed: no `root`, no `group` in its claims.
+        let (plain, _) = unpinned
+            .create("db", "mysql", Duration::from_secs(60), None)
+            .unwrap();
+        let iss = unpinned.with_root_pins(&[root.der().clone()]);
+        let pin = crate::pin::root_hash(root.der());
+        assert_eq!(iss.root_pins(), std::slice::from_ref(&pin));
+        let (token, _) = iss
+            .create_in_group("db", "mysql", Some("mysql"), Duration::from_secs(60), None)
+            .unwrap();
+        let (claims, _) = iss.verify(&token).unwrap();
+        assert_eq!(claims.root, std::slice::from_ref(&pin));
+        assert_eq!(claims.group.as_deref(), Some("mysql"));
+        assert_eq!(claims_unverified(&token).unwrap(), claims);
+        let json = serde_json::to_value(&claims).unwrap();
+        assert_eq!(json["root"], serde_json::json!([pin]));
+        assert_eq!(json["group"], "mysql");
+
+        // The old token is still valid for the CA (and the agent), and pins nothing.
+        let (old, _) = iss.verify(&plain).unwrap();
+        assert!(old.root.is_empty() && old.group.is_none());
+        let payload = serde_json::to_value(claims_unverified(&plain).unwrap()).unwrap();
+        assert!(payload.get("root").is_none() && payload.get("group").is_none());
+    }
+
+    #[tokio::test]
+    async fn usable_checks_without_spending() {
+        let iss = issuer();
+        let ledger = MemoryLedger::new();
+        let (_, one) = iss
+            .create("a", "b", Duration::from_secs(60), Some(1))
+            .unwrap();
+        ledger.register(one.clone());
+        ledger.usable(&one.id).await.unwrap();
+        ledger.usable(&one.id).await.unwrap();
+        assert_eq!(ledger.uses(&one.id), Some(0));
+        ledger.consume(&one.id).await.unwrap();
+        assert!(matches!(
+            ledger.usable(&one.id).await,
+            Err(LedgerError::Exhausted { max_uses: 1, .. })
+        ));
+        assert!(matches!(
+            ledger.usable("nope").await,
+            Err(LedgerError::Unknown { .. })
+        ));
     }
 
     #[test]

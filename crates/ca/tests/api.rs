@@ -443,3 +443,68 @@ async fn oversized_requests_are_refused() -> Result<()> {
     );
     Ok(())
 }
+
+/// What a token-only request (the host's bundle) gets: the same checks as a certificate request,
+/// and no use spent, so the agent can still get its certificate with a one-use token.
+#[tokio::test]
+async fn token_check_without_spending_a_use() -> Result<()> {
+    use isthmus_ca::{AuthError, Authenticator, LedgerError, TokenError};
+    use tonic::metadata::MetadataMap;
+
+    let ca = TestCa::start().await.map_err(anyhow::Error::msg)?;
+    let auth = Authenticator::new(ca.ca.clone(), ca.tokens.clone(), ca.ledger.clone());
+    let bearer = |t: &str| -> Result<MetadataMap> {
+        let mut m = MetadataMap::new();
+        m.insert("authorization", format!("Bearer {t}").parse()?);
+        Ok(m)
+    };
+
+    let (token, record) = ca
+        .token(NS, SA, HOUR, Some(1))
+        .map_err(anyhow::Error::msg)?;
+    for _ in 0..3 {
+        let (claims, identity) = auth.check_token(&bearer(&token)?).await?;
+        assert_eq!(identity.to_string(), id(NS, SA));
+        assert_eq!(claims.jti, record.id);
+        assert_eq!(claims.root, isthmus_ca::pin::root_hashes(ca.ca.roots()));
+    }
+    assert_eq!(ca.ledger.uses(&record.id), Some(0));
+    // The one use is still there for the certificate.
+    let (_, pem) = csr(&[&id(NS, SA)]);
+    call(&ca, Auth::Token(&token), &pem, 0).await??;
+    assert!(matches!(
+        auth.check_token(&bearer(&token)?).await,
+        Err(AuthError::Ledger(LedgerError::Exhausted {
+            max_uses: 1,
+            ..
+        }))
+    ));
+
+    assert!(matches!(
+        auth.check_token(&MetadataMap::new()).await,
+        Err(AuthError::NoToken)
+    ));
+    let (revoked, record) = ca.token(NS, SA, HOUR, None).map_err(anyhow::Error::msg)?;
+    assert!(ca.ledger.revoke(&record.id));
+    assert!(matches!(
+        auth.check_token(&bearer(&revoked)?).await,
+        Err(AuthError::Ledger(LedgerError::Revoked { .. }))
+    ));
+    let (old, record) = ca
+        .tokens
+        .create_at(NS, SA, HOUR, None, SystemTime::now() - 2 * HOUR)?;
+    ca.ledger.register(record);
+    assert!(matches!(
+        auth.check_token(&bearer(&old)?).await,
+        Err(AuthError::Token(TokenError::Expired { .. }))
+    ));
+    let other = TestCa::start().await.map_err(anyhow::Error::msg)?;
+    let (foreign, _) = other
+        .token(NS, SA, HOUR, None)
+        .map_err(anyhow::Error::msg)?;
+    assert!(matches!(
+        auth.check_token(&bearer(&foreign)?).await,
+        Err(AuthError::Token(TokenError::BadSignature))
+    ));
+    Ok(())
+}

@@ -160,11 +160,12 @@ pub enum Command {
         #[command(subcommand)]
         command: VmCommand,
     },
-    /// Install a host's files from `isthmus vm config` (a directory or its .tar.gz) and start
-    /// the agent: checks the control plane first, then the istio-proxy user, the files at the
-    /// paths of docs/host-layout.md, /etc/hosts, dnsmasq, and the service. Safe to re-run.
+    /// Install a host's files from `isthmus vm config` (a directory or its .tar.gz), or fetched
+    /// from the control plane with a join token (--server, --token; its root pinned by hash),
+    /// and start the agent: checks the control plane first, then the istio-proxy user, the files
+    /// at the paths of docs/host-layout.md, /etc/hosts, dnsmasq, and the service. Safe to re-run.
     #[command(
-        after_help = "Examples:\n  isthmus join ./mysql-vm\n  isthmus join mysql-vm.tar.gz --no-start\n  isthmus join ./mysql-vm --root /tmp/fakeroot --no-start"
+        after_help = "Examples:\n  isthmus join ./mysql-vm\n  isthmus join mysql-vm.tar.gz --no-start\n  isthmus join ./mysql-vm --root /tmp/fakeroot --no-start\n  isthmus join --server 10.0.0.2:15012 --token @./token\n  isthmus join --server 10.0.0.2 --token @./token --root-hash sha256:6f1e...c0a9"
     )]
     Join(crate::join::JoinArgs),
     /// The host's interception rules (iptables), from the seeds' cluster.env and sidecar.env:

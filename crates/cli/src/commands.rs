@@ -524,6 +524,16 @@ async fn token_cmd(cmd: TokenCommand, out: &mut dyn Write) -> Result<(), Command
                         r["identity"].as_str().unwrap_or_default(),
                         output::unix_time(r["expiresAt"].as_u64().unwrap_or_default()),
                     );
+                    let pins: Vec<&str> = r["rootHashes"]
+                        .as_array()
+                        .map(|p| p.iter().filter_map(Value::as_str).collect())
+                        .unwrap_or_default();
+                    if !pins.is_empty() {
+                        eprintln!(
+                            "it pins the mesh root {} for `isthmus join --server <control-plane>:15012 --token ...`",
+                            pins.join(", ")
+                        );
+                    }
                     format!("{}\n", r["token"].as_str().unwrap_or_default())
                 }
                 other => {

@@ -1,4 +1,5 @@
-//! `isthmus join`: installs a host's files from `isthmus vm config` at the paths of
+//! `isthmus join`: installs a host's files from `isthmus vm config` (or, with `--server`, the same
+//! files fetched from the control plane with a join token, `crate::onboard`) at the paths of
 //! docs/host-layout.md and starts the agent. The control plane is checked first (reachable, and
 //! its certificate chains to the bundle's root), so a wrong bundle changes nothing. Each step
 //! prints one line (`ok`, `skip` or `FAIL`); re-running gives the same result.
@@ -9,17 +10,17 @@ use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
-
-use crate::vmconfig::{
-    self, AGENT_ENV, CERT_CHAIN, CLUSTER_ENV, HOSTS, KEY, KUBEDNS, ROOT_CERT, SIDECAR_ENV, TOKEN,
+use isthmus_control_plane::hostfiles::{
+    AGENT_ENV, CERT_CHAIN, CLUSTER_ENV, HOSTS, KEY, KUBEDNS, REQUIRED, ROOT_CERT, SIDECAR_ENV,
+    TOKEN,
 };
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+
+use crate::tlsverify::RecordingVerifier;
 
 /// The proxy's user and group (the uid the interception rules exempt, as in Istio).
 pub const PROXY_USER: &str = "istio-proxy";
@@ -27,12 +28,29 @@ pub const PROXY_ID: u32 = 1337;
 pub const AGENT_UNIT: &str = "isthmus-agent.service";
 const HOSTS_MARK: &str = "# isthmus";
 /// No file of a bundle is anywhere near this; a bigger archive entry is refused.
-const MAX_FILE: u64 = 1 << 20;
+pub(crate) const MAX_FILE: u64 = 1 << 20;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct JoinArgs {
     /// A directory or a .tar.gz written by `isthmus vm config`.
-    pub source: PathBuf,
+    #[arg(
+        required_unless_present = "server",
+        conflicts_with_all = ["server", "token", "root_hash"]
+    )]
+    pub source: Option<PathBuf>,
+    /// Fetch the bundle from the control plane's gRPC port instead (HOST[:PORT], port 15012 by
+    /// default), with a join token; the control plane must serve a pinned root.
+    #[arg(long, value_name = "HOST:PORT", requires = "token")]
+    pub server: Option<String>,
+    /// With --server: the join token, or @FILE to read it from FILE (keeps it out of `ps`).
+    #[arg(long, value_name = "TOKEN|@FILE", requires = "server")]
+    pub token: Option<String>,
+    /// With --server: the root the control plane must serve, `sha256:<hex>` of its DER
+    /// (repeatable; any one may match). Replaces the pins the join token carries. `isthmus token
+    /// create` prints it; from a root file: `openssl x509 -in root-cert.pem -outform der |
+    /// sha256sum`.
+    #[arg(long = "root-hash", value_name = "sha256:HEX", requires = "server")]
+    pub root_hash: Vec<String>,
     /// Put every path under this directory instead of `/` (tests, images being built). No user
     /// is created outside it and no service is started.
     #[arg(long)]
@@ -125,7 +143,7 @@ const DIRS: [(&str, u32, bool); 4] = [
     ("/var/lib/isthmus", 0o750, true),
 ];
 
-struct Report<'a> {
+pub(crate) struct Report<'a> {
     out: &'a mut dyn Write,
     failed: Option<String>,
 }
@@ -135,13 +153,13 @@ impl Report<'_> {
         let _ = writeln!(self.out, "{status:<4} {what}");
         let _ = self.out.flush();
     }
-    fn ok(&mut self, what: impl AsRef<str>) {
+    pub(crate) fn ok(&mut self, what: impl AsRef<str>) {
         self.line("ok", what.as_ref());
     }
-    fn skip(&mut self, what: impl AsRef<str>) {
+    pub(crate) fn skip(&mut self, what: impl AsRef<str>) {
         self.line("skip", what.as_ref());
     }
-    fn fail(&mut self, what: impl AsRef<str>) -> JoinError {
+    pub(crate) fn fail(&mut self, what: impl AsRef<str>) -> JoinError {
         self.line("FAIL", what.as_ref());
         self.failed = Some(what.as_ref().to_string());
         JoinError::Failed(what.as_ref().lines().next().unwrap_or_default().to_string())
@@ -161,15 +179,31 @@ pub async fn run(a: JoinArgs, out: &mut dyn Write) -> Result<(), JoinError> {
     let at = |p: &str| host_path(root.as_deref(), p);
 
     // 1. The bundle, whole, before anything else.
-    let bundle = match read_bundle(&a.source) {
-        Ok(b) => b,
-        Err(e) => return Err(r.fail(format!("read the bundle {}: {e}", a.source.display()))),
+    let bundle = match (&a.server, &a.source) {
+        (Some(server), _) => {
+            let pins = crate::onboard::Pins {
+                token: a.token.as_deref().unwrap_or_default(),
+                root_hashes: &a.root_hash,
+            };
+            crate::onboard::fetch_bundle(server, pins, a.timeout.into(), &mut r).await?
+        }
+        (None, Some(source)) => match read_bundle(source) {
+            Ok(b) => {
+                r.ok(format!(
+                    "read the bundle {} ({} files)",
+                    source.display(),
+                    b.files.len()
+                ));
+                b
+            }
+            Err(e) => return Err(r.fail(format!("read the bundle {}: {e}", source.display()))),
+        },
+        (None, None) => {
+            return Err(r.fail(
+                "nothing to join: give a directory or .tar.gz from `isthmus vm config`, or --server HOST:PORT --token TOKEN",
+            ))
+        }
     };
-    r.ok(format!(
-        "read the bundle {} ({} files)",
-        a.source.display(),
-        bundle.files.len()
-    ));
     let agent_env =
         match isthmus_intercept::EnvFile::parse_bytes(AGENT_ENV, &bundle.files[AGENT_ENV]) {
             Ok(e) => e,
@@ -320,16 +354,9 @@ pub fn host_path(root: Option<&Path>, p: &str) -> PathBuf {
 /// Reads a directory or a .tar.gz (files at its top or one directory down).
 pub fn read_bundle(source: &Path) -> Result<Bundle, String> {
     let mut bundle = Bundle::default();
-    let known = |name: &str| -> Option<&'static str> {
-        vmconfig::REQUIRED
-            .iter()
-            .chain([KEY, CERT_CHAIN].iter())
-            .find(|k| **k == name)
-            .copied()
-    };
     let meta = std::fs::metadata(source).map_err(|e| e.to_string())?;
     if meta.is_dir() {
-        for name in vmconfig::REQUIRED.iter().chain([KEY, CERT_CHAIN].iter()) {
+        for name in REQUIRED.iter().chain([KEY, CERT_CHAIN].iter()) {
             match std::fs::read(source.join(name)) {
                 Ok(b) => {
                     bundle.files.insert((*name).to_string(), b);
@@ -352,7 +379,11 @@ pub fn read_bundle(source: &Path) -> Result<Bundle, String> {
             }
             let path = entry.path().map_err(|e| e.to_string())?.to_path_buf();
             let depth = path.components().count();
-            let Some(name) = path.file_name().and_then(|n| n.to_str()).and_then(known) else {
+            let Some(name) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(known_file)
+            else {
                 continue;
             };
             if depth > 2 {
@@ -370,71 +401,39 @@ pub fn read_bundle(source: &Path) -> Result<Bundle, String> {
             bundle.files.insert(name.to_string(), buf);
         }
     }
-    let missing: Vec<&str> = vmconfig::REQUIRED
-        .iter()
-        .filter(|n| !bundle.files.contains_key(**n))
-        .copied()
-        .collect();
-    if !missing.is_empty() {
-        return Err(format!(
-            "{} missing (is it a directory or archive from `isthmus vm config`?)",
-            missing.join(", ")
-        ));
-    }
-    if bundle.files.contains_key(KEY) != bundle.files.contains_key(CERT_CHAIN) {
-        return Err("key.pem and cert-chain.pem come together; one is missing".into());
-    }
+    bundle.check(" (is it a directory or archive from `isthmus vm config`?)")?;
     Ok(bundle)
 }
 
-/// Records the chain the server presented, so a mismatch can be described.
-#[derive(Debug)]
-struct Recording {
-    inner: Arc<rustls::client::WebPkiServerVerifier>,
-    seen: Mutex<Vec<CertificateDer<'static>>>,
+/// The name of a file bundles may hold, as the constant.
+pub(crate) fn known_file(name: &str) -> Option<&'static str> {
+    REQUIRED
+        .iter()
+        .chain([KEY, CERT_CHAIN].iter())
+        .find(|k| **k == name)
+        .copied()
 }
 
-impl ServerCertVerifier for Recording {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if let Ok(mut seen) = self.seen.lock() {
-            *seen = std::iter::once(end_entity)
-                .chain(intermediates)
-                .map(|c| c.clone().into_owned())
-                .collect();
+impl Bundle {
+    /// Every required file there, the bootstrap pair whole; `hint` ends the "missing" message.
+    pub(crate) fn check(&self, hint: &str) -> Result<(), String> {
+        let missing: Vec<&str> = REQUIRED
+            .iter()
+            .filter(|n| !self.files.contains_key(**n))
+            .copied()
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!("{} missing{hint}", missing.join(", ")));
         }
-        self.inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        if self.files.contains_key(KEY) != self.files.contains_key(CERT_CHAIN) {
+            return Err("key.pem and cert-chain.pem come together; one is missing".into());
+        }
+        Ok(())
     }
 }
 
 /// Subject and key id of a certificate, or of its issuer, for messages.
-fn describe(der: &[u8], issuer: bool) -> String {
+pub(crate) fn describe(der: &[u8], issuer: bool) -> String {
     use x509_parser::extensions::ParsedExtension;
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
         return "an unparsable certificate".into();
@@ -489,30 +488,11 @@ async fn check_control_plane(
             "check the control plane: the bundle's root-cert.pem holds no certificate".into(),
         );
     }
-    let mut store = rustls::RootCertStore::empty();
-    for c in &roots {
-        store
-            .add(c.clone())
-            .map_err(|e| format!("check the control plane: root-cert.pem: {e}"))?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        Arc::new(store),
-        provider.clone(),
-    )
-    .build()
-    .map_err(|e| format!("check the control plane: {e}"))?;
-    let verifier = Arc::new(Recording {
-        inner,
-        seen: Mutex::new(Vec::new()),
-    });
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("check the control plane: {e}"))?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier.clone())
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    let verifier = RecordingVerifier::enforcing(&roots)
+        .map_err(|e| format!("check the control plane: root-cert.pem: {e}"))?;
+    let config = verifier
+        .client_config()
+        .map_err(|e| format!("check the control plane: {e}"))?;
     let name = ServerName::try_from(server_name.to_string()).map_err(|_| {
         format!("check the control plane: ISTHMUS_CA_SERVER_NAME {server_name:?} is not a DNS name")
     })?;
@@ -544,7 +524,7 @@ async fn check_control_plane(
     match handshake {
         Ok(_) => Ok(authority.to_string()),
         Err(e) => {
-            let seen = verifier.seen.lock().map(|s| s.clone()).unwrap_or_default();
+            let seen = verifier.seen().map(|s| s.chain).unwrap_or_default();
             let bundle_roots = roots
                 .iter()
                 .map(|r| describe(r, false))

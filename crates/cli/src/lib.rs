@@ -7,8 +7,10 @@ pub mod client;
 pub mod commands;
 pub mod doctor;
 pub mod join;
+mod onboard;
 mod output;
 pub mod status;
+mod tlsverify;
 pub mod vmconfig;
 
 pub use args::{Cli, Command};

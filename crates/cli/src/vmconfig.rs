@@ -17,39 +17,7 @@ use serde_json::Value;
 use crate::args::Connection;
 use crate::client::{enc, Client, ClientError};
 
-pub const CLUSTER_ENV: &str = "cluster.env";
-pub const SIDECAR_ENV: &str = "sidecar.env";
-pub const KUBEDNS: &str = "kubedns";
-pub const HOSTS: &str = "hosts";
-pub const ROOT_CERT: &str = "root-cert.pem";
-pub const TOKEN: &str = "token";
-pub const AGENT_ENV: &str = "agent.env";
-pub const KEY: &str = "key.pem";
-pub const CERT_CHAIN: &str = "cert-chain.pem";
-/// Files every bundle has; `KEY` and `CERT_CHAIN` only with --bootstrap-certs.
-pub const REQUIRED: [&str; 7] = [
-    CLUSTER_ENV,
-    SIDECAR_ENV,
-    KUBEDNS,
-    HOSTS,
-    ROOT_CERT,
-    TOKEN,
-    AGENT_ENV,
-];
-
-/// Seed names of the control plane that hosts' dnsmasq resolves to it, each also with the
-/// `.istio-system` suffix.
-pub const CONTROL_PLANE_NAMES: [&str; 6] = [
-    "istiod",
-    "istio-pilot",
-    "istio-citadel",
-    "istio-ca",
-    "istio-policy",
-    "istio-telemetry",
-];
-pub const SYSTEM_NAMESPACE: &str = "istio-system";
-/// Istio's `ISTIO_LOCAL_EXCLUDE_PORTS` default for VMs: the sidecar's own metrics and health.
-pub const LOCAL_EXCLUDE_PORTS: &str = "15090,15021,15020";
+use isthmus_control_plane::hostfiles::{self, join_ports, BundleFile, HostConfig};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct VmConfigArgs {
@@ -124,27 +92,6 @@ pub enum VmConfigError {
     Client(#[from] ClientError),
 }
 
-/// One file of a host's bundle.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BundleFile {
-    pub name: &'static str,
-    pub contents: Vec<u8>,
-    pub mode: u32,
-}
-
-/// What the files are made of: the server's facts and the operator's choices.
-#[derive(Clone, Debug)]
-pub struct HostConfig {
-    pub mesh: MeshInfo,
-    pub namespace: String,
-    pub service_account: String,
-    pub group: Option<String>,
-    pub control_plane: SocketAddr,
-    pub dns: SocketAddr,
-    pub inbound_ports: String,
-    pub ip: Option<IpAddr>,
-}
-
 fn invalid(flag: &'static str, value: &str, problem: impl Into<String>) -> VmConfigError {
     VmConfigError::Invalid {
         flag,
@@ -175,14 +122,6 @@ pub fn parse_inbound_ports(s: &str) -> Result<String, VmConfigError> {
     Ok(join_ports(&ports))
 }
 
-fn join_ports(ports: &[u16]) -> String {
-    ports
-        .iter()
-        .map(u16::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 /// `IP` or `IP:PORT` (IPv6 as `[::1]:15012`); the port defaults to `default_port`.
 pub fn parse_control_plane(s: &str, default_port: u16) -> Result<SocketAddr, VmConfigError> {
     if let Ok(a) = s.parse::<SocketAddr>() {
@@ -198,114 +137,6 @@ pub fn parse_control_plane(s: &str, default_port: u16) -> Result<SocketAddr, VmC
                 "is not IP or IP:PORT (e.g. 10.0.0.2 or 10.0.0.2:15012); hosts' files need an address, not a name",
             )
         })
-}
-
-impl HostConfig {
-    fn ca_addr(&self) -> String {
-        format!("https://{}", self.control_plane)
-    }
-
-    pub fn cluster_env(&self) -> String {
-        let mut s = format!(
-            "ISTIO_SERVICE_CIDR={}\n\
-             ISTIO_SYSTEM_NAMESPACE={SYSTEM_NAMESPACE}\n\
-             ISTIO_CP_AUTH=MUTUAL_TLS\n\
-             ISTIO_NAMESPACE={}\n\
-             SERVICE_ACCOUNT={}\n\
-             TRUST_DOMAIN={}\n\
-             CA_ADDR={}\n\
-             ISTIO_META_DNS_CAPTURE=true\n\
-             ISTIO_LOCAL_EXCLUDE_PORTS={LOCAL_EXCLUDE_PORTS}\n",
-            self.mesh.service_cidr,
-            self.namespace,
-            self.service_account,
-            self.mesh.trust_domain,
-            self.ca_addr(),
-        );
-        if let Some(ip) = self.ip {
-            s.push_str(&format!("ISTIO_SVC_IP={ip}\n"));
-        }
-        s
-    }
-
-    pub fn sidecar_env(&self) -> String {
-        format!(
-            "ISTIO_INBOUND_PORTS={}\nISTIO_INBOUND_INTERCEPTION_MODE=REDIRECT\n",
-            self.inbound_ports
-        )
-    }
-
-    /// The seeds' dnsmasq file: mesh names to the mesh DNS, control-plane names to its address.
-    pub fn kubedns(&self) -> String {
-        let dns = if self.dns.port() == 53 {
-            self.dns.ip().to_string()
-        } else {
-            format!("{}#{}", self.dns.ip(), self.dns.port())
-        };
-        let mut s = format!("server=/svc.{}/{dns}\n", self.mesh.domain);
-        let ip = self.control_plane.ip();
-        for name in CONTROL_PLANE_NAMES {
-            s.push_str(&format!("address=/{name}/{ip}\n"));
-            s.push_str(&format!("address=/{name}.{SYSTEM_NAMESPACE}/{ip}\n"));
-        }
-        s
-    }
-
-    pub fn hosts(&self) -> String {
-        format!("{} {}\n", self.control_plane.ip(), self.mesh.ca_server_name)
-    }
-
-    /// The agent's whole configuration (docs/host-layout.md); the host's real paths.
-    pub fn agent_env(&self) -> String {
-        let mut s = format!(
-            "CA_ADDR={}\n\
-             ISTHMUS_CA_SERVER_NAME={}\n\
-             ISTHMUS_CERT_DIR=/etc/certs\n\
-             ISTHMUS_JOIN_TOKEN_FILE=/etc/isthmus/token\n\
-             ISTHMUS_STATE_DIR=/var/lib/isthmus\n\
-             ISTHMUS_DOMAIN={}\n\
-             ISTHMUS_PROXY=true\n\
-             ISTHMUS_CAPTURE=true\n",
-            self.ca_addr(),
-            self.mesh.ca_server_name,
-            self.mesh.domain,
-        );
-        if let Some(g) = &self.group {
-            s.push_str(&format!("ISTHMUS_WORKLOAD_GROUP={g}\n"));
-        }
-        if let Some(ip) = self.ip {
-            s.push_str(&format!("ISTIO_SVC_IP={ip}\n"));
-        }
-        s
-    }
-
-    /// Every file of the bundle; the secrets (token, key) owner-only.
-    pub fn files(
-        &self,
-        root_cert: &str,
-        token: &str,
-        bootstrap: Option<(&str, &str)>,
-    ) -> Vec<BundleFile> {
-        let f = |name, contents: String, mode| BundleFile {
-            name,
-            contents: contents.into_bytes(),
-            mode,
-        };
-        let mut files = vec![
-            f(CLUSTER_ENV, self.cluster_env(), 0o644),
-            f(SIDECAR_ENV, self.sidecar_env(), 0o644),
-            f(KUBEDNS, self.kubedns(), 0o644),
-            f(HOSTS, self.hosts(), 0o644),
-            f(ROOT_CERT, root_cert.to_string(), 0o644),
-            f(TOKEN, format!("{}\n", token.trim()), 0o600),
-            f(AGENT_ENV, self.agent_env(), 0o644),
-        ];
-        if let Some((key, chain)) = bootstrap {
-            files.push(f(KEY, key.to_string(), 0o600));
-            files.push(f(CERT_CHAIN, chain.to_string(), 0o644));
-        }
-        files
-    }
 }
 
 /// Checks every flag before anything is asked of the server.
@@ -390,24 +221,6 @@ fn check_output_dir(dir: &Path) -> Result<(), VmConfigError> {
     }
 }
 
-/// The mesh DNS address hosts can use: the server's, or the control plane's address when the
-/// server listens on every address (or only on loopback while hosts are elsewhere).
-fn host_dns(mesh: &MeshInfo, control_plane: SocketAddr) -> SocketAddr {
-    let ip = mesh.dns_addr.ip();
-    if ip.is_unspecified() {
-        return SocketAddr::new(control_plane.ip(), mesh.dns_addr.port());
-    }
-    if ip.is_loopback() && !control_plane.ip().is_loopback() {
-        eprintln!(
-            "warning: the mesh DNS listens on {} only, which hosts cannot reach; kubedns points at {} instead (run the server with --dns-addr 0.0.0.0:53)",
-            mesh.dns_addr,
-            control_plane.ip()
-        );
-        return SocketAddr::new(control_plane.ip(), mesh.dns_addr.port());
-    }
-    mesh.dns_addr
-}
-
 pub async fn run(a: VmConfigArgs, out: &mut dyn Write) -> Result<(), VmConfigError> {
     validate(&a)?;
     let client = Client::from_connection(&a.conn)?;
@@ -439,28 +252,21 @@ pub async fn run(a: VmConfigArgs, out: &mut dyn Write) -> Result<(), VmConfigErr
             }
             Err(e) => return Err(e.into()),
         };
-        let template = &group.spec.template;
-        if !template.service_account.is_empty() {
+        let defaults = hostfiles::group_defaults(&group.spec.template);
+        if let Some(template) = defaults.service_account {
             match &service_account {
-                Some(sa) if *sa != template.service_account => {
+                Some(sa) if *sa != template => {
                     return Err(VmConfigError::ServiceAccount {
                         given: sa.clone(),
                         group: format!("{}/{g}", a.namespace),
-                        template: template.service_account.clone(),
+                        template,
                     })
                 }
-                _ => service_account = Some(template.service_account.clone()),
+                _ => service_account = Some(template),
             }
         }
         if inbound_ports.is_none() {
-            let mut ports: Vec<u16> = template
-                .ports
-                .values()
-                .filter_map(|p| u16::try_from(*p).ok())
-                .collect();
-            ports.sort_unstable();
-            ports.dedup();
-            inbound_ports = Some(join_ports(&ports));
+            inbound_ports = Some(defaults.inbound_ports);
         }
     }
     let service_account =
@@ -468,17 +274,16 @@ pub async fn run(a: VmConfigArgs, out: &mut dyn Write) -> Result<(), VmConfigErr
 
     let control_plane = match &a.control_plane {
         Some(cp) => parse_control_plane(cp, mesh.grpc_addr.port())?,
-        None => match mesh.advertised_ips.first() {
-            Some(ip) => SocketAddr::new(*ip, mesh.grpc_addr.port()),
-            None => {
-                return Err(VmConfigError::NoAddress {
-                    grpc: mesh.grpc_addr,
-                })
-            }
-        },
+        None => hostfiles::advertised_control_plane(&mesh).ok_or(VmConfigError::NoAddress {
+            grpc: mesh.grpc_addr,
+        })?,
     };
+    let (dns, warning) = hostfiles::host_dns(&mesh, control_plane);
+    if let Some(w) = warning {
+        eprintln!("warning: {w}");
+    }
     let cfg = HostConfig {
-        dns: host_dns(&mesh, control_plane),
+        dns,
         mesh,
         namespace: a.namespace.clone(),
         service_account: service_account.clone(),
@@ -501,7 +306,7 @@ pub async fn run(a: VmConfigArgs, out: &mut dyn Write) -> Result<(), VmConfigErr
         .await?;
     let token_req = serde_json::json!({
         "namespace": a.namespace, "serviceAccount": service_account,
-        "ttl": a.token_ttl, "uses": a.token_uses,
+        "ttl": a.token_ttl, "uses": a.token_uses, "group": a.group,
     });
     let token: Value = client
         .json(
@@ -575,6 +380,15 @@ pub async fn run(a: VmConfigArgs, out: &mut dyn Write) -> Result<(), VmConfigErr
         .map(|p| p.display().to_string())
         .unwrap_or_default();
     let _ = writeln!(out, "next, on the host: isthmus join {what}");
+    if let Some(pins) = token["rootHashes"].as_array().filter(|p| !p.is_empty()) {
+        let pins: Vec<&str> = pins.iter().filter_map(Value::as_str).collect();
+        let _ = writeln!(
+            out,
+            "(or, with only the token: isthmus join --server {} --token @token; it pins the root {})",
+            cfg.control_plane,
+            pins.join(", ")
+        );
+    }
     Ok(())
 }
 

@@ -582,7 +582,33 @@ impl From<IdentityError> for ApiError {
 }
 
 async fn create_token(State(state): State<Arc<ApiState>>, body: Body) -> ApiResult<Response> {
-    let req: CreateTokenRequest = parse_json_body(&read_body(body).await?)?;
+    let mut req: CreateTokenRequest = parse_json_body(&read_body(body).await?)?;
+    if let Some(group) = req.group.clone() {
+        // The token records the group: it must exist, and its template agree on the identity.
+        let ns = if req.namespace.is_empty() {
+            model::DEFAULT_NAMESPACE
+        } else {
+            &req.namespace
+        };
+        let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, m);
+        let template = match state.registry.get(Kind::WorkloadGroup, ns, &group).await {
+            Ok(Resource::WorkloadGroup(g)) => g.spec.template,
+            Ok(_) | Err(RegistryError::NotFound(_)) => {
+                return Err(bad(format!("WorkloadGroup {ns}/{group} not found")))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(sa) = crate::hostfiles::group_defaults(&template).service_account {
+            if req.service_account.is_empty() {
+                req.service_account.clone_from(&sa);
+            } else if req.service_account != sa {
+                return Err(bad(format!(
+                    "service account {:?} differs from WorkloadGroup {ns}/{group}'s template service account {sa:?}",
+                    req.service_account
+                )));
+            }
+        }
+    }
     let id = &state.identity;
     let resp = identity::create_token(&id.tokens, &id.ledger, req).await?;
     Ok((StatusCode::CREATED, Json(resp)).into_response())

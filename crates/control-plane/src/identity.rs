@@ -94,10 +94,13 @@ pub fn load_ca(
     cfg.max_lifetime = args.max_cert_ttl.into();
     cfg.trust_bundle.clone_from(&args.trust_bundle);
     let ca = Arc::new(Ca::load_or_create(&cfg)?);
-    let tokens = Arc::new(TokenIssuer::load_or_create(
-        &ca_dir.join(isthmus_ca::token::TOKEN_KEY_FILE),
-        ca.trust_domain(),
-    )?);
+    let tokens = Arc::new(
+        TokenIssuer::load_or_create(
+            &ca_dir.join(isthmus_ca::token::TOKEN_KEY_FILE),
+            ca.trust_domain(),
+        )?
+        .with_root_pins(ca.roots()),
+    );
     Ok((ca, tokens))
 }
 
@@ -234,15 +237,7 @@ impl TokenLedger for StoreLedger {
     async fn consume(&self, id: &str) -> Result<(), LedgerError> {
         let result = self
             .update(id, |e| {
-                if e.revoked {
-                    return Err(LedgerError::Revoked { id: id.to_string() });
-                }
-                if let Some(max_uses) = e.record.max_uses.filter(|max| e.uses >= *max) {
-                    return Err(LedgerError::Exhausted {
-                        id: id.to_string(),
-                        max_uses,
-                    });
-                }
+                usable(e)?;
                 e.uses += 1;
                 Ok(())
             })
@@ -254,6 +249,33 @@ impl TokenLedger for StoreLedger {
             Err(UpdateError::Store(e)) => Err(LedgerError::Backend(e.to_string())),
         }
     }
+
+    async fn usable(&self, id: &str) -> Result<(), LedgerError> {
+        let kv = self
+            .store
+            .get(&Self::key(id))
+            .await
+            .map_err(|e| LedgerError::Backend(e.to_string()))?
+            .ok_or_else(|| LedgerError::Unknown { id: id.to_string() })?;
+        let entry: TokenEntry =
+            serde_json::from_slice(&kv.value).map_err(|e| LedgerError::Backend(e.to_string()))?;
+        usable(&entry)
+    }
+}
+
+/// Whether one more use of the token is allowed.
+fn usable(e: &TokenEntry) -> Result<(), LedgerError> {
+    let id = &e.record.id;
+    if e.revoked {
+        return Err(LedgerError::Revoked { id: id.clone() });
+    }
+    if let Some(max_uses) = e.record.max_uses.filter(|max| e.uses >= *max) {
+        return Err(LedgerError::Exhausted {
+            id: id.clone(),
+            max_uses,
+        });
+    }
+    Ok(())
 }
 
 /// `POST /api/v1/tokens`
@@ -270,6 +292,10 @@ pub struct CreateTokenRequest {
     /// How many certificates the token may obtain (default: unlimited until it expires).
     #[serde(default)]
     pub uses: Option<u32>,
+    /// The WorkloadGroup (in `namespace`) the host joins; the token records it, and the bundle
+    /// `isthmus join --server` fetches with the token is made from its template.
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -280,6 +306,8 @@ pub struct CreateTokenResponse {
     pub identity: String,
     pub expires_at: u64,
     pub max_uses: Option<u32>,
+    /// Pins (`sha256:<hex>`) of the mesh roots the token carries, for `isthmus join --server`.
+    pub root_hashes: Vec<String>,
 }
 
 /// The longest join token lifetime; a token is a bearer secret, so it should be short.
@@ -326,13 +354,24 @@ pub async fn create_token(
             "uses must be at least 1 (omit it for unlimited)".into(),
         ));
     }
-    let (token, record) = tokens.create(ns, sa, ttl, req.uses)?;
+    if let Some(p) = req
+        .group
+        .as_deref()
+        .and_then(isthmus_model::validate::dns_subdomain_problem)
+    {
+        return Err(IdentityError::Invalid(format!(
+            "group {:?} {p}",
+            req.group.as_deref().unwrap_or_default()
+        )));
+    }
+    let (token, record) = tokens.create_in_group(ns, sa, req.group.as_deref(), ttl, req.uses)?;
     let resp = CreateTokenResponse {
         token,
         id: record.id.clone(),
         identity: record.identity.to_string(),
         expires_at: record.expires_at,
         max_uses: record.max_uses,
+        root_hashes: tokens.root_pins().to_vec(),
     };
     ledger.insert(record).await?;
     Ok(resp)

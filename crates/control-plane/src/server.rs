@@ -250,7 +250,7 @@ pub async fn run(
         metrics: format!("http://{}", metrics_l.local_addr()?),
         pid: std::process::id(),
     };
-    let _ = state.mesh.set(api::MeshInfo {
+    let mesh = api::MeshInfo {
         trust_domain: ca.trust_domain().to_string(),
         domain: args.domain.clone(),
         service_cidr: args.service_cidr.to_string(),
@@ -258,7 +258,14 @@ pub async fn run(
         grpc_addr: grpc.local_addr()?,
         dns_addr: dns.local_addr(),
         ca_server_name: api::CA_SERVER_NAME.to_string(),
-    });
+    };
+    let onboarding = crate::onboarding::OnboardingService::new(
+        auth.clone(),
+        ca.clone(),
+        state.registry.clone(),
+        mesh.clone(),
+    );
+    let _ = state.mesh.set(mesh);
     write_atomic(
         &data_dir.join(config::ENDPOINTS_FILE),
         &serde_json::to_vec_pretty(&endpoints)?,
@@ -311,6 +318,7 @@ pub async fn run(
             .initial_stream_window_size(1 << 20)
             .initial_connection_window_size(1 << 20)
             .add_service(cert_service.into_server())
+            .add_service(onboarding.into_server())
             .add_service(xds.clone().into_service())
             .serve_with_incoming_shutdown(isthmus_ca::tls_incoming(grpc, grpc_tls), async move {
                 let _ = grpc_stop.wait_for(|s| *s).await;

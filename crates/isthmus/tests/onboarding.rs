@@ -777,6 +777,20 @@ fn joined_host_agent_gets_its_certificate() {
     ]);
     assert!(ok, "{out}{err}");
 
+    assert_eq!(
+        run_joined_agent(&root),
+        "spiffe://cluster.local/ns/onprem/sa/mysql"
+    );
+    assert_eq!(mode(&root.join("etc/certs/key.pem")), 0o600);
+    // With the joined token: its one use is spent.
+    let tokens = tokens(&s);
+    assert_eq!(tokens.len(), 1);
+    assert_eq!(tokens[0]["uses"], 1, "{tokens:?}");
+}
+
+/// Runs the agent of a host joined under `root` until it has its certificate; returns the
+/// certificate's identity.
+fn run_joined_agent(root: &Path) -> String {
     // agent.env is the whole configuration: paths moved under the root, the listeners on free
     // loopback ports, and no proxy or capture (they need fixed ports and root).
     let mut env = env_map(&root.join("etc/isthmus/agent.env"));
@@ -821,13 +835,540 @@ fn joined_host_agent_gets_its_certificate() {
     let _ = child.kill();
     let _ = child.wait();
     let leaf = isthmus_ca::CertInfo::parse(&chain[0], "leaf").unwrap();
+    leaf.spiffe_id().unwrap().to_string()
+}
+
+/// The pin of the server's (one) root, computed here from the admin API's root certificate.
+fn root_pin(s: &Server) -> String {
+    let pem = api_get(s, "/api/v1/ca/root")["rootCert"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let roots = isthmus_ca::cert::parse_pem_certs(&pem, "root").unwrap();
+    assert_eq!(roots.len(), 1);
+    isthmus_ca::root_hash(&roots[0])
+}
+
+/// `token create -o json`: (token, id).
+fn create_token(s: &Server, args: &[&str]) -> (String, String) {
+    let mut full = vec!["token", "create", "-o", "json"];
+    full.extend_from_slice(args);
+    let v: serde_json::Value = serde_json::from_str(&s.ok(&full)).unwrap();
+    (
+        v["token"].as_str().unwrap().to_string(),
+        v["id"].as_str().unwrap().to_string(),
+    )
+}
+
+fn token_entry(s: &Server, id: &str) -> serde_json::Value {
+    tokens(s)
+        .into_iter()
+        .find(|t| t["id"] == id)
+        .unwrap_or_else(|| panic!("token {id} not listed"))
+}
+
+/// Every file and directory under `root`: relative path → (mode, contents).
+fn installed(root: &Path) -> BTreeMap<String, (u32, Vec<u8>)> {
+    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, (u32, Vec<u8>)>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let path = e.unwrap().path();
+            let rel = path.strip_prefix(base).unwrap().display().to_string();
+            if path.is_dir() {
+                out.insert(rel, (mode(&path), Vec::new()));
+                walk(base, &path, out);
+            } else {
+                out.insert(rel, (mode(&path), std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn assert_in_order(output: &str, expected: &[&str]) {
+    let lines: Vec<&str> = output.lines().collect();
+    let mut at = 0;
+    for e in expected {
+        let i = lines[at..]
+            .iter()
+            .position(|l| l.contains(e))
+            .unwrap_or_else(|| panic!("{e:?} not reported (in order) in:\n{output}"));
+        at += i + 1;
+    }
+}
+
+#[test]
+fn join_server_installs_what_vm_config_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("cp"));
+    apply(&s, GROUP);
+    let addr = grpc_addr(&s);
+    let pin = root_pin(&s);
+
+    // vm config's own token records the group: --server installs exactly the directory's files.
+    let dir = tmp.path().join("vm");
+    let stdout = s.ok(&[
+        "vm",
+        "config",
+        "-n",
+        "onprem",
+        "--group",
+        "mysql",
+        "-o",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(
+        stdout.contains(&format!(
+            "isthmus join --server {addr} --token @token; it pins the root {pin}"
+        )),
+        "{stdout}"
+    );
+    let vm_token_id = tokens(&s)[0]["id"].as_str().unwrap().to_string();
+    let from_dir = tmp.path().join("from-dir");
+    let from_server = tmp.path().join("from-server");
+    std::fs::create_dir_all(&from_dir).unwrap();
+    std::fs::create_dir_all(&from_server).unwrap();
+    let (ok, out, err) = join(&[
+        dir.to_str().unwrap(),
+        "--root",
+        from_dir.to_str().unwrap(),
+        "--no-start",
+    ]);
+    assert!(ok, "{out}{err}");
+    let token_file = format!("@{}", dir.join("token").display());
+    let (ok, out, err) = join(&[
+        "--server",
+        &addr,
+        "--token",
+        &token_file,
+        "--root",
+        from_server.to_str().unwrap(),
+        "--no-start",
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.lines()
+            .all(|l| l.starts_with("ok ") || l.starts_with("skip ")),
+        "{out}"
+    );
+    assert_in_order(
+        &out,
+        &[
+            &format!(
+                "ok   join token {vm_token_id} for spiffe://cluster.local/ns/onprem/sa/mysql-sa (WorkloadGroup mysql); pinned root {pin} (from the join token)"
+            ),
+            &format!("ok   control plane at {addr} serves the pinned root {pin} \"O=cluster.local, CN=Isthmus mesh root CA"),
+            &format!(
+                "ok   fetched the bundle for spiffe://cluster.local/ns/onprem/sa/mysql-sa from {addr} (7 files; token {vm_token_id} checked, no use spent), over TLS verified against the pinned root"
+            ),
+            &format!("ok   control plane at {addr} is reachable and its certificate (istiod.istio-system.svc) chains"),
+            "etc/isthmus/agent.env (0644)",
+            "etc/isthmus/token (0600",
+            "var/lib/istio/envoy/sidecar.env (0644)",
+            "etc/hosts: control-plane names added",
+            "skip start the agent (--no-start)",
+        ],
+    );
+    let by_server = installed(&from_server);
+    assert_eq!(by_server, installed(&from_dir));
     assert_eq!(
-        leaf.spiffe_id().unwrap().to_string(),
+        env_map(&from_server.join("var/lib/istio/envoy/sidecar.env"))["ISTIO_INBOUND_PORTS"],
+        "3306,8080"
+    );
+    assert_eq!(
+        env_map(&from_server.join("etc/isthmus/agent.env"))["ISTHMUS_WORKLOAD_GROUP"],
+        "mysql"
+    );
+
+    // A token from `token create` (no group) with the pin given by hand, in capitals: vm
+    // config's files for that identity, but for the token.
+    let out = s.cli(&["token", "create", "-n", "onprem", "-s", "web"]);
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let note = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        note.contains(&format!("it pins the mesh root {pin}")),
+        "{note}"
+    );
+    let dir2 = tmp.path().join("web");
+    s.ok(&[
+        "vm",
+        "config",
+        "-n",
+        "onprem",
+        "-s",
+        "web",
+        "-o",
+        dir2.to_str().unwrap(),
+    ]);
+    let (a, b) = (tmp.path().join("web-dir"), tmp.path().join("web-server"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let (ok, out, err) = join(&[
+        dir2.to_str().unwrap(),
+        "--root",
+        a.to_str().unwrap(),
+        "--no-start",
+    ]);
+    assert!(ok, "{out}{err}");
+    let shouted = pin.to_uppercase();
+    let (ok, out, err) = join(&[
+        "--server",
+        &addr,
+        "--token",
+        &token,
+        "--root-hash",
+        &shouted,
+        "--root",
+        b.to_str().unwrap(),
+        "--no-start",
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains(&format!("pinned root {pin} (from --root-hash)")),
+        "{out}"
+    );
+    let (mut by_dir, mut by_server) = (installed(&a), installed(&b));
+    let token_path = "etc/isthmus/token".to_string();
+    assert_eq!(
+        by_server.remove(&token_path).unwrap(),
+        (0o600, format!("{token}\n").into_bytes())
+    );
+    let (_, vm_config_token) = by_dir.remove(&token_path).unwrap();
+    assert_ne!(vm_config_token, format!("{token}\n").into_bytes());
+    assert_eq!(by_server, by_dir);
+}
+
+#[test]
+fn join_server_refuses_and_installs_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("cp"));
+    let other = Server::start(&tmp.path().join("other"));
+    let addr = grpc_addr(&s);
+    let (pin, other_pin) = (root_pin(&s), root_pin(&other));
+    assert_ne!(pin, other_pin);
+    let root = tmp.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let r = root.to_str().unwrap().to_string();
+    let refused = |args: &[&str]| -> String {
+        let mut full = args.to_vec();
+        full.extend_from_slice(&["--root", &r, "--no-start", "--timeout", "5s"]);
+        let (ok, out, err) = join(&full);
+        assert!(!ok, "{args:?} should fail: {out}");
+        assert!(err.contains("join failed"), "{err}");
+        assert_eq!(
+            std::fs::read_dir(&root).unwrap().count(),
+            0,
+            "{args:?} installed something"
+        );
+        out.lines()
+            .find(|l| l.starts_with("FAIL"))
+            .unwrap_or_else(|| panic!("{args:?}: no FAIL line in {out}"))
+            .to_string()
+    };
+    let (good, good_id) = create_token(&s, &["-n", "onprem", "-s", "mysql", "--uses", "1"]);
+
+    // A pin that is not this control plane's root: named, with what it serves.
+    let fail = refused(&[
+        "--server",
+        &addr,
+        "--token",
+        &good,
+        "--root-hash",
+        &other_pin,
+    ]);
+    assert!(fail.contains("root hash mismatch"), "{fail}");
+    assert!(
+        fail.contains(&format!("serves {pin} "))
+            && fail.contains(&format!(
+                "the pinned root is {other_pin} (from --root-hash)"
+            )),
+        "{fail}"
+    );
+    // A token made by another control plane pins that one's root.
+    let (foreign, _) = create_token(&other, &["-n", "onprem", "-s", "mysql"]);
+    let fail = refused(&["--server", &addr, "--token", &foreign]);
+    assert!(
+        fail.contains("root hash mismatch")
+            && fail.contains(&format!(
+                "the pinned root is {other_pin} (from the join token)"
+            )),
+        "{fail}"
+    );
+    // ... and when this root is pinned by hand, the control plane refuses the token itself.
+    let fail = refused(&["--server", &addr, "--token", &foreign, "--root-hash", &pin]);
+    assert!(
+        fail.contains(
+            "refused the join token: join token rejected: join token signature does not verify"
+        ),
+        "{fail}"
+    );
+
+    // Revoked.
+    let (revoked, id) = create_token(&s, &["-n", "onprem", "-s", "mysql"]);
+    s.ok(&["token", "revoke", &id]);
+    let fail = refused(&["--server", &addr, "--token", &revoked]);
+    assert!(
+        fail.contains(&format!(
+            "refused the join token: join token rejected: join token {id} was revoked"
+        )),
+        "{fail}"
+    );
+
+    // Expired.
+    let (expired, id) = create_token(&s, &["-n", "onprem", "-s", "mysql", "--ttl", "1s"]);
+    wait_for("the token to expire", Duration::from_secs(10), || {
+        (token_entry(&s, &id)["state"] == "expired").then_some(())
+    });
+    let fail = refused(&["--server", &addr, "--token", &expired]);
+    assert!(
+        fail.contains(&format!(
+            "refused the join token: join token rejected: join token {id} expired at"
+        )),
+        "{fail}"
+    );
+
+    // Garbage: nothing to pin from it; with a pin, the control plane says what is wrong.
+    let fail = refused(&["--server", &addr, "--token", "garbage"]);
+    assert!(
+        fail.starts_with("FAIL read the join token: join token is malformed"),
+        "{fail}"
+    );
+    let fail = refused(&["--server", &addr, "--token", "garbage", "--root-hash", &pin]);
+    assert!(
+        fail.contains("refused the join token: join token rejected: join token is malformed"),
+        "{fail}"
+    );
+    let fail = refused(&["--server", &addr, "--token", &good, "--root-hash", "abc123"]);
+    assert!(
+        fail.contains("--root-hash: root hash \"abc123\" does not start with `sha256:`"),
+        "{fail}"
+    );
+    let empty = tmp.path().join("empty-token");
+    std::fs::write(&empty, "\n").unwrap();
+    let fail = refused(&[
+        "--server",
+        &addr,
+        "--token",
+        &format!("@{}", empty.display()),
+    ]);
+    assert!(fail.contains("is empty"), "{fail}");
+
+    // Nobody there.
+    let fail = refused(&["--server", "127.0.0.1:1", "--token", &good]);
+    assert!(
+        fail.starts_with("FAIL control plane at 127.0.0.1:1 (--server) is unreachable: "),
+        "{fail}"
+    );
+
+    // The command line: a bundle or --server, not both; --token goes with --server.
+    for args in [
+        vec!["join", "--root", &r],
+        vec!["join", "./vm", "--server", &addr, "--token", &good],
+        vec!["join", "--server", &addr],
+        vec!["join", "./vm", "--token", &good],
+    ] {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
+    // None of this spent the good token's one use.
+    assert_eq!(token_entry(&s, &good_id)["uses"], 0);
+}
+
+#[test]
+fn join_server_spends_no_token_use() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("cp"));
+    let addr = grpc_addr(&s);
+    let (token, id) = create_token(&s, &["-n", "onprem", "-s", "mysql", "--uses", "1"]);
+    let file = tmp.path().join("token");
+    std::fs::write(&file, format!("{token}\n")).unwrap();
+    let token_arg = format!("@{}", file.display());
+    let root = tmp.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let r = root.to_str().unwrap();
+    let args = [
+        "--server",
+        &addr,
+        "--token",
+        &token_arg,
+        "--root",
+        r,
+        "--no-start",
+    ];
+    let (ok, out, err) = join(&args);
+    assert!(ok, "{out}{err}");
+    // Again: the same result, and still no use spent.
+    let (ok, again, err) = join(&args);
+    assert!(ok, "{again}{err}");
+    assert!(
+        again.contains("etc/isthmus/agent.env (0644), unchanged"),
+        "{again}"
+    );
+    assert_eq!(token_entry(&s, &id)["uses"], 0);
+
+    // The agent gets its certificate with the token's one use.
+    assert_eq!(
+        run_joined_agent(&root),
         "spiffe://cluster.local/ns/onprem/sa/mysql"
     );
-    assert_eq!(mode(&root.join("etc/certs/key.pem")), 0o600);
-    // With the joined token: its one use is spent.
-    let tokens = tokens(&s);
-    assert_eq!(tokens.len(), 1);
-    assert_eq!(tokens[0]["uses"], 1, "{tokens:?}");
+    assert_eq!(token_entry(&s, &id)["uses"], 1);
+    let (ok, out, _) = join(&args);
+    assert!(!ok);
+    assert!(
+        out.contains(&format!("FAIL the control plane at {addr} refused the join token: join token rejected: join token {id} is used up: it allowed 1 use(s)")),
+        "{out}"
+    );
+}
+
+/// One call of the onboarding API, trusting the server's root and checking its name.
+fn onboarding_call(
+    s: &Server,
+    authorization: Option<&str>,
+) -> Result<isthmus_control_plane::onboarding::pb::GetBundleResponse, tonic::Status> {
+    use isthmus_control_plane::onboarding::pb::onboarding_client::OnboardingClient;
+    use isthmus_control_plane::onboarding::pb::GetBundleRequest;
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+    let root = api_get(s, "/api/v1/ca/root")["rootCert"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&root))
+            .domain_name("istiod.istio-system.svc");
+        let channel = Channel::from_shared(s.grpc.clone())
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = OnboardingClient::new(channel);
+        let bundle = client
+            .get_trust_bundle(isthmus_control_plane::onboarding::pb::GetTrustBundleRequest {})
+            .await?
+            .into_inner();
+        assert_eq!(bundle.roots_pem, root);
+        let mut request = tonic::Request::new(GetBundleRequest {});
+        if let Some(a) = authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", a.parse().unwrap());
+        }
+        client.get_bundle(request).await.map(|r| r.into_inner())
+    })
+}
+
+/// POST on the admin API: (status, JSON body).
+fn api_post(s: &Server, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let resp = s
+            .http()
+            .post(s.url(path))
+            .bearer_auth(&s.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap())
+    })
+}
+
+#[test]
+fn onboarding_api_checks_the_token_and_spends_no_use() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("cp"));
+    apply(&s, GROUP);
+    let refused = |auth: Option<&str>, code: tonic::Code, needle: &str| {
+        let status = onboarding_call(&s, auth).unwrap_err();
+        assert_eq!(status.code(), code, "{status:?}");
+        assert!(status.message().contains(needle), "{status:?}");
+    };
+    refused(None, tonic::Code::Unauthenticated, "no join token");
+    refused(
+        Some("Basic abc"),
+        tonic::Code::Unauthenticated,
+        "authorization header is not `Bearer <token>`",
+    );
+
+    // A group token through the admin API: it carries the pin; the group must exist.
+    let (status, body) = api_post(
+        &s,
+        "/api/v1/tokens",
+        serde_json::json!({"namespace": "onprem", "group": "nope"}),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("WorkloadGroup onprem/nope not found"),
+        "{body}"
+    );
+    let (status, body) = api_post(
+        &s,
+        "/api/v1/tokens",
+        serde_json::json!({"namespace": "onprem", "group": "mysql", "uses": 1}),
+    );
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        body["identity"],
+        "spiffe://cluster.local/ns/onprem/sa/mysql-sa"
+    );
+    assert_eq!(body["rootHashes"], serde_json::json!([root_pin(&s)]));
+    let token = body["token"].as_str().unwrap().to_string();
+    let id = body["id"].as_str().unwrap().to_string();
+    let bearer = format!("Bearer {token}");
+
+    for _ in 0..2 {
+        let bundle = onboarding_call(&s, Some(&bearer)).unwrap();
+        assert_eq!(
+            bundle.identity,
+            "spiffe://cluster.local/ns/onprem/sa/mysql-sa"
+        );
+        assert_eq!(bundle.token_id, id);
+        let files: BTreeMap<&str, (u32, &[u8])> = bundle
+            .files
+            .iter()
+            .map(|f| (f.name.as_str(), (f.mode, f.contents.as_slice())))
+            .collect();
+        assert_eq!(
+            files.keys().copied().collect::<Vec<_>>(),
+            [
+                "agent.env",
+                "cluster.env",
+                "hosts",
+                "kubedns",
+                "root-cert.pem",
+                "sidecar.env",
+                "token"
+            ]
+        );
+        assert_eq!(files["token"], (0o600, format!("{token}\n").as_bytes()));
+        assert_eq!(files["cluster.env"].0, 0o644);
+        let sidecar = String::from_utf8_lossy(files["sidecar.env"].1);
+        assert!(
+            sidecar.contains("ISTIO_INBOUND_PORTS=3306,8080"),
+            "{sidecar}"
+        );
+    }
+    assert_eq!(token_entry(&s, &id)["uses"], 0);
+
+    // The group went away: said so, not a bundle without it.
+    s.ok(&["delete", "workloadgroup", "mysql", "-n", "onprem"]);
+    refused(
+        Some(&bearer),
+        tonic::Code::FailedPrecondition,
+        "WorkloadGroup onprem/mysql, which the join token names, does not exist",
+    );
 }

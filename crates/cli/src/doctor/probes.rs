@@ -2,21 +2,18 @@
 //! bounded by the `--timeout`.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use isthmus_dns::hickory_proto::op::{Message, Query, ResponseCode};
 use isthmus_dns::hickory_proto::rr::{Name, RData, RecordType};
 use isthmus_intercept::{Netfilter, SystemNetfilter};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
 use super::{DialOutcome, DnsFailure, Probes, TlsOutcome};
+use crate::tlsverify::{RecordingVerifier, Seen};
 
 pub struct SystemProbes {
     timeout: Duration,
@@ -43,71 +40,6 @@ impl SystemProbes {
                 humantime::format_duration(self.timeout)
             )),
         }
-    }
-}
-
-/// Verifies like a normal client would, records the verdict and the chain, and lets the
-/// handshake finish whatever the verdict (the connection then only asks for the time).
-#[derive(Debug)]
-struct Recording {
-    inner: Result<Arc<WebPkiServerVerifier>, String>,
-    provider: Arc<CryptoProvider>,
-    seen: Mutex<Option<(Vec<CertificateDer<'static>>, Option<rustls::Error>)>>,
-}
-
-impl ServerCertVerifier for Recording {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let verdict = match &self.inner {
-            Ok(v) => v
-                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-                .err(),
-            Err(e) => Some(rustls::Error::General(e.clone())),
-        };
-        let mut chain = vec![end_entity.clone().into_owned()];
-        chain.extend(intermediates.iter().map(|c| c.clone().into_owned()));
-        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some((chain, verdict));
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }
 
@@ -166,33 +98,13 @@ impl Probes for SystemProbes {
             Ok(t) => t,
             Err(e) => return TlsOutcome::Unreachable(e),
         };
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut store = RootCertStore::empty();
-        let (added, _) = store.add_parsable_certificates(roots.iter().cloned());
-        let inner = if added == 0 {
-            Err("no usable root certificate".to_string())
-        } else {
-            WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider.clone())
-                .build()
-                .map_err(|e| e.to_string())
-        };
-        let verifier = Arc::new(Recording {
-            inner,
-            provider: provider.clone(),
-            seen: Mutex::new(None),
-        });
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map(|b| {
-                b.dangerous()
-                    .with_custom_certificate_verifier(verifier.clone())
-                    .with_no_client_auth()
-            });
-        let mut config = match config {
+        // Verifies like a normal client would, records the verdict and the chain, and lets the
+        // handshake finish whatever the verdict (the connection then only asks for the time).
+        let verifier = RecordingVerifier::observing(roots);
+        let config = match verifier.client_config() {
             Ok(c) => c,
             Err(e) => return TlsOutcome::Handshake(e.to_string()),
         };
-        config.alpn_protocols = vec![b"h2".to_vec()];
         let name = match ServerName::try_from(server_name.to_string()) {
             Ok(n) => n,
             Err(e) => {
@@ -213,12 +125,7 @@ impl Probes for SystemProbes {
             Err(e) => return TlsOutcome::Handshake(e),
         };
         let elapsed = started.elapsed();
-        let Some((chain, verdict)) = verifier
-            .seen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        else {
+        let Some(Seen { chain, verdict }) = verifier.seen() else {
             return TlsOutcome::Handshake("the server presented no certificate".into());
         };
         let date = self

@@ -1,0 +1,156 @@
+//! The onboarding API on the gRPC port (`isthmus.onboarding.v1.Onboarding`): the trust bundle
+//! for anyone (hosts pin a root by hash before they trust it), and a host's bundle for the
+//! bearer of a join token, the files `isthmus vm config` writes, without spending a token use.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use isthmus_ca::{Authenticator, Ca, TokenClaims};
+use isthmus_model::{Kind, Resource};
+use tonic::{Request, Response, Status};
+
+use crate::api::MeshInfo;
+use crate::hostfiles::{self, HostConfig};
+use crate::registry::{Registry, RegistryError};
+
+/// Generated from `proto/isthmus/onboarding/v1/onboarding.proto`.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("isthmus.onboarding.v1");
+}
+
+use pb::onboarding_server::{Onboarding, OnboardingServer};
+use pb::{GetBundleRequest, GetBundleResponse, GetTrustBundleRequest, GetTrustBundleResponse};
+
+/// Requests are empty; anything bigger than this is not one of ours.
+const MAX_REQUEST_BYTES: usize = 4 * 1024;
+
+/// The service. Serve it with [`OnboardingService::into_server`] on the TLS listener.
+#[derive(Clone)]
+pub struct OnboardingService {
+    auth: Authenticator,
+    ca: Arc<Ca>,
+    registry: Registry,
+    mesh: MeshInfo,
+}
+
+impl std::fmt::Debug for OnboardingService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnboardingService").finish_non_exhaustive()
+    }
+}
+
+impl OnboardingService {
+    pub fn new(auth: Authenticator, ca: Arc<Ca>, registry: Registry, mesh: MeshInfo) -> Self {
+        Self {
+            auth,
+            ca,
+            registry,
+            mesh,
+        }
+    }
+
+    pub fn into_server(self) -> OnboardingServer<Self> {
+        OnboardingServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
+    }
+
+    /// The bundle for a checked token; `reached_at` is the address the host connected to, used
+    /// for CA_ADDR when the server advertises none.
+    pub async fn bundle(
+        &self,
+        claims: &TokenClaims,
+        token: &str,
+        reached_at: Option<SocketAddr>,
+    ) -> Result<Vec<hostfiles::BundleFile>, Status> {
+        let mut inbound_ports = String::new();
+        if let Some(group) = &claims.group {
+            let template = match self
+                .registry
+                .get(Kind::WorkloadGroup, &claims.ns, group)
+                .await
+            {
+                Ok(Resource::WorkloadGroup(g)) => g.spec.template,
+                Ok(_) | Err(RegistryError::NotFound(_)) => {
+                    return Err(Status::failed_precondition(format!(
+                        "WorkloadGroup {}/{group}, which the join token names, does not exist (any more): re-create it, or make a new token",
+                        claims.ns
+                    )))
+                }
+                Err(e) => return Err(Status::unavailable(format!("cannot read the registry: {e}"))),
+            };
+            let defaults = hostfiles::group_defaults(&template);
+            if let Some(sa) = defaults.service_account.filter(|sa| *sa != claims.sa) {
+                return Err(Status::failed_precondition(format!(
+                    "WorkloadGroup {}/{group}'s template service account is now {sa:?}, but the join token is for {:?}: make a new token",
+                    claims.ns, claims.sa
+                )));
+            }
+            inbound_ports = defaults.inbound_ports;
+        }
+        let control_plane = hostfiles::advertised_control_plane(&self.mesh)
+            .or(reached_at.filter(|a| !a.ip().is_unspecified()))
+            .ok_or_else(|| {
+                Status::failed_precondition(
+                    "the control plane does not know the address hosts reach it at: run it with --advertise-ip",
+                )
+            })?;
+        let (dns, _) = hostfiles::host_dns(&self.mesh, control_plane);
+        let cfg = HostConfig {
+            mesh: self.mesh.clone(),
+            namespace: claims.ns.clone(),
+            service_account: claims.sa.clone(),
+            group: claims.group.clone(),
+            control_plane,
+            dns,
+            inbound_ports,
+            ip: None,
+        };
+        Ok(cfg.files(&self.ca.trust_bundle_pem(), token, None))
+    }
+}
+
+#[tonic::async_trait]
+impl Onboarding for OnboardingService {
+    async fn get_trust_bundle(
+        &self,
+        _request: Request<GetTrustBundleRequest>,
+    ) -> Result<Response<GetTrustBundleResponse>, Status> {
+        Ok(Response::new(GetTrustBundleResponse {
+            roots_pem: self.ca.trust_bundle_pem(),
+        }))
+    }
+
+    async fn get_bundle(
+        &self,
+        request: Request<GetBundleRequest>,
+    ) -> Result<Response<GetBundleResponse>, Status> {
+        let peer = request.remote_addr();
+        let checked = self.auth.check_token(request.metadata()).await;
+        let (claims, identity) = match checked {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(?peer, error = %e, "host bundle refused");
+                return Err(Status::from(e));
+            }
+        };
+        // check_token found it, so the header is there and well-formed.
+        let token = isthmus_ca::bearer_token(request.metadata())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let files = self.bundle(&claims, token, request.local_addr()).await?;
+        tracing::info!(?peer, %identity, token = %claims.jti, group = ?claims.group, "served a host's bundle");
+        Ok(Response::new(GetBundleResponse {
+            files: files
+                .into_iter()
+                .map(|f| pb::BundleFile {
+                    name: f.name.to_string(),
+                    contents: f.contents,
+                    mode: f.mode,
+                })
+                .collect(),
+            identity: identity.to_string(),
+            token_id: claims.jti,
+        }))
+    }
+}
