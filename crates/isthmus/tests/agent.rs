@@ -3,76 +3,10 @@
 //! answering from its saved state with the control plane gone.
 
 mod common;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-
-struct Agent {
-    child: Child,
-    endpoints: serde_json::Value,
-}
-
-impl Agent {
-    /// SIGTERM, and wait for a clean exit.
-    fn stop(mut self) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let status = wait_for("the agent to stop", Duration::from_secs(20), || {
-            self.child.try_wait().unwrap()
-        });
-        assert!(status.success(), "agent exit: {status}");
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_agent(ca_addr: &str, host: &std::path::Path, extra: &[&str]) -> Agent {
-    let state = host.join("state");
-    let _ = std::fs::remove_file(state.join("agent-endpoints.json"));
-    let mut child = Command::new(BIN)
-        .args(["agent", "--ca-addr", ca_addr, "--ip", "10.0.0.9"])
-        .arg("--cert-dir")
-        .arg(host.join("certs"))
-        .arg("--join-token-file")
-        .arg(host.join("token"))
-        .arg("--state-dir")
-        .arg(&state)
-        .args([
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--readiness-addr",
-            "127.0.0.1:0",
-        ])
-        .args(["--dns-addr", "127.0.0.1:0", "--dns-upstream", "127.0.0.1:9"])
-        .args(extra)
-        .env("ISTHMUS_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let endpoints = wait_for("agent-endpoints.json", Duration::from_secs(30), || {
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!("agent exited early with {st}");
-        }
-        let v: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(state.join("agent-endpoints.json")).ok()?)
-                .ok()?;
-        (v["pid"].as_u64() == Some(u64::from(pid))).then_some(v)
-    });
-    Agent { child, endpoints }
-}
 
 fn dig_short(dns: &str, name: &str) -> String {
     let (ip, port) = dns.rsplit_once(':').unwrap();
@@ -142,7 +76,7 @@ async fn agent_joins_resolves_registers_and_survives_the_control_plane() {
     let app = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let app_port = app.local_addr().unwrap().port().to_string();
     let ca_addr = format!("https://{grpc}");
-    let agent = start_agent(
+    let agent = Agent::start(
         &ca_addr,
         host.path(),
         &[
@@ -267,7 +201,7 @@ async fn agent_joins_resolves_registers_and_survives_the_control_plane() {
         ratings_vip
     );
     agent.stop();
-    let agent = start_agent(&ca_addr, host.path(), &[]);
+    let agent = Agent::start(&ca_addr, host.path(), &[]);
     let dns = agent.endpoints["dns"].as_str().unwrap().to_string();
     assert_eq!(
         dig_short(&dns, "ratings.bookinfo.svc.cluster.local"),

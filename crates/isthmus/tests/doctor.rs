@@ -272,25 +272,8 @@ fn doctor_on_a_member_host() {
         let mut cmd = lab.command("cp", &[BIN]);
         cmd.args(args)
             .env("ISTHMUS_SERVER", &admin)
-            .env("ISTHMUS_TOKEN", &token)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        if let Some(input) = stdin {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(input.as_bytes())
-                .unwrap();
-        }
-        child.wait_with_output().unwrap()
+            .env("ISTHMUS_TOKEN", &token);
+        common::output_with_stdin(cmd, stdin)
     };
     let ok = |lab: &Lab, args: &[&str], stdin: Option<&str>| -> String {
         let out = cli(lab, args, stdin);

@@ -7,7 +7,7 @@ mod common;
 #[path = "common/lab.rs"]
 mod lab;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::{wait_for, BIN};
@@ -146,29 +146,11 @@ fn seeds_scenario_in_network_namespaces() {
         .trim()
         .to_string();
     let cli = |lab: &Lab, args: &[&str], stdin: Option<&str>| -> String {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &lab.ns("cp"), BIN])
-            .args(args)
+        let mut cmd = lab.command("cp", &[BIN]);
+        cmd.args(args)
             .env("ISTHMUS_SERVER", &admin)
             .env("ISTHMUS_TOKEN", &token);
-        cmd.stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        if let Some(input) = stdin {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(input.as_bytes())
-                .unwrap();
-        }
-        let out = child.wait_with_output().unwrap();
+        let out = common::output_with_stdin(cmd, stdin);
         assert!(
             out.status.success(),
             "isthmus {args:?}: {}",

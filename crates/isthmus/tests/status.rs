@@ -2,7 +2,6 @@
 //! and a raw discovery client that NACKs.
 
 mod common;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use common::*;
@@ -13,66 +12,6 @@ use isthmus_xds::pb::google::rpc;
 use isthmus_xds::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
-
-struct Agent(Child);
-
-impl Agent {
-    fn start(ca_addr: &str, host: &std::path::Path, extra: &[&str]) -> Agent {
-        let state = host.join("state");
-        let mut child = Command::new(BIN)
-            .args(["agent", "--ca-addr", ca_addr, "--ip", "10.0.0.9"])
-            .arg("--cert-dir")
-            .arg(host.join("certs"))
-            .arg("--join-token-file")
-            .arg(host.join("token"))
-            .arg("--state-dir")
-            .arg(&state)
-            .args([
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--readiness-addr",
-                "127.0.0.1:0",
-            ])
-            .args(["--dns-addr", "127.0.0.1:0", "--dns-upstream", "127.0.0.1:9"])
-            .args(extra)
-            .env("ISTHMUS_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let pid = child.id();
-        wait_for("agent-endpoints.json", Duration::from_secs(30), || {
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!("agent exited early with {st}");
-            }
-            let v: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(state.join("agent-endpoints.json")).ok()?)
-                    .ok()?;
-            (v["pid"].as_u64() == Some(u64::from(pid))).then_some(())
-        });
-        Agent(child)
-    }
-
-    fn stop(mut self) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        wait_for("the agent to stop", Duration::from_secs(20), || {
-            self.0.try_wait().unwrap()
-        });
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn proxies(s: &Server) -> Vec<serde_json::Value> {
     serde_json::from_str::<serde_json::Value>(&s.ok(&["status", "-o", "json"]))

@@ -124,25 +124,8 @@ impl Server {
             .env("ISTHMUS_SERVER", &self.admin)
             .env("ISTHMUS_TOKEN", &self.token)
             .env("XDG_CONFIG_HOME", self.home.path())
-            .env_remove("ISTHMUS_CONFIG")
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        if let Some(input) = stdin {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(input.as_bytes())
-                .unwrap();
-        }
-        child.wait_with_output().unwrap()
+            .env_remove("ISTHMUS_CONFIG");
+        output_with_stdin(cmd, stdin)
     }
 
     /// Runs the CLI and returns stdout, failing the test if it did not succeed.
@@ -205,6 +188,98 @@ impl Server {
 }
 
 impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `cmd` to completion with `stdin` (or nothing) as its input, capturing its output.
+pub fn output_with_stdin(mut cmd: Command, stdin: Option<&str>) -> Output {
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    if let Some(input) = stdin {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// `isthmus agent` for a host whose files live under one directory (`certs/`, `token`,
+/// `state/`), every listener on a free loopback port; killed on drop.
+pub struct Agent {
+    pub child: Child,
+    /// What the agent wrote to `state/agent-endpoints.json` (its listeners' addresses).
+    pub endpoints: serde_json::Value,
+}
+
+impl Agent {
+    /// Starts the agent as host IP 10.0.0.9 and waits for its endpoints file.
+    pub fn start(ca_addr: &str, host: &Path, extra: &[&str]) -> Agent {
+        let state = host.join("state");
+        let _ = std::fs::remove_file(state.join("agent-endpoints.json"));
+        let mut child = Command::new(BIN)
+            .args(["agent", "--ca-addr", ca_addr, "--ip", "10.0.0.9"])
+            .arg("--cert-dir")
+            .arg(host.join("certs"))
+            .arg("--join-token-file")
+            .arg(host.join("token"))
+            .arg("--state-dir")
+            .arg(&state)
+            .args([
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--readiness-addr",
+                "127.0.0.1:0",
+            ])
+            .args(["--dns-addr", "127.0.0.1:0", "--dns-upstream", "127.0.0.1:9"])
+            .args(extra)
+            .env("ISTHMUS_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let endpoints = wait_for("agent-endpoints.json", Duration::from_secs(30), || {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("agent exited early with {st}");
+            }
+            let v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(state.join("agent-endpoints.json")).ok()?)
+                    .ok()?;
+            (v["pid"].as_u64() == Some(u64::from(pid))).then_some(v)
+        });
+        Agent { child, endpoints }
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub fn stop(mut self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let status = wait_for("the agent to stop", Duration::from_secs(20), || {
+            self.child.try_wait().unwrap()
+        });
+        assert!(status.success(), "agent exit: {status}");
+    }
+}
+
+impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
