@@ -266,6 +266,8 @@ if [ "$(inns vm curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://$MES
 fi
 
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+anon_kb() { awk '/^RssAnon/ {print $2}' "/proc/$1/status"; }
+file_kb() { awk '/^RssFile/ {print $2}' "/proc/$1/status"; }
 hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 threads() { awk '/^Threads/ {print $2}' "/proc/$1/status"; }
 proxy_pids() { # path
@@ -274,7 +276,7 @@ proxy_pids() { # path
     haproxy) echo "${hap_pid[vm]} ${hap_pid[mesh]}" ;;
     esac
 }
-declare -A rss_idle rss_peak
+declare -A rss_idle rss_peak anon_peak file_peak
 for p in isthmus haproxy; do
     read -r a b <<<"$(proxy_pids $p)"
     rss_idle[$p]="$(rss_kb "$a") $(rss_kb "$b")"
@@ -295,6 +297,7 @@ results="$work/results"
 mkdir -p "$results"
 run_http() { # path label rate
     local p=$1 label=$2 rate=$3 out="$results/$1-$2.json" max_a=0 max_b=0 a=0 b=0 lp r
+    local anon_a=0 anon_b=0 file_a=0 file_b=0
     timeout $((WARMUP + DURATION + 30)) ip netns exec "$(ns vm)" "$LOAD" --addr "${http_addr[$p]}" \
         --rate "$rate" --conns "$CONNS" --duration "$DURATION" --warmup "$WARMUP" >"$out" &
     lp=$!
@@ -305,11 +308,17 @@ run_http() { # path label rate
         if [ "$p" != direct ]; then
             r=$(rss_kb "$a"); ((r > max_a)) && max_a=$r
             r=$(rss_kb "$b"); ((r > max_b)) && max_b=$r
+            r=$(anon_kb "$a"); ((r > anon_a)) && anon_a=$r
+            r=$(anon_kb "$b"); ((r > anon_b)) && anon_b=$r
+            r=$(file_kb "$a"); ((r > file_a)) && file_a=$r
+            r=$(file_kb "$b"); ((r > file_b)) && file_b=$r
         fi
         sleep 0.2
     done
     wait "$lp"
     rss_peak[$p-$label]="$max_a $max_b"
+    anon_peak[$p-$label]="$anon_a $anon_b"
+    file_peak[$p-$label]="$file_a $file_b"
     echo "$p $label: $(cat "$out")" >&2
 }
 run_bulk() { # path
@@ -386,4 +395,25 @@ for p in isthmus haproxy; do
     row="| $p | $(pair_mb "${rss_idle[$p]}") |"
     for r in $RATES; do row="$row $(pair_mb "${rss_peak[$p-r$r]}") |"; done
     echo "$row $(pair_mb "${rss_peak[$p-max]}") | $(pair_mb "${hwm[$p]}") |"
+done
+echo
+echo "Of that RSS, max sampled per phase (VM side / mesh side), MB: RssAnon is heap and stacks,"
+echo "RssFile the mapped pages of the executable and shared libraries (shared with every process"
+echo "mapping the same file)."
+echo
+header="| proxy | part |"
+sep="| --- | --- |"
+for r in $RATES; do header="$header at $r req/s |"; sep="$sep ---: |"; done
+echo "$header closed loop |"
+echo "$sep ---: |"
+for p in isthmus haproxy; do
+    for part in anon file; do
+        row="| $p | Rss${part^} |"
+        for r in $RATES; do
+            if [ "$part" = anon ]; then v=${anon_peak[$p-r$r]}; else v=${file_peak[$p-r$r]}; fi
+            row="$row $(pair_mb "$v") |"
+        done
+        if [ "$part" = anon ]; then v=${anon_peak[$p-max]}; else v=${file_peak[$p-max]}; fi
+        echo "$row $(pair_mb "$v") |"
+    done
 done

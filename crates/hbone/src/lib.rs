@@ -4,11 +4,13 @@
 //! - [`HboneClient`] opens tunnels over pooled connections, verifying the server's SPIFFE ID.
 //! - [`HboneServer`] terminates them, validating each stream and asking an [`InboundHandler`].
 //! - [`Credentials`] arrive through a `watch` channel; rotation applies to new connections.
+//! - [`copy_bidirectional`] splices a tunnel and a socket with buffers that grow only under bulk.
 //! - [`metadata`]: the optional CONNECT headers (`baggage`, `forwarded`, `traceparent`), built
 //!   by the client's caller and parsed defensively by the server into [`StreamMetadata`].
 #![forbid(unsafe_code)]
 
 mod client;
+pub mod copy;
 mod io;
 pub mod metadata;
 mod server;
@@ -16,6 +18,7 @@ mod stream;
 mod tls;
 
 pub use client::{ClientOptions, HboneClient, HboneError};
+pub use copy::copy_bidirectional;
 pub use metadata::{Baggage, StreamMetadata, TraceId, TraceParent};
 pub use server::{
     Decision, HboneServer, InboundHandler, InboundRequest, ServerError, ServerHandle,

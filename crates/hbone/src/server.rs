@@ -502,13 +502,7 @@ impl<H: InboundHandler> StreamCtx<H> {
             }
         };
         let mut tunnel = HboneStream::new(send, body, None);
-        let result = tokio::io::copy_bidirectional_with_sizes(
-            &mut tunnel,
-            &mut upstream,
-            64 * 1024,
-            64 * 1024,
-        )
-        .await;
+        let result = crate::copy::copy_bidirectional(&mut tunnel, &mut upstream).await;
         match result {
             Ok((up, down)) => tracing::info!(
                 target: "hbone_access",
