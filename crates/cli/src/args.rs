@@ -226,13 +226,18 @@ pub enum Output {
 pub enum TokenCommand {
     /// Create a join token for NAMESPACE/SERVICE-ACCOUNT; prints the token alone on stdout.
     #[command(
-        after_help = "Examples:\n  isthmus token create -n onprem -s mysql --ttl 1h --uses 1 > token\n  isthmus token create -n onprem -s mysql -o json"
+        after_help = "Examples:\n  isthmus token create -n onprem -s mysql --ttl 1h --uses 1 > token\n  isthmus token create -n onprem --group mysql --uses 1 > token   # join --server gets the group's files\n  isthmus token create -n onprem -s mysql -o json"
     )]
     Create {
         #[arg(short, long, default_value = isthmus_model::DEFAULT_NAMESPACE)]
         namespace: String,
-        #[arg(short = 's', long, default_value = isthmus_model::DEFAULT_SERVICE_ACCOUNT)]
-        service_account: String,
+        /// The service account [default: the group's template's, else `default`].
+        #[arg(short = 's', long)]
+        service_account: Option<String>,
+        /// A WorkloadGroup of the namespace: `join --server` with this token installs the
+        /// group's files (its inbound ports). It must exist and agree with `-s`.
+        #[arg(long)]
+        group: Option<String>,
         /// How long the token is valid (e.g. 30m, 1h, 7d).
         #[arg(long, default_value = "1h")]
         ttl: String,

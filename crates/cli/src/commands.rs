@@ -498,13 +498,15 @@ async fn token_cmd(cmd: TokenCommand, out: &mut dyn Write) -> Result<(), Command
         TokenCommand::Create {
             namespace,
             service_account,
+            group,
             ttl,
             uses,
             output,
             conn,
         } => {
             let client = Client::from_connection(&conn)?;
-            let body = serde_json::json!({"namespace": namespace, "serviceAccount": service_account, "ttl": ttl, "uses": uses});
+            // An empty service account is the server's to fill: the group's, else `default`.
+            let body = serde_json::json!({"namespace": namespace, "serviceAccount": service_account.unwrap_or_default(), "group": group, "ttl": ttl, "uses": uses});
             let r: Value = client
                 .json(
                     Method::POST,

@@ -1372,3 +1372,45 @@ fn onboarding_api_checks_the_token_and_spends_no_use() {
         "WorkloadGroup onprem/mysql, which the join token names, does not exist",
     );
 }
+
+/// `token create --group`: the token takes the group's service account, and `join --server`
+/// with it installs the group's inbound ports; a group that does not exist, or disagrees with
+/// `-s`, is refused with the reason.
+#[test]
+fn token_create_group_carries_the_group_to_join_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("cp"));
+    apply(&s, GROUP);
+    let addr = grpc_addr(&s);
+
+    let err = s.fails(&["token", "create", "-n", "onprem", "--group", "nope"]);
+    assert!(err.contains("WorkloadGroup onprem/nope not found"), "{err}");
+    let err = s.fails(&[
+        "token", "create", "-n", "onprem", "-s", "other", "--group", "mysql",
+    ]);
+    assert!(
+        err.contains("differs from WorkloadGroup onprem/mysql"),
+        "{err}"
+    );
+
+    let (token, id) = create_token(&s, &["-n", "onprem", "--group", "mysql", "--uses", "1"]);
+    let entry = token_entry(&s, &id);
+    assert_eq!(entry["serviceAccount"], "mysql-sa", "{entry}");
+    let root = tmp.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let (ok, out, err) = join(&[
+        "--server",
+        &addr,
+        "--token",
+        &token,
+        "--root",
+        root.to_str().unwrap(),
+        "--no-start",
+    ]);
+    assert!(ok, "{out}{err}");
+    let sidecar = env_map(&root.join("var/lib/istio/envoy/sidecar.env"));
+    assert_eq!(sidecar["ISTIO_INBOUND_PORTS"], "3306,8080", "{sidecar:?}");
+    let cluster = env_map(&root.join("var/lib/istio/envoy/cluster.env"));
+    assert_eq!(cluster["SERVICE_ACCOUNT"], "mysql-sa", "{cluster:?}");
+    assert_eq!(token_entry(&s, &id)["uses"], 0);
+}
