@@ -2,12 +2,14 @@
 //! `isthmus-xds`; callers authenticated like the CA's (join token or workload certificate);
 //! agents that name a WorkloadGroup are auto-registered and report their health on the stream.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use isthmus_ca::{Authenticator, Credential};
 use isthmus_model::WorkloadEntry;
+use isthmus_store::{Store, StoreError};
 use isthmus_xds::server::{node_metadata, Authenticate, Identity, Node, StreamObserver};
 use isthmus_xds::{build_resources_with_policies, MappingOptions, ResourceSet, AGENT_ANNOTATION};
 use rustls::pki_types::CertificateDer;
@@ -22,9 +24,13 @@ use crate::informer::RegistryView;
 /// Node metadata naming the WorkloadGroup to join (Istio's `ISTIO_META_AUTO_REGISTER_GROUP`).
 pub const AUTO_REGISTER_GROUP: &str = "AUTO_REGISTER_GROUP";
 
-/// IPs where a mesh agent is connected to this server's discovery stream: their workloads can
-/// be reached over HBONE, whether they joined by a group or were `register`ed by hand.
+/// IPs where a mesh agent is connected to this server's discovery stream, or was within the
+/// grace period: their workloads can be reached over HBONE, whether they joined by a group or
+/// were `register`ed by hand.
 pub type MeshHosts = Arc<BTreeSet<IpAddr>>;
+
+/// Store keys `/mesh-hosts/<ip>`: the agent hosts, kept across restarts of the control plane.
+const MESH_HOST_PREFIX: &str = "/mesh-hosts/";
 
 /// Keeps a `ResourceSet` built from the live registry view and the connected agents; rebuilt
 /// off the async workers (it is proportional to the registry) and at most one build behind.
@@ -86,17 +92,70 @@ fn with_agent(e: &WorkloadEntry, hosts: &BTreeSet<IpAddr>) -> WorkloadEntry {
     }
 }
 
-/// Follows the discovery server's open streams into the set of IPs with a connected agent
-/// (the IP of Istio's node id, `<role>~<ip>~...`, as auto-registration reads it).
-pub fn follow_mesh_hosts(xds: isthmus_xds::server::XdsServer, tx: watch::Sender<MeshHosts>) {
+/// The agent hosts recorded by an earlier run (see [`follow_mesh_hosts`]).
+pub async fn persisted_mesh_hosts(store: &dyn Store) -> Result<BTreeSet<IpAddr>, StoreError> {
+    let (kvs, _) = store.range(MESH_HOST_PREFIX).await?;
+    Ok(kvs
+        .iter()
+        .filter_map(|kv| kv.key.strip_prefix(MESH_HOST_PREFIX)?.parse().ok())
+        .collect())
+}
+
+/// Follows the discovery server's open streams into the set of agent hosts: the IPs of Istio's
+/// node ids (`<role>~<ip>~...`, as auto-registration reads them).
+///
+/// An IP stays in the set for `grace` after its last stream closed, and the set is kept in the
+/// store: without that, every entry at an agent host would be served as plain TCP from the
+/// moment the control plane restarts until that host's agent reconnects (after its backoff),
+/// and STRICT hosts would refuse the mesh meanwhile. `persisted` is what the last run left;
+/// those hosts get `grace` from now to reconnect, as adopted auto-registrations do.
+pub fn follow_mesh_hosts(
+    xds: isthmus_xds::server::XdsServer,
+    tx: watch::Sender<MeshHosts>,
+    store: Arc<dyn Store>,
+    grace: Duration,
+    persisted: BTreeSet<IpAddr>,
+) {
     let mut changes = xds.stream_changes();
     tokio::spawn(async move {
+        // None: an agent is connected from the IP now; Some(t): none has been since t.
+        let start = tokio::time::Instant::now();
+        let mut known: BTreeMap<IpAddr, Option<tokio::time::Instant>> =
+            persisted.into_iter().map(|ip| (ip, Some(start))).collect();
         loop {
-            let ips: BTreeSet<IpAddr> = xds
+            let connected: BTreeSet<IpAddr> = xds
                 .streams()
                 .iter()
                 .filter_map(|s| s.node_id.split('~').nth(1)?.parse().ok())
                 .collect();
+            let now = tokio::time::Instant::now();
+            for ip in &connected {
+                if known.insert(*ip, None).is_none() {
+                    let key = format!("{MESH_HOST_PREFIX}{ip}");
+                    if let Err(e) = store.put(&key, b"agent".to_vec()).await {
+                        // Still served from memory; only a restart would forget it early.
+                        tracing::warn!(%ip, error = %e, "cannot record the agent host");
+                    }
+                }
+            }
+            for (ip, since) in known.iter_mut() {
+                if since.is_none() && !connected.contains(ip) {
+                    *since = Some(now);
+                }
+            }
+            let expired: Vec<IpAddr> = known
+                .iter()
+                .filter(|(_, since)| since.is_some_and(|t| now >= t + grace))
+                .map(|(ip, _)| *ip)
+                .collect();
+            for ip in expired {
+                known.remove(&ip);
+                tracing::info!(%ip, grace = ?grace, "no agent reconnected from this host: its workloads are plain TCP again");
+                if let Err(e) = store.delete(&format!("{MESH_HOST_PREFIX}{ip}")).await {
+                    tracing::warn!(%ip, error = %e, "cannot forget the agent host");
+                }
+            }
+            let ips: BTreeSet<IpAddr> = known.keys().copied().collect();
             tx.send_if_modified(|cur| {
                 if **cur == ips {
                     return false;
@@ -104,8 +163,19 @@ pub fn follow_mesh_hosts(xds: isthmus_xds::server::XdsServer, tx: watch::Sender<
                 *cur = Arc::new(ips);
                 true
             });
-            if changes.changed().await.is_err() {
-                return;
+            let next_expiry = known.values().filter_map(|s| s.map(|t| t + grace)).min();
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                () = async {
+                    match next_expiry {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
             }
         }
     });

@@ -174,7 +174,10 @@ pub async fn run(
     if adopted > 0 {
         tracing::info!(adopted, grace = %args.autoreg_grace, "auto-registered workloads found; each is removed unless its agent reconnects in time");
     }
-    let (hosts_tx, hosts_rx) = tokio::sync::watch::channel(Default::default());
+    let mesh_hosts = crate::discovery::persisted_mesh_hosts(store.as_ref())
+        .await
+        .context("cannot read the recorded agent hosts")?;
+    let (hosts_tx, hosts_rx) = tokio::sync::watch::channel(Arc::new(mesh_hosts.clone()));
     let xds = isthmus_xds::server::XdsServer::start_observed(
         crate::discovery::resources(view, hosts_rx, mapping),
         Arc::new(crate::discovery::XdsAuth {
@@ -184,7 +187,13 @@ pub async fn run(
         Some(Arc::new(crate::discovery::Observer { autoreg })),
         Default::default(),
     );
-    crate::discovery::follow_mesh_hosts(xds.clone(), hosts_tx);
+    crate::discovery::follow_mesh_hosts(
+        xds.clone(),
+        hosts_tx,
+        store.clone(),
+        args.autoreg_grace.into(),
+        mesh_hosts,
+    );
     let metrics = Metrics::new(|reg| {
         cert_service
             .metrics()

@@ -17,6 +17,19 @@ fn client(
     sa: &str,
     group: Option<&str>,
 ) -> XdsClient {
+    client_at(s, "10.0.0.9", root_pem, token, ns, sa, group)
+}
+
+/// A discovery client for the host at `ip` (its node id's IP).
+fn client_at(
+    s: &Server,
+    ip: &str,
+    root_pem: &str,
+    token: Option<&str>,
+    ns: &str,
+    sa: &str,
+    group: Option<&str>,
+) -> XdsClient {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(root_pem))
         .domain_name("istiod.istio-system.svc");
@@ -28,7 +41,7 @@ fn client(
     if let Some(t) = token {
         conn = conn.with_bearer_token(t);
     }
-    let mut cfg = ClientConfig::new(node_id("10.0.0.9", "vm-1", ns, "cluster.local"));
+    let mut cfg = ClientConfig::new(node_id(ip, "vm-1", ns, "cluster.local"));
     cfg.node_metadata.insert("NAMESPACE".into(), ns.into());
     cfg.node_metadata
         .insert("SERVICE_ACCOUNT".into(), sa.into());
@@ -398,4 +411,98 @@ async fn authorization_policies_reach_the_host() {
     })
     .await;
     task.abort();
+}
+
+/// An entry `register`ed at a host whose agent is connected is served as HBONE. The control
+/// plane records that host, so after it is killed and restarted the entry is HBONE from the
+/// first state it serves, before that host's agent is back; once the grace period passes
+/// without the agent, the entry is plain TCP again, also after a further restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_hosts_stay_hbone_across_a_control_plane_restart() {
+    use isthmus_xds::client::Tunnel;
+    let vm: std::net::IpAddr = "10.0.0.9".parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--autoreg-grace", "3s"];
+    let mut s = Server::start_with(dir.path(), &args);
+    s.ok(&[
+        "register", "mysql", "10.0.0.9", "3306", "-n", "onprem", "-s", "db",
+    ]);
+    let root_pem = root(&s);
+    let vm_token = token(&s, "onprem", "db");
+    let other_token = token(&s, "onprem", "web");
+    let tunnel_of = |st: &State| st.workload_by_address(vm).map(|w| w.tunnel);
+
+    // The VM's agent connects: its registered entry turns HBONE for everyone.
+    let agent = client(&s, &root_pem, Some(&vm_token), "onprem", "db", None);
+    let agent_task = tokio::spawn(agent.run());
+    let observer = client_at(
+        &s,
+        "10.0.0.8",
+        &root_pem,
+        Some(&other_token),
+        "onprem",
+        "web",
+        None,
+    );
+    let mut seen = observer.state();
+    let observer_task = tokio::spawn(observer.run());
+    wait_state(&mut seen, "the VM's entry served as HBONE", |st| {
+        tunnel_of(st) == Some(Tunnel::Hbone)
+    })
+    .await;
+
+    // The control plane dies and comes back; the VM's agent is not back yet.
+    agent_task.abort();
+    observer_task.abort();
+    s.kill9();
+    let s = Server::start_with(dir.path(), &args);
+    let observer = client_at(
+        &s,
+        "10.0.0.8",
+        &root_pem,
+        Some(&other_token),
+        "onprem",
+        "web",
+        None,
+    );
+    let mut seen = observer.state();
+    let mut ready = observer.ready();
+    let observer_task = tokio::spawn(observer.run());
+    tokio::time::timeout(Duration::from_secs(20), ready.wait())
+        .await
+        .expect("the observer's first full state after the restart");
+    assert_eq!(
+        tunnel_of(&seen.borrow()),
+        Some(Tunnel::Hbone),
+        "the restarted control plane served the agent host's entry as plain TCP"
+    );
+
+    // No agent from 10.0.0.9 within the grace period: plain TCP again.
+    wait_state(&mut seen, "the entry to fall back to plain TCP", |st| {
+        tunnel_of(st) == Some(Tunnel::None)
+    })
+    .await;
+    observer_task.abort();
+
+    // And the store forgot the host: a further restart serves it plain from the start.
+    let mut s = s;
+    s.kill9();
+    let s = Server::start_with(dir.path(), &args);
+    let observer = client_at(
+        &s,
+        "10.0.0.8",
+        &root_pem,
+        Some(&other_token),
+        "onprem",
+        "web",
+        None,
+    );
+    let seen = observer.state();
+    let mut ready = observer.ready();
+    let observer_task = tokio::spawn(observer.run());
+    tokio::time::timeout(Duration::from_secs(20), ready.wait())
+        .await
+        .expect("the observer's first full state after the second restart");
+    assert_eq!(tunnel_of(&seen.borrow()), Some(Tunnel::None));
+    observer_task.abort();
 }
