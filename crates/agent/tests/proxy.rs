@@ -1285,3 +1285,96 @@ async fn drain_deadline_closes_connections_left_open() -> Result<()> {
         Err(_) => anyhow::bail!("connection still open after the drain deadline"),
     }
 }
+
+/// A peer that discovery knows (an entry at its address with its certificate's identity) is
+/// labelled from that entry, whatever its `baggage` claims; a claim is kept only for a peer
+/// discovery cannot vouch for.
+#[tokio::test]
+async fn registered_peers_are_labelled_by_discovery_not_by_their_baggage() -> Result<()> {
+    let log = access_log();
+    let (vip, ip) = (loopback(14, 100), loopback(14, 2));
+    let port = hbone_port(ip).await?;
+    let mut mesh = Mesh::new(SocketAddr::new(vip, 80), UnknownDestination::Refuse, port).await?;
+    let (app, _) = echo_app(ip).await?;
+    let ep = Ep {
+        uid: "server",
+        ip,
+        target_port: app.port(),
+        hbone: true,
+        healthy: true,
+    };
+    // The raw client below connects from 127.0.0.1 with the identity CLIENT_ID.
+    let peer: IpAddr = "127.0.0.1".parse()?;
+    mesh.set_state(state_with(vip, &[ep], &[], &[client_workload(peer)])?);
+    mesh.hbone_server(ip).await?;
+    let client = HboneClient::new(mesh.ca.issue(CLIENT_ID)?, ClientOptions::default());
+    let hbone = SocketAddr::new(ip, port);
+    let expected = [SERVER_ID.to_string()];
+    let mut claims = http::HeaderMap::new();
+    claims.insert(
+        "baggage",
+        http::HeaderValue::from_static(
+            "k8s.namespace.name=client-ns,k8s.pod.name=claimed-name,service.name=claimed-svc",
+        ),
+    );
+    let inb = mesh.in_metrics.clone();
+    // One connection; returns its inbound access-log line.
+    let call = |n: u64| {
+        let (client, expected, claims, inb) = (
+            client.clone(),
+            expected.clone(),
+            claims.clone(),
+            inb.clone(),
+        );
+        async move {
+            let mut s = client.connect(hbone, app, &expected, &claims).await?;
+            s.write_all(b"labelled").await?;
+            s.shutdown().await?;
+            let mut out = Vec::new();
+            tokio::time::timeout(DEADLINE, s.read_to_end(&mut out)).await??;
+            anyhow::ensure!(out == b"labelled");
+            eventually("the connection closed inbound", || {
+                inb.count(Direction::Inbound, Outcome::Ok) == n
+            })
+            .await;
+            let text = log.text();
+            let line = text
+                .lines()
+                .filter(|l| l.contains("127.0.14.") && l.contains("direction=\"inbound\""))
+                .nth(n as usize - 1)
+                .map(str::to_string)
+                .with_context(|| format!("no inbound line {n}:\n{text}"))?;
+            anyhow::Ok(line)
+        }
+    };
+
+    let line = call(1).await?;
+    assert!(
+        field(&line, "src").is_some_and(|s| s.starts_with("127.0.0.1:")),
+        "{line}"
+    );
+    assert_eq!(field(&line, "src_workload"), Some("vm-client"), "{line}");
+    // Quoted: a value with a space cannot pass for two fields.
+    assert!(line.contains(" src_service=\"client app\" "), "{line}");
+    assert!(!line.contains("claimed"), "{line}");
+
+    // The entry at that address now belongs to another identity: discovery cannot vouch for
+    // this peer, so its own (namespace-consistent) claims label it.
+    let mut other = client_workload(peer);
+    other.service_account = "someone-else".into();
+    mesh.set_state(state_with(
+        vip,
+        &[Ep {
+            uid: "server",
+            ip,
+            target_port: app.port(),
+            hbone: true,
+            healthy: true,
+        }],
+        &[],
+        &[other],
+    )?);
+    let line = call(2).await?;
+    assert_eq!(field(&line, "src_workload"), Some("claimed-name"), "{line}");
+    Ok(())
+}

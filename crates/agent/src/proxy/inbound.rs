@@ -285,7 +285,12 @@ impl InboundHandler for InboundPolicy {
             dst: request.target,
         };
         let meta = &request.metadata;
-        rec.source = metadata::peer_source(&meta.baggage, conn.peer.as_ref());
+        rec.source = metadata::peer_source(
+            &self.inner.state.borrow(),
+            conn.src,
+            &meta.baggage,
+            conn.peer.as_ref(),
+        );
         rec.forwarded_for = meta.forwarded_for;
         rec.trace = meta.traceparent;
         match self.admit(conn, rec, start).await {

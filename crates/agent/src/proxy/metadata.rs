@@ -32,28 +32,7 @@ impl LocalWorkload {
     /// `identity` is the certificate's (authoritative for the namespace); `workload` the
     /// discovery entry at our address, used only when it is in that namespace.
     pub fn new(identity: Option<&Identity>, workload: Option<&Workload>) -> Self {
-        let workload = workload.filter(|w| match identity {
-            Some(id) if id.namespace != w.namespace => {
-                tracing::debug!(workload = %w.name, namespace = %w.namespace, identity_namespace = %id.namespace,
-                    "the workload at our address is in another namespace than our certificate: not describing ourselves with it");
-                false
-            }
-            _ => true,
-        });
-        let s = |v: &str| (!v.is_empty()).then(|| Arc::<str>::from(v));
-        let meta = Baggage {
-            cluster_id: workload.and_then(|w| s(&w.cluster_id)),
-            namespace: identity
-                .map(|id| id.namespace.as_str())
-                .or(workload.map(|w| w.namespace.as_str()))
-                .and_then(s),
-            // Our control plane maps every workload entry to an Istio workload of type pod
-            // whose workload name is the entry's name, so ztunnel's key is `k8s.pod.name`.
-            workload_type: workload.map(|_| Arc::from("pod")),
-            workload_name: workload.and_then(|w| s(&w.name)),
-            service_name: workload.and_then(|w| s(&w.canonical_name)),
-            service_version: workload.and_then(|w| s(&w.canonical_revision)),
-        };
+        let meta = describe(identity, workload);
         let baggage = meta.to_header_value();
         Self { meta, baggage }
     }
@@ -78,6 +57,33 @@ impl LocalWorkload {
 
 /// The local workload, kept current by [`follow`].
 pub type LocalWatch = watch::Receiver<Arc<LocalWorkload>>;
+
+/// The source labels of `workload` seen with `identity`: the certificate's namespace is
+/// authoritative, and the entry is used only when it is in that namespace.
+fn describe(identity: Option<&Identity>, workload: Option<&Workload>) -> Baggage {
+    let workload = workload.filter(|w| match identity {
+        Some(id) if id.namespace != w.namespace => {
+            tracing::debug!(workload = %w.name, namespace = %w.namespace, identity_namespace = %id.namespace,
+                "the workload entry is in another namespace than the certificate: not labelling with it");
+            false
+        }
+        _ => true,
+    });
+    let s = |v: &str| (!v.is_empty()).then(|| Arc::<str>::from(v));
+    Baggage {
+        cluster_id: workload.and_then(|w| s(&w.cluster_id)),
+        namespace: identity
+            .map(|id| id.namespace.as_str())
+            .or(workload.map(|w| w.namespace.as_str()))
+            .and_then(s),
+        // Our control plane maps every workload entry to an Istio workload of type pod
+        // whose workload name is the entry's name, so ztunnel's key is `k8s.pod.name`.
+        workload_type: workload.map(|_| Arc::from("pod")),
+        workload_name: workload.and_then(|w| s(&w.name)),
+        service_name: workload.and_then(|w| s(&w.canonical_name)),
+        service_version: workload.and_then(|w| s(&w.canonical_revision)),
+    }
+}
 
 /// A watch that never changes from "nothing known" (outbound without a [`follow`] task).
 pub fn unknown() -> LocalWatch {
@@ -137,10 +143,23 @@ pub fn new_trace() -> TraceParent {
     }
 }
 
-/// The peer's `baggage` as inbound keeps it: dropped whole when its namespace contradicts the
-/// verified identity's (a peer may describe itself, not pose as another namespace's
-/// workload). Informational either way: only labels and the access log use it.
-pub fn peer_source(baggage: &Baggage, peer: Option<&Identity>) -> Baggage {
+/// The peer as inbound labels it. The discovery entry at the peer's address wins when its
+/// identity is the verified certificate's: a registered peer cannot relabel itself (and mint
+/// metric series) by what it writes in `baggage`, and ztunnel too labels by its own state. For
+/// a peer discovery does not know, its `baggage` is kept, but dropped whole when its namespace
+/// contradicts the verified identity's (a peer may describe itself, not pose as another
+/// namespace's workload). Informational either way: only labels and the access log use it.
+pub fn peer_source(
+    state: &State,
+    src: IpAddr,
+    baggage: &Baggage,
+    peer: Option<&Identity>,
+) -> Baggage {
+    if let (Some(id), Some(w)) = (peer, state.workload_by_address(src)) {
+        if w.identity() == *id {
+            return describe(Some(id), Some(w));
+        }
+    }
     match (&baggage.namespace, peer) {
         (Some(ns), Some(id)) if **ns != *id.namespace => {
             tracing::debug!(baggage_namespace = %ns, identity = ?id,
@@ -231,8 +250,10 @@ mod tests {
         };
         let same = Identity::new("cluster.local", "payments", "sa");
         let other = Identity::new("cluster.local", "guest", "sa");
-        assert_eq!(peer_source(&b, Some(&same)), b);
-        assert_eq!(peer_source(&b, Some(&other)), Baggage::default());
-        assert_eq!(peer_source(&b, None), b);
+        // A peer discovery does not know: its baggage, unless it contradicts the certificate.
+        let (st, ip) = (State::default(), "10.0.0.7".parse().unwrap());
+        assert_eq!(peer_source(&st, ip, &b, Some(&same)), b);
+        assert_eq!(peer_source(&st, ip, &b, Some(&other)), Baggage::default());
+        assert_eq!(peer_source(&st, ip, &b, None), b);
     }
 }

@@ -315,9 +315,12 @@ impl AccessRecord {
             service = %OrDash(self.service.as_deref()),
             endpoint = %OrDash(self.endpoint),
             identity = %OrDash(self.identity.as_deref()),
-            src_workload = %OrDash(src.workload_name.as_deref()),
-            src_namespace = %OrDash(src.namespace.as_deref()),
-            src_service = %OrDash(src.service_name.as_deref()),
+            // Recorded as strings, so the text line quotes and escapes them as it does
+            // `reason`: a peer chose them (its baggage), and a space or a quote in one must not
+            // pass for another field.
+            src_workload = src.workload_name.as_deref().unwrap_or("-"),
+            src_namespace = src.namespace.as_deref().unwrap_or("-"),
+            src_service = src.service_name.as_deref().unwrap_or("-"),
             trace_id = %OrDash(self.trace.map(|t| t.trace_id)),
             bytes_sent = self.sent,
             bytes_received = self.received,
