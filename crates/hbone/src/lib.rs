@@ -21,7 +21,7 @@ pub use client::{ClientOptions, HboneClient, HboneError};
 pub use copy::copy_bidirectional;
 pub use metadata::{Baggage, StreamMetadata, TraceId, TraceParent};
 pub use server::{
-    Decision, HboneServer, InboundHandler, InboundRequest, ServerError, ServerHandle,
+    Decision, HboneServer, InboundHandler, InboundRequest, OrDash, ServerError, ServerHandle,
     ServerOptions, ServerStats, Upstream,
 };
 pub use stream::HboneStream;

@@ -590,8 +590,9 @@ impl<H: InboundHandler> StreamCtx<H> {
     }
 }
 
-/// Shows the value, or `-` when there is none (as access logs do).
-struct OrDash<T>(Option<T>);
+/// Shows the value, or `-` when there is none (as access logs do), without formatting into a
+/// string first.
+pub struct OrDash<T>(pub Option<T>);
 
 impl<T: std::fmt::Display> std::fmt::Display for OrDash<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -431,21 +431,32 @@ async fn agent_hosts_stay_hbone_across_a_control_plane_restart() {
     let vm_token = token(&s, "onprem", "db");
     let other_token = token(&s, "onprem", "web");
     let tunnel_of = |st: &State| st.workload_by_address(vm).map(|w| w.tunnel);
+    // Another host (10.0.0.8) watching; returns once it has its first full state.
+    let observe = |s: &Server| {
+        let observer = client_at(
+            s,
+            "10.0.0.8",
+            &root_pem,
+            Some(&other_token),
+            "onprem",
+            "web",
+            None,
+        );
+        let seen = observer.state();
+        let mut ready = observer.ready();
+        let task = tokio::spawn(observer.run());
+        async move {
+            tokio::time::timeout(Duration::from_secs(20), ready.wait())
+                .await
+                .expect("the observer's first full state");
+            (seen, task)
+        }
+    };
 
     // The VM's agent connects: its registered entry turns HBONE for everyone.
     let agent = client(&s, &root_pem, Some(&vm_token), "onprem", "db", None);
     let agent_task = tokio::spawn(agent.run());
-    let observer = client_at(
-        &s,
-        "10.0.0.8",
-        &root_pem,
-        Some(&other_token),
-        "onprem",
-        "web",
-        None,
-    );
-    let mut seen = observer.state();
-    let observer_task = tokio::spawn(observer.run());
+    let (mut seen, observer_task) = observe(&s).await;
     wait_state(&mut seen, "the VM's entry served as HBONE", |st| {
         tunnel_of(st) == Some(Tunnel::Hbone)
     })
@@ -455,22 +466,8 @@ async fn agent_hosts_stay_hbone_across_a_control_plane_restart() {
     agent_task.abort();
     observer_task.abort();
     s.kill9();
-    let s = Server::start_with(dir.path(), &args);
-    let observer = client_at(
-        &s,
-        "10.0.0.8",
-        &root_pem,
-        Some(&other_token),
-        "onprem",
-        "web",
-        None,
-    );
-    let mut seen = observer.state();
-    let mut ready = observer.ready();
-    let observer_task = tokio::spawn(observer.run());
-    tokio::time::timeout(Duration::from_secs(20), ready.wait())
-        .await
-        .expect("the observer's first full state after the restart");
+    let mut s = Server::start_with(dir.path(), &args);
+    let (mut seen, observer_task) = observe(&s).await;
     assert_eq!(
         tunnel_of(&seen.borrow()),
         Some(Tunnel::Hbone),
@@ -485,24 +482,9 @@ async fn agent_hosts_stay_hbone_across_a_control_plane_restart() {
     observer_task.abort();
 
     // And the store forgot the host: a further restart serves it plain from the start.
-    let mut s = s;
     s.kill9();
     let s = Server::start_with(dir.path(), &args);
-    let observer = client_at(
-        &s,
-        "10.0.0.8",
-        &root_pem,
-        Some(&other_token),
-        "onprem",
-        "web",
-        None,
-    );
-    let seen = observer.state();
-    let mut ready = observer.ready();
-    let observer_task = tokio::spawn(observer.run());
-    tokio::time::timeout(Duration::from_secs(20), ready.wait())
-        .await
-        .expect("the observer's first full state after the second restart");
+    let (seen, observer_task) = observe(&s).await;
     assert_eq!(tunnel_of(&seen.borrow()), Some(Tunnel::None));
     observer_task.abort();
 }

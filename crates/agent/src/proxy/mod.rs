@@ -25,8 +25,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use isthmus_hbone::{
-    Baggage, ClientOptions, Credentials, CredentialsWatch, HboneClient, HboneServer, ServerError,
-    ServerHandle, ServerOptions, TraceParent,
+    Baggage, ClientOptions, Credentials, CredentialsWatch, HboneClient, HboneServer, OrDash,
+    ServerError, ServerHandle, ServerOptions, TraceParent,
 };
 use isthmus_xds::client::State;
 use prometheus_client::registry::Registry;
@@ -330,18 +330,6 @@ impl AccessRecord {
             "connection closed"
         );
         metrics.closed(self, outcome, was_open);
-    }
-}
-
-/// Shows the value, or `-` when there is none, without formatting into a string first.
-struct OrDash<T>(Option<T>);
-
-impl<T: std::fmt::Display> std::fmt::Display for OrDash<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.0 {
-            Some(v) => v.fmt(f),
-            None => f.write_str("-"),
-        }
     }
 }
 
