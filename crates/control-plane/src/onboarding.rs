@@ -7,6 +7,10 @@ use std::sync::Arc;
 
 use isthmus_ca::{Authenticator, Ca, TokenClaims};
 use isthmus_model::{Kind, Resource};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry as MetricsRegistry;
 use tonic::{Request, Response, Status};
 
 use crate::api::MeshInfo;
@@ -25,6 +29,40 @@ use pb::{GetBundleRequest, GetBundleResponse, GetTrustBundleRequest, GetTrustBun
 /// Requests are empty; anything bigger than this is not one of ours.
 const MAX_REQUEST_BYTES: usize = 4 * 1024;
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    method: &'static str,
+    outcome: String,
+}
+
+/// Counters of the onboarding API.
+#[derive(Debug, Clone, Default)]
+pub struct OnboardingMetrics {
+    requests: Family<CallLabels, Counter>,
+}
+
+impl OnboardingMetrics {
+    /// Registers `requests_total{method,outcome}`; the control plane passes its sub-registry
+    /// with the prefix `isthmus_onboarding`.
+    pub fn register(&self, registry: &mut MetricsRegistry) {
+        registry.register(
+            "requests",
+            "Onboarding API calls by method and outcome (served, or the gRPC code of the refusal)",
+            self.requests.clone(),
+        );
+    }
+
+    fn record(&self, method: &'static str, result: &Result<(), Status>) {
+        let outcome = match result {
+            Ok(()) => "served".to_string(),
+            Err(status) => format!("{:?}", status.code()),
+        };
+        self.requests
+            .get_or_create(&CallLabels { method, outcome })
+            .inc();
+    }
+}
+
 /// The service. Serve it with [`OnboardingService::into_server`] on the TLS listener.
 #[derive(Clone)]
 pub struct OnboardingService {
@@ -32,6 +70,7 @@ pub struct OnboardingService {
     ca: Arc<Ca>,
     registry: Registry,
     mesh: MeshInfo,
+    metrics: OnboardingMetrics,
 }
 
 impl std::fmt::Debug for OnboardingService {
@@ -41,12 +80,19 @@ impl std::fmt::Debug for OnboardingService {
 }
 
 impl OnboardingService {
-    pub fn new(auth: Authenticator, ca: Arc<Ca>, registry: Registry, mesh: MeshInfo) -> Self {
+    pub fn new(
+        auth: Authenticator,
+        ca: Arc<Ca>,
+        registry: Registry,
+        mesh: MeshInfo,
+        metrics: OnboardingMetrics,
+    ) -> Self {
         Self {
             auth,
             ca,
             registry,
             mesh,
+            metrics,
         }
     }
 
@@ -115,12 +161,27 @@ impl Onboarding for OnboardingService {
         &self,
         _request: Request<GetTrustBundleRequest>,
     ) -> Result<Response<GetTrustBundleResponse>, Status> {
+        self.metrics.record("GetTrustBundle", &Ok(()));
         Ok(Response::new(GetTrustBundleResponse {
             roots_pem: self.ca.trust_bundle_pem(),
         }))
     }
 
     async fn get_bundle(
+        &self,
+        request: Request<GetBundleRequest>,
+    ) -> Result<Response<GetBundleResponse>, Status> {
+        let result = self.get_bundle_checked(request).await;
+        self.metrics.record(
+            "GetBundle",
+            &result.as_ref().map(|_| ()).map_err(Clone::clone),
+        );
+        result
+    }
+}
+
+impl OnboardingService {
+    async fn get_bundle_checked(
         &self,
         request: Request<GetBundleRequest>,
     ) -> Result<Response<GetBundleResponse>, Status> {

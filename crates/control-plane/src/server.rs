@@ -194,10 +194,12 @@ pub async fn run(
         args.autoreg_grace.into(),
         mesh_hosts,
     );
+    let onboarding_metrics = crate::onboarding::OnboardingMetrics::default();
     let metrics = Metrics::new(|reg| {
         cert_service
             .metrics()
             .register(reg.sub_registry_with_prefix("ca"));
+        onboarding_metrics.register(reg.sub_registry_with_prefix("onboarding"));
         xds.metrics().register(reg.sub_registry_with_prefix("xds"));
     });
     let mut serving = isthmus_ca::ServingCertOptions::default();
@@ -273,6 +275,7 @@ pub async fn run(
         ca.clone(),
         state.registry.clone(),
         mesh.clone(),
+        onboarding_metrics,
     );
     let _ = state.mesh.set(mesh);
     write_atomic(

@@ -1371,6 +1371,36 @@ fn onboarding_api_checks_the_token_and_spends_no_use() {
         tonic::Code::FailedPrecondition,
         "WorkloadGroup onprem/mysql, which the join token names, does not exist",
     );
+
+    // Every call counted by method and outcome: five calls, each reading the trust bundle
+    // first; two refused without a token, two served, one refused for the group.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let metrics = rt.block_on(async {
+        let url = format!("{}/metrics", s.metrics);
+        s.http()
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    for (series, n) in [
+        ("method=\"GetTrustBundle\",outcome=\"served\"", 5),
+        ("method=\"GetBundle\",outcome=\"Unauthenticated\"", 2),
+        ("method=\"GetBundle\",outcome=\"served\"", 2),
+        ("method=\"GetBundle\",outcome=\"FailedPrecondition\"", 1),
+    ] {
+        let line = format!("isthmus_onboarding_requests_total{{{series}}} {n}");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line} in:\n{metrics}"
+        );
+    }
 }
 
 /// `token create --group`: the token takes the group's service account, and `join --server`
