@@ -243,6 +243,17 @@ impl HboneClient {
         n
     }
 
+    /// Connections the pool lists, live or not yet cleared: a connection leaves the list when
+    /// its driver ends, and a destination's entry with its last connection.
+    pub async fn pool_entries(&self) -> (usize, usize) {
+        let buckets: Vec<Bucket> = self.lock_pool().values().cloned().collect();
+        let mut n = 0;
+        for b in &buckets {
+            n += b.lock().await.len();
+        }
+        (buckets.len(), n)
+    }
+
     /// Opens a tunnel to `target` (`<workload ip>:<port>`) through the peer's HBONE port `dst`
     /// (`<workload ip>:15008`). The peer must present one of the `expected` SPIFFE identities.
     /// `headers` (e.g. `baggage`, `forwarded`, `traceparent`) are sent on the CONNECT request.
@@ -453,6 +464,8 @@ impl HboneClient {
         let usage = Arc::new(Usage::new());
         let driver_usage = usage.clone();
         let idle_timeout = opts.idle_timeout;
+        let pool = Arc::downgrade(&self.inner);
+        let key = key.clone();
         let span = tracing::info_span!("hbone_conn", conn = id, %dst);
         tokio::spawn(
             async move {
@@ -468,6 +481,9 @@ impl HboneClient {
                     }
                 }
                 driver_usage.close();
+                if let Some(inner) = pool.upgrade() {
+                    forget(&inner, &key, id).await;
+                }
             }
             .instrument(span),
         );
@@ -477,6 +493,30 @@ impl HboneClient {
             usage,
             creds,
         })
+    }
+}
+
+/// Drops the ended connection `id` from its destination's list, and the destination's entry
+/// once nothing is left in it and nobody else holds it (so a pool that has talked to many
+/// destinations does not keep an entry for each forever).
+async fn forget(inner: &Inner, key: &PoolKey, id: u64) {
+    let lock = || inner.pool.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(bucket) = lock().get(key).cloned() else {
+        return;
+    };
+    let empty = {
+        let mut conns = bucket.lock().await;
+        conns.retain(|c| c.id != id);
+        conns.is_empty()
+    };
+    if empty {
+        let mut map = lock();
+        // Under the map's lock nobody can take a new reference to the bucket; the map's and
+        // ours are the only ones unless a checkout is in flight, which then keeps it.
+        if map.get(key).is_some_and(|b| Arc::ptr_eq(b, &bucket)) && Arc::strong_count(&bucket) == 2
+        {
+            map.remove(key);
+        }
     }
 }
 

@@ -388,11 +388,21 @@ async fn idle_pooled_connection_is_closed_and_replaced() -> Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Nor is it listed any more, nor its destination.
+    while m.client.pool_entries().await != (0, 0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "closed connection still listed: {:?}",
+            m.client.pool_entries().await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // The next stream gets a fresh connection.
     let mut s = m.open(echo).await?;
     assert_eq!(roundtrip(&mut s, b"again").await?, b"again");
     assert_eq!(m.server.stats().tls_accepted(), 2);
     assert_eq!(m.client.pooled_connections().await, 1);
+    assert_eq!(m.client.pool_entries().await, (1, 1));
     Ok(())
 }
 
