@@ -235,27 +235,7 @@ fn doctor_on_a_member_host() {
     let mut lab = Lab::new("d", &[("cp", CP), ("mesh", MESH), ("vm", VM)], CP);
     let work = tempfile::tempdir().unwrap();
     let cp_dir = work.path().join("cp");
-    let cp_args: Vec<String> = [
-        BIN,
-        "server",
-        "--data-dir",
-        cp_dir.to_str().unwrap(),
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--registration-addr",
-        "127.0.0.1:0",
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--grpc-addr",
-        &format!("{CP}:15012"),
-        "--dns-addr",
-        &format!("{CP}:15054"),
-        "--server-ip",
-        CP,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let cp_args = lab::control_plane_args(&cp_dir, CP, &[]);
     // The first child: removed and killed in step 6.
     lab.spawn(
         "cp",

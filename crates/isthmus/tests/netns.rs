@@ -108,32 +108,7 @@ fn seeds_scenario_in_network_namespaces() {
     );
     let work = tempfile::tempdir().unwrap();
     let cp_dir = work.path().join("cp");
-    let cp_args = |dir: &Path| -> Vec<String> {
-        [
-            BIN,
-            "server",
-            "--data-dir",
-            &dir.display().to_string(),
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--registration-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--grpc-addr",
-            &format!("{CP}:15012"),
-            "--dns-addr",
-            &format!("{CP}:15054"),
-            "--server-ip",
-            CP,
-            "--autoreg-grace",
-            "30s",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
-    let args = cp_args(&cp_dir);
+    let args = lab::control_plane_args(&cp_dir, CP, &["--autoreg-grace", "30s"]);
     lab.spawn(
         "cp",
         &args.iter().map(String::as_str).collect::<Vec<_>>(),

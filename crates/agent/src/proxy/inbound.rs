@@ -214,14 +214,15 @@ impl InboundPolicy {
         }
     }
 
-    /// Authorizes, connects to the local application and registers the connection.
+    /// Authorizes against `state` (the discovery state the caller read), connects to the local
+    /// application and registers the connection.
     async fn admit(
         &self,
+        state: Arc<State>,
         conn: Connection,
         rec: AccessRecord,
         start: Instant,
     ) -> Result<Tracked, StatusCode> {
-        let state = self.inner.state.borrow().clone();
         let metrics = &self.inner.metrics;
         if let Err(r) = self.check(&state, &conn) {
             rec.finish(metrics, r.outcome, &r.reason, start, false);
@@ -285,15 +286,11 @@ impl InboundHandler for InboundPolicy {
             dst: request.target,
         };
         let meta = &request.metadata;
-        rec.source = metadata::peer_source(
-            &self.inner.state.borrow(),
-            conn.src,
-            &meta.baggage,
-            conn.peer.as_ref(),
-        );
+        let state = self.inner.state.borrow().clone();
+        rec.source = metadata::peer_source(&state, conn.src, &meta.baggage, conn.peer.as_ref());
         rec.forwarded_for = meta.forwarded_for;
         rec.trace = meta.traceparent;
-        match self.admit(conn, rec, start).await {
+        match self.admit(state, conn, rec, start).await {
             Ok(t) => Decision::AllowVia(Box::new(t)),
             Err(status) => Decision::Deny(status),
         }
@@ -455,7 +452,8 @@ impl PlaintextInbound {
             src: src.ip(),
             dst,
         };
-        let Ok(mut app) = self.policy.admit(conn, rec, start).await else {
+        let state = self.policy.inner.state.borrow().clone();
+        let Ok(mut app) = self.policy.admit(state, conn, rec, start).await else {
             return;
         };
         let _ = client.set_nodelay(true);

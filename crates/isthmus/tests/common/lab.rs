@@ -5,7 +5,37 @@
 #![allow(dead_code)]
 
 use std::net::Ipv4Addr;
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
+
+/// `isthmus server` for a lab's control-plane host at `ip`: its data in `dir`, gRPC (CA and
+/// discovery) and DNS on `ip`, the admin, registration and metrics ports on free loopback
+/// ports, then `extra`.
+pub fn control_plane_args(dir: &Path, ip: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        env!("CARGO_BIN_EXE_isthmus"),
+        "server",
+        "--data-dir",
+        &dir.display().to_string(),
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--registration-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--grpc-addr",
+        &format!("{ip}:15012"),
+        "--dns-addr",
+        &format!("{ip}:15054"),
+        "--server-ip",
+        ip,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
 
 pub struct Lab {
     inner: isthmus_demo::lab::Lab,
