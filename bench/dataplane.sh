@@ -25,6 +25,11 @@ BULK_SECONDS="${BULK_SECONDS:-5}"   # iperf3 -t
 BODY_BYTES="${BODY_BYTES:-1024}"
 PATHS="${PATHS:-direct isthmus haproxy}" # which paths run (the report needs direct for "added")
 PERF_DIR="${PERF_DIR:-}"            # if set: `perf record -g` both agents during each isthmus run
+SMAPS_DIR="${SMAPS_DIR:-}"          # if set: both agents' /proc/PID/smaps at the end of each isthmus run
+AGENT_WRAPPER="${AGENT_WRAPPER:-}"  # a command the agents run under (scripts/order-file.sh: valgrind)
+STOP_WAIT="${STOP_WAIT:-5}"         # seconds the processes get to exit on SIGTERM at the end
+AGENT_WAIT=30                       # seconds an agent gets to start
+[ -n "$AGENT_WRAPPER" ] && AGENT_WAIT=300
 
 load_at_start="$(cut -d' ' -f1-3 /proc/loadavg)"
 if [ "$(id -u)" != 0 ]; then
@@ -37,6 +42,7 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-li
 command -v iperf3 >/dev/null 2>&1 || missing+=(iperf3)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
+command -v dig >/dev/null 2>&1 || missing+=(dnsutils)
 if ((${#missing[@]})); then
     echo "installing ${missing[*]}" >&2
     apt-get update -qq >&2
@@ -44,9 +50,13 @@ if ((${#missing[@]})); then
 fi
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 
-cargo build --release -p isthmus -p isthmus-bench --bin isthmus --bin http-load >&2
-BIN="${ISTHMUS_BIN:-$PWD/target/release/isthmus}" # another build of isthmus, e.g. a baseline
-LOAD="$PWD/target/release/http-load"
+# ISTHMUS_BIN: another build of isthmus, e.g. a baseline; HTTP_LOAD: a built load generator.
+# With both given nothing is built.
+if [ -z "${ISTHMUS_BIN:-}" ] || [ -z "${HTTP_LOAD:-}" ]; then
+    cargo build --release -p isthmus -p isthmus-bench --bin isthmus --bin http-load >&2
+fi
+BIN="${ISTHMUS_BIN:-$PWD/target/release/isthmus}"
+LOAD="${HTTP_LOAD:-$PWD/target/release/http-load}"
 
 id=$(($$ % 100000))
 SW="dpsw-$id"
@@ -59,7 +69,7 @@ chmod 755 "$work" # nginx's worker reads its files as www-data
 pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    for _ in $(seq 50); do
+    for _ in $(seq $((STOP_WAIT * 10))); do
         alive=0
         for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
         ((alive)) || break
@@ -169,22 +179,29 @@ start_agent() { # host ip token inbound-ports extra...
     printf '%s' "$token" >"$d/token"
     printf 'ISTIO_SERVICE_CIDR=10.96.0.0/12\nISTIO_META_DNS_CAPTURE=true\n' >"$d/cluster.env"
     printf 'ISTIO_INBOUND_PORTS=%s\n' "$ports" >"$d/sidecar.env"
-    ISTHMUS_LOG=warn spawn "$h" "$BIN" agent --ca-addr "https://$CP:15012" --ip "$ip" --proxy \
+    # shellcheck disable=SC2086 # AGENT_WRAPPER is a command line
+    ISTHMUS_LOG=warn spawn "$h" $AGENT_WRAPPER "$BIN" agent --ca-addr "https://$CP:15012" --ip "$ip" --proxy \
         --capture --metrics-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
         --readiness-addr 127.0.0.1:0 --dns-upstream 127.0.0.1:9 --cert-dir "$d/certs" \
         --state-dir "$d/state" --join-token-file "$d/token" --cluster-env "$d/cluster.env" \
         --sidecar-env "$d/sidecar.env" "$@" >"$work/agent-$h.log" 2>&1
     pids+=($!)
     agent_pid[$h]=$!
-    wait_until "the $h agent's endpoints" 30 jq -e .readiness "$d/state/agent-endpoints.json"
+    wait_until "the $h agent's endpoints" "$AGENT_WAIT" jq -e .readiness "$d/state/agent-endpoints.json"
     ready[$h]="$(jq -r .readiness "$d/state/agent-endpoints.json")"
 }
 start_agent mesh "$MESH" "$mesh_token" 9080,5201 --group productpage --inbound-mode strict
 start_agent vm "$VM" "$vm_token" 3306
 for h in mesh vm; do
-    wait_until "the $h agent ready" 30 inns "$h" curl -sf --max-time 2 "${ready[$h]}/healthz/ready"
+    wait_until "the $h agent ready" "$AGENT_WAIT" inns "$h" curl -sf --max-time 2 "${ready[$h]}/healthz/ready"
 done
 VIP="$(cli get svc productpage -n bookinfo -o json | jq -r .status.vip)"
+# The VM finds the service by name: its query to port 53 is captured into its agent's DNS proxy.
+resolved="$(inns vm dig +short +time=2 +tries=3 @"$VM" productpage.bookinfo.svc.cluster.local A)"
+if [ "$resolved" != "$VIP" ]; then
+    echo "the VM's agent resolved productpage to '$resolved', not the service VIP $VIP" >&2
+    exit 1
+fi
 
 # --- HAProxy pair: plain on the VM's loopback, TLS with client certificates between hosts ---
 pki="$work/pki"
@@ -316,6 +333,11 @@ run_http() { # path label rate
         sleep 0.2
     done
     wait "$lp"
+    if [ "$p" = isthmus ] && [ -n "$SMAPS_DIR" ]; then
+        mkdir -p "$SMAPS_DIR"
+        cp "/proc/${agent_pid[vm]}/smaps" "$SMAPS_DIR/$label-vm.smaps"
+        cp "/proc/${agent_pid[mesh]}/smaps" "$SMAPS_DIR/$label-mesh.smaps"
+    fi
     rss_peak[$p-$label]="$max_a $max_b"
     anon_peak[$p-$label]="$anon_a $anon_b"
     file_peak[$p-$label]="$file_a $file_b"
@@ -360,6 +382,11 @@ echo "- RAM: $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)
 echo "- load average (1, 5, 15 min): $load_at_start at the start of the script, $load_before_runs after the build and setup, $(cut -d' ' -f1-3 /proc/loadavg) at the end"
 echo "- isthmus $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $("$BIN" --version 2>/dev/null || true); $(haproxy -v | head -1 | cut -d' ' -f1-3); nginx $("$NGINX" -v 2>&1 | cut -d/ -f2); $(iperf3 --version | head -1 | cut -d' ' -f1-2)"
 echo "- isthmus agent threads (vm / mesh): ${hwm[isthmus-threads]}; haproxy threads: ${hwm[haproxy-threads]}"
+order=crates/isthmus/hot-functions.order
+if [ -f "$order" ] && command -v nm >/dev/null 2>&1; then
+    found="$(nm --defined-only "$BIN" | awk '{print $3}' | sort -u | comm -12 - <(sort -u "$order") | wc -l)"
+    echo "- link order: $found of the $(wc -l <"$order") functions in $order are in the binary (scripts/order-file.sh)"
+fi
 echo
 echo "### HTTP, ${BODY_BYTES}-byte responses, $CONNS keep-alive connections, ${DURATION} s measured after ${WARMUP} s warm-up"
 echo
