@@ -4,7 +4,9 @@
 //! - [`HboneClient`] opens tunnels over pooled connections, verifying the server's SPIFFE ID.
 //! - [`HboneServer`] terminates them, validating each stream and asking an [`InboundHandler`].
 //! - [`Credentials`] arrive through a `watch` channel; rotation applies to new connections.
-//! - [`copy_bidirectional`] splices a tunnel and a socket with buffers that grow only under bulk.
+//! - [`splice_tunnel`] splices a tunnel and a socket without copying between the socket and
+//!   HTTP/2; [`copy_bidirectional`] copies between any two streams. Both keep buffers that grow
+//!   only under bulk.
 //! - [`metadata`]: the optional CONNECT headers (`baggage`, `forwarded`, `traceparent`), built
 //!   by the client's caller and parsed defensively by the server into [`StreamMetadata`].
 #![forbid(unsafe_code)]
@@ -18,7 +20,7 @@ mod stream;
 mod tls;
 
 pub use client::{ClientOptions, HboneClient, HboneError};
-pub use copy::copy_bidirectional;
+pub use copy::{copy_bidirectional, splice_tunnel};
 pub use metadata::{Baggage, StreamMetadata, TraceId, TraceParent};
 pub use server::{
     Decision, HboneServer, InboundHandler, InboundRequest, OrDash, ServerError, ServerHandle,

@@ -1,6 +1,7 @@
 //! Inbound HBONE: accepts mTLS + HTTP/2 on port 15008 and terminates CONNECT streams to local
 //! targets, after validation and a policy decision by the caller's handler.
 
+use std::any::Any;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -94,8 +95,28 @@ pub struct InboundRequest {
 }
 
 /// Any bidirectional byte stream the handler wants the tunnel spliced to.
-pub trait Upstream: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Upstream for T {}
+pub trait Upstream: AsyncRead + AsyncWrite + Send + Unpin {
+    /// The HBONE tunnel this is, if it is one (also through a `Box<dyn Upstream>`), so that a
+    /// socket can be spliced to it with [`crate::splice_tunnel`] instead of through its
+    /// copying `AsyncRead`/`AsyncWrite` view.
+    fn as_hbone(&mut self) -> Option<&mut HboneStream>;
+}
+
+// Stable Rust cannot override a blanket impl for one type, so the type is asked through `Any`
+// (hence `'static`, which every `Box<dyn Upstream>` is anyway).
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Upstream for T {
+    fn as_hbone(&mut self) -> Option<&mut HboneStream> {
+        let any: &mut dyn Any = self;
+        if any.is::<Box<dyn Upstream>>() {
+            // A boxed upstream is `Upstream` itself: ask what it holds (through the vtable;
+            // calling `as_hbone` on the box would come back here).
+            return any
+                .downcast_mut::<Box<dyn Upstream>>()
+                .and_then(|inner| (**inner).as_hbone());
+        }
+        any.downcast_mut::<HboneStream>()
+    }
+}
 
 /// What to do with a validated stream.
 pub enum Decision {
@@ -502,7 +523,8 @@ impl<H: InboundHandler> StreamCtx<H> {
             }
         };
         let mut tunnel = HboneStream::new(send, body, None);
-        let result = crate::copy::copy_bidirectional(&mut tunnel, &mut upstream).await;
+        // (tunnel → upstream, upstream → tunnel), as `copy_bidirectional` counted them.
+        let result = crate::copy::splice_tunnel(&mut tunnel, &mut upstream).await;
         match result {
             Ok((up, down)) => tracing::info!(
                 target: "hbone_access",

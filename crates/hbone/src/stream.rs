@@ -46,6 +46,71 @@ impl HboneStream {
             _guard: guard,
         }
     }
+
+    /// Waits until h2 lets up to `want` (> 0) more bytes be queued on the stream and returns how
+    /// many (at least one, at most `want`). Callers queue all of it at once: h2's
+    /// `poll_capacity` reports only increases, so capacity left assigned but unused would not
+    /// be reported again.
+    pub(crate) fn poll_send_capacity(
+        &mut self,
+        cx: &mut Context<'_>,
+        want: usize,
+    ) -> Poll<io::Result<usize>> {
+        if self.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        let want = want.min(MAX_WRITE_CHUNK);
+        self.send.reserve_capacity(want);
+        loop {
+            match ready!(self.send.poll_capacity(cx)) {
+                // h2 reports "no new capacity"; the next poll registers the waker.
+                Some(Ok(0)) => continue,
+                Some(Ok(n)) => return Poll::Ready(Ok(n.min(want))),
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                None => {
+                    // Stream no longer sendable: find out why.
+                    return match ready!(self.send.poll_reset(cx)) {
+                        Ok(reason) => Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::BrokenPipe,
+                            format!("HBONE stream reset by peer: {reason}"),
+                        ))),
+                        Err(e) => Poll::Ready(Err(h2_to_io(e))),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Queues `data` (no more than [`Self::poll_send_capacity`] granted) as DATA.
+    pub(crate) fn send_chunk(&mut self, data: Bytes) -> io::Result<()> {
+        self.send.send_data(data, false).map_err(h2_to_io)
+    }
+
+    /// The next chunk the peer sent, `None` at the end of the stream. Its flow-control capacity
+    /// is not released: the caller does that with [`Self::release`] when it sees fit.
+    pub(crate) fn poll_recv_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<Option<Bytes>>> {
+        match ready!(self.recv.poll_data(cx)) {
+            Some(Ok(chunk)) => Poll::Ready(Ok(Some(chunk))),
+            // A reset with NO_ERROR after END_STREAM is a clean close.
+            Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => Poll::Ready(Ok(None)),
+            Some(Err(e)) => Poll::Ready(Err(h2_to_io(e))),
+            None => Poll::Ready(Ok(None)),
+        }
+    }
+
+    /// Lets the peer send `n` more bytes.
+    pub(crate) fn release(&mut self, n: usize) {
+        // Fails only once the stream is gone, when the window no longer matters.
+        let _ = self.recv.flow_control().release_capacity(n);
+    }
+
+    /// What an earlier `poll_read` received but did not hand out (capacity already released).
+    pub(crate) fn take_pending(&mut self) -> Bytes {
+        std::mem::take(&mut self.pending)
+    }
 }
 
 fn h2_to_io(e: h2::Error) -> io::Error {
@@ -72,18 +137,11 @@ impl AsyncRead for HboneStream {
                 self.pending.advance(n);
                 return Poll::Ready(Ok(()));
             }
-            match ready!(self.recv.poll_data(cx)) {
-                Some(Ok(chunk)) => {
+            match ready!(self.poll_recv_chunk(cx))? {
+                Some(chunk) => {
                     // The chunk is buffered here, so the window can be reopened right away.
-                    let _ = self.recv.flow_control().release_capacity(chunk.len());
+                    self.release(chunk.len());
                     self.pending = chunk;
-                }
-                Some(Err(e)) => {
-                    // A reset with NO_ERROR after END_STREAM is a clean close.
-                    if e.reason() == Some(Reason::NO_ERROR) {
-                        return Poll::Ready(Ok(()));
-                    }
-                    return Poll::Ready(Err(h2_to_io(e)));
                 }
                 None => return Poll::Ready(Ok(())),
             }
@@ -100,38 +158,11 @@ impl AsyncWrite for HboneStream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        if self.write_closed {
-            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
-        }
-        let want = buf.len().min(MAX_WRITE_CHUNK);
-        self.send.reserve_capacity(want);
-        loop {
-            match ready!(self.send.poll_capacity(cx)) {
-                // h2 reports "no new capacity"; the next poll registers the waker.
-                Some(Ok(0)) => continue,
-                Some(Ok(n)) => {
-                    let n = n.min(want);
-                    return match self
-                        .send
-                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                    {
-                        Ok(()) => Poll::Ready(Ok(n)),
-                        Err(e) => Poll::Ready(Err(h2_to_io(e))),
-                    };
-                }
-                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
-                None => {
-                    // Stream no longer sendable: find out why.
-                    return match ready!(self.send.poll_reset(cx)) {
-                        Ok(reason) => Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::BrokenPipe,
-                            format!("HBONE stream reset by peer: {reason}"),
-                        ))),
-                        Err(e) => Poll::Ready(Err(h2_to_io(e))),
-                    };
-                }
-            }
-        }
+        let n = ready!(self.poll_send_capacity(cx, buf.len()))?;
+        // h2 keeps what it is given until written, so a borrowed slice has to be copied; the
+        // splice in `copy` avoids this by reading into memory it can hand over.
+        self.send_chunk(Bytes::copy_from_slice(&buf[..n]))?;
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use isthmus_hbone::{
     Baggage, ClientOptions, Credentials, CredentialsWatch, HboneClient, HboneServer, OrDash,
-    ServerError, ServerHandle, ServerOptions, TraceParent,
+    ServerError, ServerHandle, ServerOptions, TraceParent, Upstream,
 };
 use isthmus_xds::client::State;
 use prometheus_client::registry::Registry;
@@ -333,16 +333,25 @@ impl AccessRecord {
     }
 }
 
-/// Copies both ways with half-close; fills in the byte counts.
+/// Copies both ways with half-close; fills in the byte counts (`sent`: `a` → `b`, `received`:
+/// `b` → `a`).
 pub(crate) async fn splice<A, B>(a: &mut A, b: &mut B, rec: &mut AccessRecord) -> (Outcome, String)
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: Upstream + ?Sized,
 {
     // Buffers of 8 KiB that grow to 64 KiB under bulk: a fixed 8 KiB makes every bulk byte cost
     // eight times the syscalls and HTTP/2 DATA frames on the tunnel side, a fixed 64 KiB costs
     // every quiet connection 128 KiB.
-    match isthmus_hbone::copy_bidirectional(a, b).await {
+    let copied = match b.as_hbone() {
+        // An HBONE upstream takes `a`'s bytes as read and hands back h2's own buffers, sparing
+        // a copy each way; it counts (tunnel → socket, socket → tunnel).
+        Some(tunnel) => isthmus_hbone::splice_tunnel(tunnel, a)
+            .await
+            .map(|(received, sent)| (sent, received)),
+        None => isthmus_hbone::copy_bidirectional(a, b).await,
+    };
+    match copied {
         Ok((sent, received)) => {
             rec.sent = sent;
             rec.received = received;
