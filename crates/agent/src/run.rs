@@ -34,29 +34,38 @@ async fn bind(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<TcpLis
         .with_context(|| format!("cannot listen on {addr} for the {what} (change it with {flag})"))
 }
 
-/// Worker threads of the data-plane runtime. One, as linkerd2-proxy's default: with two workers
-/// shared with control work, a profile of `bench/dataplane.sh` put a fifth of the agent's CPU
-/// in workers parking and waking each other (BENCHMARKS.md, issue 5, run 3).
-const DATA_PLANE_THREADS: usize = 1;
-
 /// The proxy's own runtime, apart from discovery, identity, DNS and the admin endpoints (which
 /// run on the caller's), so control work never delays a forwarded byte.
+///
+/// One thread running a current-thread runtime, as linkerd2-proxy's default of one worker:
+/// with two workers shared with control work, a profile of `bench/dataplane.sh` put a fifth of
+/// the agent's CPU in workers parking and waking each other (BENCHMARKS.md, issue 5, run 3); a
+/// one-worker multi-thread runtime still pays its scheduler's bookkeeping on every wake.
 struct DataPlane {
-    runtime: Option<tokio::runtime::Runtime>,
     handle: tokio::runtime::Handle,
+    /// Dropped to stop the runtime's thread.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl DataPlane {
     fn new() -> std::io::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(DATA_PLANE_THREADS)
-            .thread_name("isthmus-proxy")
+        let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("isthmus-proxy".into())
+            .spawn(move || {
+                // Tasks spawned through `handle` run while this thread is in `block_on`.
+                let _ = runtime.block_on(stopped);
+                // The proxy has been drained by now; whatever is left is stopped without
+                // waiting.
+                runtime.shutdown_background();
+            })?;
         Ok(Self {
-            runtime: Some(runtime),
             handle,
+            stop: Some(stop),
         })
     }
 
@@ -67,11 +76,7 @@ impl DataPlane {
 
 impl Drop for DataPlane {
     fn drop(&mut self) {
-        // Dropped from async code: a blocking shutdown would panic there. The proxy has been
-        // drained by now; whatever is left is stopped without waiting.
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
+        drop(self.stop.take());
     }
 }
 
