@@ -53,7 +53,11 @@ NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 # ISTHMUS_BIN: another build of isthmus, e.g. a baseline; HTTP_LOAD: a built load generator.
 # With both given nothing is built.
 if [ -z "${ISTHMUS_BIN:-}" ] || [ -z "${HTTP_LOAD:-}" ]; then
-    cargo build --release -p isthmus -p isthmus-bench --bin isthmus --bin http-load >&2
+    # Two builds: built together, isthmus-bench's dependency features would be unified into the
+    # agent's, giving another binary than `scripts/package.sh` and `scripts/dev.sh` build (other
+    # symbol names, so the link order file would not match the product).
+    cargo build --release -p isthmus >&2
+    cargo build --release -p isthmus-bench --bin http-load >&2
 fi
 BIN="${ISTHMUS_BIN:-$PWD/target/release/isthmus}"
 LOAD="${HTTP_LOAD:-$PWD/target/release/http-load}"

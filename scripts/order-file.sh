@@ -22,7 +22,11 @@ command -v valgrind >/dev/null 2>&1 || {
     apt-get update -qq >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends valgrind >&2
 }
-cargo build --release -p isthmus -p isthmus-bench --bin isthmus --bin http-load >&2
+# Two builds: built together, isthmus-bench's dependency features would be unified into the
+# agent's, giving another binary than `scripts/package.sh` and `scripts/dev.sh` build (other
+# symbol names, so the link order file would not match the product).
+cargo build --release -p isthmus >&2
+cargo build --release -p isthmus-bench --bin http-load >&2
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 ISTHMUS_BIN="$PWD/target/release/isthmus" HTTP_LOAD="$PWD/target/release/http-load" \
