@@ -28,6 +28,7 @@ PERF_DIR="${PERF_DIR:-}"            # if set: `perf record -g` both agents durin
 SMAPS_DIR="${SMAPS_DIR:-}"          # if set: both agents' /proc/PID/smaps at the end of each isthmus run
 AGENT_WRAPPER="${AGENT_WRAPPER:-}"  # a command the agents run under (scripts/order-file.sh: valgrind)
 STOP_WAIT="${STOP_WAIT:-5}"         # seconds the processes get to exit on SIGTERM at the end
+VIP_ROUTE_MTU="${VIP_ROUTE_MTU:-}"  # if set: the service CIDR's route gets this MTU (captured connections' MSS)
 AGENT_WAIT=30                       # seconds an agent gets to start
 [ -n "$AGENT_WRAPPER" ] && AGENT_WAIT=300
 
@@ -114,7 +115,7 @@ for h in cp mesh vm; do
     ip -n "$(ns "$h")" link set eth0 up
     ip -n "$(ns "$h")" link set lo up
     # The service CIDR needs a route for the kernel to hand connections to the nat rules.
-    ip -n "$(ns "$h")" route add 10.96.0.0/12 dev eth0
+    ip -n "$(ns "$h")" route add 10.96.0.0/12 dev eth0 ${VIP_ROUTE_MTU:+mtu lock $VIP_ROUTE_MTU}
 done
 
 # --- The app: nginx serving BODY_BYTES on 9080 (mesh service port, STRICT) and 8080 (direct,
@@ -291,16 +292,19 @@ anon_kb() { awk '/^RssAnon/ {print $2}' "/proc/$1/status"; }
 file_kb() { awk '/^RssFile/ {print $2}' "/proc/$1/status"; }
 hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 threads() { awk '/^Threads/ {print $2}' "/proc/$1/status"; }
+# Major page faults so far: pages read back from disk (field 12 of stat; the names have no spaces).
+majflt() { awk '{print $12}' "/proc/$1/stat"; }
 proxy_pids() { # path
     case $1 in
     isthmus) echo "${agent_pid[vm]} ${agent_pid[mesh]}" ;;
     haproxy) echo "${hap_pid[vm]} ${hap_pid[mesh]}" ;;
     esac
 }
-declare -A rss_idle rss_peak anon_peak file_peak
+declare -A rss_idle rss_peak anon_peak file_peak majflt_idle
 for p in isthmus haproxy; do
     read -r a b <<<"$(proxy_pids $p)"
     rss_idle[$p]="$(rss_kb "$a") $(rss_kb "$b")"
+    majflt_idle[$p]="$(majflt "$a") $(majflt "$b")"
 done
 
 # With PERF_DIR: samples both agents (call graphs) for the given seconds, in the background.
@@ -382,6 +386,8 @@ for p in isthmus haproxy; do
     read -r a b <<<"$(proxy_pids $p)"
     hwm[$p]="$(hwm_kb "$a") $(hwm_kb "$b")"
     hwm[$p-threads]="$(threads "$a") $(threads "$b")"
+    read -r ia ib <<<"${majflt_idle[$p]}"
+    hwm[$p-majflt]="$(($(majflt "$a") - ia)) / $(($(majflt "$b") - ib))"
 done
 
 # --- Report ---
@@ -440,6 +446,9 @@ for p in isthmus haproxy; do
     for r in $RATES; do row="$row $(pair_mb "${rss_peak[$p-r$r]}") |"; done
     echo "$row $(pair_mb "${rss_peak[$p-max]}") | $(pair_mb "${hwm[$p]}") |"
 done
+echo
+echo "Major page faults (pages read back from disk) from idle to the end, VM / mesh side:"
+echo "isthmus ${hwm[isthmus-majflt]}, haproxy ${hwm[haproxy-majflt]}."
 echo
 echo "Of that RSS, max sampled per phase (VM side / mesh side), MB: RssAnon is heap and stacks,"
 echo "RssFile the mapped pages of the executable and shared libraries (shared with every process"
