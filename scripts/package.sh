@@ -27,6 +27,18 @@ cargo build --locked --profile "$profile" -p isthmus >&2
 target_dir=$(cargo metadata --format-version 1 --no-deps --locked |
   sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 bin="$target_dir/$profile/isthmus"
+# The link order file (crates/isthmus/build.rs) goes stale as names change with code and
+# dependency updates. A stale file costs the agent RSS, not correctness: warn, do not fail.
+order=crates/isthmus/hot-functions.order
+if [ "$profile" = release ] && [ -z "${ISTHMUS_NO_ORDER_FILE:-}" ] && [ -f "$order" ] &&
+  command -v nm >/dev/null 2>&1; then
+  listed=$(sort -u "$order" | wc -l)
+  found=$(nm --defined-only "$bin" | awk '{print $3}' | sort -u | comm -12 - <(sort -u "$order") | wc -l)
+  if ((found * 10 < listed * 9)); then
+    echo "package: warning: only $found of the $listed functions in $order are in the binary;" \
+      "regenerate it with scripts/order-file.sh (root) to keep the agent's RSS low" >&2
+  fi
+fi
 # Completions come from the binary just built; cargo-deb picks them up from there
 # (`target/release/completions/*` in the asset list means this profile's directory).
 completions="$target_dir/$profile/completions"
