@@ -405,8 +405,8 @@ echo "- isthmus $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $("$BIN" 
 echo "- isthmus agent threads (vm / mesh): ${hwm[isthmus-threads]}; haproxy threads: ${hwm[haproxy-threads]}"
 order=crates/isthmus/hot-functions.order
 if [ -f "$order" ] && command -v nm >/dev/null 2>&1; then
-    found="$(nm --defined-only "$BIN" | awk '{print $3}' | sort -u | comm -12 - <(sort -u "$order") | wc -l)"
-    echo "- link order: $found of the $(wc -l <"$order") functions in $order are in the binary (scripts/order-file.sh)"
+    read -r found listed < <(python3 scripts/order-file.py --matched "$BIN" "$order")
+    echo "- link order: $found of the $listed functions in $order are in the binary (scripts/order-file.sh)"
 fi
 echo
 echo "### HTTP, ${BODY_BYTES}-byte responses, $CONNS keep-alive connections, ${DURATION} s measured after ${WARMUP} s warm-up"

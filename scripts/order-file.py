@@ -2,6 +2,10 @@
 """Turns callgrind profiles of the agent into a linker symbol-ordering file (scripts/order-file.sh).
 
 Usage: order-file.py BINARY CALLGRIND_OUT...  > hot-functions.order
+       order-file.py --matched BINARY ORDER_FILE   prints "FOUND LISTED": how many of the
+                                                    file's names BINARY defines (a stale file
+                                                    matches fewer; bench/dataplane.sh and
+                                                    scripts/package.sh report it)
 
 Keeps the functions of BINARY (callgrind's `ob=`) that ran at all, hottest (own instructions,
 summed over the profiles) first, so the steady-state code shares the fewest pages. Functions that
@@ -36,7 +40,22 @@ def self_costs(path, binary, costs):
                         costs[fn] += int(parts[-1])
 
 
+def defined_symbols(binary):
+    nm = subprocess.run(["nm", "-S", "--defined-only", binary], capture_output=True, text=True,
+                        check=True)
+    return [line.split() for line in nm.stdout.splitlines()]
+
+
+def matched(binary, order_file):
+    with open(order_file) as f:
+        listed = {line.strip() for line in f if line.strip()}
+    names = {parts[-1] for parts in defined_symbols(binary) if parts}
+    print(len(listed & names), len(listed))
+
+
 def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--matched":
+        return matched(sys.argv[2], sys.argv[3])
     if len(sys.argv) < 3:
         sys.exit(__doc__)
     binary = os.path.realpath(sys.argv[1])
@@ -46,10 +65,7 @@ def main():
     if not costs:
         sys.exit(f"no function of {binary} in the profiles: were they made with this binary?")
     sizes = {}
-    nm = subprocess.run(["nm", "-S", "--defined-only", binary], capture_output=True, text=True,
-                        check=True)
-    for line in nm.stdout.splitlines():
-        parts = line.split()
+    for parts in defined_symbols(binary):
         if len(parts) == 4 and parts[2] in "tTwW":
             sizes[parts[3]] = int(parts[1], 16)
     text = sum(sizes.values())

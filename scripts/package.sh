@@ -32,8 +32,7 @@ bin="$target_dir/$profile/isthmus"
 order=crates/isthmus/hot-functions.order
 if [ "$profile" = release ] && [ -z "${ISTHMUS_NO_ORDER_FILE:-}" ] && [ -f "$order" ] &&
   command -v nm >/dev/null 2>&1; then
-  listed=$(sort -u "$order" | wc -l)
-  found=$(nm --defined-only "$bin" | awk '{print $3}' | sort -u | comm -12 - <(sort -u "$order") | wc -l)
+  read -r found listed < <(python3 scripts/order-file.py --matched "$bin" "$order")
   if ((found * 10 < listed * 9)); then
     echo "package: warning: only $found of the $listed functions in $order are in the binary;" \
       "regenerate it with scripts/order-file.sh (root) to keep the agent's RSS low" >&2

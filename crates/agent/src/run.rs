@@ -43,8 +43,8 @@ async fn bind(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<TcpLis
 /// one-worker multi-thread runtime still pays its scheduler's bookkeeping on every wake.
 struct DataPlane {
     handle: tokio::runtime::Handle,
-    /// Dropped to stop the runtime's thread.
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Dropped with `DataPlane`, which stops the runtime's thread.
+    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 impl DataPlane {
@@ -65,18 +65,12 @@ impl DataPlane {
             })?;
         Ok(Self {
             handle,
-            stop: Some(stop),
+            _stop: stop,
         })
     }
 
     fn handle(&self) -> &tokio::runtime::Handle {
         &self.handle
-    }
-}
-
-impl Drop for DataPlane {
-    fn drop(&mut self) {
-        drop(self.stop.take());
     }
 }
 

@@ -407,10 +407,20 @@ mod tests {
     use super::*;
     use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-    fn pattern(len: usize, seed: u8) -> Vec<u8> {
-        (0..len)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-            .collect()
+    /// Pseudo-random bytes (splitmix64): a lost, repeated or reordered chunk shows, which a
+    /// pattern repeating every 256 bytes could hide.
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed;
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+        }
+        out.truncate(len);
+        out
     }
 
     /// Bulk both ways at once: every byte arrives in order, both counts are exact, and each
@@ -419,32 +429,15 @@ mod tests {
     async fn bulk_both_ways_with_half_close() {
         let (mut client, mut a) = duplex(32 * 1024);
         let (mut b, mut server) = duplex(32 * 1024);
-        let up = pattern(3 * 1024 * 1024 + 17, 1);
-        let down = pattern(2 * 1024 * 1024 + 5, 7);
+        let up = noise(3 * 1024 * 1024 + 17, 1);
+        let down = noise(2 * 1024 * 1024 + 5, 7);
         let copier = tokio::spawn(async move { copy_bidirectional(&mut a, &mut b).await });
-        let (up2, down2) = (up.clone(), down.clone());
-        let client_task = tokio::spawn(async move {
-            let (mut r, mut w) = tokio::io::split(&mut client);
-            let send = async {
-                w.write_all(&up2).await.unwrap();
-                w.shutdown().await.unwrap();
-            };
-            let mut got = Vec::new();
-            let recv = r.read_to_end(&mut got);
-            let (_, n) = tokio::join!(send, recv);
-            n.unwrap();
-            assert_eq!(got, down2);
-        });
-        let (mut r, mut w) = tokio::io::split(&mut server);
-        let send = async {
-            w.write_all(&down).await.unwrap();
-            w.shutdown().await.unwrap();
-        };
-        let mut got = Vec::new();
-        let (_, n) = tokio::join!(send, r.read_to_end(&mut got));
-        n.unwrap();
-        assert_eq!(got, up);
-        client_task.await.unwrap();
+        let (client_got, server_got) = tokio::join!(
+            send_and_receive(&mut client, &up),
+            send_and_receive(&mut server, &down)
+        );
+        assert_eq!(server_got, up);
+        assert_eq!(client_got, down);
         let (ab, ba) = copier.await.unwrap().unwrap();
         assert_eq!((ab, ba), (up.len() as u64, down.len() as u64));
     }
@@ -456,8 +449,8 @@ mod tests {
         let (mut src, mut reader) = duplex(256 * 1024);
         let (mut writer, mut dst) = duplex(256 * 1024);
         let mut pipe = Pipe::new();
-        for i in 0..50u8 {
-            let msg = pattern(1000, i);
+        for i in 0..50 {
+            let msg = noise(1000, i);
             src.write_all(&msg).await.unwrap();
             let mut got = vec![0; msg.len()];
             poll_fn(|cx| {
@@ -473,7 +466,7 @@ mod tests {
         }
         assert_eq!(pipe.buf.len(), INITIAL_BUFFER);
 
-        let bulk = pattern(MAX_BUFFER * 3, 9);
+        let bulk = noise(MAX_BUFFER * 3, 9);
         src.write_all(&bulk).await.unwrap();
         drop(src);
         let reading = tokio::spawn(async move {
@@ -531,28 +524,13 @@ mod tests {
     /// A writer that accepts nothing is an error, not a busy loop.
     #[tokio::test]
     async fn a_writer_taking_zero_bytes_is_an_error() {
-        struct Zero;
-        impl AsyncWrite for Zero {
-            fn poll_write(
-                self: Pin<&mut Self>,
-                _: &mut Context<'_>,
-                _: &[u8],
-            ) -> Poll<io::Result<usize>> {
-                Poll::Ready(Ok(0))
-            }
-            fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-                Poll::Ready(Ok(()))
-            }
-            fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-                Poll::Ready(Ok(()))
-            }
-        }
         let (mut src, mut reader) = duplex(1024);
         src.write_all(b"hello").await.unwrap();
         let mut pipe = Pipe::new();
-        let err = poll_fn(|cx| pipe.poll_copy(cx, Pin::new(&mut reader), Pin::new(&mut Zero)))
-            .await
-            .unwrap_err();
+        let err =
+            poll_fn(|cx| pipe.poll_copy(cx, Pin::new(&mut reader), Pin::new(&mut TakesNothing)))
+                .await
+                .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WriteZero);
     }
 
@@ -560,22 +538,6 @@ mod tests {
 
     use h2::{Reason, RecvStream, SendStream};
     use std::time::Duration;
-
-    /// Pseudo-random bytes (splitmix64): a lost, repeated or reordered chunk shows, which a
-    /// pattern repeating every 256 bytes could hide.
-    fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed;
-        let mut out = Vec::with_capacity(len + 8);
-        while out.len() < len {
-            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = x;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-        }
-        out.truncate(len);
-        out
-    }
 
     fn assert_same(got: &[u8], want: &[u8], what: &str) {
         let first_diff = got.iter().zip(want).position(|(a, b)| a != b);
@@ -862,6 +824,19 @@ mod tests {
         assert_eq!(splice.await.unwrap().unwrap(), (data.len() as u64, 0));
     }
 
+    /// Polls `splice` until `exchange` is done; the splice must not end first.
+    async fn drive(
+        splice: &mut Splice,
+        tunnel: &mut HboneStream,
+        sock: &mut DuplexStream,
+        exchange: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::select! {
+            r = poll_fn(|cx| splice.poll(cx, tunnel, sock)) => panic!("the splice ended: {r:?}"),
+            () = exchange => {}
+        }
+    }
+
     /// Request/response traffic keeps the socket → tunnel buffer at 8 KiB and the other
     /// direction holds nothing between messages; bulk grows the buffer to the maximum and no
     /// further.
@@ -889,12 +864,7 @@ mod tests {
                 peer.read_exact(&mut got).await.unwrap();
                 assert_same(&got, &response, "response");
             };
-            tokio::select! {
-                r = poll_fn(|cx| splice.poll(cx, &mut tunnel, &mut sock)) => {
-                    panic!("the splice ended: {r:?}")
-                }
-                () = exchange => {}
-            }
+            drive(&mut splice, &mut tunnel, &mut sock, exchange).await;
             let (size, capacity, held) = sizes(&splice);
             assert_eq!(size, INITIAL_BUFFER);
             assert!(capacity <= INITIAL_BUFFER, "{capacity}");
@@ -908,12 +878,7 @@ mod tests {
             peer.read_exact(&mut got).await.unwrap();
             assert_same(&got, &bulk, "bulk");
         };
-        tokio::select! {
-            r = poll_fn(|cx| splice.poll(cx, &mut tunnel, &mut sock)) => {
-                panic!("the splice ended: {r:?}")
-            }
-            () = exchange => {}
-        }
+        drive(&mut splice, &mut tunnel, &mut sock, exchange).await;
         let (size, capacity, _) = sizes(&splice);
         assert_eq!(size, MAX_BUFFER);
         assert!(capacity <= MAX_BUFFER, "{capacity}");
