@@ -29,6 +29,7 @@ SMAPS_DIR="${SMAPS_DIR:-}"          # if set: both agents' /proc/PID/smaps at th
 AGENT_WRAPPER="${AGENT_WRAPPER:-}"  # a command the agents run under (scripts/order-file.sh: valgrind)
 STOP_WAIT="${STOP_WAIT:-5}"         # seconds the processes get to exit on SIGTERM at the end
 VIP_ROUTE_MTU="${VIP_ROUTE_MTU:-}"  # if set: the service CIDR's route gets this MTU (captured connections' MSS)
+VIP_CIDR="${VIP_CIDR:-}"            # if set (10.96.0.0/12): the agents' ISTHMUS_VIP_CIDR, and haproxy-captured's address routed through lo alike
 AGENT_WAIT=30                       # seconds an agent gets to start
 [ -n "$AGENT_WRAPPER" ] && AGENT_WAIT=300
 
@@ -184,6 +185,7 @@ start_agent() { # host ip token inbound-ports extra...
     printf '%s' "$token" >"$d/token"
     printf 'ISTIO_SERVICE_CIDR=10.96.0.0/12\nISTIO_META_DNS_CAPTURE=true\n' >"$d/cluster.env"
     printf 'ISTIO_INBOUND_PORTS=%s\n' "$ports" >"$d/sidecar.env"
+    [ -z "$VIP_CIDR" ] || printf 'ISTHMUS_VIP_CIDR=%s\n' "$VIP_CIDR" >>"$d/sidecar.env"
     # shellcheck disable=SC2086 # AGENT_WRAPPER is a command line
     ISTHMUS_LOG=warn spawn "$h" $AGENT_WRAPPER "$BIN" agent --ca-addr "https://$CP:15012" --ip "$ip" --proxy \
         --capture --metrics-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
@@ -373,9 +375,17 @@ CAPTURED=10.78.0.99
 if [[ " $PATHS " == *" haproxy "* ]]; then
     capture_rule=(OUTPUT -d "$CAPTURED/32" -p tcp --dport 15202 -j REDIRECT --to-ports 15202)
     inns vm iptables -t nat -I "${capture_rule[@]}"
+    if [ -n "$VIP_CIDR" ]; then # as the agent routes ISTHMUS_VIP_CIDR, in a table of its own
+        inns vm ip rule add priority 15000 to "$CAPTURED" lookup 15999
+        inns vm ip route add "$CAPTURED" dev lo table 15999
+    fi
     bulk_host[haproxy-captured]=$CAPTURED bulk_port[haproxy-captured]=15202
     run_bulk haproxy-captured
     inns vm iptables -t nat -D "${capture_rule[@]}"
+    if [ -n "$VIP_CIDR" ]; then
+        inns vm ip rule del priority 15000 to "$CAPTURED" lookup 15999
+        inns vm ip route del "$CAPTURED" table 15999
+    fi
 fi
 if [ "$PATHS" != "direct isthmus haproxy" ]; then
     echo "PATHS=$PATHS: no report (it compares all three paths)" >&2
@@ -403,6 +413,11 @@ echo "- RAM: $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)
 echo "- load average (1, 5, 15 min): $load_at_start at the start of the script, $load_before_runs after the build and setup, $(cut -d' ' -f1-3 /proc/loadavg) at the end"
 echo "- isthmus $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $("$BIN" --version 2>/dev/null || true); $(haproxy -v | head -1 | cut -d' ' -f1-3); nginx $("$NGINX" -v 2>&1 | cut -d/ -f2); $(iperf3 --version | head -1 | cut -d' ' -f1-2)"
 echo "- isthmus agent threads (vm / mesh): ${hwm[isthmus-threads]}; haproxy threads: ${hwm[haproxy-threads]}"
+if [ -n "$VIP_CIDR" ]; then
+    echo "- service network: ISTHMUS_VIP_CIDR=$VIP_CIDR, routed through lo (haproxy-captured's address too)"
+else
+    echo "- service network: routed out eth0${VIP_ROUTE_MTU:+ with MTU $VIP_ROUTE_MTU}"
+fi
 order=crates/isthmus/hot-functions.order
 if [ -f "$order" ] && command -v nm >/dev/null 2>&1; then
     read -r found listed < <(python3 scripts/order-file.py --matched "$BIN" "$order")

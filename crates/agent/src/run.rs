@@ -96,6 +96,27 @@ fn detect_ip(ca_addr: &str) -> Option<IpAddr> {
     Some(sock.local_addr().ok()?.ip())
 }
 
+/// The control-plane address (any the name resolves to) that a VIP network would swallow.
+fn control_plane_in_vip_cidr(
+    ca_addr: &str,
+    icfg: &isthmus_intercept::InterceptConfig,
+) -> Option<(IpAddr, String)> {
+    if icfg.vip_cidrs.is_empty() {
+        return None;
+    }
+    let authority = ca_addr
+        .split("://")
+        .nth(1)
+        .unwrap_or(ca_addr)
+        .split('/')
+        .next()?;
+    use std::net::ToSocketAddrs;
+    authority.to_socket_addrs().ok()?.find_map(|a| {
+        icfg.vip_cidr_holding(a.ip())
+            .map(|n| (a.ip(), n.to_string()))
+    })
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
@@ -271,11 +292,30 @@ pub async fn run(
                 &[],
             )
             .context("invalid interception settings")?;
+            if let Some((addr, net)) = control_plane_in_vip_cidr(&args.ca_addr, &icfg) {
+                anyhow::bail!(
+                    "the control plane ({addr}) lies inside ISTHMUS_VIP_CIDR's {net}: the agent's \
+                     own connections there are not captured and would be dropped; take it out of \
+                     ISTHMUS_VIP_CIDR"
+                );
+            }
             let nf = isthmus_intercept::SystemNetfilter::new();
             isthmus_intercept::install(&nf, &icfg)
                 .context("cannot install the interception rules")?;
-            tracing::info!("interception rules installed");
-            capture = Some(nf);
+            let rt = isthmus_intercept::SystemRouting::new();
+            if let Err(e) = isthmus_intercept::install_routes(&rt, &icfg) {
+                // Without the routes the VIP networks' rules sit behind nothing: take them out.
+                let _ = isthmus_intercept::cleanup(&nf);
+                let _ = isthmus_intercept::cleanup_routes(&rt);
+                return Err(
+                    anyhow::Error::new(e).context("cannot install the ISTHMUS_VIP_CIDR routes")
+                );
+            }
+            tracing::info!(
+                vip_routes = icfg.vip_cidrs.len(),
+                "interception rules installed"
+            );
+            capture = Some((nf, rt));
         }
     }
 
@@ -415,7 +455,10 @@ pub async fn run(
         }
     };
     let _ = stop_tx.send(true);
-    if let Some(nf) = capture {
+    if let Some((nf, rt)) = capture {
+        if let Err(e) = isthmus_intercept::cleanup_routes(&rt) {
+            tracing::error!(error = %e, "cannot remove the ISTHMUS_VIP_CIDR routes; run `isthmus iptables --cleanup`");
+        }
         match isthmus_intercept::cleanup(&nf) {
             Ok(_) => tracing::info!("interception rules removed"),
             Err(e) => {
@@ -440,4 +483,35 @@ pub async fn run(
         tracing::warn!(error = %e, "cannot save the discovery state");
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_control_plane_inside_a_vip_network_is_found() {
+        let icfg = isthmus_intercept::InterceptConfig::from_env(
+            &isthmus_intercept::EnvFile::parse(
+                "cluster.env",
+                "ISTIO_SERVICE_CIDR=10.96.0.0/12\nISTHMUS_VIP_CIDR=10.96.0.0/16\n",
+            )
+            .unwrap(),
+            &isthmus_intercept::EnvFile::empty("sidecar.env"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            control_plane_in_vip_cidr("https://10.96.0.5:15012", &icfg),
+            Some(("10.96.0.5".parse().unwrap(), "10.96.0.0/16".to_string()))
+        );
+        assert_eq!(
+            control_plane_in_vip_cidr("10.96.0.5:15012", &icfg).map(|x| x.1),
+            Some("10.96.0.0/16".into())
+        );
+        assert_eq!(control_plane_in_vip_cidr("10.97.0.5:15012", &icfg), None);
+        assert_eq!(control_plane_in_vip_cidr("localhost:15012", &icfg), None);
+        let none = isthmus_intercept::InterceptConfig::default();
+        assert_eq!(control_plane_in_vip_cidr("10.96.0.5:15012", &none), None);
+    }
 }

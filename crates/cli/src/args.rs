@@ -174,10 +174,12 @@ pub enum Command {
         after_help = "Examples:\n  isthmus iptables --dry-run\n  isthmus iptables --dry-run --sidecar-env ./sidecar.env -e ISTIO_INBOUND_PORTS=3306\n  isthmus iptables --cleanup"
     )]
     Iptables {
-        /// Print the iptables-restore input the agent would install, and change nothing.
+        /// Print the iptables-restore input the agent would install (and, as comments, the
+        /// `ip` commands for ISTHMUS_VIP_CIDR's loopback routes), and change nothing.
         #[arg(long, required_unless_present = "cleanup", conflicts_with = "cleanup")]
         dry_run: bool,
-        /// Remove every rule and chain Isthmus installed (safe when there are none).
+        /// Remove every rule and chain Isthmus installed, and the ISTHMUS_VIP_CIDR routes (safe
+        /// when there are none).
         #[arg(long)]
         cleanup: bool,
         #[arg(long, default_value = "/var/lib/istio/envoy/cluster.env")]

@@ -291,13 +291,23 @@ pub async fn run(cmd: Command, out: &mut dyn Write) -> Result<(), CommandError> 
             env,
             netns,
         } => {
-            let nf = match netns {
-                Some(ns) => isthmus_intercept::SystemNetfilter::in_netns(ns),
-                None => isthmus_intercept::SystemNetfilter::new(),
+            let (nf, rt) = match netns {
+                Some(ns) => (
+                    isthmus_intercept::SystemNetfilter::in_netns(ns.clone()),
+                    isthmus_intercept::SystemRouting::in_netns(ns),
+                ),
+                None => (
+                    isthmus_intercept::SystemNetfilter::new(),
+                    isthmus_intercept::SystemRouting::new(),
+                ),
             };
             if cleanup {
-                let removed = isthmus_intercept::cleanup(&nf)
+                // Routes first: a VIP network routed to lo without its rules goes nowhere.
+                let routes = isthmus_intercept::cleanup_routes(&rt)
                     .map_err(|e| CommandError::Usage(e.to_string()))?;
+                let rules = isthmus_intercept::cleanup(&nf)
+                    .map_err(|e| CommandError::Usage(e.to_string()))?;
+                let removed = rules || routes;
                 w(
                     out,
                     if removed {

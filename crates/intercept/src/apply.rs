@@ -125,6 +125,16 @@ pub fn dry_run(config: &InterceptConfig) -> String {
         }
         None => out.push_str("# IPv6: not captured (no IPv6 network in ISTIO_SERVICE_CIDR)\n"),
     }
+    // Comments, so that the text stays valid iptables-restore input.
+    let plan = crate::routes::plan(config);
+    if plan.is_empty() {
+        out.push_str("# Routes: none (ISTHMUS_VIP_CIDR is empty)\n");
+    } else {
+        out.push_str("# Routes: the VIP networks through loopback (ISTHMUS_VIP_CIDR)\n");
+        for change in plan {
+            out.push_str(&format!("#   {}\n", change.command_line()));
+        }
+    }
     out
 }
 
@@ -653,9 +663,26 @@ mod tests {
             text.starts_with("# IPv4: iptables-restore --noflush\n*nat\n"),
             "{text}"
         );
+        assert!(text.ends_with(
+            "COMMIT\n# IPv6: not captured (no IPv6 network in ISTIO_SERVICE_CIDR)\n\
+             # Routes: none (ISTHMUS_VIP_CIDR is empty)\n"
+        ));
+        let text = dry_run(&config(
+            "ISTIO_SERVICE_CIDR=10.96.0.0/12,fd00::/64\nISTHMUS_VIP_CIDR=10.96.0.0/12",
+        ));
+        assert!(
+            text.ends_with(
+                "# Routes: the VIP networks through loopback (ISTHMUS_VIP_CIDR)\n\
+                 #   ip route replace 10.96.0.0/12 dev lo table 15001\n\
+                 #   ip rule add priority 15001 to 10.96.0.0/12 lookup 15001\n"
+            ),
+            "{text}"
+        );
+        // Still iptables-restore input as a whole: every line of the routes is a comment.
         assert!(text
-            .ends_with("COMMIT\n# IPv6: not captured (no IPv6 network in ISTIO_SERVICE_CIDR)\n"));
-        let text = dry_run(&config("ISTIO_SERVICE_CIDR=fd00::/64"));
+            .lines()
+            .skip_while(|l| !l.starts_with("# Routes"))
+            .all(|l| l.starts_with('#')));
         assert!(
             text.contains("# IPv6: ip6tables-restore --noflush\n*nat\n"),
             "{text}"

@@ -37,6 +37,9 @@ pub const ISTIO_INBOUND_INTERCEPTION_MODE: &str = "ISTIO_INBOUND_INTERCEPTION_MO
 pub const ISTHMUS_PROXY_UID: &str = "ISTHMUS_PROXY_UID";
 pub const ISTHMUS_PROXY_GID: &str = "ISTHMUS_PROXY_GID";
 pub const ISTHMUS_PROXY_MARK: &str = "ISTHMUS_PROXY_MARK";
+/// Isthmus addition: service networks that hold only mesh VIPs, routed through loopback so
+/// captured connections get loopback's segment size (see [`crate::routes`]). Empty by default.
+pub const ISTHMUS_VIP_CIDR: &str = "ISTHMUS_VIP_CIDR";
 
 /// Which destinations outbound capture applies to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +78,8 @@ pub struct InterceptConfig {
     pub proxy_mark: Option<u32>,
     pub dns_capture: bool,
     pub mode: InterceptionMode,
+    /// `ISTHMUS_VIP_CIDR`: captured networks routed through loopback (host bits cleared).
+    pub vip_cidrs: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -114,6 +119,7 @@ impl Default for InterceptConfig {
             proxy_mark: None,
             dns_capture: false,
             mode: InterceptionMode::Redirect,
+            vip_cidrs: Vec::new(),
         }
     }
 }
@@ -222,6 +228,11 @@ impl InterceptConfig {
                 return Err(var.invalid("mark 0 is every unmarked packet"));
             }
         }
+        if let Some(var) = lookup(ISTHMUS_VIP_CIDR) {
+            c.vip_cidrs = parse_cidrs(&var)?;
+            c.check_vip_cidrs()
+                .map_err(|problem| var.invalid(problem))?;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -231,7 +242,72 @@ impl InterceptConfig {
         if self.proxy_uid.is_none() && self.proxy_gid.is_none() && self.proxy_mark.is_none() {
             return Err(ConfigError::NoProxyExemption);
         }
+        self.check_vip_cidrs()
+            .map_err(|problem| ConfigError::Invalid {
+                var: ISTHMUS_VIP_CIDR,
+                value: join(&self.vip_cidrs),
+                problem,
+                origin: "the config".into(),
+            })
+    }
+
+    /// A VIP network is routed to loopback, so everything sent to it must be captured: it lies
+    /// inside a captured service network, outside every excluded one, and away from the
+    /// addresses a host needs (loopback, link-local, multicast, everything).
+    fn check_vip_cidrs(&self) -> Result<(), String> {
+        const RESERVED: [(&str, &str); 6] = [
+            ("127.0.0.0/8", "loopback"),
+            ("169.254.0.0/16", "link-local"),
+            ("224.0.0.0/4", "multicast"),
+            ("::1/128", "loopback"),
+            ("fe80::/10", "link-local"),
+            ("ff00::/8", "multicast"),
+        ];
+        for vip in &self.vip_cidrs {
+            if vip.prefix_len() == 0 {
+                return Err(format!(
+                    "{vip} would send every address to loopback; list the networks of the \
+                     service VIPs"
+                ));
+            }
+            for (reserved, what) in RESERVED {
+                let reserved: IpNet = reserved.parse().expect("a valid constant");
+                if overlaps(vip, &reserved) {
+                    return Err(format!("{vip} overlaps {reserved} ({what})"));
+                }
+            }
+            let captured = match &self.service_cidrs {
+                CidrSelection::All => vip.addr().is_ipv4(),
+                CidrSelection::List(nets) => nets.iter().any(|n| n.contains(vip)),
+            };
+            if !captured {
+                let service = match &self.service_cidrs {
+                    CidrSelection::All => "ISTIO_SERVICE_CIDR=* (IPv4 only)".to_string(),
+                    CidrSelection::List(nets) => format!("ISTIO_SERVICE_CIDR={}", join(nets)),
+                };
+                return Err(format!(
+                    "{vip} is not inside the captured networks ({service}); its traffic would \
+                     be dropped, not proxied"
+                ));
+            }
+            if let Some(ex) = self
+                .service_exclude_cidrs
+                .iter()
+                .find(|ex| overlaps(vip, ex))
+            {
+                return Err(format!(
+                    "{vip} overlaps ISTIO_SERVICE_EXCLUDE_CIDR's {ex}, whose traffic is not \
+                     captured and would be dropped"
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The VIP network that holds `ip`, if one does: traffic the agent itself sends there is
+    /// not captured and would be dropped.
+    pub fn vip_cidr_holding(&self, ip: IpAddr) -> Option<IpNet> {
+        self.vip_cidrs.iter().find(|n| n.contains(&ip)).copied()
     }
 
     /// Inbound ports captured one by one (a `List` minus the excluded ports).
@@ -245,6 +321,17 @@ impl InterceptConfig {
             _ => Vec::new(),
         }
     }
+}
+
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(b) || b.contains(a)
+}
+
+fn join(nets: &[IpNet]) -> String {
+    nets.iter()
+        .map(IpNet::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn items<'a>(var: &'a Var<'_>) -> impl Iterator<Item = &'a str> {
@@ -435,6 +522,90 @@ mod tests {
             let e = config(cluster, sidecar).unwrap_err();
             assert_eq!(e.to_string(), want);
         }
+    }
+
+    #[test]
+    fn vip_cidrs_must_be_captured_and_leave_the_host_its_own_addresses() {
+        let c = config(
+            "ISTIO_SERVICE_CIDR=10.96.0.0/12,fd00::/64\nISTIO_SERVICE_EXCLUDE_CIDR=10.100.0.0/16\n",
+            "ISTHMUS_VIP_CIDR=\"10.96.0.1/16, fd00::/108,10.96.0.0/16\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.vip_cidrs, vec![net("10.96.0.0/16"), net("fd00::/108")]);
+        assert_eq!(
+            c.vip_cidr_holding("10.96.3.4".parse().unwrap()),
+            Some(net("10.96.0.0/16"))
+        );
+        assert_eq!(c.vip_cidr_holding("10.97.0.1".parse().unwrap()), None);
+        // `*` captures IPv4 only.
+        let c = config("", "ISTHMUS_VIP_CIDR=10.96.0.0/12").unwrap();
+        assert_eq!(c.vip_cidrs, vec![net("10.96.0.0/12")]);
+        assert!(config("", "").unwrap().vip_cidrs.is_empty());
+        assert!(config("", "ISTHMUS_VIP_CIDR=")
+            .unwrap()
+            .vip_cidrs
+            .is_empty());
+
+        let cases = [
+            (
+                "ISTIO_SERVICE_CIDR=10.96.0.0/12",
+                "ISTHMUS_VIP_CIDR=10.0.0.0/8",
+                "ISTHMUS_VIP_CIDR=\"10.0.0.0/8\": 10.0.0.0/8 is not inside the captured networks \
+                 (ISTIO_SERVICE_CIDR=10.96.0.0/12); its traffic would be dropped, not proxied \
+                 (set in sidecar.env:1)",
+            ),
+            (
+                "",
+                "ISTHMUS_VIP_CIDR=fd00::/108",
+                "ISTHMUS_VIP_CIDR=\"fd00::/108\": fd00::/108 is not inside the captured networks \
+                 (ISTIO_SERVICE_CIDR=* (IPv4 only)); its traffic would be dropped, not proxied \
+                 (set in sidecar.env:1)",
+            ),
+            (
+                "ISTIO_SERVICE_EXCLUDE_CIDR=10.96.5.5",
+                "ISTHMUS_VIP_CIDR=10.96.0.0/12",
+                "ISTHMUS_VIP_CIDR=\"10.96.0.0/12\": 10.96.0.0/12 overlaps \
+                 ISTIO_SERVICE_EXCLUDE_CIDR's 10.96.5.5/32, whose traffic is not captured and \
+                 would be dropped (set in sidecar.env:1)",
+            ),
+            (
+                "",
+                "ISTHMUS_VIP_CIDR=0.0.0.0/0",
+                "ISTHMUS_VIP_CIDR=\"0.0.0.0/0\": 0.0.0.0/0 would send every address to \
+                 loopback; list the networks of the service VIPs (set in sidecar.env:1)",
+            ),
+            (
+                "",
+                "ISTHMUS_VIP_CIDR=127.0.0.1",
+                "ISTHMUS_VIP_CIDR=\"127.0.0.1\": 127.0.0.1/32 overlaps 127.0.0.0/8 (loopback) \
+                 (set in sidecar.env:1)",
+            ),
+            (
+                "ISTIO_SERVICE_CIDR=169.0.0.0/8",
+                "ISTHMUS_VIP_CIDR=169.0.0.0/8",
+                "ISTHMUS_VIP_CIDR=\"169.0.0.0/8\": 169.0.0.0/8 overlaps 169.254.0.0/16 \
+                 (link-local) (set in sidecar.env:1)",
+            ),
+            (
+                "",
+                "ISTHMUS_VIP_CIDR=10.96.0.0/12,nope",
+                "ISTHMUS_VIP_CIDR=\"10.96.0.0/12,nope\": \"nope\" is not a CIDR (set in sidecar.env:1)",
+            ),
+        ];
+        for (cluster, sidecar, want) in cases {
+            let e = config(cluster, sidecar).unwrap_err();
+            assert_eq!(e.to_string(), want);
+        }
+        // A config built by hand is checked the same way.
+        let bad = InterceptConfig {
+            vip_cidrs: vec![net("::/0")],
+            ..InterceptConfig::default()
+        };
+        assert_eq!(
+            bad.validate().unwrap_err().to_string(),
+            "ISTHMUS_VIP_CIDR=\"::/0\": ::/0 would send every address to loopback; list the \
+             networks of the service VIPs (set in the config)"
+        );
     }
 
     #[test]

@@ -7,10 +7,13 @@
 //! - [`apply`]: install, re-install and clean up through the [`Netfilter`] trait, whose real
 //!   implementation runs `iptables-restore --noflush` / `iptables-save` (optionally inside a
 //!   network namespace) and whose fake simulates them for tests without root.
+//! - [`routes`]: the loopback routes of `ISTHMUS_VIP_CIDR` (an `ip rule` per network into
+//!   table 15001), converged and removed through the [`Routing`] trait, real (`ip`) or fake.
 
 pub mod apply;
 pub mod config;
 pub mod envfile;
+pub mod routes;
 pub mod rules;
 
 pub use apply::{
@@ -20,7 +23,11 @@ pub use apply::{
 pub use config::{
     CidrSelection, ConfigError, InterceptConfig, InterceptionMode, PortSelection,
     DEFAULT_EXCLUDED_INBOUND_PORTS, DEFAULT_PROXY_GID, DEFAULT_PROXY_UID, DNS_CAPTURE_PORT,
-    INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT,
+    INBOUND_CAPTURE_PORT, ISTHMUS_VIP_CIDR, OUTBOUND_CAPTURE_PORT,
 };
 pub use envfile::{EnvFile, EnvFileError, SyntaxProblem};
+pub use routes::{
+    cleanup_routes, install_routes, FakeRouting, RouteChange, Routing, SystemRouting, ROUTE_TABLE,
+    RULE_PRIORITY,
+};
 pub use rules::{render, RuleSet, CHAIN_PREFIX};

@@ -156,9 +156,26 @@ pub(crate) fn render_family(
         // Ahead of the loopback rule: a local resolver (127.0.0.53) is captured too.
         let _ = writeln!(t, "-A {OUTPUT_CHAIN} -p tcp --dport 53 -j {DNS_CHAIN}");
     }
-    let _ = writeln!(t, "-A {OUTPUT_CHAIN} -o lo -j RETURN");
-    for e in &exemptions {
-        let _ = writeln!(t, "-A {OUTPUT_CHAIN} {e} -j RETURN");
+    let vips: Vec<&IpNet> = config
+        .vip_cidrs
+        .iter()
+        .filter(|n| of_family(n, family))
+        .collect();
+    if vips.is_empty() {
+        let _ = writeln!(t, "-A {OUTPUT_CHAIN} -o lo -j RETURN");
+        for e in &exemptions {
+            let _ = writeln!(t, "-A {OUTPUT_CHAIN} {e} -j RETURN");
+        }
+    } else {
+        // The VIP networks are routed through lo (`crate::routes`): past the proxy's own
+        // traffic, they are captured ahead of the loopback rule.
+        for e in &exemptions {
+            let _ = writeln!(t, "-A {OUTPUT_CHAIN} {e} -j RETURN");
+        }
+        for net in vips {
+            let _ = writeln!(t, "-A {OUTPUT_CHAIN} -o lo -d {net} -j {REDIRECT_CHAIN}");
+        }
+        let _ = writeln!(t, "-A {OUTPUT_CHAIN} -o lo -j RETURN");
     }
     let loopback = match family {
         Family::V4 => "127.0.0.0/8",
@@ -412,6 +429,33 @@ COMMIT
 COMMIT
 "
             )
+        );
+    }
+
+    #[test]
+    fn golden_vip_networks_are_captured_on_lo_after_the_proxy_exemptions() {
+        let r = render(&config(
+            "ISTIO_SERVICE_CIDR=10.96.0.0/12,10.244.0.0/16\nISTHMUS_VIP_CIDR=10.96.0.0/12\n\
+             ISTHMUS_PROXY_MARK=0x539\n",
+        ));
+        assert_eq!(
+            r.v4,
+            "\
+*nat
+:ISTHMUS_OUTPUT - [0:0]
+:ISTHMUS_REDIRECT - [0:0]
+-A ISTHMUS_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+-A ISTHMUS_OUTPUT -m owner --uid-owner 1337 -j RETURN
+-A ISTHMUS_OUTPUT -m owner --gid-owner 1337 -j RETURN
+-A ISTHMUS_OUTPUT -m mark --mark 0x539 -j RETURN
+-A ISTHMUS_OUTPUT -o lo -d 10.96.0.0/12 -j ISTHMUS_REDIRECT
+-A ISTHMUS_OUTPUT -o lo -j RETURN
+-A ISTHMUS_OUTPUT -d 127.0.0.0/8 -j RETURN
+-A ISTHMUS_OUTPUT -d 10.96.0.0/12 -j ISTHMUS_REDIRECT
+-A ISTHMUS_OUTPUT -d 10.244.0.0/16 -j ISTHMUS_REDIRECT
+-I OUTPUT 1 -p tcp -j ISTHMUS_OUTPUT
+COMMIT
+"
         );
     }
 

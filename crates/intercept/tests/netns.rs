@@ -1,5 +1,5 @@
-//! The real thing: iptables-restore and iptables-save inside a network namespace this test
-//! creates, and TCP/UDP traffic inside it. Needs root and the Debian `iptables` and `iproute2`
+//! The real thing: iptables-restore, iptables-save and ip rule/route inside network namespaces
+//! these tests create, and TCP/UDP traffic inside them. Needs root and the Debian `iptables` and `iproute2`
 //! packages; says so loudly and passes when it cannot run.
 
 use std::io::ErrorKind;
@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context as _};
 use isthmus_intercept::{
-    cleanup, install, EnvFile, Family, InterceptConfig, Netfilter, SystemNetfilter,
+    cleanup, cleanup_routes, install, install_routes, EnvFile, Family, InterceptConfig, Netfilter,
+    SystemNetfilter, SystemRouting,
 };
 
 /// Deletes the namespace when the test ends, passing or not.
@@ -253,4 +254,148 @@ fn traffic(netns: &str) -> anyhow::Result<()> {
     thread
         .join()
         .map_err(|_| anyhow::anyhow!("traffic thread panicked"))?
+}
+
+/// `ISTHMUS_VIP_CIDR` for real: the rules and the table appear and go, the host's own route to
+/// the network stays, and a captured connection's segment size follows loopback's MTU.
+#[test]
+fn vip_routes_through_loopback_in_a_network_namespace() -> anyhow::Result<()> {
+    const TEST: &str = "vip_routes_through_loopback_in_a_network_namespace";
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("!!!! SKIP {TEST}: needs root (network namespaces, iptables, ip rule)");
+        return Ok(());
+    }
+    for tool in ["ip", "iptables-restore", "iptables-save", "bash", "timeout"] {
+        if !Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            eprintln!("!!!! SKIP {TEST}: {tool} not found (apt-get install -y iptables iproute2)");
+            return Ok(());
+        }
+    }
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH)?.subsec_nanos();
+    let name = format!("isthmus-r-{}-{nanos}", std::process::id());
+    if let Err(e) = run(&["ip", "netns", "add", &name]) {
+        eprintln!("!!!! SKIP {TEST}: cannot create a network namespace: {e}");
+        return Ok(());
+    }
+    let _guard = Netns(name.clone());
+    // A VM's path to the service network: a 1,500-byte link.
+    for cmd in [
+        "link set lo up",
+        "link add d0 type veth peer name d1",
+        "addr add 10.77.0.2/24 dev d0",
+        "link set d0 up",
+        "link set d1 up",
+        "route add 10.96.0.0/12 dev d0",
+    ] {
+        let mut args = vec!["ip", "-n", &name];
+        args.extend(cmd.split(' '));
+        run(&args)?;
+    }
+    let ip = |args: &str| -> anyhow::Result<String> {
+        let mut all = vec!["ip", "-n", &name];
+        all.extend(args.split(' '));
+        run(&all)
+    };
+    let main_routes = ip("route show")?;
+
+    let config = InterceptConfig::from_env(
+        &EnvFile::parse("cluster.env", "ISTIO_SERVICE_CIDR=10.96.0.0/12\n")?,
+        &EnvFile::parse("sidecar.env", "ISTHMUS_VIP_CIDR=10.96.0.0/16\n")?,
+        &[],
+    )?;
+    let nf = SystemNetfilter::in_netns(&name);
+    let rt = SystemRouting::in_netns(&name);
+    install(&nf, &config)?;
+
+    let (mss, _) = captured_connection(&name, "10.96.0.5:80").context("connection 1")?;
+    ensure!(
+        mss <= 1460,
+        "through d0 the MSS is {mss}, expected at most 1460"
+    );
+
+    let changes = install_routes(&rt, &config)?;
+    ensure!(changes.len() == 2, "{changes:?}");
+    let rules = ip("rule show")?;
+    ensure!(
+        rules.contains("15001:\tfrom all to 10.96.0.0/16 lookup 15001"),
+        "{rules}"
+    );
+    ensure!(
+        ip("route show table 15001")?.trim() == "10.96.0.0/16 dev lo scope link",
+        "{}",
+        ip("route show table 15001")?
+    );
+    install_routes(&rt, &config)?;
+    ensure!(ip("rule show")? == rules, "a re-install changed the rules");
+
+    let (mss, source) = captured_connection(&name, "10.96.0.5:80").context("connection 2")?;
+    ensure!(
+        mss > 16_000,
+        "through lo the MSS is {mss}, expected loopback's"
+    );
+    ensure!(
+        source == "10.77.0.2".parse::<std::net::IpAddr>()?,
+        "the app's source address became {source}"
+    );
+    // Outside the VIP network but inside the captured one: still d0's MSS.
+    let (mss, _) = captured_connection(&name, "10.97.0.5:80").context("connection 3")?;
+    ensure!(mss <= 1460, "10.97.0.5 got MSS {mss}");
+
+    // Uncaptured traffic (the proxy's uid) to a VIP stays on the host and goes nowhere.
+    let status = Command::new("ip")
+        .args(["netns", "exec", &name, "timeout", "2", "bash", "-c"])
+        .arg("exec 3<>/dev/tcp/10.96.0.5/80")
+        .uid(1337)
+        .gid(1337)
+        .status()?;
+    ensure!(!status.success(), "the proxy's connection was answered");
+
+    ensure!(cleanup_routes(&rt)?, "cleanup found nothing");
+    ensure!(!ip("rule show")?.contains("15001"), "{}", ip("rule show")?);
+    ensure!(
+        ip("route show")? == main_routes,
+        "the host's routes changed:\n{}",
+        ip("route show")?
+    );
+    ensure!(!cleanup_routes(&rt)?, "second cleanup found something");
+    let (mss, _) = captured_connection(&name, "10.96.0.5:80").context("connection 4")?;
+    ensure!(mss <= 1460, "after cleanup the MSS is {mss}");
+    cleanup(&nf)?;
+    Ok(())
+}
+
+/// Connects to `target` from inside the namespace, where the rules send it to 15001, and
+/// returns the app socket's MSS once data has flowed, and the source address 15001 saw.
+fn captured_connection(netns: &str, target: &str) -> anyhow::Result<(u32, std::net::IpAddr)> {
+    let path = format!("/run/netns/{netns}");
+    let target: SocketAddr = target.parse()?;
+    std::thread::spawn(move || -> anyhow::Result<(u32, std::net::IpAddr)> {
+        use std::io::{Read as _, Write as _};
+        let ns = std::fs::File::open(&path)?;
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let capture = TcpListener::bind("127.0.0.1:15001")?;
+        let mut app = TcpStream::connect_timeout(&target, Duration::from_secs(3))
+            .with_context(|| format!("app to {target}"))?;
+        let (mut proxy, peer) = capture.accept()?;
+        // Enough bytes for the sender to leave its first, window-bound segments behind.
+        let chunk = vec![7u8; 1 << 20];
+        let reader = std::thread::spawn(move || -> std::io::Result<u64> {
+            std::io::copy(&mut (&mut proxy).take(4 << 20), &mut std::io::sink())
+        });
+        for _ in 0..4 {
+            app.write_all(&chunk)?;
+        }
+        let got = reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+        ensure!(got == 4 << 20, "15001 read {got} bytes");
+        let mss = nix::sys::socket::getsockopt(&app, nix::sys::socket::sockopt::TcpMaxSeg)?;
+        Ok((mss, peer.ip()))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("connection thread panicked"))?
 }
