@@ -824,6 +824,67 @@ pub(super) fn rules(probes: &impl Probes, cfg: &HostConfig, agent_ready: bool) -
             format!("{restart} and puts its jumps first again (something inserted rules ahead of them: a firewall, Docker)"),
         );
     }
+    if !icfg.vip_cidrs.is_empty() {
+        let mut absent = Vec::new();
+        for family in [isthmus_intercept::Family::V4, isthmus_intercept::Family::V6] {
+            let nets: Vec<_> = icfg
+                .vip_cidrs
+                .iter()
+                .filter(|n| (family == isthmus_intercept::Family::V4) == n.addr().is_ipv4())
+                .collect();
+            if nets.is_empty() {
+                continue;
+            }
+            let rt = probes.routing();
+            let (rules, routes) = match (rt.rules(family), rt.routes(family)) {
+                (Ok(a), Ok(b)) => (a, b),
+                (Err(e), _) | (_, Err(e)) => {
+                    return CheckResult::fail(
+                        NAME,
+                        format!("cannot read the {} routing rules: {e}", family_name(family)),
+                        "run `isthmus doctor` as root",
+                    )
+                }
+            };
+            for n in nets {
+                match (rules.contains(n), routes.contains(n)) {
+                    (true, true) => {}
+                    (false, true) => absent.push(format!(
+                        "{n} (no `ip rule` at priority {} into table {})",
+                        isthmus_intercept::RULE_PRIORITY,
+                        isthmus_intercept::ROUTE_TABLE
+                    )),
+                    (_, false) => absent.push(format!(
+                        "{n} (no route in table {})",
+                        isthmus_intercept::ROUTE_TABLE
+                    )),
+                }
+            }
+        }
+        if !absent.is_empty() {
+            let message = format!(
+                "ISTHMUS_VIP_CIDR not routed through lo: {}; captured connections to it get \
+                 the outside link's segment size",
+                absent.join(", ")
+            );
+            if !agent_ready {
+                return CheckResult::skip(
+                    NAME,
+                    format!("{message}; the agent routes it once it is ready (see agent)"),
+                );
+            }
+            return CheckResult::fail(NAME, message, restart);
+        }
+        seen.push(format!(
+            "ISTHMUS_VIP_CIDR {} routed through lo (table {})",
+            icfg.vip_cidrs
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            isthmus_intercept::ROUTE_TABLE
+        ));
+    }
     if !agent_ready {
         return CheckResult::fail(
             NAME,

@@ -178,6 +178,8 @@ pub trait Probes {
     /// TCP connect to `addr`; with `http_host`, one HTTP request.
     async fn dial(&self, addr: SocketAddr, http_host: Option<&str>) -> Result<DialOutcome, String>;
     fn netfilter(&self) -> &dyn Netfilter;
+    /// The routing rules and table of `ISTHMUS_VIP_CIDR`.
+    fn routing(&self) -> &dyn isthmus_intercept::Routing;
 }
 
 /// The host's settings as the agent reads them, with paths resolved under `--root`.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use isthmus_dns::hickory_proto::op::{Message, Query, ResponseCode};
 use isthmus_dns::hickory_proto::rr::{Name, RData, RecordType};
-use isthmus_intercept::{Netfilter, SystemNetfilter};
+use isthmus_intercept::{Netfilter, Routing, SystemNetfilter, SystemRouting};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -18,6 +18,7 @@ use crate::tlsverify::{RecordingVerifier, Seen};
 pub struct SystemProbes {
     timeout: Duration,
     netfilter: SystemNetfilter,
+    routing: SystemRouting,
 }
 
 impl SystemProbes {
@@ -25,6 +26,7 @@ impl SystemProbes {
         Self {
             timeout,
             netfilter: SystemNetfilter::new(),
+            routing: SystemRouting::new(),
         }
     }
 
@@ -267,6 +269,10 @@ impl Probes for SystemProbes {
 
     fn netfilter(&self) -> &dyn Netfilter {
         &self.netfilter
+    }
+
+    fn routing(&self) -> &dyn Routing {
+        &self.routing
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use isthmus_ca::{Ca, CaConfig, SpiffeId};
-use isthmus_intercept::{FakeNetfilter, Family, Netfilter};
+use isthmus_intercept::{FakeNetfilter, FakeRouting, Family, Netfilter, Routing};
 use serde_json::json;
 
 use super::super::{run_checks, Options, Report, Status};
@@ -24,6 +24,7 @@ struct Fake {
     dns: HashMap<SocketAddr, Result<Vec<IpAddr>, DnsFailure>>,
     dial: Result<DialOutcome, String>,
     nf: FakeNetfilter,
+    rt: FakeRouting,
     dialed: std::sync::Mutex<Vec<(SocketAddr, Option<String>)>>,
 }
 
@@ -61,6 +62,9 @@ impl Probes for Fake {
     }
     fn netfilter(&self) -> &dyn Netfilter {
         &self.nf
+    }
+    fn routing(&self) -> &dyn Routing {
+        &self.rt
     }
 }
 
@@ -170,6 +174,8 @@ fn good(h: &Host) -> Fake {
     let now = SystemTime::now();
     let nf = FakeNetfilter::new();
     isthmus_intercept::install(&nf, h.cfg().intercept.as_ref().unwrap()).unwrap();
+    let rt = FakeRouting::new();
+    isthmus_intercept::install_routes(&rt, h.cfg().intercept.as_ref().unwrap()).unwrap();
     let vip: IpAddr = VIP.parse().unwrap();
     Fake {
         now,
@@ -199,6 +205,7 @@ fn good(h: &Host) -> Fake {
         ]),
         dial: Ok(DialOutcome::Http(200)),
         nf,
+        rt,
         dialed: Default::default(),
     }
 }
@@ -577,6 +584,47 @@ async fn missing_or_displaced_rules_fail() {
     let c = rules(&f, &h.cfg(), true);
     assert_eq!(c.status, Status::Skip);
     assert!(c.message.contains("ISTHMUS_CAPTURE is not true"));
+}
+
+#[tokio::test]
+async fn vip_networks_not_routed_through_lo_fail() {
+    let h = host();
+    write(
+        h.root.path(),
+        SIDECAR_ENV,
+        "ISTIO_INBOUND_PORTS=3306\nISTHMUS_VIP_CIDR=10.96.0.0/16\n",
+    );
+    let f = good(&h);
+    let c = rules(&f, &h.cfg(), true);
+    assert_eq!(c.status, Status::Pass, "{c:?}");
+    assert!(
+        c.message
+            .contains("ISTHMUS_VIP_CIDR 10.96.0.0/16 routed through lo (table 15001)"),
+        "{c:?}"
+    );
+
+    isthmus_intercept::cleanup_routes(&f.rt).unwrap();
+    let c = rules(&f, &h.cfg(), true);
+    assert_eq!(c.status, Status::Fail, "{c:?}");
+    assert_eq!(
+        c.message,
+        "ISTHMUS_VIP_CIDR not routed through lo: 10.96.0.0/16 (no route in table 15001); \
+         captured connections to it get the outside link's segment size"
+    );
+    assert!(c.fix.as_ref().unwrap().contains("restart the agent"));
+    let c = rules(&f, &h.cfg(), false);
+    assert_eq!(c.status, Status::Skip, "{c:?}");
+
+    f.rt.change(&isthmus_intercept::RouteChange::AddRoute(
+        "10.96.0.0/16".parse().unwrap(),
+    ))
+    .unwrap();
+    let c = rules(&f, &h.cfg(), true);
+    assert!(
+        c.message
+            .contains("10.96.0.0/16 (no `ip rule` at priority 15001 into table 15001)"),
+        "{c:?}"
+    );
 }
 
 #[tokio::test]
