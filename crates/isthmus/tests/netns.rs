@@ -250,7 +250,9 @@ fn seeds_scenario_in_network_namespaces() {
         VM,
         &host_dirs[1],
         &vm_token,
-        "ISTIO_INBOUND_PORTS=3306\n",
+        // The VM routes the service network through lo (ISTHMUS_VIP_CIDR); the mesh hosts
+        // keep their route out of eth0. Both must capture.
+        "ISTIO_INBOUND_PORTS=3306\nISTHMUS_VIP_CIDR=10.96.0.0/12\n",
         &[],
     );
     for (host, url) in [
@@ -308,6 +310,12 @@ fn seeds_scenario_in_network_namespaces() {
             )) == "200")
                 .then_some(())
         },
+    );
+    let rules =
+        String::from_utf8_lossy(&lab.exec("vm", &["ip", "rule", "show"]).stdout).to_string();
+    assert!(
+        rules.contains("15001:\tfrom all to 10.96.0.0/12 lookup 15001"),
+        "the VM agent's VIP route rule is missing:\n{rules}"
     );
     // Health: mesh3's probe fails, so its productpage entry is UNHEALTHY and the VM's proxy never
     // sends it a connection while mesh's is healthy.
