@@ -302,12 +302,23 @@ pub async fn run(cmd: Command, out: &mut dyn Write) -> Result<(), CommandError> 
                 ),
             };
             if cleanup {
-                // Routes first: a VIP network routed to lo without its rules goes nowhere.
-                let routes = isthmus_intercept::cleanup_routes(&rt)
-                    .map_err(|e| CommandError::Usage(e.to_string()))?;
-                let rules = isthmus_intercept::cleanup(&nf)
-                    .map_err(|e| CommandError::Usage(e.to_string()))?;
-                let removed = rules || routes;
+                // Routes first: a VIP network routed to lo without its rules goes nowhere. Each
+                // is tried even when the other fails.
+                let routes = isthmus_intercept::cleanup_routes(&rt);
+                let rules = isthmus_intercept::cleanup(&nf);
+                let removed = match (rules, routes) {
+                    (Ok(a), Ok(b)) => a || b,
+                    (Err(e), Ok(_)) => return Err(CommandError::Usage(e.to_string())),
+                    (Ok(_), Err(e)) => {
+                        return Err(CommandError::Usage(format!(
+                            "the interception rules are removed, the ISTHMUS_VIP_CIDR routes \
+                             are not: {e}"
+                        )))
+                    }
+                    (Err(a), Err(b)) => {
+                        return Err(CommandError::Usage(format!("{a}; and the routes: {b}")))
+                    }
+                };
                 w(
                     out,
                     if removed {

@@ -151,6 +151,17 @@ impl HostConfig {
         if let Some(ip) = self.ip {
             s.push_str(&format!("ISTIO_SVC_IP={ip}\n"));
         }
+        // The service CIDR holds only the VIPs this control plane allocates, so the agent may
+        // route it through lo (captured connections get loopback's segment size) -- unless the
+        // control plane itself lives there, where the agent's own connections must go out.
+        let vips_only = self
+            .mesh
+            .service_cidr
+            .parse::<ipnet::IpNet>()
+            .is_ok_and(|net| !net.contains(&self.control_plane.ip()));
+        if vips_only {
+            s.push_str(&format!("ISTHMUS_VIP_CIDR={}\n", self.mesh.service_cidr));
+        }
         s
     }
 
@@ -267,6 +278,36 @@ mod tests {
         let d = group_defaults(&t);
         assert_eq!(d.service_account.as_deref(), Some("mysql"));
         assert_eq!(d.inbound_ports, "3306,8080");
+    }
+
+    #[test]
+    fn the_vip_network_goes_through_lo_unless_the_control_plane_is_in_it() {
+        let host = |cp: &str| HostConfig {
+            mesh: mesh("0.0.0.0:53"),
+            namespace: "onprem".into(),
+            service_account: "mysql".into(),
+            group: None,
+            control_plane: cp.parse().unwrap(),
+            dns: "10.0.0.2:53".parse().unwrap(),
+            inbound_ports: "3306".into(),
+            ip: None,
+        };
+        let env = host("10.0.0.2:15012").cluster_env();
+        assert!(env.contains("ISTHMUS_VIP_CIDR=10.96.0.0/16\n"), "{env}");
+        let env = host("10.96.0.7:15012").cluster_env();
+        assert!(!env.contains("ISTHMUS_VIP_CIDR"), "{env}");
+        // What the agent makes of the file: valid, and the network captured.
+        let icfg = isthmus_intercept::InterceptConfig::from_env(
+            &isthmus_intercept::EnvFile::parse(
+                "cluster.env",
+                &host("10.0.0.2:15012").cluster_env(),
+            )
+            .unwrap(),
+            &isthmus_intercept::EnvFile::empty("sidecar.env"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(icfg.vip_cidrs, vec!["10.96.0.0/16".parse().unwrap()]);
     }
 
     #[test]

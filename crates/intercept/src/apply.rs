@@ -25,7 +25,10 @@ pub trait Netfilter {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    #[error("cannot run {program}: {source} (is the iptables package installed?)")]
+    #[error(
+        "cannot run {program}: {source} (is the {} package installed?)",
+        package_of(program)
+    )]
     Spawn {
         program: String,
         source: std::io::Error,
@@ -38,6 +41,14 @@ pub enum ApplyError {
         /// The rule iptables-restore named, and what to do about a permission error.
         detail: String,
     },
+}
+
+fn package_of(program: &str) -> &'static str {
+    if program == "ip" {
+        "iproute2"
+    } else {
+        "iptables"
+    }
 }
 
 /// Runs the iptables tools, optionally inside a named network namespace (`ip netns exec`).

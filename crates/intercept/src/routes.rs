@@ -162,12 +162,17 @@ pub fn install_routes(
 }
 
 /// Removes every rule and route of ours. Returns whether there was anything to remove. A
-/// family the host does not have (IPv6 disabled) has nothing to remove.
+/// family the host does not have (IPv6 disabled) has nothing to remove, and neither has a host
+/// without `ip`, since nothing could have installed them there.
 pub fn cleanup_routes(rt: &dyn Routing) -> Result<bool, ApplyError> {
     let mut removed = false;
     for family in [Family::V4, Family::V6] {
         let (rules, routes) = match (rt.rules(family), rt.routes(family)) {
             (Ok(rules), Ok(routes)) => (rules, routes),
+            (Err(e @ ApplyError::Spawn { .. }), _) | (_, Err(e @ ApplyError::Spawn { .. })) => {
+                tracing::debug!(error = %e, "no routes to remove");
+                return Ok(removed);
+            }
             (Err(e), _) | (_, Err(e)) if family == Family::V6 => {
                 tracing::debug!(error = %e, "no IPv6 routes to remove");
                 continue;
@@ -324,6 +329,7 @@ struct FakeRoutes {
     routes: BTreeSet<IpNet>,
     changes: Vec<RouteChange>,
     no_v6: bool,
+    no_ip: bool,
 }
 
 impl FakeRouting {
@@ -344,6 +350,13 @@ impl FakeRouting {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// As if iproute2 were not installed.
+    pub fn without_ip() -> Self {
+        let rt = Self::default();
+        rt.lock().no_ip = true;
+        rt
+    }
+
     /// Every change so far, in order.
     pub fn changes(&self) -> Vec<RouteChange> {
         self.lock().changes.clone()
@@ -356,6 +369,12 @@ impl FakeRouting {
     }
 
     fn refuse_v6(&self, family: Family) -> Result<(), ApplyError> {
+        if self.lock().no_ip {
+            return Err(ApplyError::Spawn {
+                program: "ip".into(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
+        }
         if family == Family::V6 && self.lock().no_v6 {
             return Err(ApplyError::Failed {
                 program: "ip".into(),
@@ -551,6 +570,18 @@ mod tests {
         assert!(
             e.to_string().contains("Address family not supported"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_host_without_ip_has_no_routes_to_remove_and_cannot_get_any() {
+        let rt = FakeRouting::without_ip();
+        assert!(!cleanup_routes(&rt).unwrap());
+        install_routes(&rt, &config(&[])).unwrap();
+        let e = install_routes(&rt, &config(&["10.96.0.0/16"])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cannot run ip: entity not found (is the iproute2 package installed?)"
         );
     }
 

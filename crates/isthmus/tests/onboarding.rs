@@ -228,6 +228,7 @@ fn vm_config_writes_the_seed_files() {
             ("ISTIO_META_DNS_CAPTURE", "true"),
             ("ISTIO_LOCAL_EXCLUDE_PORTS", "15090,15021,15020"),
             ("ISTIO_SVC_IP", "10.0.0.9"),
+            ("ISTHMUS_VIP_CIDR", "10.100.0.0/16"),
         ])
     );
     // sidecar.env: the group's template ports.

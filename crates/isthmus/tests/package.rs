@@ -12,11 +12,11 @@ use std::time::Instant;
 const BIN: &str = env!("CARGO_BIN_EXE_isthmus");
 const SUITE: &str = "bookworm";
 const MIRROR: &str = "http://deb.debian.org/debian";
-/// Besides minbase: the package's dependency iptables, and systemd for `systemd-analyze verify`
-/// (installed, not running: the maintainer scripts must cope with that).
-const INCLUDE: &str = "iptables,systemd";
+/// Besides minbase: the package's dependencies iptables and iproute2, and systemd for
+/// `systemd-analyze verify` (installed, not running: the maintainer scripts must cope with that).
+const INCLUDE: &str = "iptables,iproute2,systemd";
 /// The cached base root; change the name when INCLUDE changes.
-const BASE: &str = "bookworm-minbase-iptables-systemd";
+const BASE: &str = "bookworm-minbase-iptables-iproute2-systemd";
 const AGENT_UNIT: &str = "/lib/systemd/system/isthmus-agent.service";
 const SERVER_UNIT: &str = "/lib/systemd/system/isthmus-server.service";
 
