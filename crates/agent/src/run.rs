@@ -74,14 +74,19 @@ impl DataPlane {
     }
 }
 
-/// The local address the kernel would use towards the control plane (no packet is sent).
-fn detect_ip(ca_addr: &str) -> Option<IpAddr> {
-    let authority = ca_addr
+/// `host:port` of CA_ADDR, with or without a scheme and path.
+fn ca_authority(ca_addr: &str) -> Option<&str> {
+    ca_addr
         .split("://")
         .nth(1)
         .unwrap_or(ca_addr)
         .split('/')
-        .next()?;
+        .next()
+}
+
+/// The local address the kernel would use towards the control plane (no packet is sent).
+fn detect_ip(ca_addr: &str) -> Option<IpAddr> {
+    let authority = ca_authority(ca_addr)?;
     let target: SocketAddr = authority.parse().ok().or_else(|| {
         use std::net::ToSocketAddrs;
         authority.to_socket_addrs().ok()?.next()
@@ -104,12 +109,7 @@ fn control_plane_in_vip_cidr(
     if icfg.vip_cidrs.is_empty() {
         return None;
     }
-    let authority = ca_addr
-        .split("://")
-        .nth(1)
-        .unwrap_or(ca_addr)
-        .split('/')
-        .next()?;
+    let authority = ca_authority(ca_addr)?;
     use std::net::ToSocketAddrs;
     authority.to_socket_addrs().ok()?.find_map(|a| {
         icfg.vip_cidr_holding(a.ip())

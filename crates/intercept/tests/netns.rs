@@ -59,6 +59,17 @@ fn chain(save: &str, name: &str) -> Vec<String> {
         .collect()
 }
 
+/// Runs `ip -n NETNS <cmd>` for each command; the output of the last.
+fn ip_in(netns: &str, cmds: &[&str]) -> anyhow::Result<String> {
+    let mut out = String::new();
+    for cmd in cmds {
+        let mut args = vec!["ip", "-n", netns];
+        args.extend(cmd.split(' '));
+        out = run(&args)?;
+    }
+    Ok(out)
+}
+
 fn skip(why: &str) {
     eprintln!("!!!! SKIP real_iptables_in_a_network_namespace: {why}");
 }
@@ -89,19 +100,18 @@ fn real_iptables_in_a_network_namespace() -> anyhow::Result<()> {
         return Ok(());
     }
     let _guard = Netns(name.clone());
-    for cmd in [
-        "link set lo up",
-        // The service CIDR routes out a veth whose peer has no address: nothing answers there.
-        // (A veth, not a dummy: not every kernel has the dummy module.)
-        "link add d0 type veth peer name d1",
-        "addr add 10.96.0.1/12 dev d0",
-        "link set d0 up",
-        "link set d1 up",
-    ] {
-        let mut args = vec!["ip", "-n", &name];
-        args.extend(cmd.split(' '));
-        run(&args)?;
-    }
+    ip_in(
+        &name,
+        &[
+            "link set lo up",
+            // The service CIDR routes out a veth whose peer has no address: nothing answers
+            // there. (A veth, not a dummy: not every kernel has the dummy module.)
+            "link add d0 type veth peer name d1",
+            "addr add 10.96.0.1/12 dev d0",
+            "link set d0 up",
+            "link set d1 up",
+        ],
+    )?;
 
     let nf = SystemNetfilter::in_netns(&name);
     // What Docker does to a host: its own chain and rules ahead in OUTPUT and PREROUTING.
@@ -283,23 +293,18 @@ fn vip_routes_through_loopback_in_a_network_namespace() -> anyhow::Result<()> {
     }
     let _guard = Netns(name.clone());
     // A VM's path to the service network: a 1,500-byte link.
-    for cmd in [
-        "link set lo up",
-        "link add d0 type veth peer name d1",
-        "addr add 10.77.0.2/24 dev d0",
-        "link set d0 up",
-        "link set d1 up",
-        "route add 10.96.0.0/12 dev d0",
-    ] {
-        let mut args = vec!["ip", "-n", &name];
-        args.extend(cmd.split(' '));
-        run(&args)?;
-    }
-    let ip = |args: &str| -> anyhow::Result<String> {
-        let mut all = vec!["ip", "-n", &name];
-        all.extend(args.split(' '));
-        run(&all)
-    };
+    ip_in(
+        &name,
+        &[
+            "link set lo up",
+            "link add d0 type veth peer name d1",
+            "addr add 10.77.0.2/24 dev d0",
+            "link set d0 up",
+            "link set d1 up",
+            "route add 10.96.0.0/12 dev d0",
+        ],
+    )?;
+    let ip = |args: &str| ip_in(&name, &[args]);
     let main_routes = ip("route show")?;
 
     let config = InterceptConfig::from_env(
