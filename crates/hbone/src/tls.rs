@@ -161,12 +161,8 @@ pub(crate) fn peer_identity_error(err: &std::io::Error) -> Option<&PeerIdentityE
     }
 }
 
-/// aws-lc-rs, not ring (which the control plane uses): every forwarded byte is sealed and
-/// opened here, and aws-lc's AES-GCM has AVX-512 code where ring's stops at AVX2. Measured on
-/// the benchmark machine, 16 KiB records: AES-256-GCM 11.1–11.6 GB/s against ring's 7.1–7.7,
-/// AES-128-GCM 11.6–14.3 against 9.1–9.2 (BENCHMARKS.md, run 7).
 pub(crate) fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 fn root_store(creds: &Credentials) -> Result<Arc<RootCertStore>, TlsError> {

@@ -148,9 +148,6 @@ impl TestServer {
         };
         self.addr = listener.local_addr()?;
         self.xds.reopen();
-        // tonic's server TLS takes rustls's process-wide provider, and rustls has two compiled
-        // in (ring, and aws-lc-rs for HBONE): name the one the control plane uses.
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let tls = ServerTlsConfig::new()
             .identity(tonic::transport::Identity::from_pem(
                 &self.pki.server_cert_pem,
