@@ -196,16 +196,21 @@ fn failure(
         .and_then(|n| n.parse::<usize>().ok())
         .and_then(|n| input.lines().nth(n.checked_sub(1)?))
         .map(str::to_string);
-    let hint = if stderr.contains("Permission denied") || stderr.contains("not permitted") {
-        " (this needs root or CAP_NET_ADMIN)"
-    } else {
-        ""
-    };
+    let hint = permission_hint(&stderr);
     ApplyError::Failed {
         program: program.to_string(),
         status: status.to_string(),
         stderr,
         detail: detail(failed_rule.as_deref(), hint),
+    }
+}
+
+/// What to add to a tool's refusal for lack of privilege.
+pub(crate) fn permission_hint(stderr: &str) -> &'static str {
+    if stderr.contains("Permission denied") || stderr.contains("not permitted") {
+        " (this needs root or CAP_NET_ADMIN)"
+    } else {
+        ""
     }
 }
 

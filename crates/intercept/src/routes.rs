@@ -49,7 +49,7 @@ impl RouteChange {
     }
 
     fn family(&self) -> Family {
-        family_of(&self.net())
+        Family::of(&self.net())
     }
 
     /// The `ip` arguments, without the family flag.
@@ -79,13 +79,6 @@ impl RouteChange {
             Family::V6 => "ip -6 ",
         };
         format!("{family}{}", self.args().join(" "))
-    }
-}
-
-fn family_of(net: &IpNet) -> Family {
-    match net {
-        IpNet::V4(_) => Family::V4,
-        IpNet::V6(_) => Family::V6,
     }
 }
 
@@ -121,17 +114,17 @@ pub fn install_routes(
         let want: BTreeSet<IpNet> = config
             .vip_cidrs
             .iter()
-            .filter(|n| family_of(n) == family)
+            .filter(|n| Family::of(n) == family)
             .copied()
             .collect();
-        let (rules, routes) = match (rt.rules(family), rt.routes(family)) {
-            (Ok(rules), Ok(routes)) => (rules, routes),
+        let (rules, routes) = match listing(rt, family) {
+            Ok(listed) => listed,
             // A host without IPv6 has no IPv6 routes of ours to converge.
-            (Err(e), _) | (_, Err(e)) if want.is_empty() => {
+            Err(e) if want.is_empty() => {
                 tracing::debug!(?family, error = %e, "no routes of this family to check");
                 continue;
             }
-            (Err(e), _) | (_, Err(e)) => return Err(e),
+            Err(e) => return Err(e),
         };
         let mut changes: Vec<RouteChange> = Vec::new();
         // `replace` also corrects a route someone changed by hand.
@@ -161,23 +154,28 @@ pub fn install_routes(
     Ok(done)
 }
 
+/// Our rules' and routes' destinations in one family.
+fn listing(rt: &dyn Routing, family: Family) -> Result<(Vec<IpNet>, Vec<IpNet>), ApplyError> {
+    Ok((rt.rules(family)?, rt.routes(family)?))
+}
+
 /// Removes every rule and route of ours. Returns whether there was anything to remove. A
 /// family the host does not have (IPv6 disabled) has nothing to remove, and neither has a host
 /// without `ip`, since nothing could have installed them there.
 pub fn cleanup_routes(rt: &dyn Routing) -> Result<bool, ApplyError> {
     let mut removed = false;
     for family in [Family::V4, Family::V6] {
-        let (rules, routes) = match (rt.rules(family), rt.routes(family)) {
-            (Ok(rules), Ok(routes)) => (rules, routes),
-            (Err(e @ ApplyError::Spawn { .. }), _) | (_, Err(e @ ApplyError::Spawn { .. })) => {
+        let (rules, routes) = match listing(rt, family) {
+            Ok(listed) => listed,
+            Err(e @ ApplyError::Spawn { .. }) => {
                 tracing::debug!(error = %e, "no routes to remove");
                 return Ok(removed);
             }
-            (Err(e), _) | (_, Err(e)) if family == Family::V6 => {
+            Err(e) if family == Family::V6 => {
                 tracing::debug!(error = %e, "no IPv6 routes to remove");
                 continue;
             }
-            (Err(e), _) | (_, Err(e)) => return Err(e),
+            Err(e) => return Err(e),
         };
         for n in rules {
             rt.change(&RouteChange::DelRule(n))?;
@@ -229,11 +227,7 @@ impl SystemRouting {
             })?;
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-            let hint = if stderr.contains("Operation not permitted") {
-                " (this needs root or CAP_NET_ADMIN)"
-            } else {
-                ""
-            };
+            let hint = crate::apply::permission_hint(&stderr);
             return Err(ApplyError::Failed {
                 program: "ip".into(),
                 status: out.status.to_string(),
@@ -368,7 +362,8 @@ impl FakeRouting {
         (s.rules.clone(), s.routes.iter().copied().collect())
     }
 
-    fn refuse_v6(&self, family: Family) -> Result<(), ApplyError> {
+    /// What a host without `ip`, or without IPv6, answers.
+    fn refuse(&self, family: Family) -> Result<(), ApplyError> {
         if self.lock().no_ip {
             return Err(ApplyError::Spawn {
                 program: "ip".into(),
@@ -387,31 +382,26 @@ impl FakeRouting {
     }
 }
 
+fn in_family<'a>(nets: impl IntoIterator<Item = &'a IpNet>, family: Family) -> Vec<IpNet> {
+    nets.into_iter()
+        .filter(|n| Family::of(n) == family)
+        .copied()
+        .collect()
+}
+
 impl Routing for FakeRouting {
     fn rules(&self, family: Family) -> Result<Vec<IpNet>, ApplyError> {
-        self.refuse_v6(family)?;
-        Ok(self
-            .lock()
-            .rules
-            .iter()
-            .filter(|n| family_of(n) == family)
-            .copied()
-            .collect())
+        self.refuse(family)?;
+        Ok(in_family(&self.lock().rules, family))
     }
 
     fn routes(&self, family: Family) -> Result<Vec<IpNet>, ApplyError> {
-        self.refuse_v6(family)?;
-        Ok(self
-            .lock()
-            .routes
-            .iter()
-            .filter(|n| family_of(n) == family)
-            .copied()
-            .collect())
+        self.refuse(family)?;
+        Ok(in_family(&self.lock().routes, family))
     }
 
     fn change(&self, change: &RouteChange) -> Result<(), ApplyError> {
-        self.refuse_v6(change.family())?;
+        self.refuse(change.family())?;
         let mut s = self.lock();
         let refused = |why: &str| ApplyError::Failed {
             program: "ip".into(),

@@ -76,11 +76,14 @@ pub(crate) fn needs_v6(config: &InterceptConfig) -> bool {
     matches!(&config.service_cidrs, CidrSelection::List(nets) if nets.iter().any(|n| matches!(n, IpNet::V6(_))))
 }
 
-fn of_family(net: &IpNet, family: Family) -> bool {
-    matches!(
-        (net, family),
-        (IpNet::V4(_), Family::V4) | (IpNet::V6(_), Family::V6)
-    )
+impl Family {
+    /// The family of a network.
+    pub fn of(net: &IpNet) -> Self {
+        match net {
+            IpNet::V4(_) => Self::V4,
+            IpNet::V6(_) => Self::V6,
+        }
+    }
 }
 
 /// The restore text replacing whatever `existing` shows with `config`'s rules.
@@ -159,19 +162,17 @@ pub(crate) fn render_family(
     let vips: Vec<&IpNet> = config
         .vip_cidrs
         .iter()
-        .filter(|n| of_family(n, family))
+        .filter(|n| Family::of(n) == family)
         .collect();
+    // The VIP networks are routed through lo (`crate::routes`): past the proxy's own traffic,
+    // they are captured ahead of the loopback rule, which otherwise comes first.
     if vips.is_empty() {
         let _ = writeln!(t, "-A {OUTPUT_CHAIN} -o lo -j RETURN");
-        for e in &exemptions {
-            let _ = writeln!(t, "-A {OUTPUT_CHAIN} {e} -j RETURN");
-        }
-    } else {
-        // The VIP networks are routed through lo (`crate::routes`): past the proxy's own
-        // traffic, they are captured ahead of the loopback rule.
-        for e in &exemptions {
-            let _ = writeln!(t, "-A {OUTPUT_CHAIN} {e} -j RETURN");
-        }
+    }
+    for e in &exemptions {
+        let _ = writeln!(t, "-A {OUTPUT_CHAIN} {e} -j RETURN");
+    }
+    if !vips.is_empty() {
         for net in vips {
             let _ = writeln!(t, "-A {OUTPUT_CHAIN} -o lo -d {net} -j {REDIRECT_CHAIN}");
         }
@@ -185,7 +186,7 @@ pub(crate) fn render_family(
     for net in config
         .service_exclude_cidrs
         .iter()
-        .filter(|n| of_family(n, family))
+        .filter(|n| Family::of(n) == family)
     {
         let _ = writeln!(t, "-A {OUTPUT_CHAIN} -d {net} -j RETURN");
     }
@@ -194,7 +195,7 @@ pub(crate) fn render_family(
             let _ = writeln!(t, "-A {OUTPUT_CHAIN} -j {REDIRECT_CHAIN}");
         }
         CidrSelection::List(nets) => {
-            for net in nets.iter().filter(|n| of_family(n, family)) {
+            for net in nets.iter().filter(|n| Family::of(n) == family) {
                 let _ = writeln!(t, "-A {OUTPUT_CHAIN} -d {net} -j {REDIRECT_CHAIN}");
             }
         }

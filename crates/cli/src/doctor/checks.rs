@@ -830,7 +830,7 @@ pub(super) fn rules(probes: &impl Probes, cfg: &HostConfig, agent_ready: bool) -
             let nets: Vec<_> = icfg
                 .vip_cidrs
                 .iter()
-                .filter(|n| (family == isthmus_intercept::Family::V4) == n.addr().is_ipv4())
+                .filter(|n| isthmus_intercept::Family::of(n) == family)
                 .collect();
             if nets.is_empty() {
                 continue;
