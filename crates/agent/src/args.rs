@@ -5,42 +5,40 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Args;
+use isthmus_agent_config::{defaults, keys};
 
-pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:15020";
-pub const DEFAULT_DNS_ADDR: &str = "127.0.0.1:15053";
-pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
-pub const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
+pub use isthmus_agent_config::InboundMode;
 
 #[derive(Args, Clone, Debug)]
 pub struct AgentArgs {
     /// The control plane's certificate API, e.g. https://10.0.0.2:15012 (Istio's CA_ADDR).
-    #[arg(long, env = "CA_ADDR")]
+    #[arg(long, env = keys::CA_ADDR)]
     pub ca_addr: String,
     /// The name the control plane's certificate must carry.
-    #[arg(long, default_value = crate::identity::config::DEFAULT_CA_SERVER_NAME, env = "ISTHMUS_CA_SERVER_NAME")]
+    #[arg(long, default_value = defaults::CA_SERVER_NAME, env = keys::CA_SERVER_NAME)]
     pub ca_server_name: String,
     /// Where key.pem, cert-chain.pem and root-cert.pem are kept (the seeds' /etc/certs).
-    #[arg(long, default_value = crate::identity::config::DEFAULT_CERT_DIR, env = "ISTHMUS_CERT_DIR")]
+    #[arg(long, default_value = defaults::CERT_DIR, env = keys::CERT_DIR)]
     pub cert_dir: PathBuf,
     /// Roots to trust for the control plane [default: <cert-dir>/root-cert.pem].
-    #[arg(long, env = "ISTHMUS_ROOT_CERT")]
+    #[arg(long, env = keys::ROOT_CERT)]
     pub root_cert: Option<PathBuf>,
     /// Join token (from `isthmus token create`); prefer --join-token-file.
     #[arg(
         long,
-        env = "ISTHMUS_JOIN_TOKEN",
+        env = keys::JOIN_TOKEN,
         hide_env_values = true,
         conflicts_with = "join_token_file"
     )]
     pub join_token: Option<String>,
     /// File holding the join token (re-read at each use).
-    #[arg(long, env = "ISTHMUS_JOIN_TOKEN_FILE")]
+    #[arg(long, env = keys::JOIN_TOKEN_FILE)]
     pub join_token_file: Option<PathBuf>,
     /// Certificate lifetime to ask for (default: the CA's).
     #[arg(long)]
     pub cert_lifetime: Option<humantime::Duration>,
     /// Prometheus metrics (certificate expiry, requests).
-    #[arg(long, default_value = DEFAULT_METRICS_ADDR, env = "ISTHMUS_AGENT_METRICS_ADDR")]
+    #[arg(long, default_value = defaults::METRICS_ADDR, env = keys::METRICS_ADDR)]
     pub metrics_addr: SocketAddr,
     /// Run only the identity manager (the seeds' node agent): keep a valid certificate in
     /// --cert-dir and nothing else.
@@ -49,30 +47,30 @@ pub struct AgentArgs {
 
     /// This host's mesh IP (Istio's ISTIO_SVC_IP) [default: the local address that routes to
     /// the control plane].
-    #[arg(long, env = "ISTIO_SVC_IP")]
+    #[arg(long, env = keys::SVC_IP)]
     pub ip: Option<std::net::IpAddr>,
     /// Register this host as a member of this WorkloadGroup (of its own namespace) while it is
     /// connected.
-    #[arg(long, env = "ISTHMUS_WORKLOAD_GROUP")]
+    #[arg(long, env = keys::WORKLOAD_GROUP)]
     pub group: Option<String>,
     /// The mesh's DNS domain.
-    #[arg(long, default_value = "cluster.local", env = "ISTHMUS_DOMAIN")]
+    #[arg(long, default_value = defaults::DOMAIN, env = keys::DOMAIN)]
     pub domain: String,
     /// Where the agent keeps its state (the last-known-good discovery state).
-    #[arg(long, default_value = "/var/lib/isthmus", env = "ISTHMUS_STATE_DIR")]
+    #[arg(long, default_value = defaults::STATE_DIR, env = keys::STATE_DIR)]
     pub state_dir: PathBuf,
     /// The DNS proxy: mesh names from local state, the rest forwarded to the host's resolvers.
-    #[arg(long, default_value = DEFAULT_DNS_ADDR, env = "ISTHMUS_AGENT_DNS_ADDR")]
+    #[arg(long, default_value = defaults::DNS_ADDR, env = keys::DNS_ADDR)]
     pub dns_addr: SocketAddr,
     /// Resolvers for names outside the mesh (repeatable) [default: /etc/resolv.conf's].
     #[arg(long = "dns-upstream", value_name = "IP:PORT")]
     pub dns_upstreams: Vec<SocketAddr>,
     /// Agent admin (config dump, certificate): localhost only.
-    #[arg(long, default_value = DEFAULT_ADMIN_ADDR, env = "ISTHMUS_AGENT_ADMIN_ADDR")]
+    #[arg(long, default_value = defaults::ADMIN_ADDR, env = keys::ADMIN_ADDR)]
     pub admin_addr: SocketAddr,
     /// Readiness (`/healthz/ready`): 200 once the agent has a certificate and the first full
     /// discovery state.
-    #[arg(long, default_value = DEFAULT_READINESS_ADDR, env = "ISTHMUS_AGENT_READINESS_ADDR")]
+    #[arg(long, default_value = defaults::READINESS_ADDR, env = keys::READINESS_ADDR)]
     pub readiness_addr: SocketAddr,
     /// Health probe of the local app, TCP connect: PORT (the group's tcpSocket probe).
     #[arg(long, value_name = "PORT", conflicts_with = "probe_http")]
@@ -91,45 +89,29 @@ pub struct AgentArgs {
 
     /// Run the proxy: outbound capture 127.0.0.1:15001, plaintext inbound 0.0.0.0:15006,
     /// HBONE inbound <ip>:15008.
-    #[arg(long, env = "ISTHMUS_PROXY", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, env = keys::PROXY, value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
     pub proxy: bool,
     /// Install the interception rules (iptables) from cluster.env and sidecar.env while the
     /// proxy runs, and remove them on a clean stop. Needs --proxy and root (or NET_ADMIN).
-    #[arg(long, env = "ISTHMUS_CAPTURE", requires_if("true", "proxy"), value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, env = keys::CAPTURE, requires_if("true", "proxy"), value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
     pub capture: bool,
-    #[arg(
-        long,
-        default_value = "/var/lib/istio/envoy/cluster.env",
-        env = "ISTHMUS_CLUSTER_ENV"
-    )]
+    /// Istio's cluster.env: the service networks to capture (ISTIO_SERVICE_CIDR, required with
+    /// --capture; `*` captures every destination), DNS capture, excluded ports.
+    #[arg(long, default_value = defaults::CLUSTER_ENV, env = keys::CLUSTER_ENV)]
     pub cluster_env: PathBuf,
-    #[arg(
-        long,
-        default_value = "/var/lib/istio/envoy/sidecar.env",
-        env = "ISTHMUS_SIDECAR_ENV"
-    )]
+    /// Istio's sidecar.env: the inbound ports to capture (ISTIO_INBOUND_PORTS).
+    #[arg(long, default_value = defaults::SIDECAR_ENV, env = keys::SIDECAR_ENV)]
     pub sidecar_env: PathBuf,
     /// Plaintext connections captured inbound: PERMISSIVE passes them on, STRICT refuses them.
-    #[arg(
-        long,
-        value_enum,
-        default_value = "permissive",
-        env = "ISTHMUS_INBOUND_MODE"
-    )]
+    #[arg(long, value_name = "permissive|strict", default_value = defaults::INBOUND_MODE, env = keys::INBOUND_MODE)]
     pub inbound_mode: InboundMode,
     /// Captured outbound connections to an address the mesh does not know.
     #[arg(long, value_enum, default_value = "passthrough")]
     pub outbound_unknown: OutboundUnknown,
     /// On SIGTERM, how long open connections may finish after the proxy stops accepting
     /// (Istio's terminationDrainDuration).
-    #[arg(long, default_value = "5s", env = "ISTHMUS_DRAIN_DURATION")]
+    #[arg(long, default_value = defaults::DRAIN_DURATION, env = keys::DRAIN_DURATION)]
     pub drain_duration: humantime::Duration,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum InboundMode {
-    Permissive,
-    Strict,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -166,5 +148,43 @@ impl AgentArgs {
         };
         cfg.lifetime = self.cert_lifetime.map(Into::into);
         cfg
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use clap::{Args as _, Command};
+    use isthmus_agent_config::{keys, SETTINGS};
+
+    /// Every agent.env setting is a flag with that variable and the same default, and every
+    /// flag's variable is a setting: agent.env and the flags cannot drift apart.
+    #[test]
+    fn every_setting_is_a_flag_with_its_default() {
+        let cmd = super::AgentArgs::augment_args(Command::new("agent"));
+        let flags: BTreeMap<String, Option<String>> = cmd
+            .get_arguments()
+            .filter_map(|a| {
+                let env = a.get_env()?.to_str()?.to_string();
+                let default = a
+                    .get_default_values()
+                    .first()
+                    .map(|d| d.to_string_lossy().into_owned());
+                Some((env, default))
+            })
+            .collect();
+        for s in SETTINGS {
+            let default = flags
+                .get(s.key)
+                .unwrap_or_else(|| panic!("{} has no flag", s.key));
+            assert_eq!(default.as_deref(), s.default, "{}", s.key);
+        }
+        for env in flags.keys() {
+            assert!(
+                SETTINGS.iter().any(|s| s.key == env) || env == keys::JOIN_TOKEN,
+                "the flag of {env} is not an agent.env setting"
+            );
+        }
     }
 }

@@ -145,10 +145,18 @@ pub enum Command {
         #[command(flatten)]
         conn: Connection,
     },
-    /// Run the host agent (today: the identity manager, with --identity-only).
-    #[command(
-        after_help = "Example:\n  isthmus agent --identity-only --ca-addr https://10.0.0.2:15012 \\\n      --join-token-file /etc/isthmus/token --cert-dir /etc/certs"
-    )]
+    /// Run the host agent: the host's certificate (key kept here, renewed at half-life), the
+    /// registry over discovery, the DNS proxy, health probes and auto-registration, and with
+    /// --proxy the mTLS (HBONE) proxy, with --capture its interception rules. Every setting is
+    /// also a variable of /etc/isthmus/agent.env (shown in [env: ...]), which `isthmus join`
+    /// installs and the isthmus-agent unit reads.
+    #[command(after_help = "Examples:\n  \
+          # what the isthmus-agent unit runs, with agent.env from `isthmus join`\n  \
+          sudo sh -c 'set -a; . /etc/isthmus/agent.env; exec isthmus agent'\n\n  \
+          # the whole agent by hand: capture needs root (or NET_ADMIN) and ISTIO_SERVICE_CIDR in cluster.env\n  \
+          sudo isthmus agent --ca-addr https://10.0.0.2:15012 --join-token-file ./token --proxy --capture\n\n  \
+          # only the certificate (the seeds' node agent)\n  \
+          isthmus agent --identity-only --ca-addr https://10.0.0.2:15012 \\\n      --join-token-file /etc/isthmus/token --cert-dir /etc/certs")]
     Agent(Box<isthmus_agent::AgentArgs>),
     /// Join tokens: what a host presents to get its first certificate.
     Token {

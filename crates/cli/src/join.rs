@@ -20,6 +20,8 @@ use isthmus_control_plane::hostfiles::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
+use isthmus_agent_config::{AgentEnv, CaAddr, AGENT_ENV_PATH};
+
 use crate::tlsverify::RecordingVerifier;
 
 /// The proxy's user and group (the uid the interception rules exempt, as in Istio).
@@ -169,12 +171,28 @@ impl Report<'_> {
 pub async fn run(a: JoinArgs, out: &mut dyn Write) -> Result<(), JoinError> {
     let mut r = Report { out, failed: None };
     // useradd --root and the printed paths want it absolute.
-    let root = match &a.root {
-        Some(d) => match std::fs::canonicalize(d) {
-            Ok(d) if d.is_dir() => Some(d),
-            _ => return Err(r.fail(format!("--root {}: not a directory", d.display()))),
+    // A missing --root is made once the checks passed, so a failed join leaves nothing.
+    let (root, make_root) = match &a.root {
+        Some(d) => match std::fs::metadata(d) {
+            Ok(m) if m.is_dir() => match std::fs::canonicalize(d) {
+                Ok(d) => (Some(d), false),
+                Err(e) => return Err(r.fail(format!("--root {}: {e}", d.display()))),
+            },
+            Ok(_) => {
+                return Err(r.fail(format!(
+                    "--root {}: exists and is not a directory",
+                    d.display()
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let abs = std::env::current_dir()
+                    .map(|cwd| cwd.join(d))
+                    .unwrap_or_else(|_| d.clone());
+                (Some(abs), true)
+            }
+            Err(e) => return Err(r.fail(format!("--root {}: {e}", d.display()))),
         },
-        None => None,
+        None => (None, false),
     };
     let at = |p: &str| host_path(root.as_deref(), p);
 
@@ -204,23 +222,65 @@ pub async fn run(a: JoinArgs, out: &mut dyn Write) -> Result<(), JoinError> {
             ))
         }
     };
-    let agent_env =
-        match isthmus_intercept::EnvFile::parse_bytes(AGENT_ENV, &bundle.files[AGENT_ENV]) {
-            Ok(e) => e,
-            Err(e) => return Err(r.fail(format!("read {AGENT_ENV} from the bundle: {e}"))),
-        };
-    let ca_addr = agent_env.get("CA_ADDR").unwrap_or_default().to_string();
-    let server_name = agent_env
-        .get("ISTHMUS_CA_SERVER_NAME")
-        .unwrap_or(isthmus_control_plane::api::CA_SERVER_NAME)
-        .to_string();
+    let settings = match isthmus_intercept::EnvFile::parse_bytes(AGENT_ENV, &bundle.files[AGENT_ENV])
+        .map_err(|e| e.to_string())
+        .and_then(|env| {
+            AgentEnv::parse(&env).map_err(|errs| {
+                errs.iter()
+                    .map(|e| format!("{e} ({})", e.fix()))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            })
+        }) {
+        Ok(s) => s,
+        Err(e) => {
+            return Err(r.fail(format!(
+                "read {AGENT_ENV} from the bundle: {e}; write the bundle again with `isthmus vm config`"
+            )))
+        }
+    };
+    let ca_addr = settings.ca_addr.clone();
+    let server_name = settings.ca_server_name.clone();
 
-    // 2. The control plane: reachable, and the one whose root the bundle carries.
-    match check_control_plane(&ca_addr, &server_name, &bundle.files[ROOT_CERT], a.timeout.into()).await {
-        Ok(addr) => r.ok(format!(
-            "control plane at {addr} is reachable and its certificate ({server_name}) chains to the bundle's root-cert.pem"
-        )),
+    // 2. The control plane: reachable, and the one whose root the bundle carries; and the
+    // bundle's token still good there (fetched bundles had theirs checked already).
+    match check_control_plane(
+        &ca_addr,
+        &server_name,
+        &bundle.files[ROOT_CERT],
+        a.timeout.into(),
+    )
+    .await
+    {
+        Ok((addr, roots)) => {
+            r.ok(format!(
+                "control plane at {} is reachable and its certificate ({server_name}) chains to the bundle's root-cert.pem",
+                ca_addr.authority()
+            ));
+            if a.server.is_none() {
+                let token = String::from_utf8_lossy(&bundle.files[TOKEN]).to_string();
+                match crate::onboard::check_token(addr, &server_name, &roots, &token, a.timeout.into()).await {
+                    Ok(Some((identity, id))) => r.ok(format!(
+                        "the bundle's join token {id} for {identity} is valid (checked with the control plane, no use spent)"
+                    )),
+                    Ok(None) => r.skip(
+                        "check the bundle's join token: the control plane has no onboarding API (an older `isthmus server`); the agent will find out",
+                    ),
+                    Err(e) => return Err(r.fail(e)),
+                }
+            }
+        }
         Err(e) => return Err(r.fail(e)),
+    }
+    if let (Some(dir), true) = (&root, make_root) {
+        match std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+        {
+            Ok(()) => r.ok(format!("created --root {}", dir.display())),
+            Err(e) => return Err(r.fail(format!("create --root {}: {e}", dir.display()))),
+        }
     }
 
     // 3. The proxy's user and group.
@@ -297,7 +357,7 @@ pub async fn run(a: JoinArgs, out: &mut dyn Write) -> Result<(), JoinError> {
     }
 
     // 6. The agent.
-    let command = agent_command(root.as_deref(), ids.is_some());
+    let command = agent_command(root.as_deref(), ids.is_some(), &settings);
     if a.no_start {
         r.skip(format!(
             "start the agent (--no-start); to run it: {command}"
@@ -468,16 +528,12 @@ fn hex(b: &[u8]) -> String {
 
 /// Connects to CA_ADDR and completes a TLS handshake trusting only the bundle's roots.
 async fn check_control_plane(
-    ca_addr: &str,
+    ca_addr: &CaAddr,
     server_name: &str,
     roots_pem: &[u8],
     timeout: Duration,
-) -> Result<String, String> {
-    let authority = ca_addr
-        .strip_prefix("https://")
-        .map(|s| s.split('/').next().unwrap_or_default())
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| format!("check the control plane: CA_ADDR {ca_addr:?} in agent.env is not https://HOST:PORT"))?;
+) -> Result<(SocketAddr, Vec<CertificateDer<'static>>), String> {
+    let authority = ca_addr.authority();
     let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(roots_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| {
@@ -500,11 +556,12 @@ async fn check_control_plane(
     let unreachable = |e: String| {
         format!("control plane at {authority} (CA_ADDR in agent.env) is unreachable: {e}; is `isthmus server` running there, and its gRPC port open to this host?")
     };
-    let addrs: Vec<SocketAddr> = tokio::time::timeout(timeout, tokio::net::lookup_host(authority))
-        .await
-        .map_err(|_| unreachable("name lookup timed out".into()))?
-        .map_err(|e| unreachable(e.to_string()))?
-        .collect();
+    let addrs: Vec<SocketAddr> =
+        tokio::time::timeout(timeout, tokio::net::lookup_host(authority.as_str()))
+            .await
+            .map_err(|_| unreachable("name lookup timed out".into()))?
+            .map_err(|e| unreachable(e.to_string()))?
+            .collect();
     let addr = *addrs
         .first()
         .ok_or_else(|| unreachable("no address".into()))?;
@@ -520,9 +577,14 @@ async fn check_control_plane(
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let handshake = tokio::time::timeout(timeout, connector.connect(name, tcp))
         .await
-        .map_err(|_| unreachable("the TLS handshake timed out".into()))?;
+        .map_err(|_| {
+            crate::onboard::not_tls_message(
+                &format!("control plane at {authority} (CA_ADDR in agent.env)"),
+                "no TLS answer within the time limit",
+            )
+        })?;
     match handshake {
-        Ok(_) => Ok(authority.to_string()),
+        Ok(_) => Ok((addr, roots)),
         Err(e) => {
             let seen = verifier.seen().map(|s| s.chain).unwrap_or_default();
             let bundle_roots = roots
@@ -535,6 +597,9 @@ async fn check_control_plane(
                     "control plane at {authority} presents a certificate issued by {}, which does not chain to the bundle's root-cert.pem ({bundle_roots}): this bundle is for another control plane, or its root changed; make a new one with `isthmus vm config` ({e})",
                     describe(leaf, true)
                 ),
+                None if crate::onboard::not_tls(&e) => {
+                    crate::onboard::not_tls_message(&format!("control plane at {authority} (CA_ADDR in agent.env)"), &e.to_string())
+                }
                 None => format!("control plane at {authority}: TLS handshake failed: {e}"),
             })
         }
@@ -761,9 +826,9 @@ fn unit_installed() -> bool {
 }
 
 /// The command that runs the agent as the unit would: agent.env as its environment, as
-/// istio-proxy with the capability the interception rules need.
-fn agent_command(root: Option<&Path>, have_user: bool) -> String {
-    let env = host_path(root, "/etc/isthmus/agent.env");
+/// istio-proxy with the capability the interception rules need. For an install under --root,
+/// the settings are given on the command line with their paths under that root.
+fn agent_command(root: Option<&Path>, have_user: bool, settings: &AgentEnv) -> String {
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "/usr/bin/isthmus".into());
@@ -772,10 +837,29 @@ fn agent_command(root: Option<&Path>, have_user: bool) -> String {
     } else {
         format!("{exe} agent")
     };
-    let note = if root.is_some() {
-        " (its paths are the host's, not under --root)"
+    match root {
+        None => format!("sudo sh -c 'set -a; . {AGENT_ENV_PATH}; exec {run}'"),
+        Some(root) => {
+            let env = settings
+                .under_root(root)
+                .assignments()
+                .into_iter()
+                .map(|(k, v)| format!("{k}={}", shell_quote(&v)))
+                .collect::<Vec<_>>()
+                .join(" ");
+            format!("sudo env {env} {run}")
+        }
+    }
+}
+
+/// A word the shell reads back as `s`.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=,@%+[]".contains(c))
+    {
+        s.to_string()
     } else {
-        ""
-    };
-    format!("sudo sh -c 'set -a; . {}; exec {run}'{note}", env.display())
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }

@@ -42,6 +42,8 @@ pub struct Pins<'a> {
 enum ConnectError {
     Unreachable(String),
     Handshake(String),
+    /// The port answered, but not with TLS (or not at all): another service's port.
+    NotTls(String),
 }
 
 /// Fetches and checks the bundle, one report line per step; on failure the line says why and
@@ -226,6 +228,41 @@ pub async fn fetch_bundle(
     Ok(bundle)
 }
 
+/// Checks a bundle's join token with the control plane it names (signature, expiry, revocation,
+/// uses left) without spending a use: the same GetBundle call as `join --server`, over TLS
+/// verified against the bundle's roots. `Ok(None)` when the control plane has no onboarding
+/// API (an older server): nothing could be checked. Returns the identity and the token id.
+pub(crate) async fn check_token(
+    addr: SocketAddr,
+    server_name: &str,
+    roots: &[CertificateDer<'static>],
+    token: &str,
+    timeout: Duration,
+) -> Result<Option<(String, String)>, String> {
+    let what = addr.to_string();
+    let verifier = RecordingVerifier::enforcing(roots).map_err(|e| e.to_string())?;
+    let channel = connect_as(addr, server_name, &verifier, timeout)
+        .await
+        .map_err(|e| connect_message(&what, e))?;
+    let mut request = tonic::Request::new(GetBundleRequest {});
+    let bearer = format!("Bearer {}", token.trim()).parse().map_err(|_| {
+        "the bundle's token file has characters a token cannot have: make a new bundle with `isthmus vm config`".to_string()
+    })?;
+    request.metadata_mut().insert("authorization", bearer);
+    match OnboardingClient::new(channel).get_bundle(request).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            Ok(Some((r.identity, r.token_id)))
+        }
+        Err(s) if s.code() == Code::Unimplemented => Ok(None),
+        Err(s) if matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied) => Err(format!(
+            "the control plane at {what} refused the bundle's join token: {}; make a new bundle with `isthmus vm config` (or a new token with `isthmus token create`); nothing was installed",
+            s.message()
+        )),
+        Err(s) => Err(status_message(&what, &s, "check the bundle's token")),
+    }
+}
+
 /// The token itself, or the contents of `@FILE`, trimmed.
 fn read_token(arg: &str) -> Result<String, String> {
     let token = match arg.strip_prefix('@') {
@@ -233,6 +270,11 @@ fn read_token(arg: &str) -> Result<String, String> {
         None => arg.to_string(),
     };
     let token = token.trim().to_string();
+    if !arg.starts_with('@') && (token.contains('/') || std::path::Path::new(&token).is_file()) {
+        return Err(format!(
+            "--token {arg:?} looks like a file, not a token: to read the token from a file, write --token @{arg}"
+        ));
+    }
     if token.is_empty() {
         return Err(match arg.strip_prefix('@') {
             Some(path) => format!("{path} is empty"),
@@ -276,11 +318,20 @@ async fn connect(
     verifier: &Arc<RecordingVerifier>,
     timeout: Duration,
 ) -> Result<Channel, ConnectError> {
+    connect_as(addr, CA_SERVER_NAME, verifier, timeout).await
+}
+
+async fn connect_as(
+    addr: SocketAddr,
+    server_name: &str,
+    verifier: &Arc<RecordingVerifier>,
+    timeout: Duration,
+) -> Result<Channel, ConnectError> {
     let config = verifier
         .client_config()
         .map_err(|e| ConnectError::Handshake(e.to_string()))?;
-    let name =
-        ServerName::try_from(CA_SERVER_NAME).map_err(|e| ConnectError::Handshake(e.to_string()))?;
+    let name = ServerName::try_from(server_name.to_string())
+        .map_err(|e| ConnectError::Handshake(e.to_string()))?;
     let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
         .await
         .map_err(|_| {
@@ -293,8 +344,11 @@ async fn connect(
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tls = tokio::time::timeout(timeout, connector.connect(name, tcp))
         .await
-        .map_err(|_| ConnectError::Unreachable("the TLS handshake timed out".into()))?
-        .map_err(|e| ConnectError::Handshake(e.to_string()))?;
+        .map_err(|_| ConnectError::NotTls("no TLS answer within the time limit".into()))?
+        .map_err(|e| match not_tls(&e) {
+            true => ConnectError::NotTls(e.to_string()),
+            false => ConnectError::Handshake(e.to_string()),
+        })?;
     // tonic dials through a connector; this one hands over the connection made above, once.
     let io = Arc::new(Mutex::new(Some(TokioIo::new(tls))));
     let dial = tower::service_fn(move |_: http::Uri| {
@@ -323,7 +377,31 @@ fn connect_message(server: &str, e: ConnectError) -> String {
         ConnectError::Handshake(d) => {
             format!("control plane at {server} (--server): TLS handshake failed: {d}")
         }
+        ConnectError::NotTls(d) => not_tls_message(server, &d),
     }
+}
+
+/// Whether a failed handshake means the peer does not speak TLS at all (a plain-HTTP port
+/// answers with bytes that are no TLS record; other servers close or stay silent).
+pub(crate) fn not_tls(e: &std::io::Error) -> bool {
+    use rustls::Error as R;
+    if e.kind() == std::io::ErrorKind::UnexpectedEof
+        || e.kind() == std::io::ErrorKind::ConnectionReset
+    {
+        return true;
+    }
+    match e.get_ref().and_then(|i| i.downcast_ref::<R>()) {
+        Some(R::InvalidMessage(_)) => true,
+        Some(R::AlertReceived(_)) => false,
+        _ => false,
+    }
+}
+
+/// The message for a port that does not speak TLS.
+pub(crate) fn not_tls_message(server: &str, detail: &str) -> String {
+    format!(
+        "{server} does not speak TLS ({detail}): is this the gRPC port ({DEFAULT_PORT})? The control plane's CA, discovery and onboarding are all on its gRPC port; the admin API (15080) and the registration API (8080) are not for hosts"
+    )
 }
 
 fn status_message(server: &str, s: &tonic::Status, what: &str) -> String {
@@ -393,6 +471,11 @@ mod tests {
         assert!(read_token(&format!("@{}", f.display()))
             .unwrap_err()
             .ends_with("is empty"));
+        let e = read_token("./token").unwrap_err();
+        assert_eq!(
+            e,
+            "--token \"./token\" looks like a file, not a token: to read the token from a file, write --token @./token"
+        );
         assert!(read_token("@/nonexistent/token")
             .unwrap_err()
             .starts_with("/nonexistent/token: "));

@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use isthmus_agent_config::{AgentEnv, CaAddr, TOKEN_PATH};
 use isthmus_model::WorkloadTemplate;
 
 use crate::api::MeshInfo;
@@ -128,7 +129,7 @@ pub fn host_dns(mesh: &MeshInfo, control_plane: SocketAddr) -> (SocketAddr, Opti
 
 impl HostConfig {
     fn ca_addr(&self) -> String {
-        format!("https://{}", self.control_plane)
+        CaAddr::from(self.control_plane).to_string()
     }
 
     pub fn cluster_env(&self) -> String {
@@ -193,27 +194,20 @@ impl HostConfig {
     }
 
     /// The agent's whole configuration (docs/host-layout.md); the host's real paths.
+    pub fn agent_settings(&self) -> AgentEnv {
+        let mut env = AgentEnv::new(CaAddr::from(self.control_plane));
+        env.ca_server_name.clone_from(&self.mesh.ca_server_name);
+        env.join_token_file = Some(TOKEN_PATH.into());
+        env.domain.clone_from(&self.mesh.domain);
+        env.proxy = true;
+        env.capture = true;
+        env.workload_group.clone_from(&self.group);
+        env.svc_ip = self.ip;
+        env
+    }
+
     pub fn agent_env(&self) -> String {
-        let mut s = format!(
-            "CA_ADDR={}\n\
-             ISTHMUS_CA_SERVER_NAME={}\n\
-             ISTHMUS_CERT_DIR=/etc/certs\n\
-             ISTHMUS_JOIN_TOKEN_FILE=/etc/isthmus/token\n\
-             ISTHMUS_STATE_DIR=/var/lib/isthmus\n\
-             ISTHMUS_DOMAIN={}\n\
-             ISTHMUS_PROXY=true\n\
-             ISTHMUS_CAPTURE=true\n",
-            self.ca_addr(),
-            self.mesh.ca_server_name,
-            self.mesh.domain,
-        );
-        if let Some(g) = &self.group {
-            s.push_str(&format!("ISTHMUS_WORKLOAD_GROUP={g}\n"));
-        }
-        if let Some(ip) = self.ip {
-            s.push_str(&format!("ISTIO_SVC_IP={ip}\n"));
-        }
-        s
+        self.agent_settings().render()
     }
 
     /// Every file of the bundle; the secrets (token, key) owner-only.

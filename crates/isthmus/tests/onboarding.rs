@@ -1445,3 +1445,135 @@ fn token_create_group_carries_the_group_to_join_server() {
     assert_eq!(cluster["SERVICE_ACCOUNT"], "mysql-sa", "{cluster:?}");
     assert_eq!(token_entry(&s, &id)["uses"], 0);
 }
+
+#[test]
+fn join_checks_the_bundle_token_and_makes_its_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("cp"));
+    let addr = grpc_addr(&s);
+
+    // A bundle whose token was revoked: refused before anything is made or installed.
+    let dir = tmp.path().join("vm");
+    s.ok(&[
+        "vm",
+        "config",
+        "-n",
+        "onprem",
+        "-s",
+        "mysql",
+        "-o",
+        dir.to_str().unwrap(),
+    ]);
+    let ids: Vec<String> = tokens(&s)
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 1);
+    s.ok(&["token", "revoke", &ids[0]]);
+    let root = tmp.path().join("new").join("root");
+    let (ok, out, _) = join(&[
+        dir.to_str().unwrap(),
+        "--root",
+        root.to_str().unwrap(),
+        "--no-start",
+    ]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "FAIL the control plane at {addr} refused the bundle's join token: "
+        )),
+        "{out}"
+    );
+    assert!(out.contains("revoked"), "{out}");
+    assert!(
+        out.contains("make a new bundle with `isthmus vm config`"),
+        "{out}"
+    );
+    assert!(!root.exists(), "a failed join makes no --root");
+    assert_eq!(token_entry(&s, &ids[0])["uses"], 0);
+
+    // A good bundle, into a --root that does not exist yet: made, the token checked with no
+    // use spent, and the printed command runs the agent on the files under that root.
+    let dir = tmp.path().join("vm2");
+    s.ok(&[
+        "vm",
+        "config",
+        "-n",
+        "onprem",
+        "-s",
+        "mysql",
+        "-o",
+        dir.to_str().unwrap(),
+    ]);
+    let (ok, out, err) = join(&[
+        dir.to_str().unwrap(),
+        "--root",
+        root.to_str().unwrap(),
+        "--no-start",
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains(&format!("ok   created --root {}", root.display())),
+        "{out}"
+    );
+    assert!(
+        out.contains("is valid (checked with the control plane, no use spent)"),
+        "{out}"
+    );
+    let fresh = tokens(&s).into_iter().find(|t| t["id"] != ids[0]).unwrap();
+    assert_eq!(fresh["uses"], 0);
+    let start = out
+        .lines()
+        .find(|l| l.contains("to run it: "))
+        .unwrap_or_else(|| panic!("{out}"));
+    let r = root.display();
+    for part in [
+        format!("ISTHMUS_CERT_DIR={r}/etc/certs"),
+        format!("ISTHMUS_JOIN_TOKEN_FILE={r}/etc/isthmus/token"),
+        format!("ISTHMUS_STATE_DIR={r}/var/lib/isthmus"),
+        format!("ISTHMUS_CLUSTER_ENV={r}/var/lib/istio/envoy/cluster.env"),
+        format!("CA_ADDR=https://{addr}"),
+    ] {
+        assert!(start.contains(&part), "{part} in {start}");
+    }
+}
+
+#[test]
+fn join_server_at_a_port_without_tls_names_the_grpc_port() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(&tmp.path().join("cp"));
+    let (token, _) = create_token(&s, &["-n", "onprem", "-s", "mysql"]);
+    let admin = s.admin.trim_start_matches("http://").to_string();
+    let root = tmp.path().join("root");
+    let (ok, out, _) = join(&[
+        "--server",
+        &admin,
+        "--token",
+        &token,
+        "--root",
+        root.to_str().unwrap(),
+        "--no-start",
+    ]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!("FAIL {admin} does not speak TLS (")),
+        "{out}"
+    );
+    assert!(out.contains("is this the gRPC port (15012)?"), "{out}");
+    assert!(!root.exists());
+
+    // A path given as the token: the hint says @FILE.
+    let (ok, out, _) = join(&[
+        "--server",
+        &grpc_addr(&s),
+        "--token",
+        "./token",
+        "--root",
+        root.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(
+        out.contains("--token \"./token\" looks like a file, not a token: to read the token from a file, write --token @./token"),
+        "{out}"
+    );
+}

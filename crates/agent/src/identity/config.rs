@@ -7,9 +7,9 @@ use isthmus_ca::cert::ROOT_CERT_FILE;
 use isthmus_ca::SpiffeId;
 
 /// TLS name the control plane's serving certificate is checked against.
-pub const DEFAULT_CA_SERVER_NAME: &str = "istiod.istio-system.svc";
+pub const DEFAULT_CA_SERVER_NAME: &str = isthmus_agent_config::defaults::CA_SERVER_NAME;
 /// Where a host keeps `key.pem`, `cert-chain.pem` and `root-cert.pem` (Istio's layout).
-pub const DEFAULT_CERT_DIR: &str = "/etc/certs";
+pub const DEFAULT_CERT_DIR: &str = isthmus_agent_config::defaults::CERT_DIR;
 
 /// A configuration value that cannot work.
 #[derive(Debug, thiserror::Error)]

@@ -3,12 +3,13 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use isthmus_agent::identity::{StoreError, WorkloadCertificate};
-use isthmus_ca::cert::{parse_pem_certs, CERT_CHAIN_FILE, KEY_FILE, ROOT_CERT_FILE};
+use isthmus_agent_config::{AgentEnv, CaAddr};
+use isthmus_ca::cert::{parse_pem_certs, CERT_CHAIN_FILE, KEY_FILE};
 use isthmus_ca::{CertError, CertInfo, TokenClaims};
 use isthmus_intercept::{EnvFile, InterceptConfig};
 use rustls::CertificateError;
@@ -30,8 +31,6 @@ pub(super) const NAMES: [&str; 8] = [
     "connection",
 ];
 
-const DEFAULT_CA_SERVER_NAME: &str = isthmus_agent::identity::DEFAULT_CA_SERVER_NAME;
-const DEFAULT_CERT_DIR: &str = isthmus_agent::identity::DEFAULT_CERT_DIR;
 /// Below this share of its lifetime left, a certificate fails: the agent renews at half.
 const MIN_LIFETIME_LEFT_PERCENT: u32 = 10;
 const JOURNAL: &str = "`journalctl -u isthmus-agent`";
@@ -54,35 +53,12 @@ pub(super) fn loopback(addr: SocketAddr) -> SocketAddr {
 }
 
 /// `https://host:port[/]` (CA_ADDR) → host and port.
+#[cfg(test)]
 pub(super) fn parse_ca_addr(value: &str) -> Result<(String, u16), String> {
-    let rest = value
-        .strip_prefix("https://")
-        .ok_or_else(|| format!("CA_ADDR={value:?}: expected https://HOST:PORT"))?;
-    let authority = rest.trim_end_matches('/');
-    if authority.contains('/') {
-        return Err(format!(
-            "CA_ADDR={value:?}: expected no path after HOST:PORT"
-        ));
-    }
-    let (host, port) = authority
-        .rsplit_once(':')
-        .ok_or_else(|| format!("CA_ADDR={value:?}: no port (the control plane's is 15012)"))?;
-    let port: u16 = port
+    let a: CaAddr = value
         .parse()
-        .map_err(|_| format!("CA_ADDR={value:?}: {port:?} is not a port"))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return Err(format!("CA_ADDR={value:?}: no host"));
-    }
-    Ok((host.to_string(), port))
-}
-
-fn parse_bool(var: &str, value: &str) -> Result<bool, String> {
-    match value.to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" => Ok(true),
-        "false" | "0" | "no" | "" => Ok(false),
-        _ => Err(format!("{var}={value:?} is not true or false")),
-    }
+        .map_err(|e: isthmus_agent_config::CaAddrError| e.to_string())?;
+    Ok((a.host().to_string(), a.port()))
 }
 
 // ---- 1. config ----
@@ -96,65 +72,15 @@ pub(super) fn config(root: &Path) -> (CheckResult, Option<HostConfig>) {
     };
     // (problem, fix), first one's fix is shown
     let mut problems: Vec<(String, String)> = Vec::new();
-    let value_fix = |var: &str| format!("correct {var} in {AGENT_ENV}");
-    let mut addr = |var: &str, default: &str| -> SocketAddr {
-        let fallback = default
-            .parse()
-            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
-        match env.get(var) {
-            None | Some("") => fallback,
-            Some(v) => v.parse().unwrap_or_else(|_| {
-                problems.push((
-                    format!("{var}={v:?} is not an IP:PORT ({AGENT_ENV})"),
-                    value_fix(var),
-                ));
-                fallback
-            }),
-        }
-    };
-    use isthmus_agent::args as a;
-    let readiness = addr("ISTHMUS_AGENT_READINESS_ADDR", a::DEFAULT_READINESS_ADDR);
-    let admin = addr("ISTHMUS_AGENT_ADMIN_ADDR", a::DEFAULT_ADMIN_ADDR);
-    let metrics = addr("ISTHMUS_AGENT_METRICS_ADDR", a::DEFAULT_METRICS_ADDR);
-    let dns = addr("ISTHMUS_AGENT_DNS_ADDR", a::DEFAULT_DNS_ADDR);
-    let capture = match env.get("ISTHMUS_CAPTURE") {
-        None => false,
-        Some(v) => parse_bool("ISTHMUS_CAPTURE", v).unwrap_or_else(|p| {
-            problems.push((p, value_fix("ISTHMUS_CAPTURE")));
-            false
-        }),
-    };
-    let svc_ip = match env.get("ISTIO_SVC_IP").filter(|v| !v.is_empty()) {
-        None => None,
-        Some(v) => v.parse().map(Some).unwrap_or_else(|_| {
-            problems.push((
-                format!("ISTIO_SVC_IP={v:?} is not an IP address"),
-                value_fix("ISTIO_SVC_IP"),
-            ));
-            None
-        }),
-    };
-    let ca = match env.get("CA_ADDR").filter(|v| !v.is_empty()) {
-        None => {
-            problems.push((
-                format!("CA_ADDR is not set in {AGENT_ENV}"),
-                format!("add CA_ADDR=https://<control plane>:15012 to {AGENT_ENV}"),
-            ));
-            None
-        }
-        Some(v) => match parse_ca_addr(v) {
-            Ok(hp) => Some((v.to_string(), hp)),
-            Err(p) => {
-                problems.push((p, value_fix("CA_ADDR")));
-                None
+    let settings = match AgentEnv::parse(&env) {
+        Ok(s) => Some(s),
+        Err(errors) => {
+            for e in &errors {
+                problems.push((e.to_string(), e.fix()));
             }
-        },
+            None
+        }
     };
-    let path = |var: &str, default: &str| PathBuf::from(env.get(var).unwrap_or(default));
-    let cert_dir = path("ISTHMUS_CERT_DIR", DEFAULT_CERT_DIR);
-    let root_cert = env
-        .get("ISTHMUS_ROOT_CERT")
-        .map_or_else(|| cert_dir.join(ROOT_CERT_FILE), PathBuf::from);
 
     // The seeds' files: both must be there (join installs them) and valid.
     let mut files = Vec::new();
@@ -175,41 +101,34 @@ pub(super) fn config(root: &Path) -> (CheckResult, Option<HostConfig>) {
         _ => None,
     };
 
-    let cfg = ca.map(|(ca_addr, (ca_host, ca_port))| HostConfig {
+    let cfg = settings.map(|s| HostConfig {
         root: root.to_path_buf(),
-        ca_addr,
-        ca_host,
-        ca_port,
-        ca_server_name: env
-            .get("ISTHMUS_CA_SERVER_NAME")
-            .filter(|v| !v.is_empty())
-            .unwrap_or(DEFAULT_CA_SERVER_NAME)
-            .to_string(),
-        cert_dir,
-        root_cert,
-        token_file: env
-            .get("ISTHMUS_JOIN_TOKEN_FILE")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from),
-        capture,
-        readiness,
-        admin,
-        metrics,
-        dns,
-        svc_ip,
-        domain: env.get("ISTHMUS_DOMAIN").unwrap_or("cluster.local").into(),
+        ca_addr: s.ca_addr.to_string(),
+        ca_host: s.ca_addr.host().to_string(),
+        ca_port: s.ca_addr.port(),
+        ca_server_name: s.ca_server_name.clone(),
+        root_cert: s.root_cert_path(),
+        cert_dir: s.cert_dir.clone(),
+        token_file: s.join_token_file.clone(),
+        capture: s.capture,
+        readiness: s.readiness_addr,
+        admin: s.admin_addr,
+        metrics: s.metrics_addr,
+        dns: s.dns_addr,
+        svc_ip: s.svc_ip,
+        domain: s.domain.clone(),
         intercept,
     });
-    let result = match problems.first() {
-        None => CheckResult::pass(
+    let result = match (problems.first(), &cfg) {
+        (None, Some(c)) => CheckResult::pass(
             NAME,
             format!(
                 "agent.env, cluster.env and sidecar.env valid (CA_ADDR {}, capture {})",
-                cfg.as_ref().map_or("", |c| c.ca_addr.as_str()),
-                if capture { "on" } else { "off" }
+                c.ca_addr,
+                if c.capture { "on" } else { "off" }
             ),
         ),
-        Some((_, fix)) => CheckResult::fail(
+        (Some((_, fix)), _) => CheckResult::fail(
             NAME,
             problems
                 .iter()
@@ -218,6 +137,8 @@ pub(super) fn config(root: &Path) -> (CheckResult, Option<HostConfig>) {
                 .join("; "),
             fix.clone(),
         ),
+        // parse gives settings or errors, never neither
+        (None, None) => CheckResult::fail(NAME, "agent.env unreadable", join_fix),
     };
     (result, cfg)
 }
@@ -297,7 +218,7 @@ pub(super) async fn control_plane(probes: &impl Probes, cfg: &HostConfig) -> Con
                 | CertificateError::NotValidForNameContext { .. } => CheckResult::fail(
                     NAME,
                     format!("reached {addr}, its certificate chains to {root} but does not carry the name {:?} (ISTHMUS_CA_SERVER_NAME)", cfg.ca_server_name),
-                    format!("set ISTHMUS_CA_SERVER_NAME in {AGENT_ENV} to a name of the control plane (default {DEFAULT_CA_SERVER_NAME}), or give the server --server-dns-name"),
+                    format!("set ISTHMUS_CA_SERVER_NAME in {AGENT_ENV} to a name of the control plane (default {}), or give the server --server-dns-name", isthmus_agent_config::defaults::CA_SERVER_NAME),
                 ),
                 CertificateError::Expired
                 | CertificateError::ExpiredContext { .. }
@@ -599,7 +520,10 @@ pub(super) async fn agent(probes: &impl Probes, cfg: &HostConfig) -> Agent {
                 ),
                 Err(_) => fail(
                     format!("not running: nothing answers on {ready_addr} ({e})"),
-                    format!("start it: `systemctl start isthmus-agent` (or `isthmus agent`); {JOURNAL} says why it stopped"),
+                    format!(
+                        "start it: `sudo systemctl start isthmus-agent` (without systemd: `sudo sh -c 'set -a; . {}; exec isthmus agent'`); {JOURNAL} says why it stopped",
+                        cfg.path(Path::new(AGENT_ENV)).display()
+                    ),
                 ),
             };
         }
@@ -1046,6 +970,16 @@ pub(super) async fn dns(
             Err(DnsFailure::Unanswered(e)) => tried.push(format!("{server}: {e}")),
         }
     }
+    // A nameserver the host has no route to fails before the capture rule sees the query:
+    // the rules are not the cause then, the routing is.
+    let fix = if tried.iter().any(|t| no_route(t)) {
+        format!(
+            "this host has no route to its nameserver, so queries fail before the capture can redirect them to the agent: give the host a route to it (`ip route` shows none; a default route will do), or list a nameserver it can reach in {}",
+            resolv_conf.display()
+        )
+    } else {
+        fix
+    };
     CheckResult::fail(
         NAME,
         format!(
@@ -1055,6 +989,18 @@ pub(super) async fn dns(
         ),
         fix,
     )
+}
+
+/// An error that says the kernel had no route (ENETUNREACH, EHOSTUNREACH).
+fn no_route(error: &str) -> bool {
+    [
+        "os error 101",
+        "os error 113",
+        "Network is unreachable",
+        "No route to host",
+    ]
+    .iter()
+    .any(|m| error.contains(m))
 }
 
 pub(super) async fn connection(

@@ -318,8 +318,9 @@ fn bad_values_are_named() {
         "{r:?}"
     );
     assert!(
-        r.message
-            .contains("CA_ADDR=\"10.0.0.2:15012\": expected https://HOST:PORT"),
+        r.message.contains(
+            "CA_ADDR=\"10.0.0.2:15012\" is not a control plane address: expected https://HOST:PORT"
+        ),
         "{r:?}"
     );
     assert!(
@@ -508,6 +509,14 @@ async fn no_certificate_yet_says_what_the_token_tells() {
     assert!(check(&r, "agent")
         .message
         .starts_with("not running: nothing answers on 127.0.0.1:15021"));
+    // The fix is a command that runs as printed: the agent with agent.env as its environment.
+    assert_eq!(
+        check(&r, "agent").fix.as_deref().unwrap(),
+        format!(
+            "start it: `sudo systemctl start isthmus-agent` (without systemd: `sudo sh -c 'set -a; . {}/etc/isthmus/agent.env; exec isthmus agent'`); `journalctl -u isthmus-agent` says why it stopped",
+            h.root.path().display()
+        )
+    );
     // The fake still has the rules: installed but nobody serves them.
     assert!(check(&r, "rules").message.contains("agent is not ready"));
 
@@ -678,6 +687,59 @@ async fn dns_that_misses_the_agent_fails_with_the_capture_fix() {
     )
     .await;
     assert!(c.message.contains("with NXDomain"), "{c:?}");
+}
+
+#[tokio::test]
+async fn dns_to_a_nameserver_without_a_route_names_the_route_not_the_rules() {
+    let h = host();
+    let mut f = good(&h);
+    f.dns.insert(
+        format!("{CP}:53").parse().unwrap(),
+        Err(DnsFailure::Unanswered(
+            "Network is unreachable (os error 101)".into(),
+        )),
+    );
+    let r = report(&h, &f).await;
+    let c = check(&r, "dns");
+    assert_eq!(c.status, Status::Fail, "{c:?}");
+    assert!(
+        c.message.contains("10.0.0.2:53: Network is unreachable"),
+        "{c:?}"
+    );
+    let fix = c.fix.as_deref().unwrap();
+    assert!(
+        fix.starts_with("this host has no route to its nameserver, so queries fail before the capture can redirect them to the agent"),
+        "{c:?}"
+    );
+    assert!(!fix.contains("reinstall"), "{c:?}");
+}
+
+#[test]
+fn agent_env_problems_come_from_the_one_parser() {
+    let h = host();
+    write(
+        h.root.path(),
+        AGENT_ENV,
+        "CA_ADDR=https://10.0.0.2:15012\nISTHMUS_CAPTRUE=true\n",
+    );
+    let (r, cfg) = config(h.root.path());
+    assert!(cfg.is_none());
+    assert!(
+        r.message.contains(
+            "ISTHMUS_CAPTRUE is not a setting of the agent (did you mean ISTHMUS_CAPTURE?)"
+        ),
+        "{r:?}"
+    );
+    assert_eq!(
+        r.fix.as_deref(),
+        Some(
+            format!(
+                "rename ISTHMUS_CAPTRUE to ISTHMUS_CAPTURE in {}",
+                under(h.root.path(), Path::new(AGENT_ENV)).display()
+            )
+            .as_str()
+        )
+    );
 }
 
 #[tokio::test]
