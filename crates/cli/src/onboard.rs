@@ -226,20 +226,9 @@ pub async fn fetch_bundle(
     Ok(bundle)
 }
 
-/// The token itself, or the contents of `@FILE`, trimmed.
+/// The token itself, or the contents of `@FILE`, trimmed (`crate::tokenarg`).
 fn read_token(arg: &str) -> Result<String, String> {
-    let token = match arg.strip_prefix('@') {
-        Some(path) => std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?,
-        None => arg.to_string(),
-    };
-    let token = token.trim().to_string();
-    if token.is_empty() {
-        return Err(match arg.strip_prefix('@') {
-            Some(path) => format!("{path} is empty"),
-            None => "--token is empty".into(),
-        });
-    }
-    Ok(token)
+    crate::tokenarg::read("--token", arg).map_err(|e| e.to_string())
 }
 
 /// `HOST[:PORT]` (or `https://HOST[:PORT]`, `[v6]:PORT`) to one address.

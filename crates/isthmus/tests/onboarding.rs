@@ -921,7 +921,8 @@ fn join_server_installs_what_vm_config_writes() {
     ]);
     assert!(
         stdout.contains(&format!(
-            "isthmus join --server {addr} --token @token; it pins the root {pin}"
+            "isthmus join --server {addr} --token @{}; it pins the root {pin}",
+            dir.join("token").display()
         )),
         "{stdout}"
     );
