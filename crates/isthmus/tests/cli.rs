@@ -419,6 +419,33 @@ fn the_cli_finds_the_admin_token_of_a_server_with_any_data_dir() {
 }
 
 #[test]
+fn vm_config_says_loudly_when_hosts_cannot_reach_the_mesh_dns() {
+    // The harness's server has its DNS on loopback; the bundle is for a host elsewhere.
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    let out_dir = dir.path().join("vm");
+    let out = s.cli(&[
+        "vm",
+        "config",
+        "-o",
+        out_dir.to_str().unwrap(),
+        "--control-plane",
+        "10.0.0.2",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let port = s.dns.rsplit(':').next().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim_end(),
+        format!(
+            "WARNING: the mesh DNS listens on {} only (loopback), which other hosts cannot reach: \
+             the bundle's kubedns sends mesh names to 10.0.0.2:{port}, where nothing answers.\n\
+             fix: restart the server with --dns-addr 0.0.0.0:{port} (and open UDP/TCP {port} to the hosts), then run `isthmus vm config` again",
+            s.dns
+        )
+    );
+}
+
+#[test]
 fn dev_mode_prints_what_to_do_and_writes_the_cli_config() {
     use std::io::BufRead;
     use std::os::unix::fs::PermissionsExt;

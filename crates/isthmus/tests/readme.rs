@@ -6,6 +6,7 @@
 //!   it must succeed, and its stdout must hold each TEXT;
 //! - `<!-- test: not run: REASON -->`: a second host, systemd, or a change to `/` this
 //!   machine must not get; the reason says which, and which test covers it.
+//!
 //! A ```yaml block marked `<!-- test: file NAME -->` is written to NAME first (the files
 //! the walk-through refers to).
 //!
