@@ -42,15 +42,18 @@ pub enum LogFormat {
     Json,
 }
 
-/// How the operator's commands reach the admin API: flags, else environment, else the config
-/// file (`isthmus server --dev` writes it), else the local server's token file.
+/// How the operator's commands reach the admin API: flags, else environment, else a running
+/// server's record, else the config file (`isthmus server --dev` writes it), else the local
+/// server's token file.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct Connection {
     /// Admin API URL [default: from the config file, else http://127.0.0.1:15080].
     #[arg(long, env = "ISTHMUS_SERVER")]
     pub server: Option<String>,
-    /// Admin token [default: from the config file, else /var/lib/isthmus/admin-token or
-    /// /var/lib/isthmus-server/admin-token (the package's server)].
+    /// Admin token, or @FILE to read it from FILE (e.g. @/var/lib/isthmus/admin-token)
+    /// [default: that of a server of this user running at --server, else from the config
+    /// file, else /var/lib/isthmus/admin-token or /var/lib/isthmus-server/admin-token (the
+    /// package's server)].
     #[arg(long, env = "ISTHMUS_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// The CLI config file [default: ~/.config/isthmus/config.json].

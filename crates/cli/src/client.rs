@@ -1,14 +1,18 @@
 //! A small client of the admin API with errors an operator can act on.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use isthmus_model::client_config::{self, ClientConfig};
+use isthmus_model::client_config::{self, ClientConfig, ServerRecord};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::args::Connection;
+use crate::tokenarg;
+
+/// A server's admin token file, in its data directory.
+const ADMIN_TOKEN_FILE: &str = "admin-token";
 
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:15080";
 /// Where a local server keeps its admin token: the default data dir, then the Debian package's.
@@ -23,8 +27,11 @@ pub enum ClientError {
     Unreachable { url: String, cause: String },
     #[error("{message}")]
     Api { status: StatusCode, message: String },
-    #[error("no admin token: pass --token, set ISTHMUS_TOKEN, or run `isthmus server --dev`, which writes {config}")]
-    NoToken { config: String },
+    /// Says where the token could be and how to pass it (see [`no_token`]).
+    #[error("{0}")]
+    NoToken(String),
+    #[error("{0}")]
+    TokenArg(tokenarg::TokenArgError),
     #[error("the config file {path} is unreadable: {cause}")]
     Config { path: String, cause: String },
     #[error("unexpected answer from {url}: {cause}")]
@@ -55,7 +62,8 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 impl Client {
-    /// Resolves server and token from flags/env, then the config file, then the local server.
+    /// Resolves server and token from flags/env, then a running server of this user (its
+    /// record, see `ServerRecord`), then the config file, then the local server's token file.
     pub fn from_connection(conn: &Connection) -> Result<Self, ClientError> {
         let config_path = conn.config.clone().or_else(client_config::default_path);
         let file: Option<ClientConfig> = match &config_path {
@@ -74,25 +82,39 @@ impl Client {
             .clone()
             .or_else(|| file.as_ref().map(|f| f.server.clone()))
             .unwrap_or_else(|| DEFAULT_SERVER.to_string());
-        let token = conn
-            .token
-            .clone()
-            .or_else(|| file.as_ref().map(|f| f.token.clone()))
+        if let Some(arg) = &conn.token {
+            let token = tokenarg::read("--token", arg).map_err(ClientError::TokenArg)?;
+            return Ok(Client::new(&server, &token));
+        }
+        // A server of this user answering at `server`: its token is in its data dir, which
+        // beats a config file an earlier `--dev` run may have left.
+        let recorded = running_server_at(&server);
+        let mut unreadable = Vec::new();
+        let mut read = |path: &Path| match std::fs::read_to_string(path) {
+            Ok(t) => Some(t.trim().to_string()).filter(|t| !t.is_empty()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                unreadable.push(format!("{} ({e})", path.display()));
+                None
+            }
+        };
+        let token = recorded
+            .as_ref()
+            .and_then(|r| read(&r.data_dir.join(ADMIN_TOKEN_FILE)))
             .or_else(|| {
-                SERVER_TOKEN_FILES.iter().find_map(|f| {
-                    std::fs::read_to_string(Path::new(f))
-                        .ok()
-                        .map(|t| t.trim().to_string())
-                })
+                file.as_ref()
+                    .map(|f| f.token.trim().to_string())
+                    .filter(|t| !t.is_empty())
             })
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| ClientError::NoToken {
-                config: config_path.map_or_else(
-                    || "~/.config/isthmus/config.json".into(),
-                    |p| p.display().to_string(),
-                ),
-            })?;
-        Ok(Client::new(&server, &token))
+            .or_else(|| SERVER_TOKEN_FILES.iter().find_map(|f| read(Path::new(f))));
+        if let Some(token) = token {
+            return Ok(Client::new(&server, &token));
+        }
+        Err(no_token(
+            config_path.as_deref(),
+            recorded.as_ref().map(|r| r.data_dir.join(ADMIN_TOKEN_FILE)),
+            &unreadable,
+        ))
     }
 
     pub fn new(server: &str, token: &str) -> Self {
@@ -155,6 +177,63 @@ impl Client {
             cause: e.to_string(),
         })
     }
+}
+
+/// The record of a running server of this user whose admin API is at `server`: same port,
+/// and the same address or one of the two listening on every address.
+fn running_server_at(server: &str) -> Option<ServerRecord> {
+    let want = host_port(server)?;
+    let dir = client_config::servers_dir()?;
+    let mut found: Vec<ServerRecord> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
+        .filter(|r: &ServerRecord| Path::new(&format!("/proc/{}", r.pid)).exists())
+        .filter(|r| {
+            host_port(&r.admin).is_some_and(|(ip, port)| {
+                port == want.1 && (ip == want.0 || ip.is_unspecified() || want.0.is_unspecified())
+            })
+        })
+        .collect();
+    // The newest server (highest pid is a guess; ties are rare) wins.
+    found.sort_by_key(|r| r.pid);
+    found.pop()
+}
+
+/// `http://IP:PORT[/...]` to its address; `localhost` counts as 127.0.0.1.
+fn host_port(url: &str) -> Option<(std::net::IpAddr, u16)> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next()?;
+    let authority = authority.replace("localhost", "127.0.0.1");
+    let a: std::net::SocketAddr = authority.parse().ok()?;
+    Some((a.ip(), a.port()))
+}
+
+/// No token anywhere: where it could be, and the ways to pass it.
+fn no_token(
+    config: Option<&Path>,
+    recorded: Option<PathBuf>,
+    unreadable: &[String],
+) -> ClientError {
+    let config = config.map_or_else(
+        || "~/.config/isthmus/config.json".into(),
+        |p| p.display().to_string(),
+    );
+    let mut msg = String::from("no admin token");
+    if !unreadable.is_empty() {
+        msg.push_str(&format!(
+            ": cannot read {} (run as the server's user, e.g. with sudo)",
+            unreadable.join(", ")
+        ));
+    }
+    let example = recorded.map_or_else(
+        || "<data-dir>/admin-token".to_string(),
+        |p| p.display().to_string(),
+    );
+    msg.push_str(&format!(
+        ".\nhint: a server keeps its admin token in <data-dir>/admin-token (--data-dir, /var/lib/isthmus by default); pass it with --token @{example} or ISTHMUS_TOKEN=$(cat {example}), or run `isthmus server --dev`, which writes {config}"
+    ));
+    ClientError::NoToken(msg)
 }
 
 /// Percent-encodes a query value.

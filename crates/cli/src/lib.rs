@@ -11,6 +11,7 @@ mod onboard;
 mod output;
 pub mod status;
 mod tlsverify;
+pub mod tokenarg;
 pub mod vmconfig;
 
 pub use args::{Cli, Command};

@@ -263,25 +263,9 @@ pub(crate) async fn check_token(
     }
 }
 
-/// The token itself, or the contents of `@FILE`, trimmed.
+/// The token itself, or the contents of `@FILE`, trimmed (`crate::tokenarg`).
 fn read_token(arg: &str) -> Result<String, String> {
-    let token = match arg.strip_prefix('@') {
-        Some(path) => std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?,
-        None => arg.to_string(),
-    };
-    let token = token.trim().to_string();
-    if !arg.starts_with('@') && (token.contains('/') || std::path::Path::new(&token).is_file()) {
-        return Err(format!(
-            "--token {arg:?} looks like a file, not a token: to read the token from a file, write --token @{arg}"
-        ));
-    }
-    if token.is_empty() {
-        return Err(match arg.strip_prefix('@') {
-            Some(path) => format!("{path} is empty"),
-            None => "--token is empty".into(),
-        });
-    }
-    Ok(token)
+    crate::tokenarg::read("--token", arg).map_err(|e| e.to_string())
 }
 
 /// `HOST[:PORT]` (or `https://HOST[:PORT]`, `[v6]:PORT`) to one address.
@@ -474,7 +458,7 @@ mod tests {
         let e = read_token("./token").unwrap_err();
         assert_eq!(
             e,
-            "--token \"./token\" looks like a file, not a token: to read the token from a file, write --token @./token"
+            "--token \"./token\" looks like a file, not a token: write --token @./token to read the token from that file"
         );
         assert!(read_token("@/nonexistent/token")
             .unwrap_err()

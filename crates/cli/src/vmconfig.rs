@@ -278,9 +278,11 @@ pub async fn run(a: VmConfigArgs, out: &mut dyn Write) -> Result<(), VmConfigErr
             grpc: mesh.grpc_addr,
         })?,
     };
-    let (dns, warning) = hostfiles::host_dns(&mesh, control_plane);
-    if let Some(w) = warning {
-        eprintln!("warning: {w}");
+    // host_dns's own warning names a port hosts' dnsmasq cannot use unprivileged; this one
+    // says what the kubedns file holds and the one flag that fixes it.
+    let (dns, _) = hostfiles::host_dns(&mesh, control_plane);
+    if let Some(w) = dns_warning(&mesh, dns) {
+        eprintln!("{w}");
     }
     let cfg = HostConfig {
         dns,
@@ -373,23 +375,50 @@ pub async fn run(a: VmConfigArgs, out: &mut dyn Write) -> Result<(), VmConfigErr
             cfg.control_plane
         );
     }
-    let what = a
-        .output_dir
-        .as_ref()
-        .or(a.archive.as_ref())
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
-    let _ = writeln!(out, "next, on the host: isthmus join {what}");
-    if let Some(pins) = token["rootHashes"].as_array().filter(|p| !p.is_empty()) {
-        let pins: Vec<&str> = pins.iter().filter_map(Value::as_str).collect();
-        let _ = writeln!(
-            out,
-            "(or, with only the token: isthmus join --server {} --token @token; it pins the root {})",
-            cfg.control_plane,
-            pins.join(", ")
-        );
+    for line in next_steps(&a, cfg.control_plane, &token) {
+        let _ = writeln!(out, "{line}");
     }
     Ok(())
+}
+
+/// When hosts' `kubedns` cannot work: the mesh DNS listens on loopback only while the bundle
+/// is for hosts that reach the control plane elsewhere.
+pub fn dns_warning(mesh: &MeshInfo, kubedns: SocketAddr) -> Option<String> {
+    let listens = mesh.dns_addr;
+    if !listens.ip().is_loopback() || kubedns.ip().is_loopback() {
+        return None;
+    }
+    Some(format!(
+        "WARNING: the mesh DNS listens on {listens} only (loopback), which other hosts cannot reach: \
+         the bundle's kubedns sends mesh names to {kubedns}, where nothing answers.\n\
+         fix: restart the server with --dns-addr 0.0.0.0:{port} (and open UDP/TCP {port} to the hosts), then run `isthmus vm config` again",
+        port = listens.port()
+    ))
+}
+
+/// What to do on the host, naming only files this run wrote: the bundle, and the token in it.
+fn next_steps(a: &VmConfigArgs, control_plane: SocketAddr, token: &Value) -> Vec<String> {
+    let mut lines = Vec::new();
+    let (what, token_file, extract) = match (&a.output_dir, &a.archive) {
+        (Some(dir), _) => (dir.display().to_string(), dir.join("token"), None),
+        (None, Some(archive)) => {
+            let inside = PathBuf::from(archive_base(archive)).join("token");
+            let extract = format!("tar -xzf {} {} && ", archive.display(), inside.display());
+            (archive.display().to_string(), inside, Some(extract))
+        }
+        (None, None) => return lines,
+    };
+    lines.push(format!("next, on the host: isthmus join {what}"));
+    if let Some(pins) = token["rootHashes"].as_array().filter(|p| !p.is_empty()) {
+        let pins: Vec<&str> = pins.iter().filter_map(Value::as_str).collect();
+        lines.push(format!(
+            "(or, with only the token: {}isthmus join --server {control_plane} --token @{}; it pins the root {})",
+            extract.unwrap_or_default(),
+            token_file.display(),
+            pins.join(", ")
+        ));
+    }
+    lines
 }
 
 fn write_outputs(a: &VmConfigArgs, files: &[BundleFile]) -> Result<(), VmConfigError> {
@@ -446,21 +475,23 @@ fn write_dir(dir: &Path, files: &[BundleFile]) -> Result<(), VmConfigError> {
     Ok(())
 }
 
-/// The bundle as a gzipped tar, under a directory named after the archive.
-pub fn make_archive(path: &Path, files: &[BundleFile]) -> Result<Vec<u8>, VmConfigError> {
+/// The directory the archive holds its files under: its name without `.tar.gz`/`.tgz`.
+fn archive_base(path: &Path) -> String {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
-    let base = name
-        .trim_end_matches(".tar.gz")
-        .trim_end_matches(".tgz")
-        .to_string();
-    let base = if base.is_empty() {
+    let base = name.trim_end_matches(".tar.gz").trim_end_matches(".tgz");
+    if base.is_empty() {
         "isthmus-host".to_string()
     } else {
-        base
-    };
+        base.to_string()
+    }
+}
+
+/// The bundle as a gzipped tar, under a directory named after the archive.
+pub fn make_archive(path: &Path, files: &[BundleFile]) -> Result<Vec<u8>, VmConfigError> {
+    let base = archive_base(path);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -518,5 +549,83 @@ mod tests {
             "[fd00::1]:15012".parse().unwrap()
         );
         assert!(parse_control_plane("istiod", 15012).is_err());
+    }
+
+    fn mesh(dns: &str) -> MeshInfo {
+        MeshInfo {
+            trust_domain: "cluster.local".into(),
+            domain: "cluster.local".into(),
+            service_cidr: "10.96.0.0/12".into(),
+            advertised_ips: vec!["10.0.0.2".parse().unwrap()],
+            grpc_addr: "0.0.0.0:15012".parse().unwrap(),
+            dns_addr: dns.parse().unwrap(),
+            ca_server_name: "istiod.istio-system.svc".into(),
+        }
+    }
+
+    #[test]
+    fn loopback_only_dns_is_said_loudly_with_the_fix() {
+        let w = dns_warning(&mesh("127.0.0.1:15054"), "10.0.0.2:15054".parse().unwrap()).unwrap();
+        assert_eq!(
+            w,
+            "WARNING: the mesh DNS listens on 127.0.0.1:15054 only (loopback), which other hosts cannot reach: \
+             the bundle's kubedns sends mesh names to 10.0.0.2:15054, where nothing answers.\n\
+             fix: restart the server with --dns-addr 0.0.0.0:15054 (and open UDP/TCP 15054 to the hosts), then run `isthmus vm config` again"
+        );
+        // Reachable DNS, or a bundle for this machine only: nothing to say.
+        assert_eq!(
+            dns_warning(&mesh("0.0.0.0:15054"), "10.0.0.2:15054".parse().unwrap()),
+            None
+        );
+        assert_eq!(
+            dns_warning(&mesh("127.0.0.1:15054"), "127.0.0.1:15054".parse().unwrap()),
+            None
+        );
+    }
+
+    fn args_for(out: Option<&str>, archive: Option<&str>) -> VmConfigArgs {
+        VmConfigArgs {
+            namespace: "onprem".into(),
+            service_account: None,
+            group: None,
+            output_dir: out.map(PathBuf::from),
+            archive: archive.map(PathBuf::from),
+            control_plane: None,
+            inbound_ports: None,
+            ip: None,
+            token_ttl: "24h".into(),
+            token_uses: None,
+            bootstrap_certs: false,
+            cert_lifetime: None,
+            conn: Connection::default(),
+        }
+    }
+
+    #[test]
+    fn next_steps_name_only_files_that_were_written() {
+        let cp = "10.0.0.2:15012".parse().unwrap();
+        let token = serde_json::json!({"rootHashes": ["sha256:ab"]});
+        assert_eq!(
+            next_steps(&args_for(Some("./mysql-vm"), None), cp, &token),
+            [
+                "next, on the host: isthmus join ./mysql-vm",
+                "(or, with only the token: isthmus join --server 10.0.0.2:15012 --token @./mysql-vm/token; it pins the root sha256:ab)",
+            ]
+        );
+        assert_eq!(
+            next_steps(&args_for(None, Some("out/mysql-vm.tar.gz")), cp, &token),
+            [
+                "next, on the host: isthmus join out/mysql-vm.tar.gz",
+                "(or, with only the token: tar -xzf out/mysql-vm.tar.gz mysql-vm/token && isthmus join --server 10.0.0.2:15012 --token @mysql-vm/token; it pins the root sha256:ab)",
+            ]
+        );
+        assert_eq!(
+            next_steps(
+                &args_for(Some("d"), Some("d.tar.gz")),
+                cp,
+                &serde_json::json!({})
+            )[0],
+            "next, on the host: isthmus join d"
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! Every setting of `isthmus server`, parsed and validated in one place.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
 
 use clap::Args;
@@ -12,6 +12,14 @@ pub const DEFAULT_REGISTRATION_ADDR: &str = "127.0.0.1:8080";
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:15014";
 pub const DEFAULT_GRPC_ADDR: &str = "0.0.0.0:15012";
 pub const DEFAULT_DNS_ADDR: &str = "127.0.0.1:15054";
+/// With --dev the mesh DNS listens where other hosts reach it, as the gRPC port does, so the
+/// `kubedns` file of a bundle works.
+pub const DEV_DNS_ADDR: &str = "0.0.0.0:15054";
+/// A documentation address (RFC 5737): a UDP socket "connected" to it has the default route's
+/// source address; no packet is sent.
+const ROUTE_PROBE_V4: &str = "192.0.2.1:9";
+/// The IPv6 documentation prefix (RFC 3849), for the same.
+const ROUTE_PROBE_V6: &str = "[2001:db8::1]:9";
 pub const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/12";
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 pub const ENDPOINTS_FILE: &str = "endpoints.json";
@@ -104,20 +112,43 @@ pub struct ServerArgs {
     /// Network of the registry's workloads (Istio's `--network`), empty for a flat network.
     #[arg(long, default_value = "", env = "ISTHMUS_NETWORK")]
     pub network: String,
-    /// DNS for the mesh domain (UDP and TCP). Hosts' dnsmasq points `svc.<domain>` here.
-    #[arg(long, default_value = DEFAULT_DNS_ADDR, env = "ISTHMUS_DNS_ADDR")]
-    pub dns_addr: SocketAddr,
+    /// DNS for the mesh domain (UDP and TCP). Hosts' dnsmasq points `svc.<domain>` here, so
+    /// for other hosts it must not be loopback (e.g. 0.0.0.0:15054) [default: 127.0.0.1:15054;
+    /// 0.0.0.0:15054 with --dev].
+    #[arg(long, env = "ISTHMUS_DNS_ADDR")]
+    pub dns_addr: Option<SocketAddr>,
     /// Where the DNS server forwards names outside the mesh domain (repeatable, `ip[:port]`);
     /// without any, those names are refused.
     #[arg(long = "dns-upstream", value_name = "ADDR", value_parser = parse_upstream)]
     pub dns_upstreams: Vec<SocketAddr>,
     /// The address hosts reach the control plane at: control-plane names (istiod,
-    /// istio-pilot, istio-citadel, ... with and without .istio-system) resolve to it.
+    /// istio-pilot, istio-citadel, ... with and without .istio-system) resolve to it, and
+    /// `vm config` writes it into bundles [default: the --grpc-addr IP, or when that is
+    /// 0.0.0.0 the address of the interface of the default route].
     #[arg(long, env = "ISTHMUS_ADVERTISE_IP")]
     pub advertise_ip: Option<std::net::IpAddr>,
     /// Extra IPs for the serving certificate (repeatable), besides 127.0.0.1.
     #[arg(long = "server-ip", value_name = "IP")]
     pub server_ips: Vec<std::net::IpAddr>,
+}
+
+/// Where the advertised address came from: said in the line the server prints at start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdvertiseSource {
+    /// --advertise-ip.
+    Flag,
+    /// --grpc-addr names one address.
+    GrpcAddr,
+    /// The gRPC port listens on every address: the default route's interface address.
+    DefaultRoute,
+    /// Every address, and no default route: this machine only.
+    Loopback,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Advertised {
+    pub ip: IpAddr,
+    pub source: AdvertiseSource,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,15 +174,58 @@ fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{s:?} is not an IP or IP:port"))
 }
 
+/// The source address of the default route (IPv6's when `v6`): a UDP socket connected to a
+/// documentation address, which sends nothing; `None` when no route leads there.
+pub fn default_route_ip(v6: bool) -> Option<IpAddr> {
+    let (bind, probe) = if v6 {
+        ("[::]:0", ROUTE_PROBE_V6)
+    } else {
+        ("0.0.0.0:0", ROUTE_PROBE_V4)
+    };
+    let socket = UdpSocket::bind(bind).ok()?;
+    socket.connect(probe).ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_unspecified() && !ip.is_loopback()).then_some(ip)
+}
+
 impl ServerArgs {
-    /// The address control-plane names resolve to: --advertise-ip, else the gRPC address
-    /// when it names one.
-    pub fn advertised_ips(&self) -> Vec<std::net::IpAddr> {
-        match self.advertise_ip {
-            Some(ip) => vec![ip],
-            None if !self.grpc_addr.ip().is_unspecified() => vec![self.grpc_addr.ip()],
-            None => Vec::new(),
+    /// The address hosts reach the control plane at: --advertise-ip, else the gRPC address
+    /// when it names one, else what `default_route` finds for the gRPC address's family
+    /// (see [`default_route_ip`]), else loopback.
+    pub fn advertised(&self, default_route: impl Fn(bool) -> Option<IpAddr>) -> Advertised {
+        let grpc = self.grpc_addr.ip();
+        let (ip, source) = match self.advertise_ip {
+            Some(ip) => (Some(ip), AdvertiseSource::Flag),
+            None if !grpc.is_unspecified() => (Some(grpc), AdvertiseSource::GrpcAddr),
+            // [::] takes IPv4 too (unless the host says v6only): an IPv4 route will do.
+            None if grpc.is_ipv6() => (
+                default_route(true).or_else(|| default_route(false)),
+                AdvertiseSource::DefaultRoute,
+            ),
+            None => (default_route(false), AdvertiseSource::DefaultRoute),
+        };
+        match ip {
+            Some(ip) => Advertised { ip, source },
+            None => Advertised {
+                ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                source: AdvertiseSource::Loopback,
+            },
         }
+    }
+
+    /// The mesh DNS server's address: --dns-addr, else the default for the mode.
+    pub fn dns_addr(&self) -> SocketAddr {
+        self.dns_addr.unwrap_or_else(|| {
+            let default = if self.dev {
+                DEV_DNS_ADDR
+            } else {
+                DEFAULT_DNS_ADDR
+            };
+            // Both constants are literal socket addresses (the test below parses them).
+            default
+                .parse()
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 15054)))
+        })
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -173,5 +247,76 @@ impl ServerArgs {
             return Err(ConfigError::TrustDomain(self.trust_domain.clone(), p));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        server: ServerArgs,
+    }
+
+    fn args(flags: &[&str]) -> ServerArgs {
+        let mut argv = vec!["isthmus"];
+        argv.extend_from_slice(flags);
+        Cli::try_parse_from(argv).unwrap().server
+    }
+
+    const ROUTE: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3));
+
+    #[test]
+    fn the_advertised_address_and_where_it_came_from() {
+        let route = |_v6: bool| Some(ROUTE);
+        let none = |_v6: bool| None;
+        let a = args(&["--advertise-ip", "10.9.9.9"]).advertised(route);
+        assert_eq!(
+            (a.ip.to_string(), a.source),
+            ("10.9.9.9".into(), AdvertiseSource::Flag)
+        );
+        let a = args(&["--grpc-addr", "10.0.0.2:15012"]).advertised(route);
+        assert_eq!(
+            (a.ip.to_string(), a.source),
+            ("10.0.0.2".into(), AdvertiseSource::GrpcAddr)
+        );
+        // The default gRPC address is 0.0.0.0: the default route's interface address.
+        let a = args(&["--dev"]).advertised(route);
+        assert_eq!((a.ip, a.source), (ROUTE, AdvertiseSource::DefaultRoute));
+        let a = args(&[]).advertised(none);
+        assert_eq!(
+            (a.ip.to_string(), a.source),
+            ("127.0.0.1".into(), AdvertiseSource::Loopback)
+        );
+        let v6 = |v6: bool| v6.then(|| "fd00::2".parse().unwrap());
+        let a = args(&["--grpc-addr", "[::]:15012"]).advertised(v6);
+        assert_eq!(a.ip.to_string(), "fd00::2");
+        let a = args(&["--grpc-addr", "[::]:15012"]).advertised(|v6| (!v6).then_some(ROUTE));
+        assert_eq!(a.ip, ROUTE);
+    }
+
+    #[test]
+    fn dev_dns_listens_where_hosts_reach_it_unless_told() {
+        assert_eq!(args(&[]).dns_addr().to_string(), DEFAULT_DNS_ADDR);
+        assert_eq!(args(&["--dev"]).dns_addr().to_string(), DEV_DNS_ADDR);
+        assert_eq!(
+            args(&["--dev", "--dns-addr", "127.0.0.1:0"])
+                .dns_addr()
+                .to_string(),
+            "127.0.0.1:0"
+        );
+    }
+
+    #[test]
+    fn the_default_route_probe_sends_nothing_and_never_says_loopback() {
+        // Whatever this machine's routes, the answer is a usable address or none.
+        for v6 in [false, true] {
+            if let Some(ip) = default_route_ip(v6) {
+                assert!(!ip.is_loopback() && !ip.is_unspecified(), "{ip}");
+            }
+        }
     }
 }

@@ -158,7 +158,8 @@ pub async fn run(
     let view = crate::informer::start(registry.clone())
         .await
         .context("cannot read the registry")?;
-    let dns_tables = crate::dns::tables(view.clone(), args.domain.clone(), args.advertised_ips())
+    let advertised = args.advertised(config::default_route_ip);
+    let dns_tables = crate::dns::tables(view.clone(), args.domain.clone(), vec![advertised.ip])
         .context("cannot build the DNS name table")?;
     let mapping = isthmus_xds::MappingOptions {
         domain: args.domain.clone(),
@@ -241,17 +242,15 @@ pub async fn run(
         "--grpc-addr",
     )
     .await?;
-    let mut dns_cfg = isthmus_dns::DnsServerConfig::new(args.dns_addr);
+    let dns_addr = args.dns_addr();
+    let mut dns_cfg = isthmus_dns::DnsServerConfig::new(dns_addr);
     if !args.dns_upstreams.is_empty() {
         dns_cfg.forward = isthmus_dns::Forward::Upstreams(args.dns_upstreams.clone());
     }
     let dns = isthmus_dns::DnsServer::bind(dns_cfg, dns_tables)
         .await
         .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot serve DNS on {} (change it with --dns-addr): {e}",
-                args.dns_addr
-            )
+            anyhow::anyhow!("cannot serve DNS on {dns_addr} (change it with --dns-addr): {e}")
         })?;
     let endpoints = Endpoints {
         grpc: format!("https://{}", grpc.local_addr()?),
@@ -265,7 +264,7 @@ pub async fn run(
         trust_domain: ca.trust_domain().to_string(),
         domain: args.domain.clone(),
         service_cidr: args.service_cidr.to_string(),
-        advertised_ips: args.advertised_ips(),
+        advertised_ips: vec![advertised.ip],
         grpc_addr: grpc.local_addr()?,
         dns_addr: dns.local_addr(),
         ca_server_name: api::CA_SERVER_NAME.to_string(),
@@ -297,8 +296,15 @@ pub async fn run(
     if created && !args.dev {
         tracing::info!(path = %data_dir.join(config::ADMIN_TOKEN_FILE).display(), "generated a new admin token");
     }
+    let reached_at = reached_at(advertised, grpc.local_addr()?);
+    if advertised.source == config::AdvertiseSource::Loopback {
+        tracing::warn!("{reached_at}");
+    } else {
+        tracing::info!("{reached_at}");
+    }
+    let record = record_server(&endpoints, &data_dir);
     if args.dev {
-        dev_banner(&args, &endpoints, &token, &data_dir);
+        dev_banner(&args, &endpoints, &token, &data_dir, &reached_at);
     }
 
     let serve = |listener: TcpListener, app: axum::Router| {
@@ -352,11 +358,66 @@ pub async fn run(
         tracing::warn!("some connections did not finish within 10s; closing them");
     }
     drop(store);
+    if let Some(path) = record {
+        let _ = std::fs::remove_file(path);
+    }
     tracing::info!("stopped");
     Ok(())
 }
 
-fn dev_banner(args: &ServerArgs, ep: &Endpoints, token: &str, data_dir: &Path) {
+/// The line that says where hosts reach this control plane, and how to change it.
+pub fn reached_at(advertised: config::Advertised, grpc: SocketAddr) -> String {
+    let at = SocketAddr::new(advertised.ip, grpc.port());
+    match advertised.source {
+        config::AdvertiseSource::Loopback => format!(
+            "no default route: hosts reach this control plane at {at} only, which is this machine; pass --advertise-ip with an address other hosts reach"
+        ),
+        _ => format!("hosts reach this control plane at {at} (--advertise-ip to change)"),
+    }
+}
+
+/// Records this server for the CLI of the same user (`ServerRecord`), so `isthmus` finds its
+/// admin token whatever `--data-dir` says; records of servers that are gone are removed.
+/// Best effort: a user without a writable config directory gets the CLI's hint instead.
+fn record_server(ep: &Endpoints, data_dir: &Path) -> Option<PathBuf> {
+    use isthmus_model::client_config::{servers_dir, ServerRecord};
+    let dir = servers_dir()?;
+    let made = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir);
+    if let Err(e) = made {
+        tracing::debug!(dir = %dir.display(), error = %e, "cannot record this server for the CLI");
+        return None;
+    }
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let pid = name
+                .strip_suffix(".json")
+                .and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let record = ServerRecord {
+        admin: ep.admin.clone(),
+        data_dir: std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf()),
+        pid: ep.pid,
+    };
+    let path = dir.join(format!("{}.json", ep.pid));
+    let bytes = serde_json::to_vec_pretty(&record).ok()?;
+    match write_atomic(&path, &bytes, 0o600) {
+        Ok(()) => Some(path),
+        Err(e) => {
+            tracing::debug!(path = %path.display(), error = %e, "cannot record this server for the CLI");
+            None
+        }
+    }
+}
+
+fn dev_banner(args: &ServerArgs, ep: &Endpoints, token: &str, data_dir: &Path, reached_at: &str) {
     let cfg_note = if args.no_client_config {
         String::new()
     } else {
@@ -369,7 +430,8 @@ fn dev_banner(args: &ServerArgs, ep: &Endpoints, token: &str, data_dir: &Path) {
         }
     };
     println!(
-        "\nIsthmus control plane (dev mode, data in {dir}, deleted at exit)\n\n\
+        "\nIsthmus control plane (dev mode, data in {dir}, deleted at exit)\n\
+         {reached_at}\n\n\
          admin API         {admin}\n\
          certificate API   {grpc}  (gRPC/TLS: Istio's CA and workload discovery)\n\
          mesh DNS          {dns}\n\
@@ -390,7 +452,12 @@ fn dev_banner(args: &ServerArgs, ep: &Endpoints, token: &str, data_dir: &Path) {
         admin = ep.admin,
         grpc = ep.grpc,
         dns = ep.dns,
-        dns_ip = ep.dns.rsplit_once(':').map_or("127.0.0.1", |(ip, _)| ip),
+        dns_ip = ep
+            .dns
+            .rsplit_once(':')
+            .map(|(ip, _)| ip)
+            .filter(|ip| *ip != "0.0.0.0" && *ip != "[::]")
+            .unwrap_or("127.0.0.1"),
         dns_port = ep.dns.rsplit_once(':').map_or("53", |(_, p)| p),
         reg = ep.registration,
         met = ep.metrics,

@@ -373,6 +373,79 @@ fn completion_and_help() {
 }
 
 #[test]
+fn the_cli_finds_the_admin_token_of_a_server_with_any_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    let data_dir = std::fs::canonicalize(dir.path()).unwrap();
+    let token_file = data_dir.join("admin-token");
+    let cli = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(args)
+            .env("XDG_CONFIG_HOME", s.home.path())
+            .env_remove("ISTHMUS_TOKEN")
+            .env_remove("ISTHMUS_SERVER")
+            .env_remove("ISTHMUS_CONFIG")
+            .output()
+            .unwrap()
+    };
+    // The running server recorded where its data is: --server alone is enough.
+    let out = cli(&["get", "svc", "-A", "--server", &s.admin]);
+    assert!(out.status.success(), "{out:?}");
+
+    // No token anywhere: the error says where the server keeps it and how to pass it.
+    std::fs::rename(&token_file, data_dir.join("moved")).unwrap();
+    let out = cli(&["get", "svc", "-A", "--server", &s.admin]);
+    std::fs::rename(data_dir.join("moved"), &token_file).unwrap();
+    let t = token_file.display();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim_end(),
+        format!(
+            "error: no admin token.\nhint: a server keeps its admin token in <data-dir>/admin-token (--data-dir, /var/lib/isthmus by default); \
+             pass it with --token @{t} or ISTHMUS_TOKEN=$(cat {t}), or run `isthmus server --dev`, which writes {}",
+            s.home.path().join("isthmus/config.json").display()
+        )
+    );
+
+    // @FILE reads it; a path without @ is told to add it.
+    let at = format!("@{t}");
+    let out = cli(&["get", "svc", "-A", "--server", &s.admin, "--token", &at]);
+    assert!(out.status.success(), "{out:?}");
+    let path = t.to_string();
+    let out = cli(&["get", "svc", "-A", "--server", &s.admin, "--token", &path]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim_end(),
+        format!("error: --token \"{t}\" looks like a file, not a token: write --token @{t} to read the token from that file")
+    );
+}
+
+#[test]
+fn vm_config_says_loudly_when_hosts_cannot_reach_the_mesh_dns() {
+    // The harness's server has its DNS on loopback; the bundle is for a host elsewhere.
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    let out_dir = dir.path().join("vm");
+    let out = s.cli(&[
+        "vm",
+        "config",
+        "-o",
+        out_dir.to_str().unwrap(),
+        "--control-plane",
+        "10.0.0.2",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let port = s.dns.rsplit(':').next().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim_end(),
+        format!(
+            "WARNING: the mesh DNS listens on {} only (loopback), which other hosts cannot reach: \
+             the bundle's kubedns sends mesh names to 10.0.0.2:{port}, where nothing answers.\n\
+             fix: restart the server with --dns-addr 0.0.0.0:{port} (and open UDP/TCP {port} to the hosts), then run `isthmus vm config` again",
+            s.dns
+        )
+    );
+}
+
+#[test]
 fn dev_mode_prints_what_to_do_and_writes_the_cli_config() {
     use std::io::BufRead;
     use std::os::unix::fs::PermissionsExt;
@@ -415,6 +488,20 @@ fn dev_mode_prints_what_to_do_and_writes_the_cli_config() {
         .to_string();
     assert!(
         banner.contains("isthmus register mysql 10.0.0.5 3306 -n onprem"),
+        "{banner}"
+    );
+    let grpc_port = field("certificate API")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(
+        banner.contains(&format!(
+            "hosts reach this control plane at 127.0.0.1:{grpc_port} (--advertise-ip to change)\n"
+        )),
         "{banner}"
     );
     assert!(std::path::Path::new(&data_dir)

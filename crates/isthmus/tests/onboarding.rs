@@ -921,7 +921,8 @@ fn join_server_installs_what_vm_config_writes() {
     ]);
     assert!(
         stdout.contains(&format!(
-            "isthmus join --server {addr} --token @token; it pins the root {pin}"
+            "isthmus join --server {addr} --token @{}; it pins the root {pin}",
+            dir.join("token").display()
         )),
         "{stdout}"
     );
@@ -1573,7 +1574,7 @@ fn join_server_at_a_port_without_tls_names_the_grpc_port() {
     ]);
     assert!(!ok);
     assert!(
-        out.contains("--token \"./token\" looks like a file, not a token: to read the token from a file, write --token @./token"),
+        out.contains("--token \"./token\" looks like a file, not a token: write --token @./token to read the token from that file"),
         "{out}"
     );
 }

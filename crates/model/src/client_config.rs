@@ -25,3 +25,21 @@ pub fn default_path() -> Option<PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
     Some(base.join("isthmus").join("config.json"))
 }
+
+/// What a running `isthmus server` records for the CLI of the same user, one file per server
+/// (`<config dir>/servers/<pid>.json`), so the CLI finds the admin token of a server started
+/// with any `--data-dir`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerRecord {
+    /// Base URL of its admin API as bound, e.g. `http://127.0.0.1:15080`.
+    pub admin: String,
+    /// Its data directory: the admin token is `<data_dir>/admin-token`.
+    pub data_dir: PathBuf,
+    pub pid: u32,
+}
+
+/// `servers/` beside the config file ([`default_path`]).
+pub fn servers_dir() -> Option<PathBuf> {
+    Some(default_path()?.parent()?.join("servers"))
+}

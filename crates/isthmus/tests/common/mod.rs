@@ -76,12 +76,16 @@ impl Server {
 
     /// Like `start_with`, but `extra` must say `--grpc-addr` itself.
     pub fn start_with_grpc(dir: &Path, extra: &[&str]) -> Server {
+        // The server records itself for the CLI under the config dir: the test's, not the user's.
+        let home = tempfile::tempdir().unwrap();
         let mut cmd = Command::new(BIN);
         cmd.args(["server", "--data-dir"])
             .arg(dir)
             .args(ANY_PORTS_BUT_GRPC)
             .args(extra)
             .env("ISTHMUS_LOG", "warn")
+            .env("XDG_CONFIG_HOME", home.path())
+            .env_remove("ISTHMUS_CONFIG")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("spawn isthmus server");
@@ -109,7 +113,7 @@ impl Server {
             grpc: ep["grpc"].as_str().unwrap().into(),
             dns: ep["dns"].as_str().unwrap().into(),
             token,
-            home: tempfile::tempdir().unwrap(),
+            home,
         }
     }
 
