@@ -177,12 +177,13 @@ const fn s(key: &'static str, default: Option<&'static str>, help: &'static str)
 
 /// Settings written to every rendered file even at their default, so a person reading the
 /// file sees where things are.
-const ALWAYS_WRITTEN: [&str; 7] = [
+const ALWAYS_WRITTEN: [&str; 8] = [
     keys::CA_ADDR,
     keys::CA_SERVER_NAME,
     keys::CERT_DIR,
     keys::JOIN_TOKEN_FILE,
     keys::STATE_DIR,
+    keys::DOMAIN,
     keys::PROXY,
     keys::CAPTURE,
 ];

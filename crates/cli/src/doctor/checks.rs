@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use isthmus_agent::identity::{StoreError, WorkloadCertificate};
-use isthmus_agent_config::{AgentEnv, CaAddr};
+use isthmus_agent_config::AgentEnv;
 use isthmus_ca::cert::{parse_pem_certs, CERT_CHAIN_FILE, KEY_FILE};
 use isthmus_ca::{CertError, CertInfo, TokenClaims};
 use isthmus_intercept::{EnvFile, InterceptConfig};
@@ -55,7 +55,7 @@ pub(super) fn loopback(addr: SocketAddr) -> SocketAddr {
 /// `https://host:port[/]` (CA_ADDR) → host and port.
 #[cfg(test)]
 pub(super) fn parse_ca_addr(value: &str) -> Result<(String, u16), String> {
-    let a: CaAddr = value
+    let a: isthmus_agent_config::CaAddr = value
         .parse()
         .map_err(|e: isthmus_agent_config::CaAddrError| e.to_string())?;
     Ok((a.host().to_string(), a.port()))
