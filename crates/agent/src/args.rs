@@ -124,6 +124,12 @@ pub struct AgentArgs {
     /// (Istio's terminationDrainDuration).
     #[arg(long, default_value = "5s", env = "ISTHMUS_DRAIN_DURATION")]
     pub drain_duration: humantime::Duration,
+
+    // --- Resource bounds (issue 13, part 1); kept apart for the typed-config rework. ---
+    /// Connections each proxy listener (outbound, plaintext inbound, HBONE) serves at once;
+    /// past it new ones are closed at once [default: from the open-files limit].
+    #[arg(long, env = "ISTHMUS_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

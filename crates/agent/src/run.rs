@@ -12,11 +12,18 @@ use axum::routing::get;
 use axum::Json;
 use prometheus_client::registry::Registry;
 use serde_json::json;
+use isthmus_intercept::{InterceptConfig, SystemNetfilter, SystemRouting};
+use isthmus_socket::{SocketFactory, SocketOptions};
 use tokio::net::TcpListener;
 
 use crate::args::AgentArgs;
 use crate::discovery::CertConnector;
 use crate::identity::IdentityManager;
+use crate::resources::FdReserve;
+
+/// Attempts at removing the interception rules at stop, and the pause between them.
+const CLEANUP_ATTEMPTS: u32 = 5;
+const CLEANUP_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Where each listener ended up, written to `<state-dir>/agent-endpoints.json`.
 #[derive(serde::Serialize)]
@@ -138,13 +145,74 @@ fn metrics_text(registries: &[Registry]) -> String {
     out
 }
 
+/// The interception settings for `--capture`, checked before the agent opens any socket: the
+/// seed files must name what to capture, and the rules must exempt this very process.
+fn capture_config(args: &AgentArgs) -> anyhow::Result<(InterceptConfig, Arc<SocketFactory>)> {
+    let read = |p: &std::path::Path| {
+        isthmus_intercept::EnvFile::read_optional(p).map_err(anyhow::Error::new)
+    };
+    let cluster = read(&args.cluster_env)?;
+    let icfg = InterceptConfig::from_env(&cluster, &read(&args.sidecar_env)?, &[])
+        .context("invalid interception settings")?;
+    icfg.check_capture(&cluster)?;
+    if let Some((addr, net)) = control_plane_in_vip_cidr(&args.ca_addr, &icfg) {
+        anyhow::bail!(
+            "the control plane ({addr}) lies inside ISTHMUS_VIP_CIDR's {net}: the agent's \
+             own connections there are not captured and would be dropped; take it out of \
+             ISTHMUS_VIP_CIDR"
+        );
+    }
+    let sockets = Arc::new(SocketFactory::new(SocketOptions {
+        mark: icfg.proxy_mark,
+        ..SocketOptions::default()
+    }));
+    let (uid, gid) = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    let how = crate::sockets::self_exemption(&icfg, &sockets, uid, gid)?;
+    tracing::info!(
+        exempt_by = how,
+        uid,
+        gid,
+        mark = ?sockets.mark().map(|m| format!("{m:#x}")),
+        "the agent's own traffic is exempt from capture"
+    );
+    Ok((icfg, sockets))
+}
+
+/// Removes the rules and routes; `Ok` when both are gone.
+fn remove_capture(nf: &SystemNetfilter, rt: &SystemRouting) -> Result<(), String> {
+    // Routes first: a VIP network routed to lo without its rules goes nowhere. Each is tried
+    // even when the other fails.
+    let routes = isthmus_intercept::cleanup_routes(rt);
+    let rules = isthmus_intercept::cleanup(nf);
+    match (rules, routes) {
+        (Ok(_), Ok(_)) => Ok(()),
+        (Err(e), Ok(_)) => Err(format!("the interception rules: {e}")),
+        (Ok(_), Err(e)) => Err(format!("the ISTHMUS_VIP_CIDR routes: {e}")),
+        (Err(a), Err(b)) => Err(format!("the interception rules: {a}; the routes: {b}")),
+    }
+}
+
 pub async fn run(
     args: AgentArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let manager = Arc::new(
-        IdentityManager::new(args.identity_config()).context("invalid agent configuration")?,
-    );
+    let nofile = crate::resources::raise_nofile().context("cannot read the open-files limit")?;
+    let (intercept, sockets) = if args.proxy && args.capture {
+        let (icfg, sockets) = capture_config(&args)?;
+        (Some(icfg), sockets)
+    } else {
+        (None, SocketFactory::unmarked())
+    };
+    // Held until the rules come off, so removing them works even with every other descriptor
+    // taken.
+    let mut reserve = intercept.as_ref().map(|_| FdReserve::take());
+    let mut identity = args.identity_config();
+    identity.sockets = sockets.clone();
+    let manager =
+        Arc::new(IdentityManager::new(identity).context("invalid agent configuration")?);
     let probe = args.probe().context("invalid probe")?;
     let mut registry = Registry::default();
     manager.register_metrics(&mut registry);
@@ -236,13 +304,14 @@ pub async fn run(
             address: args.ca_addr.clone(),
             server_name: args.ca_server_name.clone(),
             cert: certs.clone(),
+            sockets: sockets.clone(),
         }),
     );
     let state = client.state();
     let ready = client.ready();
     let status = client.status();
     if let Some(p) = probe {
-        tokio::spawn(crate::probe::run(p, client.health()));
+        tokio::spawn(crate::probe::run(p, client.health(), sockets.clone()));
     }
 
     // The proxy, and the rules that send traffic to it (only once it listens).
@@ -251,6 +320,14 @@ pub async fn run(
     let mut data_plane = None;
     if args.proxy {
         let mut cfg = crate::proxy::ProxyConfig::new(ip);
+        cfg.sockets = sockets.clone();
+        cfg.max_connections_per_listener = args
+            .max_connections
+            .unwrap_or_else(|| crate::resources::default_max_connections(nofile.soft));
+        tracing::info!(
+            max_connections_per_listener = cfg.max_connections_per_listener,
+            "proxy connection bound"
+        );
         cfg.plaintext_mode = match args.inbound_mode {
             crate::args::InboundMode::Permissive => crate::proxy::PlaintextMode::Permissive,
             crate::args::InboundMode::Strict => crate::proxy::PlaintextMode::Strict,
@@ -282,28 +359,12 @@ pub async fn run(
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .push(proxy_registry);
-        if args.capture {
-            let read = |p: &std::path::Path| {
-                isthmus_intercept::EnvFile::read_optional(p).map_err(anyhow::Error::new)
-            };
-            let icfg = isthmus_intercept::InterceptConfig::from_env(
-                &read(&args.cluster_env)?,
-                &read(&args.sidecar_env)?,
-                &[],
-            )
-            .context("invalid interception settings")?;
-            if let Some((addr, net)) = control_plane_in_vip_cidr(&args.ca_addr, &icfg) {
-                anyhow::bail!(
-                    "the control plane ({addr}) lies inside ISTHMUS_VIP_CIDR's {net}: the agent's \
-                     own connections there are not captured and would be dropped; take it out of \
-                     ISTHMUS_VIP_CIDR"
-                );
-            }
+        if let Some(icfg) = &intercept {
             let nf = isthmus_intercept::SystemNetfilter::new();
-            isthmus_intercept::install(&nf, &icfg)
+            isthmus_intercept::install(&nf, icfg)
                 .context("cannot install the interception rules")?;
             let rt = isthmus_intercept::SystemRouting::new();
-            if let Err(e) = isthmus_intercept::install_routes(&rt, &icfg) {
+            if let Err(e) = isthmus_intercept::install_routes(&rt, icfg) {
                 // Without the routes the VIP networks' rules sit behind nothing: take them out.
                 let _ = isthmus_intercept::cleanup(&nf);
                 let _ = isthmus_intercept::cleanup_routes(&rt);
@@ -326,6 +387,7 @@ pub async fn run(
     if upstreams.is_empty() {
         dns_cfg.forward = isthmus_dns::Forward::Refuse;
     }
+    dns_cfg.sockets = sockets.clone();
     let tables = crate::dnsproxy::tables(state.clone(), args.domain.clone())
         .context("cannot build the DNS table")?;
     let dns = isthmus_dns::DnsServer::bind_with_metrics(dns_cfg, tables, dns_metrics)
@@ -456,14 +518,31 @@ pub async fn run(
     };
     let _ = stop_tx.send(true);
     if let Some((nf, rt)) = capture {
-        if let Err(e) = isthmus_intercept::cleanup_routes(&rt) {
-            tracing::error!(error = %e, "cannot remove the ISTHMUS_VIP_CIDR routes; run `isthmus iptables --cleanup`");
+        // The rules come off first, so new connections stop being sent to a proxy that is going
+        // away; the reserve gives the programs that do it descriptors even when the agent ran
+        // out of them.
+        if let Some(r) = reserve.as_mut() {
+            r.release();
         }
-        match isthmus_intercept::cleanup(&nf) {
-            Ok(_) => tracing::info!("interception rules removed"),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot remove the interception rules; run `isthmus iptables --cleanup`")
+        let mut removed = remove_capture(&nf, &rt);
+        if let Err(e) = &removed {
+            // Most likely out of descriptors: close every connection at once, then retry.
+            tracing::warn!(error = %e, "cannot remove the interception rules yet; closing the proxy's connections and retrying");
+            if let Some(p) = proxy.take() {
+                p.shutdown(std::time::Duration::ZERO).await;
             }
+            drop(data_plane.take());
+            for _ in 1..CLEANUP_ATTEMPTS {
+                tokio::time::sleep(CLEANUP_RETRY).await;
+                removed = remove_capture(&nf, &rt);
+                if removed.is_ok() {
+                    break;
+                }
+            }
+        }
+        match removed {
+            Ok(()) => tracing::info!("interception rules removed"),
+            Err(e) => tracing::error!(error = %e, "cannot remove the interception rules; run `isthmus iptables --cleanup`"),
         }
     }
     if let Some(p) = proxy {

@@ -3,14 +3,14 @@
 //! how many forwards are in flight.
 
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::Message;
+use isthmus_socket::SocketFactory;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::DnsMetrics;
@@ -48,6 +48,8 @@ pub(crate) struct Forwarder {
     timeout: Duration,
     permits: Arc<Semaphore>,
     metrics: Option<DnsMetrics>,
+    /// The agent's: marked, so DNS capture never takes the agent's own upstream queries.
+    sockets: Arc<SocketFactory>,
 }
 
 impl Forwarder {
@@ -56,6 +58,7 @@ impl Forwarder {
         timeout: Duration,
         max_in_flight: usize,
         metrics: Option<DnsMetrics>,
+        sockets: Arc<SocketFactory>,
     ) -> Self {
         Forwarder {
             upstreams,
@@ -63,6 +66,7 @@ impl Forwarder {
             timeout,
             permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
             metrics,
+            sockets,
         }
     }
 
@@ -133,13 +137,13 @@ impl Forwarder {
             timeout: self.timeout,
         };
         let (mut bytes, mut message) =
-            tokio::time::timeout(self.timeout, udp_exchange(upstream, &out, id, query))
+            tokio::time::timeout(self.timeout, self.udp_exchange(upstream, &out, id, query))
                 .await
                 .map_err(|_| timed_out())??;
         if message.metadata.truncation && transport == Transport::Tcp {
             // The client is on TCP and can take the whole answer.
             (bytes, message) =
-                tokio::time::timeout(self.timeout, tcp_exchange(upstream, &out, id, query))
+                tokio::time::timeout(self.timeout, self.tcp_exchange(upstream, &out, id, query))
                     .await
                     .map_err(|_| timed_out())??;
         }
@@ -153,9 +157,9 @@ impl Forwarder {
             }),
         }
     }
-}
 
-async fn udp_exchange(
+    async fn udp_exchange(
+    &self,
     upstream: SocketAddr,
     out: &[u8],
     id: u16,
@@ -166,11 +170,7 @@ async fn udp_exchange(
         proto: "UDP",
         source,
     };
-    let local: SocketAddr = match upstream {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let socket = UdpSocket::bind(local).await.map_err(io_err)?;
+    let socket = self.sockets.udp_for(upstream).map_err(io_err)?;
     // Connected: the kernel drops datagrams from anyone but the upstream.
     socket.connect(upstream).await.map_err(io_err)?;
     socket.send(out).await.map_err(io_err)?;
@@ -188,7 +188,8 @@ async fn udp_exchange(
     }
 }
 
-async fn tcp_exchange(
+    async fn tcp_exchange(
+    &self,
     upstream: SocketAddr,
     out: &[u8],
     id: u16,
@@ -199,7 +200,7 @@ async fn tcp_exchange(
         proto: "TCP",
         source,
     };
-    let mut stream = TcpStream::connect(upstream).await.map_err(io_err)?;
+    let mut stream = self.sockets.connect(upstream).await.map_err(io_err)?;
     stream.write_all(&framed(out)).await.map_err(io_err)?;
     let mut len = [0u8; 2];
     stream.read_exact(&mut len).await.map_err(io_err)?;
@@ -212,6 +213,7 @@ async fn tcp_exchange(
             proto: "TCP",
         }),
     }
+}
 }
 
 /// A message with its TCP length prefix (RFC 1035 §4.2.2), in one buffer so it goes out in

@@ -11,7 +11,7 @@ use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
-use crate::config::InterceptConfig;
+use crate::config::{CidrSelection, InterceptConfig};
 pub use crate::rules::Family;
 use crate::rules::{existing, needs_v6, render, render_cleanup, render_family};
 
@@ -127,7 +127,13 @@ fn cleanup_family(nf: &dyn Netfilter, family: Family) -> Result<bool, ApplyError
 /// What `isthmus iptables --dry-run` prints: the restore text of a fresh install, per family.
 pub fn dry_run(config: &InterceptConfig) -> String {
     let rules = render(config);
-    let mut out = String::from("# IPv4: iptables-restore --noflush\n");
+    let mut out = String::new();
+    if config.service_cidrs == CidrSelection::Unset {
+        out.push_str(
+            "# Outbound: not captured (ISTIO_SERVICE_CIDR is unset; `*` captures everything)\n",
+        );
+    }
+    out.push_str("# IPv4: iptables-restore --noflush\n");
     out.push_str(&rules.v4);
     match rules.v6 {
         Some(v6) => {
@@ -676,7 +682,10 @@ mod tests {
     fn dry_run_prints_both_families() {
         let text = dry_run(&config(""));
         assert!(
-            text.starts_with("# IPv4: iptables-restore --noflush\n*nat\n"),
+            text.starts_with(
+                "# Outbound: not captured (ISTIO_SERVICE_CIDR is unset; `*` captures \
+                 everything)\n# IPv4: iptables-restore --noflush\n*nat\n"
+            ),
             "{text}"
         );
         assert!(text.ends_with(
