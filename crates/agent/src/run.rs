@@ -10,10 +10,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use axum::routing::get;
 use axum::Json;
-use prometheus_client::registry::Registry;
-use serde_json::json;
 use isthmus_intercept::{InterceptConfig, SystemNetfilter, SystemRouting};
 use isthmus_socket::{SocketFactory, SocketOptions};
+use prometheus_client::registry::Registry;
+use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::args::AgentArgs;
@@ -181,6 +181,30 @@ fn capture_config(args: &AgentArgs) -> anyhow::Result<(InterceptConfig, Arc<Sock
     Ok((icfg, sockets))
 }
 
+/// Installed rules and routes: removed on drop, so a start that fails after installing them
+/// (a port taken, say) does not leave the host's connections sent to a proxy that is gone. A
+/// normal stop disarms it and removes them itself, with retries.
+struct Installed(Option<(SystemNetfilter, SystemRouting)>);
+
+impl Installed {
+    fn disarm(mut self) -> Option<(SystemNetfilter, SystemRouting)> {
+        self.0.take()
+    }
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        if let Some((nf, rt)) = self.0.take() {
+            match remove_capture(&nf, &rt) {
+                Ok(()) => tracing::info!("interception rules removed"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot remove the interception rules; run `isthmus iptables --cleanup`")
+                }
+            }
+        }
+    }
+}
+
 /// Removes the rules and routes; `Ok` when both are gone.
 fn remove_capture(nf: &SystemNetfilter, rt: &SystemRouting) -> Result<(), String> {
     // Routes first: a VIP network routed to lo without its rules goes nowhere. Each is tried
@@ -211,8 +235,7 @@ pub async fn run(
     let mut reserve = intercept.as_ref().map(|_| FdReserve::take());
     let mut identity = args.identity_config();
     identity.sockets = sockets.clone();
-    let manager =
-        Arc::new(IdentityManager::new(identity).context("invalid agent configuration")?);
+    let manager = Arc::new(IdentityManager::new(identity).context("invalid agent configuration")?);
     let probe = args.probe().context("invalid probe")?;
     let mut registry = Registry::default();
     manager.register_metrics(&mut registry);
@@ -376,7 +399,7 @@ pub async fn run(
                 vip_routes = icfg.vip_cidrs.len(),
                 "interception rules installed"
             );
-            capture = Some((nf, rt));
+            capture = Some(Installed(Some((nf, rt))));
         }
     }
 
@@ -517,7 +540,7 @@ pub async fn run(
         }
     };
     let _ = stop_tx.send(true);
-    if let Some((nf, rt)) = capture {
+    if let Some((nf, rt)) = capture.and_then(Installed::disarm) {
         // The rules come off first, so new connections stop being sent to a proxy that is going
         // away; the reserve gives the programs that do it descriptors even when the agent ran
         // out of them.
@@ -542,7 +565,9 @@ pub async fn run(
         }
         match removed {
             Ok(()) => tracing::info!("interception rules removed"),
-            Err(e) => tracing::error!(error = %e, "cannot remove the interception rules; run `isthmus iptables --cleanup`"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot remove the interception rules; run `isthmus iptables --cleanup`")
+            }
         }
     }
     if let Some(p) = proxy {

@@ -26,10 +26,7 @@ pub async fn connect_channel(
 }
 
 /// Resolves the URI's authority and connects to the first address that answers.
-async fn connect_uri(
-    sockets: &SocketFactory,
-    uri: &Uri,
-) -> std::io::Result<tokio::net::TcpStream> {
+async fn connect_uri(sockets: &SocketFactory, uri: &Uri) -> std::io::Result<tokio::net::TcpStream> {
     let host = uri
         .host()
         .ok_or_else(|| std::io::Error::other(format!("{uri} names no host")))?;

@@ -159,61 +159,63 @@ impl Forwarder {
     }
 
     async fn udp_exchange(
-    &self,
-    upstream: SocketAddr,
-    out: &[u8],
-    id: u16,
-    query: &ForwardQuery,
-) -> Result<(Vec<u8>, Message), ForwardError> {
-    let io_err = |source| ForwardError::Io {
-        upstream,
-        proto: "UDP",
-        source,
-    };
-    let socket = self.sockets.udp_for(upstream).map_err(io_err)?;
-    // Connected: the kernel drops datagrams from anyone but the upstream.
-    socket.connect(upstream).await.map_err(io_err)?;
-    socket.send(out).await.map_err(io_err)?;
-    let mut buf = vec![0u8; MAX_MESSAGE];
-    loop {
-        let len = socket.recv(&mut buf).await.map_err(io_err)?;
-        // Anything that is not the answer to this question with this ID is ignored (a late
-        // answer or spoofing); the caller's timeout bounds the wait.
-        if let Ok(message) = Message::from_vec(&buf[..len]) {
-            if message.metadata.id == id && query.matches(&message) {
-                buf.truncate(len);
-                return Ok((buf, message));
+        &self,
+        upstream: SocketAddr,
+        out: &[u8],
+        id: u16,
+        query: &ForwardQuery,
+    ) -> Result<(Vec<u8>, Message), ForwardError> {
+        let io_err = |source| ForwardError::Io {
+            upstream,
+            proto: "UDP",
+            source,
+        };
+        let socket = self.sockets.udp_for(upstream).map_err(io_err)?;
+        // Connected: the kernel drops datagrams from anyone but the upstream.
+        socket.connect(upstream).await.map_err(io_err)?;
+        socket.send(out).await.map_err(io_err)?;
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        loop {
+            let len = socket.recv(&mut buf).await.map_err(io_err)?;
+            // Anything that is not the answer to this question with this ID is ignored (a late
+            // answer or spoofing); the caller's timeout bounds the wait.
+            if let Ok(message) = Message::from_vec(&buf[..len]) {
+                if message.metadata.id == id && query.matches(&message) {
+                    buf.truncate(len);
+                    return Ok((buf, message));
+                }
             }
         }
     }
-}
 
     async fn tcp_exchange(
-    &self,
-    upstream: SocketAddr,
-    out: &[u8],
-    id: u16,
-    query: &ForwardQuery,
-) -> Result<(Vec<u8>, Message), ForwardError> {
-    let io_err = |source| ForwardError::Io {
-        upstream,
-        proto: "TCP",
-        source,
-    };
-    let mut stream = self.sockets.connect(upstream).await.map_err(io_err)?;
-    stream.write_all(&framed(out)).await.map_err(io_err)?;
-    let mut len = [0u8; 2];
-    stream.read_exact(&mut len).await.map_err(io_err)?;
-    let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
-    stream.read_exact(&mut buf).await.map_err(io_err)?;
-    match Message::from_vec(&buf) {
-        Ok(message) if message.metadata.id == id && query.matches(&message) => Ok((buf, message)),
-        _ => Err(ForwardError::BadAnswer {
+        &self,
+        upstream: SocketAddr,
+        out: &[u8],
+        id: u16,
+        query: &ForwardQuery,
+    ) -> Result<(Vec<u8>, Message), ForwardError> {
+        let io_err = |source| ForwardError::Io {
             upstream,
             proto: "TCP",
-        }),
+            source,
+        };
+        let mut stream = self.sockets.connect(upstream).await.map_err(io_err)?;
+        stream.write_all(&framed(out)).await.map_err(io_err)?;
+        let mut len = [0u8; 2];
+        stream.read_exact(&mut len).await.map_err(io_err)?;
+        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        stream.read_exact(&mut buf).await.map_err(io_err)?;
+        match Message::from_vec(&buf) {
+            Ok(message) if message.metadata.id == id && query.matches(&message) => {
+                Ok((buf, message))
+            }
+            _ => Err(ForwardError::BadAnswer {
+                upstream,
+                proto: "TCP",
+            }),
+        }
     }
-}
 }
 
 /// A message with its TCP length prefix (RFC 1035 §4.2.2), in one buffer so it goes out in

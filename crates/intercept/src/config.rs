@@ -504,7 +504,10 @@ mod tests {
                  ISTIO_SERVICE_CIDR=* to capture every destination"
             )
         );
-        for ok in ["ISTIO_SERVICE_CIDR=*\n", "ISTIO_SERVICE_CIDR=10.96.0.0/12\n"] {
+        for ok in [
+            "ISTIO_SERVICE_CIDR=*\n",
+            "ISTIO_SERVICE_CIDR=10.96.0.0/12\n",
+        ] {
             std::fs::write(&path, ok).unwrap();
             check(&EnvFile::read_optional(&path).unwrap()).unwrap();
         }

