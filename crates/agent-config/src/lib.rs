@@ -48,6 +48,7 @@ pub mod keys {
     pub const DNS_ADDR: &str = "ISTHMUS_AGENT_DNS_ADDR";
     pub const ADMIN_ADDR: &str = "ISTHMUS_AGENT_ADMIN_ADDR";
     pub const READINESS_ADDR: &str = "ISTHMUS_AGENT_READINESS_ADDR";
+    pub const MAX_CONNECTIONS: &str = "ISTHMUS_MAX_CONNECTIONS";
 }
 
 /// The defaults, as text (what clap's `default_value` takes and `--help` shows).
@@ -77,7 +78,7 @@ pub struct Setting {
 }
 
 /// Every variable agent.env may hold, in the order the file is written.
-pub const SETTINGS: [Setting; 19] = [
+pub const SETTINGS: [Setting; 20] = [
     s(
         keys::CA_ADDR,
         None,
@@ -169,6 +170,11 @@ pub const SETTINGS: [Setting; 19] = [
         Some(defaults::READINESS_ADDR),
         "readiness: /healthz/ready",
     ),
+    s(
+        keys::MAX_CONNECTIONS,
+        None,
+        "connections each proxy listener serves at once [default: from the open-files limit]",
+    ),
 ];
 
 const fn s(key: &'static str, default: Option<&'static str>, help: &'static str) -> Setting {
@@ -226,6 +232,8 @@ pub struct AgentEnv {
     pub dns_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
+    /// `None`: derived from the open-files limit at start.
+    pub max_connections: Option<usize>,
 }
 
 /// One problem with one variable; the message names the file, the variable and the value, and
@@ -432,6 +440,7 @@ impl AgentEnv {
             dns_addr: addr(defaults::DNS_ADDR),
             admin_addr: addr(defaults::ADMIN_ADDR),
             readiness_addr: addr(defaults::READINESS_ADDR),
+            max_connections: None,
         }
     }
 
@@ -541,6 +550,12 @@ impl AgentEnv {
                 "an IP:PORT",
                 addr
             ),
+            max_connections: typed!(
+                keys::MAX_CONNECTIONS,
+                None,
+                "a number of connections above 0",
+                |v: &str| v.parse::<usize>().ok().filter(|n| *n > 0).map(Some)
+            ),
         };
         if parsed.capture && !parsed.proxy {
             invalid(
@@ -596,6 +611,7 @@ impl AgentEnv {
             dns_addr,
             admin_addr,
             readiness_addr,
+            max_connections,
         } = self;
         let path = |p: &Path| Some(p.display().to_string());
         vec![
@@ -624,6 +640,10 @@ impl AgentEnv {
             (keys::DNS_ADDR, Some(dns_addr.to_string())),
             (keys::ADMIN_ADDR, Some(admin_addr.to_string())),
             (keys::READINESS_ADDR, Some(readiness_addr.to_string())),
+            (
+                keys::MAX_CONNECTIONS,
+                max_connections.map(|n| n.to_string()),
+            ),
         ]
     }
 
@@ -773,6 +793,7 @@ mod tests {
         env.dns_addr = "127.0.0.1:2".parse().unwrap();
         env.admin_addr = "127.0.0.1:3".parse().unwrap();
         env.readiness_addr = "127.0.0.1:4".parse().unwrap();
+        env.max_connections = Some(4096);
         let text = env.render();
         assert_eq!(parse(&text).unwrap(), env, "{text}");
         assert!(text.contains("ISTHMUS_DRAIN_DURATION=1m 30s") || text.contains("'1m 30s'"));

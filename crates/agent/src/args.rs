@@ -112,6 +112,11 @@ pub struct AgentArgs {
     /// (Istio's terminationDrainDuration).
     #[arg(long, default_value = defaults::DRAIN_DURATION, env = keys::DRAIN_DURATION)]
     pub drain_duration: humantime::Duration,
+
+    /// Connections each proxy listener (outbound, plaintext inbound, HBONE) serves at once;
+    /// past it new ones are closed at once [default: from the open-files limit].
+    #[arg(long, env = keys::MAX_CONNECTIONS, value_name = "N")]
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

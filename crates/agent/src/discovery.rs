@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use isthmus_socket::SocketFactory;
 use isthmus_xds::{Connect, ConnectError};
 use tokio::sync::watch;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -14,6 +15,8 @@ pub struct CertConnector {
     pub address: String,
     pub server_name: String,
     pub cert: watch::Receiver<CurrentCert>,
+    /// Makes the connection (marked when the agent captures).
+    pub sockets: Arc<SocketFactory>,
 }
 
 #[tonic::async_trait]
@@ -41,8 +44,7 @@ impl Connect for CertConnector {
             .tcp_nodelay(true)
             .initial_stream_window_size(1 << 20)
             .initial_connection_window_size(1 << 20);
-        endpoint
-            .connect()
+        crate::sockets::connect_channel(&endpoint, self.sockets.clone())
             .await
             .map_err(|source| ConnectError::Transport {
                 uri: self.address.clone(),

@@ -10,6 +10,8 @@ pub mod dnsproxy;
 pub mod identity;
 pub mod probe;
 pub mod proxy;
+pub mod resources;
 pub mod run;
+pub mod sockets;
 
 pub use args::AgentArgs;

@@ -3,11 +3,12 @@
 //! reported to the control plane on the discovery stream.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use isthmus_socket::SocketFactory;
 use isthmus_xds::HealthReport;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,15 +50,21 @@ pub fn parse_spec(spec: &str, http: bool) -> Result<Check, ProbeSpecError> {
     })
 }
 
-async fn check_once(check: &Check, timeout: Duration) -> Result<(), String> {
+async fn check_once(
+    check: &Check,
+    timeout: Duration,
+    sockets: &SocketFactory,
+) -> Result<(), String> {
     let attempt = async {
         match check {
-            Check::Tcp(addr) => TcpStream::connect(addr)
+            Check::Tcp(addr) => sockets
+                .connect(*addr)
                 .await
                 .map(drop)
                 .map_err(|e| format!("connect to {addr}: {e}")),
             Check::Http { addr, path } => {
-                let mut s = TcpStream::connect(addr)
+                let mut s = sockets
+                    .connect(*addr)
                     .await
                     .map_err(|e| format!("connect to {addr}: {e}"))?;
                 let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: isthmus-probe\r\nConnection: close\r\n\r\n");
@@ -89,14 +96,18 @@ async fn check_once(check: &Check, timeout: Duration) -> Result<(), String> {
 }
 
 /// Probes forever, publishing a report whenever the health flips (and the first verdict).
-pub async fn run(probe: Probe, report: watch::Sender<Option<HealthReport>>) {
+pub async fn run(
+    probe: Probe,
+    report: watch::Sender<Option<HealthReport>>,
+    sockets: Arc<SocketFactory>,
+) {
     let (mut ok_streak, mut fail_streak) = (0u32, 0u32);
     let mut healthy: Option<bool> = None;
     let mut ticker = tokio::time::interval(probe.period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        match check_once(&probe.check, probe.timeout).await {
+        match check_once(&probe.check, probe.timeout, &sockets).await {
             Ok(()) => {
                 ok_streak += 1;
                 fail_streak = 0;
@@ -161,7 +172,7 @@ mod tests {
             success_threshold: 1,
             failure_threshold: 2,
         };
-        let task = tokio::spawn(run(probe, tx));
+        let task = tokio::spawn(run(probe, tx, SocketFactory::unmarked()));
         rx.wait_for(|r| r.as_ref().is_some_and(|r| r.healthy))
             .await
             .unwrap();

@@ -10,6 +10,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use axum::routing::get;
 use axum::Json;
+use isthmus_intercept::{InterceptConfig, SystemNetfilter, SystemRouting};
+use isthmus_socket::{SocketFactory, SocketOptions};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -17,6 +19,11 @@ use tokio::net::TcpListener;
 use crate::args::AgentArgs;
 use crate::discovery::CertConnector;
 use crate::identity::IdentityManager;
+use crate::resources::FdReserve;
+
+/// Attempts at removing the interception rules at stop, and the pause between them.
+const CLEANUP_ATTEMPTS: u32 = 5;
+const CLEANUP_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Where each listener ended up, written to `<state-dir>/agent-endpoints.json`.
 #[derive(serde::Serialize)]
@@ -29,9 +36,74 @@ struct Endpoints {
 }
 
 async fn bind(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} for the {what} (change it with {flag})"))
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(anyhow::anyhow!(
+            in_use_message(addr, what, flag, port_owner(addr.port()))
+        )),
+        Err(e) => Err(e).with_context(|| {
+            format!("cannot listen on {addr} for the {what} (change it with {flag})")
+        }),
+    }
+}
+
+/// What to say when a listener's address is taken: by another agent (the usual case: a second
+/// `isthmus agent` next to the running service), or by another program.
+fn in_use_message(
+    addr: SocketAddr,
+    what: &str,
+    flag: &str,
+    owner: Option<(u32, String)>,
+) -> String {
+    match owner {
+        Some((pid, cmd)) if cmd.contains("isthmus") && cmd.contains("agent") => format!(
+            "another isthmus agent is already running on this host (pid {pid}: {cmd}), listening on {addr}: stop it first (`sudo systemctl stop isthmus-agent`, or `kill {pid}`); one agent serves the whole host"
+        ),
+        Some((pid, cmd)) => format!(
+            "cannot listen on {addr} for the {what}: pid {pid} ({cmd}) listens there; stop it or change this address with {flag}"
+        ),
+        None => format!(
+            "cannot listen on {addr} for the {what}: the address is in use (is another isthmus agent running? `ss -ltnp 'sport = :{}'` shows who); stop it or change this address with {flag}",
+            addr.port()
+        ),
+    }
+}
+
+/// The process listening on a TCP port, from /proc (best effort: other users' processes are
+/// visible only to root): pid and command line.
+fn port_owner(port: u16) -> Option<(u32, String)> {
+    let inode = ["/proc/net/tcp", "/proc/net/tcp6"].iter().find_map(|f| {
+        let text = std::fs::read_to_string(f).ok()?;
+        text.lines().skip(1).find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            let local_port = cols.get(1)?.rsplit(':').next()?;
+            let listening = cols.get(3) == Some(&"0A");
+            (listening && u16::from_str_radix(local_port, 16).ok()? == port)
+                .then(|| cols.get(9).map(|s| s.to_string()))
+                .flatten()
+        })
+    })?;
+    let target = format!("socket:[{inode}]");
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == target));
+        if holds {
+            let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd)
+                .replace('\0', " ")
+                .trim()
+                .to_string();
+            return Some((pid, cmd));
+        }
+    }
+    None
 }
 
 /// The proxy's own runtime, apart from discovery, identity, DNS and the admin endpoints (which
@@ -138,13 +210,97 @@ fn metrics_text(registries: &[Registry]) -> String {
     out
 }
 
+/// The interception settings for `--capture`, checked before the agent opens any socket: the
+/// seed files must name what to capture, and the rules must exempt this very process.
+fn capture_config(args: &AgentArgs) -> anyhow::Result<(InterceptConfig, Arc<SocketFactory>)> {
+    let read = |p: &std::path::Path| {
+        isthmus_intercept::EnvFile::read_optional(p).map_err(anyhow::Error::new)
+    };
+    let cluster = read(&args.cluster_env)?;
+    let icfg = InterceptConfig::from_env(&cluster, &read(&args.sidecar_env)?, &[])
+        .context("invalid interception settings")?;
+    icfg.check_capture(&cluster)?;
+    if let Some((addr, net)) = control_plane_in_vip_cidr(&args.ca_addr, &icfg) {
+        anyhow::bail!(
+            "the control plane ({addr}) lies inside ISTHMUS_VIP_CIDR's {net}: the agent's \
+             own connections there are not captured and would be dropped; take it out of \
+             ISTHMUS_VIP_CIDR"
+        );
+    }
+    let sockets = Arc::new(SocketFactory::new(SocketOptions {
+        mark: icfg.proxy_mark,
+        ..SocketOptions::default()
+    }));
+    let (uid, gid) = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    let how = crate::sockets::self_exemption(&icfg, &sockets, uid, gid)?;
+    tracing::info!(
+        exempt_by = how,
+        uid,
+        gid,
+        mark = ?sockets.mark().map(|m| format!("{m:#x}")),
+        "the agent's own traffic is exempt from capture"
+    );
+    Ok((icfg, sockets))
+}
+
+/// Installed rules and routes: removed on drop, so a start that fails after installing them
+/// (a port taken, say) does not leave the host's connections sent to a proxy that is gone. A
+/// normal stop disarms it and removes them itself, with retries.
+struct Installed(Option<(SystemNetfilter, SystemRouting)>);
+
+impl Installed {
+    fn disarm(mut self) -> Option<(SystemNetfilter, SystemRouting)> {
+        self.0.take()
+    }
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        if let Some((nf, rt)) = self.0.take() {
+            match remove_capture(&nf, &rt) {
+                Ok(()) => tracing::info!("interception rules removed"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot remove the interception rules; run `isthmus iptables --cleanup`")
+                }
+            }
+        }
+    }
+}
+
+/// Removes the rules and routes; `Ok` when both are gone.
+fn remove_capture(nf: &SystemNetfilter, rt: &SystemRouting) -> Result<(), String> {
+    // Routes first: a VIP network routed to lo without its rules goes nowhere. Each is tried
+    // even when the other fails.
+    let routes = isthmus_intercept::cleanup_routes(rt);
+    let rules = isthmus_intercept::cleanup(nf);
+    match (rules, routes) {
+        (Ok(_), Ok(_)) => Ok(()),
+        (Err(e), Ok(_)) => Err(format!("the interception rules: {e}")),
+        (Ok(_), Err(e)) => Err(format!("the ISTHMUS_VIP_CIDR routes: {e}")),
+        (Err(a), Err(b)) => Err(format!("the interception rules: {a}; the routes: {b}")),
+    }
+}
+
 pub async fn run(
     args: AgentArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let manager = Arc::new(
-        IdentityManager::new(args.identity_config()).context("invalid agent configuration")?,
-    );
+    let nofile = crate::resources::raise_nofile().context("cannot read the open-files limit")?;
+    let (intercept, sockets) = if args.proxy && args.capture {
+        let (icfg, sockets) = capture_config(&args)?;
+        (Some(icfg), sockets)
+    } else {
+        (None, SocketFactory::unmarked())
+    };
+    // Held until the rules come off, so removing them works even with every other descriptor
+    // taken.
+    let mut reserve = intercept.as_ref().map(|_| FdReserve::take());
+    let mut identity = args.identity_config();
+    identity.sockets = sockets.clone();
+    let manager = Arc::new(IdentityManager::new(identity).context("invalid agent configuration")?);
     let probe = args.probe().context("invalid probe")?;
     let mut registry = Registry::default();
     manager.register_metrics(&mut registry);
@@ -236,13 +392,14 @@ pub async fn run(
             address: args.ca_addr.clone(),
             server_name: args.ca_server_name.clone(),
             cert: certs.clone(),
+            sockets: sockets.clone(),
         }),
     );
     let state = client.state();
     let ready = client.ready();
     let status = client.status();
     if let Some(p) = probe {
-        tokio::spawn(crate::probe::run(p, client.health()));
+        tokio::spawn(crate::probe::run(p, client.health(), sockets.clone()));
     }
 
     // The proxy, and the rules that send traffic to it (only once it listens).
@@ -251,6 +408,14 @@ pub async fn run(
     let mut data_plane = None;
     if args.proxy {
         let mut cfg = crate::proxy::ProxyConfig::new(ip);
+        cfg.sockets = sockets.clone();
+        cfg.max_connections_per_listener = args
+            .max_connections
+            .unwrap_or_else(|| crate::resources::default_max_connections(nofile.soft));
+        tracing::info!(
+            max_connections_per_listener = cfg.max_connections_per_listener,
+            "proxy connection bound"
+        );
         cfg.plaintext_mode = match args.inbound_mode {
             crate::args::InboundMode::Permissive => crate::proxy::PlaintextMode::Permissive,
             crate::args::InboundMode::Strict => crate::proxy::PlaintextMode::Strict,
@@ -282,28 +447,12 @@ pub async fn run(
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .push(proxy_registry);
-        if args.capture {
-            let read = |p: &std::path::Path| {
-                isthmus_intercept::EnvFile::read_optional(p).map_err(anyhow::Error::new)
-            };
-            let icfg = isthmus_intercept::InterceptConfig::from_env(
-                &read(&args.cluster_env)?,
-                &read(&args.sidecar_env)?,
-                &[],
-            )
-            .context("invalid interception settings")?;
-            if let Some((addr, net)) = control_plane_in_vip_cidr(&args.ca_addr, &icfg) {
-                anyhow::bail!(
-                    "the control plane ({addr}) lies inside ISTHMUS_VIP_CIDR's {net}: the agent's \
-                     own connections there are not captured and would be dropped; take it out of \
-                     ISTHMUS_VIP_CIDR"
-                );
-            }
+        if let Some(icfg) = &intercept {
             let nf = isthmus_intercept::SystemNetfilter::new();
-            isthmus_intercept::install(&nf, &icfg)
+            isthmus_intercept::install(&nf, icfg)
                 .context("cannot install the interception rules")?;
             let rt = isthmus_intercept::SystemRouting::new();
-            if let Err(e) = isthmus_intercept::install_routes(&rt, &icfg) {
+            if let Err(e) = isthmus_intercept::install_routes(&rt, icfg) {
                 // Without the routes the VIP networks' rules sit behind nothing: take them out.
                 let _ = isthmus_intercept::cleanup(&nf);
                 let _ = isthmus_intercept::cleanup_routes(&rt);
@@ -315,7 +464,7 @@ pub async fn run(
                 vip_routes = icfg.vip_cidrs.len(),
                 "interception rules installed"
             );
-            capture = Some((nf, rt));
+            capture = Some(Installed(Some((nf, rt))));
         }
     }
 
@@ -326,6 +475,7 @@ pub async fn run(
     if upstreams.is_empty() {
         dns_cfg.forward = isthmus_dns::Forward::Refuse;
     }
+    dns_cfg.sockets = sockets.clone();
     let tables = crate::dnsproxy::tables(state.clone(), args.domain.clone())
         .context("cannot build the DNS table")?;
     let dns = isthmus_dns::DnsServer::bind_with_metrics(dns_cfg, tables, dns_metrics)
@@ -455,12 +605,31 @@ pub async fn run(
         }
     };
     let _ = stop_tx.send(true);
-    if let Some((nf, rt)) = capture {
-        if let Err(e) = isthmus_intercept::cleanup_routes(&rt) {
-            tracing::error!(error = %e, "cannot remove the ISTHMUS_VIP_CIDR routes; run `isthmus iptables --cleanup`");
+    if let Some((nf, rt)) = capture.and_then(Installed::disarm) {
+        // The rules come off first, so new connections stop being sent to a proxy that is going
+        // away; the reserve gives the programs that do it descriptors even when the agent ran
+        // out of them.
+        if let Some(r) = reserve.as_mut() {
+            r.release();
         }
-        match isthmus_intercept::cleanup(&nf) {
-            Ok(_) => tracing::info!("interception rules removed"),
+        let mut removed = remove_capture(&nf, &rt);
+        if let Err(e) = &removed {
+            // Most likely out of descriptors: close every connection at once, then retry.
+            tracing::warn!(error = %e, "cannot remove the interception rules yet; closing the proxy's connections and retrying");
+            if let Some(p) = proxy.take() {
+                p.shutdown(std::time::Duration::ZERO).await;
+            }
+            drop(data_plane.take());
+            for _ in 1..CLEANUP_ATTEMPTS {
+                tokio::time::sleep(CLEANUP_RETRY).await;
+                removed = remove_capture(&nf, &rt);
+                if removed.is_ok() {
+                    break;
+                }
+            }
+        }
+        match removed {
+            Ok(()) => tracing::info!("interception rules removed"),
             Err(e) => {
                 tracing::error!(error = %e, "cannot remove the interception rules; run `isthmus iptables --cleanup`")
             }
@@ -487,6 +656,39 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_second_agent_is_told_another_agent_runs() {
+        let addr: std::net::SocketAddr = "127.0.0.1:15020".parse().unwrap();
+        let m = super::in_use_message(
+            addr,
+            "metrics",
+            "--metrics-addr",
+            Some((4242, "/usr/bin/isthmus agent".into())),
+        );
+        assert_eq!(m, "another isthmus agent is already running on this host (pid 4242: /usr/bin/isthmus agent), listening on 127.0.0.1:15020: stop it first (`sudo systemctl stop isthmus-agent`, or `kill 4242`); one agent serves the whole host");
+        let m = super::in_use_message(addr, "metrics", "--metrics-addr", Some((7, "nginx".into())));
+        assert!(
+            m.contains(
+                "pid 7 (nginx) listens there; stop it or change this address with --metrics-addr"
+            ),
+            "{m}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_owner_of_a_taken_port_is_found() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (pid, cmd) = super::port_owner(addr.port()).expect("our own listener");
+        assert_eq!(pid, std::process::id());
+        assert!(!cmd.is_empty());
+        let e = super::bind(addr, "metrics", "--metrics-addr")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("pid {pid}")), "{e}");
+    }
+
     use super::*;
 
     #[test]

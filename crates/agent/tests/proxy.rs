@@ -371,6 +371,7 @@ impl Mesh {
                 hbone_port,
                 max_attempts: 3,
                 connect_timeout: Duration::from_secs(5),
+                ..OutboundConfig::default()
             },
             state_rx,
             HboneClient::new(ca.issue(CLIENT_ID)?, ClientOptions::default()),
@@ -1376,5 +1377,113 @@ async fn registered_peers_are_labelled_by_discovery_not_by_their_baggage() -> Re
     )?);
     let line = call(2).await?;
     assert_eq!(field(&line, "src_workload"), Some("claimed-name"), "{line}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------- loops and bounds
+
+/// Reads until EOF or reset: what a client of a refused connection sees.
+async fn closed_at_once(s: &mut TcpStream) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    match tokio::time::timeout(DEADLINE, s.read_to_end(&mut out)).await {
+        Ok(_) => Ok(out),
+        Err(_) => anyhow::bail!("still open after {DEADLINE:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_agents_own_connection_coming_back_is_refused_not_proxied() -> Result<()> {
+    let (app, accepted) = echo_app(loopback(15, 1)).await?;
+    let (_state, state_rx) = watch::channel(Arc::new(State::default()));
+    let metrics = Arc::new(ProxyMetrics::default());
+    // Unmarked, as an agent without CAP_NET_ADMIN: the factory knows its own ports.
+    let sockets = isthmus_socket::SocketFactory::unmarked();
+    let orig_dst: Arc<dyn OrigDst> =
+        Arc::new(move |_: &TcpStream| -> io::Result<SocketAddr> { Ok(app) });
+    let outbound = Outbound::new(
+        OutboundConfig {
+            sockets: sockets.clone(),
+            ..OutboundConfig::default()
+        },
+        state_rx,
+        HboneClient::new(watch::channel(None).1, ClientOptions::default()),
+        orig_dst,
+        Arc::new(LoadTracker::default()),
+        metrics.clone(),
+    );
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let _serving = tokio::spawn(outbound.serve(l));
+
+    // What capture of the agent's own traffic looks like: its connection arrives at 15001.
+    for _ in 0..3 {
+        let mut own = sockets.connect(addr).await?;
+        own.write_all(b"ping").await?;
+        assert!(closed_at_once(&mut own).await?.is_empty());
+    }
+    let refused = || {
+        metrics
+            .connections
+            .get_or_create(&proxy::metrics::ConnLabels {
+                direction: Direction::Outbound,
+                outcome: Outcome::Refused,
+            })
+            .get()
+    };
+    eventually("three refusals counted", || refused() == 3).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 0, "never re-proxied");
+    // Anyone else's connection is proxied.
+    assert_eq!(round_trip(addr, b"hello").await?, b"hello");
+    Ok(())
+}
+
+#[tokio::test]
+async fn past_its_bound_a_listener_closes_new_connections_and_counts_them() -> Result<()> {
+    let (app, _) = echo_app(loopback(16, 1)).await?;
+    let (_state, state_rx) = watch::channel(Arc::new(State::default()));
+    let metrics = Arc::new(ProxyMetrics::default());
+    let over = metrics
+        .over_limit
+        .get_or_create(&proxy::metrics::DirLabels {
+            direction: Direction::Outbound,
+        })
+        .clone();
+    let counted = over.clone();
+    let orig_dst: Arc<dyn OrigDst> =
+        Arc::new(move |_: &TcpStream| -> io::Result<SocketAddr> { Ok(app) });
+    let outbound = Outbound::new(
+        OutboundConfig {
+            conn_limit: isthmus_socket::ConnLimit::new(1).on_refuse(move || {
+                counted.inc();
+            }),
+            ..OutboundConfig::default()
+        },
+        state_rx,
+        HboneClient::new(watch::channel(None).1, ClientOptions::default()),
+        orig_dst,
+        Arc::new(LoadTracker::default()),
+        metrics.clone(),
+    );
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let _serving = tokio::spawn(outbound.serve(l));
+
+    let mut first = TcpStream::connect(addr).await?;
+    assert_eq!(echo(&mut first, b"one").await?, b"one");
+    let mut second = TcpStream::connect(addr).await?;
+    assert!(closed_at_once(&mut second).await?.is_empty());
+    assert_eq!(over.get(), 1);
+    // The first one is unaffected, and once it closes the slot is free again.
+    assert_eq!(echo(&mut first, b"still").await?, b"still");
+    drop(first);
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match round_trip(addr, b"three").await {
+            Ok(b) if b == b"three" => break,
+            _ if tries < 50 => tokio::time::sleep(Duration::from_millis(20)).await,
+            other => anyhow::bail!("the freed slot is not reused: {other:?}"),
+        }
+    }
     Ok(())
 }

@@ -334,12 +334,17 @@ pub async fn run(cmd: Command, out: &mut dyn Write) -> Result<(), CommandError> 
                     isthmus_intercept::EnvFile::read_optional(p)
                         .map_err(|e| CommandError::Usage(e.to_string()))
                 };
+                let cluster = read(&cluster_env)?;
                 let cfg = isthmus_intercept::InterceptConfig::from_env(
-                    &read(&cluster_env)?,
+                    &cluster,
                     &read(&sidecar_env)?,
                     &overrides,
                 )
                 .map_err(|e| CommandError::Usage(e.to_string()))?;
+                // The agent would refuse these files; stdout stays iptables-restore input.
+                if let Err(e) = cfg.check_capture(&cluster) {
+                    eprintln!("warning: {e}");
+                }
                 w(out, isthmus_intercept::dry_run(&cfg));
             }
         }

@@ -3,14 +3,14 @@
 //! how many forwards are in flight.
 
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::Message;
+use isthmus_socket::SocketFactory;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::DnsMetrics;
@@ -48,6 +48,8 @@ pub(crate) struct Forwarder {
     timeout: Duration,
     permits: Arc<Semaphore>,
     metrics: Option<DnsMetrics>,
+    /// The agent's: marked, so DNS capture never takes the agent's own upstream queries.
+    sockets: Arc<SocketFactory>,
 }
 
 impl Forwarder {
@@ -56,6 +58,7 @@ impl Forwarder {
         timeout: Duration,
         max_in_flight: usize,
         metrics: Option<DnsMetrics>,
+        sockets: Arc<SocketFactory>,
     ) -> Self {
         Forwarder {
             upstreams,
@@ -63,6 +66,7 @@ impl Forwarder {
             timeout,
             permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
             metrics,
+            sockets,
         }
     }
 
@@ -133,13 +137,13 @@ impl Forwarder {
             timeout: self.timeout,
         };
         let (mut bytes, mut message) =
-            tokio::time::timeout(self.timeout, udp_exchange(upstream, &out, id, query))
+            tokio::time::timeout(self.timeout, self.udp_exchange(upstream, &out, id, query))
                 .await
                 .map_err(|_| timed_out())??;
         if message.metadata.truncation && transport == Transport::Tcp {
             // The client is on TCP and can take the whole answer.
             (bytes, message) =
-                tokio::time::timeout(self.timeout, tcp_exchange(upstream, &out, id, query))
+                tokio::time::timeout(self.timeout, self.tcp_exchange(upstream, &out, id, query))
                     .await
                     .map_err(|_| timed_out())??;
         }
@@ -153,64 +157,64 @@ impl Forwarder {
             }),
         }
     }
-}
 
-async fn udp_exchange(
-    upstream: SocketAddr,
-    out: &[u8],
-    id: u16,
-    query: &ForwardQuery,
-) -> Result<(Vec<u8>, Message), ForwardError> {
-    let io_err = |source| ForwardError::Io {
-        upstream,
-        proto: "UDP",
-        source,
-    };
-    let local: SocketAddr = match upstream {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let socket = UdpSocket::bind(local).await.map_err(io_err)?;
-    // Connected: the kernel drops datagrams from anyone but the upstream.
-    socket.connect(upstream).await.map_err(io_err)?;
-    socket.send(out).await.map_err(io_err)?;
-    let mut buf = vec![0u8; MAX_MESSAGE];
-    loop {
-        let len = socket.recv(&mut buf).await.map_err(io_err)?;
-        // Anything that is not the answer to this question with this ID is ignored (a late
-        // answer or spoofing); the caller's timeout bounds the wait.
-        if let Ok(message) = Message::from_vec(&buf[..len]) {
-            if message.metadata.id == id && query.matches(&message) {
-                buf.truncate(len);
-                return Ok((buf, message));
+    async fn udp_exchange(
+        &self,
+        upstream: SocketAddr,
+        out: &[u8],
+        id: u16,
+        query: &ForwardQuery,
+    ) -> Result<(Vec<u8>, Message), ForwardError> {
+        let io_err = |source| ForwardError::Io {
+            upstream,
+            proto: "UDP",
+            source,
+        };
+        let socket = self.sockets.udp_for(upstream).map_err(io_err)?;
+        // Connected: the kernel drops datagrams from anyone but the upstream.
+        socket.connect(upstream).await.map_err(io_err)?;
+        socket.send(out).await.map_err(io_err)?;
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        loop {
+            let len = socket.recv(&mut buf).await.map_err(io_err)?;
+            // Anything that is not the answer to this question with this ID is ignored (a late
+            // answer or spoofing); the caller's timeout bounds the wait.
+            if let Ok(message) = Message::from_vec(&buf[..len]) {
+                if message.metadata.id == id && query.matches(&message) {
+                    buf.truncate(len);
+                    return Ok((buf, message));
+                }
             }
         }
     }
-}
 
-async fn tcp_exchange(
-    upstream: SocketAddr,
-    out: &[u8],
-    id: u16,
-    query: &ForwardQuery,
-) -> Result<(Vec<u8>, Message), ForwardError> {
-    let io_err = |source| ForwardError::Io {
-        upstream,
-        proto: "TCP",
-        source,
-    };
-    let mut stream = TcpStream::connect(upstream).await.map_err(io_err)?;
-    stream.write_all(&framed(out)).await.map_err(io_err)?;
-    let mut len = [0u8; 2];
-    stream.read_exact(&mut len).await.map_err(io_err)?;
-    let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
-    stream.read_exact(&mut buf).await.map_err(io_err)?;
-    match Message::from_vec(&buf) {
-        Ok(message) if message.metadata.id == id && query.matches(&message) => Ok((buf, message)),
-        _ => Err(ForwardError::BadAnswer {
+    async fn tcp_exchange(
+        &self,
+        upstream: SocketAddr,
+        out: &[u8],
+        id: u16,
+        query: &ForwardQuery,
+    ) -> Result<(Vec<u8>, Message), ForwardError> {
+        let io_err = |source| ForwardError::Io {
             upstream,
             proto: "TCP",
-        }),
+            source,
+        };
+        let mut stream = self.sockets.connect(upstream).await.map_err(io_err)?;
+        stream.write_all(&framed(out)).await.map_err(io_err)?;
+        let mut len = [0u8; 2];
+        stream.read_exact(&mut len).await.map_err(io_err)?;
+        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        stream.read_exact(&mut buf).await.map_err(io_err)?;
+        match Message::from_vec(&buf) {
+            Ok(message) if message.metadata.id == id && query.matches(&message) => {
+                Ok((buf, message))
+            }
+            _ => Err(ForwardError::BadAnswer {
+                upstream,
+                proto: "TCP",
+            }),
+        }
     }
 }
 

@@ -64,6 +64,8 @@ pub struct DnsServerConfig {
     pub tcp_idle_timeout: Duration,
     /// Tasks receiving on the UDP socket (more than one lets answers use several cores).
     pub udp_workers: usize,
+    /// Makes the forwarding sockets (the agent's are marked, so its DNS capture lets them by).
+    pub sockets: Arc<isthmus_socket::SocketFactory>,
 }
 
 /// Errors starting or running the DNS server.
@@ -133,6 +135,7 @@ impl DnsServerConfig {
                 .map(|n| n.get())
                 .unwrap_or(1)
                 .min(4),
+            sockets: isthmus_socket::SocketFactory::unmarked(),
         }
     }
 
@@ -190,6 +193,7 @@ impl DnsServer {
                     config.forward_timeout,
                     config.max_in_flight_forwards,
                     metrics.clone(),
+                    config.sockets.clone(),
                 ))
             }
         };

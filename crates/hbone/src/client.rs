@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode, Uri};
+use isthmus_socket::SocketFactory;
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::Instrument;
 
@@ -37,6 +37,8 @@ pub struct ClientOptions {
     /// `SETTINGS_MAX_HEADER_LIST_SIZE` for the peer's responses (h2's default, 16 MiB, would
     /// let a hostile server make us buffer that much per stream).
     pub max_header_list_size: u32,
+    /// Makes the TCP connections to peers (the agent's: marked, with keepalive).
+    pub sockets: Arc<SocketFactory>,
 }
 
 impl Default for ClientOptions {
@@ -51,6 +53,7 @@ impl Default for ClientOptions {
             idle_timeout: Duration::from_secs(5 * 60),
             // A CONNECT reply is a status and perhaps a reason.
             max_header_list_size: 16 * 1024,
+            sockets: SocketFactory::unmarked(),
         }
     }
 }
@@ -414,11 +417,13 @@ impl HboneClient {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let cfg = tls::client_config(&creds, &key.expected)?;
         let handshake = async {
-            let tcp = TcpStream::connect(dst)
+            // Nodelay comes with the factory: tunnels carry interactive traffic; batching
+            // belongs to the application.
+            let tcp = opts
+                .sockets
+                .connect(dst)
                 .await
                 .map_err(|source| HboneError::Connect { dst, source })?;
-            // Tunnels carry interactive traffic; batching belongs to the application.
-            let _ = tcp.set_nodelay(true);
             let tls = TlsConnector::from(cfg)
                 .connect(
                     ServerName::IpAddress(dst.ip().into()),

@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::server::SendResponse;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use isthmus_socket::ConnLimit;
 use rustls::pki_types::CertificateDer;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -44,6 +45,8 @@ pub struct ServerOptions {
     /// (431, the connection kept); four times more closes the connection. h2's default is
     /// 16 MiB, which would let a peer make us buffer that much per request.
     pub max_header_list_size: u32,
+    /// Connections served at once; past it new ones are closed at once (shared by clones).
+    pub conn_limit: ConnLimit,
 }
 
 impl Default for ServerOptions {
@@ -57,6 +60,7 @@ impl Default for ServerOptions {
             max_frame_size: 256 * 1024,
             // Room for the W3C limits (8 KiB of baggage) and the rest of a CONNECT.
             max_header_list_size: 16 * 1024,
+            conn_limit: ConnLimit::unbounded(),
         }
     }
 }
@@ -252,15 +256,21 @@ impl<H: InboundHandler> HboneServer<H> {
                     let (tcp, peer) = match accepted {
                         Ok(a) => a,
                         Err(e) => {
-                            // Per-connection accept errors (EMFILE, aborted handshakes) are transient.
-                            tracing::warn!(error = %e, "accept failed");
+                            // Per-connection accept errors (EMFILE, aborted handshakes) are
+                            // transient; out of descriptors, pause rather than spin.
+                            isthmus_socket::accept_failed("hbone", &e).await;
                             continue;
                         }
+                    };
+                    // Past the bound the connection is closed at once (dropped here).
+                    let Some(permit) = self.options.conn_limit.try_acquire("hbone") else {
+                        continue;
                     };
                     let cfg = match self.current_config(&mut cached) {
                         Ok(cfg) => cfg,
                         Err(e) => {
-                            tracing::warn!(%peer, error = %e, "refusing HBONE connection");
+                            isthmus_socket::warn_limited!(("refused", "hbone"), %peer, error = %e,
+                                "refusing HBONE connection");
                             continue;
                         }
                     };
@@ -271,7 +281,13 @@ impl<H: InboundHandler> HboneServer<H> {
                         shutdown: shutdown.clone(),
                     };
                     let span = tracing::info_span!("hbone_inbound", %peer);
-                    conns.spawn(conn.serve(tcp, peer, cfg).instrument(span));
+                    conns.spawn(
+                        async move {
+                            conn.serve(tcp, peer, cfg).await;
+                            drop(permit);
+                        }
+                        .instrument(span),
+                    );
                 }
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
                 // A dropped handle also shuts the server down.

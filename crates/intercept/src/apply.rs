@@ -11,7 +11,7 @@ use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
-use crate::config::InterceptConfig;
+use crate::config::{CidrSelection, InterceptConfig};
 pub use crate::rules::Family;
 use crate::rules::{existing, needs_v6, render, render_cleanup, render_family};
 
@@ -25,10 +25,7 @@ pub trait Netfilter {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    #[error(
-        "cannot run {program}: {source} (is the {} package installed?)",
-        package_of(program)
-    )]
+    #[error("cannot run {program}: {source} ({})", spawn_hint(program, source))]
     Spawn {
         program: String,
         source: std::io::Error,
@@ -41,6 +38,45 @@ pub enum ApplyError {
         /// The rule iptables-restore named, and what to do about a permission error.
         detail: String,
     },
+}
+
+/// Why a tool could not be started: not on PATH though installed (a user's PATH without the
+/// sbin directories), or not installed at all.
+fn spawn_hint(program: &str, source: &std::io::Error) -> String {
+    if source.kind() != std::io::ErrorKind::NotFound {
+        return format!("is the {} package installed?", package_of(program));
+    }
+    let path = std::env::var("PATH").unwrap_or_default();
+    spawn_hint_in(
+        program,
+        &path,
+        &["/usr/sbin", "/sbin", "/usr/local/sbin", "/usr/bin", "/bin"],
+    )
+}
+
+fn spawn_hint_in(program: &str, path: &str, dirs: &[&str]) -> String {
+    let tool = program.rsplit(' ').next().unwrap_or(program);
+    let on_path = |dir: &std::path::Path| path.split(':').any(|p| std::path::Path::new(p) == dir);
+    match dirs
+        .iter()
+        .map(|d| std::path::Path::new(d).join(tool))
+        .find(|p| p.is_file())
+    {
+        // Found where PATH looks: the failure is not about PATH.
+        Some(found) if found.parent().is_some_and(on_path) => {
+            format!("is the {} package installed?", package_of(tool))
+        }
+        Some(found) => format!(
+            "{tool} is installed at {} but that directory is not on PATH ({path}): add {} to PATH, or run as root with a full PATH",
+            found.display(),
+            found.parent().map_or(String::new(), |d| d.display().to_string())
+        ),
+        None => format!(
+            "{tool} is not installed: install the {} package (apt-get install {})",
+            package_of(tool),
+            package_of(tool)
+        ),
+    }
 }
 
 fn package_of(program: &str) -> &'static str {
@@ -127,7 +163,13 @@ fn cleanup_family(nf: &dyn Netfilter, family: Family) -> Result<bool, ApplyError
 /// What `isthmus iptables --dry-run` prints: the restore text of a fresh install, per family.
 pub fn dry_run(config: &InterceptConfig) -> String {
     let rules = render(config);
-    let mut out = String::from("# IPv4: iptables-restore --noflush\n");
+    let mut out = String::new();
+    if config.service_cidrs == CidrSelection::Unset {
+        out.push_str(
+            "# Outbound: not captured (ISTIO_SERVICE_CIDR is unset; `*` captures everything)\n",
+        );
+    }
+    out.push_str("# IPv4: iptables-restore --noflush\n");
     out.push_str(&rules.v4);
     match rules.v6 {
         Some(v6) => {
@@ -676,7 +718,10 @@ mod tests {
     fn dry_run_prints_both_families() {
         let text = dry_run(&config(""));
         assert!(
-            text.starts_with("# IPv4: iptables-restore --noflush\n*nat\n"),
+            text.starts_with(
+                "# Outbound: not captured (ISTIO_SERVICE_CIDR is unset; `*` captures \
+                 everything)\n# IPv4: iptables-restore --noflush\n*nat\n"
+            ),
             "{text}"
         );
         assert!(text.ends_with(
@@ -720,5 +765,31 @@ mod tests {
             "iptables-restore failed (exit status: 1): iptables-restore: line 2 failed; the rule \
              was: -A BAD -j X"
         );
+    }
+
+    #[test]
+    fn a_tool_off_path_is_told_apart_from_a_missing_package() {
+        let dir = tempfile_dir();
+        std::fs::write(dir.join("iptables-restore"), "").unwrap();
+        let d = dir.display().to_string();
+        assert_eq!(
+            spawn_hint_in("iptables-restore", "/usr/bin:/bin", &[&d]),
+            format!("iptables-restore is installed at {d}/iptables-restore but that directory is not on PATH (/usr/bin:/bin): add {d} to PATH, or run as root with a full PATH")
+        );
+        assert_eq!(
+            spawn_hint_in("iptables-restore", &format!("/usr/bin:{d}"), &[&d]),
+            "is the iptables package installed?"
+        );
+        assert_eq!(
+            spawn_hint_in("ip6tables-save", "/usr/bin", &[&d]),
+            "ip6tables-save is not installed: install the iptables package (apt-get install iptables)"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("isthmus-spawn-hint-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
     }
 }

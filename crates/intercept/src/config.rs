@@ -24,6 +24,11 @@ pub const DEFAULT_EXCLUDED_INBOUND_PORTS: [u16; 8] =
 /// Istio's proxy uid and gid.
 pub const DEFAULT_PROXY_UID: u32 = 1337;
 pub const DEFAULT_PROXY_GID: u32 = 1337;
+/// The mark on the agent's own packets (Istio's `PACKET_MARK`, ztunnel's): exempt from capture
+/// whatever user the agent runs as.
+pub const DEFAULT_PROXY_MARK: u32 = 1337;
+/// What the fix of a missing `ISTIO_SERVICE_CIDR` suggests.
+const SERVICE_CIDR_EXAMPLE: &str = "10.96.0.0/12";
 
 pub const ISTIO_SERVICE_CIDR: &str = "ISTIO_SERVICE_CIDR";
 pub const ISTIO_SERVICE_EXCLUDE_CIDR: &str = "ISTIO_SERVICE_EXCLUDE_CIDR";
@@ -44,6 +49,10 @@ pub const ISTHMUS_VIP_CIDR: &str = "ISTHMUS_VIP_CIDR";
 /// Which destinations outbound capture applies to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CidrSelection {
+    /// `ISTIO_SERVICE_CIDR` unset or empty: nothing is captured outbound, and the agent refuses
+    /// to capture ([`InterceptConfig::check_capture`]). Istio read this as `*`; capturing
+    /// everything by default is how an agent ends up capturing itself, so it must be asked for.
+    Unset,
     /// `*`: every destination (but the excluded ones and loopback).
     All,
     /// These networks (host bits cleared).
@@ -104,24 +113,39 @@ pub enum ConfigError {
          agent's own traffic would be captured and loop; set at least one"
     )]
     NoProxyExemption,
+    #[error("{}", no_service_cidr(.file, *.missing))]
+    NoServiceCidr { file: String, missing: bool },
 }
 
 impl Default for InterceptConfig {
     /// What an empty `cluster.env` and `sidecar.env` mean.
     fn default() -> Self {
         Self {
-            service_cidrs: CidrSelection::All,
+            service_cidrs: CidrSelection::Unset,
             service_exclude_cidrs: Vec::new(),
             inbound_ports: PortSelection::None,
             inbound_exclude_ports: DEFAULT_EXCLUDED_INBOUND_PORTS.into_iter().collect(),
             proxy_uid: Some(DEFAULT_PROXY_UID),
             proxy_gid: Some(DEFAULT_PROXY_GID),
-            proxy_mark: None,
+            proxy_mark: Some(DEFAULT_PROXY_MARK),
             dns_capture: false,
             mode: InterceptionMode::Redirect,
             vip_cidrs: Vec::new(),
         }
     }
+}
+
+fn no_service_cidr(file: &str, missing: bool) -> String {
+    let what = if missing {
+        format!("{file} does not exist, so nothing sets")
+    } else {
+        format!("{file} does not set")
+    };
+    format!(
+        "refusing to capture: {what} {ISTIO_SERVICE_CIDR}, the destinations to capture; set \
+         {ISTIO_SERVICE_CIDR}={SERVICE_CIDR_EXAMPLE} (your service network) in {file}, or \
+         {ISTIO_SERVICE_CIDR}=* to capture every destination"
+    )
 }
 
 /// A variable's value and where it came from.
@@ -168,9 +192,10 @@ impl InterceptConfig {
         let mut c = Self::default();
 
         if let Some(var) = lookup(ISTIO_SERVICE_CIDR) {
-            // Istio's `${ISTIO_SERVICE_CIDR:-*}`: empty means everything.
+            // Unlike Istio's `${ISTIO_SERVICE_CIDR:-*}`, empty is not everything: that takes `*`.
             c.service_cidrs = match var.value.trim() {
-                "" | "*" => CidrSelection::All,
+                "" => CidrSelection::Unset,
+                "*" => CidrSelection::All,
                 _ => CidrSelection::List(parse_cidrs(&var)?),
             };
         }
@@ -237,6 +262,19 @@ impl InterceptConfig {
         Ok(c)
     }
 
+    /// What installing rules needs beyond [`InterceptConfig::from_env`]: `ISTIO_SERVICE_CIDR`
+    /// set (to `*` for every destination). `cluster_env` is where it is expected, named in the
+    /// error with the fix.
+    pub fn check_capture(&self, cluster_env: &EnvFile) -> Result<(), ConfigError> {
+        match self.service_cidrs {
+            CidrSelection::Unset => Err(ConfigError::NoServiceCidr {
+                file: cluster_env.source().to_string(),
+                missing: cluster_env.is_missing(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Checks a config built by hand the way [`InterceptConfig::from_env`] checks its own.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.proxy_uid.is_none() && self.proxy_gid.is_none() && self.proxy_mark.is_none() {
@@ -277,11 +315,13 @@ impl InterceptConfig {
                 }
             }
             let captured = match &self.service_cidrs {
+                CidrSelection::Unset => false,
                 CidrSelection::All => vip.addr().is_ipv4(),
                 CidrSelection::List(nets) => nets.iter().any(|n| n.contains(vip)),
             };
             if !captured {
                 let service = match &self.service_cidrs {
+                    CidrSelection::Unset => "ISTIO_SERVICE_CIDR is unset".to_string(),
                     CidrSelection::All => "ISTIO_SERVICE_CIDR=* (IPv4 only)".to_string(),
                     CidrSelection::List(nets) => format!("ISTIO_SERVICE_CIDR={}", join(nets)),
                 };
@@ -410,14 +450,68 @@ mod tests {
     fn empty_files_give_the_defaults() {
         let c = config("", "").unwrap();
         assert_eq!(c, InterceptConfig::default());
-        assert_eq!(c.service_cidrs, CidrSelection::All);
+        assert_eq!(c.service_cidrs, CidrSelection::Unset);
         assert_eq!(c.inbound_ports, PortSelection::None);
         assert_eq!(
             c.inbound_exclude_ports.iter().copied().collect::<Vec<_>>(),
             vec![22, 15000, 15001, 15006, 15008, 15020, 15021, 15053]
         );
-        assert_eq!((c.proxy_uid, c.proxy_gid), (Some(1337), Some(1337)));
+        assert_eq!(
+            (c.proxy_uid, c.proxy_gid, c.proxy_mark),
+            (Some(1337), Some(1337), Some(0x539))
+        );
         assert!(!c.dns_capture);
+        // Empty is unset too; only `*` is everything.
+        assert_eq!(
+            config("ISTIO_SERVICE_CIDR=", "").unwrap().service_cidrs,
+            CidrSelection::Unset
+        );
+        assert_eq!(
+            config("ISTIO_SERVICE_CIDR=*", "").unwrap().service_cidrs,
+            CidrSelection::All
+        );
+    }
+
+    #[test]
+    fn capture_needs_service_cidr_and_says_where_and_how() {
+        let dir = std::env::temp_dir().join(format!("isthmus-capture-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cluster.env");
+        let _ = std::fs::remove_file(&path);
+        let sidecar = EnvFile::empty("sidecar.env");
+        let check = |cluster: &EnvFile| {
+            InterceptConfig::from_env(cluster, &sidecar, &[])
+                .unwrap()
+                .check_capture(cluster)
+        };
+        let p = path.display().to_string();
+        let missing = EnvFile::read_optional(&path).unwrap();
+        assert_eq!(
+            check(&missing).unwrap_err().to_string(),
+            format!(
+                "refusing to capture: {p} does not exist, so nothing sets ISTIO_SERVICE_CIDR, the \
+                 destinations to capture; set ISTIO_SERVICE_CIDR=10.96.0.0/12 (your service \
+                 network) in {p}, or ISTIO_SERVICE_CIDR=* to capture every destination"
+            )
+        );
+        std::fs::write(&path, "ISTIO_META_DNS_CAPTURE=true\nISTIO_SERVICE_CIDR=\n").unwrap();
+        let unset = EnvFile::read_optional(&path).unwrap();
+        assert_eq!(
+            check(&unset).unwrap_err().to_string(),
+            format!(
+                "refusing to capture: {p} does not set ISTIO_SERVICE_CIDR, the destinations to \
+                 capture; set ISTIO_SERVICE_CIDR=10.96.0.0/12 (your service network) in {p}, or \
+                 ISTIO_SERVICE_CIDR=* to capture every destination"
+            )
+        );
+        for ok in [
+            "ISTIO_SERVICE_CIDR=*\n",
+            "ISTIO_SERVICE_CIDR=10.96.0.0/12\n",
+        ] {
+            std::fs::write(&path, ok).unwrap();
+            check(&EnvFile::read_optional(&path).unwrap()).unwrap();
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -538,7 +632,7 @@ mod tests {
         );
         assert_eq!(c.vip_cidr_holding("10.97.0.1".parse().unwrap()), None);
         // `*` captures IPv4 only.
-        let c = config("", "ISTHMUS_VIP_CIDR=10.96.0.0/12").unwrap();
+        let c = config("ISTIO_SERVICE_CIDR=*", "ISTHMUS_VIP_CIDR=10.96.0.0/12").unwrap();
         assert_eq!(c.vip_cidrs, vec![net("10.96.0.0/12")]);
         assert!(config("", "").unwrap().vip_cidrs.is_empty());
         assert!(config("", "ISTHMUS_VIP_CIDR=")
@@ -555,27 +649,27 @@ mod tests {
                  (set in sidecar.env:1)",
             ),
             (
-                "",
+                "ISTIO_SERVICE_CIDR=*",
                 "ISTHMUS_VIP_CIDR=fd00::/108",
                 "ISTHMUS_VIP_CIDR=\"fd00::/108\": fd00::/108 is not inside the captured networks \
                  (ISTIO_SERVICE_CIDR=* (IPv4 only)); its traffic would be dropped, not proxied \
                  (set in sidecar.env:1)",
             ),
             (
-                "ISTIO_SERVICE_EXCLUDE_CIDR=10.96.5.5",
+                "ISTIO_SERVICE_CIDR=*\nISTIO_SERVICE_EXCLUDE_CIDR=10.96.5.5",
                 "ISTHMUS_VIP_CIDR=10.96.0.0/12",
                 "ISTHMUS_VIP_CIDR=\"10.96.0.0/12\": 10.96.0.0/12 overlaps \
                  ISTIO_SERVICE_EXCLUDE_CIDR's 10.96.5.5/32, whose traffic is not captured and \
                  would be dropped (set in sidecar.env:1)",
             ),
             (
-                "",
+                "ISTIO_SERVICE_CIDR=*",
                 "ISTHMUS_VIP_CIDR=0.0.0.0/0",
                 "ISTHMUS_VIP_CIDR=\"0.0.0.0/0\": 0.0.0.0/0 would send every address to \
                  loopback; list the networks of the service VIPs (set in sidecar.env:1)",
             ),
             (
-                "",
+                "ISTIO_SERVICE_CIDR=*",
                 "ISTHMUS_VIP_CIDR=127.0.0.1",
                 "ISTHMUS_VIP_CIDR=\"127.0.0.1\": 127.0.0.1/32 overlaps 127.0.0.0/8 (loopback) \
                  (set in sidecar.env:1)",
@@ -619,7 +713,11 @@ mod tests {
             (c.proxy_uid, c.proxy_gid, c.proxy_mark),
             (None, None, Some(0x539))
         );
-        let e = config("", "ISTHMUS_PROXY_UID=\nISTHMUS_PROXY_GID=\n").unwrap_err();
+        let e = config(
+            "",
+            "ISTHMUS_PROXY_UID=\nISTHMUS_PROXY_GID=\nISTHMUS_PROXY_MARK=\n",
+        )
+        .unwrap_err();
         assert_eq!(e, ConfigError::NoProxyExemption);
     }
 }

@@ -13,6 +13,8 @@ use std::path::Path;
 pub struct EnvFile {
     source: String,
     entries: Vec<Entry>,
+    /// Read with [`EnvFile::read_optional`] and absent.
+    missing: bool,
 }
 
 /// One `KEY=VALUE` line.
@@ -73,6 +75,7 @@ impl EnvFile {
         Self {
             source: source.into(),
             entries: Vec::new(),
+            missing: false,
         }
     }
 
@@ -94,7 +97,11 @@ impl EnvFile {
                 }
             }
         }
-        Ok(Self { source, entries })
+        Ok(Self {
+            source,
+            entries,
+            missing: false,
+        })
     }
 
     /// Parse raw bytes (what an untrusted file holds).
@@ -129,10 +136,18 @@ impl EnvFile {
     pub fn read_optional(path: &Path) -> Result<Self, EnvFileError> {
         match Self::read(path) {
             Err(EnvFileError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-                Ok(Self::empty(path.display().to_string()))
+                Ok(Self {
+                    missing: true,
+                    ..Self::empty(path.display().to_string())
+                })
             }
             other => other,
         }
+    }
+
+    /// True for a file [`EnvFile::read_optional`] did not find.
+    pub fn is_missing(&self) -> bool {
+        self.missing
     }
 
     /// The file's name as given to [`EnvFile::parse`] or [`EnvFile::read`].

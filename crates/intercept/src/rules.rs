@@ -191,6 +191,8 @@ pub(crate) fn render_family(
         let _ = writeln!(t, "-A {OUTPUT_CHAIN} -d {net} -j RETURN");
     }
     match &config.service_cidrs {
+        // Nothing outbound is captured; the agent refuses to start so (`check_capture`).
+        CidrSelection::Unset => {}
         CidrSelection::All => {
             let _ = writeln!(t, "-A {OUTPUT_CHAIN} -j {REDIRECT_CHAIN}");
         }
@@ -308,13 +310,24 @@ mod tests {
 -A ISTHMUS_OUTPUT -o lo -j RETURN
 -A ISTHMUS_OUTPUT -m owner --uid-owner 1337 -j RETURN
 -A ISTHMUS_OUTPUT -m owner --gid-owner 1337 -j RETURN
+-A ISTHMUS_OUTPUT -m mark --mark 0x539 -j RETURN
 -A ISTHMUS_OUTPUT -d 127.0.0.0/8 -j RETURN
--A ISTHMUS_OUTPUT -j ISTHMUS_REDIRECT
 -I OUTPUT 1 -p tcp -j ISTHMUS_OUTPUT
 COMMIT
 "
         );
         assert_eq!(r.v6, None);
+        // `*` captures the rest.
+        let r = render(&config("ISTIO_SERVICE_CIDR=*"));
+        assert!(
+            r.v4.ends_with(
+                "-A ISTHMUS_OUTPUT -d 127.0.0.0/8 -j RETURN\n\
+                 -A ISTHMUS_OUTPUT -j ISTHMUS_REDIRECT\n\
+                 -I OUTPUT 1 -p tcp -j ISTHMUS_OUTPUT\nCOMMIT\n"
+            ),
+            "{}",
+            r.v4
+        );
     }
 
     #[test]
@@ -391,6 +404,7 @@ COMMIT
 -A ISTHMUS_OUTPUT -o lo -j RETURN
 -A ISTHMUS_OUTPUT -m owner --uid-owner 1337 -j RETURN
 -A ISTHMUS_OUTPUT -m owner --gid-owner 1337 -j RETURN
+-A ISTHMUS_OUTPUT -m mark --mark 0x539 -j RETURN
 -A ISTHMUS_OUTPUT -d 127.0.0.0/8 -j RETURN
 -A ISTHMUS_OUTPUT -d 10.96.0.0/12 -j ISTHMUS_REDIRECT
 -I OUTPUT 1 -p tcp -j ISTHMUS_OUTPUT
@@ -423,6 +437,7 @@ COMMIT
 -A ISTHMUS_OUTPUT -o lo -j RETURN
 -A ISTHMUS_OUTPUT -m owner --uid-owner 1337 -j RETURN
 -A ISTHMUS_OUTPUT -m owner --gid-owner 1337 -j RETURN
+-A ISTHMUS_OUTPUT -m mark --mark 0x539 -j RETURN
 -A ISTHMUS_OUTPUT -d ::1/128 -j RETURN
 -A ISTHMUS_OUTPUT -d fd00:10:96::a/128 -j RETURN
 -A ISTHMUS_OUTPUT -d fd00:10:96::/112 -j ISTHMUS_REDIRECT

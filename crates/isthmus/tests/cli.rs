@@ -584,6 +584,28 @@ fn iptables_dry_run_from_the_seed_files() {
         "the proxy's own traffic is exempt: {rules}"
     );
 
+    assert!(out.stderr.is_empty(), "{out:?}");
+
+    // Without ISTIO_SERVICE_CIDR: nothing captured outbound, and the same warning as the agent's
+    // refusal on stderr; stdout is still iptables-restore input.
+    std::fs::write(&cluster, "ISTIO_CP_AUTH=MUTUAL_TLS\n").unwrap();
+    let out = run(&[]);
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let p = cluster.display();
+    assert!(
+        err.contains(&format!(
+            "warning: refusing to capture: {p} does not set ISTIO_SERVICE_CIDR"
+        )) && err.contains("ISTIO_SERVICE_CIDR=* to capture every destination"),
+        "{err}"
+    );
+    let rules = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !rules.contains("-j ISTHMUS_REDIRECT") && rules.contains("COMMIT"),
+        "{rules}"
+    );
+    std::fs::write(&cluster, "ISTIO_SERVICE_CIDR=10.96.0.0/12\n").unwrap();
+
     let out = run(&["-e", "ISTIO_INBOUND_PORTS=80,http"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

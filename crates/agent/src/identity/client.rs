@@ -87,7 +87,7 @@ pub(crate) async fn request_certificate(
         address: config.ca_address.clone(),
         detail: error_chain(&e),
     };
-    let channel = Channel::from_shared(config.ca_address.clone())
+    let endpoint = Channel::from_shared(config.ca_address.clone())
         .map_err(|e| ClientError::Connect {
             address: config.ca_address.clone(),
             detail: e.to_string(),
@@ -95,8 +95,8 @@ pub(crate) async fn request_certificate(
         .tls_config(tls)
         .map_err(connect_err)?
         .connect_timeout(config.request_timeout)
-        .timeout(config.request_timeout)
-        .connect()
+        .timeout(config.request_timeout);
+    let channel = crate::sockets::connect_channel(&endpoint, config.sockets.clone())
         .await
         .map_err(connect_err)?;
 

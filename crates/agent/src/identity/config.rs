@@ -1,6 +1,7 @@
 //! Configuration of the identity manager, validated once.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use isthmus_ca::cert::ROOT_CERT_FILE;
@@ -92,6 +93,8 @@ pub struct IdentityConfig {
     pub max_backoff: Duration,
     /// Deadline of one certificate request, connection included.
     pub request_timeout: Duration,
+    /// Makes the connections to the control plane (marked when the agent captures).
+    pub sockets: Arc<isthmus_socket::SocketFactory>,
 }
 
 impl IdentityConfig {
@@ -107,6 +110,7 @@ impl IdentityConfig {
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(300),
             request_timeout: Duration::from_secs(30),
+            sockets: isthmus_socket::SocketFactory::unmarked(),
         }
     }
 

@@ -1,11 +1,14 @@
-//! Graceful stop of a plain TCP listener: on the signal, stop accepting (the listener closes,
-//! so new connections are refused at once), let the open connections finish for up to the
-//! deadline the signal carries, then close what is left.
+//! A plain TCP listener's accept loop: connections past the listener's bound are closed at once
+//! (counted), accept errors back off when descriptors run out; and its graceful stop: on the
+//! signal, stop accepting (the listener closes, so new connections are refused at once), let
+//! the open connections finish for up to the deadline the signal carries, then close what is
+//! left.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use isthmus_socket::ConnLimit;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -15,11 +18,13 @@ pub type DrainSender = watch::Sender<Option<Duration>>;
 /// What a serving loop watches.
 pub type DrainSignal = watch::Receiver<Option<Duration>>;
 
-/// Accepts on `listener`, running `handle` per connection, until `drain` fires; then drains.
+/// Accepts on `listener`, running `handle` per connection (at most `limit` at once), until
+/// `drain` fires; then drains.
 pub async fn serve<F, Fut>(
     listener: TcpListener,
     what: &'static str,
     mut drain: DrainSignal,
+    limit: ConnLimit,
     handle: F,
 ) where
     F: Fn(TcpStream, SocketAddr) -> Fut,
@@ -33,10 +38,18 @@ pub async fn serve<F, Fut>(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, src)) => {
-                    conns.spawn(handle(tcp, src));
+                    // Past the bound, `tcp` is dropped here: closed at once.
+                    if let Some(permit) = limit.try_acquire(what) {
+                        let conn = handle(tcp, src);
+                        conns.spawn(async move {
+                            conn.await;
+                            drop(permit);
+                        });
+                    }
                 }
-                // Per-connection accept errors (EMFILE, aborted handshakes) are transient.
-                Err(e) => tracing::warn!(error = %e, listener = what, "accept failed"),
+                // Per-connection accept errors (EMFILE, aborted handshakes) are transient; out
+                // of descriptors, pause rather than spin.
+                Err(e) => isthmus_socket::accept_failed(what, &e).await,
             },
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             changed = drain.changed() => if changed.is_err() {

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use isthmus_hbone::{Decision, InboundHandler, InboundRequest};
+use isthmus_socket::{ConnLimit, SocketFactory};
 use isthmus_xds::client::State;
 use isthmus_xds::Identity;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -33,6 +34,8 @@ pub struct InboundConfig {
     pub any_port: bool,
     /// Bound on connecting to the local application.
     pub connect_timeout: Duration,
+    /// Makes the connections to the local application.
+    pub sockets: Arc<SocketFactory>,
 }
 
 impl Default for InboundConfig {
@@ -40,6 +43,7 @@ impl Default for InboundConfig {
         Self {
             any_port: false,
             connect_timeout: Duration::from_secs(10),
+            sockets: SocketFactory::unmarked(),
         }
     }
 }
@@ -229,10 +233,16 @@ impl InboundPolicy {
             return Err(r.status);
         }
         let timeout = self.inner.config.connect_timeout;
-        let app = match tokio::time::timeout(timeout, TcpStream::connect(conn.dst)).await {
+        let connect = self.inner.config.sockets.connect(conn.dst);
+        let app = match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 let reason = format!("cannot connect to {}: {e}", conn.dst);
+                isthmus_socket::warn_limited!(
+                    ("connect", "inbound"),
+                    reason,
+                    "cannot reach the local app"
+                );
                 rec.finish(metrics, Outcome::Unreachable, &reason, start, false);
                 return Err(StatusCode::SERVICE_UNAVAILABLE);
             }
@@ -242,7 +252,6 @@ impl InboundPolicy {
                 return Err(StatusCode::SERVICE_UNAVAILABLE);
             }
         };
-        let _ = app.set_nodelay(true);
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let live = Arc::new(Live {
             conn,
@@ -399,6 +408,7 @@ pub struct PlaintextInbound {
     mode: PlaintextMode,
     orig_dst: Arc<dyn OrigDst>,
     policy: InboundPolicy,
+    limit: ConnLimit,
 }
 
 impl PlaintextInbound {
@@ -407,7 +417,14 @@ impl PlaintextInbound {
             mode,
             orig_dst,
             policy,
+            limit: ConnLimit::unbounded(),
         }
+    }
+
+    /// Serves at most `limit` connections at once.
+    pub fn with_conn_limit(mut self, limit: ConnLimit) -> Self {
+        self.limit = limit;
+        self
     }
 
     /// Serves `listener` until the returned future is dropped (which closes every connection).
@@ -420,11 +437,18 @@ impl PlaintextInbound {
     /// finish for up to the deadline it carries.
     pub async fn serve_until(self, listener: TcpListener, drain: super::drain::DrainSignal) {
         let this = Arc::new(self);
-        super::drain::serve(listener, "inbound_plaintext", drain, move |tcp, src| {
-            let this = this.clone();
-            let span = tracing::debug_span!("inbound_plaintext", %src);
-            async move { this.handle(tcp, src).await }.instrument(span)
-        })
+        let limit = this.limit.clone();
+        super::drain::serve(
+            listener,
+            "inbound_plaintext",
+            drain,
+            limit,
+            move |tcp, src| {
+                let this = this.clone();
+                let span = tracing::debug_span!("inbound_plaintext", %src);
+                async move { this.handle(tcp, src).await }.instrument(span)
+            },
+        )
         .await
     }
 

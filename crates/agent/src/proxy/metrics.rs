@@ -150,6 +150,8 @@ pub struct ProxyMetrics {
     /// failures show in `outcome`).
     pub by_peer: Family<PeerLabels, Counter>,
     pub bytes_by_peer: Family<PeerBytesLabels, Counter>,
+    /// Connections closed at accept because their listener was at its bound.
+    pub over_limit: Family<DirLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -161,6 +163,11 @@ impl ProxyMetrics {
             "proxy_connections",
             "Proxied connections by direction and outcome",
             self.connections.clone(),
+        );
+        registry.register(
+            "proxy_over_limit_connections",
+            "Connections closed at accept because the listener was at its connection limit",
+            self.over_limit.clone(),
         );
         registry.register(
             "proxy_active_connections",

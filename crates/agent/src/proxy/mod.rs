@@ -28,6 +28,7 @@ use isthmus_hbone::{
     Baggage, ClientOptions, Credentials, CredentialsWatch, HboneClient, HboneServer, OrDash,
     ServerError, ServerHandle, ServerOptions, TraceParent, Upstream,
 };
+use isthmus_socket::{ConnLimit, SocketFactory};
 use isthmus_xds::client::State;
 use prometheus_client::registry::Registry;
 use rustls::pki_types::pem::PemObject;
@@ -61,6 +62,11 @@ pub struct ProxyConfig {
     pub plaintext_mode: PlaintextMode,
     pub hbone_client: ClientOptions,
     pub hbone_server: ServerOptions,
+    /// Makes every socket the proxy opens (upstreams, HBONE, the local app); [`start`] hands it
+    /// to the parts above.
+    pub sockets: Arc<SocketFactory>,
+    /// Connections each listener (outbound, plaintext inbound, HBONE) serves at once.
+    pub max_connections_per_listener: usize,
 }
 
 impl ProxyConfig {
@@ -75,6 +81,8 @@ impl ProxyConfig {
             plaintext_mode: PlaintextMode::Permissive,
             hbone_client: ClientOptions::default(),
             hbone_server: ServerOptions::default(),
+            sockets: SocketFactory::unmarked(),
+            max_connections_per_listener: usize::MAX,
         }
     }
 }
@@ -139,7 +147,7 @@ impl Proxy {
 /// `state` is the discovery state; `certs` the identity manager's certificate watch. Metrics
 /// are registered in `registry` (pass the agent's sub-registry).
 pub async fn start(
-    config: ProxyConfig,
+    mut config: ProxyConfig,
     state: watch::Receiver<Arc<State>>,
     certs: watch::Receiver<CurrentCert>,
     registry: &mut Registry,
@@ -164,6 +172,22 @@ pub async fn start(
 
     let metrics = Arc::new(ProxyMetrics::default());
     metrics.register(registry);
+    let max = config.max_connections_per_listener;
+    let limit = |direction: Direction| {
+        let refused = metrics
+            .over_limit
+            .get_or_create(&metrics::DirLabels { direction })
+            .clone();
+        ConnLimit::new(max).on_refuse(move || {
+            refused.inc();
+        })
+    };
+    config.outbound.sockets = config.sockets.clone();
+    config.outbound.conn_limit = limit(Direction::Outbound);
+    config.inbound.sockets = config.sockets.clone();
+    config.hbone_client.sockets = config.sockets.clone();
+    config.hbone_server.conn_limit = limit(Direction::Inbound);
+    let plaintext_limit = limit(Direction::InboundPlaintext);
     let mut tasks = JoinSet::new();
     let certs_for_local = certs.clone();
     let creds = credentials_watch(certs, &mut tasks);
@@ -195,7 +219,8 @@ pub async fn start(
     let (drain, drain_rx) = watch::channel(None);
     let mut serving = JoinSet::new();
     serving.spawn(outbound.serve_until(outbound_l, drain_rx.clone()));
-    let plaintext = PlaintextInbound::new(config.plaintext_mode, orig_dst, policy);
+    let plaintext = PlaintextInbound::new(config.plaintext_mode, orig_dst, policy)
+        .with_conn_limit(plaintext_limit);
     serving.spawn(plaintext.serve_until(plaintext_l, drain_rx));
     Ok(Proxy {
         outbound_addr,

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use http::HeaderMap;
 use isthmus_hbone::{HboneClient, HboneError, TraceParent, Upstream};
+use isthmus_socket::{ConnLimit, SocketFactory};
 use isthmus_xds::client::{Service, State, Tunnel, Workload};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -38,6 +39,11 @@ pub struct OutboundConfig {
     pub max_attempts: usize,
     /// Bound on a plain TCP connect (HBONE has its own in `ClientOptions`).
     pub connect_timeout: Duration,
+    /// Makes the upstream connections; also tells the agent's own connections apart when one
+    /// comes back to the listener.
+    pub sockets: Arc<SocketFactory>,
+    /// Connections served at once (shared by clones of this config).
+    pub conn_limit: ConnLimit,
 }
 
 impl Default for OutboundConfig {
@@ -47,6 +53,8 @@ impl Default for OutboundConfig {
             hbone_port: isthmus_hbone::HBONE_PORT,
             max_attempts: 3,
             connect_timeout: Duration::from_secs(10),
+            sockets: SocketFactory::unmarked(),
+            conn_limit: ConnLimit::unbounded(),
         }
     }
 }
@@ -60,6 +68,11 @@ pub enum OutboundError {
     OrigDst(std::io::Error),
     #[error("destination {0} is this proxy's own listener: refusing a loop")]
     Loop(SocketAddr),
+    #[error(
+        "the connection comes from the agent itself ({0}): its own traffic was captured \
+         (are its uid/gid or mark exempt in the interception rules?); refusing a loop"
+    )]
+    SelfCaptured(SocketAddr),
     #[error("destination {0} is not a known service or workload and passthrough is off")]
     Unknown(SocketAddr),
     #[error("service {service} has no endpoint serving port {port}")]
@@ -95,9 +108,10 @@ impl OutboundError {
                 Outcome::Denied => Outcome::Denied,
                 _ => Outcome::Unreachable,
             },
-            OutboundError::OrigDst(_) | OutboundError::Loop(_) | OutboundError::Unknown(_) => {
-                Outcome::Refused
-            }
+            OutboundError::OrigDst(_)
+            | OutboundError::Loop(_)
+            | OutboundError::SelfCaptured(_)
+            | OutboundError::Unknown(_) => Outcome::Refused,
             _ => Outcome::Unreachable,
         }
     }
@@ -183,7 +197,8 @@ impl Outbound {
     pub async fn serve_until(self, listener: TcpListener, drain: super::drain::DrainSignal) {
         let this = Arc::new(self);
         let local = listener.local_addr().ok();
-        super::drain::serve(listener, "outbound", drain, move |tcp, src| {
+        let limit = this.config.conn_limit.clone();
+        super::drain::serve(listener, "outbound", drain, limit, move |tcp, src| {
             let this = this.clone();
             let span = tracing::debug_span!("outbound", %src);
             async move { this.handle(tcp, src, local).await }.instrument(span)
@@ -193,6 +208,15 @@ impl Outbound {
 
     async fn handle(&self, mut client: TcpStream, src: SocketAddr, local: Option<SocketAddr>) {
         let start = Instant::now();
+        if self.config.sockets.is_own(src) {
+            // Refused before anything else: re-proxying it would open another of our own
+            // connections, captured again, and so on until descriptors run out.
+            let e = OutboundError::SelfCaptured(src);
+            isthmus_socket::warn_limited!(("loop", "outbound"), error = %e, "refusing a connection");
+            let rec = AccessRecord::new(Direction::Outbound, src);
+            rec.finish(&self.metrics, e.outcome(), &e.to_string(), start, false);
+            return;
+        }
         let _ = client.set_nodelay(true);
         let mut rec = AccessRecord::new(Direction::Outbound, src);
         let origin = Origin {
@@ -215,6 +239,13 @@ impl Outbound {
         let (mut upstream, _guard) = match opened {
             Ok(u) => u,
             Err(e) => {
+                match &e {
+                    OutboundError::Loop(_) => isthmus_socket::warn_limited!(
+                        ("loop", "outbound-listener"), error = %e, "refusing a connection"),
+                    OutboundError::OrigDst(_) | OutboundError::Unknown(_) => {}
+                    _ => isthmus_socket::warn_limited!(
+                        ("connect", "outbound"), error = %e, "no upstream for a connection"),
+                }
                 rec.finish(&self.metrics, e.outcome(), &e.to_string(), start, false);
                 return;
             }
@@ -315,7 +346,8 @@ impl Outbound {
             match self.connect(&t, origin).await {
                 Ok(u) => return Ok((u, Some(guard))),
                 Err(e) => {
-                    tracing::warn!(service = %service.hostname, endpoint = %t.addr, error = %e,
+                    isthmus_socket::warn_limited!(("endpoint", "outbound"),
+                        service = %service.hostname, endpoint = %t.addr, error = %e,
                         "endpoint failed, trying another");
                     // A policy refusal is an answer, not a failure to fail over from.
                     if e.outcome() == Outcome::Denied {
@@ -358,11 +390,8 @@ impl Outbound {
 
     async fn connect_plain(&self, addr: SocketAddr) -> Result<TcpStream, OutboundError> {
         let timeout = self.config.connect_timeout;
-        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                Ok(s)
-            }
+        match tokio::time::timeout(timeout, self.config.sockets.connect(addr)).await {
+            Ok(Ok(s)) => Ok(s),
             Ok(Err(source)) => Err(OutboundError::Connect { addr, source }),
             Err(_) => Err(OutboundError::Timeout { addr, timeout }),
         }

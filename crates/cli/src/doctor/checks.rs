@@ -90,9 +90,19 @@ pub(super) fn config(root: &Path) -> (CheckResult, Option<HostConfig>) {
             Err(e) => problems.push((e.to_string(), join_fix.to_string())),
         }
     }
+    let capture = settings.as_ref().is_some_and(|s| s.capture);
     let intercept = match files.as_slice() {
         [cluster, sidecar] => match InterceptConfig::from_env(cluster, sidecar, &[]) {
-            Ok(c) => Some(c),
+            Ok(c) => {
+                // The agent refuses to capture without ISTIO_SERVICE_CIDR: say so here too.
+                if let (true, Err(e)) = (capture, c.check_capture(cluster)) {
+                    problems.push((
+                        e.to_string(),
+                        format!("set ISTIO_SERVICE_CIDR in {CLUSTER_ENV}"),
+                    ));
+                }
+                Some(c)
+            }
             Err(e) => {
                 problems.push((e.to_string(), "correct the variable named above".into()));
                 None

@@ -790,3 +790,17 @@ fn expected_rules_come_from_the_rendered_ones() {
     let save = "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:ISTHMUS_DNS - [0:0]\n:ISTHMUS_OUTPUT - [0:0]\n:ISTHMUS_REDIRECT - [0:0]\n:ISTHMUS_INBOUND - [0:0]\n:ISTHMUS_IN_REDIRECT - [0:0]\n-A PREROUTING -p tcp -j ISTHMUS_INBOUND\n-A OUTPUT -p udp -m udp --dport 53 -j ISTHMUS_DNS\n-A OUTPUT -p tcp -j ISTHMUS_OUTPUT\n-A OUTPUT -j DOCKER\nCOMMIT\n";
     assert_eq!(compare(save, &e), (vec![], vec![]));
 }
+
+#[test]
+fn capture_without_a_service_network_fails_as_the_agent_would() {
+    let h = host();
+    write(h.root.path(), CLUSTER_ENV, "ISTIO_META_DNS_CAPTURE=true\n");
+    let (r, _) = config(h.root.path());
+    assert_eq!(r.status, Status::Fail, "{r:?}");
+    assert!(r.message.contains("ISTIO_SERVICE_CIDR"), "{r:?}");
+    assert!(r.message.contains("ISTIO_SERVICE_CIDR=*"), "{r:?}");
+    assert_eq!(
+        r.fix.as_deref(),
+        Some(format!("set ISTIO_SERVICE_CIDR in {CLUSTER_ENV}").as_str())
+    );
+}

@@ -1,0 +1,171 @@
+//! The agent's sockets to the control plane: tonic channels that connect through the agent's
+//! [`SocketFactory`] (marked, so capture never takes them), and the check at start that the
+//! agent's own traffic is exempt from the rules it is about to install.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper_util::rt::TokioIo;
+use isthmus_intercept::InterceptConfig;
+use isthmus_socket::SocketFactory;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// Connects `endpoint` (TLS and timeouts as configured on it) over a socket from `sockets`.
+pub async fn connect_channel(
+    endpoint: &Endpoint,
+    sockets: Arc<SocketFactory>,
+) -> Result<Channel, tonic::transport::Error> {
+    let connector = tower::service_fn(move |uri: Uri| {
+        let sockets = sockets.clone();
+        async move {
+            let stream = connect_uri(&sockets, &uri).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(stream))
+        }
+    });
+    endpoint.connect_with_connector(connector).await
+}
+
+/// Resolves the URI's authority and connects to the first address that answers.
+async fn connect_uri(sockets: &SocketFactory, uri: &Uri) -> std::io::Result<tokio::net::TcpStream> {
+    let host = uri
+        .host()
+        .ok_or_else(|| std::io::Error::other(format!("{uri} names no host")))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+        Some("http") => 80,
+        _ => 443,
+    });
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+    let mut last = None;
+    for addr in addrs {
+        match sockets.connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other(format!("{host} resolves to no address"))))
+}
+
+/// Why an agent would capture its own traffic.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "refusing to capture: the interception rules exempt {exempt}, but this agent runs as uid \
+     {uid} and gid {gid}{mark}, so its own connections (to the control plane, to peers) would be \
+     captured and loop; run it as the proxy user (uid {want_uid}), or give it CAP_NET_ADMIN so \
+     it can mark its sockets"
+)]
+pub struct SelfCaptureError {
+    exempt: String,
+    uid: u32,
+    gid: u32,
+    mark: String,
+    want_uid: String,
+}
+
+/// Which of the rules' exemptions covers this process: its uid, its gid, or the mark its
+/// sockets carry (tried on a throwaway socket).
+pub fn self_exemption(
+    icfg: &InterceptConfig,
+    sockets: &SocketFactory,
+    uid: u32,
+    gid: u32,
+) -> Result<&'static str, SelfCaptureError> {
+    let mark = sockets.check_mark();
+    if icfg.proxy_mark.is_some() && matches!(mark, Ok(true)) {
+        return Ok("mark");
+    }
+    if icfg.proxy_uid == Some(uid) {
+        return Ok("uid");
+    }
+    if icfg.proxy_gid == Some(gid) {
+        return Ok("gid");
+    }
+    let mut exempt = Vec::new();
+    if let Some(u) = icfg.proxy_uid {
+        exempt.push(format!("uid {u}"));
+    }
+    if let Some(g) = icfg.proxy_gid {
+        exempt.push(format!("gid {g}"));
+    }
+    if let Some(m) = icfg.proxy_mark {
+        exempt.push(format!("mark {m:#x}"));
+    }
+    Err(SelfCaptureError {
+        exempt: exempt.join(", "),
+        uid,
+        gid,
+        mark: match (icfg.proxy_mark, mark) {
+            (Some(m), Err(e)) => format!(" and cannot mark its sockets with {m:#x} ({e})"),
+            _ => String::new(),
+        },
+        want_uid: icfg
+            .proxy_uid
+            .map_or_else(|| "ISTHMUS_PROXY_UID".into(), |u| u.to_string()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isthmus_socket::SocketOptions;
+
+    fn icfg(sidecar: &str) -> InterceptConfig {
+        InterceptConfig::from_env(
+            &isthmus_intercept::EnvFile::parse("cluster.env", "ISTIO_SERVICE_CIDR=*").unwrap(),
+            &isthmus_intercept::EnvFile::parse("sidecar.env", sidecar).unwrap(),
+            &[],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_agent_must_be_exempt_by_uid_gid_or_mark() {
+        let unmarked = SocketFactory::default();
+        assert_eq!(
+            self_exemption(&icfg(""), &unmarked, 1337, 0).unwrap(),
+            "uid"
+        );
+        assert_eq!(
+            self_exemption(&icfg(""), &unmarked, 0, 1337).unwrap(),
+            "gid"
+        );
+        let e = self_exemption(&icfg("ISTHMUS_PROXY_MARK="), &unmarked, 0, 0).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "refusing to capture: the interception rules exempt uid 1337, gid 1337, but this \
+             agent runs as uid 0 and gid 0, so its own connections (to the control plane, to \
+             peers) would be captured and loop; run it as the proxy user (uid 1337), or give it \
+             CAP_NET_ADMIN so it can mark its sockets"
+        );
+        // With the mark: exempt when the kernel lets it set it (CAP_NET_ADMIN).
+        let marked = SocketFactory::new(SocketOptions {
+            mark: Some(1337),
+            ..SocketOptions::default()
+        });
+        match self_exemption(&icfg(""), &marked, 4242, 4242) {
+            Ok(how) => assert_eq!(how, "mark"),
+            Err(e) => assert!(
+                e.to_string()
+                    .contains("and cannot mark its sockets with 0x539 ("),
+                "{e}"
+            ),
+        }
+    }
+
+    #[tokio::test]
+    async fn channels_connect_through_the_factory() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let sockets = SocketFactory::unmarked();
+        let uri: Uri = format!("http://localhost:{}", addr.port()).parse().unwrap();
+        let s = connect_uri(&sockets, &uri).await.unwrap();
+        let (_a, peer) = l.accept().await.unwrap();
+        assert_eq!(peer, s.local_addr().unwrap());
+        // Unmarked: the factory knows the port as its own (the loop guard's view).
+        assert!(sockets.is_own(peer));
+        let e = connect_uri(&sockets, &"http://127.0.0.1:1".parse().unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+}
