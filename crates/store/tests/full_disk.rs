@@ -27,7 +27,7 @@ impl Tmpfs {
             Ok(s) if s.success() => Some(Self { dir }),
             other => {
                 eprintln!(
-                    "SKIP full_disk: cannot mount a tmpfs ({other:?}); run as root to test a full disk"
+                    "!!!! SKIP full_disk: cannot mount a tmpfs ({other:?}); run as root to test a full disk !!!!"
                 );
                 None
             }
@@ -63,7 +63,7 @@ async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_costs_writes_only_and_recovers_when_space_returns() {
     if !is_root() {
-        eprintln!("SKIP full_disk: not root; run as root to test a full disk on a tmpfs");
+        eprintln!("!!!! SKIP full_disk: needs root (mounts a small tmpfs) !!!!");
         return;
     }
     let Some(fs) = Tmpfs::mount("4m") else { return };
