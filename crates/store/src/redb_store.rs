@@ -1293,4 +1293,55 @@ mod tests {
         let (kvs, _) = store.range("/t/").await.unwrap();
         assert_eq!(kvs.len() as i64, revision + 1);
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_that_cannot_be_reopened_says_why_and_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        let faults = Arc::new(Faults::default());
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .unwrap();
+        let disk = FaultyDisk {
+            file: FileBackend::new(file).unwrap(),
+            faults: faults.clone(),
+        };
+        let db = Database::builder().create_with_backend(disk).unwrap();
+        let store = RedbStore::with_database(db, &path, StoreOptions::default()).unwrap();
+        store.put("/a", b"1".to_vec()).await.unwrap();
+
+        // The write fails, and the reopen that follows finds a directory where the file was.
+        faults.set(|f| f.fail = true);
+        let moved = dir.path().join("moved.redb");
+        std::fs::rename(&path, &moved).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        let err = store.put("/b", b"2".to_vec()).await.unwrap_err();
+        assert!(matches!(err, StoreError::Io { .. }), "{err}");
+        let err = store.get("/a").await.unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable { .. }), "{err}");
+        let message = err.to_string();
+        assert!(
+            message.contains("could not be reopened") && message.contains("directory"),
+            "{message}"
+        );
+        let health = store.health();
+        assert!(health.write_failure.is_some());
+        assert!(health.errors.iter().any(|e| e.op == "reopen"), "{health:?}");
+
+        // Once the file is back, the next write reopens it and goes through.
+        std::fs::remove_dir(&path).unwrap();
+        std::fs::rename(&moved, &path).unwrap();
+        let revision = store.put("/c", b"3".to_vec()).await.unwrap();
+        assert_eq!(revision, store.revision());
+        assert!(store.health().write_failure.is_none());
+        assert_eq!(store.get("/a").await.unwrap().unwrap().value, b"1");
+        assert_eq!(
+            store.get("/c").await.unwrap().unwrap().mod_revision,
+            revision
+        );
+    }
 }
