@@ -124,6 +124,9 @@ impl From<RegistryError> for ApiError {
             RegistryError::BadRequest(_) => StatusCode::BAD_REQUEST,
             RegistryError::Store(StoreError::Compacted { .. }) => StatusCode::GONE,
             RegistryError::Store(StoreError::FutureRevision { .. }) => StatusCode::BAD_REQUEST,
+            // The request was fine and may succeed later, once the disk has room again.
+            RegistryError::Store(StoreError::DiskFull { .. }) => StatusCode::INSUFFICIENT_STORAGE,
+            RegistryError::Store(StoreError::Unavailable { .. }) => StatusCode::SERVICE_UNAVAILABLE,
             RegistryError::Corrupt { .. } | RegistryError::Store(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -288,10 +291,18 @@ async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
 }
 
 async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
-    if state.ready.load(Ordering::Acquire) {
-        "ready\n".into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    if !state.ready.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response();
+    }
+    // A store that refuses writes serves reads, but a balancer should prefer a replica that
+    // takes registrations; the cause is what an operator needs to act.
+    match state.registry.store().health().write_failure {
+        Some(err) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: registry writes fail: {err}\n"),
+        )
+            .into_response(),
+        None => "ready\n".into_response(),
     }
 }
 

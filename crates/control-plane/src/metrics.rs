@@ -2,11 +2,16 @@
 
 use std::sync::Arc;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use isthmus_store::Store;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -26,6 +31,51 @@ pub struct RouteLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreErrorLabels {
+    op: String,
+    kind: String,
+}
+
+/// The store's own health, read from it at each scrape: `errors_total{op,kind}` (storage errors
+/// by operation and cause) and `write_failing` (1 while writes fail). The store counts, so that
+/// failures nobody asked for (a reopen, a probe) are counted too.
+pub struct StoreCollector(pub Arc<dyn Store>);
+
+impl std::fmt::Debug for StoreCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreCollector")
+    }
+}
+
+impl Collector for StoreCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let health = self.0.health();
+        {
+            let mut errors = encoder.encode_descriptor(
+                "errors",
+                "Storage errors of the registry store, by operation (read, write, reopen, probe) and kind (disk_full, io, corrupt, unavailable)",
+                None,
+                MetricType::Counter,
+            )?;
+            for e in &health.errors {
+                let labels = StoreErrorLabels {
+                    op: e.op.into(),
+                    kind: e.kind.into(),
+                };
+                ConstCounter::new(e.count).encode(errors.encode_family(&labels)?)?;
+            }
+        }
+        let failing = encoder.encode_descriptor(
+            "write_failing",
+            "1 while writes to the registry store fail (the server is then unready), else 0",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::from(health.write_failure.is_some())).encode(failing)
+    }
 }
 
 pub struct Metrics {

@@ -202,6 +202,8 @@ pub async fn run(
             .register(reg.sub_registry_with_prefix("ca"));
         onboarding_metrics.register(reg.sub_registry_with_prefix("onboarding"));
         xds.metrics().register(reg.sub_registry_with_prefix("xds"));
+        reg.sub_registry_with_prefix("store")
+            .register_collector(Box::new(crate::metrics::StoreCollector(store.clone())));
     });
     let mut serving = isthmus_ca::ServingCertOptions::default();
     serving

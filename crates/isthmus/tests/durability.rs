@@ -245,3 +245,140 @@ async fn check(s: &Server, http: &reqwest::Client, acked: &BTreeMap<String, Stri
         .collect();
     assert_eq!(vips.len(), services.len(), "two services share a VIP");
 }
+
+/// A tmpfs mounted on a temporary directory, unmounted on drop (after the server on it stops).
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount -t tmpfs failed: {status}");
+        Self(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+/// Fills the filesystem of `path` with a file there, until the filesystem refuses.
+fn fill(path: &std::path::Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![7u8; 64 << 10];
+    while f.write_all(&chunk).is_ok() {}
+    // The last bytes that fit.
+    while f.write_all(&chunk[..512]).is_ok() {}
+}
+
+async fn readyz(s: &Server, http: &reqwest::Client) -> (u16, String) {
+    let resp = http.get(s.url("/readyz")).send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_costs_writes_only_for_as_long_as_it_lasts() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("!!!! SKIP a_full_disk_costs_writes_only_for_as_long_as_it_lasts: needs root (mounts a small tmpfs) !!!!");
+        return;
+    }
+    let fs = Tmpfs::mount("8m");
+    let s = Server::start(fs.0.path());
+    let http = s.http();
+    let mut acked = Vec::new();
+    for i in 0..3 {
+        let name = format!("before-{i}");
+        s.ok(&["register", &name, &format!("10.2.0.{i}"), "80"]);
+        acked.push(name);
+    }
+    let filler = fs.0.path().join("filler");
+    fill(&filler);
+
+    // Registrations go on while the store's file has room inside; then one fails, saying why.
+    let mut refused = None;
+    for i in 0..2000 {
+        let name = format!("svc-{i}");
+        let out = s.cli(&[
+            "register",
+            &name,
+            &format!("10.3.{}.{}", i / 200, i % 200),
+            "80",
+        ]);
+        if out.status.success() {
+            acked.push(name);
+        } else {
+            refused = Some(String::from_utf8_lossy(&out.stderr).into_owned());
+            break;
+        }
+    }
+    let refused = refused.expect("the disk never filled up");
+    for part in ["disk is full", "No space left on device", "free space"] {
+        assert!(refused.contains(part), "{part:?} not in {refused:?}");
+    }
+
+    // Unready with the cause, counted, and reads still answer with every acknowledged write.
+    let (code, body) = readyz(&s, &http).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("disk is full"), "{body}");
+    let metrics = http
+        .get(format!("{}/metrics", s.metrics))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"isthmus_store_errors_total{op="write",kind="disk_full"}"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("isthmus_store_write_failing 1"),
+        "{metrics}"
+    );
+    let names: HashSet<String> = list(&s, &http, "services")
+        .await
+        .iter()
+        .map(|v| v["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    for name in &acked {
+        assert!(
+            names.contains(name),
+            "{name} missing while the disk is full"
+        );
+    }
+
+    // Space returns: ready again without any write, then registrations succeed.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = readyz(&s, &http).await;
+        if code == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still unready after space was freed: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.ok(&["register", "after", "10.4.0.1", "80"]);
+    acked.push("after".into());
+    let names: HashSet<String> = list(&s, &http, "services")
+        .await
+        .iter()
+        .map(|v| v["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    for name in &acked {
+        assert!(names.contains(name), "{name} missing after recovery");
+    }
+}

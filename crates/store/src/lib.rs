@@ -31,7 +31,7 @@ pub mod mem;
 pub mod redb_store;
 
 pub use mem::MemStore;
-pub use redb_store::{RedbStore, WriteStats};
+pub use redb_store::{RedbStore, WriteStats, PROBE_INTERVAL};
 
 /// etcd's revision type: a signed 64-bit counter starting at 1 for the first write.
 pub type Revision = i64;
@@ -196,6 +196,14 @@ pub enum StoreError {
     },
     #[error("storage I/O failed at {path}: {message}")]
     Io { path: String, message: String },
+    /// The filesystem refused to grow the data file (ENOSPC, or EDQUOT). Nothing of the failed
+    /// write was acknowledged; the store retries by itself once space returns.
+    #[error("the registry's disk is full ({cause}) at {path}: free space on that filesystem; writes resume by themselves, reads keep working")]
+    DiskFull { path: String, cause: String },
+    /// A write failed and the data file could not be reopened afterwards; the store keeps
+    /// trying, and serves again as soon as it can.
+    #[error("the data file {path} could not be reopened after a failed write ({message}); the store retries by itself")]
+    Unavailable { path: String, message: String },
     #[error("the data file {path} is corrupt or of an unknown format: {message}")]
     Corrupt { path: String, message: String },
     #[error("the data file {path} is in use by another process: is another control plane running on this data directory?")]
@@ -204,6 +212,52 @@ pub enum StoreError {
     Closed,
     #[error("invalid argument: {0}")]
     Invalid(String),
+}
+
+impl StoreError {
+    /// A short, stable name of the variant, for metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Compacted { .. } => "compacted",
+            Self::FutureRevision { .. } => "future_revision",
+            Self::Io { .. } => "io",
+            Self::DiskFull { .. } => "disk_full",
+            Self::Unavailable { .. } => "unavailable",
+            Self::Corrupt { .. } => "corrupt",
+            Self::Locked { .. } => "locked",
+            Self::Closed => "closed",
+            Self::Invalid(_) => "invalid",
+        }
+    }
+
+    /// A failure of the storage itself rather than of the request.
+    pub fn is_storage(&self) -> bool {
+        matches!(
+            self,
+            Self::Io { .. }
+                | Self::DiskFull { .. }
+                | Self::Unavailable { .. }
+                | Self::Corrupt { .. }
+        )
+    }
+}
+
+/// Whether the store accepts writes, and the storage errors it met since it was opened.
+#[derive(Clone, Debug, Default)]
+pub struct Health {
+    /// The last storage error of a write, while writes fail; `None` once a write (or the store's
+    /// own probe) succeeds again.
+    pub write_failure: Option<StoreError>,
+    /// Storage errors counted by operation (`read`, `write`, `reopen`, `probe`) and
+    /// [`StoreError::kind`], sorted.
+    pub errors: Vec<ErrorCount>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ErrorCount {
+    pub op: &'static str,
+    pub kind: &'static str,
+    pub count: u64,
 }
 
 /// The store every control-plane component talks to.
@@ -240,6 +294,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// The oldest revision a watch may still start from.
     fn oldest_revision(&self) -> Revision;
+
+    /// Whether writes currently fail for a storage reason (for readiness), and the storage
+    /// errors so far (for metrics). A store without storage of its own is always healthy.
+    fn health(&self) -> Health {
+        Health::default()
+    }
 
     /// Unconditional put; returns the new revision.
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<Revision, StoreError> {

@@ -15,14 +15,23 @@
 //! then async tasks parked on a oneshot instead of blocking-pool threads parked on a mutex (64
 //! concurrent writers held 64 of them), there is no leader hand-off to get wrong, and an
 //! uncontended write still costs one thread switch each way, as `spawn_blocking` did.
+//!
+//! A full disk (or any I/O error) costs writes only. redb refuses every read and write after an
+//! I/O error until the file is reopened, so the writer reopens it at once: the file holds only
+//! fsynced commits, so nothing acknowledged is lost, and reads go on from it. The store then
+//! reports the failure through [`Store::health`] until a write succeeds; while it fails, the
+//! writer probes every [`PROBE_INTERVAL`] with a commit of a scratch row in `meta` (no revision,
+//! no event), so health comes back when space does, without waiting for client traffic.
 
+use std::collections::BTreeMap;
 use std::collections::VecDeque;
 use std::io::ErrorKind;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redb::{
@@ -35,7 +44,8 @@ use crate::codec;
 use crate::engine::{self, Applied, Meta, Tables};
 use crate::hub::{self, blocking, Batch, Hub, Log};
 use crate::{
-    Event, KeyValue, Op, Revision, Store, StoreError, StoreOptions, Txn, TxnOutcome, WatchStream,
+    ErrorCount, Event, Health, KeyValue, Op, Revision, Store, StoreError, StoreOptions, Txn,
+    TxnOutcome, WatchStream,
 };
 
 /// At most this many transactions share one commit, so that one commit's latency stays bounded.
@@ -51,8 +61,16 @@ const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
 const META_REVISION: &str = "revision";
 const META_OLDEST: &str = "oldest";
 const META_FORMAT: &str = "format";
+/// The scratch row the writer commits to find out whether the disk takes writes again.
+const META_PROBE: &str = "probe";
 /// Bump with a migration when the row encoding in `codec` changes.
 const FORMAT: i64 = 1;
+
+/// While writes fail, how often the writer tries a commit of its own to see whether they would
+/// succeed again (readiness then comes back without client traffic).
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// At most one log line per this interval about storage failing on, beyond the first.
+const LOG_INTERVAL: Duration = Duration::from_secs(30);
 
 pub struct RedbStore {
     inner: Arc<Inner>,
@@ -71,7 +89,9 @@ pub struct WriteStats {
 }
 
 struct Inner {
-    db: Database,
+    /// `None` only while a reopen after a failed write has not succeeded. Readers hold the read
+    /// lock for one read; the writer takes the write lock to reopen.
+    db: RwLock<Option<Database>>,
     path: PathBuf,
     /// The counters as last committed. Only the writer takes it (and tests that drive a batch
     /// directly), so it is never contended.
@@ -86,6 +106,19 @@ struct Inner {
     writes: AtomicU64,
     hub: Hub,
     history: usize,
+    health: Mutex<HealthState>,
+}
+
+/// What [`Store::health`] reports, and when the failure was last logged.
+#[derive(Default)]
+struct HealthState {
+    write_failure: Option<StoreError>,
+    /// Why the last reopen failed, while the file is closed.
+    reopen_failure: Option<StoreError>,
+    /// Failed writes since the last success.
+    failed_writes: u64,
+    logged: Option<Instant>,
+    errors: BTreeMap<(&'static str, &'static str), u64>,
 }
 
 #[derive(Default)]
@@ -106,6 +139,25 @@ struct Request {
 enum Work {
     Txn(Txn),
     Compact(Revision),
+}
+
+/// What the writer does next.
+enum Next {
+    Batch(Vec<Request>),
+    Probe,
+    Closed,
+}
+
+/// The open database, for as long as a read (or a transaction's start) needs it.
+struct DbGuard<'a>(RwLockReadGuard<'a, Option<Database>>);
+
+impl std::ops::Deref for DbGuard<'_> {
+    type Target = Database;
+
+    fn deref(&self) -> &Database {
+        // `Inner::db` hands one out only when the slot holds a database.
+        self.0.as_ref().unwrap_or_else(|| unreachable!())
+    }
 }
 
 /// One pass of a batch through a write transaction, not yet committed.
@@ -144,7 +196,7 @@ impl RedbStore {
         let meta = init(&db, path)?;
         tracing::debug!(path = %path.display(), revision = meta.revision, oldest = meta.oldest, "opened store");
         let inner = Arc::new(Inner {
-            db,
+            db: RwLock::new(Some(db)),
             path: path.to_owned(),
             meta: Mutex::new(meta),
             queue: Mutex::new(Queue::default()),
@@ -155,6 +207,7 @@ impl RedbStore {
             writes: AtomicU64::new(0),
             hub: Hub::new(options.watch_buffer),
             history: options.history,
+            health: Mutex::default(),
         });
         let writer = {
             let inner = inner.clone();
@@ -256,6 +309,10 @@ fn open_error(path: &Path, err: redb::Error) -> StoreError {
 fn storage_error(path: &Path, err: redb::Error) -> StoreError {
     let path_s = path.display().to_string();
     match err {
+        redb::Error::Io(e) if is_disk_full(&e) => StoreError::DiskFull {
+            path: path_s,
+            cause: e.to_string(),
+        },
         redb::Error::Corrupted(_)
         | redb::Error::UpgradeRequired(_)
         | redb::Error::TableTypeMismatch { .. }
@@ -270,6 +327,41 @@ fn storage_error(path: &Path, err: redb::Error) -> StoreError {
             message: other.to_string(),
         },
     }
+}
+
+fn is_disk_full(err: &std::io::Error) -> bool {
+    // ENOSPC and EDQUOT (Linux numbering; both mean "free space or raise the quota").
+    err.kind() == ErrorKind::StorageFull || matches!(err.raw_os_error(), Some(28 | 122))
+}
+
+/// The counters as committed in `db`, read without writing (the disk may be full).
+fn read_counters(db: &Database, path: &Path) -> Result<Meta, StoreError> {
+    let tx = db.begin_read().map_err(io(path))?;
+    let table = tx.open_table(META).map_err(io(path))?;
+    read_meta(&table).map_err(io(path))
+}
+
+/// The log's batches in `after+1..=upto`.
+fn read_batches(
+    db: &Database,
+    path: &Path,
+    after: Revision,
+    upto: Revision,
+) -> Result<Vec<Batch>, StoreError> {
+    let tx = db.begin_read().map_err(io(path))?;
+    let log = tx.open_table(LOG).map_err(io(path))?;
+    let mut batches = Vec::new();
+    for row in log.range(after + 1..=upto).map_err(io(path))? {
+        let (revision, events) = row.map_err(io(path))?;
+        batches.push(Batch {
+            revision: revision.value(),
+            events: codec::decode_events(events.value()).map_err(|e| StoreError::Corrupt {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?,
+        });
+    }
+    Ok(batches)
 }
 
 /// Maps any redb error raised while working on `path`.
@@ -306,25 +398,41 @@ impl Inner {
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// The writer thread: one batch after another until the store is dropped.
+    /// The writer thread: one batch after another until the store is dropped; while writes
+    /// fail and nothing is queued, a probe every `PROBE_INTERVAL`.
     fn run_writer(&self) {
-        while let Some(batch) = self.next_batch() {
-            self.commit_batch(batch);
+        loop {
+            match self.next_batch() {
+                Next::Batch(batch) => self.commit_batch(batch),
+                Next::Probe => self.probe(),
+                Next::Closed => return,
+            }
         }
     }
 
     /// Wait for at least one request, then take what is queued at that moment, within the
     /// bounds. Waiting for more would add latency to every lone write.
-    fn next_batch(&self) -> Option<Vec<Request>> {
+    fn next_batch(&self) -> Next {
         let mut queue = self.lock_queue();
         while queue.requests.is_empty() {
             if queue.closed {
-                return None;
+                return Next::Closed;
             }
-            queue = self
+            if !self.failing() {
+                queue = self
+                    .queued
+                    .wait(queue)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            let (q, timeout) = self
                 .queued
-                .wait(queue)
+                .wait_timeout(queue, PROBE_INTERVAL)
                 .unwrap_or_else(PoisonError::into_inner);
+            queue = q;
+            if timeout.timed_out() && queue.requests.is_empty() && !queue.closed {
+                return Next::Probe;
+            }
         }
         let mut batch = Vec::with_capacity(queue.requests.len().min(MAX_BATCH_REQUESTS));
         let mut bytes = 0;
@@ -339,7 +447,169 @@ impl Inner {
             bytes += size;
             batch.extend(queue.requests.pop_front());
         }
-        Some(batch)
+        Next::Batch(batch)
+    }
+
+    fn failing(&self) -> bool {
+        self.lock_health().write_failure.is_some()
+    }
+
+    fn lock_health(&self) -> MutexGuard<'_, HealthState> {
+        // Only counters and flags: well-formed whatever a panicking holder left.
+        self.health.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn count(&self, op: &'static str, err: &StoreError) {
+        if err.is_storage() {
+            *self
+                .lock_health()
+                .errors
+                .entry((op, err.kind()))
+                .or_default() += 1;
+        }
+    }
+
+    /// The database, for one read (or a write transaction of the writer). Fails with why the
+    /// file is closed if a reopen did not succeed yet.
+    fn db(&self) -> Result<DbGuard<'_>, StoreError> {
+        let guard = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        if guard.is_some() {
+            return Ok(DbGuard(guard));
+        }
+        drop(guard);
+        let health = self.lock_health();
+        Err(health
+            .reopen_failure
+            .clone()
+            .unwrap_or_else(|| StoreError::Unavailable {
+                path: self.path.display().to_string(),
+                message: "the file is being reopened".into(),
+            }))
+    }
+
+    /// A write failed on storage: report it (logged at once the first time, then at most every
+    /// `LOG_INTERVAL`) and reopen the file, which redb requires after an I/O error.
+    fn write_failed(&self, err: &StoreError, committed: &mut Meta) {
+        {
+            let mut health = self.lock_health();
+            let first = health.write_failure.is_none();
+            health.failed_writes += 1;
+            health.write_failure = Some(err.clone());
+            let now = Instant::now();
+            if first || health.logged.is_none_or(|t| now - t >= LOG_INTERVAL) {
+                health.logged = Some(now);
+                let failed = health.failed_writes;
+                drop(health);
+                if first {
+                    tracing::error!(path = %self.path.display(), error = %err, "writes to the registry store fail; reads go on");
+                } else {
+                    tracing::error!(path = %self.path.display(), error = %err, failed_writes = failed, "writes to the registry store still fail");
+                }
+            }
+        }
+        // A failed compare or a bad request leaves redb usable; anything that reached the disk
+        // may not have.
+        if matches!(err, StoreError::Io { .. } | StoreError::DiskFull { .. }) {
+            self.reopen(committed);
+        }
+    }
+
+    /// A write committed: writes work again.
+    fn write_succeeded(&self) {
+        let mut health = self.lock_health();
+        if health.write_failure.take().is_some() {
+            let failed = std::mem::take(&mut health.failed_writes);
+            health.logged = None;
+            drop(health);
+            tracing::info!(path = %self.path.display(), failed_writes = failed, "writes to the registry store succeed again");
+        }
+    }
+
+    /// Close and reopen the file. The reopened file holds every acknowledged commit and maybe
+    /// the batch whose commit failed (its data may have reached the disk): its events are
+    /// published then, so that watchers see exactly what the file holds. On failure the file
+    /// stays closed, reads and writes fail with why, and the next write or probe tries again.
+    fn reopen(&self, committed: &mut Meta) {
+        let mut slot = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        // Close first: redb locks the file, so a second handle could not open it.
+        drop(slot.take());
+        let opened = Database::builder()
+            .create(&self.path)
+            .map_err(|e| open_error(&self.path, e.into()))
+            .and_then(|db| {
+                let meta = read_counters(&db, &self.path)?;
+                let missed = if meta.revision > committed.revision {
+                    read_batches(&db, &self.path, committed.revision, meta.revision)?
+                } else {
+                    Vec::new()
+                };
+                Ok((db, meta, missed))
+            });
+        match opened {
+            Ok((db, meta, missed)) => {
+                *slot = Some(db);
+                drop(slot);
+                if meta.revision < committed.revision {
+                    // Acknowledged commits were fsynced: a filesystem that loses them lies.
+                    tracing::error!(path = %self.path.display(), acknowledged = committed.revision, on_disk = meta.revision, "the reopened registry store lacks acknowledged writes");
+                } else if !missed.is_empty() {
+                    tracing::warn!(path = %self.path.display(), revision = meta.revision, "a write reported failed reached the disk after all");
+                }
+                *committed = meta;
+                self.oldest.store(meta.oldest, Ordering::SeqCst);
+                self.revision.store(meta.revision, Ordering::SeqCst);
+                for batch in missed {
+                    self.hub.publish(batch);
+                }
+                self.lock_health().reopen_failure = None;
+                tracing::debug!(path = %self.path.display(), revision = meta.revision, "reopened the registry store");
+            }
+            Err(err) => {
+                drop(slot);
+                self.count("reopen", &err);
+                let err = StoreError::Unavailable {
+                    path: self.path.display().to_string(),
+                    message: err.to_string(),
+                };
+                tracing::error!(path = %self.path.display(), error = %err, "cannot reopen the registry store; retrying");
+                self.lock_health().reopen_failure = Some(err);
+            }
+        }
+    }
+
+    /// While writes fail and nobody writes: reopen if needed and commit the scratch row, which
+    /// tells whether the disk takes writes again.
+    fn probe(&self) {
+        let mut committed = self.meta.lock().unwrap_or_else(PoisonError::into_inner);
+        if self
+            .db
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none()
+        {
+            self.reopen(&mut committed);
+        }
+        let result = self.db().and_then(|db| {
+            let mut tx = db.begin_write().map_err(io(&self.path))?;
+            tx.set_durability(Durability::Immediate);
+            {
+                let mut meta = tx.open_table(META).map_err(io(&self.path))?;
+                let n = meta
+                    .get(META_PROBE)
+                    .map_err(io(&self.path))?
+                    .map_or(0, |v| v.value());
+                meta.insert(META_PROBE, n.wrapping_add(1))
+                    .map_err(io(&self.path))?;
+            }
+            tx.commit().map_err(io(&self.path))
+        });
+        match result {
+            Ok(()) => self.write_succeeded(),
+            Err(err) => {
+                self.count("probe", &err);
+                self.write_failed(&err, &mut committed);
+            }
+        }
     }
 
     /// Apply, commit and publish `batch`, then answer each of its callers.
@@ -367,9 +637,39 @@ impl Inner {
     /// The answer to each request of `batch`, in order. Everything published was committed
     /// first; if the commit fails, every request that had no error of its own gets that one.
     fn apply_batch(&self, batch: &[Request]) -> Vec<Result<TxnOutcome, StoreError>> {
-        // The guarded Meta only changes after a successful commit, so it is accurate even after
-        // a panic.
+        // The guarded Meta only changes after a successful commit (or a reopen), so it is
+        // accurate even after a panic.
         let mut committed = self.meta.lock().unwrap_or_else(PoisonError::into_inner);
+        if self
+            .db
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none()
+        {
+            self.reopen(&mut committed);
+        }
+        let commits_before = self.commits.load(Ordering::SeqCst);
+        let answers = self.apply_batch_locked(batch, &mut committed);
+        let mut storage_error = None;
+        for err in answers.iter().filter_map(|a| a.as_ref().err()) {
+            self.count("write", err);
+            if err.is_storage() {
+                storage_error = Some(err);
+            }
+        }
+        match storage_error {
+            Some(err) => self.write_failed(err, &mut committed),
+            None if self.commits.load(Ordering::SeqCst) > commits_before => self.write_succeeded(),
+            None => {}
+        }
+        answers
+    }
+
+    fn apply_batch_locked(
+        &self,
+        batch: &[Request],
+        committed: &mut Meta,
+    ) -> Vec<Result<TxnOutcome, StoreError>> {
         let mut answers: Vec<Option<Result<TxnOutcome, StoreError>>> =
             batch.iter().map(|_| None).collect();
         // Each pass that returns None has answered one more request, so this ends.
@@ -380,7 +680,7 @@ impl Inner {
                 Err(err) => break Err(err),
             }
         };
-        match pass.and_then(|pass| self.finish(pass, &mut committed)) {
+        match pass.and_then(|pass| self.finish(pass, committed)) {
             Ok(outcomes) => {
                 for (index, outcome) in outcomes {
                     answers[index] = Some(Ok(outcome));
@@ -409,7 +709,7 @@ impl Inner {
         answers: &mut [Option<Result<TxnOutcome, StoreError>>],
         committed: Meta,
     ) -> Result<Option<Pass>, StoreError> {
-        let mut tx = self.db.begin_write().map_err(io(&self.path))?;
+        let mut tx = self.db()?.begin_write().map_err(io(&self.path))?;
         tx.set_durability(Durability::Immediate);
         let mut meta = committed;
         let mut outcomes = Vec::with_capacity(batch.len());
@@ -492,7 +792,18 @@ impl Inner {
     }
 
     fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let tx = self.db.begin_read().map_err(io(&self.path))?;
+        let result = self.get_uncounted(key);
+        if let Err(err) = &result {
+            self.count("read", err);
+        }
+        result
+    }
+
+    fn get_uncounted(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        // Held until the read ends, so a reopen waits for it (redb's file lock outlives the
+        // `Database` while a transaction is open).
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(io(&self.path))?;
         let table = tx.open_table(KV).map_err(io(&self.path))?;
         let row = table.get(key).map_err(io(&self.path))?;
         row.map(|v| codec::decode_row(key, v.value()))
@@ -501,7 +812,18 @@ impl Inner {
     }
 
     fn range(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
-        let tx = self.db.begin_read().map_err(io(&self.path))?;
+        let result = self.range_uncounted(prefix);
+        if let Err(err) = &result {
+            self.count("read", err);
+        }
+        result
+    }
+
+    fn range_uncounted(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
+        // Held until the read ends, so a reopen waits for it (redb's file lock outlives the
+        // `Database` while a transaction is open).
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(io(&self.path))?;
         let table = tx.open_table(KV).map_err(io(&self.path))?;
         let mut kvs = Vec::new();
         for row in table.range(prefix..).map_err(io(&self.path))? {
@@ -515,6 +837,31 @@ impl Inner {
         let meta = tx.open_table(META).map_err(io(&self.path))?;
         let revision = read_meta(&meta).map_err(io(&self.path))?.revision;
         Ok((kvs, revision))
+    }
+}
+
+impl Inner {
+    fn read_log_uncounted(
+        &self,
+        after: Revision,
+        upto: Revision,
+    ) -> Result<Vec<Batch>, StoreError> {
+        let db = self.db()?;
+        let tx = db.begin_read().map_err(io(&self.path))?;
+        // The availability check and the read share one snapshot, so a concurrent compaction
+        // cannot slip between them.
+        let meta = tx.open_table(META).map_err(io(&self.path))?;
+        engine::check_available(read_meta(&meta).map_err(io(&self.path))?, after + 1)?;
+        let log = tx.open_table(LOG).map_err(io(&self.path))?;
+        let mut batches = Vec::new();
+        for row in log.range(after + 1..=upto).map_err(io(&self.path))? {
+            let (revision, events) = row.map_err(io(&self.path))?;
+            batches.push(Batch {
+                revision: revision.value(),
+                events: codec::decode_events(events.value()).map_err(|e| self.corrupt(e))?,
+            });
+        }
+        Ok(batches)
     }
 }
 
@@ -623,21 +970,11 @@ impl Log for Inner {
     }
 
     fn read_log(&self, after: Revision, upto: Revision) -> Result<Vec<Batch>, StoreError> {
-        let tx = self.db.begin_read().map_err(io(&self.path))?;
-        // The availability check and the read share one snapshot, so a concurrent compaction
-        // cannot slip between them.
-        let meta = tx.open_table(META).map_err(io(&self.path))?;
-        engine::check_available(read_meta(&meta).map_err(io(&self.path))?, after + 1)?;
-        let log = tx.open_table(LOG).map_err(io(&self.path))?;
-        let mut batches = Vec::new();
-        for row in log.range(after + 1..=upto).map_err(io(&self.path))? {
-            let (revision, events) = row.map_err(io(&self.path))?;
-            batches.push(Batch {
-                revision: revision.value(),
-                events: codec::decode_events(events.value()).map_err(|e| self.corrupt(e))?,
-            });
+        let result = self.read_log_uncounted(after, upto);
+        if let Err(err) = &result {
+            self.count("read", err);
         }
-        Ok(batches)
+        result
     }
 }
 
@@ -671,6 +1008,18 @@ impl Store for RedbStore {
 
     fn oldest_revision(&self) -> Revision {
         self.inner.oldest.load(Ordering::SeqCst)
+    }
+
+    fn health(&self) -> Health {
+        let health = self.inner.lock_health();
+        Health {
+            write_failure: health.write_failure.clone(),
+            errors: health
+                .errors
+                .iter()
+                .map(|(&(op, kind), &count)| ErrorCount { op, kind, count })
+                .collect(),
+        }
     }
 }
 
@@ -900,9 +1249,6 @@ mod tests {
             let err = write.await.unwrap().unwrap_err();
             assert!(matches!(&err, StoreError::Io { .. }), "{err}");
         }
-        assert_eq!(published.try_recv().unwrap().revision, 1);
-        assert!(matches!(published.try_recv(), Err(TryRecvError::Empty)));
-        assert_eq!(store.revision(), 1);
         assert_eq!(
             store.write_stats(),
             WriteStats {
@@ -910,24 +1256,92 @@ mod tests {
                 writes: 1
             }
         );
+        assert!(store.health().write_failure.is_some());
 
-        // After a failed fsync nobody knows what the disk holds; redb refuses further writes
-        // until the file is reopened, and the counters stay put.
-        faults.set(|f| f.fail = false);
-        assert!(store.put("/t/5", vec![]).await.is_err());
-        assert_eq!(store.revision(), 1);
-        assert!(matches!(published.try_recv(), Err(TryRecvError::Empty)));
-
-        drop(Arc::into_inner(store).unwrap());
-        let store = RedbStore::open(&path, StoreOptions::default()).unwrap();
-        let (kvs, revision) = store.range("/t/").await.unwrap();
+        // After a failed fsync nobody knows what the disk holds, and redb refuses everything
+        // until the file is reopened; the store did that at once. The reopened file may hold the
+        // unacknowledged batch (here its writes did land, only the fsync failed), but only as a
+        // whole, and then its revisions are published like any other: watchers see what the
+        // file holds, each revision once.
+        let revision = store.revision();
+        let published: Vec<_> = std::iter::from_fn(|| published.try_recv().ok())
+            .map(|b| b.revision)
+            .collect();
+        let (kvs, read_at) = store.range("/t/").await.unwrap();
         let keys: Vec<_> = kvs.iter().map(|kv| kv.key.as_str()).collect();
-        // The unacknowledged batch may have reached the disk (here its writes did, only the fsync
-        // failed), but only as a whole.
+        assert_eq!(read_at, revision);
         match revision {
             1 => assert_eq!(keys, ["/t/0"]),
             5 => assert_eq!(keys, ["/t/0", "/t/1", "/t/2", "/t/3", "/t/4"]),
             other => panic!("revision {other} after reopen: {keys:?}"),
         }
+        assert_eq!(published, (1..=revision).collect::<Vec<_>>());
+
+        // The next write goes through on the reopened file, and health clears.
+        assert_eq!(store.put("/t/5", vec![]).await.unwrap(), revision + 1);
+        assert!(store.health().write_failure.is_none());
+        let errors = store.health().errors;
+        assert!(
+            errors
+                .iter()
+                .any(|e| (e.op, e.kind) == ("write", "io") && e.count == 4),
+            "{errors:?}"
+        );
+
+        drop(Arc::into_inner(store).unwrap());
+        let store = RedbStore::open(&path, StoreOptions::default()).unwrap();
+        let (kvs, _) = store.range("/t/").await.unwrap();
+        assert_eq!(kvs.len() as i64, revision + 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_that_cannot_be_reopened_says_why_and_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        let faults = Arc::new(Faults::default());
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .unwrap();
+        let disk = FaultyDisk {
+            file: FileBackend::new(file).unwrap(),
+            faults: faults.clone(),
+        };
+        let db = Database::builder().create_with_backend(disk).unwrap();
+        let store = RedbStore::with_database(db, &path, StoreOptions::default()).unwrap();
+        store.put("/a", b"1".to_vec()).await.unwrap();
+
+        // The write fails, and the reopen that follows finds a directory where the file was.
+        faults.set(|f| f.fail = true);
+        let moved = dir.path().join("moved.redb");
+        std::fs::rename(&path, &moved).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        let err = store.put("/b", b"2".to_vec()).await.unwrap_err();
+        assert!(matches!(err, StoreError::Io { .. }), "{err}");
+        let err = store.get("/a").await.unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable { .. }), "{err}");
+        let message = err.to_string();
+        assert!(
+            message.contains("could not be reopened") && message.contains("directory"),
+            "{message}"
+        );
+        let health = store.health();
+        assert!(health.write_failure.is_some());
+        assert!(health.errors.iter().any(|e| e.op == "reopen"), "{health:?}");
+
+        // Once the file is back, the next write reopens it and goes through.
+        std::fs::remove_dir(&path).unwrap();
+        std::fs::rename(&moved, &path).unwrap();
+        let revision = store.put("/c", b"3".to_vec()).await.unwrap();
+        assert_eq!(revision, store.revision());
+        assert!(store.health().write_failure.is_none());
+        assert_eq!(store.get("/a").await.unwrap().unwrap().value, b"1");
+        assert_eq!(
+            store.get("/c").await.unwrap().unwrap().mod_revision,
+            revision
+        );
     }
 }
