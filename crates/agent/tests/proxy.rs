@@ -713,6 +713,11 @@ async fn deny_policy_for_the_callers_namespace_refuses_the_connection() -> Resul
         "{outbound_line}"
     );
     assert!(outbound_line.contains(SERVER_ID), "{outbound_line}");
+    // The refusal's reason header names the policy, and the caller's side logs it.
+    assert!(
+        outbound_line.contains("denied by policy default/deny-client-ns"),
+        "{outbound_line}"
+    );
     Ok(())
 }
 
