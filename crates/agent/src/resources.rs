@@ -5,7 +5,8 @@
 
 use std::fs::File;
 
-use nix::sys::resource::{getrlimit, setrlimit, Resource};
+// Shared with the server, which needs the same raise.
+pub use isthmus_socket::nofile::{raise_nofile, NofileLimits};
 
 /// Descriptors held back for shutdown: `iptables-save`/`-restore` and `ip` need a few each
 /// (pipes, the binary, its libraries), twice over for IPv4 and IPv6.
@@ -16,33 +17,6 @@ const HEADROOM: u64 = 256;
 /// A proxied connection holds two descriptors (client and upstream); three listeners share the
 /// rest, so each gets a sixth of it and all of them at their bound still leave the headroom.
 const PER_LISTENER_SHARE: u64 = 6;
-
-/// The open-files limits before and after [`raise_nofile`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NofileLimits {
-    pub soft_before: u64,
-    pub soft: u64,
-    pub hard: u64,
-}
-
-/// Raises the soft open-files limit to the hard one (an agent proxying many connections needs
-/// more than the usual 1024), logging the values.
-pub fn raise_nofile() -> std::io::Result<NofileLimits> {
-    let (soft_before, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
-    let mut soft = soft_before;
-    if soft < hard {
-        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            Ok(()) => soft = hard,
-            Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open-files limit"),
-        }
-    }
-    tracing::info!(soft_before, soft, hard, "open-files limit");
-    Ok(NofileLimits {
-        soft_before,
-        soft,
-        hard,
-    })
-}
 
 /// The default bound on concurrent connections per listener for an open-files limit of
 /// `nofile`.

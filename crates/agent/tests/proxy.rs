@@ -713,6 +713,41 @@ async fn deny_policy_for_the_callers_namespace_refuses_the_connection() -> Resul
         "{outbound_line}"
     );
     assert!(outbound_line.contains(SERVER_ID), "{outbound_line}");
+    // The refusal's reason header names the policy, and the caller's side logs it.
+    assert!(
+        outbound_line.contains("denied by policy default/deny-client-ns"),
+        "{outbound_line}"
+    );
+    Ok(())
+}
+
+/// A workload whose app is not listening: the refusal's reason header says so, port and all,
+/// and the caller's access log shows it (not "denied by policy").
+#[tokio::test]
+async fn a_refusal_names_its_cause_to_the_caller() -> Result<()> {
+    let log = access_log();
+    let (vip, ip) = (loopback(20, 100), loopback(20, 2));
+    let port = hbone_port(ip).await?;
+    let mut mesh = Mesh::new(SocketAddr::new(vip, 80), UnknownDestination::Refuse, port).await?;
+    let closed = dead_port(ip).await?;
+    let ep = Ep {
+        uid: "server",
+        ip,
+        target_port: closed,
+        hbone: true,
+        healthy: true,
+    };
+    mesh.set_state(state(vip, &[ep], &[])?);
+    mesh.hbone_server(ip).await?;
+
+    let _ = round_trip(mesh.outbound, b"anyone there?").await;
+    let want = format!("the local app refused the connection (is it listening on {closed}?)");
+    eventually("the caller logs the reason", || {
+        log.text().lines().any(|l| {
+            l.contains("127.0.20.") && l.contains("direction=\"outbound\"") && l.contains(&want)
+        })
+    })
+    .await;
     Ok(())
 }
 

@@ -551,7 +551,7 @@ async fn watch(
         headers.get("last-event-id").and_then(|v| v.to_str().ok()),
         q.revision.as_deref(),
     ) {
-        (Some(last), _) => Some(last.trim().parse::<i64>().map_err(|_| bad_rev(last))? + 1),
+        (Some(last), _) => Some(resume_after(last, state.registry.store().revision())?),
         (None, Some(r)) => Some(r.parse::<i64>().map_err(|_| bad_rev(r))?),
         (None, None) => None,
     };
@@ -579,6 +579,26 @@ async fn watch(
         })
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// The revision to resume from after the `Last-Event-ID` a client sent back. Anything this
+/// store cannot have issued (beyond its current revision, past the end of the integer range,
+/// negative, not a number) is refused alike: the client's state comes from elsewhere, and it
+/// must re-list.
+fn resume_after(
+    last: &str,
+    current: isthmus_store::Revision,
+) -> ApiResult<isthmus_store::Revision> {
+    match last.trim().parse::<isthmus_store::Revision>() {
+        Ok(seen) if (0..=current).contains(&seen) => Ok(seen + 1),
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "Last-Event-ID {last:?} is not a revision this store issued (it is at revision \
+                 {current}): watch again without it to re-list"
+            ),
+        )),
+    }
 }
 
 impl From<IdentityError> for ApiError {
@@ -742,6 +762,35 @@ impl Drop for WatcherGuard {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn last_event_id_outside_the_stores_revisions_is_refused_alike() {
+        assert_eq!(super::resume_after("7", 9).unwrap(), 8);
+        assert_eq!(super::resume_after(" 9 ", 9).unwrap(), 10);
+        assert_eq!(super::resume_after("0", 9).unwrap(), 1);
+        let beyond_i64 = (i64::MAX as u64 + 1).to_string();
+        for last in [
+            "10",
+            &i64::MAX.to_string(),
+            &beyond_i64,
+            &u64::MAX.to_string(),
+            "-1",
+            &i64::MIN.to_string(),
+            "abc",
+            "",
+            "1e3",
+        ] {
+            let e = super::resume_after(last, 9).unwrap_err();
+            assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST, "{last}");
+            assert_eq!(
+                e.message,
+                format!(
+                    "Last-Event-ID {last:?} is not a revision this store issued (it is at \
+                     revision 9): watch again without it to re-list"
+                )
+            );
+        }
+    }
+
     /// Every route the router serves is described in docs/openapi.yaml, and nothing more.
     #[test]
     fn openapi_describes_every_route() {

@@ -113,6 +113,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     args.validate()?;
+    // Under systemd the soft limit is 1024 unless the unit sets LimitNOFILE; every TLS client,
+    // discovery stream and watch holds a descriptor.
+    isthmus_socket::nofile::raise_nofile().context("cannot read the open-files limit")?;
     // A --dev data dir lives as long as the server and is removed at exit.
     let mut _temp_dir = None;
     let data_dir: PathBuf = match (&args.data_dir, args.dev) {

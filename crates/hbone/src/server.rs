@@ -2,6 +2,7 @@
 //! targets, after validation and a policy decision by the caller's handler.
 
 use std::any::Any;
+use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -128,8 +129,9 @@ pub enum Decision {
     Allow,
     /// Splice to this stream instead of connecting to the target.
     AllowVia(Box<dyn Upstream>),
-    /// Refuse with this status (403 for policy, 503 for "not ready").
-    Deny(StatusCode),
+    /// Refuse with this status (403 for policy, 503 for "not ready") and this reason, sent
+    /// to the client in the reason header ("denied by policy ns/name", "no workload at ...").
+    Deny(StatusCode, Cow<'static, str>),
 }
 
 impl std::fmt::Debug for Decision {
@@ -137,7 +139,7 @@ impl std::fmt::Debug for Decision {
         match self {
             Decision::Allow => f.write_str("Allow"),
             Decision::AllowVia(_) => f.write_str("AllowVia(..)"),
-            Decision::Deny(s) => write!(f, "Deny({s})"),
+            Decision::Deny(s, r) => write!(f, "Deny({s}, {r:?})"),
         }
     }
 }
@@ -492,8 +494,8 @@ impl<H: InboundHandler> StreamCtx<H> {
             metadata,
         };
         let mut upstream: Box<dyn Upstream> = match self.handler.decide(&request).await {
-            Decision::Deny(status) => {
-                self.refuse(&mut respond, status, "denied by policy", trace);
+            Decision::Deny(status, reason) => {
+                self.refuse(&mut respond, status, &reason, trace);
                 return;
             }
             Decision::AllowVia(io) => io,
@@ -505,7 +507,7 @@ impl<H: InboundHandler> StreamCtx<H> {
                         Box::new(tcp)
                     }
                     Ok(Err(e)) => {
-                        let reason = format!("cannot connect to {target}: {e}");
+                        let reason = connect_failure(target, &e);
                         self.refuse(
                             &mut respond,
                             StatusCode::SERVICE_UNAVAILABLE,
@@ -625,6 +627,18 @@ impl<H: InboundHandler> StreamCtx<H> {
         if let Err(e) = respond.send_response(resp, true) {
             tracing::debug!(error = %e, "could not send refusal");
         }
+    }
+}
+
+/// The reason sent when the target cannot be reached, naming the usual cause.
+pub fn connect_failure(target: SocketAddr, e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::ConnectionRefused {
+        format!(
+            "the local app refused the connection (is it listening on {}?)",
+            target.port()
+        )
+    } else {
+        format!("cannot connect to the local app at {target}: {e}")
     }
 }
 

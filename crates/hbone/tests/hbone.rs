@@ -83,7 +83,10 @@ impl InboundHandler for TestHandler {
     async fn decide(&self, request: &InboundRequest) -> Decision {
         self.seen.lock().unwrap().push(request.clone());
         if Some(request.target.port()) == self.denied_port {
-            Decision::Deny(StatusCode::FORBIDDEN)
+            Decision::Deny(
+                StatusCode::FORBIDDEN,
+                "denied by policy test/deny-port".into(),
+            )
         } else {
             Decision::Allow
         }
@@ -509,7 +512,10 @@ async fn denied_stream_gets_403() -> Result<()> {
     let m = mesh_with(handler, ClientOptions::default()).await?;
     let err = m.open(echo).await.expect_err("policy denies this port");
     match &err {
-        HboneError::Rejected { status, .. } => assert_eq!(*status, StatusCode::FORBIDDEN),
+        HboneError::Rejected { status, reason, .. } => {
+            assert_eq!(*status, StatusCode::FORBIDDEN);
+            assert_eq!(reason, "denied by policy test/deny-port");
+        }
         other => panic!("unexpected error: {other}"),
     }
     assert!(err.to_string().contains("403"), "{err}");
@@ -526,7 +532,13 @@ async fn unreachable_target_gets_503() -> Result<()> {
     match &err {
         HboneError::Rejected { status, reason, .. } => {
             assert_eq!(*status, StatusCode::SERVICE_UNAVAILABLE);
-            assert!(reason.contains("cannot connect"), "{reason}");
+            assert_eq!(
+                reason,
+                &format!(
+                    "the local app refused the connection (is it listening on {}?)",
+                    closed.port()
+                )
+            );
         }
         other => panic!("unexpected error: {other}"),
     }

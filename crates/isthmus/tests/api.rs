@@ -507,6 +507,36 @@ async fn watch_streams_and_resumes() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
+
+    // A Last-Event-ID this store never issued, at the edges of the integer range too, is
+    // refused with one message, the current revision in it.
+    let current = e2["revision"].as_i64().unwrap();
+    for last in [
+        (current + 1).to_string(),
+        i64::MAX.to_string(),
+        (i64::MAX as u64 + 1).to_string(),
+        u64::MAX.to_string(),
+        "-1".into(),
+        "abc".into(),
+    ] {
+        let r = http
+            .get(s.url("/api/v1/watch?kind=services"))
+            .bearer_auth(&s.token)
+            .header("last-event-id", &last)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{last}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(
+            v["error"]["message"],
+            format!(
+                "Last-Event-ID {last:?} is not a revision this store issued (it is at revision \
+                 {current}): watch again without it to re-list"
+            ),
+            "{last}"
+        );
+    }
 }
 
 mod futures_lite {

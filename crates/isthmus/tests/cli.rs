@@ -298,6 +298,36 @@ fn connection_errors_say_what_to_do() {
 }
 
 #[test]
+fn unknown_kinds_list_every_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    // Every kind, with its aliases, is named wherever a kind is taken.
+    let all = "the kinds are services (service, svc), workloadentries (workloadentry, workload, \
+               workloads, we), workloadgroups (workloadgroup, group, groups, wg), \
+               authorizationpolicies (authorizationpolicy, policy, policies, ap), \
+               peerauthentications (peerauthentication, pa)";
+    for args in [&["get", "pods"][..], &["delete", "pods", "x"]] {
+        let err = s.fails(args);
+        assert!(err.contains("unknown kind \"pods\""), "{err}");
+        assert!(err.contains(all), "{args:?}: {err}");
+    }
+    let doc = dir.path().join("pod.yaml");
+    std::fs::write(
+        &doc,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec: {}\n",
+    )
+    .unwrap();
+    let err = s.fails(&["apply", "-f", doc.to_str().unwrap()]);
+    assert!(
+        err.contains(
+            "unknown kind \"Pod\" (expected Service, WorkloadEntry, WorkloadGroup, \
+             AuthorizationPolicy, PeerAuthentication)"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
 fn get_watch_prints_changes() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(dir.path());

@@ -467,6 +467,20 @@ fn installed_files_users_and_dirs(root: &Root) {
     );
 }
 
+/// Both units lift systemd's default soft limit of 1024 open files (the roles raise their
+/// soft limit to this hard one at start). Read from the source tree: runs without dpkg or root.
+#[test]
+fn units_set_the_open_files_limit() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../packaging/systemd");
+    for unit in ["isthmus-agent.service", "isthmus-server.service"] {
+        let text = std::fs::read_to_string(dir.join(unit)).unwrap();
+        assert!(
+            text.lines().any(|l| l == "LimitNOFILE=1048576"),
+            "{unit} lacks LimitNOFILE=1048576"
+        );
+    }
+}
+
 fn units_verify(root: &Root) {
     let out = root.sh(&format!(
         "SYSTEMD_LOG_LEVEL=notice systemd-analyze verify --man=no {AGENT_UNIT} {SERVER_UNIT}"
@@ -487,6 +501,7 @@ fn units_verify(root: &Root) {
         "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW",
         "ProtectSystem=strict",
         "ReadWritePaths=/var/lib/isthmus /etc/certs",
+        "LimitNOFILE=1048576",
     ] {
         assert!(agent.lines().any(|l| l == line), "agent unit lacks {line}");
     }
@@ -497,6 +512,7 @@ fn units_verify(root: &Root) {
         "EnvironmentFile=-/etc/isthmus/server.env",
         "ExecStart=/usr/bin/isthmus server",
         "ReadWritePaths=/var/lib/isthmus-server",
+        "LimitNOFILE=1048576",
     ] {
         assert!(
             server.lines().any(|l| l == line),

@@ -81,7 +81,8 @@ fn from_value(doc: usize, mut value: serde_json::Value) -> Result<Resource, Pars
             field_err(
                 "kind",
                 format!(
-                    "unknown kind {kind_str:?} (expected Service, WorkloadEntry or WorkloadGroup)"
+                    "unknown kind {kind_str:?} (expected {})",
+                    Kind::all_document_names()
                 ),
             )
         })?;

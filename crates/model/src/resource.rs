@@ -52,6 +52,32 @@ impl Kind {
         }
     }
 
+    /// The other names the CLI and the API's URLs take for this kind, case-insensitively.
+    pub fn aliases(self) -> &'static [&'static str] {
+        match self {
+            Kind::Service => &["service", "svc"],
+            Kind::WorkloadEntry => &["workloadentry", "workload", "workloads", "we"],
+            Kind::WorkloadGroup => &["workloadgroup", "group", "groups", "wg"],
+            Kind::AuthorizationPolicy => &["authorizationpolicy", "policy", "policies", "ap"],
+            Kind::PeerAuthentication => &["peerauthentication", "pa"],
+        }
+    }
+
+    /// Every kind with its aliases, for messages: `services (service, svc), ...`.
+    pub fn all_names() -> String {
+        let each: Vec<String> = Kind::ALL
+            .iter()
+            .map(|k| format!("{} ({})", k.plural(), k.aliases().join(", ")))
+            .collect();
+        each.join(", ")
+    }
+
+    /// Every kind as written in a document's `kind:` field.
+    pub fn all_document_names() -> String {
+        let names: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+        names.join(", ")
+    }
+
     /// The store key prefix of this kind (`/registry/services/`).
     pub fn key_prefix(self) -> String {
         format!("/registry/{}/", self.plural())
@@ -87,9 +113,7 @@ impl fmt::Display for Kind {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "unknown kind {0:?} (expected services, workloadentries or workloadgroups, or svc, we, wg)"
-)]
+#[error("unknown kind {0:?}; the kinds are {names}", names = Kind::all_names())]
 pub struct UnknownKind(pub String);
 
 impl FromStr for Kind {
@@ -97,20 +121,11 @@ impl FromStr for Kind {
 
     /// Accepts the kind, its plural and the CLI's short names, case-insensitively.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "service" | "services" | "svc" => Ok(Kind::Service),
-            "workloadentry" | "workloadentries" | "workload" | "workloads" | "we" => {
-                Ok(Kind::WorkloadEntry)
-            }
-            "workloadgroup" | "workloadgroups" | "group" | "groups" | "wg" => {
-                Ok(Kind::WorkloadGroup)
-            }
-            "authorizationpolicy" | "authorizationpolicies" | "policy" | "policies" | "ap" => {
-                Ok(Kind::AuthorizationPolicy)
-            }
-            "peerauthentication" | "peerauthentications" | "pa" => Ok(Kind::PeerAuthentication),
-            _ => Err(UnknownKind(s.to_string())),
-        }
+        let lower = s.to_ascii_lowercase();
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.plural() == lower || k.aliases().contains(&lower.as_str()))
+            .ok_or_else(|| UnknownKind(s.to_string()))
     }
 }
 
@@ -596,7 +611,12 @@ impl<'de> Deserialize<'de> for Resource {
         let kind = Kind::ALL
             .into_iter()
             .find(|k| k.as_str() == kind)
-            .ok_or_else(|| D::Error::custom(format!("unknown kind {kind:?}")))?;
+            .ok_or_else(|| {
+                D::Error::custom(format!(
+                    "unknown kind {kind:?} (expected {})",
+                    Kind::all_document_names()
+                ))
+            })?;
         Ok(match kind {
             Kind::Service => {
                 Resource::Service(serde_json::from_value(v).map_err(D::Error::custom)?)

@@ -66,7 +66,8 @@ fn unknown_kind_and_api_version() {
     let e = err("apiVersion: isthmus.io/v1\nkind: Deployment\nmetadata: {name: x}\nspec: {}\n");
     assert_eq!(
         e,
-        "document 1: kind: unknown kind \"Deployment\" (expected Service, WorkloadEntry or WorkloadGroup)"
+        "document 1: kind: unknown kind \"Deployment\" (expected Service, WorkloadEntry, \
+         WorkloadGroup, AuthorizationPolicy, PeerAuthentication)"
     );
     let e = err("apiVersion: apps/v1\nkind: Service\nmetadata: {name: x}\nspec: {}\n");
     assert!(
@@ -211,11 +212,22 @@ fn kind_names_and_port_guesses() {
     assert_eq!("svc".parse::<Kind>().unwrap(), Kind::Service);
     assert_eq!("workloads".parse::<Kind>().unwrap(), Kind::WorkloadEntry);
     assert_eq!("wg".parse::<Kind>().unwrap(), Kind::WorkloadGroup);
-    assert!("pods"
-        .parse::<Kind>()
-        .unwrap_err()
-        .to_string()
-        .contains("unknown kind \"pods\""));
+    assert_eq!(
+        "pods".parse::<Kind>().unwrap_err().to_string(),
+        "unknown kind \"pods\"; the kinds are services (service, svc), workloadentries \
+         (workloadentry, workload, workloads, we), workloadgroups (workloadgroup, group, groups, \
+         wg), authorizationpolicies (authorizationpolicy, policy, policies, ap), \
+         peerauthentications (peerauthentication, pa)"
+    );
+    for kind in Kind::ALL {
+        for name in kind
+            .aliases()
+            .iter()
+            .chain([&kind.plural(), &kind.as_str()])
+        {
+            assert_eq!(name.parse::<Kind>().unwrap(), kind, "{name}");
+        }
+    }
     assert_eq!(guess_port_name(3306), "mysql");
     assert_eq!(guess_port_name(8080), "http");
     assert_eq!(guess_port_name(443), "https");

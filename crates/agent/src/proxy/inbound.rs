@@ -65,6 +65,16 @@ struct Refusal {
     reason: String,
 }
 
+impl Refusal {
+    fn unreachable(reason: String) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            outcome: Outcome::Unreachable,
+            reason,
+        }
+    }
+}
+
 /// The inbound decision maker, shared by the HBONE server and the plaintext listener.
 #[derive(Clone)]
 pub struct InboundPolicy {
@@ -194,7 +204,7 @@ impl InboundPolicy {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 outcome: Outcome::Refused,
                 reason: format!(
-                    "no workload known at {} (discovery not ready?)",
+                    "no workload at {} in this agent's discovery state",
                     conn.dst.ip()
                 ),
             });
@@ -226,30 +236,33 @@ impl InboundPolicy {
         conn: Connection,
         rec: AccessRecord,
         start: Instant,
-    ) -> Result<Tracked, StatusCode> {
+    ) -> Result<Tracked, Refusal> {
         let metrics = &self.inner.metrics;
         if let Err(r) = self.check(&state, &conn) {
             rec.finish(metrics, r.outcome, &r.reason, start, false);
-            return Err(r.status);
+            return Err(r);
         }
         let timeout = self.inner.config.connect_timeout;
         let connect = self.inner.config.sockets.connect(conn.dst);
         let app = match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                let reason = format!("cannot connect to {}: {e}", conn.dst);
+                let reason = isthmus_hbone::connect_failure(conn.dst, &e);
                 isthmus_socket::warn_limited!(
                     ("connect", "inbound"),
                     reason,
                     "cannot reach the local app"
                 );
                 rec.finish(metrics, Outcome::Unreachable, &reason, start, false);
-                return Err(StatusCode::SERVICE_UNAVAILABLE);
+                return Err(Refusal::unreachable(reason));
             }
             Err(_) => {
-                let reason = format!("connecting to {} timed out", conn.dst);
+                let reason = format!(
+                    "connecting to the local app at {} timed out after {timeout:?}",
+                    conn.dst
+                );
                 rec.finish(metrics, Outcome::Unreachable, &reason, start, false);
-                return Err(StatusCode::SERVICE_UNAVAILABLE);
+                return Err(Refusal::unreachable(reason));
             }
         };
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
@@ -301,7 +314,7 @@ impl InboundHandler for InboundPolicy {
         rec.trace = meta.traceparent;
         match self.admit(state, conn, rec, start).await {
             Ok(t) => Decision::AllowVia(Box::new(t)),
-            Err(status) => Decision::Deny(status),
+            Err(r) => Decision::Deny(r.status, r.reason.into()),
         }
     }
 }
