@@ -1206,24 +1206,31 @@ mod tests {
         );
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_failed_commit_acknowledges_none_of_its_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("registry.redb");
+    /// A store on the real file at `path` whose writes and syncs fail when `Faults` says so.
+    fn faulty_store(path: &Path) -> (RedbStore, Arc<Faults>) {
         let faults = Arc::new(Faults::default());
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .open(&path)
+            .open(path)
             .unwrap();
         let disk = FaultyDisk {
             file: FileBackend::new(file).unwrap(),
             faults: faults.clone(),
         };
         let db = Database::builder().create_with_backend(disk).unwrap();
-        let store = Arc::new(RedbStore::with_database(db, &path, StoreOptions::default()).unwrap());
+        let store = RedbStore::with_database(db, path, StoreOptions::default()).unwrap();
+        (store, faults)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_commit_acknowledges_none_of_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        let (store, faults) = faulty_store(&path);
+        let store = Arc::new(store);
         let mut published = store.inner.hub.subscribe();
 
         // The first write holds the writer in its fsync while four more queue up behind it: they
@@ -1298,20 +1305,7 @@ mod tests {
     async fn a_file_that_cannot_be_reopened_says_why_and_is_retried() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("registry.redb");
-        let faults = Arc::new(Faults::default());
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .unwrap();
-        let disk = FaultyDisk {
-            file: FileBackend::new(file).unwrap(),
-            faults: faults.clone(),
-        };
-        let db = Database::builder().create_with_backend(disk).unwrap();
-        let store = RedbStore::with_database(db, &path, StoreOptions::default()).unwrap();
+        let (store, faults) = faulty_store(&path);
         store.put("/a", b"1".to_vec()).await.unwrap();
 
         // The write fails, and the reopen that follows finds a directory where the file was.
