@@ -577,18 +577,23 @@ impl Inner {
         }
     }
 
-    /// While writes fail and nobody writes: reopen if needed and commit the scratch row, which
-    /// tells whether the disk takes writes again.
-    fn probe(&self) {
-        let mut committed = self.meta.lock().unwrap_or_else(PoisonError::into_inner);
+    /// Reopens the file if an earlier I/O error left it closed.
+    fn reopen_if_closed(&self, committed: &mut Meta) {
         if self
             .db
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .is_none()
         {
-            self.reopen(&mut committed);
+            self.reopen(committed);
         }
+    }
+
+    /// While writes fail and nobody writes: reopen if needed and commit the scratch row, which
+    /// tells whether the disk takes writes again.
+    fn probe(&self) {
+        let mut committed = self.meta.lock().unwrap_or_else(PoisonError::into_inner);
+        self.reopen_if_closed(&mut committed);
         let result = self.db().and_then(|db| {
             let mut tx = db.begin_write().map_err(io(&self.path))?;
             tx.set_durability(Durability::Immediate);
@@ -640,14 +645,7 @@ impl Inner {
         // The guarded Meta only changes after a successful commit (or a reopen), so it is
         // accurate even after a panic.
         let mut committed = self.meta.lock().unwrap_or_else(PoisonError::into_inner);
-        if self
-            .db
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_none()
-        {
-            self.reopen(&mut committed);
-        }
+        self.reopen_if_closed(&mut committed);
         let commits_before = self.commits.load(Ordering::SeqCst);
         let answers = self.apply_batch_locked(batch, &mut committed);
         let mut storage_error = None;
