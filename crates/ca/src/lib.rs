@@ -36,7 +36,7 @@ pub use spiffe::{SpiffeError, SpiffeId};
 pub use tls::{server_tls_config, tls_incoming, TlsError};
 pub use token::{
     claims_unverified, token_identity_unverified, LedgerError, MemoryLedger, TokenClaims,
-    TokenError, TokenIssuer, TokenLedger, TokenRecord,
+    TokenError, TokenIssuer, TokenLedger, TokenRecord, WORKLOAD_KIND, WORKLOAD_TTL_RANGE,
 };
 
 /// Decodes an `IstioCertificateRequest` from its protobuf bytes (fuzzing entry point).

@@ -38,6 +38,12 @@ pub enum AuthError {
     Token(#[from] TokenError),
     #[error("join token rejected: {0}")]
     Ledger(#[from] LedgerError),
+    #[error("workload token rejected: its enrolment {0}; enrol the host again with a new join token (`isthmus token create`)")]
+    Enrolment(LedgerError),
+    #[error("a workload token cannot be used here: send the host's join token")]
+    NotAJoinToken,
+    #[error("{0}")]
+    WorkloadToken(String),
     #[error("client certificate rejected: {0}")]
     ClientCert(CertError),
     #[error("client certificate is for {found} but this CA serves trust domain {expected:?}")]
@@ -52,7 +58,11 @@ pub enum AuthError {
 impl From<AuthError> for Status {
     fn from(e: AuthError) -> Self {
         match &e {
-            AuthError::Ledger(LedgerError::Backend(_)) => Status::unavailable(e.to_string()),
+            AuthError::Ledger(LedgerError::Backend(_))
+            | AuthError::Enrolment(LedgerError::Backend(_)) => Status::unavailable(e.to_string()),
+            AuthError::WorkloadToken(_) | AuthError::NotAJoinToken => {
+                Status::permission_denied(e.to_string())
+            }
             _ => Status::unauthenticated(e.to_string()),
         }
     }
@@ -63,6 +73,8 @@ impl From<AuthError> for Status {
 pub enum Credential {
     /// A join token; `id` is its `jti` (the ledger key).
     Token { id: String },
+    /// A workload token; `enrolment` is the id of the join token its host enrolled with.
+    WorkloadToken { enrolment: String },
     /// A certificate issued by this CA and still valid (renewals).
     ClientCertificate,
 }
@@ -71,6 +83,7 @@ impl Credential {
     fn noun(&self) -> &'static str {
         match self {
             Self::Token { .. } => "token",
+            Self::WorkloadToken { .. } => "workload token",
             Self::ClientCertificate => "client certificate",
         }
     }
@@ -128,15 +141,93 @@ impl Authenticator {
         }))
     }
 
-    /// Verifies an `authorization: Bearer` join token (signature and claims only: the
-    /// ledger is consulted by [`Authenticator::consume`]); `Ok(None)` when absent.
+    /// Verifies an `authorization: Bearer` join or workload token (signature and claims
+    /// only: the ledger is consulted by [`Authenticator::consume`]); `Ok(None)` when absent.
     pub fn from_bearer(&self, metadata: &MetadataMap) -> Result<Option<Caller>, AuthError> {
-        Ok(self
-            .bearer_claims(metadata)?
-            .map(|(claims, identity)| Caller {
+        Ok(self.bearer_claims(metadata)?.map(|(claims, identity)| {
+            let credential = match claims.workload_enrolment() {
+                Some(enr) => Credential::WorkloadToken {
+                    enrolment: enr.to_owned(),
+                },
+                None => Credential::Token { id: claims.jti },
+            };
+            Caller {
                 identity,
-                credential: Credential::Token { id: claims.jti },
-            }))
+                credential,
+            }
+        }))
+    }
+
+    /// Checks the caller's credential in the ledger without spending anything: a join token
+    /// must be known and not revoked, a workload token's enrolment likewise. For callers that
+    /// a credential authorizes without being a certificate request (discovery streams).
+    pub async fn check_standing(&self, caller: &Caller) -> Result<(), AuthError> {
+        match &caller.credential {
+            Credential::Token { id } => {
+                self.ledger.enrolled(id).await?;
+            }
+            Credential::WorkloadToken { enrolment } => {
+                let record = self
+                    .ledger
+                    .enrolled(enrolment)
+                    .await
+                    .map_err(AuthError::Enrolment)?;
+                if record.identity != caller.identity {
+                    return Err(AuthError::WorkloadToken(format!(
+                        "workload token for {} names enrolment {enrolment}, which is for {}",
+                        caller.identity, record.identity
+                    )));
+                }
+            }
+            Credential::ClientCertificate => {}
+        }
+        Ok(())
+    }
+
+    /// Issues a workload token for `caller`'s identity, valid for `ttl`, under `enrolment`
+    /// (the id of the join token the host enrolled with, which must be in force and for the
+    /// same identity). The caller proves the identity with its certificate, or with that very
+    /// join token (the first issue); a workload token cannot renew itself, so a stolen one
+    /// dies with its lifetime.
+    pub async fn issue_workload_token(
+        &self,
+        caller: &Caller,
+        enrolment: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(String, TokenClaims), AuthError> {
+        let enrolment = match &caller.credential {
+            Credential::Token { id } if enrolment.is_empty() || enrolment == id => id.as_str(),
+            Credential::Token { id } => {
+                return Err(AuthError::WorkloadToken(format!(
+                    "the request names enrolment {enrolment} but authenticates with join token {id}: name that token's id, or send none"
+                )))
+            }
+            Credential::WorkloadToken { .. } => {
+                return Err(AuthError::WorkloadToken(
+                    "a workload token cannot renew itself: present the host's workload certificate (mTLS), or its join token".into(),
+                ))
+            }
+            Credential::ClientCertificate if enrolment.is_empty() => {
+                return Err(AuthError::WorkloadToken(
+                    "name the host's enrolment (the id of the join token it enrolled with, `isthmus token list`)".into(),
+                ))
+            }
+            Credential::ClientCertificate => enrolment,
+        };
+        let record = self
+            .ledger
+            .enrolled(enrolment)
+            .await
+            .map_err(AuthError::Enrolment)?;
+        if record.identity != caller.identity {
+            return Err(AuthError::WorkloadToken(format!(
+                "enrolment {enrolment} is for {}, not for the caller's identity {}",
+                record.identity, caller.identity
+            )));
+        }
+        self.tokens
+            .create_workload(&caller.identity, enrolment, ttl)
+            .map_err(|e| AuthError::WorkloadToken(e.to_string()))
     }
 
     fn bearer_claims(
@@ -157,6 +248,9 @@ impl Authenticator {
         metadata: &MetadataMap,
     ) -> Result<(TokenClaims, SpiffeId), AuthError> {
         let (claims, identity) = self.bearer_claims(metadata)?.ok_or(AuthError::NoToken)?;
+        if claims.workload_enrolment().is_some() {
+            return Err(AuthError::NotAJoinToken);
+        }
         self.ledger.usable(&claims.jti).await?;
         Ok((claims, identity))
     }
@@ -187,6 +281,8 @@ impl Authenticator {
     pub async fn consume(&self, caller: &Caller) -> Result<(), AuthError> {
         match &caller.credential {
             Credential::Token { id } => Ok(self.ledger.consume(id).await?),
+            // Multi-use: nothing to spend, but the enrolment must be in force.
+            Credential::WorkloadToken { .. } => self.check_standing(caller).await,
             Credential::ClientCertificate => Ok(()),
         }
     }

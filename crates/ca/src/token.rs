@@ -1,8 +1,15 @@
-//! Join tokens: short-lived ES256 JWTs that let a new host get its first certificate.
+//! Tokens: ES256 JWTs signed by the control plane.
 //!
-//! The token carries the identity it may ask for. Whether it is still usable (revoked,
-//! uses left) is the control plane's business, kept in its store through [`TokenLedger`];
-//! the store keeps a [`TokenRecord`], never the token itself.
+//! - A *join token* lets a new host get its first certificate. It carries the identity it may
+//!   ask for. Whether it is still usable (revoked, uses left) is the control plane's business,
+//!   kept in its store through [`TokenLedger`]; the store keeps a [`TokenRecord`], never the
+//!   token itself.
+//! - A *workload token* ([`WORKLOAD_KIND`]) is what a token-only client (Istio's ztunnel, which
+//!   never presents its certificate to the control plane) sends on every certificate request
+//!   and discovery connect, the way Kubernetes' rotating projected tokens are used. It is
+//!   short-lived, multi-use, and names the join token the host enrolled with (`enr`): it is
+//!   good while that enrolment is not revoked, spends no use, and the host's agent renews it
+//!   over mTLS before it expires.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -24,6 +31,12 @@ pub const TOKEN_KEY_FILE: &str = "token-key.pem";
 pub const TOKEN_ISSUER: &str = "isthmus";
 /// `aud` of every join token: only the certificate API accepts them.
 pub const TOKEN_AUDIENCE: &str = "isthmus-ca";
+
+/// `kind` of a workload token (join tokens have none).
+pub const WORKLOAD_KIND: &str = "workload";
+/// The shortest and longest lifetime of a workload token.
+pub const WORKLOAD_TTL_RANGE: (Duration, Duration) =
+    (Duration::from_secs(60), Duration::from_secs(24 * 3600));
 
 /// Why a token was not created or not accepted.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +63,8 @@ pub enum TokenError {
     InconsistentSubject { sub: String },
     #[error("token lifetime must be between 1 second and 10 years, got {0:?}")]
     BadTtl(Duration),
+    #[error("workload token lifetime must be between 1 minute and 24 hours, got {0:?}")]
+    BadWorkloadTtl(Duration),
     #[error("cannot sign the token: {0}")]
     Sign(String),
 }
@@ -75,6 +90,23 @@ pub struct TokenClaims {
     /// The WorkloadGroup (in `ns`) the host joins, when the token was made for one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// [`WORKLOAD_KIND`] for a workload token; absent for a join token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// A workload token's enrolment: the id of the join token its host enrolled with. The
+    /// workload token is refused once that join token is revoked (or its record deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enr: Option<String>,
+}
+
+impl TokenClaims {
+    /// The enrolment of a workload token; `None` for a join token.
+    pub fn workload_enrolment(&self) -> Option<&str> {
+        match (self.kind.as_deref(), self.enr.as_deref()) {
+            (Some(WORKLOAD_KIND), Some(enr)) => Some(enr),
+            _ => None,
+        }
+    }
 }
 
 /// What the control plane stores about a token (never the token itself).
@@ -115,6 +147,11 @@ pub trait TokenLedger: Send + Sync {
     /// Fails as [`TokenLedger::consume`] would, but spends nothing: for requests that a token
     /// authorizes without being a certificate (the host's bundle).
     async fn usable(&self, id: &str) -> Result<(), LedgerError>;
+
+    /// Whether an enrolment is still in force: the join token is known and not revoked,
+    /// whatever its expiry and uses (workload tokens derived from it outlive both). Returns
+    /// its record.
+    async fn enrolled(&self, id: &str) -> Result<TokenRecord, LedgerError>;
 }
 
 /// In-memory [`TokenLedger`] for tests and `--dev`.
@@ -197,6 +234,17 @@ impl TokenLedger for MemoryLedger {
             .get(id)
             .ok_or_else(|| LedgerError::Unknown { id: id.into() })?
             .check()
+    }
+
+    async fn enrolled(&self, id: &str) -> Result<TokenRecord, LedgerError> {
+        let entries = self.lock();
+        let entry = entries
+            .get(id)
+            .ok_or_else(|| LedgerError::Unknown { id: id.into() })?;
+        if entry.revoked {
+            return Err(LedgerError::Revoked { id: id.into() });
+        }
+        Ok(entry.record.clone())
     }
 }
 
@@ -339,6 +387,8 @@ impl TokenIssuer {
             jti: hex::encode(rand::random::<[u8; 16]>()),
             root: self.root_pins.clone(),
             group: group.map(str::to_owned),
+            kind: None,
+            enr: None,
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &self.encoding)
             .map_err(|e| TokenError::Sign(e.to_string()))?;
@@ -352,6 +402,45 @@ impl TokenIssuer {
             max_uses,
         };
         Ok((token, record))
+    }
+
+    /// Creates a workload token for `identity`, enrolled by join token `enrolment`, valid for
+    /// `ttl` (within [`WORKLOAD_TTL_RANGE`]) from now. Nothing is stored: it is checked
+    /// against its enrolment's record on every use.
+    pub fn create_workload(
+        &self,
+        identity: &SpiffeId,
+        enrolment: &str,
+        ttl: Duration,
+    ) -> Result<(String, TokenClaims), TokenError> {
+        let (min, max) = WORKLOAD_TTL_RANGE;
+        if ttl < min || ttl > max {
+            return Err(TokenError::BadWorkloadTtl(ttl));
+        }
+        if identity.trust_domain() != self.trust_domain {
+            return Err(TokenError::WrongTrustDomain {
+                found: identity.clone(),
+                expected: self.trust_domain.clone(),
+            });
+        }
+        let iat = unix(SystemTime::now());
+        let claims = TokenClaims {
+            iss: TOKEN_ISSUER.into(),
+            aud: TOKEN_AUDIENCE.into(),
+            sub: identity.to_string(),
+            ns: identity.namespace().into(),
+            sa: identity.service_account().into(),
+            iat,
+            exp: iat + ttl.as_secs(),
+            jti: hex::encode(rand::random::<[u8; 16]>()),
+            root: self.root_pins.clone(),
+            group: None,
+            kind: Some(WORKLOAD_KIND.into()),
+            enr: Some(enrolment.into()),
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &self.encoding)
+            .map_err(|e| TokenError::Sign(e.to_string()))?;
+        Ok((token, claims))
     }
 
     /// Verifies signature, issuer, audience, expiry and identity of `token`.
@@ -388,6 +477,20 @@ impl TokenIssuer {
                 at: humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(claims.exp))
                     .to_string(),
             });
+        }
+        match (claims.kind.as_deref(), claims.enr.as_deref()) {
+            (None, _) | (Some(WORKLOAD_KIND), Some(_)) => {}
+            (Some(WORKLOAD_KIND), None) => {
+                return Err(TokenError::Malformed(
+                    "workload token names no enrolment (`enr`)".into(),
+                ))
+            }
+            (Some(other), _) => {
+                return Err(TokenError::Malformed(format!(
+                    "unknown token kind {:?}",
+                    other.chars().take(32).collect::<String>()
+                )))
+            }
         }
         let identity: SpiffeId = claims.sub.parse()?;
         if identity.namespace() != claims.ns || identity.service_account() != claims.sa {

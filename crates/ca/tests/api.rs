@@ -508,3 +508,125 @@ async fn token_check_without_spending_a_use() -> Result<()> {
     ));
     Ok(())
 }
+
+/// A workload token (what Istio's ztunnel sends on every request) gets certificates again and
+/// again without spending its enrolment's uses, outlives the join token's expiry, and is
+/// refused once the enrolment is revoked.
+#[tokio::test]
+async fn workload_token_is_multi_use_and_dies_with_its_enrolment() -> Result<()> {
+    use isthmus_ca::{AuthError, Authenticator, Caller, Credential};
+
+    let ca = TestCa::start().await.map_err(anyhow::Error::msg)?;
+    let auth = Authenticator::new(ca.ca.clone(), ca.tokens.clone(), ca.ledger.clone());
+    // A one-use join token that expires in a minute.
+    let (join, record) = ca
+        .token(NS, SA, Duration::from_secs(60), Some(1))
+        .map_err(anyhow::Error::msg)?;
+    let identity: SpiffeId = id(NS, SA).parse()?;
+    let by_join = Caller {
+        identity: identity.clone(),
+        credential: Credential::Token {
+            id: record.id.clone(),
+        },
+    };
+    let (workload, claims) = auth.issue_workload_token(&by_join, "", HOUR).await?;
+    assert_eq!(claims.enr.as_deref(), Some(record.id.as_str()));
+    assert_eq!(claims.kind.as_deref(), Some(isthmus_ca::WORKLOAD_KIND));
+    assert_eq!(claims.exp - claims.iat, 3600);
+    assert_eq!(ca.ledger.uses(&record.id), Some(0), "issuing spends no use");
+
+    let (_, pem) = csr(&[&id(NS, SA)]);
+    for _ in 0..3 {
+        let chain = call(&ca, Auth::Token(&workload), &pem, 0).await??;
+        assert_eq!(leaf(&chain[0]).spiffe_id()?.to_string(), id(NS, SA));
+    }
+    assert_eq!(ca.ledger.uses(&record.id), Some(0));
+    // The join token's one use is still there, and spent by a join-token request as before.
+    call(&ca, Auth::Token(&join), &pem, 0).await??;
+    call(&ca, Auth::Token(&workload), &pem, 0).await??;
+
+    // It is still only good for its own identity.
+    let (_, other) = csr(&[&id("other", SA)]);
+    assert_status(
+        call(&ca, Auth::Token(&workload), &other, 0).await?,
+        Code::PermissionDenied,
+        "but the workload token is for spiffe://cluster.local/ns/prod/sa/web",
+    );
+
+    // A certificate holder renews it under the same enrolment after the join token expired.
+    let by_cert = Caller {
+        identity: identity.clone(),
+        credential: Credential::ClientCertificate,
+    };
+    let (_, renewed) = auth
+        .issue_workload_token(&by_cert, &record.id, Duration::from_secs(600))
+        .await?;
+    assert_eq!(renewed.enr, claims.enr);
+    // ...but not under an enrolment of another identity, nor without naming one, nor with the
+    // workload token alone, nor for longer than a day.
+    let (_, theirs) = ca
+        .token("other", "db", HOUR, None)
+        .map_err(anyhow::Error::msg)?;
+    let err = auth
+        .issue_workload_token(&by_cert, &theirs.id, HOUR)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(&format!(
+            "enrolment {} is for spiffe://cluster.local/ns/other/sa/db",
+            theirs.id
+        )),
+        "{err}"
+    );
+    let err = auth
+        .issue_workload_token(&by_cert, "", HOUR)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("name the host's enrolment"),
+        "{err}"
+    );
+    let by_workload = Caller {
+        identity: identity.clone(),
+        credential: Credential::WorkloadToken {
+            enrolment: record.id.clone(),
+        },
+    };
+    let err = auth
+        .issue_workload_token(&by_workload, &record.id, HOUR)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot renew itself"), "{err}");
+    let err = auth
+        .issue_workload_token(&by_cert, &record.id, 48 * HOUR)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("between 1 minute and 24 hours"),
+        "{err}"
+    );
+    // A workload token is not a join token: it cannot fetch the host's bundle.
+    let mut m = tonic::metadata::MetadataMap::new();
+    m.insert("authorization", format!("Bearer {workload}").parse()?);
+    assert!(matches!(
+        auth.check_token(&m).await,
+        Err(AuthError::NotAJoinToken)
+    ));
+
+    // Revoking the enrolment ends every workload token derived from it.
+    assert!(ca.ledger.revoke(&record.id));
+    assert_status(
+        call(&ca, Auth::Token(&workload), &pem, 0).await?,
+        Code::Unauthenticated,
+        &format!(
+            "workload token rejected: its enrolment join token {} was revoked",
+            record.id
+        ),
+    );
+    let err = auth
+        .issue_workload_token(&by_cert, &record.id, HOUR)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("was revoked"), "{err}");
+    Ok(())
+}

@@ -162,7 +162,7 @@ impl StoreLedger {
 
     /// Whether the token may still be used to connect (known and not revoked); unlike
     /// `consume`, it does not spend a use.
-    pub async fn check(&self, id: &str) -> Result<(), LedgerError> {
+    pub async fn check(&self, id: &str) -> Result<TokenEntry, LedgerError> {
         let kv = self
             .store
             .get(&Self::key(id))
@@ -174,7 +174,7 @@ impl StoreLedger {
         if entry.revoked {
             return Err(LedgerError::Revoked { id: id.to_string() });
         }
-        Ok(())
+        Ok(entry)
     }
 
     /// Marks a token revoked; it keeps its record so `token list` shows what happened.
@@ -260,6 +260,10 @@ impl TokenLedger for StoreLedger {
         let entry: TokenEntry =
             serde_json::from_slice(&kv.value).map_err(|e| LedgerError::Backend(e.to_string()))?;
         usable(&entry)
+    }
+
+    async fn enrolled(&self, id: &str) -> Result<TokenRecord, LedgerError> {
+        Ok(self.check(id).await?.record)
     }
 }
 

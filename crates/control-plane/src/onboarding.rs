@@ -24,7 +24,13 @@ pub mod pb {
 }
 
 use pb::onboarding_server::{Onboarding, OnboardingServer};
-use pb::{GetBundleRequest, GetBundleResponse, GetTrustBundleRequest, GetTrustBundleResponse};
+use pb::{
+    GetBundleRequest, GetBundleResponse, GetTrustBundleRequest, GetTrustBundleResponse,
+    GetWorkloadTokenRequest, GetWorkloadTokenResponse,
+};
+
+/// Lifetime of a workload token when the request names none.
+pub const DEFAULT_WORKLOAD_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Requests are empty; anything bigger than this is not one of ours.
 const MAX_REQUEST_BYTES: usize = 4 * 1024;
@@ -175,9 +181,50 @@ impl Onboarding for OnboardingService {
         self.metrics.record("GetBundle", &result);
         result
     }
+
+    async fn get_workload_token(
+        &self,
+        request: Request<GetWorkloadTokenRequest>,
+    ) -> Result<Response<GetWorkloadTokenResponse>, Status> {
+        let result = self.get_workload_token_checked(request).await;
+        self.metrics.record("GetWorkloadToken", &result);
+        result
+    }
 }
 
 impl OnboardingService {
+    async fn get_workload_token_checked(
+        &self,
+        request: Request<GetWorkloadTokenRequest>,
+    ) -> Result<Response<GetWorkloadTokenResponse>, Status> {
+        let peer = request.remote_addr();
+        let peer_certs = request.peer_certs();
+        let refused = |e: isthmus_ca::AuthError| {
+            tracing::warn!(?peer, error = %e, "workload token refused");
+            Status::from(e)
+        };
+        let caller = self
+            .auth
+            .authenticate(request.metadata(), peer_certs.as_deref().map(Vec::as_slice))
+            .map_err(refused)?;
+        let req = request.get_ref();
+        let ttl = match req.ttl_seconds {
+            0 => DEFAULT_WORKLOAD_TOKEN_TTL,
+            s => std::time::Duration::from_secs(u64::from(s)),
+        };
+        let (token, claims) = self
+            .auth
+            .issue_workload_token(&caller, req.enrolment.trim(), ttl)
+            .await
+            .map_err(refused)?;
+        tracing::info!(?peer, identity = %caller.identity, enrolment = ?claims.enr, credential = ?caller.credential, expires_at = claims.exp, "issued a workload token");
+        Ok(Response::new(GetWorkloadTokenResponse {
+            token,
+            expires_at: claims.exp,
+            identity: caller.identity.to_string(),
+        }))
+    }
+
     async fn get_bundle_checked(
         &self,
         request: Request<GetBundleRequest>,
