@@ -7,12 +7,19 @@ use std::path::PathBuf;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
     let ca_proto = proto_root.join("istio/v1/auth/ca.proto");
-    for input in [&ca_proto, &proto_root.join("google/protobuf/struct.proto")] {
+    // Isthmus' own onboarding API lives here too: the control plane serves it, and both the
+    // CLI and the agent (workload tokens) call it.
+    let onboarding_proto = proto_root.join("isthmus/onboarding/v1/onboarding.proto");
+    for input in [
+        &ca_proto,
+        &onboarding_proto,
+        &proto_root.join("google/protobuf/struct.proto"),
+    ] {
         println!("cargo:rerun-if-changed={}", input.display());
     }
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_protos(&[ca_proto], &[proto_root])?;
+        .compile_protos(&[ca_proto, onboarding_proto], &[proto_root])?;
     Ok(())
 }

@@ -34,6 +34,7 @@ pub mod keys {
     /// The token itself: a secret, accepted from the environment, never written to agent.env.
     pub const JOIN_TOKEN: &str = "ISTHMUS_JOIN_TOKEN";
     pub const JOIN_TOKEN_FILE: &str = "ISTHMUS_JOIN_TOKEN_FILE";
+    pub const WORKLOAD_TOKEN_FILE: &str = "ISTHMUS_WORKLOAD_TOKEN_FILE";
     pub const STATE_DIR: &str = "ISTHMUS_STATE_DIR";
     pub const DOMAIN: &str = "ISTHMUS_DOMAIN";
     pub const SVC_IP: &str = "ISTIO_SVC_IP";
@@ -78,7 +79,7 @@ pub struct Setting {
 }
 
 /// Every variable agent.env may hold, in the order the file is written.
-pub const SETTINGS: [Setting; 20] = [
+pub const SETTINGS: [Setting; 21] = [
     s(
         keys::CA_ADDR,
         None,
@@ -103,6 +104,11 @@ pub const SETTINGS: [Setting; 20] = [
         keys::JOIN_TOKEN_FILE,
         None,
         "the join token, re-read at each use",
+    ),
+    s(
+        keys::WORKLOAD_TOKEN_FILE,
+        None,
+        "keep a workload token here, renewed before it expires, for token-only clients such as Istio's ztunnel",
     ),
     s(
         keys::STATE_DIR,
@@ -218,6 +224,7 @@ pub struct AgentEnv {
     pub cert_dir: PathBuf,
     pub root_cert: Option<PathBuf>,
     pub join_token_file: Option<PathBuf>,
+    pub workload_token_file: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub domain: String,
     pub svc_ip: Option<IpAddr>,
@@ -426,6 +433,7 @@ impl AgentEnv {
             cert_dir: defaults::CERT_DIR.into(),
             root_cert: None,
             join_token_file: None,
+            workload_token_file: None,
             state_dir: defaults::STATE_DIR.into(),
             domain: defaults::DOMAIN.into(),
             svc_ip: None,
@@ -513,6 +521,7 @@ impl AgentEnv {
             cert_dir: get(keys::CERT_DIR).map_or(fallback.cert_dir.clone(), PathBuf::from),
             root_cert: get(keys::ROOT_CERT).map(PathBuf::from),
             join_token_file: get(keys::JOIN_TOKEN_FILE).map(PathBuf::from),
+            workload_token_file: get(keys::WORKLOAD_TOKEN_FILE).map(PathBuf::from),
             state_dir: get(keys::STATE_DIR).map_or(fallback.state_dir.clone(), PathBuf::from),
             domain: get(keys::DOMAIN).unwrap_or(defaults::DOMAIN).into(),
             svc_ip: typed!(keys::SVC_IP, None, "an IP address", |v: &str| v
@@ -597,6 +606,7 @@ impl AgentEnv {
             cert_dir,
             root_cert,
             join_token_file,
+            workload_token_file,
             state_dir,
             domain,
             svc_ip,
@@ -622,6 +632,10 @@ impl AgentEnv {
             (
                 keys::JOIN_TOKEN_FILE,
                 join_token_file.as_deref().and_then(path),
+            ),
+            (
+                keys::WORKLOAD_TOKEN_FILE,
+                workload_token_file.as_deref().and_then(path),
             ),
             (keys::STATE_DIR, path(state_dir)),
             (keys::DOMAIN, Some(domain.clone())),
@@ -693,6 +707,7 @@ impl AgentEnv {
             cert_dir: re(&self.cert_dir),
             root_cert: self.root_cert.as_deref().map(re),
             join_token_file: self.join_token_file.as_deref().map(re),
+            workload_token_file: self.workload_token_file.as_deref().map(re),
             state_dir: re(&self.state_dir),
             cluster_env: re(&self.cluster_env),
             sidecar_env: re(&self.sidecar_env),

@@ -34,6 +34,14 @@ pub struct AgentArgs {
     /// File holding the join token (re-read at each use).
     #[arg(long, env = keys::JOIN_TOKEN_FILE)]
     pub join_token_file: Option<PathBuf>,
+    /// Keep a workload token in this file, renewed at half its life: the token file of
+    /// token-only clients on this host, such as Istio's ztunnel (its enrolment is the join
+    /// token's; revoking that token ends it).
+    #[arg(long, env = keys::WORKLOAD_TOKEN_FILE)]
+    pub workload_token_file: Option<PathBuf>,
+    /// Lifetime of the workload tokens the agent asks for (1m to 24h).
+    #[arg(long, default_value = "1h")]
+    pub workload_token_lifetime: humantime::Duration,
     /// Certificate lifetime to ask for (default: the CA's).
     #[arg(long)]
     pub cert_lifetime: Option<humantime::Duration>,

@@ -300,6 +300,13 @@ pub async fn run(
     let mut reserve = intercept.as_ref().map(|_| FdReserve::take());
     let mut identity = args.identity_config();
     identity.sockets = sockets.clone();
+    let keeper = args
+        .workload_token_file
+        .clone()
+        .map(|path| {
+            crate::identity::WorkloadTokenKeeper::new(identity.clone(), path)
+                .with_ttl(args.workload_token_lifetime.into())
+        });
     let manager = Arc::new(IdentityManager::new(identity).context("invalid agent configuration")?);
     let probe = args.probe().context("invalid probe")?;
     let mut registry = Registry::default();
@@ -329,6 +336,9 @@ pub async fn run(
     let certs = manager.subscribe();
     let m = manager.clone();
     let mut identity_task = tokio::spawn(async move { m.run().await });
+    if let Some(keeper) = keeper {
+        tokio::spawn(keeper.run(certs.clone()));
+    }
     tokio::pin!(shutdown);
 
     if args.identity_only {

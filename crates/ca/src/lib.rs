@@ -23,6 +23,12 @@ pub mod pb {
     tonic::include_proto!("istio.v1.auth");
 }
 
+/// Generated from `proto/isthmus/onboarding/v1/onboarding.proto` (served by the control plane).
+pub mod onboarding_pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("isthmus.onboarding.v1");
+}
+
 pub use authority::{
     Ca, CaConfig, CaError, IssuedKeyPair, ServingCertOptions, SignError, SignRequest,
 };

@@ -17,11 +17,9 @@ use crate::api::MeshInfo;
 use crate::hostfiles::{self, HostConfig};
 use crate::registry::{Registry, RegistryError};
 
-/// Generated from `proto/isthmus/onboarding/v1/onboarding.proto`.
-pub mod pb {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("isthmus.onboarding.v1");
-}
+/// Generated from `proto/isthmus/onboarding/v1/onboarding.proto` (in `isthmus-ca`, which the
+/// agent shares).
+pub use isthmus_ca::onboarding_pb as pb;
 
 use pb::onboarding_server::{Onboarding, OnboardingServer};
 use pb::{

@@ -60,28 +60,21 @@ pub(crate) enum Credential<'a> {
     Certificate(&'a WorkloadCertificate),
 }
 
-/// Asks the CA for a certificate for `identity` and checks what comes back.
-pub(crate) async fn request_certificate(
+/// A channel to the control plane's gRPC port, presenting `cert` (mTLS) when given.
+pub(crate) async fn connect(
     config: &IdentityConfig,
-    identity: &SpiffeId,
-    credential: Credential<'_>,
-) -> Result<WorkloadCertificate, ClientError> {
+    cert: Option<&WorkloadCertificate>,
+) -> Result<Channel, ClientError> {
     let root_path = config.ca_root_path();
     let roots_pem = std::fs::read_to_string(&root_path).map_err(|e| ClientError::Roots {
         path: root_path.display().to_string(),
         detail: e.to_string(),
     })?;
-    let (key, csr) = make_csr(identity)?;
-
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(roots_pem))
         .domain_name(config.ca_server_name.clone());
-    let mut token = None;
-    match credential {
-        Credential::Certificate(current) => {
-            tls = tls.identity(Identity::from_pem(&current.chain_pem, &current.key_pem));
-        }
-        Credential::Token(t) => token = Some(t),
+    if let Some(current) = cert {
+        tls = tls.identity(Identity::from_pem(&current.chain_pem, &current.key_pem));
     }
     let connect_err = |e: tonic::transport::Error| ClientError::Connect {
         address: config.ca_address.clone(),
@@ -96,9 +89,37 @@ pub(crate) async fn request_certificate(
         .map_err(connect_err)?
         .connect_timeout(config.request_timeout)
         .timeout(config.request_timeout);
-    let channel = crate::sockets::connect_channel(&endpoint, config.sockets.clone())
+    crate::sockets::connect_channel(&endpoint, config.sockets.clone())
         .await
-        .map_err(connect_err)?;
+        .map_err(connect_err)
+}
+
+/// A refusal or failure of a call, as a [`ClientError`].
+pub(crate) fn call_error(config: &IdentityConfig, s: tonic::Status) -> ClientError {
+    match s.code() {
+        Code::Unavailable => ClientError::Connect {
+            address: config.ca_address.clone(),
+            detail: s.message().to_owned(),
+        },
+        code => ClientError::Rejected {
+            code,
+            message: s.message().to_owned(),
+        },
+    }
+}
+
+/// Asks the CA for a certificate for `identity` and checks what comes back.
+pub(crate) async fn request_certificate(
+    config: &IdentityConfig,
+    identity: &SpiffeId,
+    credential: Credential<'_>,
+) -> Result<WorkloadCertificate, ClientError> {
+    let (key, csr) = make_csr(identity)?;
+    let (cert, token) = match credential {
+        Credential::Certificate(current) => (Some(current), None),
+        Credential::Token(t) => (None, Some(t)),
+    };
+    let channel = connect(config, cert).await?;
 
     let mut request = tonic::Request::new(IstioCertificateRequest {
         csr,
@@ -116,16 +137,7 @@ pub(crate) async fn request_certificate(
     let response = IstioCertificateServiceClient::new(channel)
         .create_certificate(request)
         .await
-        .map_err(|s| match s.code() {
-            Code::Unavailable => ClientError::Connect {
-                address: config.ca_address.clone(),
-                detail: s.message().to_owned(),
-            },
-            code => ClientError::Rejected {
-                code,
-                message: s.message().to_owned(),
-            },
-        })?
+        .map_err(|s| call_error(config, s))?
         .into_inner();
     into_workload_cert(&key.serialize_pem(), &response.cert_chain, identity)
 }

@@ -5,6 +5,7 @@
 mod client;
 pub mod config;
 mod store;
+pub mod wtoken;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -23,6 +24,7 @@ pub use config::{
     ConfigError, IdentityConfig, TokenSource, DEFAULT_CA_SERVER_NAME, DEFAULT_CERT_DIR,
 };
 pub use store::{CertFiles, StoreError, WorkloadCertificate};
+pub use wtoken::WorkloadTokenKeeper;
 
 use client::{request_certificate, Credential};
 
@@ -275,6 +277,6 @@ impl IdentityManager {
     }
 }
 
-fn human(d: Duration) -> String {
+pub(crate) fn human(d: Duration) -> String {
     isthmus_ca::format_duration(d)
 }
