@@ -562,7 +562,14 @@ async fn token_cmd(cmd: TokenCommand, out: &mut dyn Write) -> Result<(), Command
                             pins.join(", ")
                         );
                     }
-                    format!("{}\n", r["token"].as_str().unwrap_or_default())
+                    // Redirected to a file, the token is the file's whole content: clients such
+                    // as Istio's ztunnel send a token file's bytes verbatim.
+                    let end = if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                        "\n"
+                    } else {
+                        ""
+                    };
+                    format!("{}{end}", r["token"].as_str().unwrap_or_default())
                 }
                 other => {
                     return Err(CommandError::Usage(format!(

@@ -228,7 +228,8 @@ impl HostConfig {
             f(KUBEDNS, self.kubedns(), 0o644),
             f(HOSTS, self.hosts(), 0o644),
             f(ROOT_CERT, root_cert.to_string(), 0o644),
-            f(TOKEN, format!("{}\n", token.trim()), 0o600),
+            // No trailing newline: Istio's ztunnel sends a token file's bytes verbatim.
+            f(TOKEN, token.trim().to_string(), 0o600),
             f(AGENT_ENV, self.agent_env(), 0o644),
         ];
         if let Some((key, chain)) = bootstrap {

@@ -1035,10 +1035,10 @@ fn join_server_installs_what_vm_config_writes() {
     let token_path = "etc/isthmus/token".to_string();
     assert_eq!(
         by_server.remove(&token_path).unwrap(),
-        (0o600, format!("{token}\n").into_bytes())
+        (0o600, token.clone().into_bytes())
     );
     let (_, vm_config_token) = by_dir.remove(&token_path).unwrap();
-    assert_ne!(vm_config_token, format!("{token}\n").into_bytes());
+    assert_ne!(vm_config_token, token.clone().into_bytes());
     assert_eq!(by_server, by_dir);
 }
 
@@ -1356,7 +1356,7 @@ fn onboarding_api_checks_the_token_and_spends_no_use() {
                 "token"
             ]
         );
-        assert_eq!(files["token"], (0o600, format!("{token}\n").as_bytes()));
+        assert_eq!(files["token"], (0o600, token.as_bytes()));
         assert_eq!(files["cluster.env"].0, 0o644);
         let sidecar = String::from_utf8_lossy(files["sidecar.env"].1);
         assert!(
