@@ -2,7 +2,7 @@
 //! [`SocketFactory`] (marked, so capture never takes them), and the check at start that the
 //! agent's own traffic is exempt from the rules it is about to install.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
@@ -15,10 +15,21 @@ pub async fn connect_channel(
     endpoint: &Endpoint,
     sockets: Arc<SocketFactory>,
 ) -> Result<Channel, tonic::transport::Error> {
+    connect_channel_from(endpoint, sockets, None).await
+}
+
+/// Like [`connect_channel`], from `source` when it is local to the host (see
+/// [`SocketFactory::connect_from`]): the control plane believes the address in the agent's node
+/// id when the connection comes from it.
+pub async fn connect_channel_from(
+    endpoint: &Endpoint,
+    sockets: Arc<SocketFactory>,
+    source: Option<IpAddr>,
+) -> Result<Channel, tonic::transport::Error> {
     let connector = tower::service_fn(move |uri: Uri| {
         let sockets = sockets.clone();
         async move {
-            let stream = connect_uri(&sockets, &uri).await?;
+            let stream = connect_uri(&sockets, &uri, source).await?;
             Ok::<_, std::io::Error>(TokioIo::new(stream))
         }
     });
@@ -26,7 +37,11 @@ pub async fn connect_channel(
 }
 
 /// Resolves the URI's authority and connects to the first address that answers.
-async fn connect_uri(sockets: &SocketFactory, uri: &Uri) -> std::io::Result<tokio::net::TcpStream> {
+async fn connect_uri(
+    sockets: &SocketFactory,
+    uri: &Uri,
+    source: Option<IpAddr>,
+) -> std::io::Result<tokio::net::TcpStream> {
     let host = uri
         .host()
         .ok_or_else(|| std::io::Error::other(format!("{uri} names no host")))?;
@@ -38,7 +53,7 @@ async fn connect_uri(sockets: &SocketFactory, uri: &Uri) -> std::io::Result<toki
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
     let mut last = None;
     for addr in addrs {
-        match sockets.connect(addr).await {
+        match sockets.connect_from(addr, source).await {
             Ok(s) => return Ok(s),
             Err(e) => last = Some(e),
         }
