@@ -173,12 +173,18 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let sockets = SocketFactory::unmarked();
         let uri: Uri = format!("http://localhost:{}", addr.port()).parse().unwrap();
-        let s = connect_uri(&sockets, &uri).await.unwrap();
+        let s = connect_uri(&sockets, &uri, None).await.unwrap();
         let (_a, peer) = l.accept().await.unwrap();
         assert_eq!(peer, s.local_addr().unwrap());
         // Unmarked: the factory knows the port as its own (the loop guard's view).
         assert!(sockets.is_own(peer));
-        let e = connect_uri(&sockets, &"http://127.0.0.1:1".parse().unwrap())
+        // From the host's address, when it is local: how the control plane believes the agent.
+        let uri: Uri = format!("http://{addr}").parse().unwrap();
+        let source: IpAddr = "127.0.0.9".parse().unwrap();
+        let _s = connect_uri(&sockets, &uri, Some(source)).await.unwrap();
+        let (_b, peer) = l.accept().await.unwrap();
+        assert_eq!(peer.ip(), source);
+        let e = connect_uri(&sockets, &"http://127.0.0.1:1".parse().unwrap(), None)
             .await
             .unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);

@@ -317,3 +317,59 @@ impl StreamObserver for Observer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isthmus_model::{ObjectMeta, WorkloadEntrySpec};
+
+    fn entry(ns: &str, sa: &str, ip: &str, auto: bool) -> WorkloadEntry {
+        let mut annotations = BTreeMap::new();
+        if auto {
+            annotations.insert(
+                crate::autoreg::GROUP_ANNOTATION.to_string(),
+                "g".to_string(),
+            );
+        }
+        WorkloadEntry {
+            api_version: isthmus_model::API_VERSION.into(),
+            kind: Kind::WorkloadEntry.as_str().into(),
+            metadata: ObjectMeta {
+                name: "e".into(),
+                namespace: ns.into(),
+                annotations,
+                ..Default::default()
+            },
+            spec: WorkloadEntrySpec {
+                address: ip.into(),
+                service_account: sa.into(),
+                ..Default::default()
+            },
+            status: Default::default(),
+        }
+    }
+
+    #[test]
+    fn only_an_administrators_entry_of_the_identity_enrols_an_address() {
+        let id = Identity::new("cluster.local", "adv", "a");
+        let ip: IpAddr = "10.0.0.5".parse().unwrap();
+        assert!(enrolled_at(&entry("adv", "a", "10.0.0.5", false), &id, ip));
+        // Another namespace's VM, another account, another address: no.
+        assert!(!enrolled_at(
+            &entry("onprem", "a", "10.0.0.5", false),
+            &id,
+            ip
+        ));
+        assert!(!enrolled_at(&entry("adv", "b", "10.0.0.5", false), &id, ip));
+        assert!(!enrolled_at(&entry("adv", "a", "10.0.0.6", false), &id, ip));
+        // An agent's own registration does not vouch for the claim that made it.
+        assert!(!enrolled_at(&entry("adv", "a", "10.0.0.5", true), &id, ip));
+        // An entry without an account runs as `default`.
+        let default = Identity::new("cluster.local", "adv", "default");
+        assert!(enrolled_at(
+            &entry("adv", "", "10.0.0.5", false),
+            &default,
+            ip
+        ));
+    }
+}

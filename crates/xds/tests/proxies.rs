@@ -288,7 +288,7 @@ async fn a_node_address_counts_only_when_something_vouches_for_it() -> Result<()
     for bad in [
         format!("sidecar~10.0.0.5~vm.{NS}"),
         format!("sidecar~10.0.0.5~vm.{NS}~{NS}.svc.cluster.local~extra"),
-        format!("sidecar~10.0.0.5~vm~.svc.cluster.local"),
+        "sidecar~10.0.0.5~vm~.svc.cluster.local".to_string(),
     ] {
         let mut c = RawClient::open(
             server.channel().await?,

@@ -11,7 +11,7 @@ use tonic::Status;
 
 use super::address::HostAddress;
 use super::publisher::Snapshot;
-use super::tracker::{Entry, Peer};
+use super::tracker::{Entry, Peer, Who};
 use super::wire::{encode_response, Requests};
 use super::{Identity, Outgoing, Shared, HEALTH_TYPE_URL};
 use crate::node::{NodeId, Quoted};
@@ -194,12 +194,15 @@ impl Connection {
                         match self.hello(&node).await {
                             Ok((o, parsed, address)) => {
                                 observed = o;
+                                let who = Who {
+                                    identity: &self.identity,
+                                    node: &node,
+                                    parsed: &parsed,
+                                    address: &address,
+                                };
                                 self.tracked = Some(self.shared.streams.register(
                                     self.id,
-                                    &self.identity,
-                                    &node,
-                                    &parsed,
-                                    &address,
+                                    who,
                                     &self.peer,
                                     observed.as_ref().map(|o| o.handle.clone()),
                                 ));

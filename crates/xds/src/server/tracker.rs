@@ -116,6 +116,14 @@ pub struct StreamStatus {
     pub types: Vec<TypeStatus>,
 }
 
+/// Who a stream is, as decided at its first request.
+pub(crate) struct Who<'a> {
+    pub identity: &'a Identity,
+    pub node: &'a Node,
+    pub parsed: &'a NodeId,
+    pub address: &'a HostAddress,
+}
+
 /// What the connection knows before its first request.
 pub(crate) struct Peer {
     pub addr: Option<SocketAddr>,
@@ -250,13 +258,16 @@ impl Streams {
     pub fn register(
         self: &Arc<Self>,
         stream_id: u64,
-        identity: &Identity,
-        node: &Node,
-        parsed: &NodeId,
-        address: &HostAddress,
+        who: Who<'_>,
         peer: &Peer,
         registered: Option<String>,
     ) -> Entry {
+        let Who {
+            identity,
+            node,
+            parsed,
+            address,
+        } = who;
         let tracked = Arc::new(Mutex::new(Tracked {
             node_id: cut(&node.id, MAX_NODE_ID),
             name: cut(&parsed.display_name(), MAX_NODE_ID),
@@ -382,7 +393,13 @@ mod tests {
             by: super::super::address::AddressSource::Peer,
         };
         let id = Identity::new("cluster.local", "prod", "web");
-        streams.register(n, &id, node, &parsed, &address, &peer(), registered)
+        let who = Who {
+            identity: &id,
+            node,
+            parsed: &parsed,
+            address: &address,
+        };
+        streams.register(n, who, &peer(), registered)
     }
 
     fn peer() -> Peer {
