@@ -255,6 +255,33 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Untrusted input: any string parses or is refused, never panics, and an accepted
+        /// four-part id round-trips.
+        #[test]
+        fn any_string_is_parsed_or_refused(id in "(\\PC|~|\\.){0,80}") {
+            if let Ok(NodeId::Proxy(p)) = NodeId::parse(&id) {
+                let ip = p.ip.map(|i| i.to_string()).unwrap_or_default();
+                let again = format!("{}~{ip}~{}.{}~{}.svc.{}", p.role, p.name, p.namespace, p.namespace, p.domain);
+                proptest::prop_assert_eq!(NodeId::parse(&again), Ok(NodeId::Proxy(p)));
+            }
+        }
+
+        #[test]
+        fn well_formed_ids_round_trip(
+            role in "[a-z]{1,8}",
+            ip in proptest::option::of(proptest::arbitrary::any::<std::net::IpAddr>()),
+            name in "[a-z0-9-]{1,12}(\\.[a-z0-9-]{1,6}){0,2}",
+            ns in "[a-z0-9-]{1,12}",
+            domain in "[a-z]{1,8}(\\.[a-z]{1,8}){0,2}",
+        ) {
+            let ip_s = ip.map(|i| i.to_string()).unwrap_or_default();
+            let id = format!("{role}~{ip_s}~{name}.{ns}~{ns}.svc.{domain}");
+            let want = ProxyNode { role, ip, name, namespace: ns, domain };
+            proptest::prop_assert_eq!(NodeId::parse(&id), Ok(NodeId::Proxy(want)));
+        }
+    }
+
     #[test]
     fn quotes_are_cut() {
         let long = format!("sidecar~{}~a.b~b.svc.c", "1".repeat(10_000));
