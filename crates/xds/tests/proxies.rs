@@ -265,6 +265,7 @@ async fn a_node_address_counts_only_when_something_vouches_for_it() -> Result<()
         }
     );
     assert_eq!(a.ip(), None);
+    assert_eq!(server.xds.metrics().unverified_address_claims(), 1);
 
     // An IP SAN of the client certificate.
     let (cert, key) = server.pki.client_cert_with_ips(

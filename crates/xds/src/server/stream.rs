@@ -272,6 +272,7 @@ impl Connection {
         )
         .await;
         if let Some(problem) = address.problem(&self.identity) {
+            self.shared.metrics.unverified_claim();
             if let Some(held_back) = self.shared.unverified_log.allow() {
                 tracing::warn!(
                     node = %Quoted::new(&node.id),
