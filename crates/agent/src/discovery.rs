@@ -17,6 +17,9 @@ pub struct CertConnector {
     pub cert: watch::Receiver<CurrentCert>,
     /// Makes the connection (marked when the agent captures).
     pub sockets: Arc<SocketFactory>,
+    /// The host's mesh IP (INSTANCE_IP), the address in the node id: connections come from it
+    /// when it is local, which is what lets the control plane believe the node id.
+    pub source: Option<std::net::IpAddr>,
 }
 
 #[tonic::async_trait]
@@ -44,7 +47,7 @@ impl Connect for CertConnector {
             .tcp_nodelay(true)
             .initial_stream_window_size(1 << 20)
             .initial_connection_window_size(1 << 20);
-        crate::sockets::connect_channel(&endpoint, self.sockets.clone())
+        crate::sockets::connect_channel_from(&endpoint, self.sockets.clone(), self.source)
             .await
             .map_err(|source| ConnectError::Transport {
                 uri: self.address.clone(),

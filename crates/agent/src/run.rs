@@ -403,6 +403,7 @@ pub async fn run(
             server_name: args.ca_server_name.clone(),
             cert: certs.clone(),
             sockets: sockets.clone(),
+            source: Some(ip),
         }),
     );
     let state = client.state();

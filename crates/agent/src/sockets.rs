@@ -2,7 +2,7 @@
 //! [`SocketFactory`] (marked, so capture never takes them), and the check at start that the
 //! agent's own traffic is exempt from the rules it is about to install.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
@@ -15,10 +15,21 @@ pub async fn connect_channel(
     endpoint: &Endpoint,
     sockets: Arc<SocketFactory>,
 ) -> Result<Channel, tonic::transport::Error> {
+    connect_channel_from(endpoint, sockets, None).await
+}
+
+/// Like [`connect_channel`], from `source` when it is local to the host (see
+/// [`SocketFactory::connect_from`]): the control plane believes the address in the agent's node
+/// id when the connection comes from it.
+pub async fn connect_channel_from(
+    endpoint: &Endpoint,
+    sockets: Arc<SocketFactory>,
+    source: Option<IpAddr>,
+) -> Result<Channel, tonic::transport::Error> {
     let connector = tower::service_fn(move |uri: Uri| {
         let sockets = sockets.clone();
         async move {
-            let stream = connect_uri(&sockets, &uri).await?;
+            let stream = connect_uri(&sockets, &uri, source).await?;
             Ok::<_, std::io::Error>(TokioIo::new(stream))
         }
     });
@@ -26,7 +37,11 @@ pub async fn connect_channel(
 }
 
 /// Resolves the URI's authority and connects to the first address that answers.
-async fn connect_uri(sockets: &SocketFactory, uri: &Uri) -> std::io::Result<tokio::net::TcpStream> {
+async fn connect_uri(
+    sockets: &SocketFactory,
+    uri: &Uri,
+    source: Option<IpAddr>,
+) -> std::io::Result<tokio::net::TcpStream> {
     let host = uri
         .host()
         .ok_or_else(|| std::io::Error::other(format!("{uri} names no host")))?;
@@ -38,7 +53,7 @@ async fn connect_uri(sockets: &SocketFactory, uri: &Uri) -> std::io::Result<toki
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
     let mut last = None;
     for addr in addrs {
-        match sockets.connect(addr).await {
+        match sockets.connect_from(addr, source).await {
             Ok(s) => return Ok(s),
             Err(e) => last = Some(e),
         }
@@ -158,12 +173,18 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let sockets = SocketFactory::unmarked();
         let uri: Uri = format!("http://localhost:{}", addr.port()).parse().unwrap();
-        let s = connect_uri(&sockets, &uri).await.unwrap();
+        let s = connect_uri(&sockets, &uri, None).await.unwrap();
         let (_a, peer) = l.accept().await.unwrap();
         assert_eq!(peer, s.local_addr().unwrap());
         // Unmarked: the factory knows the port as its own (the loop guard's view).
         assert!(sockets.is_own(peer));
-        let e = connect_uri(&sockets, &"http://127.0.0.1:1".parse().unwrap())
+        // From the host's address, when it is local: how the control plane believes the agent.
+        let uri: Uri = format!("http://{addr}").parse().unwrap();
+        let source: IpAddr = "127.0.0.9".parse().unwrap();
+        let _s = connect_uri(&sockets, &uri, Some(source)).await.unwrap();
+        let (_b, peer) = l.accept().await.unwrap();
+        assert_eq!(peer.ip(), source);
+        let e = connect_uri(&sockets, &"http://127.0.0.1:1".parse().unwrap(), None)
             .await
             .unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);

@@ -364,7 +364,9 @@ pub async fn run(cmd: Command, out: &mut dyn Write) -> Result<(), CommandError> 
 /// For service tables: how many workload entries serve each service.
 /// The service account of an agent connected from `ip` with an identity in `namespace`: an
 /// endpoint registered under it is reached over HBONE and its certificate matches. `None` when
-/// there is none (or the server cannot tell).
+/// there is none (or the server cannot tell). The status list's `ip` is only ever an address
+/// the server verified (the agent connects from it, or its certificate or an enrolment names
+/// it), never a node id's bare claim, so no client can lend its account to another's address.
 async fn agent_service_account(client: &Client, ip: &str, namespace: &str) -> Option<String> {
     let proxies: Vec<serde_json::Value> = client
         .json(Method::GET, "/api/v1/proxies", None)

@@ -218,7 +218,22 @@ fn detail(p: &ProxyStatus, now: OffsetDateTime) -> String {
     field("Name:", p.name.clone());
     field("Node:", p.node.clone());
     field("Identity:", p.identity.clone());
-    field("IP:", dash(p.ip.as_deref()));
+    field(
+        "IP:",
+        match (&p.ip, &p.ip_verified_by) {
+            (Some(ip), Some(by)) => format!("{ip} (verified by {by})"),
+            (ip, _) => dash(ip.as_deref()),
+        },
+    );
+    if let Some(claimed) = &p.claimed_ip {
+        field(
+            "Claimed IP:",
+            format!(
+                "{claimed} (ignored: {})",
+                p.claim_problem.as_deref().unwrap_or("not verified")
+            ),
+        );
+    }
     field("Peer:", dash(p.peer.as_deref()));
     field("Version:", dash(p.version.as_deref()));
     field(
@@ -286,6 +301,9 @@ mod tests {
             name: "vm-1.onprem".into(),
             identity: "spiffe://cluster.local/ns/onprem/sa/db".into(),
             ip: Some("10.0.0.9".into()),
+            ip_verified_by: Some("registered entry".into()),
+            claimed_ip: None,
+            claim_problem: None,
             peer: Some("127.0.0.1:50000".into()),
             version: Some("0.1.0".into()),
             connected_at: at(-300),

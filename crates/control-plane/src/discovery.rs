@@ -8,9 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use isthmus_ca::{Authenticator, Credential};
-use isthmus_model::WorkloadEntry;
+use isthmus_model::{Kind, Resource, WorkloadEntry};
 use isthmus_store::{Store, StoreError};
-use isthmus_xds::server::{node_metadata, Authenticate, Identity, Node, StreamObserver};
+use isthmus_xds::server::{
+    node_metadata, Authenticate, HostAddress, Identity, Node, StreamObserver,
+};
 use isthmus_xds::{build_resources_with_policies, MappingOptions, ResourceSet, AGENT_ANNOTATION};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
@@ -101,8 +103,9 @@ pub async fn persisted_mesh_hosts(store: &dyn Store) -> Result<BTreeSet<IpAddr>,
         .collect())
 }
 
-/// Follows the discovery server's open streams into the set of agent hosts: the IPs of Istio's
-/// node ids (`<role>~<ip>~...`, as auto-registration reads them).
+/// Follows the discovery server's open streams into the set of agent hosts: the verified
+/// addresses of the streams (a node id's address only when the connection comes from it, the
+/// client certificate names it, or a WorkloadEntry of the identity was registered there).
 ///
 /// An IP stays in the set for `grace` after its last stream closed, and the set is kept in the
 /// store: without that, every entry at an agent host would be served as plain TCP from the
@@ -126,7 +129,7 @@ pub fn follow_mesh_hosts(
             let connected: BTreeSet<IpAddr> = xds
                 .streams()
                 .iter()
-                .filter_map(|s| s.node_id.split('~').nth(1)?.parse().ok())
+                .filter_map(|s| s.address.ip())
                 .collect();
             let now = tokio::time::Instant::now();
             for ip in &connected {
@@ -209,6 +212,44 @@ impl Authenticate for XdsAuth {
             Status::unauthenticated(format!("{} is not a workload identity", caller.identity))
         })
     }
+
+    /// An administrator enrolled the address for this identity: a WorkloadEntry in its
+    /// namespace, at `ip`, running as its service account, and not one an agent registered
+    /// itself (that would let a claim vouch for itself).
+    async fn vouches_for(&self, identity: &Identity, ip: IpAddr) -> bool {
+        let prefix = format!(
+            "{}{}/",
+            Kind::WorkloadEntry.key_prefix(),
+            identity.namespace
+        );
+        let kvs = match self.ledger.store().range(&prefix).await {
+            Ok((kvs, _)) => kvs,
+            Err(e) => {
+                tracing::warn!(error = %e, %ip, "cannot read WorkloadEntries to check an address claim; not vouching");
+                return false;
+            }
+        };
+        kvs.iter().any(|kv| {
+            matches!(crate::registry::decode(kv), Ok(Some(Resource::WorkloadEntry(e)))
+                if enrolled_at(&e, identity, ip))
+        })
+    }
+}
+
+/// Whether `e` is an administrator's enrolment of `identity` at `ip`.
+fn enrolled_at(e: &WorkloadEntry, identity: &Identity, ip: IpAddr) -> bool {
+    let sa = if e.spec.service_account.is_empty() {
+        "default"
+    } else {
+        e.spec.service_account.as_str()
+    };
+    e.metadata.namespace == identity.namespace
+        && sa == identity.service_account
+        && e.ip() == Some(ip)
+        && !e
+            .metadata
+            .annotations
+            .contains_key(crate::autoreg::GROUP_ANNOTATION)
 }
 
 /// Auto-registration and health through the discovery stream.
@@ -218,17 +259,35 @@ pub struct Observer {
 
 #[tonic::async_trait]
 impl StreamObserver for Observer {
-    async fn connected(&self, identity: &Identity, node: &Node) -> Result<Option<String>, Status> {
+    async fn connected(
+        &self,
+        identity: &Identity,
+        node: &Node,
+        address: &HostAddress,
+    ) -> Result<Option<String>, Status> {
         let Some(group) = node_metadata(node, AUTO_REGISTER_GROUP) else {
             return Ok(None);
         };
-        // Istio's node id: <role>~<ip>~<name>.<ns>~<ns>.svc.<domain>
-        let ip = node
-            .id
-            .split('~')
-            .nth(1)
-            .and_then(|ip| ip.parse().ok())
-            .ok_or_else(|| Status::invalid_argument(format!("node id {:?} carries no IP (expected <role>~<ip>~<name>.<ns>~<ns>.svc.<domain>); auto-registration needs it", node.id)))?;
+        // Only an address something vouches for may be registered: a claim alone would let any
+        // identity put its workloads at another host's address.
+        let ip = match address {
+            HostAddress::Verified { ip, .. } => *ip,
+            HostAddress::Unverified { .. } => {
+                let problem = address.problem(identity).unwrap_or_default();
+                return Err(Status::permission_denied(format!(
+                    "auto-registration in WorkloadGroup {}/{} refused: {problem}",
+                    identity.namespace,
+                    isthmus_xds::node::truncate(group, 128)
+                )));
+            }
+            HostAddress::Unknown => {
+                return Err(Status::invalid_argument(format!(
+                    "node id {:?} carries no IP and the connection's address is unknown; auto-registration needs the host's IP (use {})",
+                    isthmus_xds::node::truncate(&node.id, 128),
+                    isthmus_xds::NODE_ID_FORM
+                )))
+            }
+        };
         let member = Member {
             namespace: identity.namespace.clone(),
             service_account: identity.service_account.clone(),
@@ -256,5 +315,61 @@ impl StreamObserver for Observer {
         if let Some((ns, name)) = handle.split_once('/') {
             self.autoreg.disconnected(ns, name);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isthmus_model::{ObjectMeta, WorkloadEntrySpec};
+
+    fn entry(ns: &str, sa: &str, ip: &str, auto: bool) -> WorkloadEntry {
+        let mut annotations = BTreeMap::new();
+        if auto {
+            annotations.insert(
+                crate::autoreg::GROUP_ANNOTATION.to_string(),
+                "g".to_string(),
+            );
+        }
+        WorkloadEntry {
+            api_version: isthmus_model::API_VERSION.into(),
+            kind: Kind::WorkloadEntry.as_str().into(),
+            metadata: ObjectMeta {
+                name: "e".into(),
+                namespace: ns.into(),
+                annotations,
+                ..Default::default()
+            },
+            spec: WorkloadEntrySpec {
+                address: ip.into(),
+                service_account: sa.into(),
+                ..Default::default()
+            },
+            status: Default::default(),
+        }
+    }
+
+    #[test]
+    fn only_an_administrators_entry_of_the_identity_enrols_an_address() {
+        let id = Identity::new("cluster.local", "adv", "a");
+        let ip: IpAddr = "10.0.0.5".parse().unwrap();
+        assert!(enrolled_at(&entry("adv", "a", "10.0.0.5", false), &id, ip));
+        // Another namespace's VM, another account, another address: no.
+        assert!(!enrolled_at(
+            &entry("onprem", "a", "10.0.0.5", false),
+            &id,
+            ip
+        ));
+        assert!(!enrolled_at(&entry("adv", "b", "10.0.0.5", false), &id, ip));
+        assert!(!enrolled_at(&entry("adv", "a", "10.0.0.6", false), &id, ip));
+        // An agent's own registration does not vouch for the claim that made it.
+        assert!(!enrolled_at(&entry("adv", "a", "10.0.0.5", true), &id, ip));
+        // An entry without an account runs as `default`.
+        let default = Identity::new("cluster.local", "adv", "default");
+        assert!(enrolled_at(
+            &entry("adv", "", "10.0.0.5", false),
+            &default,
+            ip
+        ));
     }
 }

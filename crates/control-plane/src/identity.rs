@@ -122,6 +122,12 @@ impl StoreLedger {
         StoreLedger { store }
     }
 
+    /// The store the ledger keeps tokens in (the registry's), for checks that read the
+    /// registry beside a token (the discovery server's address vouching).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
     fn key(id: &str) -> String {
         format!("{TOKEN_PREFIX}{id}")
     }

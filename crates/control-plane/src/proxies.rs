@@ -20,8 +20,19 @@ pub struct ProxyStatus {
     pub name: String,
     /// The SPIFFE id the stream authenticated as.
     pub identity: String,
-    /// The host's mesh IP, from the node id.
+    /// The host's mesh IP: the node id's address when something vouches for it (see
+    /// `ipVerifiedBy`), else the address the stream connects from. Never an unverified claim.
     pub ip: Option<String>,
+    /// What vouched for `ip`: `peer` (the connection comes from it), `certificate` (an IP SAN
+    /// of the client certificate) or `registered entry` (a WorkloadEntry of the identity).
+    #[serde(default)]
+    pub ip_verified_by: Option<String>,
+    /// An address the node id claims that nothing vouches for: ignored, shown here only.
+    #[serde(default)]
+    pub claimed_ip: Option<String>,
+    /// Why `claimedIp` is not believed, and how to fix it.
+    #[serde(default)]
+    pub claim_problem: Option<String>,
     /// The TCP peer of the stream (`ip:port`), which NAT may make differ from `ip`.
     pub peer: Option<String>,
     /// The agent's version (node metadata `ISTIO_VERSION`).
@@ -96,19 +107,14 @@ impl From<&TypeStatus> for ConfigStatus {
 
 impl From<&StreamStatus> for ProxyStatus {
     fn from(s: &StreamStatus) -> Self {
-        let parts: Vec<&str> = s.node_id.split('~').collect();
-        let (ip, name) = match parts.as_slice() {
-            [_, ip, name, _] => (
-                ip.parse::<std::net::IpAddr>().ok().map(|ip| ip.to_string()),
-                (*name).to_owned(),
-            ),
-            _ => (None, s.node_id.clone()),
-        };
         ProxyStatus {
             node: s.node_id.clone(),
-            name,
+            name: s.name.clone(),
             identity: s.identity.to_string(),
-            ip,
+            ip: s.address.ip().map(|ip| ip.to_string()),
+            ip_verified_by: s.address.source().map(|b| b.as_str().to_owned()),
+            claimed_ip: s.address.unverified_claim().map(|ip| ip.to_string()),
+            claim_problem: s.address.problem(&s.identity),
             peer: s.peer.map(|p| p.to_string()),
             version: s.version.clone(),
             connected_at: rfc3339(s.connected_at),
@@ -142,7 +148,7 @@ pub fn list(xds: &isthmus_xds::XdsServer) -> Vec<ProxyStatus> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use isthmus_xds::server::{HealthStatus, Identity, NackStatus};
+    use isthmus_xds::server::{AddressSource, HealthStatus, HostAddress, Identity, NackStatus};
     use std::time::Duration;
 
     #[test]
@@ -151,8 +157,13 @@ mod tests {
         let s = StreamStatus {
             stream_id: 3,
             node_id: "sidecar~10.0.0.9~vm-1.onprem~onprem.svc.cluster.local".into(),
+            name: "vm-1.onprem".into(),
             identity: Identity::new("cluster.local", "onprem", "db"),
             peer: Some("192.168.1.4:50000".parse().unwrap()),
+            address: HostAddress::Verified {
+                ip: "10.0.0.9".parse().unwrap(),
+                by: AddressSource::Registered,
+            },
             version: Some("0.1.0".into()),
             connected_at: at,
             cert_expires: Some(at + Duration::from_secs(86_400)),
@@ -180,6 +191,8 @@ mod tests {
         let v = serde_json::to_value(&p).unwrap();
         assert_eq!(v["name"], "vm-1.onprem");
         assert_eq!(v["ip"], "10.0.0.9");
+        assert_eq!(v["ipVerifiedBy"], "registered entry");
+        assert!(v["claimedIp"].is_null());
         assert_eq!(v["peer"], "192.168.1.4:50000");
         assert_eq!(v["identity"], "spiffe://cluster.local/ns/onprem/sa/db");
         assert_eq!(v["connectedAt"], "2023-11-14T22:13:20Z");
@@ -194,8 +207,27 @@ mod tests {
         let back: ProxyStatus = serde_json::from_value(v).unwrap();
         assert_eq!(back, p);
 
+        // A claim nothing vouched for is never the host's IP.
+        let spoof = ProxyStatus::from(&StreamStatus {
+            address: HostAddress::Unverified {
+                claimed: "10.0.0.9".parse().unwrap(),
+                peer: Some("192.168.1.4".parse().unwrap()),
+            },
+            ..s.clone()
+        });
+        assert_eq!(spoof.ip, None);
+        assert_eq!(spoof.ip_verified_by, None);
+        assert_eq!(spoof.claimed_ip.as_deref(), Some("10.0.0.9"));
+        assert!(spoof
+            .claim_problem
+            .as_deref()
+            .unwrap()
+            .contains("the connection comes from 192.168.1.4"));
+
         let opaque = ProxyStatus::from(&StreamStatus {
             node_id: "opaque".into(),
+            name: "opaque".into(),
+            address: HostAddress::Unknown,
             ..s
         });
         assert_eq!((opaque.name.as_str(), opaque.ip), ("opaque", None));

@@ -121,7 +121,7 @@ async fn agent_joins_resolves_registers_and_survives_the_control_plane() {
         || {
             s.ok(&["get", "workloads", "-n", "onprem"])
                 .lines()
-                .find(|l| l.starts_with("mysql-10-0-0-9") && l.contains("HEALTHY"))
+                .find(|l| l.starts_with("mysql-127-0-0-9") && l.contains("HEALTHY"))
                 .map(str::to_string)
         },
     );
@@ -133,7 +133,7 @@ async fn agent_joins_resolves_registers_and_survives_the_control_plane() {
         || {
             s.ok(&["get", "workloads", "-n", "onprem"])
                 .lines()
-                .find(|l| l.starts_with("mysql-10-0-0-9") && l.contains("UNHEALTHY"))
+                .find(|l| l.starts_with("mysql-127-0-0-9") && l.contains("UNHEALTHY"))
                 .map(drop)
         },
     );
@@ -189,7 +189,7 @@ async fn agent_joins_resolves_registers_and_survives_the_control_plane() {
     );
     let entries = s.ok(&["get", "workloads", "-n", "onprem"]);
     assert_eq!(
-        entries.lines().filter(|l| l.contains("10.0.0.9")).count(),
+        entries.lines().filter(|l| l.contains("127.0.0.9")).count(),
         1,
         "{entries}"
     );
@@ -220,7 +220,7 @@ async fn agent_joins_resolves_registers_and_survives_the_control_plane() {
 }
 
 fn entry_json(s: &Server) -> serde_json::Value {
-    serde_json::from_str(&s.ok(&["get", "we", "mysql-10-0-0-9", "-n", "onprem", "-o", "json"]))
+    serde_json::from_str(&s.ok(&["get", "we", "mysql-127-0-0-9", "-n", "onprem", "-o", "json"]))
         .unwrap()
 }
 

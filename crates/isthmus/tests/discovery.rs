@@ -17,13 +17,42 @@ fn client(
     sa: &str,
     group: Option<&str>,
 ) -> XdsClient {
-    client_at(s, "10.0.0.9", root_pem, token, ns, sa, group)
+    client_at(s, "127.0.0.9", root_pem, token, ns, sa, group)
 }
 
-/// A discovery client for the host at `ip` (its node id's IP).
+/// A discovery client for the host at `ip` (its node id's IP), connecting from `ip` (a
+/// loopback address) as a real agent on that host would, so the server believes the claim.
 fn client_at(
     s: &Server,
     ip: &str,
+    root_pem: &str,
+    token: Option<&str>,
+    ns: &str,
+    sa: &str,
+    group: Option<&str>,
+) -> XdsClient {
+    discovery_client(s, ip, Some(ip), root_pem, token, ns, sa, group)
+}
+
+/// A discovery client whose node id claims `claim` while it connects from wherever the kernel
+/// picks (127.0.0.1): what a client speaking for another host's address looks like.
+fn client_claiming(
+    s: &Server,
+    claim: &str,
+    root_pem: &str,
+    token: Option<&str>,
+    ns: &str,
+    sa: &str,
+    group: Option<&str>,
+) -> XdsClient {
+    discovery_client(s, claim, None, root_pem, token, ns, sa, group)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn discovery_client(
+    s: &Server,
+    ip: &str,
+    source: Option<&str>,
     root_pem: &str,
     token: Option<&str>,
     ns: &str,
@@ -38,6 +67,9 @@ fn client_at(
         .tls_config(tls)
         .unwrap();
     let mut conn = EndpointConnector::new(endpoint);
+    if let Some(src) = source {
+        conn = conn.with_source(src.parse().unwrap());
+    }
     if let Some(t) = token {
         conn = conn.with_bearer_token(t);
     }
@@ -230,19 +262,26 @@ async fn group_members_register_themselves_and_leave_after_the_grace_period() {
     let row = wait_for("the auto-registered entry", Duration::from_secs(20), || {
         s.ok(&["get", "workloads", "-n", "onprem"])
             .lines()
-            .find(|l| l.starts_with("mysql-10-0-0-9"))
+            .find(|l| l.starts_with("mysql-127-0-0-9"))
             .map(str::to_string)
     });
     assert!(
-        row.contains("10.0.0.9")
+        row.contains("127.0.0.9")
             && row.contains("db")
             && row.contains("HEALTHY")
             && row.contains("ago"),
         "{row}"
     );
-    let v: serde_json::Value =
-        serde_json::from_str(&s.ok(&["get", "we", "mysql-10-0-0-9", "-n", "onprem", "-o", "json"]))
-            .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&s.ok(&[
+        "get",
+        "we",
+        "mysql-127-0-0-9",
+        "-n",
+        "onprem",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
     assert_eq!(v["spec"]["labels"]["app"], "mysql");
     assert_eq!(v["metadata"]["annotations"]["isthmus.io/agent"], "true");
 
@@ -252,7 +291,7 @@ async fn group_members_register_themselves_and_leave_after_the_grace_period() {
         Duration::from_secs(20),
         || {
             (!s.ok(&["get", "workloads", "-n", "onprem"])
-                .contains("mysql-10-0-0-9"))
+                .contains("mysql-127-0-0-9"))
             .then_some(())
         },
     );
@@ -278,7 +317,7 @@ async fn health_reports_mark_the_entry() {
     let health = c.health();
     let task = tokio::spawn(c.run());
     let entry = || {
-        let out = s.cli(&["get", "we", "mysql-10-0-0-9", "-n", "onprem", "-o", "json"]);
+        let out = s.cli(&["get", "we", "mysql-127-0-0-9", "-n", "onprem", "-o", "json"]);
         serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()
     };
     let v = wait_for("the entry", Duration::from_secs(20), entry);
@@ -326,7 +365,7 @@ async fn control_plane_dns_answers_mesh_names() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start_with(dir.path(), &["--advertise-ip", "127.0.0.9"]);
+    let s = Server::start_with(dir.path(), &["--advertise-ip", "10.0.0.9"]);
     s.ok(&["register", "mysql", "10.0.0.5", "3306", "-n", "onprem"]);
     let v: serde_json::Value =
         serde_json::from_str(&s.ok(&["get", "svc", "mysql", "-n", "onprem", "-o", "json"]))
@@ -340,7 +379,7 @@ async fn control_plane_dns_answers_mesh_names() {
     let nx = dig(&s.dns, &["nope.onprem.svc.cluster.local"]).unwrap();
     assert!(nx.contains("status: NXDOMAIN"), "{nx}");
     let alias = dig(&s.dns, &["+short", "istio-pilot.istio-system"]).unwrap();
-    assert_eq!(alias.trim(), "127.0.0.9");
+    assert_eq!(alias.trim(), "10.0.0.9");
     let other = dig(&s.dns, &["example.com"]).unwrap();
     assert!(
         other.contains("status: REFUSED"),
@@ -420,22 +459,29 @@ async fn authorization_policies_reach_the_host() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_hosts_stay_hbone_across_a_control_plane_restart() {
     use isthmus_xds::client::Tunnel;
-    let vm: std::net::IpAddr = "10.0.0.9".parse().unwrap();
+    let vm: std::net::IpAddr = "127.0.0.9".parse().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let args = ["--autoreg-grace", "3s"];
     let mut s = Server::start_with(dir.path(), &args);
     s.ok(&[
-        "register", "mysql", "10.0.0.9", "3306", "-n", "onprem", "-s", "db",
+        "register",
+        "mysql",
+        "127.0.0.9",
+        "3306",
+        "-n",
+        "onprem",
+        "-s",
+        "db",
     ]);
     let root_pem = root(&s);
     let vm_token = token(&s, "onprem", "db");
     let other_token = token(&s, "onprem", "web");
     let tunnel_of = |st: &State| st.workload_by_address(vm).map(|w| w.tunnel);
-    // Another host (10.0.0.8) watching; returns once it has its first full state.
+    // Another host (127.0.0.8) watching; returns once it has its first full state.
     let observe = |s: &Server| {
         let observer = client_at(
             s,
-            "10.0.0.8",
+            "127.0.0.8",
             &root_pem,
             Some(&other_token),
             "onprem",
@@ -474,7 +520,7 @@ async fn agent_hosts_stay_hbone_across_a_control_plane_restart() {
         "the restarted control plane served the agent host's entry as plain TCP"
     );
 
-    // No agent from 10.0.0.9 within the grace period: plain TCP again.
+    // No agent from 127.0.0.9 within the grace period: plain TCP again.
     wait_state(&mut seen, "the entry to fall back to plain TCP", |st| {
         tunnel_of(st) == Some(Tunnel::None)
     })
@@ -487,4 +533,151 @@ async fn agent_hosts_stay_hbone_across_a_control_plane_restart() {
     let (seen, observer_task) = observe(&s).await;
     assert_eq!(tunnel_of(&seen.borrow()), Some(Tunnel::None));
     observer_task.abort();
+}
+
+/// Issue 14: a client authenticated as ns/adv/sa/a whose node id claims 10.0.0.5 (another
+/// namespace's registered VM) while it connects from 127.0.0.1 changes nothing anyone else
+/// sees: the VM stays plain TCP for other clients, status shows the claim only as unverified,
+/// no agent host is recorded for it (a restart serves it plain from the start), `register` at
+/// 10.0.0.5 does not take the attacker's service account, and auto-registration with that
+/// claim is refused with the reason and the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spoofed_node_id_changes_nothing_anyone_else_sees() {
+    use isthmus_xds::client::Tunnel;
+    let vm: std::net::IpAddr = "10.0.0.5".parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--autoreg-grace", "30s"];
+    let mut s = Server::start_with(dir.path(), &args);
+    s.ok(&[
+        "register", "mysql", "10.0.0.5", "3306", "-n", "onprem", "-s", "db",
+    ]);
+    let group = "apiVersion: networking.istio.io/v1\nkind: WorkloadGroup\nmetadata: {name: a-group, namespace: adv}\nspec:\n  metadata: {labels: {app: a}}\n  template: {serviceAccount: a, ports: {http: 80}}\n";
+    assert!(s
+        .cli_stdin(&["apply", "-f", "-"], Some(group))
+        .status
+        .success());
+    let root_pem = root(&s);
+    let adv = token(&s, "adv", "a");
+    let tunnel_of = |st: &State| st.workload_by_address(vm).map(|w| w.tunnel);
+
+    // The attacker's stream is served (discovery is the same for everyone)...
+    let attacker = client_claiming(&s, "10.0.0.5", &root_pem, Some(&adv), "adv", "a", None);
+    let mut attacker_ready = attacker.ready();
+    let attacker_task = tokio::spawn(attacker.run());
+    tokio::time::timeout(Duration::from_secs(20), attacker_ready.wait())
+        .await
+        .expect("the attacker's stream is served");
+    // ...but status shows its claim only as an unverified one.
+    let listed = |s: &Server| -> Vec<serde_json::Value> {
+        serde_json::from_str::<serde_json::Value>(&s.ok(&["status", "-o", "json"]))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let p = wait_for("the attacker in status", Duration::from_secs(20), || {
+        listed(&s)
+            .into_iter()
+            .find(|p| p["identity"] == "spiffe://cluster.local/ns/adv/sa/a")
+    });
+    assert!(p["ip"].is_null(), "an unverified claim is no address: {p}");
+    assert_eq!(p["claimedIp"], "10.0.0.5", "{p}");
+    let problem = p["claimProblem"].as_str().unwrap();
+    assert!(
+        problem.contains("the connection comes from 127.0.0.1")
+            && problem.contains("register a WorkloadEntry for ns/adv/sa/a at 10.0.0.5"),
+        "{problem}"
+    );
+    assert!(
+        listed(&s).iter().all(|p| p["ip"] != "10.0.0.5"),
+        "no stream speaks for 10.0.0.5"
+    );
+
+    // Another host's view of the VM: still plain TCP. A later change (a new service) is
+    // waited for, so the view is one built after the attacker connected.
+    let observer = client_at(
+        &s,
+        "127.0.0.8",
+        &root_pem,
+        Some(&token(&s, "onprem", "web")),
+        "onprem",
+        "web",
+        None,
+    );
+    let mut seen = observer.state();
+    let observer_task = tokio::spawn(observer.run());
+    s.ok(&["register", "later", "10.0.0.6", "80", "-n", "onprem"]);
+    wait_state(&mut seen, "a state with the later service", |st| {
+        st.workload_by_address("10.0.0.6".parse().unwrap())
+            .is_some()
+    })
+    .await;
+    assert_eq!(tunnel_of(&seen.borrow()), Some(Tunnel::None));
+    let w = seen.borrow().workload_by_address(vm).cloned().unwrap();
+    assert_eq!(w.service_account, "db", "{w:?}");
+
+    // `register` at 10.0.0.5 in the attacker's namespace does not take its service account.
+    s.ok(&["register", "borrowed", "10.0.0.5", "80", "-n", "adv"]);
+    let out = s.ok(&["get", "workloads", "-n", "adv", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let entries = v["items"].as_array().unwrap();
+    assert!(!entries.is_empty(), "{out}");
+    for e in entries {
+        assert_ne!(e["spec"]["serviceAccount"], "a", "{e}");
+    }
+
+    // Auto-registration with the claim is refused, saying why and what to do.
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        client_claiming(
+            &s,
+            "10.0.0.5",
+            &root_pem,
+            Some(&adv),
+            "adv",
+            "a",
+            Some("a-group"),
+        )
+        .run(),
+    )
+    .await
+    .expect("refused")
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("PermissionDenied")
+            && err.contains("claims 10.0.0.5")
+            && err.contains("no credential vouches for 10.0.0.5")
+            && err.contains("run the agent on the host that owns 10.0.0.5"),
+        "{err}"
+    );
+    assert!(
+        !s.ok(&["get", "workloads", "-n", "adv"])
+            .contains("a-group-"),
+        "nothing auto-registered"
+    );
+
+    // No agent host was recorded for 10.0.0.5: restarted, the server serves it plain from the
+    // first state (a recorded host would be HBONE until the 30 s grace ran out).
+    attacker_task.abort();
+    observer_task.abort();
+    s.kill9();
+    let s = Server::start_with(dir.path(), &args);
+    let observer = client_at(
+        &s,
+        "127.0.0.8",
+        &root_pem,
+        Some(&token(&s, "onprem", "web")),
+        "onprem",
+        "web",
+        None,
+    );
+    let seen = observer.state();
+    let mut ready = observer.ready();
+    let task = tokio::spawn(observer.run());
+    tokio::time::timeout(Duration::from_secs(20), ready.wait())
+        .await
+        .expect("the observer's first full state");
+    assert_eq!(tunnel_of(&seen.borrow()), Some(Tunnel::None));
+    task.abort();
 }

@@ -113,11 +113,18 @@ async fn a_connected_agent_is_listed_synced_and_disappears_when_it_leaves() {
     );
     assert_eq!(proxies(&s).len(), 1);
     assert_eq!(p["identity"], "spiffe://cluster.local/ns/onprem/sa/db");
-    assert_eq!(p["ip"], "10.0.0.9");
-    assert!(p["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{p}");
+    assert_eq!(p["ip"], "127.0.0.9");
+    assert_eq!(
+        p["ipVerifiedBy"], "peer",
+        "the agent connects from its own IP"
+    );
+    assert!(p["peer"].as_str().unwrap().starts_with("127.0.0.9:"), "{p}");
     assert_eq!(p["version"], env!("CARGO_PKG_VERSION"));
-    assert!(p["node"].as_str().unwrap().starts_with("sidecar~10.0.0.9~"));
-    assert_eq!(p["workloadEntry"], "onprem/mysql-10-0-0-9");
+    assert!(p["node"]
+        .as_str()
+        .unwrap()
+        .starts_with("sidecar~127.0.0.9~"));
+    assert_eq!(p["workloadEntry"], "onprem/mysql-127-0-0-9");
     for c in p["config"].as_array().unwrap() {
         assert_eq!(c["ackedVersion"], c["sentVersion"], "{c}");
         assert!(c["lastAck"].is_string(), "{c}");
@@ -155,7 +162,7 @@ async fn a_connected_agent_is_listed_synced_and_disappears_when_it_leaves() {
         row.contains("spiffe://cluster.local/ns/onprem/sa/db"),
         "{row}"
     );
-    assert!(row.contains(" 10.0.0.9 "), "{row}");
+    assert!(row.contains(" 127.0.0.9 "), "{row}");
     assert!(row.contains(env!("CARGO_PKG_VERSION")), "{row}");
     assert!(
         row.contains(" in 23h ") || row.contains(" in 24h "),
@@ -165,7 +172,7 @@ async fn a_connected_agent_is_listed_synced_and_disappears_when_it_leaves() {
     assert!(row.contains(" HEALTHY "), "{row}");
     let wide = s.ok(&["status", "-o", "wide"]);
     assert!(
-        wide.contains("PEER") && wide.contains("127.0.0.1:"),
+        wide.contains("PEER") && wide.contains("127.0.0.9:"),
         "{wide}"
     );
     let yaml = s.ok(&["status", "-o", "yaml"]);
@@ -175,16 +182,20 @@ async fn a_connected_agent_is_listed_synced_and_disappears_when_it_leaves() {
     );
 
     // One host's detail, by IP or name.
-    let detail = s.ok(&["status", "10.0.0.9"]);
+    let detail = s.ok(&["status", "127.0.0.9"]);
     assert!(
         detail.contains("Identity:       spiffe://cluster.local/ns/onprem/sa/db"),
+        "{detail}"
+    );
+    assert!(
+        detail.contains("IP:             127.0.0.9 (verified by peer)"),
         "{detail}"
     );
     assert!(detail.contains("Addresses       SYNCED"), "{detail}");
     assert!(detail.contains("Authorization   SYNCED"), "{detail}");
     assert!(detail.contains("last ACK"), "{detail}");
     assert!(
-        detail.contains("WorkloadEntry:  onprem/mysql-10-0-0-9"),
+        detail.contains("WorkloadEntry:  onprem/mysql-127-0-0-9"),
         "{detail}"
     );
 
@@ -194,7 +205,7 @@ async fn a_connected_agent_is_listed_synced_and_disappears_when_it_leaves() {
         let out = s.ok(&["status"]);
         out.contains(" UNHEALTHY ").then_some(())
     });
-    let detail = s.ok(&["status", "10.0.0.9"]);
+    let detail = s.ok(&["status", "127.0.0.9"]);
     assert!(detail.contains("Health:         UNHEALTHY"), "{detail}");
     let name = p["name"].as_str().unwrap();
     let one: serde_json::Value =
@@ -217,6 +228,11 @@ async fn a_client_that_nacks_shows_nacked_with_its_reason() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(dir.path());
     s.ok(&["register", "mysql", "10.0.0.5", "3306", "-n", "onprem"]);
+    // The client below claims 10.0.0.7 from loopback: an administrator enrolled that address
+    // for its identity, which is what lets the server believe the claim.
+    s.ok(&[
+        "register", "mysql", "10.0.0.7", "3306", "-n", "onprem", "-s", "db",
+    ]);
     let certs = tempfile::tempdir().unwrap();
     s.ok(&["vm", "certs", "-o", certs.path().to_str().unwrap()]);
     let root = std::fs::read_to_string(certs.path().join("root-cert.pem")).unwrap();
@@ -297,6 +313,7 @@ async fn a_client_that_nacks_shows_nacked_with_its_reason() {
     );
     assert!(address["ackedVersion"].is_null(), "{address}");
     assert_eq!(p["ip"], "10.0.0.7");
+    assert_eq!(p["ipVerifiedBy"], "registered entry", "{p}");
     assert!(
         p["certExpires"].is_null(),
         "a join token, no certificate: {p}"

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -68,6 +68,8 @@ pub struct SocketFactory {
     /// Cleared at the first refusal to mark (no CAP_NET_ADMIN): later sockets do not try again,
     /// and the refusal is logged once.
     mark_works: AtomicBool,
+    /// Set once a source address could not be bound (logged the first time only).
+    source_unbindable: AtomicBool,
     own: OwnPorts,
 }
 
@@ -81,6 +83,7 @@ impl SocketFactory {
     pub fn new(options: SocketOptions) -> Self {
         Self {
             mark_works: AtomicBool::new(options.mark.is_some()),
+            source_unbindable: AtomicBool::new(false),
             options,
             own: OwnPorts::default(),
         }
@@ -122,18 +125,51 @@ impl SocketFactory {
 
     /// Connects to `dst` with the factory's options.
     pub async fn connect(&self, dst: SocketAddr) -> io::Result<TcpStream> {
+        self.connect_from(dst, None).await
+    }
+
+    /// Connects to `dst` from `source` when that address is local to this host (the control
+    /// plane believes the address a host claims when its connection comes from it); where it
+    /// is not (`EADDRNOTAVAIL`: NAT, a VIP, a test), connects unbound and says so once.
+    pub async fn connect_from(
+        &self,
+        dst: SocketAddr,
+        source: Option<IpAddr>,
+    ) -> io::Result<TcpStream> {
         let socket = match dst {
             SocketAddr::V4(_) => TcpSocket::new_v4()?,
             SocketAddr::V6(_) => TcpSocket::new_v6()?,
         };
         let marked = self.set_mark(&socket);
         self.tcp_options(&socket);
+        let bound = match source.filter(|s| s.is_ipv4() == dst.is_ipv4()) {
+            Some(src) => match socket.bind(SocketAddr::new(src, 0)) {
+                Ok(()) => true,
+                Err(e) if e.raw_os_error() == Some(nix::libc::EADDRNOTAVAIL) => {
+                    if !self.source_unbindable.swap(true, Ordering::Relaxed) {
+                        tracing::info!(
+                            source = %src,
+                            %dst,
+                            "the host's address is not local (NAT or a virtual address): \
+                             connecting from the address the kernel picks; the control plane \
+                             then believes the claimed address only if the certificate or a \
+                             registered WorkloadEntry vouches for it"
+                        );
+                    }
+                    false
+                }
+                Err(e) => return Err(e),
+            },
+            None => false,
+        };
         // Unmarked, a connection could come back to the agent's own capture listener: bind first,
         // so its port is known before the first packet leaves.
         let own = if marked {
             None
         } else {
-            socket.bind(unspecified(dst))?;
+            if !bound {
+                socket.bind(unspecified(dst))?;
+            }
             let port = socket.local_addr()?.port();
             self.own.insert(port);
             Some(port)
@@ -275,6 +311,27 @@ mod tests {
         // Someone else's connection is not.
         let other = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         assert!(!f.is_own(other.local_addr().unwrap()));
+    }
+
+    #[tokio::test]
+    async fn connects_from_a_local_source_and_unbound_from_a_foreign_one() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = l.local_addr().unwrap();
+        let f = SocketFactory::unmarked();
+        let local: IpAddr = "127.0.0.9".parse().unwrap();
+        let s = f.connect_from(dst, Some(local)).await.unwrap();
+        let (_a, peer) = l.accept().await.unwrap();
+        assert_eq!(peer.ip(), local);
+        assert!(
+            f.is_own(s.local_addr().unwrap()),
+            "still tracked as the agent's own"
+        );
+        // TEST-NET-1 is never local: connected from what the kernel picks.
+        let foreign: IpAddr = "192.0.2.1".parse().unwrap();
+        let _s = f.connect_from(dst, Some(foreign)).await.unwrap();
+        let (_b, peer) = l.accept().await.unwrap();
+        assert_eq!(peer.ip(), IpAddr::from([127, 0, 0, 1]));
+        assert!(f.source_unbindable.load(Ordering::Relaxed));
     }
 
     #[tokio::test]

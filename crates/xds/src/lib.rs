@@ -13,6 +13,7 @@
 
 pub mod client;
 pub mod mapping;
+pub mod node;
 pub mod resources;
 pub mod server;
 
@@ -30,6 +31,7 @@ pub use client::{
 pub use mapping::{
     build_resources, build_resources_with_policies, MappingOptions, AGENT_ANNOTATION,
 };
+pub use node::{NodeId, NodeIdError, ProxyNode, NODE_ID_FORM};
 pub use resources::{ResourceSet, Version, XdsResource, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 pub use server::{
     AdsService, Authenticate, Identity, ServerConfig, StaticAuthenticator, XdsMetrics, XdsServer,

@@ -11,8 +11,12 @@ use isthmus_model::Health;
 use isthmus_xds::pb::envoy::config::core::v3::Node;
 use isthmus_xds::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use isthmus_xds::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
-use isthmus_xds::server::{StreamStatus, SyncState, HEALTH_TYPE_URL, VERSION_METADATA};
-use isthmus_xds::{XdsServer, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use isthmus_xds::server::{
+    AddressSource, HostAddress, StreamStatus, SyncState, HEALTH_TYPE_URL, VERSION_METADATA,
+};
+use isthmus_xds::{
+    Connect, EndpointConnector, XdsServer, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -185,6 +189,124 @@ async fn refused_streams_are_never_listed() -> Result<()> {
     c.ack(&r).await?;
     wait_until("listed", || server.xds.streams().len() == 1).await?;
     assert_eq!(only(&server.xds).cert_expires, None);
+    Ok(())
+}
+
+/// A node id's address counts only when the connection comes from it, the client certificate
+/// names it, or the authenticator vouches for it; any other claim is served but carries no
+/// address; ids of another form are refused before anything is served.
+#[tokio::test]
+async fn a_node_address_counts_only_when_something_vouches_for_it() -> Result<()> {
+    let vouched: std::net::IpAddr = "10.0.0.5".parse()?;
+    let auth = TestServer::auth().vouch_for(identity(), vouched);
+    let server = TestServer::start_authed(
+        std::sync::Arc::new(Pki::new()?),
+        Registry::new(1, 1).build(),
+        Default::default(),
+        None,
+        auth,
+    )
+    .await?;
+    let id = |ip: &str| format!("sidecar~{ip}~vm.{NS}~{NS}.svc.cluster.local");
+    let from = |src: &str| -> Result<EndpointConnector> {
+        Ok(EndpointConnector::new(server.endpoint()?).with_source(src.parse()?))
+    };
+    // Opens a stream, waits for its first response, returns its status and the stream.
+    async fn status_of(
+        server: &TestServer,
+        channel: tonic::transport::Channel,
+        node: &str,
+    ) -> Result<(HostAddress, RawClient)> {
+        let mut c = RawClient::open(
+            channel,
+            Auth::Token(TOKEN),
+            node,
+            &[ADDRESS_TYPE_URL],
+            &Default::default(),
+        )
+        .await?;
+        c.recv().await?;
+        let s = server
+            .xds
+            .streams()
+            .into_iter()
+            .find(|s| s.node_id == node)
+            .expect("listed");
+        Ok((s.address, c))
+    }
+
+    // The connection comes from the claimed address.
+    let (a, _c1) = status_of(
+        &server,
+        from("127.0.0.9")?.connect().await?,
+        &id("127.0.0.9"),
+    )
+    .await?;
+    assert_eq!(
+        a,
+        HostAddress::Verified {
+            ip: "127.0.0.9".parse()?,
+            by: AddressSource::Peer
+        }
+    );
+    // No claim: the address the connection comes from.
+    let (a, _c2) = status_of(&server, from("127.0.0.10")?.connect().await?, &id("")).await?;
+    assert_eq!(a.ip(), Some("127.0.0.10".parse()?));
+    // An address enrolled for the identity.
+    let (a, _c3) = status_of(&server, server.channel().await?, &id("10.0.0.5")).await?;
+    assert_eq!(a.source(), Some(AddressSource::Registered));
+    // Anything else: served, but no address; the claim is kept as unverified.
+    let (a, _c4) = status_of(&server, server.channel().await?, &id("10.0.0.6")).await?;
+    assert_eq!(
+        a,
+        HostAddress::Unverified {
+            claimed: "10.0.0.6".parse()?,
+            peer: Some("127.0.0.1".parse()?)
+        }
+    );
+    assert_eq!(a.ip(), None);
+    assert_eq!(server.xds.metrics().unverified_address_claims(), 1);
+
+    // An IP SAN of the client certificate.
+    let (cert, key) = server.pki.client_cert_with_ips(
+        "spiffe://cluster.local/ns/prod/sa/web",
+        &["10.0.0.7".parse()?],
+    )?;
+    let channel = server
+        .endpoint()?
+        .tls_config(
+            server
+                .pki
+                .client_tls()
+                .identity(tonic::transport::Identity::from_pem(cert, key)),
+        )?
+        .connect()
+        .await?;
+    let (a, _c5) = status_of(&server, channel, &id("10.0.0.7")).await?;
+    assert_eq!(a.source(), Some(AddressSource::Certificate));
+
+    // Other forms are refused, saying which form is expected.
+    for bad in [
+        format!("sidecar~10.0.0.5~vm.{NS}"),
+        format!("sidecar~10.0.0.5~vm.{NS}~{NS}.svc.cluster.local~extra"),
+        "sidecar~10.0.0.5~vm~.svc.cluster.local".to_string(),
+    ] {
+        let mut c = RawClient::open(
+            server.channel().await?,
+            Auth::Token(TOKEN),
+            &bad,
+            &[ADDRESS_TYPE_URL],
+            &Default::default(),
+        )
+        .await?;
+        let status = c.recv_error().await?;
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{bad}");
+        assert!(
+            status.message().starts_with("node id "),
+            "{bad}: {}",
+            status.message()
+        );
+    }
     Ok(())
 }
 

@@ -229,12 +229,14 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts the agent as host IP 10.0.0.9 and waits for its endpoints file.
+    /// Starts the agent as host IP 127.0.0.9 and waits for its endpoints file. A loopback
+    /// address, so the agent's discovery connection comes from the IP its node id claims, as
+    /// on a real host (the control plane believes no other claim).
     pub fn start(ca_addr: &str, host: &Path, extra: &[&str]) -> Agent {
         let state = host.join("state");
         let _ = std::fs::remove_file(state.join("agent-endpoints.json"));
         let mut child = Command::new(BIN)
-            .args(["agent", "--ca-addr", ca_addr, "--ip", "10.0.0.9"])
+            .args(["agent", "--ca-addr", ca_addr, "--ip", "127.0.0.9"])
             .arg("--cert-dir")
             .arg(host.join("certs"))
             .arg("--join-token-file")

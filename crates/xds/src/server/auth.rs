@@ -1,8 +1,9 @@
 //! Who a discovery client is. The control plane plugs in the CA's verification (join token or
 //! workload certificate); [`StaticAuthenticator`] serves tests and benchmarks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::net::IpAddr;
 
 use rustls::pki_types::CertificateDer;
 use tonic::metadata::MetadataMap;
@@ -67,6 +68,13 @@ pub trait Authenticate: Send + Sync + 'static {
         metadata: &MetadataMap,
         peer_certs: Option<&[CertificateDer<'static>]>,
     ) -> Result<Identity, Status>;
+
+    /// Whether `identity` may speak for `ip` although it neither connects from it nor holds a
+    /// certificate naming it: an address recorded for the identity at enrolment. Asked at
+    /// stream start only for such claims. The default vouches for nothing.
+    async fn vouches_for(&self, _identity: &Identity, _ip: IpAddr) -> bool {
+        false
+    }
 }
 
 /// Fixed bearer tokens, and optionally client certificates taken at their word (their
@@ -76,6 +84,8 @@ pub trait Authenticate: Send + Sync + 'static {
 pub struct StaticAuthenticator {
     tokens: HashMap<String, Identity>,
     trust_peer_certificates: bool,
+    vouched: HashSet<(Identity, IpAddr)>,
+    vouch_all: bool,
 }
 
 impl StaticAuthenticator {
@@ -92,6 +102,19 @@ impl StaticAuthenticator {
     /// Accepts a client certificate's SPIFFE URI SAN as the identity.
     pub fn trust_peer_certificates(mut self) -> Self {
         self.trust_peer_certificates = true;
+        self
+    }
+
+    /// Vouches for `identity` speaking for `ip` (as a registered WorkloadEntry would).
+    pub fn vouch_for(mut self, identity: Identity, ip: IpAddr) -> Self {
+        self.vouched.insert((identity, ip));
+        self
+    }
+
+    /// Vouches for any address any client claims: for tests where the address is beside the
+    /// point. Never in a server others can reach.
+    pub fn vouch_for_all(mut self) -> Self {
+        self.vouch_all = true;
         self
     }
 }
@@ -145,6 +168,10 @@ impl Authenticate for StaticAuthenticator {
             .get(token)
             .cloned()
             .ok_or_else(|| Status::unauthenticated("token not recognised by this control plane"))
+    }
+
+    async fn vouches_for(&self, identity: &Identity, ip: IpAddr) -> bool {
+        self.vouch_all || self.vouched.contains(&(identity.clone(), ip))
     }
 }
 

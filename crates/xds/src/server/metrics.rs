@@ -24,6 +24,7 @@ pub struct XdsMetrics {
     resources_sent: Family<TypeLabels, Counter>,
     nacks: Family<TypeLabels, Counter>,
     refused: Family<CodeLabels, Counter>,
+    unverified: Counter,
 }
 
 impl XdsMetrics {
@@ -52,6 +53,11 @@ impl XdsMetrics {
             "refused_streams",
             "Discovery streams refused or closed with an error, by gRPC code",
             self.refused.clone(),
+        );
+        registry.register(
+            "unverified_address_claims",
+            "Discovery streams whose node id claimed an address nothing vouched for (served, the claim ignored)",
+            self.unverified.clone(),
         );
     }
 
@@ -83,6 +89,15 @@ impl XdsMetrics {
                 code: format!("{code:?}"),
             })
             .inc();
+    }
+
+    pub(crate) fn unverified_claim(&self) {
+        self.unverified.inc();
+    }
+
+    /// Streams whose node id claimed an address nothing vouched for, so far.
+    pub fn unverified_address_claims(&self) -> u64 {
+        self.unverified.get()
     }
 
     /// Streams open now.

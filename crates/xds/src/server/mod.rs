@@ -22,10 +22,14 @@
 //! - **NACK**: the client kept what it had for the rejected response's resources. They are
 //!   marked with the version it refused and not sent again until they change (re-sending the
 //!   same bad resource would loop).
-//! - **Status** ([`XdsServer::streams`]): each open stream's identity, peer, certificate expiry,
-//!   health and per-type freshness (SYNCED / NOT SENT / STALE / NACKED), kept in memory by the
+//! - **Addresses are vouched for, not claimed.** A node id's IP counts only when the client
+//!   connects from it, holds a certificate naming it, or the embedder vouches for it (see
+//!   [`HostAddress`]); other claims are served but carry no address.
+//! - **Status** ([`XdsServer::streams`]): each open stream's identity, peer, verified address,
+//!   certificate expiry, health and per-type freshness (SYNCED / NOT SENT / STALE / NACKED), kept in memory by the
 //!   stream's own task under a short, never-awaited lock and dropped with the stream.
 
+mod address;
 mod auth;
 mod metrics;
 mod publisher;
@@ -49,6 +53,7 @@ use tonic::server::NamedService;
 use tonic::Status;
 use tracing::Instrument;
 
+pub use address::{ip_sans_of, normalize, AddressSource, HostAddress};
 pub use auth::{spiffe_id_of, Authenticate, Identity, StaticAuthenticator};
 pub use metrics::XdsMetrics;
 pub use stream::node_metadata;
@@ -100,10 +105,17 @@ pub const HEALTH_TYPE_URL: &str = "istio.io/health";
 /// auto-registration and health (Istio's WorkloadGroup flow).
 #[tonic::async_trait]
 pub trait StreamObserver: Send + Sync + 'static {
-    /// Called with the first request's node, after authentication and the node check. An
-    /// error closes the stream with it. The returned handle (if any) identifies the client in
-    /// later calls, and is shown in [`XdsServer::streams`] as what the client registered.
-    async fn connected(&self, identity: &Identity, node: &Node) -> Result<Option<String>, Status>;
+    /// Called with the first request's node, after authentication, the node check and the
+    /// address check: `address` is what the client may speak for (use only
+    /// [`HostAddress::ip`]). An error closes the stream with it. The returned handle (if any)
+    /// identifies the client in later calls, and is shown in [`XdsServer::streams`] as what the
+    /// client registered.
+    async fn connected(
+        &self,
+        identity: &Identity,
+        node: &Node,
+        address: &HostAddress,
+    ) -> Result<Option<String>, Status>;
     /// A health report on [`HEALTH_TYPE_URL`].
     async fn health(&self, handle: &str, healthy: bool, message: Option<String>);
     /// The stream ended, however it ended.
@@ -123,6 +135,8 @@ pub(crate) struct Shared {
     /// Set to `true` to end every stream (see [`XdsServer::close_streams`]).
     pub closing: watch::Sender<bool>,
     pub streams: Arc<tracker::Streams>,
+    /// Rate limit of the warning about unverified address claims.
+    pub unverified_log: address::LogLimit,
 }
 
 /// The discovery service. Cheap to clone; serve it with [`XdsServer::into_service`].
@@ -172,6 +186,7 @@ impl XdsServer {
                 next_stream: AtomicU64::new(1),
                 closing: watch::Sender::new(false),
                 streams: Arc::default(),
+                unverified_log: address::LogLimit::default(),
             }),
         }
     }
@@ -271,10 +286,9 @@ impl XdsServer {
         let meta = tonic::Request::from_http(http::Request::from_parts(parts, ()));
         let peer = meta.remote_addr();
         let certs = meta.peer_certs();
-        let cert_expires = certs
-            .as_deref()
-            .and_then(|c| c.first())
-            .and_then(|leaf| not_after(leaf));
+        let leaf = certs.as_deref().and_then(|c| c.first());
+        let cert_expires = leaf.and_then(not_after);
+        let cert_ips = leaf.map(address::ip_sans_of).unwrap_or_default();
         let identity = match self
             .shared
             .auth
@@ -297,6 +311,7 @@ impl XdsServer {
         let requests = wire::decode_requests(body, self.shared.config.max_request_bytes);
         let peer = tracker::Peer {
             addr: peer,
+            cert_ips,
             cert_expires,
             connected_at: std::time::SystemTime::now(),
         };

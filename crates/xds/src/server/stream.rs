@@ -9,10 +9,12 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tonic::Status;
 
+use super::address::HostAddress;
 use super::publisher::Snapshot;
-use super::tracker::{Entry, Peer};
+use super::tracker::{Entry, Peer, Who};
 use super::wire::{encode_response, Requests};
 use super::{Identity, Outgoing, Shared, HEALTH_TYPE_URL};
+use crate::node::{NodeId, Quoted};
 use crate::pb::envoy::config::core::v3::Node;
 use crate::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use crate::resources::{TypeResources, Version, XdsResource};
@@ -189,18 +191,22 @@ impl Connection {
                 Some(Some(Ok(request))) => {
                     if std::mem::take(&mut self.first_request) {
                         let node = request.node.clone().unwrap_or_default();
-                        let hello = match check_node(&node, &self.identity) {
-                            Ok(()) => match self.shared.observer.clone() {
-                                Some(observer) => observer
-                                    .connected(&self.identity, &node)
-                                    .await
-                                    .map(|h| h.map(|handle| ObservedGuard { observer, handle })),
-                                None => Ok(None),
-                            },
-                            Err(status) => Err(status),
-                        };
-                        match hello {
-                            Ok(o) => observed = o,
+                        match self.hello(&node).await {
+                            Ok((o, parsed, address)) => {
+                                observed = o;
+                                let who = Who {
+                                    identity: &self.identity,
+                                    node: &node,
+                                    parsed: &parsed,
+                                    address: &address,
+                                };
+                                self.tracked = Some(self.shared.streams.register(
+                                    self.id,
+                                    who,
+                                    &self.peer,
+                                    observed.as_ref().map(|o| o.handle.clone()),
+                                ));
+                            }
                             Err(status) => {
                                 tracing::warn!(code = ?status.code(), message = status.message(), "closing discovery stream");
                                 self.shared.metrics.refused(status.code());
@@ -208,13 +214,6 @@ impl Connection {
                                 return;
                             }
                         }
-                        self.tracked = Some(self.shared.streams.register(
-                            self.id,
-                            &self.identity,
-                            &node,
-                            &self.peer,
-                            observed.as_ref().map(|o| o.handle.clone()),
-                        ));
                     }
                     if request.type_url == HEALTH_TYPE_URL {
                         // Health is a report, not a subscription: nothing is sent back.
@@ -255,6 +254,41 @@ impl Connection {
                 return;
             }
         }
+    }
+
+    /// The first request's node: checked against the identity, its address verified, then
+    /// shown to the observer.
+    async fn hello(
+        &self,
+        node: &Node,
+    ) -> Result<(Option<ObservedGuard>, NodeId, HostAddress), Status> {
+        let parsed = check_node(node, &self.identity)?;
+        let address = super::address::verify(
+            parsed.claimed_ip(),
+            self.peer.addr,
+            &self.peer.cert_ips,
+            &self.identity,
+            self.shared.auth.as_ref(),
+        )
+        .await;
+        if let Some(problem) = address.problem(&self.identity) {
+            self.shared.metrics.unverified_claim();
+            if let Some(held_back) = self.shared.unverified_log.allow() {
+                tracing::warn!(
+                    node = %Quoted::new(&node.id),
+                    held_back,
+                    "ignoring the node id's address: {problem}"
+                );
+            }
+        }
+        let observed = match self.shared.observer.clone() {
+            Some(observer) => observer
+                .connected(&self.identity, node, &address)
+                .await?
+                .map(|handle| ObservedGuard { observer, handle }),
+            None => None,
+        };
+        Ok((observed, parsed, address))
     }
 
     fn permit_deadline(&self) -> Option<Instant> {
@@ -535,37 +569,34 @@ pub fn node_metadata<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
     }
 }
 
-/// The node must not claim another namespace or service account than the client proved.
-/// Node id form: `<role>~<ip>~<name>.<namespace>~<namespace>.svc.<domain>`.
-fn check_node(node: &Node, identity: &Identity) -> Result<(), Status> {
+/// The node must not claim another namespace or service account than the client proved, and
+/// its id must have one of the forms [`NodeId::parse`] accepts.
+fn check_node(node: &Node, identity: &Identity) -> Result<NodeId, Status> {
     let refuse = |what: &str, claimed: &str| {
-        Err(Status::permission_denied(format!(
-            "node {:?} claims {what} {claimed:?} but the client is authenticated as {identity}; \
+        Status::permission_denied(format!(
+            "node {} claims {what} {} but the client is authenticated as {identity}; \
              run the agent with the identity of its own namespace and service account",
-            node.id
-        )))
+            Quoted::new(&node.id),
+            Quoted::new(claimed),
+        ))
     };
     if let Some(ns) = node_metadata(node, "NAMESPACE") {
         if ns != identity.namespace {
-            return refuse("namespace", ns);
+            return Err(refuse("namespace", ns));
         }
     }
     if let Some(sa) = node_metadata(node, "SERVICE_ACCOUNT") {
         if sa != identity.service_account {
-            return refuse("service account", sa);
+            return Err(refuse("service account", sa));
         }
     }
-    let parts: Vec<&str> = node.id.split('~').collect();
-    if let [_, _, name_ns, domain] = parts.as_slice() {
-        let from_name = name_ns.split_once('.').map(|(_, ns)| ns);
-        let from_domain = domain.split('.').next().filter(|s| !s.is_empty());
-        for ns in [from_name, from_domain].into_iter().flatten() {
-            if ns != identity.namespace {
-                return refuse("namespace", ns);
-            }
+    let parsed = NodeId::parse(&node.id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if let Some(ns) = parsed.namespace() {
+        if ns != identity.namespace {
+            return Err(refuse("namespace", ns));
         }
     }
-    Ok(())
+    Ok(parsed)
 }
 
 #[cfg(test)]
@@ -611,6 +642,30 @@ mod tests {
             "{}",
             bad.message()
         );
+        // Forms that once skipped the namespace check are refused outright.
+        for id_str in [
+            "sidecar~10.0.0.5~vm1.other",
+            "sidecar~10.0.0.5~vm1.other~other.svc.cluster.local~x",
+            "sidecar~10.0.0.5~vm1~.svc.cluster.local",
+            "sidecar~not-an-ip~vm1.prod~prod.svc.cluster.local",
+        ] {
+            let bad = check_node(&node(id_str, &[]), &id).unwrap_err();
+            assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{id_str}");
+            assert!(
+                bad.message().starts_with("node id \""),
+                "{id_str}: {}",
+                bad.message()
+            );
+        }
+        // The namespace in the name part counts as much as the domain's.
+        let bad = check_node(
+            &node("ztunnel~10.0.0.5~zt.other~other.svc.cluster.local", &[]),
+            &id,
+        )
+        .unwrap_err();
+        assert_eq!(bad.code(), tonic::Code::PermissionDenied);
+        let parsed = check_node(&node(ok, &[]), &id).unwrap();
+        assert_eq!(parsed.claimed_ip(), Some("10.0.0.5".parse().unwrap()));
     }
 
     #[test]

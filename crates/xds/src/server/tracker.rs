@@ -12,8 +12,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
+use super::address::HostAddress;
 use super::auth::Identity;
 use super::stream::node_metadata;
+use crate::node::NodeId;
 use crate::pb::envoy::config::core::v3::Node;
 
 /// Node metadata with the client's version (Istio's agents send `ISTIO_VERSION`).
@@ -92,10 +94,15 @@ pub struct StreamStatus {
     /// Server-local stream number (also the prefix of its nonces).
     pub stream_id: u64,
     pub node_id: String,
+    /// `<name>.<namespace>` from the node id, or the whole id if it is opaque.
+    pub name: String,
     /// The authenticated identity (client certificate or join token).
     pub identity: Identity,
     /// The TCP peer.
     pub peer: Option<SocketAddr>,
+    /// The host address the stream may speak for, and what vouched for it; or the node id's
+    /// claim that nothing vouched for. Only a verified address counts anywhere.
+    pub address: HostAddress,
     /// The client's version, from node metadata [`VERSION_METADATA`].
     pub version: Option<String>,
     pub connected_at: SystemTime,
@@ -109,9 +116,19 @@ pub struct StreamStatus {
     pub types: Vec<TypeStatus>,
 }
 
+/// Who a stream is, as decided at its first request.
+pub(crate) struct Who<'a> {
+    pub identity: &'a Identity,
+    pub node: &'a Node,
+    pub parsed: &'a NodeId,
+    pub address: &'a HostAddress,
+}
+
 /// What the connection knows before its first request.
 pub(crate) struct Peer {
     pub addr: Option<SocketAddr>,
+    /// IP SANs of the verified client certificate.
+    pub cert_ips: Vec<std::net::IpAddr>,
     pub cert_expires: Option<SystemTime>,
     pub connected_at: SystemTime,
 }
@@ -138,8 +155,10 @@ impl TypeTrack {
 
 struct Tracked {
     node_id: String,
+    name: String,
     identity: Identity,
     peer: Option<SocketAddr>,
+    address: HostAddress,
     version: Option<String>,
     connected_at: SystemTime,
     cert_expires: Option<SystemTime>,
@@ -153,8 +172,10 @@ impl Tracked {
         StreamStatus {
             stream_id,
             node_id: self.node_id.clone(),
+            name: self.name.clone(),
             identity: self.identity.clone(),
             peer: self.peer,
+            address: self.address.clone(),
             version: self.version.clone(),
             connected_at: self.connected_at,
             cert_expires: self.cert_expires,
@@ -237,15 +258,22 @@ impl Streams {
     pub fn register(
         self: &Arc<Self>,
         stream_id: u64,
-        identity: &Identity,
-        node: &Node,
+        who: Who<'_>,
         peer: &Peer,
         registered: Option<String>,
     ) -> Entry {
+        let Who {
+            identity,
+            node,
+            parsed,
+            address,
+        } = who;
         let tracked = Arc::new(Mutex::new(Tracked {
             node_id: cut(&node.id, MAX_NODE_ID),
+            name: cut(&parsed.display_name(), MAX_NODE_ID),
             identity: identity.clone(),
             peer: peer.addr,
+            address: address.clone(),
             version: node_metadata(node, VERSION_METADATA).map(|v| cut(v, MAX_VERSION)),
             connected_at: peer.connected_at,
             cert_expires: peer.cert_expires,
@@ -358,9 +386,26 @@ mod tests {
         }
     }
 
+    fn reg(streams: &Arc<Streams>, n: u64, node: &Node, registered: Option<String>) -> Entry {
+        let parsed = NodeId::parse(&node.id).unwrap();
+        let address = HostAddress::Verified {
+            ip: "127.0.0.1".parse().unwrap(),
+            by: super::super::address::AddressSource::Peer,
+        };
+        let id = Identity::new("cluster.local", "prod", "web");
+        let who = Who {
+            identity: &id,
+            node,
+            parsed: &parsed,
+            address: &address,
+        };
+        streams.register(n, who, &peer(), registered)
+    }
+
     fn peer() -> Peer {
         Peer {
             addr: Some("127.0.0.1:4242".parse().unwrap()),
+            cert_ips: Vec::new(),
             cert_expires: Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000)),
             connected_at: SystemTime::now(),
         }
@@ -381,14 +426,13 @@ mod tests {
     fn freshness_follows_sends_acks_and_nacks() {
         let streams = Arc::new(Streams::default());
         let id = Identity::new("cluster.local", "prod", "web");
-        let e = streams.register(
+        let e = reg(
+            &streams,
             7,
-            &id,
             &node(
                 "sidecar~10.0.0.5~vm.prod~prod.svc.cluster.local",
                 Some("1.2.3"),
             ),
-            &peer(),
             Some("prod/vm".into()),
         );
         let got = &streams.list()[0];
@@ -397,6 +441,8 @@ mod tests {
         assert_eq!(got.version.as_deref(), Some("1.2.3"));
         assert_eq!(got.registered.as_deref(), Some("prod/vm"));
         assert_eq!(got.peer, peer().addr);
+        assert_eq!(got.name, "vm.prod");
+        assert_eq!(got.address.ip(), Some("127.0.0.1".parse().unwrap()));
         assert_eq!(got.cert_expires, peer().cert_expires);
         assert!(got.types.is_empty() && got.health.is_none());
 
@@ -446,9 +492,8 @@ mod tests {
     #[test]
     fn memory_is_bounded_per_stream() {
         let streams = Arc::new(Streams::default());
-        let id = Identity::new("cluster.local", "prod", "web");
         let long = "x".repeat(10_000);
-        let e = streams.register(1, &id, &node(&long, Some(&long)), &peer(), None);
+        let e = reg(&streams, 1, &node(&long, Some(&long)), None);
         for i in 0..100 {
             e.subscribed(&format!("type.example/{i}"));
         }
@@ -457,11 +502,12 @@ mod tests {
         let got = &streams.list()[0];
         assert_eq!(got.types.len(), MAX_TYPES);
         assert!(got.node_id.len() <= MAX_NODE_ID + 3);
+        assert!(got.name.len() <= MAX_NODE_ID + 3);
         assert!(got.version.as_ref().unwrap().len() <= MAX_VERSION + 3);
         let message = &got.types[0].nack.as_ref().unwrap().message;
         assert!(message.len() <= MAX_MESSAGE + 3 && message.ends_with('…'));
         // Several streams, listed by node id.
-        let _b = streams.register(2, &id, &node("a-node", None), &peer(), None);
+        let _b = reg(&streams, 2, &node("a-node", None), None);
         let ids: Vec<u64> = streams.list().iter().map(|s| s.stream_id).collect();
         assert_eq!(ids, vec![2, 1]);
     }

@@ -80,10 +80,21 @@ impl Pki {
 
     /// A workload certificate (`spiffe://...` URI SAN) and its key, PEM.
     pub fn client_cert(&self, spiffe: &str) -> Result<(String, String)> {
+        self.client_cert_with_ips(spiffe, &[])
+    }
+
+    /// Like [`Pki::client_cert`], with IP SANs (an address issued at enrolment).
+    pub fn client_cert_with_ips(
+        &self,
+        spiffe: &str,
+        ips: &[std::net::IpAddr],
+    ) -> Result<(String, String)> {
         let key = KeyPair::generate()?;
         let mut p = CertificateParams::default();
         p.distinguished_name = DistinguishedName::new();
         p.subject_alt_names = vec![SanType::URI(spiffe.try_into()?)];
+        p.subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let cert = p.signed_by(&key, &self.issuer)?;
         Ok((cert.pem(), key.serialize_pem()))
@@ -116,10 +127,24 @@ impl TestServer {
         config: ServerConfig,
         addr: Option<SocketAddr>,
     ) -> Result<Self> {
-        let (tx, rx) = watch::channel(Arc::new(set));
-        let auth = StaticAuthenticator::new()
+        Self::start_authed(pki, set, config, addr, Self::auth()).await
+    }
+
+    /// The test's authenticator: [`TOKEN`] as [`identity`], and client certificates.
+    pub fn auth() -> StaticAuthenticator {
+        StaticAuthenticator::new()
             .with_token(TOKEN, identity())
-            .trust_peer_certificates();
+            .trust_peer_certificates()
+    }
+
+    pub async fn start_authed(
+        pki: Arc<Pki>,
+        set: ResourceSet,
+        config: ServerConfig,
+        addr: Option<SocketAddr>,
+        auth: StaticAuthenticator,
+    ) -> Result<Self> {
+        let (tx, rx) = watch::channel(Arc::new(set));
         let xds = XdsServer::start(rx, Arc::new(auth), config);
         let mut this = Self {
             pki,
