@@ -27,6 +27,7 @@
 //!   stream's own task under a short, never-awaited lock and dropped with the stream.
 
 mod auth;
+mod limits;
 mod metrics;
 mod publisher;
 mod stream;
@@ -76,6 +77,14 @@ pub struct ServerConfig {
     pub history: usize,
     /// Largest request accepted (a reconnecting client's `initial_resource_versions`).
     pub max_request_bytes: usize,
+    /// Resource names one stream may subscribe to (or claim in `initial_resource_versions`)
+    /// per type; a stream that asks for more is closed with `RESOURCE_EXHAUSTED`.
+    pub max_names_per_type: usize,
+    /// Discovery streams open at once under one identity (namespace and service account),
+    /// over all hosts; more are refused with `RESOURCE_EXHAUSTED`.
+    pub max_streams_per_identity: usize,
+    /// Discovery streams open at once under one identity from one IP address.
+    pub max_streams_per_identity_and_ip: usize,
 }
 
 impl Default for ServerConfig {
@@ -87,7 +96,12 @@ impl Default for ServerConfig {
             max_large_responses: 8,
             large_response_hold: Duration::from_secs(10),
             history: 64,
-            max_request_bytes: 64 * 1024 * 1024,
+            // 100,000 names of 60 bytes with their versions are ~9 MB.
+            max_request_bytes: 16 * 1024 * 1024,
+            max_names_per_type: 100_000,
+            max_streams_per_identity: 1024,
+            // Hosts behind one NAT share an address, so this is not 1.
+            max_streams_per_identity_and_ip: 256,
         }
     }
 }
@@ -123,6 +137,7 @@ pub(crate) struct Shared {
     /// Set to `true` to end every stream (see [`XdsServer::close_streams`]).
     pub closing: watch::Sender<bool>,
     pub streams: Arc<tracker::Streams>,
+    pub slots: Arc<limits::StreamSlots>,
 }
 
 /// The discovery service. Cheap to clone; serve it with [`XdsServer::into_service`].
@@ -172,6 +187,7 @@ impl XdsServer {
                 next_stream: AtomicU64::new(1),
                 closing: watch::Sender::new(false),
                 streams: Arc::default(),
+                slots: Arc::default(),
             }),
         }
     }
@@ -291,6 +307,19 @@ impl XdsServer {
         if *self.shared.closing.borrow() {
             return closing_status().into_http();
         }
+        let slot = match self.shared.slots.take(
+            &identity,
+            peer.map(|p| p.ip()),
+            self.shared.config.max_streams_per_identity,
+            self.shared.config.max_streams_per_identity_and_ip,
+        ) {
+            Ok(slot) => slot,
+            Err(status) => {
+                tracing::warn!(?peer, identity = %identity, message = status.message(), "discovery stream refused");
+                self.shared.metrics.refused(status.code());
+                return status.into_http();
+            }
+        };
         let id = self.shared.next_stream.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!("xds_stream", id, ?peer, identity = %identity);
         let (tx, rx) = mpsc::channel(self.shared.config.queue_depth.max(2));
@@ -301,7 +330,11 @@ impl XdsServer {
             connected_at: std::time::SystemTime::now(),
         };
         let connection = stream::Connection::new(id, identity, peer, self.shared.clone());
-        tokio::spawn(connection.run(requests, tx).instrument(span));
+        let run = async move {
+            let _slot = slot;
+            connection.run(requests, tx).await;
+        };
+        tokio::spawn(run.instrument(span));
         let mut response = http::Response::new(response_body(rx));
         response.headers_mut().insert(
             http::header::CONTENT_TYPE,
