@@ -7,10 +7,10 @@
 #![forbid(unsafe_code)]
 
 pub mod client_config;
-pub mod text;
 mod parse;
 mod resource;
 mod selector;
+pub mod text;
 pub mod validate;
 
 pub use parse::{parse_documents, parse_json, ParseError};

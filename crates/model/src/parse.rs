@@ -31,10 +31,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<Resource>, ParseError> {
     let mut out = Vec::new();
     for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let doc = i + 1;
-        let value = serde_json::Value::deserialize(de).map_err(|e| ParseError::Syntax {
-            doc,
-            message: e.to_string(),
-        })?;
+        let value = serde_json::Value::deserialize(de).map_err(|e| syntax(doc, e))?;
         if value.is_null() {
             continue;
         }
@@ -48,12 +45,22 @@ pub fn parse_documents(text: &str) -> Result<Vec<Resource>, ParseError> {
 
 /// Parses one JSON document (an admin API request body) into a validated resource.
 pub fn parse_json(bytes: &[u8]) -> Result<Resource, ParseError> {
-    let value: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| ParseError::Syntax {
-            doc: 1,
-            message: e.to_string(),
-        })?;
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| syntax(1, e))?;
     from_value(1, value)
+}
+
+/// A syntax error, saying which bound was hit when a parser's limit stopped it.
+fn syntax(doc: usize, e: impl std::fmt::Display) -> ParseError {
+    let mut message = e.to_string();
+    if message.contains("recursion limit exceeded") {
+        message.push_str(" (documents may nest at most 128 levels deep)");
+    } else if message.contains("repetition limit exceeded") {
+        message.push_str(
+            " (YAML aliases may not repeat content more than serde_yaml_ng allows: is this an \
+             alias bomb? write the repeated parts out)",
+        );
+    }
+    ParseError::Syntax { doc, message }
 }
 
 fn from_value(doc: usize, mut value: serde_json::Value) -> Result<Resource, ParseError> {
@@ -155,4 +162,35 @@ fn typed<S: DeserializeOwned, St: DeserializeOwned + Default>(
             message: e.into_inner().to_string(),
         }
     })
+}
+
+#[cfg(test)]
+mod bounds {
+    use super::*;
+
+    /// The billion laughs: nine levels of aliases, each repeating the previous one nine times.
+    pub fn alias_bomb() -> String {
+        let mut doc = String::from(
+            "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+        );
+        for (prev, name) in ["a", "b", "c", "d", "e", "f", "g", "h"]
+            .iter()
+            .zip(["b", "c", "d", "e", "f", "g", "h", "i"])
+        {
+            let refs = vec![format!("*{prev}"); 9].join(",");
+            doc.push_str(&format!("{name}: &{name} [{refs}]\n"));
+        }
+        doc
+    }
+
+    #[test]
+    fn deep_nesting_and_alias_bombs_are_refused() {
+        let deep_json = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let err = parse_json(deep_json.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("at most 128 levels"), "{err}");
+        let err = parse_documents(&deep_json).unwrap_err().to_string();
+        assert!(err.contains("recursion limit exceeded"), "{err}");
+        let err = parse_documents(&alias_bomb()).unwrap_err().to_string();
+        assert!(err.contains("repetition limit exceeded"), "{err}");
+    }
 }

@@ -41,7 +41,10 @@ mod tests {
 
     #[test]
     fn short_clean_text_is_borrowed() {
-        assert!(matches!(clip("web-1.prod", 64), Cow::Borrowed("web-1.prod")));
+        assert!(matches!(
+            clip("web-1.prod", 64),
+            Cow::Borrowed("web-1.prod")
+        ));
     }
 
     #[test]
@@ -50,7 +53,10 @@ mod tests {
         // "é" is two bytes: a cut inside it moves back to its start.
         assert_eq!(clip("aé b", 2), "a…(4 bytes more)");
         let huge = "x".repeat(1_000_000);
-        assert_eq!(clip(&huge, 10), format!("{}…(999990 bytes more)", "x".repeat(10)));
+        assert_eq!(
+            clip(&huge, 10),
+            format!("{}…(999990 bytes more)", "x".repeat(10))
+        );
     }
 
     #[test]

@@ -9,7 +9,9 @@ use anyhow::Result;
 use common::*;
 use isthmus_xds::pb::envoy::config::core::v3::Node;
 use isthmus_xds::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use isthmus_xds::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use isthmus_xds::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+};
 use isthmus_xds::{ServerConfig, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -33,14 +35,23 @@ fn rss_kib() -> u64 {
 
 async fn open(
     channel: Channel,
-) -> Result<(mpsc::Sender<DeltaDiscoveryRequest>, Streaming<DeltaDiscoveryResponse>), Status> {
+) -> Result<
+    (
+        mpsc::Sender<DeltaDiscoveryRequest>,
+        Streaming<DeltaDiscoveryResponse>,
+    ),
+    Status,
+> {
     let (tx, rx) = mpsc::channel(4);
     let mut request = Request::new(ReceiverStream::new(rx));
     request
         .metadata_mut()
         .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
     let mut client = AggregatedDiscoveryServiceClient::new(channel);
-    let stream = client.delta_aggregated_resources(request).await?.into_inner();
+    let stream = client
+        .delta_aggregated_resources(request)
+        .await?
+        .into_inner();
     Ok((tx, stream))
 }
 
@@ -92,7 +103,11 @@ async fn a_million_subscriptions_are_refused_within_memory_bounds_while_others_a
             let names = (batch * 100_000..(batch + 1) * 100_000)
                 .map(|i| format!("prod/attacker-{i:07}.example"))
                 .collect();
-            if tx.send(subscribe(batch == 0, ADDRESS_TYPE_URL, names)).await.is_err() {
+            if tx
+                .send(subscribe(batch == 0, ADDRESS_TYPE_URL, names))
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -102,7 +117,9 @@ async fn a_million_subscriptions_are_refused_within_memory_bounds_while_others_a
     let status = error_of(&mut rx).await;
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(
-        status.message().contains(&format!("limit of {limit} names per type"))
+        status
+            .message()
+            .contains(&format!("limit of {limit} names per type"))
             && status.message().contains("wildcard"),
         "{}",
         status.message()
@@ -141,13 +158,19 @@ async fn a_million_subscriptions_are_refused_within_memory_bounds_while_others_a
 async fn subscribe_unsubscribe_churn_gives_memory_back() -> Result<()> {
     let server = TestServer::start(Registry::new(2, 2).build()).await?;
     let (tx, mut rx) = open(server.channel().await?).await?;
-    tx.send(subscribe(true, ADDRESS_TYPE_URL, vec!["prod/svc0.prod.svc.cluster.local".into()]))
-        .await?;
+    tx.send(subscribe(
+        true,
+        ADDRESS_TYPE_URL,
+        vec!["prod/svc0.prod.svc.cluster.local".into()],
+    ))
+    .await?;
     let first = rx.message().await?.unwrap();
     assert_eq!(first.resources.len(), 1);
     let mut rss = Vec::new();
     for round in 0..20 {
-        let names: Vec<String> = (0..50_000).map(|i| format!("prod/churn-{round}-{i}")).collect();
+        let names: Vec<String> = (0..50_000)
+            .map(|i| format!("prod/churn-{round}-{i}"))
+            .collect();
         let mut req = subscribe(false, ADDRESS_TYPE_URL, names.clone());
         req.response_nonce = first.nonce.clone();
         tx.send(req).await?;
@@ -168,7 +191,9 @@ async fn subscribe_unsubscribe_churn_gives_memory_back() -> Result<()> {
         "RSS kept growing with churn: {rss:?}"
     );
     assert!(
-        tokio::time::timeout(Duration::from_millis(50), rx.message()).await.is_err()
+        tokio::time::timeout(Duration::from_millis(50), rx.message())
+            .await
+            .is_err()
             || server.xds.metrics().connected_clients() == 1
     );
     Ok(())
@@ -178,8 +203,12 @@ async fn subscribe_unsubscribe_churn_gives_memory_back() -> Result<()> {
 async fn type_urls_per_stream_are_bounded_and_unknown_ones_answered_empty() -> Result<()> {
     let server = TestServer::start(Registry::new(2, 2).build()).await?;
     let (tx, mut rx) = open(server.channel().await?).await?;
-    tx.send(subscribe(true, "type.example/Unknown", vec!["a".repeat(1000); 3]))
-        .await?;
+    tx.send(subscribe(
+        true,
+        "type.example/Unknown",
+        vec!["a".repeat(1000); 3],
+    ))
+    .await?;
     let answer = rx.message().await?.unwrap();
     assert_eq!(answer.type_url, "type.example/Unknown");
     assert!(answer.resources.is_empty() && answer.removed_resources.is_empty());
@@ -225,7 +254,9 @@ async fn streams_per_identity_and_address_are_bounded() -> Result<()> {
     };
     assert_eq!(refused.code(), Code::ResourceExhausted);
     assert!(
-        refused.message().contains("max_streams_per_identity_and_ip")
+        refused
+            .message()
+            .contains("max_streams_per_identity_and_ip")
             && refused.message().contains("127.0.0.1"),
         "{}",
         refused.message()

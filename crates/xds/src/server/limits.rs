@@ -72,7 +72,11 @@ impl StreamSlots {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut open = self.slots.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut open = self
+            .slots
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(n) = open.by_identity.get_mut(&self.identity) {
             *n -= 1;
             if *n == 0 {
@@ -104,10 +108,18 @@ mod tests {
         let _s2 = slots.take(&a, ip1, 3, 2).unwrap();
         let err = slots.take(&a, ip1, 3, 2).err().unwrap();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
-        assert!(err.message().contains("max_streams_per_identity_and_ip"), "{}", err.message());
+        assert!(
+            err.message().contains("max_streams_per_identity_and_ip"),
+            "{}",
+            err.message()
+        );
         let _s3 = slots.take(&a, ip2, 3, 2).unwrap();
         let err = slots.take(&a, ip2, 3, 2).err().unwrap();
-        assert!(err.message().contains("limit per identity"), "{}", err.message());
+        assert!(
+            err.message().contains("limit per identity"),
+            "{}",
+            err.message()
+        );
         // Another identity is not affected; a closed stream frees its slot.
         let _other = slots.take(&b, ip1, 3, 2).unwrap();
         drop(s1);

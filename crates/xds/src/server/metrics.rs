@@ -86,9 +86,7 @@ impl XdsMetrics {
     }
 
     pub(crate) fn nacked(&self, type_url: &str) {
-        self.nacks
-            .get_or_create(&TypeLabels::of(type_url))
-            .inc();
+        self.nacks.get_or_create(&TypeLabels::of(type_url)).inc();
     }
 
     pub(crate) fn refused(&self, code: tonic::Code) {
@@ -106,16 +104,12 @@ impl XdsMetrics {
 
     /// Responses sent so far for `type_url`.
     pub fn pushes(&self, type_url: &str) -> u64 {
-        self.pushes
-            .get_or_create(&TypeLabels::of(type_url))
-            .get()
+        self.pushes.get_or_create(&TypeLabels::of(type_url)).get()
     }
 
     /// NACKs received so far for `type_url`.
     pub fn nacks(&self, type_url: &str) -> u64 {
-        self.nacks
-            .get_or_create(&TypeLabels::of(type_url))
-            .get()
+        self.nacks.get_or_create(&TypeLabels::of(type_url)).get()
     }
 
     /// Resources sent so far for `type_url`.

@@ -320,7 +320,13 @@ impl Connection {
             }
             // Names of a type this server does not serve are not kept: it gets one empty
             // answer, as an empty type would.
-            let known = self.shared.snapshots.borrow().set.of_type(&type_url).is_some();
+            let known = self
+                .shared
+                .snapshots
+                .borrow()
+                .set
+                .of_type(&type_url)
+                .is_some();
             if !known {
                 tracing::debug!(type_url = %clip(&type_url, LOG_FIELD), "subscription to a type this server does not serve: answered empty");
             }
