@@ -126,7 +126,8 @@ impl From<RegistryError> for ApiError {
             RegistryError::Store(StoreError::FutureRevision { .. }) => StatusCode::BAD_REQUEST,
             // The request was fine and may succeed later, once the disk has room again.
             RegistryError::Store(StoreError::DiskFull { .. }) => StatusCode::INSUFFICIENT_STORAGE,
-            RegistryError::Store(StoreError::Unavailable { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            RegistryError::Store(StoreError::Unavailable { .. })
+            | RegistryError::TooManyWatchers { .. } => StatusCode::SERVICE_UNAVAILABLE,
             RegistryError::Corrupt { .. } | RegistryError::Store(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -614,9 +615,16 @@ async fn watch(
                 })
                 .id(ev.revision.to_string())
                 .data(serde_json::to_string(&ev).unwrap_or_default()),
-            Err(e) => SseEvent::default()
-                .event("ERROR")
-                .data(json!({"error": {"message": e.to_string()}}).to_string()),
+            Err(e) => {
+                let mut message = e.to_string();
+                if matches!(e, RegistryError::Store(StoreError::Compacted { .. })) {
+                    // The watcher fell further behind than the store keeps history.
+                    message.push_str("; watch again without Last-Event-ID to re-list");
+                }
+                SseEvent::default()
+                    .event("ERROR")
+                    .data(json!({"error": {"message": message}}).to_string())
+            }
         })
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))

@@ -43,6 +43,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::Frame;
 use http_body_util::StreamBody;
+use isthmus_model::text::clip;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Service};
@@ -299,7 +300,7 @@ impl XdsServer {
         {
             Ok(identity) => identity,
             Err(status) => {
-                tracing::warn!(?peer, code = ?status.code(), message = status.message(), "discovery stream refused");
+                tracing::warn!(?peer, code = ?status.code(), message = %clip(status.message(), 1024), "discovery stream refused");
                 self.shared.metrics.refused(status.code());
                 return status.into_http();
             }
@@ -315,7 +316,7 @@ impl XdsServer {
         ) {
             Ok(slot) => slot,
             Err(status) => {
-                tracing::warn!(?peer, identity = %identity, message = status.message(), "discovery stream refused");
+                tracing::warn!(?peer, identity = %identity, message = %clip(status.message(), 1024), "discovery stream refused");
                 self.shared.metrics.refused(status.code());
                 return status.into_http();
             }

@@ -217,7 +217,7 @@ impl Connection {
                         match hello {
                             Ok(o) => observed = o,
                             Err(status) => {
-                                tracing::warn!(code = ?status.code(), message = status.message(), "closing discovery stream");
+                                tracing::warn!(code = ?status.code(), message = %clip(status.message(), 1024), "closing discovery stream");
                                 self.shared.metrics.refused(status.code());
                                 let _ = tx.try_send(Outgoing::Close(status));
                                 return;
