@@ -295,8 +295,7 @@ mod bounds {
         let err = parse_documents(&hidden).unwrap_err().to_string();
         assert!(err.contains("nest 1000 levels"), "{err}");
         // Brackets in strings of ordinary documents do not count.
-        let doc = "kind: Service\nmetadata: {name: web, annotations: {a: \"[[[[\", b: '{{''{{'}}\n"
-            .repeat(1);
+        let doc = "kind: Service\nmetadata: {name: web, annotations: {a: \"[[[[\", b: '{{''{{'}}\n";
         assert!(check_flow_depth(&doc.repeat(200)).is_ok());
         let err = parse_documents(&alias_bomb()).unwrap_err().to_string();
         assert!(err.contains("repetition limit exceeded"), "{err}");
