@@ -277,3 +277,56 @@ async fn streams_per_identity_and_address_are_bounded() -> Result<()> {
     c.expect("a slot is free again").recv_each(&BOTH).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_reconnect_may_list_every_served_name_but_not_more() -> Result<()> {
+    let config = ServerConfig {
+        max_names_per_type: 3,
+        ..Default::default()
+    };
+    let server = TestServer::start_with(
+        std::sync::Arc::new(Pki::new()?),
+        Registry::new(2, 2).build(),
+        config,
+        None,
+    )
+    .await?;
+    let reconnect = |n: usize| {
+        let held: std::collections::HashMap<String, String> = (0..n)
+            .map(|i| (format!("prod/held-{i}"), "0000000000000001".to_owned()))
+            .collect();
+        std::collections::HashMap::from([(ADDRESS_TYPE_URL.to_owned(), held)])
+    };
+    // Six addresses are served: a wildcard client may say it holds twelve.
+    let mut ok = RawClient::open(
+        server.channel().await?,
+        Auth::Token(TOKEN),
+        &node_id(),
+        &[ADDRESS_TYPE_URL],
+        &reconnect(12),
+    )
+    .await?;
+    let first = ok.recv().await?;
+    assert_eq!(first.removed_resources.len(), 12, "what it held is gone");
+    let mut over = RawClient::open(
+        server.channel().await?,
+        Auth::Token(TOKEN),
+        &node_id(),
+        &[ADDRESS_TYPE_URL],
+        &reconnect(13),
+    )
+    .await?;
+    let status = over.recv_error().await?;
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(
+        status.message().contains("13 names"),
+        "{}",
+        status.message()
+    );
+    // Subscriptions by name are held to the bound itself.
+    let (tx, mut rx) = open(server.channel().await?).await?;
+    let names = (0..4).map(|i| format!("prod/svc{i}")).collect();
+    tx.send(subscribe(true, ADDRESS_TYPE_URL, names)).await?;
+    assert_eq!(error_of(&mut rx).await.code(), Code::ResourceExhausted);
+    Ok(())
+}

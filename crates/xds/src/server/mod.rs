@@ -76,10 +76,12 @@ pub struct ServerConfig {
     pub large_response_hold: Duration,
     /// Generations whose changes are remembered for incremental diffs.
     pub history: usize,
-    /// Largest request accepted (a reconnecting client's `initial_resource_versions`).
+    /// Largest request accepted (a reconnecting client's `initial_resource_versions`: about
+    /// 90 bytes a name, so the default holds ~180,000 resources of one type).
     pub max_request_bytes: usize,
-    /// Resource names one stream may subscribe to (or claim in `initial_resource_versions`)
-    /// per type; a stream that asks for more is closed with `RESOURCE_EXHAUSTED`.
+    /// Resource names one stream may subscribe to per type, and claim to hold in
+    /// `initial_resource_versions` (or twice the names served, if more); a stream that asks
+    /// for more is closed with `RESOURCE_EXHAUSTED`.
     pub max_names_per_type: usize,
     /// Discovery streams open at once under one identity (namespace and service account),
     /// over all hosts; more are refused with `RESOURCE_EXHAUSTED`.

@@ -320,19 +320,23 @@ impl Connection {
             }
             // Names of a type this server does not serve are not kept: it gets one empty
             // answer, as an empty type would.
-            let known = self
+            let served = self
                 .shared
                 .snapshots
                 .borrow()
                 .set
                 .of_type(&type_url)
-                .is_some();
+                .map(|t| t.len());
+            let known = served.is_some();
             if !known {
                 tracing::debug!(type_url = %clip(&type_url, LOG_FIELD), "subscription to a type this server does not serve: answered empty");
             }
             if known {
                 too_many(&type_url, resource_names_subscribe.len(), max_names)?;
-                too_many(&type_url, initial_resource_versions.len(), max_names)?;
+                // A reconnecting wildcard client lists what it holds: as many names as are
+                // served (with room for those removed while it was away), however many that is.
+                let held = max_names.max(served.unwrap_or(0).saturating_mul(2));
+                too_many(&type_url, initial_resource_versions.len(), held)?;
             }
             let wildcard = known
                 && (resource_names_subscribe.is_empty()
