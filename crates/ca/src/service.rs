@@ -418,7 +418,7 @@ impl IstioCertificateService for CertificateService {
             .metadata()
             .get("clusterid")
             .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+            .map(|c| isthmus_model::text::clip(c, 64).into_owned());
         let peer_certs = request.peer_certs();
         let result = match self
             .auth
@@ -432,7 +432,7 @@ impl IstioCertificateService for CertificateService {
         match &result {
             Ok(_) => self.metrics.record("issued"),
             Err(status) => {
-                tracing::warn!(?peer, ?cluster, code = ?status.code(), message = status.message(), "certificate request refused");
+                tracing::warn!(?peer, ?cluster, code = ?status.code(), message = %isthmus_model::text::clip(status.message(), 1024), "certificate request refused");
                 self.metrics.record(&format!("{:?}", status.code()));
             }
         }

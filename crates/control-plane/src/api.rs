@@ -126,7 +126,8 @@ impl From<RegistryError> for ApiError {
             RegistryError::Store(StoreError::FutureRevision { .. }) => StatusCode::BAD_REQUEST,
             // The request was fine and may succeed later, once the disk has room again.
             RegistryError::Store(StoreError::DiskFull { .. }) => StatusCode::INSUFFICIENT_STORAGE,
-            RegistryError::Store(StoreError::Unavailable { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            RegistryError::Store(StoreError::Unavailable { .. })
+            | RegistryError::TooManyWatchers { .. } => StatusCode::SERVICE_UNAVAILABLE,
             RegistryError::Corrupt { .. } | RegistryError::Store(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -418,6 +419,31 @@ async fn read_body(body: Body) -> ApiResult<Bytes> {
     })
 }
 
+/// The resources of an `apply` body: a JSON list (`{"items": [...]}`) or YAML/JSON documents
+/// (JSON is YAML too).
+fn parse_apply(bytes: &[u8], yaml: bool) -> ApiResult<Vec<model::Resource>> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "the body is not UTF-8 text"))?;
+    let list = if yaml {
+        None
+    } else {
+        serde_json::from_str::<serde_json::Value>(text).ok()
+    };
+    Ok(
+        match list
+            .as_ref()
+            .and_then(|v| v.get("items"))
+            .and_then(|i| i.as_array())
+        {
+            Some(items) => items
+                .iter()
+                .map(|i| model::parse_json(i.to_string().as_bytes()))
+                .collect::<Result<Vec<_>, _>>()?,
+            None => model::parse_documents(text)?,
+        },
+    )
+}
+
 fn is_yaml(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
@@ -425,7 +451,40 @@ fn is_yaml(headers: &HeaderMap) -> bool {
         .is_some_and(|ct| ct.contains("yaml") || ct.starts_with("text/"))
 }
 
-fn parse_json_body<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> ApiResult<T> {
+/// Request bodies parsed at once, over all clients. Parsing runs on the blocking pool, never on
+/// the async workers that serve everything else; the rest wait for a turn.
+pub const PARSE_CONCURRENCY: usize = 2;
+static PARSERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(PARSE_CONCURRENCY);
+
+/// Runs `parse` (of a client's text) on the blocking pool, at most [`PARSE_CONCURRENCY`] at once.
+/// Documents are at most [`MAX_BODY`] bytes; nesting stops at 128 levels (serde_json's and
+/// serde_yaml_ng's recursion limits) and YAML alias expansion at serde_yaml_ng's repetition
+/// limit, each answered 400.
+async fn parse_off_workers<T: Send + 'static>(
+    parse: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    // The semaphore is never closed.
+    let _turn = PARSERS.acquire().await.map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down",
+        )
+    })?;
+    tokio::task::spawn_blocking(parse).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("parsing the request body failed: {e}"),
+        )
+    })?
+}
+
+async fn parse_json_body<T: for<'de> Deserialize<'de> + Send + 'static>(
+    bytes: Bytes,
+) -> ApiResult<T> {
+    parse_off_workers(move || parse_json_now(&bytes)).await
+}
+
+fn parse_json_now<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> ApiResult<T> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -448,7 +507,7 @@ async fn put_one(
 ) -> ApiResult<Response> {
     let kind = parse_kind(&kind)?;
     let bytes = read_body(body).await?;
-    let r = model::parse_json(&bytes)?;
+    let r = parse_off_workers(move || Ok(model::parse_json(&bytes)?)).await?;
     let m = r.meta();
     if r.kind() != kind || m.namespace != ns || m.name != name {
         return Err(ApiError::new(
@@ -483,37 +542,20 @@ async fn apply(
     body: Body,
 ) -> ApiResult<Response> {
     let bytes = read_body(body).await?;
-    let text = std::str::from_utf8(&bytes)
-        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "the body is not UTF-8 text"))?;
-    // A JSON list (`{"items": [...]}`) or YAML/JSON documents (JSON is YAML too).
-    let list = if is_yaml(&headers) {
-        None
-    } else {
-        serde_json::from_str::<serde_json::Value>(text).ok()
-    };
-    let resources = match list
-        .as_ref()
-        .and_then(|v| v.get("items"))
-        .and_then(|i| i.as_array())
-    {
-        Some(items) => items
-            .iter()
-            .map(|i| model::parse_json(i.to_string().as_bytes()))
-            .collect::<Result<Vec<_>, _>>()?,
-        None => model::parse_documents(text)?,
-    };
+    let yaml = is_yaml(&headers);
+    let resources = parse_off_workers(move || parse_apply(&bytes, yaml)).await?;
     let (results, revision) = state.registry.apply(resources).await?;
     Ok(Json(json!({"revision": revision, "results": results})).into_response())
 }
 
 async fn register(State(state): State<Arc<ApiState>>, body: Body) -> ApiResult<Response> {
-    let req: RegisterRequest = parse_json_body(&read_body(body).await?)?;
+    let req: RegisterRequest = parse_json_body(read_body(body).await?).await?;
     let resp = state.registry.register(req).await?;
     Ok(Json(resp).into_response())
 }
 
 async fn deregister(State(state): State<Arc<ApiState>>, body: Body) -> ApiResult<Response> {
-    let req: DeregisterRequest = parse_json_body(&read_body(body).await?)?;
+    let req: DeregisterRequest = parse_json_body(read_body(body).await?).await?;
     Ok(Json(state.registry.deregister(req).await?).into_response())
 }
 
@@ -573,9 +615,16 @@ async fn watch(
                 })
                 .id(ev.revision.to_string())
                 .data(serde_json::to_string(&ev).unwrap_or_default()),
-            Err(e) => SseEvent::default()
-                .event("ERROR")
-                .data(json!({"error": {"message": e.to_string()}}).to_string()),
+            Err(e) => {
+                let mut message = e.to_string();
+                if matches!(e, RegistryError::Store(StoreError::Compacted { .. })) {
+                    // The watcher fell further behind than the store keeps history.
+                    message.push_str("; watch again without Last-Event-ID to re-list");
+                }
+                SseEvent::default()
+                    .event("ERROR")
+                    .data(json!({"error": {"message": message}}).to_string())
+            }
         })
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
@@ -613,7 +662,7 @@ impl From<IdentityError> for ApiError {
 }
 
 async fn create_token(State(state): State<Arc<ApiState>>, body: Body) -> ApiResult<Response> {
-    let mut req: CreateTokenRequest = parse_json_body(&read_body(body).await?)?;
+    let mut req: CreateTokenRequest = parse_json_body(read_body(body).await?).await?;
     if let Some(group) = req.group.clone() {
         // The token records the group: it must exist, and its template agree on the identity.
         let ns = if req.namespace.is_empty() {
@@ -689,7 +738,7 @@ struct CertsRequest {
 /// for a host that cannot use a join token. The key is generated here, so only use this over
 /// a trusted channel (the admin API is loopback-only by default).
 async fn issue_certs(State(state): State<Arc<ApiState>>, body: Body) -> ApiResult<Response> {
-    let req: CertsRequest = parse_json_body(&read_body(body).await?)?;
+    let req: CertsRequest = parse_json_body(read_body(body).await?).await?;
     let ca = &state.identity.ca;
     let mut out = json!({ "rootCert": ca.trust_bundle_pem() });
     if req.bootstrap {

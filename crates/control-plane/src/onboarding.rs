@@ -232,7 +232,7 @@ impl OnboardingService {
         let (claims, identity) = match checked {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(?peer, error = %e, "host bundle refused");
+                tracing::warn!(?peer, error = %isthmus_model::text::clip(&e.to_string(), 1024), "host bundle refused");
                 return Err(Status::from(e));
             }
         };

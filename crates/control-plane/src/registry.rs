@@ -38,6 +38,11 @@ pub enum RegistryError {
     Corrupt { key: String, message: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(
+        "{max} watch streams are open, the most this server serves at once \
+         (Registry::MAX_WATCHERS, not configurable yet); close idle watches (isthmus get -w), or retry later"
+    )]
+    TooManyWatchers { max: usize },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,6 +156,9 @@ pub struct Registry {
     store: Arc<dyn Store>,
     cidr: IpNet,
     domain: String,
+    /// One permit per open watch stream, held by the stream.
+    watchers: Arc<tokio::sync::Semaphore>,
+    max_watchers: usize,
 }
 
 pub(crate) fn now_rfc3339() -> String {
@@ -263,7 +271,21 @@ impl Registry {
             store,
             cidr,
             domain,
+            watchers: Arc::new(tokio::sync::Semaphore::new(Self::MAX_WATCHERS)),
+            max_watchers: Self::MAX_WATCHERS,
         }
+    }
+
+    /// Watch streams open at once, over all clients. An idle watcher holds a socket, a
+    /// receiver on the store's shared broadcast ring and its filter (a few KiB); a slow one
+    /// holds nothing more (it catches up from the store's log, see `isthmus_store`).
+    pub const MAX_WATCHERS: usize = 512;
+
+    /// The same registry with another cap on watch streams.
+    pub fn with_max_watchers(mut self, max: usize) -> Self {
+        self.watchers = Arc::new(tokio::sync::Semaphore::new(max));
+        self.max_watchers = max;
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -831,6 +853,11 @@ impl Registry {
         from: Option<Revision>,
     ) -> Result<impl Stream<Item = Result<WatchEvent, RegistryError>> + Send + 'static, RegistryError>
     {
+        let permit = self.watchers.clone().try_acquire_owned().map_err(|_| {
+            RegistryError::TooManyWatchers {
+                max: self.max_watchers,
+            }
+        })?;
         let (initial, start) = match from {
             Some(rev) => (Vec::new(), rev),
             None => {
@@ -856,6 +883,8 @@ impl Registry {
         };
         let events = self.store.watch(&filter.prefix(), start.max(1)).await?;
         let live = events.filter_map(move |ev| {
+            // The stream's slot among the watchers, given back when the stream is dropped.
+            let _slot = &permit;
             let filter = filter.clone();
             async move {
                 let ev = match ev {

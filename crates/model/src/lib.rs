@@ -10,6 +10,7 @@ pub mod client_config;
 mod parse;
 mod resource;
 mod selector;
+pub mod text;
 pub mod validate;
 
 pub use parse::{parse_documents, parse_json, ParseError};

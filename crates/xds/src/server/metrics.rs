@@ -11,6 +11,24 @@ struct TypeLabels {
     type_url: String,
 }
 
+impl TypeLabels {
+    /// The type URLs this server serves by name, any other as `other`: a label's values must
+    /// not be what clients choose, or each new one is a series kept for ever.
+    fn of(type_url: &str) -> Self {
+        let known = [
+            crate::resources::ADDRESS_TYPE_URL,
+            crate::resources::AUTHORIZATION_TYPE_URL,
+        ];
+        Self {
+            type_url: if known.contains(&type_url) {
+                type_url.to_owned()
+            } else {
+                "other".to_owned()
+            },
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabels {
     code: String,
@@ -66,9 +84,7 @@ impl XdsMetrics {
     }
 
     pub(crate) fn pushed(&self, type_url: &str, resources: usize) {
-        let labels = TypeLabels {
-            type_url: type_url.to_owned(),
-        };
+        let labels = TypeLabels::of(type_url);
         self.pushes.get_or_create(&labels).inc();
         self.resources_sent
             .get_or_create(&labels)
@@ -76,11 +92,7 @@ impl XdsMetrics {
     }
 
     pub(crate) fn nacked(&self, type_url: &str) {
-        self.nacks
-            .get_or_create(&TypeLabels {
-                type_url: type_url.to_owned(),
-            })
-            .inc();
+        self.nacks.get_or_create(&TypeLabels::of(type_url)).inc();
     }
 
     pub(crate) fn refused(&self, code: tonic::Code) {
@@ -107,28 +119,18 @@ impl XdsMetrics {
 
     /// Responses sent so far for `type_url`.
     pub fn pushes(&self, type_url: &str) -> u64 {
-        self.pushes
-            .get_or_create(&TypeLabels {
-                type_url: type_url.to_owned(),
-            })
-            .get()
+        self.pushes.get_or_create(&TypeLabels::of(type_url)).get()
     }
 
     /// NACKs received so far for `type_url`.
     pub fn nacks(&self, type_url: &str) -> u64 {
-        self.nacks
-            .get_or_create(&TypeLabels {
-                type_url: type_url.to_owned(),
-            })
-            .get()
+        self.nacks.get_or_create(&TypeLabels::of(type_url)).get()
     }
 
     /// Resources sent so far for `type_url`.
     pub fn resources_sent(&self, type_url: &str) -> u64 {
         self.resources_sent
-            .get_or_create(&TypeLabels {
-                type_url: type_url.to_owned(),
-            })
+            .get_or_create(&TypeLabels::of(type_url))
             .get()
     }
 }

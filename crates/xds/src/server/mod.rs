@@ -31,6 +31,7 @@
 
 mod address;
 mod auth;
+mod limits;
 mod metrics;
 mod publisher;
 mod stream;
@@ -46,6 +47,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::Frame;
 use http_body_util::StreamBody;
+use isthmus_model::text::clip;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Service};
@@ -79,8 +81,18 @@ pub struct ServerConfig {
     pub large_response_hold: Duration,
     /// Generations whose changes are remembered for incremental diffs.
     pub history: usize,
-    /// Largest request accepted (a reconnecting client's `initial_resource_versions`).
+    /// Largest request accepted (a reconnecting client's `initial_resource_versions`: about
+    /// 90 bytes a name, so the default holds ~180,000 resources of one type).
     pub max_request_bytes: usize,
+    /// Resource names one stream may subscribe to per type, and claim to hold in
+    /// `initial_resource_versions` (or twice the names served, if more); a stream that asks
+    /// for more is closed with `RESOURCE_EXHAUSTED`.
+    pub max_names_per_type: usize,
+    /// Discovery streams open at once under one identity (namespace and service account),
+    /// over all hosts; more are refused with `RESOURCE_EXHAUSTED`.
+    pub max_streams_per_identity: usize,
+    /// Discovery streams open at once under one identity from one IP address.
+    pub max_streams_per_identity_and_ip: usize,
 }
 
 impl Default for ServerConfig {
@@ -92,7 +104,12 @@ impl Default for ServerConfig {
             max_large_responses: 8,
             large_response_hold: Duration::from_secs(10),
             history: 64,
-            max_request_bytes: 64 * 1024 * 1024,
+            // 100,000 names of 60 bytes with their versions are ~9 MB.
+            max_request_bytes: 16 * 1024 * 1024,
+            max_names_per_type: 100_000,
+            max_streams_per_identity: 1024,
+            // Hosts behind one NAT share an address, so this is not 1.
+            max_streams_per_identity_and_ip: 256,
         }
     }
 }
@@ -137,6 +154,7 @@ pub(crate) struct Shared {
     pub streams: Arc<tracker::Streams>,
     /// Rate limit of the warning about unverified address claims.
     pub unverified_log: address::LogLimit,
+    pub slots: Arc<limits::StreamSlots>,
 }
 
 /// The discovery service. Cheap to clone; serve it with [`XdsServer::into_service`].
@@ -187,6 +205,7 @@ impl XdsServer {
                 closing: watch::Sender::new(false),
                 streams: Arc::default(),
                 unverified_log: address::LogLimit::default(),
+                slots: Arc::default(),
             }),
         }
     }
@@ -297,7 +316,7 @@ impl XdsServer {
         {
             Ok(identity) => identity,
             Err(status) => {
-                tracing::warn!(?peer, code = ?status.code(), message = status.message(), "discovery stream refused");
+                tracing::warn!(?peer, code = ?status.code(), message = %clip(status.message(), 1024), "discovery stream refused");
                 self.shared.metrics.refused(status.code());
                 return status.into_http();
             }
@@ -305,6 +324,19 @@ impl XdsServer {
         if *self.shared.closing.borrow() {
             return closing_status().into_http();
         }
+        let slot = match self.shared.slots.take(
+            &identity,
+            peer.map(|p| p.ip()),
+            self.shared.config.max_streams_per_identity,
+            self.shared.config.max_streams_per_identity_and_ip,
+        ) {
+            Ok(slot) => slot,
+            Err(status) => {
+                tracing::warn!(?peer, identity = %identity, message = %clip(status.message(), 1024), "discovery stream refused");
+                self.shared.metrics.refused(status.code());
+                return status.into_http();
+            }
+        };
         let id = self.shared.next_stream.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!("xds_stream", id, ?peer, identity = %identity);
         let (tx, rx) = mpsc::channel(self.shared.config.queue_depth.max(2));
@@ -316,7 +348,11 @@ impl XdsServer {
             connected_at: std::time::SystemTime::now(),
         };
         let connection = stream::Connection::new(id, identity, peer, self.shared.clone());
-        tokio::spawn(connection.run(requests, tx).instrument(span));
+        let run = async move {
+            let _slot = slot;
+            connection.run(requests, tx).await;
+        };
+        tokio::spawn(run.instrument(span));
         let mut response = http::Response::new(response_body(rx));
         response.headers_mut().insert(
             http::header::CONTENT_TYPE,

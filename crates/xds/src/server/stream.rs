@@ -10,6 +10,8 @@ use tokio::time::Instant;
 use tonic::Status;
 
 use super::address::HostAddress;
+use isthmus_model::text::{clip, LOG_FIELD};
+
 use super::publisher::Snapshot;
 use super::tracker::{Entry, Peer, Who};
 use super::wire::{encode_response, Requests};
@@ -62,6 +64,8 @@ struct InFlight {
 
 /// One type URL on one stream.
 struct TypeState {
+    /// Served by this server; for other types nothing the client sends is kept.
+    known: bool,
     wildcard: bool,
     names: HashSet<Arc<str>>,
     /// The generation (and its resources of this type) the client holds, except for `overlay`.
@@ -87,6 +91,17 @@ impl TypeState {
         }
         let (_, base) = self.base.as_ref()?;
         base.get(name).map(|r| Known::Has(r.version))
+    }
+
+    /// Gives memory back after many names were unsubscribed (a hash set keeps its largest
+    /// capacity otherwise, so subscribe/unsubscribe churn would hold the peak for ever).
+    fn shrink(&mut self) {
+        if self.names.capacity() > 64 && self.names.len() < self.names.capacity() / 4 {
+            self.names.shrink_to_fit();
+        }
+        if self.overlay.capacity() > 64 && self.overlay.len() < self.overlay.capacity() / 4 {
+            self.overlay.shrink_to_fit();
+        }
     }
 
     /// Forgets the base generation, keeping what the client holds as explicit entries (before
@@ -208,7 +223,7 @@ impl Connection {
                                 ));
                             }
                             Err(status) => {
-                                tracing::warn!(code = ?status.code(), message = status.message(), "closing discovery stream");
+                                tracing::warn!(code = ?status.code(), message = %clip(status.message(), 1024), "closing discovery stream");
                                 self.shared.metrics.refused(status.code());
                                 let _ = tx.try_send(Outgoing::Close(status));
                                 return;
@@ -227,7 +242,7 @@ impl Connection {
                                 .await;
                         }
                     } else if let Err(status) = self.on_request(request) {
-                        tracing::warn!(code = ?status.code(), message = status.message(), "closing discovery stream");
+                        tracing::warn!(code = ?status.code(), message = %clip(status.message(), 1024), "closing discovery stream");
                         self.shared.metrics.refused(status.code());
                         let _ = tx.try_send(Outgoing::Close(status));
                         return;
@@ -325,17 +340,49 @@ impl Connection {
             error_detail,
             ..
         } = req;
+        let max_names = self.shared.config.max_names_per_type;
         let Some(state) = self.types.get_mut(&type_url) else {
             // First request of this type on this stream.
-            let wildcard = resource_names_subscribe.is_empty()
-                || resource_names_subscribe.iter().any(|n| n == "*");
+            if self.types.len() >= super::MAX_TYPES {
+                return Err(Status::resource_exhausted(format!(
+                    "this stream already subscribes to {} type URLs, the limit per stream; \
+                     subscribe only to {} and {}",
+                    super::MAX_TYPES,
+                    crate::resources::ADDRESS_TYPE_URL,
+                    crate::resources::AUTHORIZATION_TYPE_URL,
+                )));
+            }
+            // Names of a type this server does not serve are not kept: it gets one empty
+            // answer, as an empty type would.
+            let served = self
+                .shared
+                .snapshots
+                .borrow()
+                .set
+                .of_type(&type_url)
+                .map(|t| t.len());
+            let known = served.is_some();
+            if !known {
+                tracing::debug!(type_url = %clip(&type_url, LOG_FIELD), "subscription to a type this server does not serve: answered empty");
+            }
+            if known {
+                too_many(&type_url, resource_names_subscribe.len(), max_names)?;
+                // A reconnecting wildcard client lists what it holds: as many names as are
+                // served (with room for those removed while it was away), however many that is.
+                let held = max_names.max(served.unwrap_or(0).saturating_mul(2));
+                too_many(&type_url, initial_resource_versions.len(), held)?;
+            }
+            let wildcard = known
+                && (resource_names_subscribe.is_empty()
+                    || resource_names_subscribe.iter().any(|n| n == "*"));
             let names: HashSet<Arc<str>> = resource_names_subscribe
                 .iter()
-                .filter(|n| *n != "*")
+                .filter(|n| known && *n != "*")
                 .map(|n| Arc::from(n.as_str()))
                 .collect();
             let mut overlay: HashMap<Arc<str>, Known> = initial_resource_versions
                 .into_iter()
+                .filter(|_| known)
                 .map(|(name, v)| {
                     let known = Version::parse(&v).map_or(Known::Stale, Known::Has);
                     (Arc::from(name), known)
@@ -344,13 +391,14 @@ impl Connection {
             for n in &names {
                 overlay.entry(n.clone()).or_insert(Known::Stale);
             }
-            tracing::debug!(%type_url, wildcard, names = names.len(), initial = overlay.len(), "subscribed");
+            tracing::debug!(type_url = %clip(&type_url, LOG_FIELD), wildcard, names = names.len(), initial = overlay.len(), "subscribed");
             if let Some(t) = &self.tracked {
                 t.subscribed(&type_url);
             }
             self.types.insert(
                 type_url,
                 TypeState {
+                    known,
                     wildcard,
                     names,
                     base: None,
@@ -377,10 +425,10 @@ impl Connection {
                         }
                         self.shared.metrics.nacked(&type_url);
                         tracing::warn!(
-                            %type_url,
+                            type_url = %clip(&type_url, LOG_FIELD),
                             nonce = %flight.nonce,
                             resources = flight.sent.len(),
-                            error = %error.message,
+                            error = %clip(&error.message, 1024),
                             "client rejected a discovery response; its resources are held until they change"
                         );
                         for (name, version) in flight.sent {
@@ -394,10 +442,13 @@ impl Connection {
                     }
                 }
             } else {
-                tracing::debug!(%type_url, nonce = %response_nonce, "stale nonce ignored");
+                tracing::debug!(type_url = %clip(&type_url, LOG_FIELD), nonce = %clip(&response_nonce, LOG_FIELD), "stale nonce ignored");
             }
         }
 
+        if !state.known {
+            return Ok(());
+        }
         for name in resource_names_subscribe {
             if name == "*" {
                 if !state.wildcard {
@@ -408,6 +459,7 @@ impl Connection {
             } else {
                 let name: Arc<str> = Arc::from(name);
                 state.names.insert(name.clone());
+                too_many(&type_url, state.names.len(), max_names)?;
                 // Sent again even if it is believed up to date (the xDS rule for subscribe).
                 state.overlay.insert(name, Known::Stale);
                 state.dirty = true;
@@ -423,6 +475,7 @@ impl Connection {
                 }
             }
         }
+        state.shrink();
         Ok(())
     }
 
@@ -552,6 +605,19 @@ fn all_names(state: &TypeState, current: &TypeResources) -> HashSet<Arc<str>> {
         names.extend(base.keys().cloned());
     }
     names
+}
+
+/// Refuses a subscription of more than `max` names of one type.
+fn too_many(type_url: &str, names: usize, max: usize) -> Result<(), Status> {
+    if names <= max {
+        return Ok(());
+    }
+    Err(Status::resource_exhausted(format!(
+        "subscription to {names} names of {} is over the limit of {max} names per type and \
+         stream (ServerConfig::max_names_per_type); subscribe to every name with the wildcard \
+         (no names, or \"*\") instead",
+        clip(type_url, LOG_FIELD)
+    )))
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
