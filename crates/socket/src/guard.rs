@@ -136,6 +136,15 @@ pub struct Conn {
     slot: Arc<Slot>,
 }
 
+/// A handle on an admitted connection for the protocol layer (e.g. the HTTP service, which
+/// proves the connection on its first request); it does not hold the place.
+#[derive(Clone)]
+pub struct ConnHandle {
+    guard: Arc<Inner>,
+    id: u64,
+    slot: Arc<Slot>,
+}
+
 /// A stream whose first-bytes and idle deadlines are enforced, and which fails once its
 /// connection is evicted: reads and writes then return an error and the server closes it.
 pub struct GuardedIo<T> {
@@ -334,10 +343,15 @@ impl Conn {
     /// The first useful exchange happened: the connection can no longer be evicted and only
     /// the idle deadline applies.
     pub fn prove(&self) {
-        if self.slot.stage.swap(Stage::Idle as u8, Ordering::AcqRel) == Stage::Idle as u8 {
-            return;
+        self.handle().prove();
+    }
+
+    pub fn handle(&self) -> ConnHandle {
+        ConnHandle {
+            guard: self.guard.clone(),
+            id: self.id,
+            slot: self.slot.clone(),
         }
-        self.guard.lock().unproven.remove(&self.id);
     }
 
     pub fn is_evicted(&self) -> bool {
@@ -366,6 +380,26 @@ impl Conn {
     }
 
     /// Counts and logs a deadline passed at `stage` (the caller closes the connection).
+    pub fn timed_out(&self, stage: Stage) {
+        self.guard
+            .event(Event::TimedOut(stage), Some(self.slot.ip));
+    }
+}
+
+impl ConnHandle {
+    /// See [`Conn::prove`].
+    pub fn prove(&self) {
+        if self.slot.stage.swap(Stage::Idle as u8, Ordering::AcqRel) == Stage::Idle as u8 {
+            return;
+        }
+        self.guard.lock().unproven.remove(&self.id);
+    }
+
+    pub fn is_proven(&self) -> bool {
+        self.slot.stage.load(Ordering::Acquire) == Stage::Idle as u8
+    }
+
+    /// See [`Conn::timed_out`].
     pub fn timed_out(&self, stage: Stage) {
         self.guard
             .event(Event::TimedOut(stage), Some(self.slot.ip));
