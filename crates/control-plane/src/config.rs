@@ -337,7 +337,10 @@ impl ServerArgs {
         }
         for (flag, value) in [
             ("--max-connections", self.max_connections),
-            ("--max-connections-per-source", self.max_connections_per_source),
+            (
+                "--max-connections-per-source",
+                self.max_connections_per_source,
+            ),
             ("--dns-max-forwards", self.dns_max_forwards),
         ] {
             if value == Some(0) {

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use hickory_proto::op::{Header, ResponseCode};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+use isthmus_socket::{Conn, ConnGuard, GuardConfig, Stage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use isthmus_socket::{Conn, ConnGuard, GuardConfig, Stage};
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 use tracing::Instrument;

@@ -241,7 +241,8 @@ impl ConnGuard {
             if let Some(w) = taken {
                 w.wake();
             }
-            self.inner.event(Event::Evicted(victim_stage), Some(victim.ip));
+            self.inner
+                .event(Event::Evicted(victim_stage), Some(victim.ip));
             state = self.inner.lock();
         }
         let id = state.next;
@@ -381,8 +382,7 @@ impl Conn {
 
     /// Counts and logs a deadline passed at `stage` (the caller closes the connection).
     pub fn timed_out(&self, stage: Stage) {
-        self.guard
-            .event(Event::TimedOut(stage), Some(self.slot.ip));
+        self.guard.event(Event::TimedOut(stage), Some(self.slot.ip));
     }
 }
 
@@ -401,8 +401,7 @@ impl ConnHandle {
 
     /// See [`Conn::timed_out`].
     pub fn timed_out(&self, stage: Stage) {
-        self.guard
-            .event(Event::TimedOut(stage), Some(self.slot.ip));
+        self.guard.event(Event::TimedOut(stage), Some(self.slot.ip));
     }
 }
 
@@ -653,8 +652,11 @@ mod tests {
 
         // Proven after 3 bytes; then traffic keeps it open, silence closes it after 60 s.
         let (mut client2, server2) = tokio::io::duplex(64);
-        let mut io2 =
-            GuardedIo::new(server2, guard.admit(peer(1), Stage::First).unwrap(), Some(3));
+        let mut io2 = GuardedIo::new(
+            server2,
+            guard.admit(peer(1), Stage::First).unwrap(),
+            Some(3),
+        );
         client2.write_all(b"abc").await.unwrap();
         assert_eq!(io2.read(&mut buf).await.unwrap(), 3);
         assert_eq!(io2.conn().stage(), Stage::Idle);

@@ -22,6 +22,6 @@ pub mod limit;
 pub mod nofile;
 
 pub use accept::{accept_failed, ConnLimit};
-pub use guard::{Conn, ConnHandle, ConnGuard, Event, GuardConfig, GuardedIo, Stage};
 pub use factory::{Keepalive, SocketFactory, SocketOptions, DEFAULT_PROXY_MARK};
+pub use guard::{Conn, ConnGuard, ConnHandle, Event, GuardConfig, GuardedIo, Stage};
 pub use limit::{global_limiter, LogLimiter};
