@@ -223,6 +223,7 @@ impl ConnGuard {
             self.inner.event(Event::RefusedPerSource, Some(ip));
             return None;
         }
+        let mut evicted = None;
         if state.total >= config.max_total {
             let Some((_, victim)) = state.unproven.pop_first() else {
                 drop(state);
@@ -231,19 +232,7 @@ impl ConnGuard {
             };
             state.release(&victim);
             victim.evicted.store(true, Ordering::Release);
-            let taken = victim
-                .waker
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take();
-            let victim_stage = Stage::from_u8(victim.stage.load(Ordering::Acquire));
-            drop(state);
-            if let Some(w) = taken {
-                w.wake();
-            }
-            self.inner
-                .event(Event::Evicted(victim_stage), Some(victim.ip));
-            state = self.inner.lock();
+            evicted = Some(victim);
         }
         let id = state.next;
         state.next += 1;
@@ -257,6 +246,21 @@ impl ConnGuard {
             waker: Mutex::new(None),
         });
         state.unproven.insert(id, slot.clone());
+        // Wake-ups and logs outside the lock; the place was taken under it.
+        drop(state);
+        if let Some(victim) = evicted {
+            let taken = victim
+                .waker
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            if let Some(w) = taken {
+                w.wake();
+            }
+            let victim_stage = Stage::from_u8(victim.stage.load(Ordering::Acquire));
+            self.inner
+                .event(Event::Evicted(victim_stage), Some(victim.ip));
+        }
         Some(Conn {
             guard: self.inner.clone(),
             id,
