@@ -39,7 +39,9 @@ pub use service::{
     bearer_token, AuthError, Authenticator, CaMetrics, Caller, CertificateService, Credential,
 };
 pub use spiffe::{SpiffeError, SpiffeId};
-pub use tls::{server_tls_config, tls_incoming, TlsError};
+pub use tls::{
+    default_guard, server_tls_config, tls_incoming, tls_incoming_guarded, GuardedTls, TlsError,
+};
 pub use token::{
     claims_unverified, token_identity_unverified, LedgerError, MemoryLedger, TokenClaims,
     TokenError, TokenIssuer, TokenLedger, TokenRecord, WORKLOAD_KIND, WORKLOAD_TTL_RANGE,

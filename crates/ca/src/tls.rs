@@ -12,6 +12,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use isthmus_socket::{ConnGuard, GuardConfig, GuardedIo, Stage};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -19,14 +20,23 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
 
 use crate::authority::{Ca, ServingCertOptions, SignError};
 
-/// How long a client may take to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The bytes of the HTTP/2 client preface (`PRI * HTTP/2.0...`): a connection that has sent
+/// them after its handshake is proven (see [`isthmus_socket::guard`]).
+pub const H2_PREFACE_LEN: usize = 24;
+
+/// A TLS connection on port 15012 under its listener's guard: fails when evicted or when a
+/// stage deadline passes. tonic sees the TLS stream's peer certificates through it.
+pub struct GuardedTls(GuardedIo<TlsStream<TcpStream>>);
 
 /// Why the TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -57,13 +67,40 @@ pub fn server_tls_config(
     Ok(Arc::new(config))
 }
 
-/// Accepts TCP connections and completes TLS handshakes concurrently (a slow client does
-/// not hold up others); feed the stream to tonic's `Server::serve_with_incoming`, whose
-/// `Request::peer_certs()` then works. Ends when the receiving side is dropped.
+/// Bounds for callers without their own (tests, benchmarks): generous caps, the server's
+/// deadlines.
+pub fn default_guard() -> ConnGuard {
+    ConnGuard::new(
+        "grpc",
+        GuardConfig {
+            max_total: 10_000,
+            max_per_source: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            first_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+        },
+    )
+}
+
+/// [`tls_incoming_guarded`] under [`default_guard`].
 pub fn tls_incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+) -> ReceiverStream<Result<GuardedTls, std::io::Error>> {
+    tls_incoming_guarded(listener, config, default_guard())
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently (a slow client does
+/// not hold up others); feed the stream to tonic's `Server::serve_with_incoming`, whose
+/// `Request::peer_certs()` then works. Every connection is admitted by `guard` (refused
+/// ones are closed at once), has `handshake_timeout` to finish its handshake and
+/// `first_timeout` to send the HTTP/2 preface, and is closed when idle or evicted. Ends
+/// when the receiving side is dropped.
+pub fn tls_incoming_guarded(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    guard: ConnGuard,
+) -> ReceiverStream<Result<GuardedTls, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     tokio::spawn(async move {
@@ -75,11 +112,13 @@ pub fn tls_incoming(
             let (tcp, peer) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // Per-connection errors (e.g. EMFILE): report, pause briefly, go on.
-                    tracing::warn!(error = %e, "accept failed on the TLS listener");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Per-connection errors (e.g. EMFILE): report, back off, go on.
+                    isthmus_socket::accept_failed("grpc", &e).await;
                     continue;
                 }
+            };
+            let Some(conn) = guard.admit(peer, Stage::Handshake) else {
+                continue; // dropped: closed at once
             };
             // gRPC sends many small frames (discovery pushes, ACKs): without this each one
             // waits out Nagle's algorithm and a delayed ACK (~40 ms).
@@ -89,17 +128,71 @@ pub fn tls_incoming(
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let timeout = conn.config().handshake_timeout;
+                let handshake = tokio::select! {
+                    h = tokio::time::timeout(timeout, acceptor.accept(tcp)) => h,
+                    () = conn.evicted() => return,
+                };
+                match handshake {
                     Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
+                        let io = GuardedIo::new(stream, conn, Some(H2_PREFACE_LEN));
+                        let _ = tx.send(Ok(GuardedTls(io))).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    Err(_) => conn.timed_out(Stage::Handshake),
                 }
             });
         }
     });
     ReceiverStream::new(rx)
+}
+
+impl Connected for GuardedTls {
+    type ConnectInfo = <TlsStream<TcpStream> as Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.0.get_ref().connect_info()
+    }
+}
+
+impl AsyncRead for GuardedTls {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for GuardedTls {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
 }
 
 /// Serves the control plane's certificate, issuing a fresh one past half its lifetime.

@@ -130,6 +130,55 @@ pub struct ServerArgs {
     /// Extra IPs for the serving certificate (repeatable), besides 127.0.0.1.
     #[arg(long = "server-ip", value_name = "IP")]
     pub server_ips: Vec<std::net::IpAddr>,
+
+    /// Connections held at once by all listeners together, shared out between them (gRPC 60%,
+    /// admin 20%, registration 10%, DNS over TCP 8%, metrics 2%). At a listener's share a new
+    /// connection closes the oldest one that has not yet sent a request; when none is left it is
+    /// refused [default: the open-files limit less a reserve for the store, DNS sockets and
+    /// forwards].
+    #[arg(long, env = "ISTHMUS_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Connections held at once from one source IP on one listener; more are refused
+    /// [default: a quarter of the listener's share, at least 4].
+    #[arg(long, env = "ISTHMUS_MAX_CONNECTIONS_PER_SOURCE")]
+    pub max_connections_per_source: Option<usize>,
+    /// How long a client has to finish the TLS handshake on the gRPC port.
+    #[arg(long, default_value = "10s", env = "ISTHMUS_HANDSHAKE_TIMEOUT")]
+    pub handshake_timeout: humantime::Duration,
+    /// How long a new connection has to send its first request: the HTTP/2 preface on the
+    /// gRPC port, the complete request headers on the HTTP ports, a first DNS message.
+    #[arg(long, default_value = "10s", env = "ISTHMUS_FIRST_REQUEST_TIMEOUT")]
+    pub first_request_timeout: humantime::Duration,
+    /// A gRPC connection with no bytes either way for this long is closed (the server pings
+    /// every connection each third of it, so live agents never reach it).
+    #[arg(long, default_value = "5m", env = "ISTHMUS_GRPC_IDLE_TIMEOUT")]
+    pub grpc_idle_timeout: humantime::Duration,
+    /// An HTTP connection with no bytes either way for this long is closed (watch streams send
+    /// a keep-alive every 15 s).
+    #[arg(long, default_value = "60s", env = "ISTHMUS_HTTP_IDLE_TIMEOUT")]
+    pub http_idle_timeout: humantime::Duration,
+    /// A DNS-over-TCP connection silent this long between messages is closed.
+    #[arg(long, default_value = "10s", env = "ISTHMUS_DNS_TCP_IDLE_TIMEOUT")]
+    pub dns_tcp_idle_timeout: humantime::Duration,
+    /// DNS queries forwarded upstream at once; more are answered SERVFAIL at once [default:
+    /// an eighth of the descriptor budget, between 16 and 1024].
+    #[arg(long, env = "ISTHMUS_DNS_MAX_FORWARDS")]
+    pub dns_max_forwards: Option<usize>,
+}
+
+/// Descriptors kept out of the connection budget: the store, listeners, UDP DNS sockets,
+/// log and CA files, outbound sockets.
+pub const RESERVED_FDS: u64 = 128;
+
+/// The connection caps and deadlines of every listener (see [`ServerArgs::listener_bounds`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenerBounds {
+    pub grpc: isthmus_socket::GuardConfig,
+    pub admin: isthmus_socket::GuardConfig,
+    pub registration: isthmus_socket::GuardConfig,
+    pub metrics: isthmus_socket::GuardConfig,
+    pub dns_tcp: isthmus_socket::GuardConfig,
+    pub dns_forwards: usize,
 }
 
 /// Where the advertised address came from: said in the line the server prints at start.
@@ -163,6 +212,8 @@ pub enum ConfigError {
     CertTtl(humantime::Duration, humantime::Duration),
     #[error("--trust-domain {0:?} {1}")]
     TrustDomain(String, String),
+    #[error("{0} must be more than 0 (leave it out for the default)")]
+    Zero(&'static str),
 }
 
 fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
@@ -228,6 +279,44 @@ impl ServerArgs {
         })
     }
 
+    /// Every listener's bounds for an open-files soft limit of `nofile`: the flags where given,
+    /// else shares of what the limit leaves after [`RESERVED_FDS`] and the DNS forwards, so
+    /// the listeners together can never run the process out of descriptors.
+    pub fn listener_bounds(&self, nofile: u64) -> ListenerBounds {
+        let budget = usize::try_from(nofile.saturating_sub(RESERVED_FDS))
+            .unwrap_or(usize::MAX)
+            .max(64);
+        let dns_forwards = self
+            .dns_max_forwards
+            .unwrap_or((budget / 8).clamp(16, 1024))
+            .max(1);
+        let total = self
+            .max_connections
+            .unwrap_or(budget.saturating_sub(dns_forwards));
+        let guard = |percent: usize, idle: humantime::Duration| {
+            let max_total = (total / 100 * percent + total % 100 * percent / 100).max(1);
+            let max_per_source = self
+                .max_connections_per_source
+                .unwrap_or((max_total / 4).max(4))
+                .clamp(1, max_total);
+            isthmus_socket::GuardConfig {
+                max_total,
+                max_per_source,
+                handshake_timeout: *self.handshake_timeout,
+                first_timeout: *self.first_request_timeout,
+                idle_timeout: *idle,
+            }
+        };
+        ListenerBounds {
+            grpc: guard(60, self.grpc_idle_timeout),
+            admin: guard(20, self.http_idle_timeout),
+            registration: guard(10, self.http_idle_timeout),
+            dns_tcp: guard(8, self.dns_tcp_idle_timeout),
+            metrics: guard(2, self.http_idle_timeout),
+            dns_forwards,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(p) = isthmus_model::validate::dns_subdomain_problem(&self.domain) {
             return Err(ConfigError::Domain(self.domain.clone(), p));
@@ -245,6 +334,29 @@ impl ServerArgs {
         }
         if let Some(p) = isthmus_model::validate::dns_subdomain_problem(&self.trust_domain) {
             return Err(ConfigError::TrustDomain(self.trust_domain.clone(), p));
+        }
+        for (flag, value) in [
+            ("--max-connections", self.max_connections),
+            (
+                "--max-connections-per-source",
+                self.max_connections_per_source,
+            ),
+            ("--dns-max-forwards", self.dns_max_forwards),
+        ] {
+            if value == Some(0) {
+                return Err(ConfigError::Zero(flag));
+            }
+        }
+        for (flag, value) in [
+            ("--handshake-timeout", self.handshake_timeout),
+            ("--first-request-timeout", self.first_request_timeout),
+            ("--grpc-idle-timeout", self.grpc_idle_timeout),
+            ("--http-idle-timeout", self.http_idle_timeout),
+            ("--dns-tcp-idle-timeout", self.dns_tcp_idle_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::Zero(flag));
+            }
         }
         Ok(())
     }
@@ -296,6 +408,43 @@ mod tests {
         assert_eq!(a.ip.to_string(), "fd00::2");
         let a = args(&["--grpc-addr", "[::]:15012"]).advertised(|v6| (!v6).then_some(ROUTE));
         assert_eq!(a.ip, ROUTE);
+    }
+
+    #[test]
+    fn listener_bounds_fit_a_1024_descriptor_limit_and_follow_the_flags() {
+        let b = args(&[]).listener_bounds(1024);
+        let sum = b.grpc.max_total
+            + b.admin.max_total
+            + b.registration.max_total
+            + b.metrics.max_total
+            + b.dns_tcp.max_total
+            + b.dns_forwards;
+        assert!(sum as u64 + RESERVED_FDS <= 1024, "{b:?}");
+        assert!(b.grpc.max_total >= 400 && b.admin.max_total >= 100, "{b:?}");
+        assert_eq!(b.grpc.max_per_source, b.grpc.max_total / 4);
+        assert_eq!(b.grpc.idle_timeout, std::time::Duration::from_secs(300));
+        assert_eq!(b.admin.idle_timeout, std::time::Duration::from_secs(60));
+        assert_eq!(b.grpc.first_timeout, std::time::Duration::from_secs(10));
+        let b = args(&[
+            "--max-connections",
+            "1000",
+            "--max-connections-per-source",
+            "7",
+            "--first-request-timeout",
+            "2s",
+        ])
+        .listener_bounds(1_000_000);
+        assert_eq!(
+            (b.grpc.max_total, b.admin.max_total, b.metrics.max_total),
+            (600, 200, 20)
+        );
+        assert_eq!(b.registration.max_per_source, 7);
+        assert_eq!(b.dns_tcp.first_timeout, std::time::Duration::from_secs(2));
+        let e = args(&["--max-connections", "0"]).validate().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--max-connections must be more than 0 (leave it out for the default)"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod config;
 pub mod discovery;
 pub mod dns;
 pub mod hostfiles;
+pub mod http;
 pub mod identity;
 pub mod informer;
 pub mod legacy;

@@ -78,6 +78,45 @@ impl Collector for StoreCollector {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
+    event: &'static str,
+    stage: &'static str,
+}
+
+/// What the listeners' guards did: connections refused, evicted and timed out, by listener
+/// (`grpc`, `admin`, `registration`, `metrics`, `dns_tcp`) and stage.
+#[derive(Clone, Debug, Default)]
+pub struct ListenerMetrics {
+    events: Family<ListenerLabels, Counter>,
+}
+
+impl ListenerMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "connections_closed",
+            "Connections the server closed to bound what clients hold, by listener, event (refused, evicted, timed_out) and stage (total_cap, source_cap, handshake, first_bytes, idle)",
+            self.events.clone(),
+        );
+    }
+
+    /// The guard's observer that counts here.
+    pub fn observer(&self) -> isthmus_socket::guard::Observer {
+        let events = self.events.clone();
+        Arc::new(move |listener, event: isthmus_socket::Event| {
+            let (event, stage) = event.labels();
+            events
+                .get_or_create(&ListenerLabels {
+                    listener,
+                    event,
+                    stage,
+                })
+                .inc();
+        })
+    }
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub requests: Family<RequestLabels, Counter>,

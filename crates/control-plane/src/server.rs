@@ -22,6 +22,13 @@ use crate::legacy;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 
+/// How long an HTTP/2 ping on the gRPC port may go unanswered before the connection is closed.
+const GRPC_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Streams one gRPC connection may have open at once (an agent uses two or three: discovery,
+/// certificates, onboarding).
+const GRPC_MAX_CONCURRENT_STREAMS: u32 = 64;
+
 /// Where each listener ended up (ports may be 0 in the flags), written to
 /// `<data-dir>/endpoints.json` once all are bound, so scripts and tests can find them.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -115,7 +122,12 @@ pub async fn run(
     args.validate()?;
     // Under systemd the soft limit is 1024 unless the unit sets LimitNOFILE; every TLS client,
     // discovery stream and watch holds a descriptor.
-    isthmus_socket::nofile::raise_nofile().context("cannot read the open-files limit")?;
+    let nofile =
+        isthmus_socket::nofile::raise_nofile().context("cannot read the open-files limit")?;
+    // Every listener's caps come out of the descriptors the process may hold, so together they
+    // never take the last one (the store, DNS sockets and forwards keep theirs).
+    let bounds = args.listener_bounds(nofile.soft);
+    tracing::info!(?bounds, "listener bounds");
     // A --dev data dir lives as long as the server and is removed at exit.
     let mut _temp_dir = None;
     let data_dir: PathBuf = match (&args.data_dir, args.dev) {
@@ -199,7 +211,11 @@ pub async fn run(
         mesh_hosts,
     );
     let onboarding_metrics = crate::onboarding::OnboardingMetrics::default();
+    let listener_metrics = crate::metrics::ListenerMetrics::default();
+    let dns_metrics = isthmus_dns::DnsMetrics::new();
     let metrics = Metrics::new(|reg| {
+        listener_metrics.register(reg.sub_registry_with_prefix("listener"));
+        dns_metrics.register_in(reg.sub_registry_with_prefix("dns"));
         cert_service
             .metrics()
             .register(reg.sub_registry_with_prefix("ca"));
@@ -248,11 +264,16 @@ pub async fn run(
     )
     .await?;
     let dns_addr = args.dns_addr();
+    let guard = |name: &'static str, config| {
+        isthmus_socket::ConnGuard::new(name, config).with_observer(listener_metrics.observer())
+    };
     let mut dns_cfg = isthmus_dns::DnsServerConfig::new(dns_addr);
     if !args.dns_upstreams.is_empty() {
         dns_cfg.forward = isthmus_dns::Forward::Upstreams(args.dns_upstreams.clone());
     }
-    let dns = isthmus_dns::DnsServer::bind(dns_cfg, dns_tables)
+    dns_cfg.max_in_flight_forwards = bounds.dns_forwards;
+    dns_cfg.tcp_guard = Some(guard("dns_tcp", bounds.dns_tcp));
+    let dns = isthmus_dns::DnsServer::bind_with_metrics(dns_cfg, dns_tables, Some(dns_metrics))
         .await
         .map_err(|e| {
             anyhow::anyhow!("cannot serve DNS on {dns_addr} (change it with --dns-addr): {e}")
@@ -312,38 +333,42 @@ pub async fn run(
         dev_banner(&args, &endpoints, &token, &data_dir, &reached_at);
     }
 
-    let serve = |listener: TcpListener, app: axum::Router| {
-        let mut rx = stop_rx.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                })
-                .await
-        })
+    let serve = |listener: TcpListener, app: axum::Router, guard| {
+        tokio::spawn(crate::http::serve(listener, app, guard, stop_rx.clone()))
     };
     let app = api::router(state.clone());
     let metrics_app = axum::Router::new()
         .route("/metrics", axum::routing::get(crate::api::metrics))
         .with_state(state.clone());
     let tasks = vec![
-        serve(admin, app),
-        serve(registration, legacy::router(state.clone())),
-        serve(metrics_l, metrics_app),
+        serve(admin, app, guard("admin", bounds.admin)),
+        serve(
+            registration,
+            legacy::router(state.clone()),
+            guard("registration", bounds.registration),
+        ),
+        serve(metrics_l, metrics_app, guard("metrics", bounds.metrics)),
     ];
     let mut dns_stop = stop_rx.clone();
     let dns_task = tokio::spawn(dns.serve(async move {
         let _ = dns_stop.wait_for(|s| *s).await;
     }));
     let mut grpc_stop = stop_rx.clone();
+    let grpc_incoming =
+        isthmus_ca::tls_incoming_guarded(grpc, grpc_tls, guard("grpc", bounds.grpc));
     let grpc_task = tokio::spawn(
         tonic::transport::Server::builder()
             .initial_stream_window_size(1 << 20)
             .initial_connection_window_size(1 << 20)
+            // Pings keep bytes flowing on a live agent's quiet discovery stream, well inside the
+            // idle deadline, and find dead peers.
+            .http2_keepalive_interval(Some(bounds.grpc.idle_timeout / 3))
+            .http2_keepalive_timeout(Some(GRPC_KEEPALIVE_TIMEOUT))
+            .max_concurrent_streams(Some(GRPC_MAX_CONCURRENT_STREAMS))
             .add_service(cert_service.into_server())
             .add_service(onboarding.into_server())
             .add_service(xds.clone().into_service())
-            .serve_with_incoming_shutdown(isthmus_ca::tls_incoming(grpc, grpc_tls), async move {
+            .serve_with_incoming_shutdown(grpc_incoming, async move {
                 let _ = grpc_stop.wait_for(|s| *s).await;
             }),
     );

@@ -33,7 +33,7 @@ pub use responder::{
 pub use server::{
     DnsServer, DnsServerConfig, Forward, ServerError, DEFAULT_AGENT_LISTEN,
     DEFAULT_FORWARD_TIMEOUT, DEFAULT_MAX_IN_FLIGHT_FORWARDS, DEFAULT_MAX_TCP_CONNECTIONS,
-    DEFAULT_TCP_IDLE_TIMEOUT,
+    DEFAULT_TCP_IDLE_TIMEOUT, DEFAULT_TCP_MESSAGE_TIMEOUT,
 };
 pub use table::{
     control_plane_alias_names, search_domains, Addresses, Lookup, NameTable, NameTableBuilder,

@@ -49,23 +49,33 @@ impl DnsMetrics {
 
     /// Registers the counters as `isthmus_dns_*` in `registry`.
     pub fn register(&self, registry: &mut Registry) {
+        self.register_named(registry, "isthmus_dns_");
+    }
+
+    /// Registers the counters without a prefix, for a sub-registry that has its own (the
+    /// control plane's `isthmus_dns`).
+    pub fn register_in(&self, registry: &mut Registry) {
+        self.register_named(registry, "");
+    }
+
+    fn register_named(&self, registry: &mut Registry, prefix: &str) {
         registry.register(
-            "isthmus_dns_responses",
+            format!("{prefix}responses"),
             "DNS responses sent, by response code, source and transport",
             self.responses.clone(),
         );
         registry.register(
-            "isthmus_dns_dropped_requests",
+            format!("{prefix}dropped_requests"),
             "Datagrams not answered: shorter than a DNS header, or responses",
             self.dropped.clone(),
         );
         registry.register(
-            "isthmus_dns_forwards_rejected",
+            format!("{prefix}forwards_rejected"),
             "Forwards refused with SERVFAIL because the in-flight limit was reached",
             self.forwards_rejected.clone(),
         );
         registry.register(
-            "isthmus_dns_upstream_failures",
+            format!("{prefix}upstream_failures"),
             "Upstream attempts that timed out, failed or gave an unusable answer",
             self.upstream_failures.clone(),
         );

@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use hickory_proto::op::{Header, ResponseCode};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+use isthmus_socket::{Conn, ConnGuard, GuardConfig, Stage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -35,8 +36,12 @@ pub const DEFAULT_MAX_IN_FLIGHT_FORWARDS: usize = 1024;
 /// Concurrent TCP clients; further connections are closed at once.
 pub const DEFAULT_MAX_TCP_CONNECTIONS: usize = 256;
 
-/// A TCP client silent this long is disconnected (RFC 7766 suggests seconds).
+/// A TCP client silent this long is disconnected (RFC 7766 suggests seconds); a new one has
+/// as long to send its first message.
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Once a TCP message's length has arrived, the message itself must follow within this.
+pub const DEFAULT_TCP_MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The largest UDP request read; longer datagrams are cut and answered FORMERR.
 const MAX_UDP_REQUEST: usize = 4096;
@@ -62,6 +67,11 @@ pub struct DnsServerConfig {
     pub max_in_flight_forwards: usize,
     pub max_tcp_connections: usize,
     pub tcp_idle_timeout: Duration,
+    pub tcp_message_timeout: Duration,
+    /// The TCP listener's guard (caps in total and per source, first-message and idle
+    /// deadlines); `None` builds one from `max_tcp_connections` and `tcp_idle_timeout`, a
+    /// quarter of the cap per source.
+    pub tcp_guard: Option<ConnGuard>,
     /// Tasks receiving on the UDP socket (more than one lets answers use several cores).
     pub udp_workers: usize,
     /// Makes the forwarding sockets (the agent's are marked, so its DNS capture lets them by).
@@ -116,8 +126,8 @@ struct Shared {
     forwarder: Option<Forwarder>,
     metrics: Option<DnsMetrics>,
     table: watch::Receiver<Arc<NameTable>>,
-    tcp_permits: Arc<Semaphore>,
-    tcp_idle_timeout: Duration,
+    tcp_guard: ConnGuard,
+    tcp_message_timeout: Duration,
 }
 
 impl DnsServerConfig {
@@ -131,6 +141,8 @@ impl DnsServerConfig {
             max_in_flight_forwards: DEFAULT_MAX_IN_FLIGHT_FORWARDS,
             max_tcp_connections: DEFAULT_MAX_TCP_CONNECTIONS,
             tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
+            tcp_message_timeout: DEFAULT_TCP_MESSAGE_TIMEOUT,
+            tcp_guard: None,
             udp_workers: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1)
@@ -207,8 +219,19 @@ impl DnsServer {
                 forwarder,
                 metrics,
                 table,
-                tcp_permits: Arc::new(Semaphore::new(config.max_tcp_connections.max(1))),
-                tcp_idle_timeout: config.tcp_idle_timeout,
+                tcp_guard: config.tcp_guard.clone().unwrap_or_else(|| {
+                    ConnGuard::new(
+                        "dns_tcp",
+                        GuardConfig {
+                            max_total: config.max_tcp_connections,
+                            max_per_source: (config.max_tcp_connections / 4).max(4),
+                            handshake_timeout: config.tcp_idle_timeout,
+                            first_timeout: config.tcp_idle_timeout,
+                            idle_timeout: config.tcp_idle_timeout,
+                        },
+                    )
+                }),
+                tcp_message_timeout: config.tcp_message_timeout,
             }),
         })
     }
@@ -417,7 +440,7 @@ async fn send(socket: &UdpSocket, bytes: &[u8], peer: SocketAddr) {
 async fn tcp_acceptor(
     shared: Arc<Shared>,
     listener: TcpListener,
-    addr: SocketAddr,
+    _addr: SocketAddr,
 ) -> Result<(), ServerError> {
     let mut connections = JoinSet::new();
     loop {
@@ -425,36 +448,72 @@ async fn tcp_acceptor(
             Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: pause instead of spinning, keep serving.
-                tracing::warn!(error = %e, %addr, "DNS TCP accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                isthmus_socket::accept_failed("dns_tcp", &e).await;
                 continue;
             }
         };
         while connections.try_join_next().is_some() {}
-        let Ok(permit) = shared.tcp_permits.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "too many DNS TCP clients; closing");
+        // Refused (over a cap, counted and logged): dropped, closed at once.
+        let Some(conn) = shared.tcp_guard.admit(peer, Stage::First) else {
             continue;
         };
         let span = tracing::debug_span!("dns_tcp", %peer);
-        connections.spawn(tcp_connection(shared.clone(), stream, permit).instrument(span));
+        connections.spawn(tcp_connection(shared.clone(), stream, conn).instrument(span));
     }
 }
 
-async fn tcp_connection(shared: Arc<Shared>, mut stream: TcpStream, _permit: OwnedSemaphorePermit) {
-    let idle = shared.tcp_idle_timeout;
+/// Reads one length-prefixed message: `Ok(None)` when the client closed or failed, `Err` with
+/// the stage whose deadline passed; `None` too when evicted.
+async fn read_message(
+    stream: &mut TcpStream,
+    conn: &Conn,
+    wait: Duration,
+    message_timeout: Duration,
+) -> Result<Option<Vec<u8>>, Stage> {
+    let stage = conn.stage();
+    let mut len = [0u8; 2];
+    let read = tokio::select! {
+        r = tokio::time::timeout(wait, stream.read_exact(&mut len)) => r,
+        () = conn.evicted() => return Ok(None),
+    };
+    match read {
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) => return Ok(None),
+        Err(_) => return Err(stage),
+    }
+    let mut request = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    let read = tokio::select! {
+        r = tokio::time::timeout(message_timeout, stream.read_exact(&mut request)) => r,
+        () = conn.evicted() => return Ok(None),
+    };
+    match read {
+        Ok(Ok(_)) => Ok(Some(request)),
+        Ok(Err(_)) => Ok(None),
+        Err(_) => Err(stage),
+    }
+}
+
+async fn tcp_connection(shared: Arc<Shared>, mut stream: TcpStream, conn: Conn) {
+    let (first, idle) = (conn.config().first_timeout, conn.config().idle_timeout);
+    let message_timeout = shared.tcp_message_timeout;
     let mut table_rx = shared.table.clone();
     // Several queries may come on one connection (RFC 7766); each is answered in turn.
     loop {
-        let mut len = [0u8; 2];
-        match tokio::time::timeout(idle, stream.read_exact(&mut len)).await {
-            Ok(Ok(_)) => {}
-            _ => return, // closed, failed or idle
-        }
-        let mut request = vec![0u8; usize::from(u16::from_be_bytes(len))];
-        match tokio::time::timeout(idle, stream.read_exact(&mut request)).await {
-            Ok(Ok(_)) => {}
-            _ => return,
-        }
+        let wait = if conn.stage() == Stage::Idle {
+            idle
+        } else {
+            first
+        };
+        let request = match read_message(&mut stream, &conn, wait, message_timeout).await {
+            Ok(Some(request)) => request,
+            Ok(None) => return,
+            Err(stage) => {
+                conn.timed_out(stage);
+                return;
+            }
+        };
+        // A whole message: this client can no longer be evicted to make room.
+        conn.prove();
         let table = table_rx.borrow_and_update().clone();
         let (bytes, source) = match shared.responder.respond(&table, &request, Transport::Tcp) {
             Reply::Answer(answer) => (answer.bytes, Source::Local),

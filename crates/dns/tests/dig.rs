@@ -698,3 +698,86 @@ async fn forwards_beyond_the_in_flight_limit_get_servfail_at_once() -> Result<()
     s.stop().await?;
     Ok(())
 }
+
+/// One query over a fresh TCP connection from `source`; the response code.
+async fn tcp_query_from(source: IpAddr, to: SocketAddr, id: u16) -> Result<ResponseCode> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    let mut tcp = socket.connect(to).await?;
+    let q = encoded_query(id, "reviews.bookinfo.svc.cluster.local.");
+    let mut out = (q.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(&q);
+    tcp.write_all(&out).await?;
+    let mut len = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut len)).await??;
+    let mut body = vec![0u8; u16::from_be_bytes(len) as usize];
+    tcp.read_exact(&mut body).await?;
+    Ok(Message::from_vec(&body)?.metadata.response_code)
+}
+
+/// Whether the server closed `tcp` within `limit`.
+async fn closed_within(tcp: &mut TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(limit, tcp.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+/// TCP clients are bounded: a source over its cap is refused, at the total cap a silent client
+/// makes room for a new one (a client that has sent a query is never the one closed), and a
+/// silent client is closed at the first-message deadline.
+#[tokio::test]
+async fn tcp_clients_are_capped_in_total_and_per_source_and_silent_ones_make_room() -> Result<()> {
+    let guard = isthmus_socket::ConnGuard::new(
+        "dns_tcp",
+        isthmus_socket::GuardConfig {
+            max_total: 4,
+            max_per_source: 2,
+            handshake_timeout: Duration::from_secs(3),
+            first_timeout: Duration::from_secs(3),
+            idle_timeout: Duration::from_secs(30),
+        },
+    );
+    let mut config = DnsServerConfig::new(loopback());
+    config.tcp_guard = Some(guard.clone());
+    let s = start(config, mesh_table().build()).await?;
+    let src = |last| IpAddr::V4(Ipv4Addr::new(127, 0, 0, last));
+    let connect = |source| async move {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(source, 0))?;
+        anyhow::Ok(socket.connect(s.addr).await?)
+    };
+    // A proven client (a query answered on a kept connection).
+    let mut proven = connect(src(2)).await?;
+    let q = encoded_query(1, "reviews.bookinfo.svc.cluster.local.");
+    let mut out = (q.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(&q);
+    proven.write_all(&out).await?;
+    let mut len = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(5), proven.read_exact(&mut len)).await??;
+    let mut body = vec![0u8; u16::from_be_bytes(len) as usize];
+    proven.read_exact(&mut body).await?;
+    // Two silent clients from one source; a third from it is refused at once.
+    let mut silent_a = connect(src(3)).await?;
+    let _silent_b = connect(src(3)).await?;
+    let mut third = connect(src(3)).await?;
+    assert!(closed_within(&mut third, Duration::from_secs(1)).await);
+    // Total cap 4: one more fills it; the next evicts the oldest silent one (a), not the proven.
+    let _silent_c = connect(src(4)).await?;
+    assert_eq!(
+        tcp_query_from(src(5), s.addr, 2).await?,
+        ResponseCode::NoError
+    );
+    assert!(closed_within(&mut silent_a, Duration::from_secs(1)).await);
+    // The proven client is still served on its connection.
+    proven.write_all(&out).await?;
+    tokio::time::timeout(Duration::from_secs(5), proven.read_exact(&mut len)).await??;
+    // Silent clients are closed at the first-message deadline.
+    let mut late = connect(src(6)).await?;
+    let start = Instant::now();
+    assert!(closed_within(&mut late, Duration::from_secs(8)).await);
+    assert!(start.elapsed() >= Duration::from_millis(2900));
+    s.stop().await?;
+    Ok(())
+}

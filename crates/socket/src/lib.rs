@@ -10,14 +10,18 @@
 //!   per interval with the count of lines left out, so no storm fills a disk.
 //! - [`ConnLimit`] and [`accept_failed`]: a bound on concurrent connections per listener, and
 //!   what an accept loop does on an error (back off on resource exhaustion rather than spin).
+//! - [`ConnGuard`] and [`GuardedIo`]: a server listener's caps on connections (in total, per
+//!   source address, evicting the oldest unproven one at the cap) and its deadlines per stage.
 //! - [`nofile::raise_nofile`]: the open-files soft limit raised to the hard one at start.
 #![forbid(unsafe_code)]
 
 pub mod accept;
 pub mod factory;
+pub mod guard;
 pub mod limit;
 pub mod nofile;
 
 pub use accept::{accept_failed, ConnLimit};
 pub use factory::{Keepalive, SocketFactory, SocketOptions, DEFAULT_PROXY_MARK};
+pub use guard::{Conn, ConnGuard, ConnHandle, Event, GuardConfig, GuardedIo, Stage};
 pub use limit::{global_limiter, LogLimiter};
