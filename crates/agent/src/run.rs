@@ -300,13 +300,10 @@ pub async fn run(
     let mut reserve = intercept.as_ref().map(|_| FdReserve::take());
     let mut identity = args.identity_config();
     identity.sockets = sockets.clone();
-    let keeper = args
-        .workload_token_file
-        .clone()
-        .map(|path| {
-            crate::identity::WorkloadTokenKeeper::new(identity.clone(), path)
-                .with_ttl(args.workload_token_lifetime.into())
-        });
+    let keeper = args.workload_token_file.clone().map(|path| {
+        crate::identity::WorkloadTokenKeeper::new(identity.clone(), path)
+            .with_ttl(args.workload_token_lifetime.into())
+    });
     let manager = Arc::new(IdentityManager::new(identity).context("invalid agent configuration")?);
     let probe = args.probe().context("invalid probe")?;
     let mut registry = Registry::default();

@@ -164,6 +164,20 @@ pub struct ServerArgs {
     /// an eighth of the descriptor budget, between 16 and 1024].
     #[arg(long, env = "ISTHMUS_DNS_MAX_FORWARDS")]
     pub dns_max_forwards: Option<usize>,
+
+    /// Watch streams (`isthmus get -w`, `GET ...?watch=1`) open at once, over all clients.
+    #[arg(long, default_value_t = crate::registry::Registry::MAX_WATCHERS)]
+    pub max_watchers: usize,
+    /// Resource names one discovery stream may subscribe to per type (the wildcard is one).
+    #[arg(long, default_value_t = isthmus_xds::server::ServerConfig::default().max_names_per_type)]
+    pub max_subscriptions: usize,
+    /// Discovery streams open at once under one identity (namespace and service account).
+    #[arg(long, default_value_t = isthmus_xds::server::ServerConfig::default().max_streams_per_identity)]
+    pub max_streams_per_identity: usize,
+    /// Discovery streams open at once under one identity from one address (hosts behind one
+    /// NAT share an address).
+    #[arg(long, default_value_t = isthmus_xds::server::ServerConfig::default().max_streams_per_identity_and_ip)]
+    pub max_streams_per_identity_and_address: usize,
 }
 
 /// Descriptors kept out of the connection budget: the store, listeners, UDP DNS sockets,
@@ -342,6 +356,16 @@ impl ServerArgs {
                 self.max_connections_per_source,
             ),
             ("--dns-max-forwards", self.dns_max_forwards),
+            ("--max-watchers", Some(self.max_watchers)),
+            ("--max-subscriptions", Some(self.max_subscriptions)),
+            (
+                "--max-streams-per-identity",
+                Some(self.max_streams_per_identity),
+            ),
+            (
+                "--max-streams-per-identity-and-address",
+                Some(self.max_streams_per_identity_and_address),
+            ),
         ] {
             if value == Some(0) {
                 return Err(ConfigError::Zero(flag));

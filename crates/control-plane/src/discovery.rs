@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use isthmus_ca::{Authenticator, Credential};
+use isthmus_ca::Authenticator;
 use isthmus_model::{Kind, Resource, WorkloadEntry};
 use isthmus_store::{Store, StoreError};
 use isthmus_xds::server::{
@@ -202,12 +202,12 @@ impl Authenticate for XdsAuth {
             .auth
             .authenticate(metadata, peer_certs)
             .map_err(Status::from)?;
-        if let Credential::Token { id } = &caller.credential {
-            self.ledger
-                .check(id)
-                .await
-                .map_err(|e| Status::unauthenticated(format!("join token rejected: {e}")))?;
-        }
+        // A join token must be known and not revoked (no use is spent); a workload token's
+        // enrolment likewise.
+        self.auth
+            .check_standing(&caller)
+            .await
+            .map_err(Status::from)?;
         Identity::from_spiffe_id(&caller.identity.to_string()).ok_or_else(|| {
             Status::unauthenticated(format!("{} is not a workload identity", caller.identity))
         })

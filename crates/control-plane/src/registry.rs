@@ -40,7 +40,7 @@ pub enum RegistryError {
     Store(#[from] StoreError),
     #[error(
         "{max} watch streams are open, the most this server serves at once \
-         (Registry::MAX_WATCHERS, not configurable yet); close idle watches (isthmus get -w), or retry later"
+         (`isthmus server --max-watchers`); close idle watches (isthmus get -w), or retry later"
     )]
     TooManyWatchers { max: usize },
 }

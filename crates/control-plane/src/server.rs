@@ -160,7 +160,8 @@ pub async fn run(
             StoreKind::Memory => Arc::new(MemStore::new()),
         };
     let (token, created) = admin_token(&data_dir)?;
-    let registry = Registry::new(store.clone(), args.service_cidr, args.domain.clone());
+    let registry = Registry::new(store.clone(), args.service_cidr, args.domain.clone())
+        .with_max_watchers(args.max_watchers);
 
     let ca_dir = args.ca_dir.clone().unwrap_or_else(|| data_dir.join("ca"));
     let (ca, tokens) = identity::load_ca(&args, &ca_dir)?;
@@ -201,7 +202,12 @@ pub async fn run(
             ledger: ledger.clone(),
         }),
         Some(Arc::new(crate::discovery::Observer { autoreg })),
-        Default::default(),
+        isthmus_xds::server::ServerConfig {
+            max_names_per_type: args.max_subscriptions,
+            max_streams_per_identity: args.max_streams_per_identity,
+            max_streams_per_identity_and_ip: args.max_streams_per_identity_and_address,
+            ..Default::default()
+        },
     );
     crate::discovery::follow_mesh_hosts(
         xds.clone(),

@@ -68,6 +68,64 @@ fn certificate_with_token_file(
     })
 }
 
+/// What ztunnel's discovery client does: a delta ADS stream with the token file's bytes as
+/// bearer and `node_id` as its node; the first answer, or the refusal.
+fn discovery_with_token_file(
+    s: &Server,
+    root_pem: &str,
+    token_file: &std::path::Path,
+    node_id: &str,
+) -> Result<usize, tonic::Status> {
+    use isthmus_xds::pb::envoy::config::core::v3::Node;
+    use isthmus_xds::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use isthmus_xds::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    let bytes = std::fs::read(token_file).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(root_pem))
+            .domain_name("istiod.istio-system.svc");
+        let channel = Channel::from_shared(s.grpc.clone())
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let first = DeltaDiscoveryRequest {
+            type_url: isthmus_xds::ADDRESS_TYPE_URL.into(),
+            node: Some(Node {
+                id: node_id.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // The stream stays open (held by the sender) until the first answer is read.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(first).await.unwrap();
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let mut bearer = b"Bearer ".to_vec();
+        bearer.extend_from_slice(&bytes);
+        request.metadata_mut().insert(
+            "authorization",
+            tonic::metadata::MetadataValue::try_from(bearer.as_slice()).unwrap(),
+        );
+        let mut responses = AggregatedDiscoveryServiceClient::new(channel)
+            .delta_aggregated_resources(request)
+            .await?
+            .into_inner();
+        let answer = tokio::time::timeout(Duration::from_secs(10), responses.message())
+            .await
+            .expect("an answer within 10 s")?
+            .expect("an answer, not the end of the stream");
+        drop(tx);
+        Ok(answer.resources.len())
+    })
+}
+
 #[test]
 fn token_only_client_outlives_its_join_token_until_revoked() {
     let dir = tempfile::tempdir().unwrap();
@@ -125,6 +183,37 @@ fn token_only_client_outlives_its_join_token_until_revoked() {
     assert_eq!(claims.enr.as_deref(), Some(id.as_str()));
     assert_eq!(claims.exp - claims.iat, 60);
 
+    // Discovery with the workload token: a node id without a namespace (ztunnel without
+    // POD_NAMESPACE) is served with the credential's identity; one naming another namespace is
+    // refused.
+    discovery_with_token_file(
+        &s,
+        &root_pem,
+        &token_file,
+        "ztunnel~127.0.0.1~.~.svc.cluster.local",
+    )
+    .unwrap();
+    discovery_with_token_file(
+        &s,
+        &root_pem,
+        &token_file,
+        "ztunnel~127.0.0.1~zt.onprem~onprem.svc.cluster.local",
+    )
+    .unwrap();
+    let refused = discovery_with_token_file(
+        &s,
+        &root_pem,
+        &token_file,
+        "ztunnel~127.0.0.1~zt.prod~prod.svc.cluster.local",
+    )
+    .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("claims namespace \"prod\""),
+        "{}",
+        refused.message()
+    );
+
     // The agent spent the join token's one use on its own certificate; the workload token
     // gets certificates again and again.
     for _ in 0..3 {
@@ -144,6 +233,13 @@ fn token_only_client_outlives_its_join_token_until_revoked() {
     let expired = certificate_with_token_file(&s, &root_pem, &join_file).unwrap_err();
     assert!(expired.message().contains("expired"), "{expired:?}");
     certificate_with_token_file(&s, &root_pem, &token_file).unwrap();
+    discovery_with_token_file(
+        &s,
+        &root_pem,
+        &token_file,
+        "ztunnel~127.0.0.1~.~.svc.cluster.local",
+    )
+    .unwrap();
 
     // Revoking the enrolment ends it.
     s.ok(&["token", "revoke", &id]);
@@ -156,4 +252,12 @@ fn token_only_client_outlives_its_join_token_until_revoked() {
         "{}",
         status.message()
     );
+    let refused = discovery_with_token_file(
+        &s,
+        &root_pem,
+        &token_file,
+        "ztunnel~127.0.0.1~.~.svc.cluster.local",
+    )
+    .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
 }

@@ -5,8 +5,10 @@
 //! Two forms are accepted:
 //! - an opaque id with no `~` (a tool or test client): it claims no address and no namespace;
 //! - exactly `<role>~<ip>~<name>.<namespace>~<namespace>.svc.<domain>` (Istio's sidecars,
-//!   routers, ztunnel and waypoints), where `<ip>` is empty or an IP address and both namespace
-//!   fields are present and equal.
+//!   routers, ztunnel and waypoints), where `<ip>` is empty or an IP address and the two
+//!   namespace fields are equal. Both may be empty (`ztunnel~<ip>~.~.svc.cluster.local`, a
+//!   ztunnel without POD_NAMESPACE): that claims no namespace, and the identity comes from the
+//!   credential alone, as istiod does. The name may be empty too (no POD_NAME).
 
 use std::fmt;
 use std::net::IpAddr;
@@ -48,9 +50,9 @@ pub enum NodeIdError {
     Role { id: Quoted },
     #[error("node id {id}: {ip} is not an IP address; put the host's IP (or nothing) between the first two `~`")]
     Ip { id: Quoted, ip: Quoted },
-    #[error("node id {id}: {part} must be <name>.<namespace> with neither empty")]
+    #[error("node id {id}: {part} must be <name>.<namespace> (either may be empty)")]
     Name { id: Quoted, part: Quoted },
-    #[error("node id {id}: {part} must be <namespace>.svc.<domain> with neither empty")]
+    #[error("node id {id}: {part} must be <namespace>.svc.<domain> with a domain (the namespace may be empty)")]
     Domain { id: Quoted, part: Quoted },
     #[error("node id {id} names namespace {name_ns} in its name but {domain_ns} in its domain; both must be the workload's namespace")]
     Mismatch {
@@ -115,16 +117,13 @@ impl NodeId {
         };
         // Namespaces are DNS labels (no dots); a host name may have dots, so the namespace is
         // the last label of the name part.
-        let (name, name_ns) = name_ns
-            .rsplit_once('.')
-            .filter(|(n, ns)| !n.is_empty() && !ns.is_empty())
-            .ok_or_else(|| NodeIdError::Name {
-                id: q(),
-                part: Quoted::new(name_ns),
-            })?;
+        let (name, name_ns) = name_ns.rsplit_once('.').ok_or_else(|| NodeIdError::Name {
+            id: q(),
+            part: Quoted::new(name_ns),
+        })?;
         let (domain_ns, dns) = domain
             .split_once(".svc.")
-            .filter(|(ns, d)| !ns.is_empty() && !d.is_empty() && !ns.contains('.'))
+            .filter(|(ns, d)| !d.is_empty() && !ns.contains('.'))
             .ok_or_else(|| NodeIdError::Domain {
                 id: q(),
                 part: Quoted::new(domain),
@@ -153,11 +152,12 @@ impl NodeId {
         }
     }
 
-    /// The namespace the node names (only the four-part form names one).
+    /// The namespace the node names (only the four-part form names one, and only when the
+    /// field is not empty).
     pub fn namespace(&self) -> Option<&str> {
         match self {
             NodeId::Opaque(_) => None,
-            NodeId::Proxy(p) => Some(&p.namespace),
+            NodeId::Proxy(p) => Some(p.namespace.as_str()).filter(|ns| !ns.is_empty()),
         }
     }
 
@@ -165,6 +165,13 @@ impl NodeId {
     pub fn display_name(&self) -> String {
         match self {
             NodeId::Opaque(id) => id.clone(),
+            NodeId::Proxy(p) if p.name.is_empty() && p.namespace.is_empty() => {
+                format!(
+                    "{}~{}",
+                    p.role,
+                    p.ip.map(|ip| ip.to_string()).unwrap_or_default()
+                )
+            }
             NodeId::Proxy(p) => format!("{}.{}", p.name, p.namespace),
         }
     }
@@ -204,6 +211,13 @@ mod tests {
         assert_eq!(none.name, "gw.host.example");
         assert_eq!(none.namespace, "prod");
 
+        // ztunnel without POD_NAMESPACE (and POD_NAME): no namespace claimed.
+        let bare = proxy("ztunnel~10.0.0.9~.~.svc.cluster.local");
+        assert_eq!((bare.name.as_str(), bare.namespace.as_str()), ("", ""));
+        assert_eq!(NodeId::Proxy(bare).namespace(), None);
+        let unnamed = proxy("ztunnel~10.0.0.9~.prod~prod.svc.cluster.local");
+        assert_eq!(NodeId::Proxy(unnamed).namespace(), Some("prod"));
+
         assert_eq!(
             NodeId::parse("my-tool").unwrap(),
             NodeId::Opaque("my-tool".into())
@@ -230,7 +244,7 @@ mod tests {
             ),
             (
                 "sidecar~10.0.0.5~vm1.~prod.svc.cluster.local",
-                "<name>.<namespace>",
+                "\"\" in its name but \"prod\"",
             ),
             (
                 "sidecar~10.0.0.5~vm1~prod.svc.cluster.local",
@@ -238,7 +252,7 @@ mod tests {
             ),
             (
                 "sidecar~10.0.0.5~vm1.prod~.svc.cluster.local",
-                "<namespace>.svc.<domain>",
+                "\"prod\" in its name but \"\"",
             ),
             ("sidecar~10.0.0.5~vm1.prod~prod", "<namespace>.svc.<domain>"),
             (

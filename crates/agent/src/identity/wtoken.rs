@@ -68,7 +68,11 @@ impl WorkloadTokenKeeper {
     pub async fn run(self, mut certs: watch::Receiver<CurrentCert>) -> Infallible {
         let mut backoff = self.config.initial_backoff;
         loop {
-            let cert = certs.wait_for(|c| c.is_some()).await.ok().and_then(|c| c.clone());
+            let cert = certs
+                .wait_for(|c| c.is_some())
+                .await
+                .ok()
+                .and_then(|c| c.clone());
             let Some(cert) = cert else {
                 // The identity manager is gone: the agent is stopping.
                 return std::future::pending().await;
@@ -91,8 +95,8 @@ impl WorkloadTokenKeeper {
                     tracing::info!(path = %self.path.display(), identity = %cert.identity, expires = %humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(claims.exp)), "wrote a fresh workload token");
                 }
                 Err(e) => {
-                    let permanent =
-                        matches!(&e, KeepError::Client(c) if c.is_permanent()) || matches!(e, KeepError::NoEnrolment(_));
+                    let permanent = matches!(&e, KeepError::Client(c) if c.is_permanent())
+                        || matches!(e, KeepError::NoEnrolment(_));
                     if permanent {
                         tracing::error!(path = %self.path.display(), error = %e, "cannot renew the workload token; retrying in {}", human(backoff));
                     } else {
@@ -117,7 +121,8 @@ impl WorkloadTokenKeeper {
             .ok_or_else(|| KeepError::NoEnrolment("none configured".into()))?
             .read()
             .map_err(|e| KeepError::NoEnrolment(e.to_string()))?;
-        let claims = claims_unverified(&token).map_err(|e| KeepError::NoEnrolment(e.to_string()))?;
+        let claims =
+            claims_unverified(&token).map_err(|e| KeepError::NoEnrolment(e.to_string()))?;
         Ok(claims.jti)
     }
 
@@ -187,7 +192,10 @@ mod tests {
         assert_eq!(mode, 0o600);
         write_token(&path, "d.e.f").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"d.e.f");
-        assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 1);
+        assert_eq!(
+            std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1
+        );
     }
 
     #[test]

@@ -5,7 +5,11 @@
 //! - the embedder vouches for it ([`Authenticate::vouches_for`]: the control plane's answer is
 //!   "an administrator registered a WorkloadEntry of this identity at this address").
 //!
-//! A claim nothing vouches for is ignored (logged, shown in status as unverified): the stream is
+//! A claim nothing vouches for (ztunnel without INSTANCE_IP puts a placeholder there) gives way
+//! to the peer address when the embedder vouches for that one: the host is recognised by the
+//! WorkloadEntry its identity and address match.
+//!
+//! A claim nothing vouches for is otherwise ignored (logged, shown in status as unverified): the stream is
 //! still served, since what it receives is the same for every client, but it carries no
 //! address, so it makes no one a mesh host and cannot auto-register.
 
@@ -27,6 +31,9 @@ pub enum AddressSource {
     Certificate,
     /// The embedder vouched for it (a WorkloadEntry registered for the identity).
     Registered,
+    /// The node id's claim was not vouched for, but the connection comes from an address the
+    /// embedder vouches for (the host's registered WorkloadEntry): the claim is ignored.
+    PeerRegistered,
 }
 
 impl AddressSource {
@@ -36,6 +43,7 @@ impl AddressSource {
             AddressSource::Peer => "peer",
             AddressSource::Certificate => "certificate",
             AddressSource::Registered => "registered entry",
+            AddressSource::PeerRegistered => "peer with a registered entry (claim ignored)",
         }
     }
 }
@@ -94,7 +102,8 @@ impl HostAddress {
         Some(format!(
             "the node id claims {claimed}, the connection comes from {from}, and no credential \
              vouches for {claimed}: run the agent on the host that owns {claimed} (it connects \
-             from {claimed}), or register a WorkloadEntry for ns/{}/sa/{} at {claimed}",
+             from {claimed}), or register a WorkloadEntry for ns/{}/sa/{} at {claimed}; a \
+             ztunnel must be started with INSTANCE_IP set to its host's address",
             identity.namespace, identity.service_account
         ))
     }
@@ -184,7 +193,13 @@ pub(crate) async fn verify(
     };
     match by {
         Some(by) => HostAddress::Verified { ip: claimed, by },
-        None => HostAddress::Unverified { claimed, peer },
+        None => match peer {
+            Some(ip) if auth.vouches_for(identity, ip).await => HostAddress::Verified {
+                ip,
+                by: AddressSource::PeerRegistered,
+            },
+            _ => HostAddress::Unverified { claimed, peer },
+        },
     }
 }
 
@@ -254,9 +269,20 @@ mod tests {
         let problem = got.problem(&id()).unwrap();
         assert!(
             problem.contains("claims 10.0.0.5, the connection comes from 127.0.0.9")
-                && problem.contains("WorkloadEntry for ns/adv/sa/a at 10.0.0.5"),
+                && problem.contains("WorkloadEntry for ns/adv/sa/a at 10.0.0.5")
+                && problem.contains("INSTANCE_IP"),
             "{problem}"
         );
+
+        // A placeholder claim (ztunnel without INSTANCE_IP) from a host whose registered entry
+        // matches the identity and the connection's address: the host is recognised by it.
+        let at_peer = StaticAuthenticator::new().vouch_for(id(), ip("127.0.0.9"));
+        let got = verify(Some(ip("1.1.1.1")), Some(peer), &[], &id(), &at_peer).await;
+        assert_eq!(got.ip(), Some(ip("127.0.0.9")));
+        assert_eq!(got.source(), Some(AddressSource::PeerRegistered));
+        // Not for another identity.
+        let got = verify(Some(ip("1.1.1.1")), Some(peer), &[], &other, &at_peer).await;
+        assert_eq!(got.unverified_claim(), Some(ip("1.1.1.1")));
     }
 
     #[test]

@@ -43,7 +43,7 @@ impl StreamSlots {
         if total >= per_identity {
             return Err(Status::resource_exhausted(format!(
                 "{key} already has {total} discovery streams open, the limit per identity \
-                 (ServerConfig::max_streams_per_identity); close unused agents or give hosts \
+                 (`isthmus server --max-streams-per-identity`); close unused agents or give hosts \
                  their own service accounts"
             )));
         }
@@ -56,7 +56,7 @@ impl StreamSlots {
             let from = ip.map_or_else(|| "an unknown address".to_owned(), |ip| ip.to_string());
             return Err(Status::resource_exhausted(format!(
                 "{key} already has {from_ip} discovery streams open from {from}, the limit per \
-                 identity and address (ServerConfig::max_streams_per_identity_and_ip); one agent \
+                 identity and address (`isthmus server --max-streams-per-identity-and-address`); one agent \
                  needs one stream: is a client reconnecting without closing its old streams?"
             )));
         }

@@ -614,7 +614,7 @@ fn too_many(type_url: &str, names: usize, max: usize) -> Result<(), Status> {
     }
     Err(Status::resource_exhausted(format!(
         "subscription to {names} names of {} is over the limit of {max} names per type and \
-         stream (ServerConfig::max_names_per_type); subscribe to every name with the wildcard \
+         stream (`isthmus server --max-subscriptions`); subscribe to every name with the wildcard \
          (no names, or \"*\") instead",
         clip(type_url, LOG_FIELD)
     )))
