@@ -794,6 +794,7 @@ mod tests {
         env.cert_dir = "/opt/certs".into();
         env.root_cert = Some("/opt/roots.pem".into());
         env.join_token_file = Some("/etc/isthmus/token".into());
+        env.workload_token_file = Some("/var/run/secrets/tokens/istio-token".into());
         env.state_dir = "/srv/state".into();
         env.domain = "mesh.internal".into();
         env.svc_ip = Some("10.0.0.5".parse().unwrap());

@@ -256,7 +256,7 @@ async fn streams_per_identity_and_address_are_bounded() -> Result<()> {
     assert!(
         refused
             .message()
-            .contains("max_streams_per_identity_and_ip")
+            .contains("--max-streams-per-identity-and-address")
             && refused.message().contains("127.0.0.1"),
         "{}",
         refused.message()

@@ -109,7 +109,7 @@ mod tests {
         let err = slots.take(&a, ip1, 3, 2).err().unwrap();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
         assert!(
-            err.message().contains("max_streams_per_identity_and_ip"),
+            err.message().contains("--max-streams-per-identity-and-address"),
             "{}",
             err.message()
         );
