@@ -76,6 +76,17 @@ fn discovery_with_token_file(
     token_file: &std::path::Path,
     node_id: &str,
 ) -> Result<usize, tonic::Status> {
+    discovery_holding(s, root_pem, token_file, node_id, || {})
+}
+
+/// [`discovery_with_token_file`], running `during` while the stream is open.
+fn discovery_holding(
+    s: &Server,
+    root_pem: &str,
+    token_file: &std::path::Path,
+    node_id: &str,
+    during: impl FnOnce(),
+) -> Result<usize, tonic::Status> {
     use isthmus_xds::pb::envoy::config::core::v3::Node;
     use isthmus_xds::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
     use isthmus_xds::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
@@ -121,6 +132,7 @@ fn discovery_with_token_file(
             .await
             .expect("an answer within 10 s")?
             .expect("an answer, not the end of the stream");
+        during();
         drop(tx);
         Ok(answer.resources.len())
     })
@@ -134,6 +146,10 @@ fn token_only_client_outlives_its_join_token_until_revoked() {
     let out = s.ok(&[
         "token", "create", "-n", "onprem", "-s", "zt", "--ttl", "20s", "--uses", "1",
     ]);
+    assert!(
+        !out.ends_with('\n'),
+        "into a pipe, the token is printed without a newline"
+    );
     let join = out.trim().to_string();
     let created = Instant::now();
     let id = isthmus_ca::claims_unverified(&join).unwrap().jti;
@@ -213,6 +229,37 @@ fn token_only_client_outlives_its_join_token_until_revoked() {
         "{}",
         refused.message()
     );
+
+    // ztunnel without INSTANCE_IP claims a placeholder address. Nothing vouches for it, but the
+    // connection comes from the address of the host's registered entry (identity and address
+    // match): the stream gets that address, so the host counts as an agent host (HBONE).
+    s.ok(&[
+        "register",
+        "zt-vm",
+        "127.0.0.1",
+        "8080",
+        "-n",
+        "onprem",
+        "-s",
+        "zt",
+    ]);
+    discovery_holding(
+        &s,
+        &root_pem,
+        &token_file,
+        "ztunnel~1.1.1.1~zt-vm.onprem~onprem.svc.cluster.local",
+        || {
+            let status: serde_json::Value =
+                serde_json::from_str(&s.ok(&["status", "-o", "json"])).unwrap();
+            let p = &status.as_array().unwrap()[0];
+            assert_eq!(p["ip"], "127.0.0.1", "{p}");
+            assert_eq!(
+                p["ipVerifiedBy"], "peer with a registered entry (claim ignored)",
+                "{p}"
+            );
+        },
+    )
+    .unwrap();
 
     // The agent spent the join token's one use on its own certificate; the workload token
     // gets certificates again and again.

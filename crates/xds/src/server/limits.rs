@@ -109,7 +109,8 @@ mod tests {
         let err = slots.take(&a, ip1, 3, 2).err().unwrap();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
         assert!(
-            err.message().contains("--max-streams-per-identity-and-address"),
+            err.message()
+                .contains("--max-streams-per-identity-and-address"),
             "{}",
             err.message()
         );
