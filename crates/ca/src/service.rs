@@ -167,17 +167,7 @@ impl Authenticator {
                 self.ledger.enrolled(id).await?;
             }
             Credential::WorkloadToken { enrolment } => {
-                let record = self
-                    .ledger
-                    .enrolled(enrolment)
-                    .await
-                    .map_err(AuthError::Enrolment)?;
-                if record.identity != caller.identity {
-                    return Err(AuthError::WorkloadToken(format!(
-                        "workload token for {} names enrolment {enrolment}, which is for {}",
-                        caller.identity, record.identity
-                    )));
-                }
+                self.enrolment_of(enrolment, &caller.identity).await?;
             }
             Credential::ClientCertificate => {}
         }
@@ -214,20 +204,26 @@ impl Authenticator {
             }
             Credential::ClientCertificate => enrolment,
         };
-        let record = self
-            .ledger
-            .enrolled(enrolment)
-            .await
-            .map_err(AuthError::Enrolment)?;
-        if record.identity != caller.identity {
-            return Err(AuthError::WorkloadToken(format!(
-                "enrolment {enrolment} is for {}, not for the caller's identity {}",
-                record.identity, caller.identity
-            )));
-        }
+        self.enrolment_of(enrolment, &caller.identity).await?;
         self.tokens
             .create_workload(&caller.identity, enrolment, ttl)
             .map_err(|e| AuthError::WorkloadToken(e.to_string()))
+    }
+
+    /// Checks that enrolment `id` is in force and is `identity`'s.
+    async fn enrolment_of(&self, id: &str, identity: &SpiffeId) -> Result<(), AuthError> {
+        let record = self
+            .ledger
+            .enrolled(id)
+            .await
+            .map_err(AuthError::Enrolment)?;
+        if record.identity != *identity {
+            return Err(AuthError::WorkloadToken(format!(
+                "enrolment {id} is for {}, not for {identity}",
+                record.identity
+            )));
+        }
+        Ok(())
     }
 
     fn bearer_claims(

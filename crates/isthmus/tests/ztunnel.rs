@@ -21,46 +21,56 @@ impl Drop for Killed {
     }
 }
 
+/// A TLS channel to the control plane, trusting its root and checking its name.
+async fn channel(s: &Server, root_pem: &str) -> Channel {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(root_pem))
+        .domain_name("istiod.istio-system.svc");
+    Channel::from_shared(s.grpc.clone())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// The token file's bytes as they are, after `Bearer ` (what ztunnel sends).
+fn bearer_of(
+    token_file: &std::path::Path,
+) -> tonic::metadata::MetadataValue<tonic::metadata::Ascii> {
+    let mut bearer = b"Bearer ".to_vec();
+    bearer.extend_from_slice(&std::fs::read(token_file).unwrap());
+    tonic::metadata::MetadataValue::try_from(bearer.as_slice())
+        .expect("the token file's bytes make a valid header value")
+}
+
 /// What ztunnel does: read the token file, send its bytes as they are, ask for a certificate.
 fn certificate_with_token_file(
     s: &Server,
     root_pem: &str,
     token_file: &std::path::Path,
 ) -> Result<(), tonic::Status> {
-    let bytes = std::fs::read(token_file).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(root_pem))
-            .domain_name("istiod.istio-system.svc");
-        let channel = Channel::from_shared(s.grpc.clone())
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = channel(s, root_pem).await;
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::default();
         params.subject_alt_names = vec![rcgen::SanType::URI(
             "spiffe://cluster.local/ns/onprem/sa/zt".try_into().unwrap(),
         )];
         let csr = params.serialize_request(&key).unwrap().pem().unwrap();
-        let mut bearer = b"Bearer ".to_vec();
-        bearer.extend_from_slice(&bytes);
         let mut request = tonic::Request::new(IstioCertificateRequest {
             csr,
             validity_duration: 0,
             metadata: None,
         });
-        request.metadata_mut().insert(
-            "authorization",
-            tonic::metadata::MetadataValue::try_from(bearer.as_slice())
-                .expect("the token file's bytes make a valid header value"),
-        );
+        request
+            .metadata_mut()
+            .insert("authorization", bearer_of(token_file));
         IstioCertificateServiceClient::new(channel)
             .create_certificate(request)
             .await
@@ -90,22 +100,12 @@ fn discovery_holding(
     use isthmus_xds::pb::envoy::config::core::v3::Node;
     use isthmus_xds::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
     use isthmus_xds::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
-    let bytes = std::fs::read(token_file).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(root_pem))
-            .domain_name("istiod.istio-system.svc");
-        let channel = Channel::from_shared(s.grpc.clone())
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = channel(s, root_pem).await;
         let first = DeltaDiscoveryRequest {
             type_url: isthmus_xds::ADDRESS_TYPE_URL.into(),
             node: Some(Node {
@@ -118,12 +118,9 @@ fn discovery_holding(
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tx.send(first).await.unwrap();
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-        let mut bearer = b"Bearer ".to_vec();
-        bearer.extend_from_slice(&bytes);
-        request.metadata_mut().insert(
-            "authorization",
-            tonic::metadata::MetadataValue::try_from(bearer.as_slice()).unwrap(),
-        );
+        request
+            .metadata_mut()
+            .insert("authorization", bearer_of(token_file));
         let mut responses = AggregatedDiscoveryServiceClient::new(channel)
             .delta_aggregated_resources(request)
             .await?
