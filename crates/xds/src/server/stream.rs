@@ -117,6 +117,31 @@ impl TypeState {
     }
 }
 
+/// Longest health message kept from a client.
+const MAX_HEALTH_MESSAGE: usize = 1024;
+/// A health report equal to the last one reaches the observer at most this often.
+const HEALTH_REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Which health reports of one stream reach the observer: a change at once, a repeat only
+/// after [`HEALTH_REFRESH`], so a client repeating itself in a loop costs no store writes.
+#[derive(Default)]
+struct HealthGate {
+    last: Option<(Option<String>, Instant)>,
+}
+
+impl HealthGate {
+    fn pass(&mut self, message: &Option<String>, now: Instant) -> bool {
+        let pass = match &self.last {
+            Some((m, at)) => m != message || now >= *at + HEALTH_REFRESH,
+            None => true,
+        };
+        if pass {
+            self.last = Some((message.clone(), now));
+        }
+        pass
+    }
+}
+
 struct Diff {
     resources: Vec<Arc<XdsResource>>,
     removed: Vec<Arc<str>>,
@@ -174,6 +199,7 @@ impl Connection {
         gauge.inc();
         let _guard = ConnectedGuard(gauge);
         let mut observed: Option<ObservedGuard> = None;
+        let mut health_gate = HealthGate::default();
         let mut snapshots = self.shared.snapshots.clone();
         let mut source_open = true;
         let mut seen_generation = snapshots.borrow_and_update().generation;
@@ -231,15 +257,22 @@ impl Connection {
                         }
                     }
                     if request.type_url == HEALTH_TYPE_URL {
-                        // Health is a report, not a subscription: nothing is sent back.
-                        let message = request.error_detail.as_ref().map(|e| e.message.clone());
+                        // Health is a report, not a subscription: nothing is sent back. The
+                        // message is client text, kept short; the observer (a store write)
+                        // hears only changes, and a repeat at most every HEALTH_REFRESH.
+                        let message = request
+                            .error_detail
+                            .as_ref()
+                            .map(|e| clip(&e.message, MAX_HEALTH_MESSAGE).into_owned());
                         if let Some(t) = &self.tracked {
                             t.health(message.is_none(), message.as_deref());
                         }
                         if let Some(o) = &observed {
-                            o.observer
-                                .health(&o.handle, message.is_none(), message)
-                                .await;
+                            if health_gate.pass(&message, Instant::now()) {
+                                o.observer
+                                    .health(&o.handle, message.is_none(), message)
+                                    .await;
+                            }
                         }
                     } else if let Err(status) = self.on_request(request) {
                         tracing::warn!(code = ?status.code(), message = %clip(status.message(), 1024), "closing discovery stream");
@@ -668,6 +701,27 @@ fn check_node(node: &Node, identity: &Identity) -> Result<NodeId, Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_health_reports_reach_the_observer_only_when_they_change_or_are_old() {
+        let mut gate = HealthGate::default();
+        let t0 = Instant::now();
+        let down = Some("port 3306 refused".to_owned());
+        assert!(gate.pass(&None, t0));
+        for i in 1..100 {
+            assert!(!gate.pass(&None, t0 + std::time::Duration::from_millis(i)));
+        }
+        assert!(gate.pass(&down, t0 + std::time::Duration::from_millis(200)));
+        assert!(!gate.pass(&down, t0 + std::time::Duration::from_secs(1)));
+        assert!(gate.pass(
+            &down,
+            t0 + HEALTH_REFRESH + std::time::Duration::from_secs(1)
+        ));
+        assert!(gate.pass(
+            &None,
+            t0 + HEALTH_REFRESH + std::time::Duration::from_secs(2)
+        ));
+    }
 
     fn node(id: &str, meta: &[(&str, &str)]) -> Node {
         Node {
