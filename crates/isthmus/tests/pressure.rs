@@ -8,7 +8,7 @@ mod common;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,45 +31,14 @@ const PROMPT: Duration = Duration::from_secs(5);
 /// `isthmus server` under `prlimit --nofile=1024:1024` (what systemd gives without
 /// LimitNOFILE), every listener on loopback.
 fn start_limited(dir: &Path, extra: &[&str]) -> Server {
-    let home = tempfile::tempdir().unwrap();
-    let mut child = Command::new("prlimit")
-        .arg("--nofile=1024:1024")
+    let mut cmd = Command::new("prlimit");
+    cmd.arg("--nofile=1024:1024")
         .arg(BIN)
         .args(["server", "--data-dir"])
         .arg(dir)
         .args(ANY_PORTS)
-        .args(extra)
-        .env("ISTHMUS_LOG", "warn")
-        .env("XDG_CONFIG_HOME", home.path())
-        .env_remove("ISTHMUS_CONFIG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn prlimit isthmus server (util-linux's prlimit)");
-    let pid = child.id();
-    let endpoints = dir.join("endpoints.json");
-    let ep: serde_json::Value = wait_for("endpoints.json", Duration::from_secs(30), || {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("server exited early with {status}");
-        }
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&endpoints).ok()?).ok()?;
-        (v["pid"].as_u64() == Some(u64::from(pid))).then_some(v)
-    });
-    let token = std::fs::read_to_string(dir.join("admin-token"))
-        .unwrap()
-        .trim()
-        .to_string();
-    Server {
-        child,
-        dir: dir.to_path_buf(),
-        admin: ep["admin"].as_str().unwrap().into(),
-        registration: ep["registration"].as_str().unwrap().into(),
-        metrics: ep["metrics"].as_str().unwrap().into(),
-        grpc: ep["grpc"].as_str().unwrap().into(),
-        dns: ep["dns"].as_str().unwrap().into(),
-        token,
-        home,
-    }
+        .args(extra);
+    Server::start_command(cmd, dir)
 }
 
 fn addr(url: &str) -> SocketAddr {

@@ -76,19 +76,27 @@ impl Server {
 
     /// Like `start_with`, but `extra` must say `--grpc-addr` itself.
     pub fn start_with_grpc(dir: &Path, extra: &[&str]) -> Server {
-        // The server records itself for the CLI under the config dir: the test's, not the user's.
-        let home = tempfile::tempdir().unwrap();
         let mut cmd = Command::new(BIN);
         cmd.args(["server", "--data-dir"])
             .arg(dir)
             .args(ANY_PORTS_BUT_GRPC)
-            .args(extra)
-            .env("ISTHMUS_LOG", "warn")
+            .args(extra);
+        Self::start_command(cmd, dir)
+    }
+
+    /// Starts `cmd` (an `isthmus server ... --data-dir dir ...` command line, perhaps behind a
+    /// wrapper such as `prlimit`) and waits for its endpoints.
+    pub fn start_command(mut cmd: Command, dir: &Path) -> Server {
+        // The server records itself for the CLI under the config dir: the test's, not the user's.
+        let home = tempfile::tempdir().unwrap();
+        cmd.env("ISTHMUS_LOG", "warn")
             .env("XDG_CONFIG_HOME", home.path())
             .env_remove("ISTHMUS_CONFIG")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        let mut child = cmd.spawn().expect("spawn isthmus server");
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
         let pid = child.id();
         let endpoints = dir.join("endpoints.json");
         // endpoints.json may be left from an earlier run: wait for the one with our pid.

@@ -15,8 +15,6 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant};
 
 use rustls::pki_types::CertificateDer;
 
@@ -106,29 +104,6 @@ impl HostAddress {
              ztunnel must be started with INSTANCE_IP set to its host's address",
             identity.namespace, identity.service_account
         ))
-    }
-}
-
-/// Least time between two warnings about unverified claims: a client reconnecting in a loop
-/// must not flood the log.
-const LOG_EVERY: Duration = Duration::from_secs(10);
-
-/// Lets one warning through per [`LOG_EVERY`] and counts the ones held back.
-#[derive(Debug, Default)]
-pub(crate) struct LogLimit(Mutex<(Option<Instant>, u64)>);
-
-impl LogLimit {
-    /// `Some(held back since the last one)` when this warning may be logged.
-    pub fn allow(&self) -> Option<u64> {
-        let mut g = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = Instant::now();
-        if g.0.is_some_and(|last| now < last + LOG_EVERY) {
-            g.1 += 1;
-            return None;
-        }
-        let held = std::mem::take(&mut g.1);
-        g.0 = Some(now);
-        Some(held)
     }
 }
 
@@ -283,16 +258,6 @@ mod tests {
         // Not for another identity.
         let got = verify(Some(ip("1.1.1.1")), Some(peer), &[], &other, &at_peer).await;
         assert_eq!(got.unverified_claim(), Some(ip("1.1.1.1")));
-    }
-
-    #[test]
-    fn warnings_are_rate_limited() {
-        let l = LogLimit::default();
-        assert_eq!(l.allow(), Some(0));
-        assert_eq!(l.allow(), None);
-        assert_eq!(l.allow(), None);
-        l.0.lock().unwrap().0 = Some(Instant::now() - LOG_EVERY);
-        assert_eq!(l.allow(), Some(2));
     }
 
     #[test]

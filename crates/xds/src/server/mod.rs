@@ -152,8 +152,9 @@ pub(crate) struct Shared {
     /// Set to `true` to end every stream (see [`XdsServer::close_streams`]).
     pub closing: watch::Sender<bool>,
     pub streams: Arc<tracker::Streams>,
-    /// Rate limit of the warning about unverified address claims.
-    pub unverified_log: address::LogLimit,
+    /// Rate limit of the warning about unverified address claims (a client reconnecting in a
+    /// loop must not flood the log).
+    pub unverified_log: isthmus_socket::LogLimiter,
     pub slots: Arc<limits::StreamSlots>,
 }
 
@@ -204,7 +205,9 @@ impl XdsServer {
                 next_stream: AtomicU64::new(1),
                 closing: watch::Sender::new(false),
                 streams: Arc::default(),
-                unverified_log: address::LogLimit::default(),
+                unverified_log: isthmus_socket::LogLimiter::new(
+                    isthmus_socket::limit::DEFAULT_INTERVAL,
+                ),
                 slots: Arc::default(),
             }),
         }

@@ -321,7 +321,11 @@ impl Connection {
         .await;
         if let Some(problem) = address.problem(&self.identity) {
             self.shared.metrics.unverified_claim();
-            if let Some(held_back) = self.shared.unverified_log.allow() {
+            if let Some(held_back) = self
+                .shared
+                .unverified_log
+                .check(("discovery", "unverified address claim"))
+            {
                 tracing::warn!(
                     node = %Quoted::new(&node.id),
                     held_back,
