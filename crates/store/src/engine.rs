@@ -25,6 +25,8 @@ impl Meta {
 /// caller commits afterwards, so `apply` may fail halfway on an I/O error without harm.
 pub(crate) trait Tables {
     fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
+    /// The first key (in key order) starting with `prefix`.
+    fn first_under(&self, prefix: &str) -> Result<Option<KeyValue>, StoreError>;
     fn put(&mut self, kv: &KeyValue) -> Result<(), StoreError>;
     fn remove(&mut self, key: &str) -> Result<(), StoreError>;
     /// Add the events of one committed revision to the log.
@@ -61,9 +63,11 @@ pub(crate) fn apply(
         }
     }
     for (index, compare) in txn.compares.iter().enumerate() {
-        let Compare::ModRevision { key, revision } = compare;
-        let current = tables.get(key)?;
-        if current.as_ref().map_or(0, |kv| kv.mod_revision) != *revision {
+        let current = match compare {
+            Compare::ModRevision { key, .. } => tables.get(key)?,
+            Compare::PrefixEmpty { prefix } => tables.first_under(prefix)?,
+        };
+        if !compare.holds(current.as_ref()) {
             return Ok(Applied {
                 outcome: TxnOutcome::Failed { index, current },
                 events: Vec::new(),

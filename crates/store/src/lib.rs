@@ -26,10 +26,12 @@ use futures::Stream;
 
 mod codec;
 mod engine;
+pub mod etcd;
 mod hub;
 pub mod mem;
 pub mod redb_store;
 
+pub use etcd::{EtcdOptions, EtcdStore, EtcdTls};
 pub use mem::MemStore;
 pub use redb_store::{RedbStore, WriteStats, PROBE_INTERVAL};
 
@@ -75,6 +77,9 @@ pub enum Compare {
     /// `mod_revision(key) == revision`; `revision == 0` means "the key does not exist"
     /// (etcd: `Compare(ModRevision(key), "=", 0)`).
     ModRevision { key: String, revision: Revision },
+    /// No key starts with `prefix` (etcd: `Compare(ModRevision(prefix), "=", 0)` over the
+    /// prefix range, which etcd evaluates against a zero value when the range is empty).
+    PrefixEmpty { prefix: String },
 }
 
 impl Compare {
@@ -89,6 +94,24 @@ impl Compare {
     /// The key does not exist (create-only).
     pub fn absent(key: impl Into<String>) -> Self {
         Self::mod_revision(key, 0)
+    }
+
+    /// No key starts with `prefix`.
+    pub fn prefix_empty(prefix: impl Into<String>) -> Self {
+        Self::PrefixEmpty {
+            prefix: prefix.into(),
+        }
+    }
+
+    /// Whether the compare holds, given the value of its key (for `PrefixEmpty`: the first key
+    /// under the prefix, if any).
+    pub fn holds(&self, current: Option<&KeyValue>) -> bool {
+        match self {
+            Self::ModRevision { revision, .. } => {
+                current.map_or(0, |kv| kv.mod_revision) == *revision
+            }
+            Self::PrefixEmpty { .. } => current.is_none(),
+        }
     }
 }
 
@@ -212,6 +235,37 @@ pub enum StoreError {
     Closed,
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// etcd (the shared store of several replicas) refused or did not answer.
+    #[error("{message}")]
+    Etcd {
+        cause: EtcdCause,
+        /// The endpoints the request could go to, for the message.
+        endpoints: String,
+        message: String,
+        /// The request may have been applied (etcd timed out after it was sent): check before
+        /// retrying.
+        outcome_unknown: bool,
+    },
+}
+
+/// Why etcd failed a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EtcdCause {
+    /// No endpoint answered (refused, unreachable, TLS handshake failed).
+    Unreachable,
+    /// The member has no leader: quorum is lost, writes are refused.
+    NoLeader,
+    /// etcd did not confirm in time; the write may have been applied.
+    Timeout,
+    /// etcd is shedding load ("too many requests").
+    Overloaded,
+    /// etcd is over its backend quota (NOSPACE alarm).
+    SpaceExceeded,
+    /// The transaction has more operations, or bytes, than etcd accepts.
+    TooLarge,
+    /// etcd refused the client's credentials.
+    Denied,
+    Other,
 }
 
 impl StoreError {
@@ -227,6 +281,16 @@ impl StoreError {
             Self::Locked { .. } => "locked",
             Self::Closed => "closed",
             Self::Invalid(_) => "invalid",
+            Self::Etcd { cause, .. } => match cause {
+                EtcdCause::Unreachable => "etcd_unreachable",
+                EtcdCause::NoLeader => "etcd_no_leader",
+                EtcdCause::Timeout => "etcd_timeout",
+                EtcdCause::Overloaded => "etcd_overloaded",
+                EtcdCause::SpaceExceeded => "etcd_space_exceeded",
+                EtcdCause::TooLarge => "etcd_too_large",
+                EtcdCause::Denied => "etcd_denied",
+                EtcdCause::Other => "etcd_other",
+            },
         }
     }
 
@@ -238,7 +302,7 @@ impl StoreError {
                 | Self::DiskFull { .. }
                 | Self::Unavailable { .. }
                 | Self::Corrupt { .. }
-        )
+        ) || matches!(self, Self::Etcd { cause, .. } if *cause != EtcdCause::TooLarge)
     }
 }
 
@@ -271,6 +335,13 @@ pub trait Store: Send + Sync + 'static {
     fn revision(&self) -> Revision;
 
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
+
+    /// A read that may be slightly stale but is answered even when the store cannot reach a
+    /// quorum (etcd's serializable read). Used only where availability matters more than
+    /// freshness; embedded stores have nothing to lag behind and answer as `get`.
+    async fn get_serializable(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        self.get(key).await
+    }
 
     /// Every key starting with `prefix`, sorted by key, and the revision the read was made at
     /// (etcd's response header revision): a watch from `revision + 1` sees exactly what followed.

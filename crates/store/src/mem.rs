@@ -77,6 +77,15 @@ impl Tables for State {
         Ok(self.kv.get(key).cloned())
     }
 
+    fn first_under(&self, prefix: &str) -> Result<Option<KeyValue>, StoreError> {
+        Ok(self
+            .kv
+            .range(prefix.to_string()..)
+            .next()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v.clone()))
+    }
+
     fn put(&mut self, kv: &KeyValue) -> Result<(), StoreError> {
         self.kv.insert(kv.key.clone(), kv.clone());
         Ok(())

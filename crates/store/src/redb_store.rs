@@ -900,7 +900,10 @@ impl Work {
                 let compares: usize = txn
                     .compares
                     .iter()
-                    .map(|crate::Compare::ModRevision { key, .. }| key.len())
+                    .map(|c| match c {
+                        crate::Compare::ModRevision { key, .. } => key.len(),
+                        crate::Compare::PrefixEmpty { prefix } => prefix.len(),
+                    })
                     .sum();
                 ops + compares
             }
@@ -914,6 +917,23 @@ impl Tables for WriteTables<'_> {
         let row = self.kv.get(key).map_err(io(self.path))?;
         row.map(|v| codec::decode_row(key, v.value()))
             .transpose()
+            .map_err(|e| StoreError::Corrupt {
+                path: self.path.display().to_string(),
+                message: e.to_string(),
+            })
+    }
+
+    fn first_under(&self, prefix: &str) -> Result<Option<KeyValue>, StoreError> {
+        let mut rows = self.kv.range(prefix..).map_err(io(self.path))?;
+        let Some(row) = rows.next() else {
+            return Ok(None);
+        };
+        let (k, v) = row.map_err(io(self.path))?;
+        if !k.value().starts_with(prefix) {
+            return Ok(None);
+        }
+        codec::decode_row(k.value(), v.value())
+            .map(Some)
             .map_err(|e| StoreError::Corrupt {
                 path: self.path.display().to_string(),
                 message: e.to_string(),

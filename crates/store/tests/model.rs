@@ -24,6 +24,8 @@ enum Step {
         value: u8,
     },
     CreateOnly(usize, u8),
+    /// Put if nothing is under `d/` (etcd's compare on an empty range).
+    IfPrefixEmpty(usize, u8),
     /// Several ops on distinct keys (None = delete), optionally guarded by a compare.
     Multi {
         ops: Vec<(usize, Option<u8>)>,
@@ -42,6 +44,7 @@ fn step() -> impl Strategy<Value = Step> {
             value
         }),
         (key.clone(), any::<u8>()).prop_map(|(k, v)| Step::CreateOnly(k, v)),
+        (key.clone(), any::<u8>()).prop_map(|(k, v)| Step::IfPrefixEmpty(k, v)),
         (
             proptest::collection::btree_map(key.clone(), proptest::option::of(any::<u8>()), 0..4),
             proptest::option::of((key, any::<bool>())),
@@ -82,6 +85,9 @@ impl Model {
             Step::CreateOnly(k, v) => Txn::new()
                 .when(Compare::absent(KEYS[*k]))
                 .put(KEYS[*k], vec![*v]),
+            Step::IfPrefixEmpty(k, v) => Txn::new()
+                .when(Compare::prefix_empty("d/"))
+                .put(KEYS[*k], vec![*v]),
             Step::Multi { ops, guard } => {
                 let mut txn = Txn::new();
                 if let Some((key, right)) = guard {
@@ -99,9 +105,24 @@ impl Model {
     }
 
     fn apply(&mut self, txn: &Txn) -> TxnOutcome {
-        for (index, Compare::ModRevision { key, revision }) in txn.compares.iter().enumerate() {
-            let current = self.kv.get(key).cloned();
-            if current.as_ref().map_or(0, |kv| kv.mod_revision) != *revision {
+        for (index, compare) in txn.compares.iter().enumerate() {
+            let (current, holds) = match compare {
+                Compare::ModRevision { key, revision } => {
+                    let current = self.kv.get(key).cloned();
+                    let holds = current.as_ref().map_or(0, |kv| kv.mod_revision) == *revision;
+                    (current, holds)
+                }
+                Compare::PrefixEmpty { prefix } => {
+                    let current = self
+                        .kv
+                        .values()
+                        .find(|kv| kv.key.starts_with(prefix.as_str()))
+                        .cloned();
+                    let holds = current.is_none();
+                    (current, holds)
+                }
+            };
+            if !holds {
                 return TxnOutcome::Failed { index, current };
             }
         }
