@@ -12,6 +12,10 @@ command -v curl >/dev/null || need+=(curl)
 # The package test: debootstrap makes a throwaway Debian root to install the .deb into.
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
+# Tests of several control-plane replicas run a real etcd cluster.
+if [ "${1:-}" = "--test-tools" ]; then
+  command -v etcd >/dev/null || need+=(etcd-server)
+fi
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}" >&2
   sudo_=""

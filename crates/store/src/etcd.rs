@@ -314,14 +314,16 @@ impl Inner {
         };
         let status = match err {
             ec::Error::GRpcStatus(s) => s,
-            ec::Error::TransportError(e) => return etcd(
-                EtcdCause::Unreachable,
-                format!(
+            ec::Error::TransportError(e) => {
+                return etcd(
+                    EtcdCause::Unreachable,
+                    format!(
                     "cannot reach etcd at {} ({e}): is etcd running, and --etcd-endpoints right?",
                     self.endpoints
                 ),
-                false,
-            ),
+                    false,
+                )
+            }
             other => {
                 return etcd(
                     EtcdCause::Other,
@@ -660,15 +662,19 @@ impl Store for EtcdStore {
                         m = upstream.message() => m,
                     },
                 };
+                // Held strongly only between yields, so dropping the store ends the stream.
                 let Some(inner) = weak.upgrade() else { return };
                 match message {
                     Ok(Some(resp)) if resp.compact_revision() > 0 => {
                         inner.oldest.fetch_max(resp.compact_revision(), Ordering::SeqCst);
+                        drop(inner);
                         yield Err(StoreError::Compacted { requested: last + 1, oldest: resp.compact_revision() });
                         return;
                     }
                     Ok(Some(resp)) if !resp.canceled() => {
-                        match inner.events(&resp) {
+                        let events = inner.events(&resp);
+                        drop(inner);
+                        match events {
                             Ok(events) => {
                                 for event in events {
                                     last = last.max(event.revision());
@@ -686,9 +692,13 @@ impl Store for EtcdStore {
                     // from the next revision, through whichever member answers.
                     Ok(_) | Err(_) => {}
                 }
+                drop(inner);
                 let mut pause = Duration::from_millis(100);
                 loop {
-                    match inner.open_watch(&prefix, last + 1).await {
+                    let Some(inner) = weak.upgrade() else { return };
+                    let reopened = inner.open_watch(&prefix, last + 1).await;
+                    drop(inner);
+                    match reopened {
                         Ok((stream, first)) => {
                             upstream = stream;
                             pending = first;

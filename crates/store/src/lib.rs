@@ -30,6 +30,8 @@ pub mod etcd;
 mod hub;
 pub mod mem;
 pub mod redb_store;
+#[cfg(feature = "test-etcd")]
+pub mod testing;
 
 pub use etcd::{EtcdOptions, EtcdStore, EtcdTls};
 pub use mem::MemStore;
