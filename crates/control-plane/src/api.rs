@@ -17,7 +17,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::{Stream, StreamExt};
 use isthmus_model::{self as model, Kind, LabelSelector, Resource};
-use isthmus_store::StoreError;
+use isthmus_store::{EtcdCause, StoreError};
 use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
@@ -103,6 +103,12 @@ impl IntoResponse for ApiError {
             body["details"] = d;
         }
         let mut resp = (self.status, Json(json!({ "error": body }))).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("2"),
+            );
+        }
         if self.status == StatusCode::PAYLOAD_TOO_LARGE {
             // The rest of the body is not read, so this connection cannot carry another request:
             // say so, or a client may reuse it and see it cut.
@@ -128,6 +134,14 @@ impl From<RegistryError> for ApiError {
             RegistryError::Store(StoreError::DiskFull { .. }) => StatusCode::INSUFFICIENT_STORAGE,
             RegistryError::Store(StoreError::Unavailable { .. })
             | RegistryError::TooManyWatchers { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            RegistryError::Store(StoreError::Etcd { cause, .. }) => match cause {
+                EtcdCause::SpaceExceeded => StatusCode::INSUFFICIENT_STORAGE,
+                EtcdCause::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+                EtcdCause::Denied | EtcdCause::Other => StatusCode::INTERNAL_SERVER_ERROR,
+                // etcd unreachable, without a leader, slow or shedding load: another try, or
+                // another replica, may succeed.
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            },
             RegistryError::Corrupt { .. } | RegistryError::Store(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -655,6 +669,8 @@ impl From<IdentityError> for ApiError {
         let status = match &e {
             IdentityError::UnknownToken(_) => StatusCode::NOT_FOUND,
             IdentityError::Invalid(_) => StatusCode::BAD_REQUEST,
+            IdentityError::Store(StoreError::DiskFull { .. }) => StatusCode::INSUFFICIENT_STORAGE,
+            IdentityError::Store(e) if e.is_storage() => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.to_string())

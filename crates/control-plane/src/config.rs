@@ -31,6 +31,8 @@ pub enum StoreKind {
     Embedded,
     /// In memory: lost at exit. For tests and throwaway experiments.
     Memory,
+    /// etcd v3, shared by several replicas (--etcd-endpoints, --seal-key-file).
+    Etcd,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -64,6 +66,47 @@ pub struct ServerArgs {
     /// How many revisions of change history the store keeps for watches to resume from.
     #[arg(long, default_value_t = 100_000)]
     pub history: usize,
+    /// With --store etcd: etcd's client URLs, comma-separated, all http:// or all https://.
+    #[arg(long, env = "ISTHMUS_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// With --store etcd: every key lives under this prefix, so several meshes can share one etcd.
+    #[arg(long, default_value = "/isthmus", env = "ISTHMUS_ETCD_PREFIX")]
+    pub etcd_prefix: String,
+    /// The CA that signed etcd's certificates (https:// endpoints).
+    #[arg(long, env = "ISTHMUS_ETCD_CACERT")]
+    pub etcd_cacert: Option<PathBuf>,
+    /// This replica's client certificate for etcd (with --etcd-key), when etcd checks clients.
+    #[arg(long, env = "ISTHMUS_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+    #[arg(long, env = "ISTHMUS_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
+    /// How long an etcd request may take before it fails (a write is then reported as possibly
+    /// applied).
+    #[arg(long, default_value = "5s", env = "ISTHMUS_ETCD_REQUEST_TIMEOUT")]
+    pub etcd_request_timeout: humantime::Duration,
+    /// etcd's --max-txn-ops: larger requests are refused before they are sent.
+    #[arg(long, default_value_t = isthmus_store::etcd::DEFAULT_MAX_TXN_OPS, env = "ISTHMUS_ETCD_MAX_TXN_OPS")]
+    pub etcd_max_txn_ops: usize,
+    /// With --store etcd: 64 hex characters (32 bytes) that seal the mesh CA's key in etcd; the
+    /// same file on every replica.
+    #[arg(long, env = "ISTHMUS_SEAL_KEY_FILE")]
+    pub seal_key_file: Option<PathBuf>,
+    /// The admin token every replica accepts (only its hash goes to the shared store). Without
+    /// it, the first replica generates one in its data directory.
+    #[arg(long, env = "ISTHMUS_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// This replica's name in logs and status [default: the host name].
+    #[arg(long, env = "ISTHMUS_REPLICA_NAME")]
+    pub replica_name: Option<String>,
+    /// What `vm config` and `join` bundles write into CA_ADDR: every replica's gRPC address
+    /// (repeatable or comma-separated) [default: https://<advertised IP>:<gRPC port>].
+    #[arg(
+        long = "public-addr",
+        env = "ISTHMUS_PUBLIC_ADDR",
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
+    pub public_addrs: Vec<String>,
     /// With --dev: do not write the CLI config file.
     #[arg(long)]
     pub no_client_config: bool,
@@ -220,6 +263,8 @@ pub enum ConfigError {
     Domain(String, String),
     #[error("--service-cidr {0} is too small: it must hold at least 2 addresses (a /30 or larger for IPv4, /127 for IPv6)")]
     CidrTooSmall(IpNet),
+    #[error("{0}")]
+    Etcd(String),
     #[error("--history must be at least 1")]
     History,
     #[error("--cert-ttl {0} is longer than --max-cert-ttl {1}")]
@@ -331,6 +376,68 @@ impl ServerArgs {
         }
     }
 
+    fn validate_etcd(&self) -> Result<(), ConfigError> {
+        let etcd = |m: String| Err(ConfigError::Etcd(m));
+        if self.store != StoreKind::Etcd {
+            if !self.etcd_endpoints.is_empty() {
+                return etcd(
+                    "--etcd-endpoints is given but the store is not etcd: add --store etcd".into(),
+                );
+            }
+            return Ok(());
+        }
+        if self.dev {
+            return etcd(
+                "--dev runs a throwaway control plane on its own store; drop --dev to use etcd"
+                    .into(),
+            );
+        }
+        if self.etcd_endpoints.is_empty() {
+            return etcd("--store etcd needs --etcd-endpoints (e.g. http://127.0.0.1:2379)".into());
+        }
+        let https = self
+            .etcd_endpoints
+            .iter()
+            .filter(|e| e.starts_with("https://"))
+            .count();
+        let http = self
+            .etcd_endpoints
+            .iter()
+            .filter(|e| e.starts_with("http://"))
+            .count();
+        if let Some(bad) = self
+            .etcd_endpoints
+            .iter()
+            .find(|e| !e.starts_with("http://") && !e.starts_with("https://"))
+        {
+            return etcd(format!(
+                "etcd endpoint {bad:?} must start with http:// or https://"
+            ));
+        }
+        if https > 0 && http > 0 {
+            return etcd("--etcd-endpoints mixes http:// and https://: use one scheme".into());
+        }
+        if https > 0 && self.etcd_cacert.is_none() {
+            return etcd("https:// etcd endpoints need --etcd-cacert (the CA that signed etcd's certificates)".into());
+        }
+        if self.etcd_cert.is_some() != self.etcd_key.is_some() {
+            return etcd("--etcd-cert and --etcd-key go together".into());
+        }
+        if !self.etcd_prefix.starts_with('/') || self.etcd_prefix.ends_with('/') {
+            return etcd(format!(
+                "--etcd-prefix {:?} must start with / and not end with / (e.g. /isthmus)",
+                self.etcd_prefix
+            ));
+        }
+        if self.seal_key_file.is_none() {
+            return etcd("--store etcd needs --seal-key-file: the same 32-byte key on every replica seals the mesh CA in etcd (make one with `head -c32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > seal.key`)".into());
+        }
+        if self.etcd_max_txn_ops == 0 {
+            return Err(ConfigError::Zero("--etcd-max-txn-ops"));
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(p) = isthmus_model::validate::dns_subdomain_problem(&self.domain) {
             return Err(ConfigError::Domain(self.domain.clone(), p));
@@ -343,6 +450,7 @@ impl ServerArgs {
         if self.history == 0 {
             return Err(ConfigError::History);
         }
+        self.validate_etcd()?;
         if *self.cert_ttl > *self.max_cert_ttl {
             return Err(ConfigError::CertTtl(self.cert_ttl, self.max_cert_ttl));
         }

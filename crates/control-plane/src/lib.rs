@@ -12,6 +12,7 @@ pub mod http;
 pub mod identity;
 pub mod informer;
 pub mod legacy;
+pub mod mesh_state;
 pub mod metrics;
 pub mod onboarding;
 pub mod proxies;

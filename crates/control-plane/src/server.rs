@@ -66,7 +66,7 @@ fn ensure_dir(path: &Path) -> anyhow::Result<()> {
 }
 
 /// Reads the admin token, creating it (32 random bytes, hex, owner-only) on first start.
-fn admin_token(dir: &Path) -> anyhow::Result<(String, bool)> {
+pub(crate) fn admin_token(dir: &Path) -> anyhow::Result<(String, bool)> {
     let path = dir.join(config::ADMIN_TOKEN_FILE);
     match std::fs::read_to_string(&path) {
         Ok(t) if !t.trim().is_empty() => return Ok((t.trim().to_string(), false)),
@@ -158,12 +158,74 @@ pub async fn run(
                 })?)
             }
             StoreKind::Memory => Arc::new(MemStore::new()),
+            StoreKind::Etcd => {
+                let mut options = isthmus_store::EtcdOptions::new(
+                    args.etcd_endpoints.clone(),
+                    args.etcd_prefix.clone(),
+                );
+                options.request_timeout = args.etcd_request_timeout.into();
+                options.max_txn_ops = args.etcd_max_txn_ops;
+                options.tls = args.etcd_cacert.clone().map(|ca| isthmus_store::EtcdTls {
+                    ca,
+                    cert: args.etcd_cert.clone(),
+                    key: args.etcd_key.clone(),
+                });
+                Arc::new(
+                    isthmus_store::EtcdStore::open(options)
+                        .await
+                        .context("cannot open the registry store on etcd")?,
+                )
+            }
         };
-    let (token, created) = admin_token(&data_dir)?;
+    // On a shared store the replicas agree on the mesh settings, the admin token and the CA
+    // through it (see mesh_state).
+    let shared = args.store == StoreKind::Etcd;
+    let (token, created) = if shared {
+        crate::mesh_state::agree_on_settings(
+            store.as_ref(),
+            &crate::mesh_state::Settings {
+                trust_domain: args.trust_domain.clone(),
+                domain: args.domain.clone(),
+                service_cidr: args.service_cidr.to_string(),
+                cluster_id: args.cluster_id.clone(),
+                network: args.network.clone(),
+            },
+        )
+        .await?;
+        crate::mesh_state::admin_token(store.as_ref(), args.admin_token_file.as_ref(), &data_dir)
+            .await?
+    } else if let Some(file) = &args.admin_token_file {
+        let token = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read the admin token {}", file.display()))?;
+        anyhow::ensure!(
+            !token.trim().is_empty(),
+            "the admin token file {} is empty",
+            file.display()
+        );
+        (token.trim().to_string(), false)
+    } else {
+        admin_token(&data_dir)?
+    };
     let registry = Registry::new(store.clone(), args.service_cidr, args.domain.clone())
         .with_max_watchers(args.max_watchers);
 
     let ca_dir = args.ca_dir.clone().unwrap_or_else(|| data_dir.join("ca"));
+    if shared {
+        // Validated: --store etcd requires it.
+        let seal_path = args
+            .seal_key_file
+            .as_ref()
+            .context("--store etcd needs --seal-key-file")?;
+        let seal = crate::mesh_state::SealKey::load(seal_path, &args.etcd_prefix)?;
+        crate::mesh_state::share_ca(
+            store.as_ref(),
+            &seal,
+            &ca_dir,
+            args.ca_cert.is_some(),
+            || identity::load_ca(&args, &ca_dir).map(|_| ()),
+        )
+        .await?;
+    }
     let (ca, tokens) = identity::load_ca(&args, &ca_dir)?;
     let ledger = Arc::new(identity::StoreLedger::new(store.clone()));
     let auth = isthmus_ca::Authenticator::new(ca.clone(), tokens.clone(), ledger.clone());
