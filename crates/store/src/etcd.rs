@@ -292,7 +292,9 @@ impl Inner {
             );
             if !safe || tokio::time::Instant::now() + pause >= deadline {
                 self.count(op, &err);
-                if err.is_storage() && op == "write" {
+                // A read that fails for availability means writes fail too (both need a
+                // quorum): readiness says so.
+                if err.is_storage() {
                     self.set_failure(Some(err.clone()));
                 }
                 return Err(err);
@@ -382,7 +384,7 @@ impl Inner {
         {
             etcd(
                 EtcdCause::Timeout,
-                format!("etcd did not confirm within {:?} ({m}): a write may have been applied; check before retrying", self.timeout),
+                format!("etcd did not confirm within {:?} ({m}): is a majority of its members up? A write may have been applied; check before retrying", self.timeout),
                 true,
             )
         } else if code == tonic::Code::Unavailable {

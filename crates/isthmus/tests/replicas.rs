@@ -1,0 +1,271 @@
+//! Several `isthmus server` replicas on one real etcd cluster (Debian's `etcd-server`): they
+//! share one registry, one CA and one admin token; a write through one is seen by the others'
+//! APIs and DNS; a lost etcd quorum fails writes fast with a 503 naming etcd while DNS keeps
+//! answering, and everything resumes when quorum returns, with no restart; a killed replica
+//! leaves the others serving. Loud SKIP when etcd is not installed; CI installs it.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use isthmus_store::testing::EtcdCluster;
+
+const TOKEN: &str = "replicas-test-admin-token";
+
+fn replica(dir: &Path, etcd: &EtcdCluster, seal: &Path, extra: &[&str]) -> Server {
+    std::fs::create_dir_all(dir).unwrap();
+    // Every replica gets the same admin token file; Server reads it from the data directory.
+    let token = dir.join("admin-token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let endpoints = etcd.endpoints().join(",");
+    let mut cmd = Command::new(BIN);
+    cmd.args(["server", "--data-dir"])
+        .arg(dir)
+        .args(ANY_PORTS)
+        .args(["--store", "etcd", "--etcd-endpoints", &endpoints])
+        .args([
+            "--etcd-prefix",
+            "/isthmus/test",
+            "--etcd-request-timeout",
+            "2s",
+        ])
+        .arg("--seal-key-file")
+        .arg(seal)
+        .arg("--admin-token-file")
+        .arg(&token)
+        .args(extra);
+    Server::start_command(cmd, dir)
+}
+
+fn seal_key(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("seal.key");
+    let key: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    std::fs::write(&path, key).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    path
+}
+
+fn dig(dns: &str, name: &str) -> Option<String> {
+    let (host, port) = dns.rsplit_once(':').unwrap();
+    let out = Command::new("dig")
+        .args([
+            "+short",
+            "+time=1",
+            "+tries=1",
+            &format!("@{host}"),
+            "-p",
+            port,
+            name,
+        ])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (!text.is_empty() && !text.starts_with(';')).then_some(text)
+}
+
+fn get(url: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "--max-time",
+            "10",
+            url,
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[test]
+fn replicas_share_registry_ca_and_token_and_ride_out_a_lost_quorum() {
+    let Some(mut etcd) = EtcdCluster::start(3, "replicas") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let seal = seal_key(tmp.path());
+    let a = replica(&tmp.path().join("a"), &etcd, &seal, &[]);
+    let b = replica(&tmp.path().join("b"), &etcd, &seal, &[]);
+    let mut c = replica(&tmp.path().join("c"), &etcd, &seal, &[]);
+
+    // One CA: every replica hands out the same root, and signs with the same key.
+    let root = |s: &Server| std::fs::read_to_string(s.dir.join("ca/root-cert.pem")).unwrap();
+    assert_eq!(root(&a), root(&b));
+    assert_eq!(root(&a), root(&c));
+    assert_eq!(
+        std::fs::read(a.dir.join("ca/ca-key.pem")).unwrap(),
+        std::fs::read(c.dir.join("ca/ca-key.pem")).unwrap()
+    );
+
+    // A write through A is seen by B's registration API and C's DNS.
+    let out = a.ok(&["register", "mysql", "10.0.0.5", "3306", "-n", "onprem"]);
+    assert!(out.contains("Service onprem/mysql created"), "{out}");
+    let vip = wait_for(
+        "C's DNS to answer for mysql",
+        Duration::from_secs(10),
+        || dig(&c.dns, "mysql.onprem.svc.cluster.local"),
+    );
+    assert!(vip.starts_with("10."), "{vip}");
+    let (code, body) = get(&format!(
+        "{}/v1/registration/mysql.onprem.svc.cluster.local%7Cmysql",
+        b.registration
+    ));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("10.0.0.5"), "{body}");
+
+    // Registrations racing through all three replicas never share a VIP.
+    let threads: Vec<_> = (0..12)
+        .map(|i| {
+            let (admin, home) = match i % 3 {
+                0 => (a.admin.clone(), a.home.path().to_path_buf()),
+                1 => (b.admin.clone(), b.home.path().to_path_buf()),
+                _ => (c.admin.clone(), c.home.path().to_path_buf()),
+            };
+            std::thread::spawn(move || {
+                let out = Command::new(BIN)
+                    .args([
+                        "register",
+                        &format!("svc{i}"),
+                        &format!("10.0.1.{i}"),
+                        "80",
+                        "-n",
+                        "race",
+                    ])
+                    .env("ISTHMUS_SERVER", admin)
+                    .env("ISTHMUS_TOKEN", TOKEN)
+                    .env("XDG_CONFIG_HOME", home)
+                    .env_remove("ISTHMUS_CONFIG")
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let list = b.ok(&["get", "services", "-n", "race", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let items = v["items"].as_array().or(v.as_array()).unwrap();
+    let mut vips: Vec<String> = items
+        .iter()
+        .map(|s| s["status"]["vip"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(vips.len(), 12, "{list}");
+    vips.sort();
+    vips.dedup();
+    assert_eq!(vips.len(), 12, "two services share a VIP: {list}");
+
+    // Quorum lost: writes fail fast with a 503 that names etcd, readiness says why, and DNS
+    // keeps answering from the replica's last view.
+    etcd.kill(1);
+    etcd.kill(2);
+    let err = wait_for("writes to fail", Duration::from_secs(30), || {
+        let out = a.cli(&["register", "late", "10.0.0.9", "80", "-n", "onprem"]);
+        (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).to_string())
+    });
+    assert!(err.contains("etcd"), "{err}");
+    let (code, body) = get(&format!("{}/readyz", a.admin));
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("etcd"), "{body}");
+    assert_eq!(
+        dig(&c.dns, "mysql.onprem.svc.cluster.local").as_deref(),
+        Some(vip.as_str())
+    );
+
+    // Quorum back: writes and readiness resume with no replica restarted.
+    etcd.restart(1);
+    etcd.restart(2);
+    etcd.wait_healthy(Duration::from_secs(30));
+    wait_for("writes to resume", Duration::from_secs(30), || {
+        a.cli(&["register", "late", "10.0.0.9", "80", "-n", "onprem"])
+            .status
+            .success()
+            .then_some(())
+    });
+    wait_for("A ready again", Duration::from_secs(15), || {
+        (get(&format!("{}/readyz", a.admin)).0 == 200).then_some(())
+    });
+    wait_for(
+        "C's DNS to learn the late write",
+        Duration::from_secs(15),
+        || dig(&c.dns, "late.onprem.svc.cluster.local"),
+    );
+
+    // A replica killed: the others keep taking writes and serving reads.
+    c.kill9();
+    b.ok(&["register", "after", "10.0.0.10", "80", "-n", "onprem"]);
+    let out = a.ok(&["get", "services", "-n", "onprem"]);
+    assert!(
+        out.contains("after") && out.contains("late") && out.contains("mysql"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_replica_that_disagrees_with_the_mesh_refuses_to_start_and_says_why() {
+    let Some(etcd) = EtcdCluster::start(1, "replicas disagree") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let seal = seal_key(tmp.path());
+    let first = replica(&tmp.path().join("a"), &etcd, &seal, &[]);
+
+    let run = |name: &str, seal: &Path, extra: &[&str]| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("admin-token"), TOKEN).unwrap();
+        let out = Command::new(BIN)
+            .args(["server", "--data-dir"])
+            .arg(&dir)
+            .args(ANY_PORTS)
+            .args([
+                "--store",
+                "etcd",
+                "--etcd-endpoints",
+                &etcd.endpoints().join(","),
+            ])
+            .args(["--etcd-prefix", "/isthmus/test"])
+            .arg("--seal-key-file")
+            .arg(seal)
+            .arg("--admin-token-file")
+            .arg(dir.join("admin-token"))
+            .args(extra)
+            .env("ISTHMUS_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{name} started");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let err = run("cidr", &seal, &["--service-cidr", "10.100.0.0/16"]);
+    assert!(
+        err.contains("--service-cidr") && err.contains("10.100.0.0/16"),
+        "{err}"
+    );
+    let other = tmp.path().join("other.key");
+    std::fs::write(&other, "ab".repeat(32)).unwrap();
+    let err = run("seal", &other, &[]);
+    assert!(
+        err.contains("is not the one this mesh's CA was sealed with"),
+        "{err}"
+    );
+    std::fs::write(&other, "short").unwrap();
+    let err = run("badseal", &other, &[]);
+    assert!(err.contains("64 hex characters"), "{err}");
+    // Nothing the refused replicas did reached the mesh: the first one still serves alone.
+    first.ok(&["get", "services", "-A"]);
+}
