@@ -200,11 +200,14 @@ const ALWAYS_WRITTEN: [&str; 8] = [
     keys::CAPTURE,
 ];
 
-/// `CA_ADDR`: where the control plane's gRPC port is, as `https://HOST:PORT`.
+/// `CA_ADDR`: where the control plane's gRPC port is, as `https://HOST:PORT`, or several
+/// replicas' as a comma-separated list (the agent fails over between them).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CaAddr {
     host: String,
     port: u16,
+    /// The other replicas, `(host, port)`, in the order given.
+    more: Vec<(String, u16)>,
 }
 
 /// Plaintext connections captured inbound.
@@ -306,7 +309,16 @@ impl CaAddr {
         Self {
             host: host.into(),
             port,
+            more: Vec::new(),
         }
+    }
+
+    /// Every address of the list, the first one first, each on its own.
+    pub fn all(&self) -> Vec<CaAddr> {
+        std::iter::once((self.host.clone(), self.port))
+            .chain(self.more.iter().cloned())
+            .map(|(h, p)| CaAddr::new(h, p))
+            .collect()
     }
 
     /// The host (a name or an IP, without brackets).
@@ -342,16 +354,58 @@ impl From<SocketAddr> for CaAddr {
 
 impl fmt::Display for CaAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "https://{}", self.authority())
+        write!(f, "https://{}", self.authority())?;
+        for (h, p) in &self.more {
+            write!(f, ",https://{}", CaAddr::new(h.clone(), *p).authority())?;
+        }
+        Ok(())
     }
 }
 
 impl FromStr for CaAddr {
     type Err = CaAddrError;
 
-    /// `https://HOST:PORT`, an optional trailing `/`; IPv6 hosts in brackets.
+    /// `https://HOST:PORT`, an optional trailing `/`; IPv6 hosts in brackets; several of them
+    /// separated by commas.
     fn from_str(value: &str) -> Result<Self, Self::Err> {
-        let err = |p: &str| CaAddrError(format!("CA_ADDR={value:?}: {p}"));
+        let mut parts = value.split(',').map(str::trim);
+        let mut first = parse_one_ca_addr(parts.next().unwrap_or_default(), value)?;
+        for part in parts {
+            let next = parse_one_ca_addr(part, value)?;
+            let entry = (next.host, next.port);
+            if entry == (first.host.clone(), first.port) || first.more.contains(&entry) {
+                return Err(CaAddrError(format!(
+                    "CA_ADDR={value:?}: {part} is listed twice"
+                )));
+            }
+            first.more.push(entry);
+        }
+        Ok(first)
+    }
+}
+
+impl CaAddr {
+    /// How many control-plane addresses the list holds.
+    pub fn len(&self) -> usize {
+        1 + self.more.len()
+    }
+
+    /// Never: a CA_ADDR holds at least one address.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// One `https://HOST:PORT` element of `whole`.
+fn parse_one_ca_addr(value: &str, whole: &str) -> Result<CaAddr, CaAddrError> {
+    {
+        let err = |p: &str| {
+            if value == whole {
+                CaAddrError(format!("CA_ADDR={value:?}: {p}"))
+            } else {
+                CaAddrError(format!("CA_ADDR={whole:?}: {value:?}: {p}"))
+            }
+        };
         let rest = value.strip_prefix("https://").ok_or_else(|| {
             err("expected https://HOST:PORT (the control plane's gRPC port, 15012)")
         })?;
@@ -383,7 +437,7 @@ impl FromStr for CaAddr {
         if host.chars().any(|c| c.is_whitespace() || c == '@') {
             return Err(err("the host has characters no host name has"));
         }
-        Ok(Self::new(host, port))
+        Ok(CaAddr::new(host, port))
     }
 }
 
@@ -904,6 +958,37 @@ mod tests {
             ("https://10.0.0.2:0", "port 0"),
             ("https://10.0.0.2:http", "\"http\" is not a port"),
             ("https://fd00::2:15012", "brackets"),
+        ] {
+            let e = text.parse::<CaAddr>().unwrap_err().to_string();
+            assert!(e.contains(problem) && e.contains(text), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn ca_addr_lists_name_every_replica_and_the_bad_element() {
+        let a: CaAddr = "https://10.0.0.2:15012, https://[fd00::3]:15012,https://cp-c:15012/"
+            .parse()
+            .unwrap();
+        assert_eq!(a.len(), 3);
+        assert_eq!(
+            a.authority(),
+            "10.0.0.2:15012",
+            "the first one is the primary"
+        );
+        assert_eq!(
+            a.to_string(),
+            "https://10.0.0.2:15012,https://[fd00::3]:15012,https://cp-c:15012"
+        );
+        assert_eq!(a.to_string().parse::<CaAddr>().unwrap(), a, "round trip");
+        let all: Vec<String> = a.all().iter().map(CaAddr::authority).collect();
+        assert_eq!(all, ["10.0.0.2:15012", "[fd00::3]:15012", "cp-c:15012"]);
+        for (text, problem) in [
+            (
+                "https://a:15012,b:15012",
+                "\"b:15012\": expected https://HOST:PORT",
+            ),
+            ("https://a:15012,", "\"\": expected https://HOST:PORT"),
+            ("https://a:15012,https://a:15012", "listed twice"),
         ] {
             let e = text.parse::<CaAddr>().unwrap_err().to_string();
             assert!(e.contains(problem) && e.contains(text), "{text}: {e}");

@@ -31,26 +31,41 @@ impl Connect for CertConnector {
                 "no workload certificate yet".into(),
             ));
         };
+        // CA_ADDR may list several replicas: the first that answers serves this stream.
+        crate::sockets::Failover::of(&self.address)
+            .connect(|address| self.connect_one(address, cert.clone()))
+            .await
+    }
+}
+
+impl CertConnector {
+    async fn connect_one(
+        &self,
+        address: String,
+        cert: Arc<crate::identity::WorkloadCertificate>,
+    ) -> Result<Channel, ConnectError> {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&cert.roots_pem))
             .identity(Identity::from_pem(&cert.chain_pem, &cert.key_pem))
             .domain_name(self.server_name.clone());
-        let endpoint = Endpoint::from_shared(self.address.clone())
+        let endpoint = Endpoint::from_shared(address.clone())
             .map_err(|e| {
-                ConnectError::Credentials(format!(
-                    "bad control-plane address {:?}: {e}",
-                    self.address
-                ))
+                ConnectError::Credentials(format!("bad control-plane address {address:?}: {e}"))
             })?
             .tls_config(tls)
             .map_err(|e| ConnectError::Credentials(format!("TLS setup failed: {e}")))?
             .tcp_nodelay(true)
             .initial_stream_window_size(1 << 20)
-            .initial_connection_window_size(1 << 20);
+            .initial_connection_window_size(1 << 20)
+            // A replica that died without closing (host down, paused) is noticed within
+            // 15 s, and the stream moves to another.
+            .http2_keep_alive_interval(std::time::Duration::from_secs(10))
+            .keep_alive_timeout(std::time::Duration::from_secs(5))
+            .keep_alive_while_idle(true);
         crate::sockets::connect_channel_from(&endpoint, self.sockets.clone(), self.source)
             .await
             .map_err(|source| ConnectError::Transport {
-                uri: self.address.clone(),
+                uri: address.clone(),
                 source,
             })
     }

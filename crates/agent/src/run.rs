@@ -146,9 +146,12 @@ impl DataPlane {
     }
 }
 
-/// `host:port` of CA_ADDR, with or without a scheme and path.
+/// `host:port` of CA_ADDR (its first address), with or without a scheme and path.
 fn ca_authority(ca_addr: &str) -> Option<&str> {
     ca_addr
+        .split(',')
+        .next()?
+        .trim()
         .split("://")
         .nth(1)
         .unwrap_or(ca_addr)

@@ -190,3 +190,124 @@ mod tests {
         assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
     }
 }
+
+/// The control planes of a `CA_ADDR` list (`https://a:15012,https://b:15012`) and which one to
+/// try first: the one that last answered, so a working replica is kept, and a dead one is passed
+/// over within the same connection attempt. Each agent starts at a random one, which spreads
+/// hosts over the replicas.
+pub struct Failover {
+    addresses: Vec<String>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Failover {
+    /// The one `Failover` of this `CA_ADDR` value in the process: the identity and discovery
+    /// clients share what they learn about which replica answers.
+    pub fn of(ca_addr: &str) -> Arc<Failover> {
+        static ALL: std::sync::OnceLock<
+            std::sync::Mutex<std::collections::HashMap<String, Arc<Failover>>>,
+        > = std::sync::OnceLock::new();
+        let all = ALL.get_or_init(Default::default);
+        // Nothing panics while this lock is held; a poisoned map is still whole.
+        let mut all = all
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        all.entry(ca_addr.to_string())
+            .or_insert_with(|| Arc::new(Failover::new(ca_addr)))
+            .clone()
+    }
+
+    pub fn new(ca_addr: &str) -> Self {
+        let addresses: Vec<String> = ca_addr
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(String::from)
+            .collect();
+        let start = if addresses.len() > 1 {
+            rand::random::<u32>() as usize % addresses.len()
+        } else {
+            0
+        };
+        Self {
+            addresses,
+            next: start.into(),
+        }
+    }
+
+    /// Every address, in the order they will be tried now.
+    pub fn order(&self) -> Vec<String> {
+        let n = self.addresses.len();
+        let start = self.next.load(std::sync::atomic::Ordering::Relaxed);
+        (0..n)
+            .map(|i| self.addresses[(start + i) % n.max(1)].clone())
+            .collect()
+    }
+
+    /// Tries `connect` on each address in turn; the first that succeeds is tried first next
+    /// time. Fails with the last error when none does.
+    pub async fn connect<T, E, F, Fut>(&self, connect: F) -> Result<T, E>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+        E: std::fmt::Display,
+    {
+        let n = self.addresses.len();
+        let start = self.next.load(std::sync::atomic::Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..n {
+            let index = (start + i) % n;
+            let address = self.addresses[index].clone();
+            match connect(address.clone()).await {
+                Ok(v) => {
+                    if i > 0 {
+                        tracing::info!(%address, "connected to another control plane");
+                    }
+                    self.next.store(index, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Err(e) => {
+                    if n > 1 {
+                        tracing::warn!(%address, error = %e, "control plane unreachable; trying the next one");
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        // Advance, so the next attempt does not begin at the same dead address.
+        self.next
+            .store((start + 1) % n.max(1), std::sync::atomic::Ordering::Relaxed);
+        match last {
+            Some(e) => Err(e),
+            None => connect(String::new()).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod failover_tests {
+    use super::Failover;
+
+    #[tokio::test]
+    async fn a_dead_address_is_passed_over_and_the_working_one_kept() {
+        let f = Failover::new("https://a:1, https://b:2,https://c:3");
+        assert_eq!(f.order().len(), 3);
+        // Only b answers: whatever the start, the attempt ends on b, and b is first next time.
+        let got: Result<String, String> = f
+            .connect(|a| async move {
+                if a.contains("b:2") {
+                    Ok(a)
+                } else {
+                    Err(format!("{a} refused"))
+                }
+            })
+            .await;
+        assert_eq!(got.unwrap(), "https://b:2");
+        assert_eq!(f.order()[0], "https://b:2");
+        // None answers: the last error is reported, and the next round starts further on.
+        let before = f.order()[0].clone();
+        let err: Result<String, String> = f.connect(|a| async move { Err(a) }).await;
+        assert!(err.is_err());
+        assert_ne!(f.order()[0], before);
+    }
+}

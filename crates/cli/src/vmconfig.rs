@@ -557,6 +557,7 @@ mod tests {
             domain: "cluster.local".into(),
             service_cidr: "10.96.0.0/12".into(),
             advertised_ips: vec!["10.0.0.2".parse().unwrap()],
+            public_addrs: Vec::new(),
             grpc_addr: "0.0.0.0:15012".parse().unwrap(),
             dns_addr: dns.parse().unwrap(),
             ca_server_name: "istiod.istio-system.svc".into(),

@@ -59,6 +59,10 @@ pub struct MeshInfo {
     /// The addresses hosts reach the control plane at (--advertise-ip, else the gRPC address
     /// when it names one); empty when the server cannot know.
     pub advertised_ips: Vec<std::net::IpAddr>,
+    /// Every replica's gRPC address (--public-addr), which bundles list in CA_ADDR so hosts
+    /// fail over between replicas; empty for a single control plane.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub public_addrs: Vec<String>,
     /// The certificate and discovery API as bound (`ip:port`).
     pub grpc_addr: std::net::SocketAddr,
     /// The mesh DNS server as bound (`ip:port`).

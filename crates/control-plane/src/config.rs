@@ -451,6 +451,11 @@ impl ServerArgs {
             return Err(ConfigError::History);
         }
         self.validate_etcd()?;
+        for a in &self.public_addrs {
+            if let Err(e) = a.parse::<isthmus_agent_config::CaAddr>() {
+                return Err(ConfigError::Etcd(format!("--public-addr {a:?}: {e}")));
+            }
+        }
         if *self.cert_ttl > *self.max_cert_ttl {
             return Err(ConfigError::CertTtl(self.cert_ttl, self.max_cert_ttl));
         }

@@ -128,8 +128,18 @@ pub fn host_dns(mesh: &MeshInfo, control_plane: SocketAddr) -> (SocketAddr, Opti
 }
 
 impl HostConfig {
+    /// The control plane the bundle was made for, then every other replica (--public-addr),
+    /// so the host fails over between them.
     fn ca_addr(&self) -> String {
-        CaAddr::from(self.control_plane).to_string()
+        let first = CaAddr::from(self.control_plane).to_string();
+        let mut all = vec![first];
+        for other in &self.mesh.public_addrs {
+            let other = other.trim().trim_end_matches('/').to_string();
+            if !other.is_empty() && !all.contains(&other) {
+                all.push(other);
+            }
+        }
+        all.join(",")
     }
 
     pub fn cluster_env(&self) -> String {
@@ -250,6 +260,7 @@ mod tests {
             domain: "cluster.local".into(),
             service_cidr: "10.96.0.0/16".into(),
             advertised_ips: vec!["10.0.0.2".parse().unwrap()],
+            public_addrs: Vec::new(),
             grpc_addr: "0.0.0.0:15012".parse().unwrap(),
             dns_addr: dns.parse().unwrap(),
             ca_server_name: crate::api::CA_SERVER_NAME.into(),

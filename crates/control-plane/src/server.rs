@@ -359,6 +359,7 @@ pub async fn run(
         domain: args.domain.clone(),
         service_cidr: args.service_cidr.to_string(),
         advertised_ips: vec![advertised.ip],
+        public_addrs: args.public_addrs.clone(),
         grpc_addr: grpc.local_addr()?,
         dns_addr: dns.local_addr(),
         ca_server_name: api::CA_SERVER_NAME.to_string(),

@@ -269,3 +269,90 @@ fn a_replica_that_disagrees_with_the_mesh_refuses_to_start_and_says_why() {
     // Nothing the refused replicas did reached the mesh: the first one still serves alone.
     first.ok(&["get", "services", "-A"]);
 }
+
+fn get_auth(url: &str) -> String {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "5",
+            "-H",
+            &format!("Authorization: Bearer {TOKEN}"),
+            url,
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn issued(s: &Server) -> u64 {
+    get(&format!("{}/metrics", s.metrics))
+        .1
+        .lines()
+        .find(|l| l.starts_with("isthmus_ca_certificate_requests_total{outcome=\"issued\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// An agent given both replicas in CA_ADDR is served by one; when that one is SIGKILLed its
+/// discovery stream is on the other within 10 s, new registrations reach it there, and its
+/// certificate renews there.
+#[test]
+fn an_agent_moves_to_another_replica_when_its_own_is_killed() {
+    let Some(etcd) = EtcdCluster::start(3, "replicas agent failover") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let seal = seal_key(tmp.path());
+    let a = replica(&tmp.path().join("a"), &etcd, &seal, &[]);
+    let b = replica(&tmp.path().join("b"), &etcd, &seal, &[]);
+    let host = tmp.path().join("host");
+    a.ok(&["vm", "certs", "-o", host.join("certs").to_str().unwrap()]);
+    let token = a.cli(&["token", "create", "-n", "onprem", "-s", "db", "--uses", "1"]);
+    assert!(token.status.success());
+    std::fs::write(host.join("token"), token.stdout).unwrap();
+    a.ok(&["register", "first", "10.0.3.1", "80", "-n", "onprem"]);
+
+    let ca_addr = format!("{},{}", a.grpc, b.grpc);
+    let agent = Agent::start(&ca_addr, &host, &["--cert-lifetime", "10s"]);
+    let dns = agent.endpoints["dns"].as_str().unwrap().to_string();
+    wait_for(
+        "the agent's DNS to know first",
+        Duration::from_secs(30),
+        || dig(&dns, "first.onprem.svc.cluster.local"),
+    );
+    let holds = |s: &Server| get_auth(&format!("{}/api/v1/proxies", s.admin)).contains("127.0.0.9");
+    let on_a = wait_for(
+        "the agent's stream on a replica",
+        Duration::from_secs(15),
+        || {
+            if holds(&a) {
+                Some(true)
+            } else if holds(&b) {
+                Some(false)
+            } else {
+                None
+            }
+        },
+    );
+    let (mut dead, alive) = if on_a { (a, b) } else { (b, a) };
+    let issued_before = issued(&alive);
+    dead.kill9();
+    wait_for(
+        "the stream on the surviving replica",
+        Duration::from_secs(10),
+        || holds(&alive).then_some(()),
+    );
+    alive.ok(&["register", "second", "10.0.3.2", "80", "-n", "onprem"]);
+    wait_for(
+        "a registration through the survivor to reach the agent",
+        Duration::from_secs(15),
+        || dig(&dns, "second.onprem.svc.cluster.local"),
+    );
+    wait_for(
+        "a certificate renewed through the survivor",
+        Duration::from_secs(30),
+        || (issued(&alive) > issued_before).then_some(()),
+    );
+    agent.stop();
+}

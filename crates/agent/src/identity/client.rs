@@ -60,10 +60,21 @@ pub(crate) enum Credential<'a> {
     Certificate(&'a WorkloadCertificate),
 }
 
-/// A channel to the control plane's gRPC port, presenting `cert` (mTLS) when given.
+/// A channel to the control plane's gRPC port, presenting `cert` (mTLS) when given: to the
+/// first of CA_ADDR's replicas that answers.
 pub(crate) async fn connect(
     config: &IdentityConfig,
     cert: Option<&WorkloadCertificate>,
+) -> Result<Channel, ClientError> {
+    crate::sockets::Failover::of(&config.ca_address)
+        .connect(|address| connect_one(config, cert, address))
+        .await
+}
+
+async fn connect_one(
+    config: &IdentityConfig,
+    cert: Option<&WorkloadCertificate>,
+    address: String,
 ) -> Result<Channel, ClientError> {
     let root_path = config.ca_root_path();
     let roots_pem = std::fs::read_to_string(&root_path).map_err(|e| ClientError::Roots {
@@ -77,12 +88,12 @@ pub(crate) async fn connect(
         tls = tls.identity(Identity::from_pem(&current.chain_pem, &current.key_pem));
     }
     let connect_err = |e: tonic::transport::Error| ClientError::Connect {
-        address: config.ca_address.clone(),
+        address: address.clone(),
         detail: error_chain(&e),
     };
-    let endpoint = Channel::from_shared(config.ca_address.clone())
+    let endpoint = Channel::from_shared(address.clone())
         .map_err(|e| ClientError::Connect {
-            address: config.ca_address.clone(),
+            address: address.clone(),
             detail: e.to_string(),
         })?
         .tls_config(tls)

@@ -121,21 +121,27 @@ impl IdentityConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |why: &str| ConfigError::Address {
-            value: self.ca_address.clone(),
-            why: why.to_owned(),
-        };
-        let uri: tonic::codegen::http::Uri = self
-            .ca_address
-            .parse()
-            .map_err(|e: tonic::codegen::http::uri::InvalidUri| bad(&e.to_string()))?;
-        if uri.scheme_str() != Some("https") {
-            return Err(bad(
-                "the certificate API is only served over TLS: use https://",
-            ));
-        }
-        if uri.host().is_none_or(str::is_empty) {
-            return Err(bad("no host"));
+        // A comma-separated list names several replicas; each must be a valid address.
+        for address in self.ca_address.split(',').map(str::trim) {
+            let bad = |why: &str| ConfigError::Address {
+                value: if address == self.ca_address {
+                    address.to_owned()
+                } else {
+                    format!("{address} (in {})", self.ca_address)
+                },
+                why: why.to_owned(),
+            };
+            let uri: tonic::codegen::http::Uri = address
+                .parse()
+                .map_err(|e: tonic::codegen::http::uri::InvalidUri| bad(&e.to_string()))?;
+            if uri.scheme_str() != Some("https") {
+                return Err(bad(
+                    "the certificate API is only served over TLS: use https://",
+                ));
+            }
+            if uri.host().is_none_or(str::is_empty) {
+                return Err(bad("no host"));
+            }
         }
         if !is_valid_server_name(&self.ca_server_name) {
             return Err(ConfigError::ServerName(self.ca_server_name.clone()));
