@@ -53,11 +53,23 @@ struct Conn {
     generation: u64,
 }
 
+/// Store keys `/autoreg-live/<ns>/<entry>/<replica>`: the entry's agent is connected through
+/// that replica. With several replicas an agent may reconnect through another one while the
+/// first still counts down its grace period; the removal is a transaction that holds only while
+/// no replica has such a key, so it never deregisters a connected workload.
+pub const LIVE_PREFIX: &str = "/autoreg-live/";
+
 #[derive(Clone)]
 pub struct AutoRegistrar {
     registry: Registry,
     grace: Duration,
     conns: Arc<Mutex<HashMap<(String, String), Conn>>>,
+    /// This replica's name in the live keys.
+    replica: String,
+}
+
+fn live_prefix(ns: &str, name: &str) -> String {
+    format!("{LIVE_PREFIX}{ns}/{name}/")
 }
 
 pub fn entry_name(group: &str, ip: IpAddr) -> String {
@@ -70,7 +82,43 @@ impl AutoRegistrar {
             registry,
             grace,
             conns: Default::default(),
+            replica: "local".into(),
         }
+    }
+
+    /// Names this replica in the live keys (replicas sharing a store need distinct names).
+    pub fn with_replica(mut self, replica: impl Into<String>) -> Self {
+        self.replica = replica.into();
+        self
+    }
+
+    fn live_key(&self, ns: &str, name: &str) -> String {
+        format!("{}{}", live_prefix(ns, name), self.replica)
+    }
+
+    /// Forgets the live keys a previous run left: this replica's own, or with `all` (a store no
+    /// other replica shares) every one.
+    async fn clear_live_keys(&self, all: bool) -> Result<(), AutoRegError> {
+        let store = self.registry.store();
+        let (kvs, _) = store
+            .range(LIVE_PREFIX)
+            .await
+            .map_err(crate::registry::RegistryError::from)?;
+        let own = format!("/{}", self.replica);
+        for kv in kvs.iter().filter(|kv| all || kv.key.ends_with(&own)) {
+            store
+                .delete(&kv.key)
+                .await
+                .map_err(crate::registry::RegistryError::from)?;
+        }
+        Ok(())
+    }
+
+    /// Schedules the grace-period check for every auto-registered entry found at start. `alone`:
+    /// no other replica shares the store, so every live key is a previous run's.
+    pub async fn adopt_existing_shared(&self, alone: bool) -> Result<usize, AutoRegError> {
+        self.clear_live_keys(alone).await?;
+        self.adopt_existing().await
     }
 
     /// Schedules the grace-period check for every auto-registered entry found at start.
@@ -196,6 +244,16 @@ impl AutoRegistrar {
         };
         let entry = Resource::WorkloadEntry(entry);
         self.registry.apply(vec![entry]).await?;
+        // Before the entry counts as served here, say so where every replica's removal looks.
+        let live = self.live_key(&m.namespace, &name);
+        if let Err(e) = self
+            .registry
+            .store()
+            .put(&live, self.replica.clone().into_bytes())
+            .await
+        {
+            tracing::warn!(entry = %name, error = %e, "cannot record the workload as connected here");
+        }
         // `apply` keeps the stored status when the new one is default; write health/last-seen
         // explicitly so a reconnect refreshes it.
         self.set_status(&m.namespace, &name, |s| s.last_seen = Some(now_rfc3339()))
@@ -234,13 +292,27 @@ impl AutoRegistrar {
                 }
             };
             if still_gone {
+                // Not connected here any more; another replica may still have it.
+                let _ = this
+                    .registry
+                    .store()
+                    .delete(&this.live_key(&key.0, &key.1))
+                    .await;
                 match this
                     .registry
-                    .delete(Kind::WorkloadEntry, &key.0, &key.1)
+                    .delete_unless_live(
+                        Kind::WorkloadEntry,
+                        &key.0,
+                        &key.1,
+                        &live_prefix(&key.0, &key.1),
+                    )
                     .await
                 {
-                    Ok(_) => {
+                    Ok(Some(_)) => {
                         tracing::info!(namespace = %key.0, entry = %key.1, "workload deregistered after its agent left")
+                    }
+                    Ok(None) => {
+                        tracing::info!(namespace = %key.0, entry = %key.1, "workload kept: its agent is connected through another replica")
                     }
                     Err(RegistryError::NotFound(_)) => {}
                     Err(e) => {

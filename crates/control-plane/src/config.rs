@@ -376,6 +376,25 @@ impl ServerArgs {
         }
     }
 
+    /// This replica's name: --replica-name, else the host name (on a shared store with the
+    /// gRPC port, so that replicas on one machine differ; a restart keeps the name, and so
+    /// finds and clears what its previous run left).
+    pub fn replica(&self) -> String {
+        if let Some(name) = &self.replica_name {
+            return name.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "isthmus".into());
+        match (self.store, self.grpc_addr.port()) {
+            (StoreKind::Etcd, 0) => format!("{host}-{:04x}", rand::random::<u16>()),
+            (StoreKind::Etcd, port) => format!("{host}-{port}"),
+            _ => host,
+        }
+    }
+
     fn validate_etcd(&self) -> Result<(), ConfigError> {
         let etcd = |m: String| Err(ConfigError::Etcd(m));
         if self.store != StoreKind::Etcd {
@@ -431,6 +450,13 @@ impl ServerArgs {
         }
         if self.seal_key_file.is_none() {
             return etcd("--store etcd needs --seal-key-file: the same 32-byte key on every replica seals the mesh CA in etcd (make one with `head -c32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > seal.key`)".into());
+        }
+        if let Some(name) = &self.replica_name {
+            if name.is_empty() || name.contains('/') || name.chars().any(char::is_whitespace) {
+                return etcd(format!(
+                    "--replica-name {name:?} must be a non-empty name without / or spaces"
+                ));
+            }
         }
         if self.etcd_max_txn_ops == 0 {
             return Err(ConfigError::Zero("--etcd-max-txn-ops"));

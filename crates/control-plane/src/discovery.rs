@@ -103,6 +103,11 @@ pub async fn persisted_mesh_hosts(store: &dyn Store) -> Result<BTreeSet<IpAddr>,
         .collect())
 }
 
+/// Store keys `/agents/<ip>/<replica>`: an agent is connected from the IP through that replica
+/// (or was, within the grace period). `/mesh-hosts/<ip>` is removed only while none is left, so
+/// with several replicas a host that moved to another one stays marked.
+const AGENTS_PREFIX: &str = "/agents/";
+
 /// Follows the discovery server's open streams into the set of agent hosts: the verified
 /// addresses of the streams (a node id's address only when the connection comes from it, the
 /// client certificate names it, or a WorkloadEntry of the identity was registered there).
@@ -112,15 +117,24 @@ pub async fn persisted_mesh_hosts(store: &dyn Store) -> Result<BTreeSet<IpAddr>,
 /// moment the control plane restarts until that host's agent reconnects (after its backoff),
 /// and STRICT hosts would refuse the mesh meanwhile. `persisted` is what the last run left;
 /// those hosts get `grace` from now to reconnect, as adopted auto-registrations do.
+///
+/// The set served is the store's `/mesh-hosts/`, which every replica sharing the store follows,
+/// joined with this replica's own streams; `replica` names this one in `/agents/` keys, and
+/// `alone` says no other replica shares the store (every `/agents/` key is then a past run's).
 pub fn follow_mesh_hosts(
     xds: isthmus_xds::server::XdsServer,
     tx: watch::Sender<MeshHosts>,
     store: Arc<dyn Store>,
     grace: Duration,
     persisted: BTreeSet<IpAddr>,
+    replica: String,
+    alone: bool,
 ) {
     let mut changes = xds.stream_changes();
+    let (shared_tx, mut shared) = watch::channel(persisted.clone());
+    tokio::spawn(watch_mesh_hosts(store.clone(), shared_tx));
     tokio::spawn(async move {
+        clear_agent_keys(store.as_ref(), &replica, alone).await;
         // None: an agent is connected from the IP now; Some(t): none has been since t.
         let start = tokio::time::Instant::now();
         let mut known: BTreeMap<IpAddr, Option<tokio::time::Instant>> =
@@ -133,9 +147,14 @@ pub fn follow_mesh_hosts(
                 .collect();
             let now = tokio::time::Instant::now();
             for ip in &connected {
-                if known.insert(*ip, None).is_none() {
-                    let key = format!("{MESH_HOST_PREFIX}{ip}");
-                    if let Err(e) = store.put(&key, b"agent".to_vec()).await {
+                if known.insert(*ip, None).is_none_or(|since| since.is_some()) {
+                    let txn = isthmus_store::Txn::new()
+                        .put(format!("{MESH_HOST_PREFIX}{ip}"), b"agent".to_vec())
+                        .put(
+                            format!("{AGENTS_PREFIX}{ip}/{replica}"),
+                            replica.clone().into_bytes(),
+                        );
+                    if let Err(e) = store.txn(txn).await {
                         // Still served from memory; only a restart would forget it early.
                         tracing::warn!(%ip, error = %e, "cannot record the agent host");
                     }
@@ -153,12 +172,10 @@ pub fn follow_mesh_hosts(
                 .collect();
             for ip in expired {
                 known.remove(&ip);
-                tracing::info!(%ip, grace = ?grace, "no agent reconnected from this host: its workloads are plain TCP again");
-                if let Err(e) = store.delete(&format!("{MESH_HOST_PREFIX}{ip}")).await {
-                    tracing::warn!(%ip, error = %e, "cannot forget the agent host");
-                }
+                forget_host(store.as_ref(), ip, &replica, grace).await;
             }
-            let ips: BTreeSet<IpAddr> = known.keys().copied().collect();
+            let mut ips: BTreeSet<IpAddr> = known.keys().copied().collect();
+            ips.extend(shared.borrow_and_update().iter().copied());
             tx.send_if_modified(|cur| {
                 if **cur == ips {
                     return false;
@@ -173,6 +190,11 @@ pub fn follow_mesh_hosts(
                         return;
                     }
                 }
+                changed = shared.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
                 () = async {
                     match next_expiry {
                         Some(t) => tokio::time::sleep_until(t).await,
@@ -182,6 +204,76 @@ pub fn follow_mesh_hosts(
             }
         }
     });
+}
+
+/// No agent from `ip` through this replica for `grace`: drop this replica's claim, and the
+/// host itself unless another replica still has one.
+async fn forget_host(store: &dyn Store, ip: IpAddr, replica: &str, grace: Duration) {
+    let _ = store
+        .delete(&format!("{AGENTS_PREFIX}{ip}/{replica}"))
+        .await;
+    let txn = isthmus_store::Txn::new()
+        .when(isthmus_store::Compare::prefix_empty(format!(
+            "{AGENTS_PREFIX}{ip}/"
+        )))
+        .delete(format!("{MESH_HOST_PREFIX}{ip}"));
+    match store.txn(txn).await {
+        Ok(isthmus_store::TxnOutcome::Committed { .. }) => {
+            tracing::info!(%ip, grace = ?grace, "no agent reconnected from this host: its workloads are plain TCP again");
+        }
+        Ok(isthmus_store::TxnOutcome::Failed { .. }) => {
+            tracing::info!(%ip, "the host's agent is connected through another replica");
+        }
+        Err(e) => tracing::warn!(%ip, error = %e, "cannot forget the agent host"),
+    }
+}
+
+/// Drops the `/agents/` keys a past run of this replica left (all of them when `alone`).
+async fn clear_agent_keys(store: &dyn Store, replica: &str, alone: bool) {
+    let Ok((kvs, _)) = store.range(AGENTS_PREFIX).await else {
+        return;
+    };
+    let own = format!("/{replica}");
+    for kv in kvs.iter().filter(|kv| alone || kv.key.ends_with(&own)) {
+        let _ = store.delete(&kv.key).await;
+    }
+}
+
+/// Keeps `tx` equal to the store's `/mesh-hosts/` set: what every replica has recorded.
+async fn watch_mesh_hosts(store: Arc<dyn Store>, tx: watch::Sender<BTreeSet<IpAddr>>) {
+    loop {
+        let listed = store.range(MESH_HOST_PREFIX).await;
+        if let Ok((kvs, revision)) = listed {
+            let mut set: BTreeSet<IpAddr> = kvs
+                .iter()
+                .filter_map(|kv| kv.key.strip_prefix(MESH_HOST_PREFIX)?.parse().ok())
+                .collect();
+            tx.send_replace(set.clone());
+            if let Ok(mut events) = store.watch(MESH_HOST_PREFIX, revision + 1).await {
+                use futures::StreamExt;
+                while let Some(Ok(event)) = events.next().await {
+                    let Some(ip) = event
+                        .kv
+                        .key
+                        .strip_prefix(MESH_HOST_PREFIX)
+                        .and_then(|k| k.parse::<IpAddr>().ok())
+                    else {
+                        continue;
+                    };
+                    match event.kind {
+                        isthmus_store::EventKind::Put => set.insert(ip),
+                        isthmus_store::EventKind::Delete => set.remove(&ip),
+                    };
+                    tx.send_replace(set.clone());
+                }
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+        // The store closed the watch (compaction, or a failure): list again.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// A join token (verified, not revoked; a discovery stream does not spend a use) or a client

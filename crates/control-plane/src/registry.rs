@@ -516,6 +516,32 @@ impl Registry {
         ns: &str,
         name: &str,
     ) -> Result<(Resource, Revision), RegistryError> {
+        match self.delete_guarded(kind, ns, name, None).await? {
+            Some(done) => Ok(done),
+            // Without a guard nothing can keep the resource.
+            None => Err(too_busy()),
+        }
+    }
+
+    /// Deletes one resource unless some key under `live` exists, decided in the same
+    /// transaction: `None` when a key there kept it (an agent connected through some replica).
+    pub async fn delete_unless_live(
+        &self,
+        kind: Kind,
+        ns: &str,
+        name: &str,
+        live: &str,
+    ) -> Result<Option<(Resource, Revision)>, RegistryError> {
+        self.delete_guarded(kind, ns, name, Some(live)).await
+    }
+
+    async fn delete_guarded(
+        &self,
+        kind: Kind,
+        ns: &str,
+        name: &str,
+        live: Option<&str>,
+    ) -> Result<Option<(Resource, Revision)>, RegistryError> {
         for _ in 0..MAX_ATTEMPTS {
             let key = kind.key(ns, name);
             let Some(kv) = self.store.get(&key).await? else {
@@ -536,8 +562,13 @@ impl Registry {
                     txn.ops.push(Op::Delete { key: vip_key(ip) });
                 }
             }
-            if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
-                return Ok((r, revision));
+            if let Some(live) = live {
+                txn.compares.push(Compare::prefix_empty(live));
+            }
+            match self.store.txn(txn).await? {
+                TxnOutcome::Committed { revision } => return Ok(Some((r, revision))),
+                TxnOutcome::Failed { index: 1, .. } => return Ok(None),
+                TxnOutcome::Failed { .. } => {}
             }
         }
         Err(too_busy())

@@ -245,9 +245,10 @@ pub async fn run(
         network: args.network.clone(),
         cluster_id: args.cluster_id.clone(),
     };
-    let autoreg = crate::autoreg::AutoRegistrar::new(registry.clone(), args.autoreg_grace.into());
+    let autoreg = crate::autoreg::AutoRegistrar::new(registry.clone(), args.autoreg_grace.into())
+        .with_replica(args.replica());
     let adopted = autoreg
-        .adopt_existing()
+        .adopt_existing_shared(!shared)
         .await
         .context("cannot read auto-registered workloads")?;
     if adopted > 0 {
@@ -277,6 +278,8 @@ pub async fn run(
         store.clone(),
         args.autoreg_grace.into(),
         mesh_hosts,
+        args.replica(),
+        !shared,
     );
     let onboarding_metrics = crate::onboarding::OnboardingMetrics::default();
     let listener_metrics = crate::metrics::ListenerMetrics::default();

@@ -162,3 +162,31 @@ async fn restart_adopts_entries() {
         "the returning agent's entry stays, once; the other is gone"
     );
 }
+
+/// Two replicas on one store: the agent leaves replica 1 and reconnects through replica 2 within
+/// the grace period. Replica 1's removal, when its grace ends, finds the agent live through
+/// replica 2 and keeps the entry; once the agent leaves replica 2 too, the entry goes.
+#[tokio::test(start_paused = true)]
+async fn a_reconnect_through_another_replica_keeps_the_entry() {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let (reg, one) = setup(store.clone(), false).await;
+    let one = one.with_replica("r1");
+    let two = AutoRegistrar::new(reg.clone(), GRACE).with_replica("r2");
+    let name = one.connected(&member("db")).await.unwrap();
+    one.disconnected("onprem", &name);
+    tokio::time::sleep(GRACE / 2).await;
+    two.connected(&member("db")).await.unwrap();
+    tokio::time::sleep(GRACE * 2).await;
+    assert!(
+        entry(&reg).await.is_some(),
+        "replica 1 removed an entry whose agent is connected through replica 2"
+    );
+    let (live, _) = store.range("/autoreg-live/").await.unwrap();
+    let keys: Vec<&str> = live.iter().map(|kv| kv.key.as_str()).collect();
+    assert_eq!(keys, ["/autoreg-live/onprem/mysql-10-0-0-7/r2"]);
+
+    two.disconnected("onprem", &name);
+    tokio::time::sleep(GRACE * 2).await;
+    assert!(entry(&reg).await.is_none(), "the entry outlived its agent");
+    assert!(store.range("/autoreg-live/").await.unwrap().0.is_empty());
+}
