@@ -34,6 +34,7 @@ stop() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   [ -n "${DEMO_DIR:-}" ] || rm -rf "$dir"
+  exit 0
 }
 trap stop INT TERM EXIT
 
@@ -89,19 +90,17 @@ for n in 0 1 2; do
   done
 done
 
-servers=http://127.0.0.1:15080,http://127.0.0.1:15180,http://127.0.0.1:15280
 cat <<EOF
 replicas-demo: ready: 3 etcd members ($endpoints), 3 replicas; data and logs in $dir
 
 In another terminal:
-  export ISTHMUS_SERVER=$servers
-  export ISTHMUS_TOKEN=\$(cat $dir/admin-token)
-  isthmus status --replicas                 # the three replicas and the leader
-  isthmus register mysql 10.0.0.5 3306 -n onprem
-  curl -s http://127.0.0.1:8180/v1/registration/mysql.onprem.svc.cluster.local   # replica 1 has it
-  dig +short @127.0.0.1 -p 15254 mysql.onprem.svc.cluster.local                    # replica 2's DNS
+  export ISTHMUS_SERVER=http://127.0.0.1:15080 ISTHMUS_TOKEN=\$(cat $dir/admin-token)
+  isthmus register mysql 10.0.0.5 3306 -n onprem                                     # through replica 0
+  curl -s 'http://127.0.0.1:8180/v1/registration/mysql.onprem.svc.cluster.local%7Cmysql'   # replica 1 has it
+  dig +short @127.0.0.1 -p 15254 mysql.onprem.svc.cluster.local                        # so does replica 2's DNS
+  isthmus vm config -o ./vm -n onprem      # the bundle's CA_ADDR lists all three replicas
 
-Kill one (pids: ${pids[*]:3}) and the others carry on. Ctrl-C stops everything.
+Replica pids: ${pids[*]:3}. Kill one and the others carry on; hosts move to another. Ctrl-C stops everything.
 EOF
 # Runs until Ctrl-C; a process that exits (killed to see failover) is reported, not fatal.
 declare -A gone

@@ -356,3 +356,90 @@ fn an_agent_moves_to_another_replica_when_its_own_is_killed() {
     );
     agent.stop();
 }
+
+/// The README's "Run several control planes": `scripts/replicas-demo.sh` as printed, then the
+/// commands it prints, then Ctrl-C stops everything it started. It uses the fixed ports the
+/// README shows (15012..., 23791...), which no other test uses.
+#[test]
+fn the_replicas_demo_script_runs_as_printed() {
+    use std::io::BufRead;
+    if !isthmus_store::testing::etcd_available("replicas demo script") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../scripts/replicas-demo.sh"
+    );
+    let mut demo = Command::new("bash")
+        .arg(script)
+        .env("ISTHMUS", BIN)
+        .env("DEMO_DIR", tmp.path())
+        .env("ISTHMUS_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(demo.stdout.take().unwrap()).lines();
+    let mut printed = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while !printed.contains("Ctrl-C stops everything") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "demo not ready: {printed}"
+        );
+        match lines.next() {
+            Some(Ok(l)) => printed.push_str(&format!("{l}\n")),
+            _ => panic!("the demo ended early: {printed}"),
+        }
+    }
+    assert!(printed.contains("replicas-demo: ready"), "{printed}");
+    let token = std::fs::read_to_string(tmp.path().join("admin-token")).unwrap();
+    let cli = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .current_dir(tmp.path())
+            .env("ISTHMUS_SERVER", "http://127.0.0.1:15080")
+            .env("ISTHMUS_TOKEN", token.trim())
+            .env("XDG_CONFIG_HOME", tmp.path())
+            .env_remove("ISTHMUS_CONFIG")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let out = cli(&["register", "mysql", "10.0.0.5", "3306", "-n", "onprem"]);
+    assert!(out.contains("Service onprem/mysql created"), "{out}");
+    let (code, body) =
+        get("http://127.0.0.1:8180/v1/registration/mysql.onprem.svc.cluster.local%7Cmysql");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("10.0.0.5"), "{body}");
+    wait_for("replica 2's DNS", Duration::from_secs(10), || {
+        dig("127.0.0.1:15254", "mysql.onprem.svc.cluster.local")
+    });
+    cli(&["vm", "config", "-o", "./vm", "-n", "onprem"]);
+    let env = std::fs::read_to_string(tmp.path().join("vm/cluster.env")).unwrap();
+    let ca_addr = env.lines().find(|l| l.starts_with("CA_ADDR=")).unwrap();
+    for port in [15012, 15112, 15212] {
+        assert!(ca_addr.contains(&format!(":{port}")), "{ca_addr}");
+    }
+
+    // Ctrl-C: everything it started stops.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(demo.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    wait_for("the demo to stop", Duration::from_secs(30), || {
+        demo.try_wait().unwrap()
+    });
+    wait_for("every demo port closed", Duration::from_secs(20), || {
+        [15080, 15180, 15280, 23791, 23792, 23793]
+            .iter()
+            .all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_err())
+            .then_some(())
+    });
+}
