@@ -148,6 +148,7 @@ impl StoreLedger {
                 key,
                 value: serde_json::to_vec(&entry).unwrap_or_default(),
             }],
+            lease: None,
         };
         match self.store.txn(txn).await? {
             TxnOutcome::Committed { .. } => Ok(()),
@@ -222,6 +223,7 @@ impl StoreLedger {
                     key: key.clone(),
                     value: serde_json::to_vec(&entry).unwrap_or_default(),
                 }],
+                lease: None,
             };
             if let TxnOutcome::Committed { .. } =
                 self.store.txn(txn).await.map_err(UpdateError::Store)?

@@ -556,6 +556,7 @@ impl Registry {
                     revision: kv.mod_revision,
                 }],
                 ops: vec![Op::Delete { key }],
+                lease: None,
             };
             if let Resource::Service(s) = &r {
                 if let Some(ip) = s.status.vip {

@@ -27,8 +27,8 @@ use etcd_client as ec;
 use tokio::sync::watch;
 
 use crate::{
-    Compare, ErrorCount, EtcdCause, Event, EventKind, Health, KeyValue, Op, Revision, Store,
-    StoreError, Txn, TxnOutcome, WatchStream,
+    Compare, ErrorCount, EtcdCause, Event, EventKind, Health, KeyValue, LeaseId, Op, Revision,
+    Store, StoreError, Txn, TxnOutcome, WatchStream,
 };
 
 /// etcd's default `--max-txn-ops`.
@@ -587,7 +587,11 @@ impl Store for EtcdStore {
             .ops
             .iter()
             .map(|op| match op {
-                Op::Put { key, value } => ec::TxnOp::put(inner.key(key), value.clone(), None),
+                Op::Put { key, value } => ec::TxnOp::put(
+                    inner.key(key),
+                    value.clone(),
+                    txn.lease.map(|id| ec::PutOptions::new().with_lease(id)),
+                ),
                 Op::Delete { key } => ec::TxnOp::delete(inner.key(key), None),
             })
             .collect();
@@ -635,6 +639,54 @@ impl Store for EtcdStore {
             index: 0,
             current: first.flatten(),
         })
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<Option<LeaseId>, StoreError> {
+        let inner = &self.inner;
+        let secs = ttl.as_secs().max(1) as i64;
+        let resp = inner
+            .retrying("lease", || {
+                let mut client = inner.client.clone();
+                async move { client.lease_grant(secs, None).await }
+            })
+            .await?;
+        Ok(Some(resp.id()))
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<bool, StoreError> {
+        let inner = &self.inner;
+        inner
+            .retrying("lease", || {
+                let mut client = inner.client.clone();
+                async move {
+                    // The client sends one renewal and reads its answer; an expired or unknown
+                    // lease is answered with TTL 0, which it reports as "lease not found".
+                    match client.lease_keep_alive(lease).await {
+                        Ok(_) => Ok(true),
+                        Err(ec::Error::LeaseKeepAliveError(m)) if m.contains("not found") => {
+                            Ok(false)
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            })
+            .await
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let result = inner
+            .retrying("lease", || {
+                let mut client = inner.client.clone();
+                async move { client.lease_revoke(lease).await }
+            })
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            // Already expired: its keys are gone, which is what revoking wanted.
+            Err(StoreError::Etcd { message, .. }) if message.contains("lease not found") => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {

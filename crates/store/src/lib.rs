@@ -40,6 +40,10 @@ pub use redb_store::{RedbStore, WriteStats, PROBE_INTERVAL};
 /// etcd's revision type: a signed 64-bit counter starting at 1 for the first write.
 pub type Revision = i64;
 
+/// An etcd lease: keys a transaction puts under it vanish when it expires (not kept alive for
+/// its TTL). Embedded stores grant none ([`Store::grant_lease`] answers `None`).
+pub type LeaseId = i64;
+
 /// Tuning shared by both backends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreOptions {
@@ -137,6 +141,9 @@ pub enum Op {
 pub struct Txn {
     pub compares: Vec<Compare>,
     pub ops: Vec<Op>,
+    /// The lease every put of this transaction is attached to (etcd); stores without leases
+    /// ignore it, their keys live until deleted.
+    pub lease: Option<LeaseId>,
 }
 
 impl Txn {
@@ -159,6 +166,12 @@ impl Txn {
 
     pub fn delete(mut self, key: impl Into<String>) -> Self {
         self.ops.push(Op::Delete { key: key.into() });
+        self
+    }
+
+    /// Attaches the puts to `lease` (none: plain keys).
+    pub fn leased(mut self, lease: Option<LeaseId>) -> Self {
+        self.lease = lease;
         self
     }
 }
@@ -372,6 +385,26 @@ pub trait Store: Send + Sync + 'static {
     /// errors so far (for metrics). A store without storage of its own is always healthy.
     fn health(&self) -> Health {
         Health::default()
+    }
+
+    /// A lease of `ttl` for keys that must vanish when this process stops renewing it (a
+    /// replica's presence). `None`: this store has no leases; it is never shared, so its one
+    /// process clears such keys itself when it starts.
+    async fn grant_lease(&self, ttl: std::time::Duration) -> Result<Option<LeaseId>, StoreError> {
+        let _ = ttl;
+        Ok(None)
+    }
+
+    /// Renews a lease for its TTL; `Ok(false)` when it has already expired (its keys are gone).
+    async fn keep_alive(&self, lease: LeaseId) -> Result<bool, StoreError> {
+        let _ = lease;
+        Ok(true)
+    }
+
+    /// Ends a lease now, deleting its keys (a replica shutting down cleanly).
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
+        let _ = lease;
+        Ok(())
     }
 
     /// Unconditional put; returns the new revision.

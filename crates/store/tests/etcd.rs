@@ -323,3 +323,62 @@ fn etcd_matches_the_model() {
         })
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leased_keys_live_while_renewed_and_vanish_when_not() {
+    let Some(cluster) = EtcdCluster::start(1, "etcd leases") else {
+        return;
+    };
+    let store = open(&cluster, Duration::from_secs(5)).await;
+    let lease = store
+        .grant_lease(Duration::from_secs(2))
+        .await
+        .unwrap()
+        .expect("etcd grants leases");
+    let mut w = store.watch("/presence/", 0).await.unwrap();
+    store
+        .txn(Txn::new().put("/presence/a", "a").leased(Some(lease)))
+        .await
+        .unwrap();
+    // A plain key next to it outlives the lease.
+    store.put("/presence-plain", b"p".to_vec()).await.unwrap();
+    assert_eq!(next(&mut w).await.kind, EventKind::Put);
+
+    // Renewed for longer than the TTL: still there.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        assert!(store.keep_alive(lease).await.unwrap(), "lease renewed");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(store.get("/presence/a").await.unwrap().is_some());
+
+    // Not renewed: etcd deletes the key (a watcher sees it) and says the lease is gone.
+    let started = Instant::now();
+    let gone = next(&mut w).await;
+    assert_eq!(gone.kind, EventKind::Delete);
+    assert_eq!(gone.kv.key, "/presence/a");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "expired within about its TTL"
+    );
+    assert!(
+        !store.keep_alive(lease).await.unwrap(),
+        "an expired lease is not renewed"
+    );
+    assert!(store.get("/presence-plain").await.unwrap().is_some());
+
+    // Revoking deletes at once; revoking again is not an error.
+    let lease = store
+        .grant_lease(Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .txn(Txn::new().put("/presence/b", "b").leased(Some(lease)))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut w).await.kind, EventKind::Put);
+    store.revoke_lease(lease).await.unwrap();
+    assert_eq!(next(&mut w).await.kind, EventKind::Delete);
+    store.revoke_lease(lease).await.unwrap();
+}
