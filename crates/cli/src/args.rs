@@ -47,7 +47,8 @@ pub enum LogFormat {
 /// server's token file.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct Connection {
-    /// Admin API URL [default: from the config file, else http://127.0.0.1:15080].
+    /// Admin API URL, or several replicas' comma-separated (each tried in turn when one cannot
+    /// be reached) [default: from the config file, else http://127.0.0.1:15080].
     #[arg(long, env = "ISTHMUS_SERVER")]
     pub server: Option<String>,
     /// Admin token, or @FILE to read it from FILE (e.g. @/var/lib/isthmus/admin-token)

@@ -49,7 +49,11 @@ impl ClientError {
 
 pub struct Client {
     http: reqwest::Client,
+    /// The replica answering now (one of `bases`).
     pub base: String,
+    /// Every admin URL given (`--server a,b,c`): when one cannot be reached, the next is tried.
+    bases: Vec<String>,
+    current: std::sync::atomic::AtomicUsize,
     token: String,
 }
 
@@ -88,7 +92,13 @@ impl Client {
         }
         // A server of this user answering at `server`: its token is in its data dir, which
         // beats a config file an earlier `--dev` run may have left.
-        let recorded = running_server_at(&server);
+        let first = server
+            .split(',')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let recorded = running_server_at(&first);
         let mut unreadable = Vec::new();
         let mut read = |path: &Path| match std::fs::read_to_string(path) {
             Ok(t) => Some(t.trim().to_string()).filter(|t| !t.is_empty()),
@@ -122,15 +132,32 @@ impl Client {
             .connect_timeout(Duration::from_secs(5))
             .build()
             .unwrap_or_default();
+        let bases: Vec<String> = server
+            .split(',')
+            .map(|s| s.trim().trim_end_matches('/').to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
         Client {
             http,
-            base: server.trim_end_matches('/').to_string(),
+            base: bases.first().cloned().unwrap_or_default(),
+            bases,
+            current: Default::default(),
             token: token.to_string(),
         }
     }
 
+    /// The same credentials against another admin URL (another replica).
+    pub fn at(&self, server: &str) -> Client {
+        Client::new(server, &self.token)
+    }
+
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+        format!("{}{path}", self.base_now())
+    }
+
+    fn base_now(&self) -> &str {
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        self.bases.get(i).map_or(&self.base, |b| b.as_str())
     }
 
     pub async fn send(
@@ -139,15 +166,54 @@ impl Client {
         path: &str,
         body: Option<(&'static str, Vec<u8>)>,
     ) -> Result<reqwest::Response, ClientError> {
-        let url = self.url(path);
-        let mut req = self.http.request(method, &url).bearer_auth(&self.token);
-        if let Some((ct, bytes)) = body {
-            req = req.header(reqwest::header::CONTENT_TYPE, ct).body(bytes);
+        // Several replicas: a request that could not connect (so did nothing) goes to the next.
+        let start = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        let n = self.bases.len().max(1);
+        let mut failures = Vec::new();
+        let mut answered = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            let base = self.bases.get(i).map_or(self.base.as_str(), |b| b.as_str());
+            let url = format!("{base}{path}");
+            let mut req = self
+                .http
+                .request(method.clone(), &url)
+                .bearer_auth(&self.token);
+            if let Some((ct, bytes)) = &body {
+                req = req
+                    .header(reqwest::header::CONTENT_TYPE, *ct)
+                    .body(bytes.clone());
+            }
+            match req.send().await {
+                Ok(resp) => {
+                    self.current.store(i, std::sync::atomic::Ordering::Relaxed);
+                    answered = Some(resp);
+                    break;
+                }
+                // Connect failures only: a request that reached a server may have been applied.
+                Err(e) if e.is_connect() && k + 1 < n => {
+                    failures.push(format!("{base} ({})", root_cause(&e)));
+                }
+                Err(e) => {
+                    failures.push(format!("{base} ({})", root_cause(&e)));
+                    let (url, cause) = if failures.len() == 1 {
+                        (base.to_string(), root_cause(&e))
+                    } else {
+                        (
+                            self.bases.join(","),
+                            format!("none answered: {}", failures.join("; ")),
+                        )
+                    };
+                    return Err(ClientError::Unreachable { url, cause });
+                }
+            }
         }
-        let resp = req.send().await.map_err(|e| ClientError::Unreachable {
-            url: self.base.clone(),
-            cause: root_cause(&e),
-        })?;
+        let Some(resp) = answered else {
+            return Err(ClientError::Unreachable {
+                url: self.bases.join(","),
+                cause: "no server given".into(),
+            });
+        };
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -166,8 +232,8 @@ impl Client {
         path: &str,
         body: Option<(&'static str, Vec<u8>)>,
     ) -> Result<T, ClientError> {
-        let url = self.url(path);
         let resp = self.send(method, path, body).await?;
+        let url = self.url(path);
         let bytes = resp.bytes().await.map_err(|e| ClientError::Protocol {
             url: url.clone(),
             cause: root_cause(&e),

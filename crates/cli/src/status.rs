@@ -25,6 +25,9 @@ pub struct StatusArgs {
     /// HOST, json/yaml print the host's object (a list if several streams match).
     #[arg(short, long, value_enum, default_value = "table")]
     pub output: Output,
+    /// List the control-plane replicas instead: address, leader, version, connected hosts.
+    #[arg(long, conflicts_with = "host")]
+    pub replicas: bool,
     #[command(flatten)]
     pub conn: Connection,
 }
@@ -34,14 +37,47 @@ pub const NO_HOSTS: &str = "No hosts connected to the control plane's discovery 
 
 pub async fn run(args: StatusArgs, out: &mut dyn Write) -> Result<(), CommandError> {
     let client = Client::from_connection(&args.conn)?;
-    let proxies: Vec<ProxyStatus> = client.json(Method::GET, "/api/v1/proxies", None).await?;
+    let replicas: serde_json::Value = client
+        .json(Method::GET, "/api/v1/replicas", None)
+        .await
+        .unwrap_or_default();
+    if args.replicas {
+        let text = match args.output {
+            Output::Json => output::json(&replicas),
+            Output::Yaml => output::yaml(&replicas),
+            _ => replica_table(&replicas),
+        };
+        let _ = out.write_all(text.as_bytes());
+        return Ok(());
+    }
+    let mut proxies: Vec<ProxyStatus> = client.json(Method::GET, "/api/v1/proxies", None).await?;
+    // Hosts connected to the other replicas: ask each (the admin token is shared).
+    let this = replicas["this"].as_str().unwrap_or_default();
+    let mut unreachable = Vec::new();
+    for r in replicas["replicas"].as_array().into_iter().flatten() {
+        let (Some(name), Some(admin)) = (r["name"].as_str(), r["adminAddr"].as_str()) else {
+            continue;
+        };
+        if name == this || admin.is_empty() {
+            continue;
+        }
+        match client
+            .at(admin)
+            .json::<Vec<ProxyStatus>>(Method::GET, "/api/v1/proxies", None)
+            .await
+        {
+            Ok(more) => proxies.extend(more),
+            Err(e) => unreachable.push(format!("{name} at {admin}: {e}")),
+        }
+    }
+    let several = replicas["replicas"].as_array().is_some_and(|r| r.len() > 1);
     let now = OffsetDateTime::now_utc();
     let text = match &args.host {
         None => match args.output {
             Output::Json => output::json(&proxies),
             Output::Yaml => output::yaml(&proxies),
             _ if proxies.is_empty() => NO_HOSTS.to_string(),
-            fmt => table(&proxies, fmt == Output::Wide, now),
+            fmt => table(&proxies, fmt == Output::Wide || several, now),
         },
         Some(host) => {
             let matched: Vec<&ProxyStatus> = proxies.iter().filter(|p| matches(p, host)).collect();
@@ -64,7 +100,49 @@ pub async fn run(args: StatusArgs, out: &mut dyn Write) -> Result<(), CommandErr
         }
     };
     let _ = out.write_all(text.as_bytes());
+    for u in &unreachable {
+        let _ = writeln!(
+            out,
+            "warning: the hosts of replica {u} are not listed: the CLI cannot reach its admin API (give it an --admin-addr this machine can reach)"
+        );
+    }
     Ok(())
+}
+
+fn replica_table(v: &serde_json::Value) -> String {
+    let rows: Vec<Vec<String>> = v["replicas"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let s = |k: &str| r[k].as_str().unwrap_or("-").to_string();
+            vec![
+                s("name"),
+                if r["leader"].as_bool() == Some(true) {
+                    "yes".into()
+                } else {
+                    "-".into()
+                },
+                s("version"),
+                s("grpcAddr"),
+                s("adminAddr"),
+                r["connectedHosts"].as_u64().unwrap_or(0).to_string(),
+                s("started"),
+            ]
+        })
+        .collect();
+    let mut text = output::table(
+        &[
+            "REPLICA", "LEADER", "VERSION", "GRPC", "ADMIN", "HOSTS", "STARTED",
+        ],
+        &rows,
+    );
+    if let Some(e) = v["storeError"].as_str() {
+        text.push_str(&format!(
+            "warning: the store does not answer, so only the replica asked is listed: {e}\n"
+        ));
+    }
+    text
 }
 
 fn matches(p: &ProxyStatus, host: &str) -> bool {
@@ -144,7 +222,7 @@ fn table(proxies: &[ProxyStatus], wide: bool, now: OffsetDateTime) -> String {
         "CONNECTED",
     ];
     if wide {
-        header.extend(["PEER", "WORKLOAD-ENTRY", "LAST-ACK", "NODE"]);
+        header.extend(["PEER", "WORKLOAD-ENTRY", "LAST-ACK", "NODE", "REPLICA"]);
     }
     let rows: Vec<Vec<String>> = proxies
         .iter()
@@ -166,6 +244,7 @@ fn table(proxies: &[ProxyStatus], wide: bool, now: OffsetDateTime) -> String {
                     dash(p.workload_entry.as_deref()),
                     last_ack(p).map_or("-".into(), |t| format!("{} ago", ago(Some(t), now))),
                     p.node.clone(),
+                    dash(p.replica.as_deref()),
                 ]);
             }
             row
@@ -314,6 +393,7 @@ mod tests {
                 reported_at: at(-3),
             }),
             workload_entry: Some("onprem/mysql-10-0-0-9".into()),
+            replica: None,
             config: vec![ConfigStatus {
                 type_url: ADDRESS_TYPE_URL.into(),
                 state: "NACKED".into(),

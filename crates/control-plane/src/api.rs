@@ -45,6 +45,8 @@ pub struct ApiState {
     /// What hosts need to know about this control plane (`GET /api/v1/mesh`); set once the
     /// listeners are bound, before the admin API serves.
     pub mesh: std::sync::OnceLock<MeshInfo>,
+    /// This replica's place among those sharing the store (`GET /api/v1/replicas`).
+    pub session: Arc<crate::replicas::Session>,
 }
 
 /// The control plane as a host sees it: what `isthmus vm config` writes into a host's files.
@@ -211,6 +213,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/certs", post(issue_certs))
         .route("/api/v1/ca/root", get(ca_root))
         .route("/api/v1/proxies", get(list_proxies))
+        .route("/api/v1/replicas", get(list_replicas))
         .route("/api/v1/mesh", get(mesh_info))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
@@ -818,7 +821,64 @@ async fn mesh_info(State(state): State<Arc<ApiState>>) -> ApiResult<Response> {
 
 /// Hosts connected to this server's discovery stream (`isthmus status`).
 async fn list_proxies(State(state): State<Arc<ApiState>>) -> Response {
-    Json(crate::proxies::list(&state.xds)).into_response()
+    let mut proxies = crate::proxies::list(&state.xds);
+    for p in &mut proxies {
+        p.replica = Some(state.session.name().to_string());
+    }
+    Json(proxies).into_response()
+}
+
+/// The replicas sharing the store, from their records (each under its lease, so a dead one
+/// drops out within its TTL), which one leads, and how this one finds the store.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicasView {
+    /// The replica that answered.
+    pub this: String,
+    pub leader: Option<String>,
+    pub replicas: Vec<ReplicaView>,
+    /// Empty while the store answers; else why not (the list is then only this replica).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_error: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaView {
+    #[serde(flatten)]
+    pub record: crate::replicas::ReplicaRecord,
+    pub leader: bool,
+}
+
+async fn list_replicas(State(state): State<Arc<ApiState>>) -> Response {
+    let this = state.session.name().to_string();
+    let listed = if state.session.shared() {
+        crate::replicas::list(state.registry.store().as_ref()).await
+    } else {
+        Ok((vec![state.session.record().await], Some(this.clone())))
+    };
+    let (records, leader, store_error) = match listed {
+        Ok((records, leader)) => (records, leader, None),
+        Err(e) => (
+            vec![state.session.record().await],
+            state.session.is_leader().then(|| this.clone()),
+            Some(e.to_string()),
+        ),
+    };
+    let replicas = records
+        .into_iter()
+        .map(|record| ReplicaView {
+            leader: leader.as_deref() == Some(record.name.as_str()),
+            record,
+        })
+        .collect();
+    Json(ReplicasView {
+        this,
+        leader,
+        replicas,
+        store_error,
+    })
+    .into_response()
 }
 
 struct WatcherGuard(Arc<ApiState>);

@@ -1,9 +1,11 @@
 //! Istio's WorkloadGroup flow: an agent that connects as a member of a group is registered as a
 //! WorkloadEntry `<group>-<ip>` made from the group's template; its health reports mark the entry
 //! HEALTHY or UNHEALTHY; when its last connection goes, the entry is removed after a grace
-//! period unless it reconnects. Entries are durable, so a control-plane restart neither loses nor
-//! duplicates them: at start every auto-registered entry gets the same grace period to see its
-//! agent come back.
+//! period unless it reconnects (through any replica). The removal is the leader's timed work
+//! ([`crate::replicas::Sweeper`]); this module keeps the live keys that say which replica has
+//! the agent connected. Entries are durable, so a control-plane restart neither loses nor
+//! duplicates them: an entry whose agent does not come back is removed a grace period after
+//! the leader first sees it without a live key.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -15,6 +17,7 @@ use isthmus_model::{
 };
 
 use crate::registry::{now_rfc3339, Filter, Registry, RegistryError};
+use crate::replicas::Session;
 
 /// Annotation naming the group an entry was registered from.
 pub const GROUP_ANNOTATION: &str = "isthmus.io/workload-group";
@@ -49,26 +52,24 @@ pub struct Member {
 struct Conn {
     /// Live connections of this entry's agent (a reconnect may overlap the old stream).
     live: usize,
-    /// Bumped on every connect; a pending removal only fires if it is unchanged.
+    /// Bumped on every connect; a pending live-key removal only happens if it is unchanged.
     generation: u64,
 }
 
 /// Store keys `/autoreg-live/<ns>/<entry>/<replica>`: the entry's agent is connected through
-/// that replica. With several replicas an agent may reconnect through another one while the
-/// first still counts down its grace period; the removal is a transaction that holds only while
-/// no replica has such a key, so it never deregisters a connected workload.
+/// that replica (a presence key: on etcd it goes with the replica's lease). The leader removes
+/// an entry once none has been there for the grace period, in a transaction that holds only
+/// while none is, so it never deregisters a connected workload.
 pub const LIVE_PREFIX: &str = "/autoreg-live/";
 
 #[derive(Clone)]
 pub struct AutoRegistrar {
     registry: Registry,
-    grace: Duration,
+    session: Arc<Session>,
     conns: Arc<Mutex<HashMap<(String, String), Conn>>>,
-    /// This replica's name in the live keys.
-    replica: String,
 }
 
-fn live_prefix(ns: &str, name: &str) -> String {
+pub fn live_prefix(ns: &str, name: &str) -> String {
     format!("{LIVE_PREFIX}{ns}/{name}/")
 }
 
@@ -77,52 +78,32 @@ pub fn entry_name(group: &str, ip: IpAddr) -> String {
 }
 
 impl AutoRegistrar {
-    pub fn new(registry: Registry, grace: Duration) -> Self {
+    pub fn new(registry: Registry, session: Arc<Session>) -> Self {
         AutoRegistrar {
             registry,
-            grace,
+            session,
             conns: Default::default(),
-            replica: "local".into(),
         }
     }
 
-    /// Names this replica in the live keys (replicas sharing a store need distinct names).
-    pub fn with_replica(mut self, replica: impl Into<String>) -> Self {
-        self.replica = replica.into();
-        self
-    }
-
     fn live_key(&self, ns: &str, name: &str) -> String {
-        format!("{}{}", live_prefix(ns, name), self.replica)
+        format!("{}{}", live_prefix(ns, name), self.session.name())
     }
 
-    /// Forgets the live keys a previous run left: this replica's own, or with `all` (a store no
-    /// other replica shares) every one.
-    async fn clear_live_keys(&self, all: bool) -> Result<(), AutoRegError> {
+    /// Forgets the live keys a previous run left (this replica's own; on a store no other
+    /// replica shares, every one) and counts the auto-registered entries, which the leader
+    /// removes unless their agents reconnect within the grace period.
+    pub async fn adopt_existing(&self) -> Result<usize, AutoRegError> {
         let store = self.registry.store();
         let (kvs, _) = store
             .range(LIVE_PREFIX)
             .await
-            .map_err(crate::registry::RegistryError::from)?;
-        let own = format!("/{}", self.replica);
+            .map_err(RegistryError::from)?;
+        let own = format!("/{}", self.session.name());
+        let all = !self.session.shared();
         for kv in kvs.iter().filter(|kv| all || kv.key.ends_with(&own)) {
-            store
-                .delete(&kv.key)
-                .await
-                .map_err(crate::registry::RegistryError::from)?;
+            store.delete(&kv.key).await.map_err(RegistryError::from)?;
         }
-        Ok(())
-    }
-
-    /// Schedules the grace-period check for every auto-registered entry found at start. `alone`:
-    /// no other replica shares the store, so every live key is a previous run's.
-    pub async fn adopt_existing_shared(&self, alone: bool) -> Result<usize, AutoRegError> {
-        self.clear_live_keys(alone).await?;
-        self.adopt_existing().await
-    }
-
-    /// Schedules the grace-period check for every auto-registered entry found at start.
-    pub async fn adopt_existing(&self) -> Result<usize, AutoRegError> {
         let (entries, _) = self
             .registry
             .list(&Filter {
@@ -130,20 +111,10 @@ impl AutoRegistrar {
                 ..Default::default()
             })
             .await?;
-        let mut n = 0;
-        for r in entries {
-            if r.meta().annotations.contains_key(GROUP_ANNOTATION) {
-                let key = (r.meta().namespace.clone(), r.meta().name.clone());
-                let generation = {
-                    let mut conns = self.lock();
-                    let c = conns.entry(key.clone()).or_default();
-                    c.generation
-                };
-                self.schedule_removal(key, generation);
-                n += 1;
-            }
-        }
-        Ok(n)
+        Ok(entries
+            .iter()
+            .filter(|r| r.meta().annotations.contains_key(GROUP_ANNOTATION))
+            .count())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Conn>> {
@@ -244,12 +215,11 @@ impl AutoRegistrar {
         };
         let entry = Resource::WorkloadEntry(entry);
         self.registry.apply(vec![entry]).await?;
-        // Before the entry counts as served here, say so where every replica's removal looks.
+        // Say where the leader's removal looks that the agent is connected here.
         let live = self.live_key(&m.namespace, &name);
         if let Err(e) = self
-            .registry
-            .store()
-            .put(&live, self.replica.clone().into_bytes())
+            .session
+            .put(&live, self.session.name().as_bytes().to_vec())
             .await
         {
             tracing::warn!(entry = %name, error = %e, "cannot record the workload as connected here");
@@ -262,7 +232,9 @@ impl AutoRegistrar {
         Ok(name)
     }
 
-    /// The member's stream ended; its entry goes after the grace period unless it reconnects.
+    /// The member's stream ended: unless another stream of it is open here, the agent no longer
+    /// counts as connected through this replica, and the leader removes its entry after the
+    /// grace period unless it reconnects (here or elsewhere).
     pub fn disconnected(&self, namespace: &str, name: &str) {
         let key = (namespace.to_string(), name.to_string());
         let generation = {
@@ -274,52 +246,21 @@ impl AutoRegistrar {
             }
             c.generation
         };
-        self.schedule_removal(key, generation);
-    }
-
-    fn schedule_removal(&self, key: (String, String), generation: u64) {
         let this = self.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(this.grace).await;
-            let still_gone = {
-                let mut conns = this.lock();
-                match conns.get(&key) {
-                    Some(c) if c.live == 0 && c.generation == generation => {
-                        conns.remove(&key);
-                        true
+            let live = this.live_key(&key.0, &key.1);
+            this.session
+                .remove_if(&live, || {
+                    let mut conns = this.lock();
+                    match conns.get(&key) {
+                        Some(c) if c.live == 0 && c.generation == generation => {
+                            conns.remove(&key);
+                            true
+                        }
+                        _ => false,
                     }
-                    _ => false,
-                }
-            };
-            if still_gone {
-                // Not connected here any more; another replica may still have it.
-                let _ = this
-                    .registry
-                    .store()
-                    .delete(&this.live_key(&key.0, &key.1))
-                    .await;
-                match this
-                    .registry
-                    .delete_unless_live(
-                        Kind::WorkloadEntry,
-                        &key.0,
-                        &key.1,
-                        &live_prefix(&key.0, &key.1),
-                    )
-                    .await
-                {
-                    Ok(Some(_)) => {
-                        tracing::info!(namespace = %key.0, entry = %key.1, "workload deregistered after its agent left")
-                    }
-                    Ok(None) => {
-                        tracing::info!(namespace = %key.0, entry = %key.1, "workload kept: its agent is connected through another replica")
-                    }
-                    Err(RegistryError::NotFound(_)) => {}
-                    Err(e) => {
-                        tracing::warn!(namespace = %key.0, entry = %key.1, error = %e, "could not deregister workload")
-                    }
-                }
-            }
+                })
+                .await;
         });
     }
 

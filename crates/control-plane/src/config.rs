@@ -98,6 +98,10 @@ pub struct ServerArgs {
     /// This replica's name in logs and status [default: the host name].
     #[arg(long, env = "ISTHMUS_REPLICA_NAME")]
     pub replica_name: Option<String>,
+    /// On etcd: the TTL of this replica's lease. A replica that dies or is cut off loses its
+    /// leadership and its hosts' presence within it (2s to 5m).
+    #[arg(long, default_value = "10s", env = "ISTHMUS_LEASE_TTL")]
+    pub lease_ttl: humantime::Duration,
     /// What `vm config` and `join` bundles write into CA_ADDR: every replica's gRPC address
     /// (repeatable or comma-separated) [default: https://<advertised IP>:<gRPC port>].
     #[arg(
@@ -450,6 +454,13 @@ impl ServerArgs {
         }
         if self.seal_key_file.is_none() {
             return etcd("--store etcd needs --seal-key-file: the same 32-byte key on every replica seals the mesh CA in etcd (make one with `head -c32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > seal.key`)".into());
+        }
+        let ttl: std::time::Duration = self.lease_ttl.into();
+        if ttl < std::time::Duration::from_secs(2) || ttl > std::time::Duration::from_secs(300) {
+            return etcd(format!(
+                "--lease-ttl {} is out of range: use 2s to 5m (etcd grants no shorter lease; a longer one delays failover)",
+                self.lease_ttl
+            ));
         }
         if let Some(name) = &self.replica_name {
             if name.is_empty() || name.contains('/') || name.chars().any(char::is_whitespace) {

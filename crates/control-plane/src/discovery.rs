@@ -2,7 +2,7 @@
 //! `isthmus-xds`; callers authenticated like the CA's (join token or workload certificate);
 //! agents that name a WorkloadGroup are auto-registered and report their health on the stream.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,7 +32,7 @@ pub const AUTO_REGISTER_GROUP: &str = "AUTO_REGISTER_GROUP";
 pub type MeshHosts = Arc<BTreeSet<IpAddr>>;
 
 /// Store keys `/mesh-hosts/<ip>`: the agent hosts, kept across restarts of the control plane.
-const MESH_HOST_PREFIX: &str = "/mesh-hosts/";
+pub const MESH_HOST_PREFIX: &str = "/mesh-hosts/";
 
 /// Keeps a `ResourceSet` built from the live registry view and the connected agents; rebuilt
 /// off the async workers (it is proportional to the registry) and at most one build behind.
@@ -104,77 +104,72 @@ pub async fn persisted_mesh_hosts(store: &dyn Store) -> Result<BTreeSet<IpAddr>,
 }
 
 /// Store keys `/agents/<ip>/<replica>`: an agent is connected from the IP through that replica
-/// (or was, within the grace period). `/mesh-hosts/<ip>` is removed only while none is left, so
-/// with several replicas a host that moved to another one stays marked.
-const AGENTS_PREFIX: &str = "/agents/";
+/// (a presence key: on etcd it goes with the replica's lease). The leader removes
+/// `/mesh-hosts/<ip>` once none has been there for the grace period.
+pub const AGENTS_PREFIX: &str = "/agents/";
 
 /// Follows the discovery server's open streams into the set of agent hosts: the verified
 /// addresses of the streams (a node id's address only when the connection comes from it, the
 /// client certificate names it, or a WorkloadEntry of the identity was registered there).
 ///
-/// An IP stays in the set for `grace` after its last stream closed, and the set is kept in the
-/// store: without that, every entry at an agent host would be served as plain TCP from the
-/// moment the control plane restarts until that host's agent reconnects (after its backoff),
-/// and STRICT hosts would refuse the mesh meanwhile. `persisted` is what the last run left;
-/// those hosts get `grace` from now to reconnect, as adopted auto-registrations do.
-///
-/// The set served is the store's `/mesh-hosts/`, which every replica sharing the store follows,
-/// joined with this replica's own streams; `replica` names this one in `/agents/` keys, and
-/// `alone` says no other replica shares the store (every `/agents/` key is then a past run's).
+/// The set is kept in the store (`/mesh-hosts/<ip>`): without that, every entry at an agent
+/// host would be served as plain TCP from the moment the control plane restarts until that
+/// host's agent reconnects (after its backoff), and STRICT hosts would refuse the mesh
+/// meanwhile. A host stays in it until the leader finds no replica has had its agent for the
+/// grace period ([`crate::replicas::Sweeper`]). The set served is the store's, which every
+/// replica sharing the store follows, joined with this replica's own streams; `persisted` is
+/// the store's set at start.
 pub fn follow_mesh_hosts(
     xds: isthmus_xds::server::XdsServer,
     tx: watch::Sender<MeshHosts>,
+    session: Arc<crate::replicas::Session>,
     store: Arc<dyn Store>,
-    grace: Duration,
     persisted: BTreeSet<IpAddr>,
-    replica: String,
-    alone: bool,
 ) {
     let mut changes = xds.stream_changes();
-    let (shared_tx, mut shared) = watch::channel(persisted.clone());
+    let (shared_tx, mut shared) = watch::channel(persisted);
     tokio::spawn(watch_mesh_hosts(store.clone(), shared_tx));
     tokio::spawn(async move {
-        clear_agent_keys(store.as_ref(), &replica, alone).await;
-        // None: an agent is connected from the IP now; Some(t): none has been since t.
-        let start = tokio::time::Instant::now();
-        let mut known: BTreeMap<IpAddr, Option<tokio::time::Instant>> =
-            persisted.into_iter().map(|ip| (ip, Some(start))).collect();
+        clear_agent_keys(store.as_ref(), session.name(), !session.shared()).await;
+        let mut known: BTreeSet<IpAddr> = BTreeSet::new();
         loop {
             let connected: BTreeSet<IpAddr> = xds
                 .streams()
                 .iter()
                 .filter_map(|s| s.address.ip())
                 .collect();
-            let now = tokio::time::Instant::now();
-            for ip in &connected {
-                if known.insert(*ip, None).is_none_or(|since| since.is_some()) {
-                    let txn = isthmus_store::Txn::new()
-                        .put(format!("{MESH_HOST_PREFIX}{ip}"), b"agent".to_vec())
-                        .put(
-                            format!("{AGENTS_PREFIX}{ip}/{replica}"),
-                            replica.clone().into_bytes(),
-                        );
-                    if let Err(e) = store.txn(txn).await {
-                        // Still served from memory; only a restart would forget it early.
-                        tracing::warn!(%ip, error = %e, "cannot record the agent host");
-                    }
+            for ip in connected.difference(&known) {
+                if let Err(e) = store
+                    .put(&format!("{MESH_HOST_PREFIX}{ip}"), b"agent".to_vec())
+                    .await
+                {
+                    // Still served from memory; only a restart would forget it early.
+                    tracing::warn!(%ip, error = %e, "cannot record the agent host");
+                }
+                if let Err(e) = session
+                    .put(
+                        &format!("{AGENTS_PREFIX}{ip}/{}", session.name()),
+                        session.name().as_bytes().to_vec(),
+                    )
+                    .await
+                {
+                    tracing::warn!(%ip, error = %e, "cannot record the agent host as connected here");
                 }
             }
-            for (ip, since) in known.iter_mut() {
-                if since.is_none() && !connected.contains(ip) {
-                    *since = Some(now);
-                }
+            for ip in known.difference(&connected) {
+                let xds = xds.clone();
+                let ip = *ip;
+                session
+                    .remove_if(
+                        &format!("{AGENTS_PREFIX}{ip}/{}", session.name()),
+                        move || !xds.streams().iter().any(|s| s.address.ip() == Some(ip)),
+                    )
+                    .await;
             }
-            let expired: Vec<IpAddr> = known
-                .iter()
-                .filter(|(_, since)| since.is_some_and(|t| now >= t + grace))
-                .map(|(ip, _)| *ip)
-                .collect();
-            for ip in expired {
-                known.remove(&ip);
-                forget_host(store.as_ref(), ip, &replica, grace).await;
-            }
-            let mut ips: BTreeSet<IpAddr> = known.keys().copied().collect();
+            let n = connected.len();
+            session.update_record(|r| r.connected_hosts = n).await;
+            known = connected.clone();
+            let mut ips = connected;
             ips.extend(shared.borrow_and_update().iter().copied());
             tx.send_if_modified(|cur| {
                 if **cur == ips {
@@ -183,7 +178,6 @@ pub fn follow_mesh_hosts(
                 *cur = Arc::new(ips);
                 true
             });
-            let next_expiry = known.values().filter_map(|s| s.map(|t| t + grace)).min();
             tokio::select! {
                 changed = changes.changed() => {
                     if changed.is_err() {
@@ -195,37 +189,9 @@ pub fn follow_mesh_hosts(
                         return;
                     }
                 }
-                () = async {
-                    match next_expiry {
-                        Some(t) => tokio::time::sleep_until(t).await,
-                        None => std::future::pending().await,
-                    }
-                } => {}
             }
         }
     });
-}
-
-/// No agent from `ip` through this replica for `grace`: drop this replica's claim, and the
-/// host itself unless another replica still has one.
-async fn forget_host(store: &dyn Store, ip: IpAddr, replica: &str, grace: Duration) {
-    let _ = store
-        .delete(&format!("{AGENTS_PREFIX}{ip}/{replica}"))
-        .await;
-    let txn = isthmus_store::Txn::new()
-        .when(isthmus_store::Compare::prefix_empty(format!(
-            "{AGENTS_PREFIX}{ip}/"
-        )))
-        .delete(format!("{MESH_HOST_PREFIX}{ip}"));
-    match store.txn(txn).await {
-        Ok(isthmus_store::TxnOutcome::Committed { .. }) => {
-            tracing::info!(%ip, grace = ?grace, "no agent reconnected from this host: its workloads are plain TCP again");
-        }
-        Ok(isthmus_store::TxnOutcome::Failed { .. }) => {
-            tracing::info!(%ip, "the host's agent is connected through another replica");
-        }
-        Err(e) => tracing::warn!(%ip, error = %e, "cannot forget the agent host"),
-    }
 }
 
 /// Drops the `/agents/` keys a past run of this replica left (all of them when `alone`).
@@ -416,7 +382,7 @@ mod tests {
     use isthmus_model::{ObjectMeta, WorkloadEntrySpec};
 
     fn entry(ns: &str, sa: &str, ip: &str, auto: bool) -> WorkloadEntry {
-        let mut annotations = BTreeMap::new();
+        let mut annotations = std::collections::BTreeMap::new();
         if auto {
             annotations.insert(
                 crate::autoreg::GROUP_ANNOTATION.to_string(),

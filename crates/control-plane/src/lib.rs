@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod onboarding;
 pub mod proxies;
 pub mod registry;
+pub mod replicas;
 pub mod server;
 
 pub use config::ServerArgs;

@@ -46,6 +46,9 @@ pub struct ProxyStatus {
     pub workload_entry: Option<String>,
     /// Freshness per subscribed type.
     pub config: Vec<ConfigStatus>,
+    /// The control-plane replica the stream is connected to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -126,6 +129,7 @@ impl From<&StreamStatus> for ProxyStatus {
             }),
             workload_entry: s.registered.clone(),
             config: s.types.iter().map(ConfigStatus::from).collect(),
+            replica: None,
         }
     }
 }

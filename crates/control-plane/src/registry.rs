@@ -151,6 +151,16 @@ impl Filter {
     }
 }
 
+/// What a guarded delete did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Guarded {
+    Deleted,
+    /// A live key kept the resource.
+    Live,
+    /// The fence did not hold: the caller no longer leads.
+    Fenced,
+}
+
 #[derive(Clone)]
 pub struct Registry {
     store: Arc<dyn Store>,
@@ -516,23 +526,27 @@ impl Registry {
         ns: &str,
         name: &str,
     ) -> Result<(Resource, Revision), RegistryError> {
-        match self.delete_guarded(kind, ns, name, None).await? {
-            Some(done) => Ok(done),
+        match self.delete_guarded(kind, ns, name, None, None).await? {
+            (Guarded::Deleted, Some(done)) => Ok(done),
             // Without a guard nothing can keep the resource.
-            None => Err(too_busy()),
+            _ => Err(too_busy()),
         }
     }
 
-    /// Deletes one resource unless some key under `live` exists, decided in the same
-    /// transaction: `None` when a key there kept it (an agent connected through some replica).
+    /// Deletes one resource unless some key under `live` exists, and only while `fence` holds
+    /// (the leader's), decided in the same transaction.
     pub async fn delete_unless_live(
         &self,
         kind: Kind,
         ns: &str,
         name: &str,
         live: &str,
-    ) -> Result<Option<(Resource, Revision)>, RegistryError> {
-        self.delete_guarded(kind, ns, name, Some(live)).await
+        fence: Option<&Compare>,
+    ) -> Result<Guarded, RegistryError> {
+        Ok(self
+            .delete_guarded(kind, ns, name, Some(live), fence)
+            .await?
+            .0)
     }
 
     async fn delete_guarded(
@@ -541,7 +555,8 @@ impl Registry {
         ns: &str,
         name: &str,
         live: Option<&str>,
-    ) -> Result<Option<(Resource, Revision)>, RegistryError> {
+        fence: Option<&Compare>,
+    ) -> Result<(Guarded, Option<(Resource, Revision)>), RegistryError> {
         for _ in 0..MAX_ATTEMPTS {
             let key = kind.key(ns, name);
             let Some(kv) = self.store.get(&key).await? else {
@@ -563,12 +578,24 @@ impl Registry {
                     txn.ops.push(Op::Delete { key: vip_key(ip) });
                 }
             }
-            if let Some(live) = live {
+            let live_index = live.map(|live| {
                 txn.compares.push(Compare::prefix_empty(live));
-            }
+                txn.compares.len() - 1
+            });
+            let fence_index = fence.map(|fence| {
+                txn.compares.push(fence.clone());
+                txn.compares.len() - 1
+            });
             match self.store.txn(txn).await? {
-                TxnOutcome::Committed { revision } => return Ok(Some((r, revision))),
-                TxnOutcome::Failed { index: 1, .. } => return Ok(None),
+                TxnOutcome::Committed { revision } => {
+                    return Ok((Guarded::Deleted, Some((r, revision))))
+                }
+                TxnOutcome::Failed { index, .. } if Some(index) == live_index => {
+                    return Ok((Guarded::Live, None))
+                }
+                TxnOutcome::Failed { index, .. } if Some(index) == fence_index => {
+                    return Ok((Guarded::Fenced, None))
+                }
                 TxnOutcome::Failed { .. } => {}
             }
         }

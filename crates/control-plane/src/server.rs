@@ -245,10 +245,24 @@ pub async fn run(
         network: args.network.clone(),
         cluster_id: args.cluster_id.clone(),
     };
-    let autoreg = crate::autoreg::AutoRegistrar::new(registry.clone(), args.autoreg_grace.into())
-        .with_replica(args.replica());
+    let replica = args.replica();
+    let session = crate::replicas::Session::start(
+        store.clone(),
+        replica.clone(),
+        args.lease_ttl.into(),
+        crate::replicas::ReplicaRecord {
+            name: replica.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            started: crate::registry::now_rfc3339(),
+            ..Default::default()
+        },
+    )
+    .await
+    .context("cannot join the other replicas through the store")?;
+    crate::replicas::Sweeper::spawn(session.clone(), registry.clone(), args.autoreg_grace.into());
+    let autoreg = crate::autoreg::AutoRegistrar::new(registry.clone(), session.clone());
     let adopted = autoreg
-        .adopt_existing_shared(!shared)
+        .adopt_existing()
         .await
         .context("cannot read auto-registered workloads")?;
     if adopted > 0 {
@@ -275,11 +289,9 @@ pub async fn run(
     crate::discovery::follow_mesh_hosts(
         xds.clone(),
         hosts_tx,
+        session.clone(),
         store.clone(),
-        args.autoreg_grace.into(),
         mesh_hosts,
-        args.replica(),
-        !shared,
     );
     let onboarding_metrics = crate::onboarding::OnboardingMetrics::default();
     let listener_metrics = crate::metrics::ListenerMetrics::default();
@@ -292,6 +304,9 @@ pub async fn run(
             .register(reg.sub_registry_with_prefix("ca"));
         onboarding_metrics.register(reg.sub_registry_with_prefix("onboarding"));
         xds.metrics().register(reg.sub_registry_with_prefix("xds"));
+        session
+            .metrics
+            .register(reg.sub_registry_with_prefix("replica"));
         reg.sub_registry_with_prefix("store")
             .register_collector(Box::new(crate::metrics::StoreCollector(store.clone())));
     });
@@ -318,6 +333,7 @@ pub async fn run(
         },
         xds: xds.clone(),
         mesh: Default::default(),
+        session: session.clone(),
     });
 
     let admin = bind(args.admin_addr, "admin API", "--admin-addr").await?;
@@ -357,6 +373,15 @@ pub async fn run(
         metrics: format!("http://{}", metrics_l.local_addr()?),
         pid: std::process::id(),
     };
+    {
+        let (grpc_addr, admin_addr) = (endpoints.grpc.clone(), endpoints.admin.clone());
+        session
+            .update_record(|r| {
+                r.grpc_addr = grpc_addr;
+                r.admin_addr = admin_addr;
+            })
+            .await;
+    }
     let mesh = api::MeshInfo {
         trust_domain: ca.trust_domain().to_string(),
         domain: args.domain.clone(),
@@ -459,6 +484,8 @@ pub async fn run(
     {
         tracing::warn!("some connections did not finish within 10s; closing them");
     }
+    // Hand the leadership and this replica's hosts to the others now, not a lease TTL later.
+    session.stop().await;
     drop(store);
     if let Some(path) = record {
         let _ = std::fs::remove_file(path);

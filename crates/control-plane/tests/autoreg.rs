@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use isthmus_control_plane::autoreg::{AutoRegError, AutoRegistrar, Member};
 use isthmus_control_plane::registry::Registry;
+use isthmus_control_plane::replicas::{ReplicaRecord, Session, Sweeper};
 use isthmus_model::{parse_documents, Health, Kind, Resource};
 use isthmus_store::{MemStore, Store};
 
@@ -29,7 +30,22 @@ async fn setup(store: Arc<dyn Store>, probe: bool) -> (Registry, AutoRegistrar) 
     )
     .await
     .unwrap();
-    (reg.clone(), AutoRegistrar::new(reg, GRACE))
+    let auto = replica(&reg, "r1").await;
+    (reg, auto)
+}
+
+/// A replica on the registry's store: its session, the leader's sweeper, its registrar.
+async fn replica(reg: &Registry, name: &str) -> AutoRegistrar {
+    let session = Session::start(
+        reg.store().clone(),
+        name.into(),
+        Duration::from_secs(10),
+        ReplicaRecord::default(),
+    )
+    .await
+    .unwrap();
+    Sweeper::spawn(session.clone(), reg.clone(), GRACE);
+    AutoRegistrar::new(reg.clone(), session)
 }
 
 fn member(sa: &str) -> Member {
@@ -94,7 +110,8 @@ async fn lifecycle_connect_health_disconnect() {
     auto.disconnected("onprem", &name);
     tokio::time::sleep(GRACE - Duration::from_secs(1)).await;
     assert!(entry(&reg).await.is_some(), "still within the grace period");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The leader looks every grace/10: gone within two looks after the grace period.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     tokio::task::yield_now().await;
     let gone = async {
         for _ in 0..100 {
@@ -141,7 +158,7 @@ async fn restart_adopts_entries() {
     drop(auto);
 
     // "Restart": a new registrar over the same store.
-    let auto = AutoRegistrar::new(reg.clone(), GRACE);
+    let auto = replica(&reg, "r1").await;
     assert_eq!(auto.adopt_existing().await.unwrap(), 2);
     auto.connected(&member("db")).await.unwrap();
     tokio::time::sleep(GRACE * 2).await;
@@ -164,14 +181,13 @@ async fn restart_adopts_entries() {
 }
 
 /// Two replicas on one store: the agent leaves replica 1 and reconnects through replica 2 within
-/// the grace period. Replica 1's removal, when its grace ends, finds the agent live through
-/// replica 2 and keeps the entry; once the agent leaves replica 2 too, the entry goes.
+/// the grace period. The leader's removal finds the agent live through replica 2 and keeps the
+/// entry; once the agent leaves replica 2 too, the entry goes.
 #[tokio::test(start_paused = true)]
 async fn a_reconnect_through_another_replica_keeps_the_entry() {
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
     let (reg, one) = setup(store.clone(), false).await;
-    let one = one.with_replica("r1");
-    let two = AutoRegistrar::new(reg.clone(), GRACE).with_replica("r2");
+    let two = replica(&reg, "r2").await;
     let name = one.connected(&member("db")).await.unwrap();
     one.disconnected("onprem", &name);
     tokio::time::sleep(GRACE / 2).await;

@@ -206,13 +206,69 @@ fn replicas_share_registry_ca_and_token_and_ride_out_a_lost_quorum() {
         || dig(&c.dns, "late.onprem.svc.cluster.local"),
     );
 
-    // A replica killed: the others keep taking writes and serving reads.
+    // The replicas view: all three, one leader, whichever replica is asked.
+    let out = b.ok(&["status", "--replicas", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["replicas"].as_array().map(Vec::len), Some(3), "{out}");
+    let leaders = v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["leader"] == true)
+        .count();
+    assert_eq!(leaders, 1, "{out}");
+    let table = a.ok(&["status", "--replicas"]);
+    assert!(
+        table.contains("REPLICA") && table.contains("LEADER"),
+        "{table}"
+    );
+
+    // A replica killed: the others keep taking writes and serving reads, it leaves the
+    // replicas view within its lease TTL, and a CLI given every replica passes over it.
     c.kill9();
     b.ok(&["register", "after", "10.0.0.10", "80", "-n", "onprem"]);
     let out = a.ok(&["get", "services", "-n", "onprem"]);
     assert!(
         out.contains("after") && out.contains("late") && out.contains("mysql"),
         "{out}"
+    );
+    wait_for(
+        "C to leave the replicas view",
+        Duration::from_secs(20),
+        || {
+            let out = a.ok(&["status", "--replicas", "-o", "json"]);
+            let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+            (v["replicas"].as_array()?.len() == 2).then_some(())
+        },
+    );
+    let listed = Command::new(BIN)
+        .args(["get", "services", "-n", "onprem"])
+        .env("ISTHMUS_SERVER", format!("{},{}", c.admin, b.admin))
+        .env("ISTHMUS_TOKEN", TOKEN)
+        .env("XDG_CONFIG_HOME", c.home.path())
+        .env_remove("ISTHMUS_CONFIG")
+        .output()
+        .unwrap();
+    assert!(
+        listed.status.success() && String::from_utf8_lossy(&listed.stdout).contains("after"),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let all_down = Command::new(BIN)
+        .args(["get", "services", "-n", "onprem"])
+        .env(
+            "ISTHMUS_SERVER",
+            format!("{},{}", c.admin, c.admin.replace("127.0.0.1", "127.0.0.2")),
+        )
+        .env("ISTHMUS_TOKEN", TOKEN)
+        .env("XDG_CONFIG_HOME", c.home.path())
+        .env_remove("ISTHMUS_CONFIG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&all_down.stderr);
+    assert!(
+        !all_down.status.success() && err.contains("none answered"),
+        "{err}"
     );
 }
 
@@ -336,6 +392,19 @@ fn an_agent_moves_to_another_replica_when_its_own_is_killed() {
         },
     );
     let (mut dead, alive) = if on_a { (a, b) } else { (b, a) };
+    // `isthmus status` on either replica lists the host, with the replica it is on.
+    let dead_name = replicas_view(&dead)["this"].as_str().unwrap().to_string();
+    for s in [&dead, &alive] {
+        let out = s.ok(&["status", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let hosts = v.as_array().unwrap();
+        assert_eq!(hosts.len(), 1, "{out}");
+        assert_eq!(
+            hosts[0]["replica"].as_str(),
+            Some(dead_name.as_str()),
+            "{out}"
+        );
+    }
     let issued_before = issued(&alive);
     dead.kill9();
     wait_for(
@@ -454,4 +523,142 @@ fn the_replicas_demo_script_runs_as_printed() {
             .all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_err())
             .then_some(())
     });
+}
+
+fn metric(s: &Server, name: &str) -> i64 {
+    get(&format!("{}/metrics", s.metrics))
+        .1
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(-1)
+}
+
+fn replicas_view(s: &Server) -> serde_json::Value {
+    serde_json::from_str(&get_auth(&format!("{}/api/v1/replicas", s.admin))).unwrap_or_default()
+}
+
+fn signal(s: &Server, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(s.child.id() as i32), sig).unwrap();
+}
+
+/// One leader runs the timed work. SIGSTOP it past its lease: the other replica leads within
+/// the TTL and removes, after its own grace period, the orphaned workload the first had been
+/// counting down; the first, resumed, finds its lease gone, leads no more and removes nothing
+/// (its removal carries the fence). SIGKILL the leader: the other leads within the TTL.
+#[test]
+fn the_leader_fails_over_and_a_paused_one_writes_nothing() {
+    let Some(etcd) = EtcdCluster::start(1, "replicas leader") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let seal = seal_key(tmp.path());
+    let opts = ["--lease-ttl", "2s", "--autoreg-grace", "6s"];
+    let a = replica(&tmp.path().join("a"), &etcd, &seal, &opts);
+    let b = replica(&tmp.path().join("b"), &etcd, &seal, &opts);
+    let leader_of = |s: &Server| {
+        let v = replicas_view(s);
+        let names: Vec<String> = v["replicas"]
+            .as_array()
+            .map(|r| {
+                r.iter()
+                    .filter_map(|x| x["name"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        (names.len() == 2)
+            .then(|| v["leader"].as_str().map(String::from))
+            .flatten()
+    };
+    let first = wait_for(
+        "a leader among two replicas",
+        Duration::from_secs(15),
+        || leader_of(&a),
+    );
+    let view = replicas_view(&b);
+    assert_eq!(view["leader"].as_str(), Some(first.as_str()), "{view}");
+    let (mut old, new) = if replicas_view(&a)["this"] == first.as_str() {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    assert_eq!(metric(&old, "isthmus_replica_leader"), 1);
+    assert_eq!(metric(&new, "isthmus_replica_leader"), 0);
+
+    // An auto-registered workload whose agent is gone: the leader starts counting its grace.
+    new.cli_stdin(
+        &["apply", "-f", "-"],
+        Some("apiVersion: isthmus.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: gone-10-0-5-1\n  namespace: onprem\n  annotations: {isthmus.io/workload-group: gone}\nspec: {address: 10.0.5.1, serviceAccount: default}\n"),
+    );
+    new.ok(&["get", "workloadentries", "-n", "onprem"])
+        .contains("gone-10-0-5-1")
+        .then_some(())
+        .expect("the entry was applied");
+    std::thread::sleep(Duration::from_secs(2));
+
+    signal(&old, nix::sys::signal::Signal::SIGSTOP);
+    let paused = std::time::Instant::now();
+    let new_name = replicas_view(&new)["this"].as_str().unwrap().to_string();
+    wait_for("the other replica to lead", Duration::from_secs(5), || {
+        (replicas_view(&new)["leader"].as_str() == Some(new_name.as_str())).then_some(())
+    });
+    eprintln!(
+        "leader SIGSTOPped: another led after {:?} (lease TTL 2s)",
+        paused.elapsed()
+    );
+    assert_eq!(metric(&new, "isthmus_replica_leader"), 1);
+    // Resume the old leader once its own grace period for the workload has run out.
+    std::thread::sleep(Duration::from_secs(7).saturating_sub(paused.elapsed()));
+    signal(&old, nix::sys::signal::Signal::SIGCONT);
+    wait_for(
+        "the resumed replica to find its lease lost",
+        Duration::from_secs(10),
+        || (metric(&old, "isthmus_replica_leases_lost_total") >= 1).then_some(()),
+    );
+    wait_for(
+        "the workload removed by the new leader",
+        Duration::from_secs(15),
+        || {
+            (!new
+                .ok(&["get", "workloadentries", "-n", "onprem"])
+                .contains("gone-10-0-5-1"))
+            .then_some(())
+        },
+    );
+    assert_eq!(
+        metric(&new, "isthmus_replica_removed_total"),
+        1,
+        "the new leader removed it"
+    );
+    assert_eq!(
+        metric(&old, "isthmus_replica_removed_total"),
+        0,
+        "the paused leader wrote after losing its lease"
+    );
+    assert_eq!(metric(&old, "isthmus_replica_leader"), 0);
+    eprintln!(
+        "resumed old leader: fenced writes {}, leases lost {}",
+        metric(&old, "isthmus_replica_fenced_writes_total"),
+        metric(&old, "isthmus_replica_leases_lost_total")
+    );
+    // It is a replica again, not the leader: both listed, one leader.
+    wait_for(
+        "both replicas listed again",
+        Duration::from_secs(10),
+        || leader_of(&old).filter(|l| *l == new_name),
+    );
+
+    // The leader SIGKILLed: the other leads within the TTL.
+    let mut new = new;
+    new.kill9();
+    let killed = std::time::Instant::now();
+    let old_name = replicas_view(&old)["this"].as_str().unwrap().to_string();
+    wait_for("the survivor to lead", Duration::from_secs(5), || {
+        (replicas_view(&old)["leader"].as_str() == Some(old_name.as_str())).then_some(())
+    });
+    eprintln!(
+        "leader SIGKILLed: the survivor led after {:?}",
+        killed.elapsed()
+    );
+    let _ = old.term();
 }

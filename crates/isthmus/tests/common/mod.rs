@@ -89,11 +89,14 @@ impl Server {
     pub fn start_command(mut cmd: Command, dir: &Path) -> Server {
         // The server records itself for the CLI under the config dir: the test's, not the user's.
         let home = tempfile::tempdir().unwrap();
-        cmd.env("ISTHMUS_LOG", "warn")
-            .env("XDG_CONFIG_HOME", home.path())
-            .env_remove("ISTHMUS_CONFIG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+        cmd.env(
+            "ISTHMUS_LOG",
+            std::env::var("TEST_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .env("XDG_CONFIG_HOME", home.path())
+        .env_remove("ISTHMUS_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
@@ -261,7 +264,10 @@ impl Agent {
             ])
             .args(["--dns-addr", "127.0.0.1:0", "--dns-upstream", "127.0.0.1:9"])
             .args(extra)
-            .env("ISTHMUS_LOG", "warn")
+            .env(
+                "ISTHMUS_LOG",
+                std::env::var("TEST_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
