@@ -36,6 +36,10 @@ impl Connect for CertConnector {
             .connect(|address| self.connect_one(address, cert.clone()))
             .await
     }
+
+    fn rebalance(&self) {
+        crate::sockets::Failover::of(&self.address).shuffle();
+    }
 }
 
 impl CertConnector {

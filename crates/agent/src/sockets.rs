@@ -235,6 +235,18 @@ impl Failover {
         }
     }
 
+    /// Starts the next attempt at another address, picked at random (a rebalance the control
+    /// plane asked for: hosts spread over every replica, new ones included).
+    pub fn shuffle(&self) {
+        let n = self.addresses.len();
+        if n > 1 {
+            let current = self.next.load(std::sync::atomic::Ordering::Relaxed);
+            let step = 1 + rand::random::<u32>() as usize % (n - 1);
+            self.next
+                .store((current + step) % n, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// Every address, in the order they will be tried now.
     pub fn order(&self) -> Vec<String> {
         let n = self.addresses.len();
@@ -309,5 +321,27 @@ mod failover_tests {
         let err: Result<String, String> = f.connect(|a| async move { Err(a) }).await;
         assert!(err.is_err());
         assert_ne!(f.order()[0], before);
+    }
+
+    /// A rebalance moves to another address: over many, every replica comes first, each about
+    /// a third of the time; with one address it is a no-op.
+    #[test]
+    fn a_rebalance_spreads_over_every_address() {
+        let f = Failover::new("https://a:1,https://b:2,https://c:3");
+        let mut firsts = std::collections::HashMap::new();
+        for _ in 0..3000 {
+            let before = f.order()[0].clone();
+            f.shuffle();
+            assert_ne!(f.order()[0], before);
+            *firsts.entry(f.order()[0].clone()).or_insert(0) += 1;
+        }
+        assert_eq!(firsts.len(), 3, "{firsts:?}");
+        assert!(
+            firsts.values().all(|&n| (800..1200).contains(&n)),
+            "{firsts:?}"
+        );
+        let one = Failover::new("https://a:1");
+        one.shuffle();
+        assert_eq!(one.order(), ["https://a:1"]);
     }
 }

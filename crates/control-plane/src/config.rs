@@ -225,6 +225,10 @@ pub struct ServerArgs {
     /// NAT share an address).
     #[arg(long, default_value_t = isthmus_xds::server::ServerConfig::default().max_streams_per_identity_and_ip)]
     pub max_streams_per_identity_and_address: usize,
+    /// Close a discovery stream after about this long (±10%), so hosts reconnect and spread
+    /// over every replica, new ones included (istiod's maximum connection age). `0s`: never.
+    #[arg(long, default_value = "30m", env = "ISTHMUS_MAX_STREAM_AGE")]
+    pub max_stream_age: humantime::Duration,
 }
 
 /// Descriptors kept out of the connection budget: the store, listeners, UDP DNS sockets,

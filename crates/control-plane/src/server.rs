@@ -283,6 +283,7 @@ pub async fn run(
             max_names_per_type: args.max_subscriptions,
             max_streams_per_identity: args.max_streams_per_identity,
             max_streams_per_identity_and_ip: args.max_streams_per_identity_and_address,
+            max_stream_age: Some(args.max_stream_age.into()).filter(|a: &Duration| !a.is_zero()),
             ..Default::default()
         },
     );

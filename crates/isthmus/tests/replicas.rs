@@ -662,3 +662,53 @@ fn the_leader_fails_over_and_a_paused_one_writes_nothing() {
     );
     let _ = old.term();
 }
+
+/// With `--max-stream-age`, a host's discovery stream is closed about that often and the agent
+/// reconnects to the other replica: hosts spread over every replica, new ones included. Each
+/// move resumes from the agent's versions, so its DNS keeps answering throughout.
+#[test]
+fn hosts_move_between_replicas_at_the_maximum_stream_age() {
+    let Some(etcd) = EtcdCluster::start(1, "replicas rebalance") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let seal = seal_key(tmp.path());
+    let opts = ["--max-stream-age", "2s"];
+    let a = replica(&tmp.path().join("a"), &etcd, &seal, &opts);
+    let b = replica(&tmp.path().join("b"), &etcd, &seal, &opts);
+    let host = tmp.path().join("host");
+    a.ok(&["vm", "certs", "-o", host.join("certs").to_str().unwrap()]);
+    let token = a.cli(&["token", "create", "-n", "onprem", "-s", "db"]);
+    assert!(token.status.success());
+    std::fs::write(host.join("token"), token.stdout).unwrap();
+    a.ok(&["register", "db", "10.0.4.1", "5432", "-n", "onprem"]);
+    let agent = Agent::start(&format!("{},{}", a.grpc, b.grpc), &host, &[]);
+    let dns = agent.endpoints["dns"].as_str().unwrap().to_string();
+    let holds = |s: &Server| get_auth(&format!("{}/api/v1/proxies", s.admin)).contains("127.0.0.9");
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while seen.len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream did not move back and forth: {seen:?}"
+        );
+        let on = if holds(&a) {
+            Some('a')
+        } else if holds(&b) {
+            Some('b')
+        } else {
+            None
+        };
+        if let Some(on) = on {
+            if seen.last() != Some(&on) {
+                seen.push(on);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        dig(&dns, "db.onprem.svc.cluster.local").is_some(),
+        "the agent's DNS answers after the moves"
+    );
+    agent.stop();
+}

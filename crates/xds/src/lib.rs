@@ -35,5 +35,5 @@ pub use node::{NodeId, NodeIdError, ProxyNode, NODE_ID_FORM};
 pub use resources::{ResourceSet, Version, XdsResource, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 pub use server::{
     AdsService, Authenticate, Identity, ServerConfig, StaticAuthenticator, XdsMetrics, XdsServer,
-    DELTA_ADS_PATH,
+    DELTA_ADS_PATH, REBALANCE_MESSAGE,
 };

@@ -337,3 +337,84 @@ async fn authorization_policies_flow_through_the_same_machinery() -> Result<()> 
     task.abort();
     Ok(())
 }
+
+/// Counts the rebalances the client asks of its connector.
+struct Rebalancing {
+    inner: EndpointConnector,
+    rebalances: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[tonic::async_trait]
+impl isthmus_xds::client::Connect for Rebalancing {
+    async fn connect(
+        &self,
+    ) -> std::result::Result<tonic::transport::Channel, isthmus_xds::client::ConnectError> {
+        self.inner.connect().await
+    }
+    fn metadata(
+        &self,
+    ) -> std::result::Result<tonic::metadata::MetadataMap, isthmus_xds::client::ConnectError> {
+        self.inner.metadata()
+    }
+    fn rebalance(&self) {
+        self.rebalances
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A stream at its maximum age is closed with UNAVAILABLE and the rebalance message, within
+/// 10% of the age; the client reconnects at once (no backoff), asking its connector for
+/// another replica, and stays served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_end_at_their_maximum_age_and_the_client_reconnects_elsewhere() -> Result<()> {
+    let age = Duration::from_millis(400);
+    let server = TestServer::start_with(
+        Arc::new(Pki::new()?),
+        Registry::new(1, 1).build(),
+        ServerConfig {
+            max_stream_age: Some(age),
+            ..Default::default()
+        },
+        None,
+    )
+    .await?;
+
+    // A raw stream: closed with the message, between 90% and 110% of the age (plus slack).
+    let mut raw = RawClient::subscribe(server.channel().await?, &[ADDRESS_TYPE_URL]).await?;
+    let opened = std::time::Instant::now();
+    let status = loop {
+        match tokio::time::timeout(WAIT, raw.rx.message()).await? {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("closed without a status"),
+            Err(status) => break status,
+        }
+    };
+    let lived = opened.elapsed();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(status.message(), isthmus_xds::REBALANCE_MESSAGE);
+    assert!(
+        lived >= age.mul_f64(0.85) && lived < age.mul_f64(1.1) + Duration::from_millis(300),
+        "lived {lived:?} with a maximum age of {age:?}"
+    );
+
+    // The client: three rebalances within ~4 ages, each followed by a served stream.
+    let rebalances = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let connector = Rebalancing {
+        inner: EndpointConnector::new(server.endpoint()?).with_bearer_token(TOKEN),
+        rebalances: rebalances.clone(),
+    };
+    let c = XdsClient::new(config(None), Arc::new(connector));
+    let mut status = c.status();
+    let task = tokio::spawn(c.run());
+    let deadline = std::time::Instant::now() + age * 4 + Duration::from_secs(2);
+    while rebalances.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        assert!(std::time::Instant::now() < deadline, "no rebalance");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !matches!(*status.borrow_and_update(), ClientStatus::Backoff { .. }),
+            "a maximum-age close is not a failure to back off from"
+        );
+    }
+    task.abort();
+    Ok(())
+}

@@ -27,6 +27,10 @@ pub trait Connect: Send + Sync + 'static {
     fn metadata(&self) -> Result<MetadataMap, ConnectError> {
         Ok(MetadataMap::new())
     }
+
+    /// The server asked the stream to reconnect elsewhere (its maximum age): a connector that
+    /// knows several control planes may pick another for the next `connect`.
+    fn rebalance(&self) {}
 }
 
 /// A fixed endpoint (with its TLS settings) and an optional bearer token.

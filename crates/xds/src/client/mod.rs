@@ -157,6 +157,8 @@ enum Ended {
     Clean { received: bool },
     /// Transport or status error worth retrying.
     Failed { error: String, received: bool },
+    /// The server ended the stream at its maximum age: reconnect now, perhaps elsewhere.
+    Rebalance,
 }
 
 impl XdsClient {
@@ -247,6 +249,12 @@ impl XdsClient {
             let (error, received) = match ended {
                 Ended::Clean { received: true } => {
                     tracing::info!("control plane closed the discovery stream; reconnecting");
+                    backoff.reset();
+                    continue;
+                }
+                Ended::Rebalance => {
+                    tracing::info!("control plane closed the discovery stream at its maximum age; reconnecting");
+                    self.connector.rebalance();
                     backoff.reset();
                     continue;
                 }
@@ -433,6 +441,9 @@ impl XdsClient {
 fn classify(status: Status, received: bool) -> Result<Ended, Status> {
     match status.code() {
         Code::Unauthenticated | Code::PermissionDenied => Err(status),
+        Code::Unavailable if status.message() == crate::server::REBALANCE_MESSAGE => {
+            Ok(Ended::Rebalance)
+        }
         code => Ok(Ended::Failed {
             error: format!("{code:?}: {}", status.message()),
             received,

@@ -93,6 +93,10 @@ pub struct ServerConfig {
     pub max_streams_per_identity: usize,
     /// Discovery streams open at once under one identity from one IP address.
     pub max_streams_per_identity_and_ip: usize,
+    /// A stream older than this (give or take 10%, so reconnects spread out) is closed with
+    /// UNAVAILABLE and [`REBALANCE_MESSAGE`], as istiod's maximum connection age: clients
+    /// reconnect, to any replica, so replicas added later get their share. `None`: never.
+    pub max_stream_age: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -110,6 +114,7 @@ impl Default for ServerConfig {
             max_streams_per_identity: 1024,
             // Hosts behind one NAT share an address, so this is not 1.
             max_streams_per_identity_and_ip: 256,
+            max_stream_age: None,
         }
     }
 }
@@ -371,6 +376,11 @@ fn not_after(cert: &rustls::pki_types::CertificateDer<'_>) -> Option<std::time::
     let secs = u64::try_from(parsed.validity().not_after.timestamp()).ok()?;
     Some(std::time::UNIX_EPOCH + Duration::from_secs(secs))
 }
+
+/// The message of the UNAVAILABLE status that ends a stream at its maximum age: the client
+/// should reconnect at once, and may pick another replica.
+pub const REBALANCE_MESSAGE: &str =
+    "the discovery stream reached its maximum age: reconnect, to any control-plane replica";
 
 pub(crate) fn closing_status() -> Status {
     Status::unavailable("control plane is shutting down; reconnect")

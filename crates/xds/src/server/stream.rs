@@ -204,6 +204,11 @@ impl Connection {
         let mut source_open = true;
         let mut seen_generation = snapshots.borrow_and_update().generation;
         let mut closing = self.shared.closing.subscribe();
+        let max_age_at = self.shared.config.max_stream_age.map(|age| {
+            // 90% to 110% of the age, so streams opened together do not all reconnect at once.
+            let jitter = 0.9 + rand::random::<f64>() * 0.2;
+            Instant::now() + age.mul_f64(jitter)
+        });
         tracing::debug!("discovery stream opened");
         loop {
             let deadline = self.permit_deadline();
@@ -221,6 +226,11 @@ impl Connection {
                     None
                 }
                 () = tx.closed() => return,
+                () = sleep_until_opt(max_age_at), if max_age_at.is_some() => {
+                    tracing::debug!("closing the discovery stream: maximum age reached");
+                    let _ = tx.try_send(Outgoing::Close(Status::unavailable(super::REBALANCE_MESSAGE)));
+                    return;
+                }
                 _ = closing.wait_for(|c| *c) => {
                     tracing::debug!("closing the discovery stream: server shutting down");
                     let _ = tx.try_send(Outgoing::Close(super::closing_status()));
