@@ -32,11 +32,7 @@ async fn agent_joins_resolves_registers_and_survives_the_control_plane() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = stable_port();
     let grpc = format!("127.0.0.1:{port}");
     let mut s =
         Server::start_with_grpc(dir.path(), &["--grpc-addr", &grpc, "--autoreg-grace", "2s"]);

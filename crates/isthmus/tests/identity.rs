@@ -276,11 +276,7 @@ fn bootstrap_certs_and_token_input_errors() {
 #[test]
 fn root_rotation_without_breaking_hosts() {
     // The agent needs a stable address across control-plane restarts.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = stable_port();
     let grpc = format!("127.0.0.1:{port}");
     let new_ca = tempfile::tempdir().unwrap();
     {

@@ -21,11 +21,17 @@ pub struct EtcdCluster {
 }
 
 fn free_port() -> u16 {
-    // Bound then released: the member binds it a moment later. Loopback only.
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
+    // Members are restarted on their ports: pick them below Linux's ephemeral range
+    // (32768-60999) so that no client socket takes one while its member is down. Loopback only.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(2654435761);
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 20000 + (seed.wrapping_add(n.wrapping_mul(7919)) % 12000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Whether Debian's etcd is installed; prints the loud skip line when not.

@@ -48,6 +48,18 @@ pub struct Server {
     pub home: tempfile::TempDir,
 }
 
+/// A free loopback port for a server that must keep its address across restarts: picked below
+/// Linux's ephemeral range (32768-60999), so no client socket of a parallel test takes it
+/// while the server is down.
+pub fn stable_port() -> u16 {
+    loop {
+        let port = 20000 + (rand::random::<u16>() % 12000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// Polls `f` until it returns Some or the deadline passes.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
