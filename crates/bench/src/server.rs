@@ -43,6 +43,16 @@ pub struct Started {
 /// Starts `bin server` with `dir/data` as its data directory and its output in
 /// `dir/server.log`, and waits until it answers /readyz.
 pub async fn start(bin: &Path, dir: &Path, client: reqwest::Client) -> anyhow::Result<Started> {
+    start_with(bin, dir, client, &[]).await
+}
+
+/// Like [`start`], with `extra` arguments (a store, say).
+pub async fn start_with(
+    bin: &Path,
+    dir: &Path,
+    client: reqwest::Client,
+    extra: &[String],
+) -> anyhow::Result<Started> {
     let data = dir.join("data");
     let log = dir.join("server.log");
     let mut cmd = Command::new(bin);
@@ -58,6 +68,7 @@ pub async fn start(bin: &Path, dir: &Path, client: reqwest::Client) -> anyhow::R
         "--grpc-addr",
         "127.0.0.1:0",
     ]);
+    cmd.args(extra);
     let mut process = ServerProcess::spawn("isthmus server", cmd, &log)?;
     let deadline = Instant::now() + START_TIMEOUT;
     let endpoints_file = data.join("endpoints.json");

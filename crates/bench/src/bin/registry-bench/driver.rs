@@ -119,6 +119,8 @@ pub struct RunResult {
     pub phase_timeout_s: u64,
     pub fsync_probe: Option<procfs::FsyncProbe>,
     pub isthmus: SystemResult,
+    /// One Isthmus server on a one-member etcd (`--store etcd`), when etcd is installed.
+    pub isthmus_etcd: Option<SystemResult>,
     pub etcd: SystemResult,
 }
 
@@ -371,6 +373,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         problem,
     };
 
+    let isthmus_etcd = if args.no_etcd || etcd::version(&args.etcd_bin).is_err() {
+        None
+    } else {
+        let (bin, etcd_bin) = (args.isthmus_bin.clone(), args.etcd_bin.clone());
+        let c = client.clone();
+        let (loads, watch, problem, last) =
+            bench_system(&args, work.path(), "isthmus-on-etcd", |dir| {
+                isthmus::start_on_etcd(bin.clone(), etcd_bin.clone(), dir, c.clone())
+            })
+            .await;
+        if let Some((_, server)) = last {
+            server.stop().await;
+        }
+        Some(SystemResult {
+            name: "Isthmus on etcd".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            loads,
+            watch,
+            problem,
+        })
+    };
+
     let etcd_result = if args.no_etcd {
         SystemResult::missing("etcd", "", "not run (--no-etcd)".into())
     } else {
@@ -406,6 +430,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         phase_timeout_s: args.phase_timeout_secs,
         fsync_probe,
         isthmus: isthmus_result,
+        isthmus_etcd,
         etcd: etcd_result,
     };
     if let Some(path) = &args.json_out {

@@ -130,6 +130,13 @@ pub async fn start(
     ))
 }
 
+impl Etcd {
+    /// The client URL, `http://127.0.0.1:PORT`.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+}
+
 fn b64(s: &str) -> String {
     B64.encode(s.as_bytes())
 }

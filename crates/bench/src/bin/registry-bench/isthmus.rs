@@ -16,6 +16,8 @@ use crate::driver::{address, entry_name, service, Target, NAMESPACE};
 
 pub struct Isthmus {
     admin: Admin,
+    /// The etcd it stores in, kept running as long as the server (`--store etcd`).
+    _etcd: Option<ServerProcess>,
 }
 
 /// A service and a workload entry as Isthmus stores them for registration 0, so that etcd is
@@ -63,6 +65,51 @@ pub async fn start(
     Ok((
         Arc::new(Isthmus {
             admin: started.admin,
+            _etcd: None,
+        }),
+        started.process,
+    ))
+}
+
+/// Starts a one-member etcd in `dir/etcd` and `isthmus server --store etcd` on it, as one
+/// replica of several would run; the process measured is the server's.
+pub async fn start_on_etcd(
+    bin: PathBuf,
+    etcd_bin: PathBuf,
+    dir: PathBuf,
+    client: reqwest::Client,
+) -> anyhow::Result<(Arc<Isthmus>, ServerProcess)> {
+    let etcd_dir = dir.join("etcd");
+    std::fs::create_dir_all(&etcd_dir)?;
+    let (etcd, etcd_process) = crate::etcd::start(
+        etcd_bin,
+        etcd_dir,
+        client.clone(),
+        Templates::fallback(),
+    )
+    .await?;
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data)?;
+    let token = data.join("admin-token");
+    std::fs::write(&token, "registry-bench-admin-token")?;
+    let seal = dir.join("seal.key");
+    std::fs::write(&seal, "b7".repeat(32))?;
+    std::fs::set_permissions(&seal, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let extra = [
+        "--store".to_string(),
+        "etcd".into(),
+        "--etcd-endpoints".into(),
+        etcd.base().to_string(),
+        "--seal-key-file".into(),
+        seal.display().to_string(),
+        "--admin-token-file".into(),
+        token.display().to_string(),
+    ];
+    let started = server::start_with(&bin, &dir, client, &extra).await?;
+    Ok((
+        Arc::new(Isthmus {
+            admin: started.admin,
+            _etcd: Some(etcd_process),
         }),
         started.process,
     ))

@@ -1,4 +1,4 @@
-//! The run's figures as a markdown table, Isthmus and etcd side by side.
+//! The run's figures as a markdown table, the systems side by side.
 
 use std::fmt::Write;
 
@@ -21,7 +21,7 @@ fn load_row(
     out: &mut String,
     label: &str,
     c: usize,
-    systems: [&SystemResult; 2],
+    systems: &[&SystemResult],
     f: impl Fn(&LoadResult) -> String,
 ) {
     let cells: Vec<String> = systems
@@ -33,24 +33,27 @@ fn load_row(
                 .map_or_else(|| NONE.to_string(), &f)
         })
         .collect();
-    let _ = writeln!(out, "| {label}, c={c} | {} | {} |", cells[0], cells[1]);
+    let _ = writeln!(out, "| {label}, c={c} | {} |", cells.join(" | "));
 }
 
 fn watch_row(
     out: &mut String,
     label: &str,
-    systems: [&SystemResult; 2],
+    systems: &[&SystemResult],
     f: impl Fn(&WatchResult) -> String,
 ) {
     let cells: Vec<String> = systems
         .iter()
         .map(|s| s.watch.as_ref().map_or_else(|| NONE.to_string(), &f))
         .collect();
-    let _ = writeln!(out, "| {label} | {} | {} |", cells[0], cells[1]);
+    let _ = writeln!(out, "| {label} | {} |", cells.join(" | "));
 }
 
 pub fn markdown(r: &RunResult) -> String {
-    let systems = [&r.isthmus, &r.etcd];
+    let mut systems = vec![&r.isthmus];
+    systems.extend(r.isthmus_etcd.as_ref());
+    systems.push(&r.etcd);
+    let systems = systems.as_slice();
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -72,8 +75,9 @@ pub fn markdown(r: &RunResult) -> String {
         );
     }
     let _ = writeln!(out);
-    let _ = writeln!(out, "| | {} | {} |", header(&r.isthmus), header(&r.etcd));
-    let _ = writeln!(out, "|---|---:|---:|");
+    let headers: Vec<String> = systems.iter().map(|s| header(s)).collect();
+    let _ = writeln!(out, "| | {} |", headers.join(" | "));
+    let _ = writeln!(out, "|---|{}", "---:|".repeat(systems.len()));
     let mut levels: Vec<usize> = systems
         .iter()
         .flat_map(|s| s.loads.iter().map(|l| l.concurrency))
@@ -143,14 +147,10 @@ pub fn markdown(r: &RunResult) -> String {
             + s.watch.as_ref().map_or(0, |w| w.errors);
         n.to_string()
     };
-    let _ = writeln!(
-        out,
-        "| failed requests (all phases) | {} | {} |",
-        errors(&r.isthmus),
-        errors(&r.etcd)
-    );
+    let cells: Vec<String> = systems.iter().map(|s| errors(s)).collect();
+    let _ = writeln!(out, "| failed requests (all phases) | {} |", cells.join(" | "));
     let _ = writeln!(out);
-    for s in systems {
+    for s in systems.iter() {
         if let Some(p) = &s.problem {
             let _ = writeln!(out, "- {}: {p}", s.name);
         }
