@@ -42,10 +42,14 @@ pub fn resources(
     opts: MappingOptions,
 ) -> watch::Receiver<Arc<ResourceSet>> {
     let build = |v: &RegistryView, hosts: &BTreeSet<IpAddr>, opts: &MappingOptions| {
-        let services: Vec<_> = v.services.values().cloned().collect();
+        let services: Vec<_> = v.services.values().map(|s| (**s).clone()).collect();
         let entries: Vec<_> = v.entries.values().map(|e| with_agent(e, hosts)).collect();
-        let policies: Vec<_> = v.policies.values().cloned().collect();
-        let peer_auths: Vec<_> = v.peer_authentications.values().cloned().collect();
+        let policies: Vec<_> = v.policies.values().map(|p| (**p).clone()).collect();
+        let peer_auths: Vec<_> = v
+            .peer_authentications
+            .values()
+            .map(|p| (**p).clone())
+            .collect();
         Arc::new(build_resources_with_policies(
             &services,
             &entries,

@@ -15,15 +15,16 @@ use tokio::sync::watch;
 
 use crate::registry::{decode, Registry};
 
-/// Everything in the registry at one revision. Keys are `(namespace, name)`.
+/// Everything in the registry at one revision. Keys are `(namespace, name)`. Objects are
+/// shared between snapshots (`Arc`): publishing a snapshot copies the maps, not the objects.
 #[derive(Clone, Debug, Default)]
 pub struct RegistryView {
     pub revision: Revision,
-    pub services: BTreeMap<(String, String), Service>,
-    pub entries: BTreeMap<(String, String), WorkloadEntry>,
-    pub groups: BTreeMap<(String, String), WorkloadGroup>,
-    pub policies: BTreeMap<(String, String), AuthorizationPolicy>,
-    pub peer_authentications: BTreeMap<(String, String), PeerAuthentication>,
+    pub services: BTreeMap<(String, String), Arc<Service>>,
+    pub entries: BTreeMap<(String, String), Arc<WorkloadEntry>>,
+    pub groups: BTreeMap<(String, String), Arc<WorkloadGroup>>,
+    pub policies: BTreeMap<(String, String), Arc<AuthorizationPolicy>>,
+    pub peer_authentications: BTreeMap<(String, String), Arc<PeerAuthentication>>,
 }
 
 impl RegistryView {
@@ -32,19 +33,19 @@ impl RegistryView {
         let key = (m.namespace.clone(), m.name.clone());
         match r {
             Resource::Service(s) => {
-                self.services.insert(key, s);
+                self.services.insert(key, Arc::new(s));
             }
             Resource::WorkloadEntry(w) => {
-                self.entries.insert(key, w);
+                self.entries.insert(key, Arc::new(w));
             }
             Resource::WorkloadGroup(g) => {
-                self.groups.insert(key, g);
+                self.groups.insert(key, Arc::new(g));
             }
             Resource::AuthorizationPolicy(p) => {
-                self.policies.insert(key, p);
+                self.policies.insert(key, Arc::new(p));
             }
             Resource::PeerAuthentication(p) => {
-                self.peer_authentications.insert(key, p);
+                self.peer_authentications.insert(key, Arc::new(p));
             }
         }
     }
@@ -71,6 +72,11 @@ impl RegistryView {
         }
     }
 }
+
+/// How long the informer waits for more events after one, and at most after the first of a
+/// burst, before it publishes a snapshot (istiod: PILOT_DEBOUNCE_AFTER 100 ms, MAX 10 s).
+pub const DEBOUNCE_QUIET: Duration = Duration::from_millis(10);
+pub const DEBOUNCE_MAX: Duration = Duration::from_millis(100);
 
 /// Starts the informer task; the returned receiver holds the first full view once it resolves.
 pub async fn start(registry: Registry) -> Result<watch::Receiver<Arc<RegistryView>>, StoreError> {
@@ -131,10 +137,24 @@ async fn run(registry: Registry, tx: watch::Sender<Arc<RegistryView>>) {
         };
         backoff = Duration::from_millis(100);
         while let Some(first) = events.next().await {
-            // Apply every event already waiting before publishing: one snapshot per burst.
+            // Debounce, as istiod does: collect events until the stream is quiet for
+            // DEBOUNCE_QUIET or DEBOUNCE_MAX has passed since the first, then publish one
+            // snapshot. Every publication copies the view and rebuilds DNS and discovery from
+            // it, so a write burst must not cost one of each per write.
             let mut batch = vec![first];
-            while let Some(Some(more)) = events.next().now_or_never() {
-                batch.push(more);
+            let until = tokio::time::Instant::now() + DEBOUNCE_MAX;
+            loop {
+                while let Some(Some(more)) = events.next().now_or_never() {
+                    batch.push(more);
+                }
+                let quiet = (tokio::time::Instant::now() + DEBOUNCE_QUIET).min(until);
+                match tokio::time::timeout_at(quiet, events.next()).await {
+                    Ok(Some(more)) => batch.push(more),
+                    Ok(None) | Err(_) => break,
+                }
+                if tokio::time::Instant::now() >= until {
+                    break;
+                }
             }
             let mut failed = false;
             for ev in batch {

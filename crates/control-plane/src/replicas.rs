@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Mutex};
 use tokio::time::Instant;
 
-use crate::registry::{Filter, Registry, RegistryError};
+use crate::registry::{Registry, RegistryError};
 
 /// `/replicas/<name>`: a replica's record, under its lease.
 pub const REPLICAS_PREFIX: &str = "/replicas/";
@@ -411,7 +411,14 @@ pub async fn list(store: &dyn Store) -> Result<(Vec<ReplicaRecord>, Option<Strin
 pub struct Sweeper;
 
 impl Sweeper {
-    pub fn spawn(session: Arc<Session>, registry: Registry, grace: Duration) {
+    /// `view`: the informer's in-memory registry, where the auto-registered entries are found
+    /// without reading every entry from the store on each look.
+    pub fn spawn(
+        session: Arc<Session>,
+        registry: Registry,
+        view: watch::Receiver<Arc<crate::informer::RegistryView>>,
+        grace: Duration,
+    ) {
         tokio::spawn(async move {
             let tick = (grace / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
             let mut leadership = session.leadership();
@@ -421,8 +428,16 @@ impl Sweeper {
                 let fence = leadership.borrow_and_update().clone();
                 match fence {
                     Some(fence) => {
-                        if let Err(e) =
-                            sweep_entries(&session, &registry, &fence, grace, &mut entries).await
+                        let snapshot = view.borrow().clone();
+                        if let Err(e) = sweep_entries(
+                            &session,
+                            &registry,
+                            &snapshot,
+                            &fence,
+                            grace,
+                            &mut entries,
+                        )
+                        .await
                         {
                             tracing::debug!(error = %e, "cannot check auto-registered entries");
                         }
@@ -449,6 +464,7 @@ impl Sweeper {
 async fn sweep_entries(
     session: &Session,
     registry: &Registry,
+    view: &crate::informer::RegistryView,
     fence: &Fence,
     grace: Duration,
     orphans: &mut HashMap<(String, String), Instant>,
@@ -462,16 +478,10 @@ async fn sweep_entries(
             Some((parts.next()?.to_string(), parts.next()?.to_string()))
         })
         .collect();
-    let (all, _) = registry
-        .list(&Filter {
-            kind: Some(Kind::WorkloadEntry),
-            ..Default::default()
-        })
-        .await?;
     let now = Instant::now();
     let mut seen = HashSet::new();
-    for r in all {
-        let meta = r.meta();
+    for entry in view.entries.values() {
+        let meta = &entry.metadata;
         if !meta
             .annotations
             .contains_key(crate::autoreg::GROUP_ANNOTATION)

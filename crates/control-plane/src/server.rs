@@ -259,7 +259,12 @@ pub async fn run(
     )
     .await
     .context("cannot join the other replicas through the store")?;
-    crate::replicas::Sweeper::spawn(session.clone(), registry.clone(), args.autoreg_grace.into());
+    crate::replicas::Sweeper::spawn(
+        session.clone(),
+        registry.clone(),
+        view.clone(),
+        args.autoreg_grace.into(),
+    );
     let autoreg = crate::autoreg::AutoRegistrar::new(registry.clone(), session.clone());
     let adopted = autoreg
         .adopt_existing()

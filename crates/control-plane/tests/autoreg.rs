@@ -44,7 +44,10 @@ async fn replica(reg: &Registry, name: &str) -> AutoRegistrar {
     )
     .await
     .unwrap();
-    Sweeper::spawn(session.clone(), reg.clone(), GRACE);
+    let view = isthmus_control_plane::informer::start(reg.clone())
+        .await
+        .unwrap();
+    Sweeper::spawn(session.clone(), reg.clone(), view, GRACE);
     AutoRegistrar::new(reg.clone(), session)
 }
 

@@ -360,17 +360,37 @@ fn an_agent_moves_to_another_replica_when_its_own_is_killed() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let seal = seal_key(tmp.path());
-    let a = replica(&tmp.path().join("a"), &etcd, &seal, &[]);
-    let b = replica(&tmp.path().join("b"), &etcd, &seal, &[]);
+    let opts = ["--lease-ttl", "2s", "--autoreg-grace", "3s"];
+    let a = replica(&tmp.path().join("a"), &etcd, &seal, &opts);
+    let b = replica(&tmp.path().join("b"), &etcd, &seal, &opts);
     let host = tmp.path().join("host");
     a.ok(&["vm", "certs", "-o", host.join("certs").to_str().unwrap()]);
     let token = a.cli(&["token", "create", "-n", "onprem", "-s", "db", "--uses", "1"]);
     assert!(token.status.success());
     std::fs::write(host.join("token"), token.stdout).unwrap();
     a.ok(&["register", "first", "10.0.3.1", "80", "-n", "onprem"]);
+    let group = "apiVersion: networking.istio.io/v1\nkind: WorkloadGroup\nmetadata: {name: db, namespace: onprem}\nspec:\n  metadata: {labels: {app: db}}\n  template: {serviceAccount: db, ports: {pg: 5432}}\n";
+    assert!(a
+        .cli_stdin(&["apply", "-f", "-"], Some(group))
+        .status
+        .success());
 
     let ca_addr = format!("{},{}", a.grpc, b.grpc);
-    let agent = Agent::start(&ca_addr, &host, &["--cert-lifetime", "10s"]);
+    let agent = Agent::start(
+        &ca_addr,
+        &host,
+        &["--cert-lifetime", "10s", "--group", "db"],
+    );
+    let entry = "db-127-0-0-9";
+    wait_for(
+        "the agent's entry registered",
+        Duration::from_secs(15),
+        || {
+            a.ok(&["get", "workloadentries", "-n", "onprem"])
+                .contains(entry)
+                .then_some(())
+        },
+    );
     let dns = agent.endpoints["dns"].as_str().unwrap().to_string();
     wait_for(
         "the agent's DNS to know first",
@@ -411,6 +431,14 @@ fn an_agent_moves_to_another_replica_when_its_own_is_killed() {
         "the stream on the surviving replica",
         Duration::from_secs(10),
         || holds(&alive).then_some(()),
+    );
+    // Past the dead replica's lease and the grace period: the auto-registered entry stays,
+    // its agent being live through the survivor.
+    std::thread::sleep(Duration::from_secs(6));
+    let entries = alive.ok(&["get", "workloadentries", "-n", "onprem"]);
+    assert!(
+        entries.contains(entry),
+        "the moved host's entry was removed: {entries}"
     );
     alive.ok(&["register", "second", "10.0.3.2", "80", "-n", "onprem"]);
     wait_for(

@@ -53,6 +53,10 @@ pub struct StoreOptions {
     /// Committed transactions buffered per watcher before it falls back to re-reading the
     /// history (a slow watcher never loses events, it only costs a history read).
     pub watch_buffer: usize,
+    /// The embedded store's page cache (redb's; its default is 1 GiB). Reads are rare (the
+    /// control plane answers from its in-memory view), so a small cache costs little and bounds
+    /// the memory the history's pages can take.
+    pub cache_bytes: usize,
 }
 
 impl Default for StoreOptions {
@@ -60,6 +64,7 @@ impl Default for StoreOptions {
         Self {
             history: 10_000,
             watch_buffer: 1024,
+            cache_bytes: 32 << 20,
         }
     }
 }

@@ -106,6 +106,7 @@ struct Inner {
     writes: AtomicU64,
     hub: Hub,
     history: usize,
+    cache_bytes: usize,
     health: Mutex<HealthState>,
 }
 
@@ -187,6 +188,7 @@ impl RedbStore {
     /// is not a store file.
     pub fn open(path: &Path, options: StoreOptions) -> Result<Self, StoreError> {
         let db = Database::builder()
+            .set_cache_size(options.cache_bytes)
             .create(path)
             .map_err(|e| open_error(path, e.into()))?;
         Self::with_database(db, path, options)
@@ -207,6 +209,7 @@ impl RedbStore {
             writes: AtomicU64::new(0),
             hub: Hub::new(options.watch_buffer),
             history: options.history,
+            cache_bytes: options.cache_bytes,
             health: Mutex::default(),
         });
         let writer = {
@@ -534,6 +537,7 @@ impl Inner {
         // Close first: redb locks the file, so a second handle could not open it.
         drop(slot.take());
         let opened = Database::builder()
+            .set_cache_size(self.cache_bytes)
             .create(&self.path)
             .map_err(|e| open_error(&self.path, e.into()))
             .and_then(|db| {

@@ -29,6 +29,10 @@ pub struct Args {
     /// Skip etcd (the table then says it was not run).
     #[arg(long)]
     pub no_etcd: bool,
+    /// Also run three Isthmus replicas on a three-member etcd, and that etcd alone (registrations
+    /// round-robin over the servers, the watcher on the first; CPU and RSS are the first's).
+    #[arg(long)]
+    pub cluster: bool,
     /// Registrations per concurrency level, each a new service and address.
     #[arg(long, default_value_t = DEFAULT_REGISTRATIONS)]
     pub registrations: usize,

@@ -56,6 +56,29 @@ pub trait Target: Send + Sync + 'static {
     ) -> impl Future<Output = anyhow::Result<JoinHandle<()>>> + Send;
 }
 
+/// Several servers of one system as one target: registration `i` goes to server `i % n`, the
+/// watcher is on server 0 (so its events come from writes through the others too). The first
+/// server's process is the one measured; the rest live as long as the target.
+pub struct Many<T> {
+    pub members: Vec<Arc<T>>,
+    pub _keep: Vec<ServerProcess>,
+}
+
+impl<T: Target> Target for Many<T> {
+    async fn register(&self, i: usize) -> anyhow::Result<()> {
+        self.members[i % self.members.len()].register(i).await
+    }
+    fn watch_key(&self, i: usize) -> String {
+        self.members[0].watch_key(i)
+    }
+    async fn watch(
+        &self,
+        events: mpsc::UnboundedSender<(String, Instant)>,
+    ) -> anyhow::Result<JoinHandle<()>> {
+        self.members[0].watch(events).await
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct LoadResult {
     pub concurrency: usize,
@@ -121,6 +144,9 @@ pub struct RunResult {
     pub isthmus: SystemResult,
     /// One Isthmus server on a one-member etcd (`--store etcd`), when etcd is installed.
     pub isthmus_etcd: Option<SystemResult>,
+    /// With `--cluster`: three Isthmus replicas on a three-member etcd, and that etcd alone.
+    pub isthmus_cluster: Option<SystemResult>,
+    pub etcd_cluster: Option<SystemResult>,
     pub etcd: SystemResult,
 }
 
@@ -395,6 +421,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         })
     };
 
+    let (mut isthmus_cluster, mut etcd_cluster) = (None, None);
+    if args.cluster && isthmus_etcd.is_some() {
+        let (bin, etcd_bin) = (args.isthmus_bin.clone(), args.etcd_bin.clone());
+        let c = client.clone();
+        let (loads, watch, problem, last) = bench_system(&args, work.path(), "isthmus-x3", |dir| {
+            isthmus::start_cluster(bin.clone(), etcd_bin.clone(), dir, c.clone(), 3)
+        })
+        .await;
+        if let Some((_, server)) = last {
+            server.stop().await;
+        }
+        isthmus_cluster = Some(SystemResult {
+            name: "Isthmus ×3 on etcd ×3".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            loads,
+            watch,
+            problem,
+        });
+    }
+
     let etcd_result = if args.no_etcd {
         SystemResult::missing("etcd", "", "not run (--no-etcd)".into())
     } else {
@@ -412,6 +458,37 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     .await;
                 if let Some((_, server)) = last {
                     server.stop().await;
+                }
+                if args.cluster {
+                    let bin = args.etcd_bin.clone();
+                    let t = templates.clone();
+                    let (loads, watch, problem, last) =
+                        bench_system(&args, work.path(), "etcd-x3", |dir| {
+                            let (bin, c, t) = (bin.clone(), client.clone(), t.clone());
+                            async move {
+                                let (members, mut processes) =
+                                    etcd::start_cluster(bin, dir, c, t, 3).await?;
+                                let first = processes.remove(0);
+                                Ok((
+                                    Arc::new(Many {
+                                        members,
+                                        _keep: processes,
+                                    }),
+                                    first,
+                                ))
+                            }
+                        })
+                        .await;
+                    if let Some((_, server)) = last {
+                        server.stop().await;
+                    }
+                    etcd_cluster = Some(SystemResult {
+                        name: "etcd ×3".into(),
+                        version: version.clone(),
+                        loads,
+                        watch,
+                        problem,
+                    });
                 }
                 SystemResult {
                     name: "etcd".into(),
@@ -431,6 +508,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         fsync_probe,
         isthmus: isthmus_result,
         isthmus_etcd,
+        isthmus_cluster,
+        etcd_cluster,
         etcd: etcd_result,
     };
     if let Some(path) = &args.json_out {

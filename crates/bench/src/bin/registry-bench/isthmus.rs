@@ -12,12 +12,12 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::config::REQUEST_TIMEOUT;
-use crate::driver::{address, entry_name, service, Target, NAMESPACE};
+use crate::driver::{address, entry_name, service, Many, Target, NAMESPACE};
 
 pub struct Isthmus {
     admin: Admin,
     /// The etcd it stores in, kept running as long as the server (`--store etcd`).
-    _etcd: Option<ServerProcess>,
+    _etcd: Vec<ServerProcess>,
 }
 
 /// A service and a workload entry as Isthmus stores them for registration 0, so that etcd is
@@ -65,7 +65,7 @@ pub async fn start(
     Ok((
         Arc::new(Isthmus {
             admin: started.admin,
-            _etcd: None,
+            _etcd: Vec::new(),
         }),
         started.process,
     ))
@@ -79,39 +79,94 @@ pub async fn start_on_etcd(
     dir: PathBuf,
     client: reqwest::Client,
 ) -> anyhow::Result<(Arc<Isthmus>, ServerProcess)> {
+    let (mut many, first) = replicas(bin, etcd_bin, dir, client, 1, 1).await?;
+    let mut only = many.members.remove(0);
+    // The etcd processes go with the one server.
+    Arc::get_mut(&mut only)
+        .expect("not shared yet")
+        ._etcd
+        .append(&mut many._keep);
+    Ok((only, first))
+}
+
+/// `n` replicas on an `n`-member etcd: registrations round-robin over them.
+pub async fn start_cluster(
+    bin: PathBuf,
+    etcd_bin: PathBuf,
+    dir: PathBuf,
+    client: reqwest::Client,
+    n: usize,
+) -> anyhow::Result<(Arc<Many<Isthmus>>, ServerProcess)> {
+    let (many, first) = replicas(bin, etcd_bin, dir, client, n, n).await?;
+    Ok((Arc::new(many), first))
+}
+
+async fn replicas(
+    bin: PathBuf,
+    etcd_bin: PathBuf,
+    dir: PathBuf,
+    client: reqwest::Client,
+    members: usize,
+    n: usize,
+) -> anyhow::Result<(Many<Isthmus>, ServerProcess)> {
     let etcd_dir = dir.join("etcd");
     std::fs::create_dir_all(&etcd_dir)?;
-    let (etcd, etcd_process) = crate::etcd::start(
+    let (etcds, etcd_processes) = crate::etcd::start_cluster(
         etcd_bin,
         etcd_dir,
         client.clone(),
         Templates::fallback(),
+        members,
     )
     .await?;
-    let data = dir.join("data");
-    std::fs::create_dir_all(&data)?;
-    let token = data.join("admin-token");
-    std::fs::write(&token, "registry-bench-admin-token")?;
+    let endpoints: Vec<&str> = etcds.iter().map(|e| e.base()).collect();
+    let endpoints = endpoints.join(",");
     let seal = dir.join("seal.key");
     std::fs::write(&seal, "b7".repeat(32))?;
     std::fs::set_permissions(&seal, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    let extra = [
-        "--store".to_string(),
-        "etcd".into(),
-        "--etcd-endpoints".into(),
-        etcd.base().to_string(),
-        "--seal-key-file".into(),
-        seal.display().to_string(),
-        "--admin-token-file".into(),
-        token.display().to_string(),
-    ];
-    let started = server::start_with(&bin, &dir, client, &extra).await?;
-    Ok((
-        Arc::new(Isthmus {
+    let mut servers = Vec::new();
+    let mut keep = etcd_processes;
+    let mut first = None;
+    for k in 0..n {
+        let replica_dir = if n == 1 {
+            dir.clone()
+        } else {
+            dir.join(format!("r{k}"))
+        };
+        let data = replica_dir.join("data");
+        std::fs::create_dir_all(&data)?;
+        let token = data.join("admin-token");
+        std::fs::write(&token, "registry-bench-admin-token")?;
+        let extra = [
+            "--store".to_string(),
+            "etcd".into(),
+            "--etcd-endpoints".into(),
+            endpoints.clone(),
+            "--seal-key-file".into(),
+            seal.display().to_string(),
+            "--admin-token-file".into(),
+            token.display().to_string(),
+            "--replica-name".into(),
+            format!("r{k}"),
+        ];
+        let started = server::start_with(&bin, &replica_dir, client.clone(), &extra).await?;
+        servers.push(Arc::new(Isthmus {
             admin: started.admin,
-            _etcd: Some(etcd_process),
-        }),
-        started.process,
+            _etcd: Vec::new(),
+        }));
+        if first.is_none() {
+            first = Some(started.process);
+        } else {
+            keep.push(started.process);
+        }
+    }
+    let first = first.ok_or_else(|| anyhow::anyhow!("no replica"))?;
+    Ok((
+        Many {
+            members: servers,
+            _keep: keep,
+        },
+        first,
     ))
 }
 

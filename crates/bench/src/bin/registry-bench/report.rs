@@ -52,7 +52,9 @@ fn watch_row(
 pub fn markdown(r: &RunResult) -> String {
     let mut systems = vec![&r.isthmus];
     systems.extend(r.isthmus_etcd.as_ref());
+    systems.extend(r.isthmus_cluster.as_ref());
     systems.push(&r.etcd);
+    systems.extend(r.etcd_cluster.as_ref());
     let systems = systems.as_slice();
     let mut out = String::new();
     let _ = writeln!(
@@ -148,7 +150,11 @@ pub fn markdown(r: &RunResult) -> String {
         n.to_string()
     };
     let cells: Vec<String> = systems.iter().map(|s| errors(s)).collect();
-    let _ = writeln!(out, "| failed requests (all phases) | {} |", cells.join(" | "));
+    let _ = writeln!(
+        out,
+        "| failed requests (all phases) | {} |",
+        cells.join(" | ")
+    );
     let _ = writeln!(out);
     for s in systems.iter() {
         if let Some(p) = &s.problem {
