@@ -3,6 +3,7 @@
 //! table formatting. Each binary in `src/bin/` is one benchmark.
 #![forbid(unsafe_code)]
 
+pub mod etcd;
 pub mod format;
 pub mod procfs;
 pub mod server;

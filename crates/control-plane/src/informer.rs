@@ -74,9 +74,12 @@ impl RegistryView {
 }
 
 /// How long the informer waits for more events after one, and at most after the first of a
-/// burst, before it publishes a snapshot (istiod: PILOT_DEBOUNCE_AFTER 100 ms, MAX 10 s).
+/// burst, before it publishes a snapshot (istiod: PILOT_DEBOUNCE_AFTER 100 ms, MAX 10 s); and
+/// the least time between two snapshots, so a steady trickle of writes costs at most four
+/// rebuilds a second.
 pub const DEBOUNCE_QUIET: Duration = Duration::from_millis(10);
-pub const DEBOUNCE_MAX: Duration = Duration::from_millis(100);
+pub const DEBOUNCE_MAX: Duration = Duration::from_secs(1);
+pub const MIN_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Starts the informer task; the returned receiver holds the first full view once it resolves.
 pub async fn start(registry: Registry) -> Result<watch::Receiver<Arc<RegistryView>>, StoreError> {
@@ -104,6 +107,8 @@ async fn load(registry: &Registry) -> Result<RegistryView, StoreError> {
 
 async fn run(registry: Registry, tx: watch::Sender<Arc<RegistryView>>) {
     let mut backoff = Duration::from_millis(100);
+    let now = tokio::time::Instant::now();
+    let mut last_publish = now.checked_sub(MIN_INTERVAL).unwrap_or(now);
     loop {
         let mut view = (**tx.borrow()).clone();
         let mut events = match registry
@@ -143,11 +148,15 @@ async fn run(registry: Registry, tx: watch::Sender<Arc<RegistryView>>) {
             // it, so a write burst must not cost one of each per write.
             let mut batch = vec![first];
             let until = tokio::time::Instant::now() + DEBOUNCE_MAX;
+            // And never two snapshots closer than MIN_INTERVAL: each costs a full rebuild.
+            let earliest = last_publish + MIN_INTERVAL;
             loop {
                 while let Some(Some(more)) = events.next().now_or_never() {
                     batch.push(more);
                 }
-                let quiet = (tokio::time::Instant::now() + DEBOUNCE_QUIET).min(until);
+                let quiet = (tokio::time::Instant::now() + DEBOUNCE_QUIET)
+                    .max(earliest)
+                    .min(until);
                 match tokio::time::timeout_at(quiet, events.next()).await {
                     Ok(Some(more)) => batch.push(more),
                     Ok(None) | Err(_) => break,
@@ -181,6 +190,7 @@ async fn run(registry: Registry, tx: watch::Sender<Arc<RegistryView>>) {
                     }
                 }
             }
+            last_publish = tokio::time::Instant::now();
             if tx.send(Arc::new(view.clone())).is_err() {
                 return; // nobody listens any more
             }

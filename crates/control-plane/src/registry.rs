@@ -235,6 +235,15 @@ fn claim_vip(txn: &mut Txn, vip: IpAddr, svc_key: &str) {
     });
 }
 
+/// Where a service's VIP search starts: a hash of its key, so a service deleted and created
+/// again tends to get its old address back.
+fn vip_start(key: &str, usable: u128) -> u128 {
+    let hash = key.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    });
+    u128::from(hash) % usable
+}
+
 fn vip_key(ip: IpAddr) -> String {
     format!("{VIP_PREFIX}{ip}")
 }
@@ -380,6 +389,15 @@ impl Registry {
     /// deleted and re-created tends to get its old address back), probing with point lookups;
     /// `pending` holds addresses claimed earlier in the same transaction. The claim itself is a
     /// create-only compare in the transaction, so a race can't hand an address out twice.
+    /// The address `pick_vip` tries first for `key`, unchecked.
+    fn first_vip(&self, key: &str) -> Result<IpAddr, RegistryError> {
+        let usable = self.vip_space();
+        if usable == 0 {
+            return Err(RegistryError::VipExhausted(self.cidr));
+        }
+        Ok(self.vip_at(vip_start(key, usable)))
+    }
+
     async fn pick_vip(
         &self,
         key: &str,
@@ -392,10 +410,7 @@ impl Registry {
         if usable == 0 {
             return Err(RegistryError::VipExhausted(self.cidr));
         }
-        let hash = key.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
-        });
-        let start = u128::from(hash) % usable;
+        let start = vip_start(key, usable);
         for i in 0..usable.min(PROBES) {
             let ip = self.vip_at((start + i) % usable);
             if !pending.contains(&ip) && self.store.get(&vip_key(ip)).await?.is_none() {
@@ -643,9 +658,12 @@ impl Registry {
         let entry_name = register_entry_name(&req.service, ip);
         let entry_key = Kind::WorkloadEntry.key(&ns, &entry_name);
 
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
             let mut txn = Txn::default();
-            let svc_kv = self.store.get(&svc_key).await?;
+            // Both reads at once: on etcd each is a round trip.
+            let (svc_kv, entry_kv) =
+                tokio::join!(self.store.get(&svc_key), self.store.get(&entry_key));
+            let (svc_kv, entry_kv) = (svc_kv?, entry_kv?);
             let existing_svc = match svc_kv.as_ref().map(decode).transpose()?.flatten() {
                 Some(Resource::Service(s)) => Some(s),
                 _ => None,
@@ -682,7 +700,14 @@ impl Registry {
                         model::CREATED_BY_ANNOTATION.into(),
                         model::CREATED_BY_REGISTER.into(),
                     );
-                    let vip = self.pick_vip(&svc_key, &HashSet::new()).await?;
+                    // First try the service's own address without looking: the claim is a
+                    // create-only compare, so a taken one fails the transaction and the next
+                    // attempt probes.
+                    let vip = if attempt == 0 {
+                        self.first_vip(&svc_key)?
+                    } else {
+                        self.pick_vip(&svc_key, &HashSet::new()).await?
+                    };
                     svc.status.vip = Some(vip);
                     claim_vip(&mut txn, vip, &svc_key);
                     (Action::Created, svc)
@@ -738,7 +763,6 @@ impl Registry {
                     (svc_port.map_or(name.clone(), |p| p.name.clone()), *port)
                 })
                 .collect();
-            let entry_kv = self.store.get(&entry_key).await?;
             let existing_entry = match entry_kv.as_ref().map(decode).transpose()?.flatten() {
                 Some(Resource::WorkloadEntry(w)) => Some(w),
                 _ => None,

@@ -11,7 +11,7 @@ pub const DEFAULT_REGISTRATIONS: usize = 5_000;
 pub const DEFAULT_WATCH_WRITES: usize = 500;
 pub const DEFAULT_PHASE_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_FSYNC_PROBES: usize = 200;
-pub use isthmus_bench::server::{REQUEST_TIMEOUT, START_TIMEOUT};
+pub use isthmus_bench::server::REQUEST_TIMEOUT;
 /// How long a watcher may take to deliver one event.
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
 

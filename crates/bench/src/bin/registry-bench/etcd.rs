@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::config::{REQUEST_TIMEOUT, START_TIMEOUT};
+use crate::config::REQUEST_TIMEOUT;
 use crate::driver::{address, entry_name, service, Target, NAMESPACE};
 use crate::isthmus::Templates;
 use isthmus_bench::procfs::ServerProcess;
@@ -56,12 +56,6 @@ pub fn version(bin: &Path) -> anyhow::Result<String> {
 
 /// A port nobody listens on now; etcd binds it a moment later (loopback, so a clash is unlikely
 /// and shows as a failed start).
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// Starts a one-member etcd with `dir/data` as its data directory and waits for /health.
 pub async fn start(
     bin: PathBuf,
@@ -73,8 +67,7 @@ pub async fn start(
     Ok((members.remove(0), processes.remove(0)))
 }
 
-/// Starts an `n`-member etcd cluster on loopback (member `k` in `dir/m<k>`) and waits until
-/// every member reports healthy.
+/// Starts an `n`-member etcd cluster on loopback and waits until every member is healthy.
 pub async fn start_cluster(
     bin: PathBuf,
     dir: PathBuf,
@@ -82,88 +75,19 @@ pub async fn start_cluster(
     templates: Templates,
     n: usize,
 ) -> anyhow::Result<(Vec<Arc<Etcd>>, Vec<ServerProcess>)> {
-    let mut ports = Vec::new();
-    for _ in 0..n {
-        ports.push((free_port()?, free_port()?));
-    }
-    let cluster: Vec<String> = ports
-        .iter()
-        .enumerate()
-        .map(|(k, (_, peer))| format!("m{k}=http://127.0.0.1:{peer}"))
+    let cluster = isthmus_bench::etcd::start_cluster(&bin, &dir, &client, n).await?;
+    let members = cluster
+        .bases
+        .into_iter()
+        .map(|base| {
+            Arc::new(Etcd {
+                client: client.clone(),
+                base,
+                templates: templates.clone(),
+            })
+        })
         .collect();
-    let cluster = cluster.join(",");
-    let mut members = Vec::new();
-    let mut processes = Vec::new();
-    let mut logs = Vec::new();
-    for (k, (client_port, peer_port)) in ports.iter().enumerate() {
-        let base = format!("http://127.0.0.1:{client_port}");
-        let peer = format!("http://127.0.0.1:{peer_port}");
-        let member_dir = if n == 1 {
-            dir.clone()
-        } else {
-            dir.join(format!("m{k}"))
-        };
-        std::fs::create_dir_all(&member_dir)?;
-        let log = member_dir.join("etcd.log");
-        let mut cmd = Command::new(&bin);
-        cmd.arg("--name")
-            .arg(format!("m{k}"))
-            .arg("--data-dir")
-            .arg(member_dir.join("data"))
-            .args([
-                "--listen-client-urls",
-                &base,
-                "--advertise-client-urls",
-                &base,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &cluster])
-            .args([
-                "--logger",
-                "zap",
-                "--log-outputs",
-                "stderr",
-                "--log-level",
-                "warn",
-            ]);
-        processes.push(ServerProcess::spawn("etcd", cmd, &log)?);
-        logs.push(log);
-        members.push(Arc::new(Etcd {
-            client: client.clone(),
-            base,
-            templates: templates.clone(),
-        }));
-    }
-    let deadline = Instant::now() + START_TIMEOUT;
-    for ((member, process), log) in members.iter().zip(processes.iter_mut()).zip(&logs) {
-        let base = &member.base;
-        loop {
-            process.check_alive(log)?;
-            let health = client
-                .get(format!("{base}/health"))
-                .timeout(REQUEST_TIMEOUT)
-                .send()
-                .await;
-            if let Ok(resp) = health {
-                if resp.status().is_success()
-                    && resp.text().await.is_ok_and(|t| t.contains("\"true\""))
-                {
-                    break;
-                }
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "etcd at {base} not healthy within {START_TIMEOUT:?}"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    }
-    Ok((members, processes))
+    Ok((members, cluster.processes))
 }
 
 impl Etcd {
