@@ -182,3 +182,133 @@ impl Metrics {
         out
     }
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreOpLabels {
+    pub op: &'static str,
+    pub outcome: &'static str,
+}
+
+/// The store with every request timed: `isthmus_store_request_duration_seconds{op,outcome}`
+/// (op: get, range, txn, watch, lease; outcome: ok, error). On etcd this is the round trip to
+/// the cluster, so it shows a slow or distant etcd before writes start failing.
+pub struct TimedStore {
+    inner: Arc<dyn Store>,
+    pub latency: Family<StoreOpLabels, Histogram>,
+}
+
+impl TimedStore {
+    pub fn new(inner: Arc<dyn Store>) -> Self {
+        TimedStore {
+            inner,
+            latency: Family::new_with_constructor(|| {
+                // 50 µs to ~26 s.
+                Histogram::new(exponential_buckets(0.00005, 2.0, 20))
+            }),
+        }
+    }
+
+    pub fn register(&self, reg: &mut Registry) {
+        reg.register(
+            "request_duration_seconds",
+            "Registry store requests by operation and outcome (on etcd: the round trip to the cluster)",
+            self.latency.clone(),
+        );
+    }
+
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        f: impl std::future::Future<Output = Result<T, isthmus_store::StoreError>>,
+    ) -> Result<T, isthmus_store::StoreError> {
+        let started = std::time::Instant::now();
+        let result = f.await;
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        self.latency
+            .get_or_create(&StoreOpLabels { op, outcome })
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for TimedStore {
+    fn revision(&self) -> isthmus_store::Revision {
+        self.inner.revision()
+    }
+    async fn get(
+        &self,
+        key: &str,
+    ) -> Result<Option<isthmus_store::KeyValue>, isthmus_store::StoreError> {
+        self.timed("get", self.inner.get(key)).await
+    }
+    async fn get_serializable(
+        &self,
+        key: &str,
+    ) -> Result<Option<isthmus_store::KeyValue>, isthmus_store::StoreError> {
+        self.timed("get", self.inner.get_serializable(key)).await
+    }
+    async fn range(
+        &self,
+        prefix: &str,
+    ) -> Result<(Vec<isthmus_store::KeyValue>, isthmus_store::Revision), isthmus_store::StoreError>
+    {
+        self.timed("range", self.inner.range(prefix)).await
+    }
+    async fn txn(
+        &self,
+        txn: isthmus_store::Txn,
+    ) -> Result<isthmus_store::TxnOutcome, isthmus_store::StoreError> {
+        self.timed("txn", self.inner.txn(txn)).await
+    }
+    async fn watch(
+        &self,
+        prefix: &str,
+        from: isthmus_store::Revision,
+    ) -> Result<isthmus_store::WatchStream, isthmus_store::StoreError> {
+        self.timed("watch", self.inner.watch(prefix, from)).await
+    }
+    async fn compact(
+        &self,
+        revision: isthmus_store::Revision,
+    ) -> Result<(), isthmus_store::StoreError> {
+        self.timed("compact", self.inner.compact(revision)).await
+    }
+    fn oldest_revision(&self) -> isthmus_store::Revision {
+        self.inner.oldest_revision()
+    }
+    fn health(&self) -> isthmus_store::Health {
+        self.inner.health()
+    }
+    async fn grant_lease(
+        &self,
+        ttl: std::time::Duration,
+    ) -> Result<Option<isthmus_store::LeaseId>, isthmus_store::StoreError> {
+        self.timed("lease", self.inner.grant_lease(ttl)).await
+    }
+    async fn keep_alive(
+        &self,
+        lease: isthmus_store::LeaseId,
+    ) -> Result<bool, isthmus_store::StoreError> {
+        self.timed("lease", self.inner.keep_alive(lease)).await
+    }
+    async fn revoke_lease(
+        &self,
+        lease: isthmus_store::LeaseId,
+    ) -> Result<(), isthmus_store::StoreError> {
+        self.timed("lease", self.inner.revoke_lease(lease)).await
+    }
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+    ) -> Result<isthmus_store::Revision, isthmus_store::StoreError> {
+        self.timed("txn", self.inner.put(key, value)).await
+    }
+    async fn delete(
+        &self,
+        key: &str,
+    ) -> Result<Option<isthmus_store::Revision>, isthmus_store::StoreError> {
+        self.timed("txn", self.inner.delete(key)).await
+    }
+}

@@ -177,6 +177,9 @@ pub async fn run(
                 )
             }
         };
+    // Every store request timed, for isthmus_store_request_duration_seconds.
+    let timed = Arc::new(crate::metrics::TimedStore::new(store));
+    let store: Arc<dyn Store> = timed.clone();
     // On a shared store the replicas agree on the mesh settings, the admin token and the CA
     // through it (see mesh_state).
     let shared = args.store == StoreKind::Etcd;
@@ -313,8 +316,9 @@ pub async fn run(
         session
             .metrics
             .register(reg.sub_registry_with_prefix("replica"));
-        reg.sub_registry_with_prefix("store")
-            .register_collector(Box::new(crate::metrics::StoreCollector(store.clone())));
+        let store_reg = reg.sub_registry_with_prefix("store");
+        store_reg.register_collector(Box::new(crate::metrics::StoreCollector(store.clone())));
+        timed.register(store_reg);
     });
     let mut serving = isthmus_ca::ServingCertOptions::default();
     serving
@@ -492,6 +496,7 @@ pub async fn run(
     }
     // Hand the leadership and this replica's hosts to the others now, not a lease TTL later.
     session.stop().await;
+    drop(timed);
     drop(store);
     if let Some(path) = record {
         let _ = std::fs::remove_file(path);

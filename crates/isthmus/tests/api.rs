@@ -450,6 +450,13 @@ async fn metrics_count_requests_and_resources() {
     );
     assert!(line("isthmus_http_requests_total{api=\"admin\",method=\"POST\",route=\"/api/v1/register\",code=\"200\"}").ends_with(" 2"));
     assert!(text.contains("isthmus_http_request_duration_seconds_bucket"));
+    // Every store request is timed; two registrations are at least two committed transactions.
+    let txns: u64 = line("isthmus_store_request_duration_seconds_count{op=\"txn\",outcome=\"ok\"}")
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(txns >= 2, "{text}");
 }
 
 /// Server-sent events: current state first, then changes; `Last-Event-ID` resumes with no gap.
