@@ -660,10 +660,17 @@ impl Registry {
 
         for attempt in 0..MAX_ATTEMPTS {
             let mut txn = Txn::default();
-            // Both reads at once: on etcd each is a round trip.
-            let (svc_kv, entry_kv) =
-                tokio::join!(self.store.get(&svc_key), self.store.get(&entry_key));
-            let (svc_kv, entry_kv) = (svc_kv?, entry_kv?);
+            // The first attempt assumes a new service and entry and reads nothing: its
+            // create-only compares fail the transaction if either exists (or the VIP is taken),
+            // and the next attempt reads both at once. A new registration is then one store
+            // round trip, as a create is in etcd; a repeated one costs a failed transaction.
+            let (svc_kv, entry_kv) = if attempt == 0 {
+                (None, None)
+            } else {
+                let (svc_kv, entry_kv) =
+                    tokio::join!(self.store.get(&svc_key), self.store.get(&entry_key));
+                (svc_kv?, entry_kv?)
+            };
             let existing_svc = match svc_kv.as_ref().map(decode).transpose()?.flatten() {
                 Some(Resource::Service(s)) => Some(s),
                 _ => None,
