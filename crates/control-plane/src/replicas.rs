@@ -74,7 +74,6 @@ pub struct Session {
     leased: bool,
     state: Mutex<State>,
     leader: watch::Sender<Option<Fence>>,
-    /// Times this replica became leader and stopped being it.
     pub metrics: SessionMetrics,
 }
 
@@ -422,8 +421,8 @@ impl Sweeper {
         tokio::spawn(async move {
             let tick = (grace / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
             let mut leadership = session.leadership();
-            let mut entries: HashMap<(String, String), Instant> = HashMap::new();
-            let mut hosts: HashMap<String, Instant> = HashMap::new();
+            let mut entries: Orphans<(String, String)> = Orphans::default();
+            let mut hosts: Orphans<String> = Orphans::default();
             loop {
                 let fence = leadership.borrow_and_update().clone();
                 match fence {
@@ -461,13 +460,56 @@ impl Sweeper {
     }
 }
 
+/// When the leader first saw each orphan (nothing connected for it). One look at a time:
+/// `begin`, then `due` per orphan found, then `end`, which forgets the orphans not still
+/// waiting (removed, reconnected or gone).
+struct Orphans<K> {
+    since: HashMap<K, Instant>,
+    waiting: HashSet<K>,
+}
+
+impl<K> Default for Orphans<K> {
+    fn default() -> Self {
+        Self {
+            since: HashMap::new(),
+            waiting: HashSet::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Orphans<K> {
+    fn begin(&mut self) {
+        self.waiting.clear();
+    }
+
+    /// Whether `key` has been an orphan for `grace`; if not, it keeps waiting.
+    fn due(&mut self, key: &K, now: Instant, grace: Duration) -> bool {
+        let since = *self.since.entry(key.clone()).or_insert(now);
+        if now < since + grace {
+            self.waiting.insert(key.clone());
+            return false;
+        }
+        true
+    }
+
+    fn end(&mut self) {
+        let waiting = &self.waiting;
+        self.since.retain(|k, _| waiting.contains(k));
+    }
+
+    fn clear(&mut self) {
+        self.since.clear();
+        self.waiting.clear();
+    }
+}
+
 async fn sweep_entries(
     session: &Session,
     registry: &Registry,
     view: &crate::informer::RegistryView,
     fence: &Fence,
     grace: Duration,
-    orphans: &mut HashMap<(String, String), Instant>,
+    orphans: &mut Orphans<(String, String)>,
 ) -> Result<(), RegistryError> {
     let (live, _) = registry.store().range(crate::autoreg::LIVE_PREFIX).await?;
     let live: HashSet<(String, String)> = live
@@ -479,7 +521,7 @@ async fn sweep_entries(
         })
         .collect();
     let now = Instant::now();
-    let mut seen = HashSet::new();
+    orphans.begin();
     for entry in view.entries.values() {
         let meta = &entry.metadata;
         if !meta
@@ -492,9 +534,7 @@ async fn sweep_entries(
         if live.contains(&key) {
             continue;
         }
-        seen.insert(key.clone());
-        let since = *orphans.entry(key.clone()).or_insert(now);
-        if now < since + grace {
+        if !orphans.due(&key, now, grace) {
             continue;
         }
         match registry
@@ -521,9 +561,8 @@ async fn sweep_entries(
             Err(RegistryError::NotFound(_)) => {}
             Err(e) => return Err(e),
         }
-        seen.remove(&key);
     }
-    orphans.retain(|k, _| seen.contains(k));
+    orphans.end();
     Ok(())
 }
 
@@ -532,7 +571,7 @@ async fn sweep_hosts(
     store: &Arc<dyn Store>,
     fence: &Fence,
     grace: Duration,
-    orphans: &mut HashMap<String, Instant>,
+    orphans: &mut Orphans<String>,
 ) -> Result<(), StoreError> {
     use crate::discovery::{AGENTS_PREFIX, MESH_HOST_PREFIX};
     let (agents, _) = store.range(AGENTS_PREFIX).await?;
@@ -542,7 +581,7 @@ async fn sweep_hosts(
         .collect();
     let (hosts, _) = store.range(MESH_HOST_PREFIX).await?;
     let now = Instant::now();
-    let mut seen = HashSet::new();
+    orphans.begin();
     for kv in &hosts {
         let Some(ip) = kv.key.strip_prefix(MESH_HOST_PREFIX) else {
             continue;
@@ -550,9 +589,7 @@ async fn sweep_hosts(
         if live.contains(ip) {
             continue;
         }
-        let since = *orphans.entry(ip.to_string()).or_insert(now);
-        if now < since + grace {
-            seen.insert(ip.to_string());
+        if !orphans.due(&ip.to_string(), now, grace) {
             continue;
         }
         let txn = fence.guard(
@@ -572,6 +609,6 @@ async fn sweep_hosts(
             }
         }
     }
-    orphans.retain(|k, _| seen.contains(k));
+    orphans.end();
     Ok(())
 }

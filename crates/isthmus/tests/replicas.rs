@@ -566,6 +566,15 @@ fn replicas_view(s: &Server) -> serde_json::Value {
     serde_json::from_str(&get_auth(&format!("{}/api/v1/replicas", s.admin))).unwrap_or_default()
 }
 
+/// Waits (5 s at most) until `s` says it leads; returns its name.
+fn wait_to_lead(s: &Server, what: &str) -> String {
+    let name = replicas_view(s)["this"].as_str().unwrap().to_string();
+    wait_for(what, Duration::from_secs(5), || {
+        (replicas_view(s)["leader"].as_str() == Some(name.as_str())).then_some(())
+    });
+    name
+}
+
 fn signal(s: &Server, sig: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(s.child.id() as i32), sig).unwrap();
 }
@@ -626,10 +635,7 @@ fn the_leader_fails_over_and_a_paused_one_writes_nothing() {
 
     signal(&old, nix::sys::signal::Signal::SIGSTOP);
     let paused = std::time::Instant::now();
-    let new_name = replicas_view(&new)["this"].as_str().unwrap().to_string();
-    wait_for("the other replica to lead", Duration::from_secs(5), || {
-        (replicas_view(&new)["leader"].as_str() == Some(new_name.as_str())).then_some(())
-    });
+    let new_name = wait_to_lead(&new, "the other replica to lead");
     eprintln!(
         "leader SIGSTOPped: another led after {:?} (lease TTL 2s)",
         paused.elapsed()
@@ -680,10 +686,7 @@ fn the_leader_fails_over_and_a_paused_one_writes_nothing() {
     let mut new = new;
     new.kill9();
     let killed = std::time::Instant::now();
-    let old_name = replicas_view(&old)["this"].as_str().unwrap().to_string();
-    wait_for("the survivor to lead", Duration::from_secs(5), || {
-        (replicas_view(&old)["leader"].as_str() == Some(old_name.as_str())).then_some(())
-    });
+    wait_to_lead(&old, "the survivor to lead");
     eprintln!(
         "leader SIGKILLed: the survivor led after {:?}",
         killed.elapsed()
