@@ -559,6 +559,47 @@ mod tests {
 
     const ROUTE: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3));
 
+    /// Each wrong etcd setting is refused before anything starts, naming the flag and the fix.
+    #[test]
+    fn etcd_settings_are_checked_and_name_the_flag() {
+        let base = [
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            "http://127.0.0.1:2379",
+            "--seal-key-file",
+            "/etc/isthmus/seal.key",
+        ];
+        let err = |extra: &[&str]| {
+            let mut flags = base.to_vec();
+            flags.extend_from_slice(extra);
+            args(&flags).validate().unwrap_err().to_string()
+        };
+        assert!(args(&base).validate().is_ok());
+        assert!(err(&["--lease-ttl", "1s"]).contains("--lease-ttl 1s is out of range"));
+        assert!(err(&["--lease-ttl", "10m"]).contains("use 2s to 5m"));
+        assert!(err(&["--replica-name", "a/b"]).contains("--replica-name"));
+        assert!(err(&["--etcd-prefix", "isthmus"]).contains("must start with /"));
+        assert!(err(&["--public-addr", "ftp://x"]).contains("--public-addr"));
+        let no_seal = args(&[
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            "http://127.0.0.1:2379",
+        ]);
+        assert!(no_seal
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--seal-key-file"));
+        let no_endpoints = args(&["--store", "etcd", "--seal-key-file", "/k"]);
+        assert!(no_endpoints
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--etcd-endpoints"));
+    }
+
     #[test]
     fn the_advertised_address_and_where_it_came_from() {
         let route = |_v6: bool| Some(ROUTE);
