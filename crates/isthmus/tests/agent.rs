@@ -97,15 +97,23 @@ async fn agent_joins_resolves_registers_and_survives_the_control_plane() {
         r.ok().filter(|r| r.status() == 200).map(drop)
     });
 
-    // Mesh names resolve through the agent, also by search domain from its namespace.
+    // Mesh names resolve through the agent, also by search domain from its namespace. The
+    // control plane publishes registry changes debounced (up to a second apart under writes),
+    // so the second registration may reach the agent just after its first full state.
     let reviews_vip = vip(&s, "reviews", "bookinfo");
+    let mysql_vip = vip(&s, "mysql-primary", "onprem");
+    wait_for(
+        "both registrations at the agent",
+        Duration::from_secs(5),
+        || (dig_short(&dns, "mysql-primary") == mysql_vip).then_some(()),
+    );
     assert_eq!(
         dig_short(&dns, "reviews.bookinfo.svc.cluster.local"),
         reviews_vip
     );
     assert_eq!(
         dig_short(&dns, "mysql-primary"),
-        vip(&s, "mysql-primary", "onprem"),
+        mysql_vip,
         "short name from the host's namespace"
     );
     assert_eq!(dig_short(&dns, "reviews.bookinfo"), reviews_vip);
