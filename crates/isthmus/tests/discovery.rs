@@ -426,9 +426,18 @@ async fn authorization_policies_reach_the_host() {
     );
     let mut state = c.state();
     let task = tokio::spawn(c.run());
-    wait_state(&mut state, "the policy", |st| {
-        st.authorization("onprem/mysql-clients").is_some()
-    })
+    // The policy and the workload that lists it are two types, sent one after the other; the
+    // debounced publication may also send the workload before the policy was applied.
+    wait_state(
+        &mut state,
+        "the policy, and the workload listing it",
+        |st| {
+            st.authorization("onprem/mysql-clients").is_some()
+                && st
+                    .workload_by_address("10.0.0.5".parse().unwrap())
+                    .is_some_and(|w| !w.authorization_policies.is_empty())
+        },
+    )
     .await;
     {
         let st = state.borrow();
