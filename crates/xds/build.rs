@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "google/rpc/status.proto",
         "istio/workload/workloadapi.proto",
         "istio/security/authorization.proto",
+        "isthmus/traffic/v1/traffic.proto",
         "google/protobuf/any.proto",
         "google/protobuf/duration.proto",
         "google/protobuf/empty.proto",
@@ -24,7 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", p.display());
     }
     // The well-known types are imported, not compiled: they map to prost_types.
-    let compiled = &protos[..6];
+    let compiled = &protos[..7];
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -88,6 +88,8 @@ pub fn rows(
         (Kind::WorkloadGroup, _) => &["NAME", "SERVICE-ACCOUNT", "PORTS", "PROBE", "AGE"],
         (Kind::AuthorizationPolicy, _) => &["NAME", "ACTION", "SELECTOR", "RULES", "AGE"],
         (Kind::PeerAuthentication, _) => &["NAME", "MODE", "SELECTOR", "AGE"],
+        (Kind::VirtualService, _) => &["NAME", "HOSTS", "ROUTES", "AGE"],
+        (Kind::DestinationRule, _) => &["NAME", "HOST", "SUBSETS", "AGE"],
     };
     header.extend_from_slice(cols);
     let mut out = Vec::new();
@@ -150,6 +152,16 @@ pub fn rows(
                             .collect(),
                     ));
                 }
+            }
+            Resource::VirtualService(v) => {
+                row.push(join_or_dash(v.spec.hosts.clone()));
+                row.push(v.spec.http.len().to_string());
+            }
+            Resource::DestinationRule(d) => {
+                row.push(d.spec.host.clone());
+                row.push(join_or_dash(
+                    d.spec.subsets.iter().map(|s| s.name.clone()).collect(),
+                ));
             }
             Resource::PeerAuthentication(p) => {
                 row.push(p.spec.mode().to_string());

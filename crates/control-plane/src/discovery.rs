@@ -50,13 +50,16 @@ pub fn resources(
             .values()
             .map(|p| (**p).clone())
             .collect();
-        Arc::new(build_resources_with_policies(
-            &services,
-            &entries,
-            &policies,
-            &peer_auths,
-            opts,
-        ))
+        let mut set =
+            build_resources_with_policies(&services, &entries, &policies, &peer_auths, opts);
+        let vss: Vec<_> = v.virtual_services.values().map(|x| (**x).clone()).collect();
+        let drs: Vec<_> = v
+            .destination_rules
+            .values()
+            .map(|x| (**x).clone())
+            .collect();
+        isthmus_xds::traffic::insert_traffic(&mut set, &services, &entries, &vss, &drs, opts);
+        Arc::new(set)
     };
     let first = build(&view.borrow_and_update(), &hosts.borrow_and_update(), &opts);
     let (tx, rx) = watch::channel(first);

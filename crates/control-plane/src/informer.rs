@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use isthmus_model::{
-    AuthorizationPolicy, PeerAuthentication, Resource, Service, WorkloadEntry, WorkloadGroup,
+    AuthorizationPolicy, DestinationRule, PeerAuthentication, Resource, Service, VirtualService,
+    WorkloadEntry, WorkloadGroup,
 };
 use isthmus_store::{EventKind, Revision, StoreError};
 use tokio::sync::watch;
@@ -25,6 +26,8 @@ pub struct RegistryView {
     pub groups: BTreeMap<(String, String), Arc<WorkloadGroup>>,
     pub policies: BTreeMap<(String, String), Arc<AuthorizationPolicy>>,
     pub peer_authentications: BTreeMap<(String, String), Arc<PeerAuthentication>>,
+    pub virtual_services: BTreeMap<(String, String), Arc<VirtualService>>,
+    pub destination_rules: BTreeMap<(String, String), Arc<DestinationRule>>,
 }
 
 impl RegistryView {
@@ -47,6 +50,12 @@ impl RegistryView {
             Resource::PeerAuthentication(p) => {
                 self.peer_authentications.insert(key, Arc::new(p));
             }
+            Resource::VirtualService(v) => {
+                self.virtual_services.insert(key, Arc::new(v));
+            }
+            Resource::DestinationRule(d) => {
+                self.destination_rules.insert(key, Arc::new(d));
+            }
         }
     }
 
@@ -68,6 +77,12 @@ impl RegistryView {
             }
             Resource::PeerAuthentication(_) => {
                 self.peer_authentications.remove(&key);
+            }
+            Resource::VirtualService(_) => {
+                self.virtual_services.remove(&key);
+            }
+            Resource::DestinationRule(_) => {
+                self.destination_rules.remove(&key);
             }
         }
     }

@@ -349,7 +349,9 @@ impl Registry {
                 Resource::WorkloadEntry(w) => wes.push(w),
                 Resource::WorkloadGroup(_)
                 | Resource::AuthorizationPolicy(_)
-                | Resource::PeerAuthentication(_) => {}
+                | Resource::PeerAuthentication(_)
+                | Resource::VirtualService(_)
+                | Resource::DestinationRule(_) => {}
             }
         }
         Ok((svcs, wes))
@@ -427,6 +429,76 @@ impl Registry {
     }
 
     /// Creates or updates every resource, in one transaction: either all are written or none.
+    /// Every subset a VirtualService in `resources` routes to must be defined by a
+    /// DestinationRule for that host, in `resources` or already in the registry; otherwise
+    /// the whole input is refused, naming the route.
+    async fn check_subsets(&self, resources: &[Resource]) -> Result<(), RegistryError> {
+        use model::traffic::service_of_host;
+        let wanted: Vec<(String, (String, String), String)> = resources
+            .iter()
+            .filter_map(|r| match r {
+                Resource::VirtualService(vs) => Some(vs),
+                _ => None,
+            })
+            .flat_map(|vs| {
+                let ns = vs.metadata.namespace.clone();
+                let id = format!("VirtualService {ns}/{}", vs.metadata.name);
+                vs.spec.http.iter().enumerate().flat_map(move |(i, route)| {
+                    let (ns, id) = (ns.clone(), id.clone());
+                    route
+                        .route
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, d)| !d.destination.subset.is_empty())
+                        .map(move |(j, d)| {
+                            (
+                                format!("{id}: spec.http[{i}].route[{j}].destination.subset"),
+                                service_of_host(&d.destination.host, &ns),
+                                d.destination.subset.clone(),
+                            )
+                        })
+                })
+            })
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let mut rules: Vec<Resource> = resources
+            .iter()
+            .filter(|r| r.kind() == Kind::DestinationRule)
+            .cloned()
+            .collect();
+        let (kvs, _) = self
+            .store
+            .range(&Kind::DestinationRule.key_prefix())
+            .await?;
+        for kv in &kvs {
+            if let Some(r) = decode(kv)? {
+                if !rules.iter().any(|x| x.key() == r.key()) {
+                    rules.push(r);
+                }
+            }
+        }
+        let mut defined: HashSet<((String, String), String)> = HashSet::new();
+        for r in &rules {
+            if let Resource::DestinationRule(dr) = r {
+                let host = service_of_host(&dr.spec.host, &dr.metadata.namespace);
+                for s in &dr.spec.subsets {
+                    defined.insert((host.clone(), s.name.clone()));
+                }
+            }
+        }
+        for (field, host, subset) in wanted {
+            if !defined.contains(&(host.clone(), subset.clone())) {
+                return Err(RegistryError::BadRequest(format!(
+                    "{field}: {subset:?} is not a subset of any DestinationRule for {}.{}; define it (spec.subsets) in a DestinationRule whose host is that service, in the same input or before",
+                    host.0, host.1
+                )));
+            }
+        }
+        Ok(())
+    }
+
     pub async fn apply(
         &self,
         resources: Vec<Resource>,
@@ -441,6 +513,7 @@ impl Registry {
                 )));
             }
         }
+        self.check_subsets(&resources).await?;
         for _ in 0..MAX_ATTEMPTS {
             let mut txn = Txn::default();
             let mut results = Vec::new();

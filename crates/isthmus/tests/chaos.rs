@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use isthmus_store::testing::EtcdCluster;
-use linearizability::{check, Input, Operation, Output, Service};
+use linearizability::{check_at, Input, Operation, Output, Service};
 
 const TOKEN: &str = "chaos-test-admin-token";
 const KEYS: usize = 6;
@@ -59,6 +59,8 @@ type Urls = Arc<Mutex<Vec<Option<String>>>>;
 struct Recorded {
     key: usize,
     op: Operation<Service>,
+    /// Which replica answered and how (status or error), for the report of a failure.
+    how: String,
 }
 
 fn now_ns(start: Instant) -> u64 {
@@ -73,7 +75,7 @@ async fn request(
     key: usize,
     input: &Input,
     n: u64,
-) -> Option<Option<Output>> {
+) -> (Option<Option<Output>>, String) {
     let name = format!("svc{key}");
     let url = format!("{base}/api/v1/namespaces/chaos/services/{name}");
     let sent = match input {
@@ -95,18 +97,31 @@ async fn request(
     let resp = match sent {
         Ok(r) => r,
         // Never connected: nothing was sent, nothing happened.
-        Err(e) if e.is_connect() => return None,
+        Err(e) if e.is_connect() => return (None, format!("{base}: not connected: {e}")),
         // Sent and no answer: a write may have been applied.
-        Err(_) if matches!(input, Input::Get) => return None,
-        Err(_) => return Some(None),
+        Err(e) if matches!(input, Input::Get) => return (None, format!("{base}: {e}")),
+        Err(e) => return (Some(None), format!("{base}: no answer: {e}")),
     };
     let status = resp.status().as_u16();
-    let body: serde_json::Value = resp.json().await.unwrap_or_default();
-    match (input, status) {
-        (Input::Register, 200 | 201) => Some(Some(Output::Vip(body["vip"].as_str()?.to_string()))),
-        (Input::Get, 200) => Some(Some(Output::Vip(
-            body["status"]["vip"].as_str()?.to_string(),
-        ))),
+    let body = resp.bytes().await;
+    let how = format!(
+        "{base}: {status} {}",
+        body.as_ref()
+            .map(|b| String::from_utf8_lossy(&b[..b.len().min(200)]).into_owned())
+            .unwrap_or_else(|e| format!("(body lost: {e})"))
+    );
+    let Ok(body) = body else {
+        // The answer was cut off: a write's outcome is unknown.
+        return (
+            (!matches!(input, Input::Get) && status < 300).then_some(None),
+            how,
+        );
+    };
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let vip = |v: &serde_json::Value| v.as_str().map(|s| Output::Vip(s.to_string()));
+    let outcome = match (input, status) {
+        (Input::Register, 200 | 201) => Some(vip(&body["vip"])),
+        (Input::Get, 200) => vip(&body["status"]["vip"]).map(Some),
         (Input::Get, 404) => Some(Some(Output::NotFound)),
         (Input::Delete, 200) => Some(Some(Output::Deleted(true))),
         (Input::Delete, 404) => Some(Some(Output::Deleted(false))),
@@ -117,7 +132,8 @@ async fn request(
             // applied (etcd timed out after it was sent).
             message.contains("may have been applied").then_some(None)
         }
-    }
+    };
+    (outcome, how)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -177,7 +193,7 @@ async fn replicas_and_etcd_members_fail_and_every_history_stays_linearizable() {
                 }
                 let base = &live[rand::random::<u32>() as usize % live.len()];
                 let call = now_ns(start);
-                let outcome =
+                let (outcome, how) =
                     request(&http, base, key, &input, n * CLIENTS as u64 + c as u64).await;
                 let ret = now_ns(start);
                 let failed = !matches!(outcome, Some(Some(_)));
@@ -190,6 +206,7 @@ async fn replicas_and_etcd_members_fail_and_every_history_stays_linearizable() {
                             input,
                             output,
                         },
+                        how,
                     });
                 }
                 let pause = if failed { 200 } else { 10 };
@@ -286,8 +303,8 @@ async fn replicas_and_etcd_members_fail_and_every_history_stays_linearizable() {
     for key in 0..KEYS {
         for base in &live {
             let call = now_ns(start);
-            let output = request(&http, base, key, &Input::Get, 0)
-                .await
+            let (output, how) = request(&http, base, key, &Input::Get, 0).await;
+            let output = output
                 .flatten()
                 .expect("a read after the faults is answered");
             history.lock().unwrap().push(Recorded {
@@ -298,6 +315,7 @@ async fn replicas_and_etcd_members_fail_and_every_history_stays_linearizable() {
                     input: Input::Get,
                     output: Some(output),
                 },
+                how,
             });
         }
     }
@@ -325,7 +343,24 @@ async fn replicas_and_etcd_members_fail_and_every_history_stays_linearizable() {
     for (key, ops) in per_key {
         let started = Instant::now();
         let n = ops.len();
-        check(Service::Absent, ops).unwrap_or_else(|e| panic!("service svc{key}: {e}"));
+        if let Err((e, at)) = check_at(Service::Absent, ops) {
+            // Everything recorded for this service in the second before the first operation no
+            // order explains, with who answered and how.
+            let around: Vec<String> = history
+                .iter()
+                .filter(|r| r.key == key && r.op.call + 1_000_000_000 >= at && r.op.call <= at)
+                .map(|r| {
+                    format!(
+                        "{:?}->{:?}@[{},{}] {}",
+                        r.op.input, r.op.output, r.op.call, r.op.ret, r.how
+                    )
+                })
+                .collect();
+            panic!(
+                "service svc{key}: {e}\nthe second before it:\n{}",
+                around.join("\n")
+            );
+        }
         eprintln!(
             "svc{key}: {n} operations linearizable (checked in {:?})",
             started.elapsed()

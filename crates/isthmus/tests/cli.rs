@@ -305,7 +305,8 @@ fn unknown_kinds_list_every_kind() {
     let all = "the kinds are services (service, svc), workloadentries (workloadentry, workload, \
                workloads, we), workloadgroups (workloadgroup, group, groups, wg), \
                authorizationpolicies (authorizationpolicy, policy, policies, ap), \
-               peerauthentications (peerauthentication, pa)";
+               peerauthentications (peerauthentication, pa), virtualservices (virtualservice, vs), \
+               destinationrules (destinationrule, dr)";
     for args in [&["get", "pods"][..], &["delete", "pods", "x"]] {
         let err = s.fails(args);
         assert!(err.contains("unknown kind \"pods\""), "{err}");
@@ -321,7 +322,7 @@ fn unknown_kinds_list_every_kind() {
     assert!(
         err.contains(
             "unknown kind \"Pod\" (expected Service, WorkloadEntry, WorkloadGroup, \
-             AuthorizationPolicy, PeerAuthentication)"
+             AuthorizationPolicy, PeerAuthentication, VirtualService, DestinationRule)"
         ),
         "{err}"
     );

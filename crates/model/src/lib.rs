@@ -11,6 +11,7 @@ mod parse;
 mod resource;
 mod selector;
 pub mod text;
+pub mod traffic;
 pub mod validate;
 
 pub use parse::{parse_documents, parse_json, ParseError};

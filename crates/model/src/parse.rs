@@ -230,6 +230,8 @@ fn from_value(doc: usize, mut value: serde_json::Value) -> Result<Resource, Pars
             }
             Resource::PeerAuthentication(typed(doc, value)?)
         }
+        Kind::VirtualService => Resource::VirtualService(typed(doc, value)?),
+        Kind::DestinationRule => Resource::DestinationRule(typed(doc, value)?),
     };
     let mut resource = resource;
     if resource.meta().namespace.is_empty() {

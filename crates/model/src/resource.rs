@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 pub const API_VERSION: &str = "isthmus.io/v1";
 
-type Labels = BTreeMap<String, String>;
+pub type Labels = BTreeMap<String, String>;
 
 fn is_default<T: Default + PartialEq>(t: &T) -> bool {
     *t == T::default()
@@ -20,15 +20,19 @@ pub enum Kind {
     WorkloadGroup,
     AuthorizationPolicy,
     PeerAuthentication,
+    VirtualService,
+    DestinationRule,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Service,
         Kind::WorkloadEntry,
         Kind::WorkloadGroup,
         Kind::AuthorizationPolicy,
         Kind::PeerAuthentication,
+        Kind::VirtualService,
+        Kind::DestinationRule,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -38,6 +42,8 @@ impl Kind {
             Kind::WorkloadGroup => "WorkloadGroup",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
         }
     }
 
@@ -49,6 +55,8 @@ impl Kind {
             Kind::WorkloadGroup => "workloadgroups",
             Kind::AuthorizationPolicy => "authorizationpolicies",
             Kind::PeerAuthentication => "peerauthentications",
+            Kind::VirtualService => "virtualservices",
+            Kind::DestinationRule => "destinationrules",
         }
     }
 
@@ -60,6 +68,8 @@ impl Kind {
             Kind::WorkloadGroup => &["workloadgroup", "group", "groups", "wg"],
             Kind::AuthorizationPolicy => &["authorizationpolicy", "policy", "policies", "ap"],
             Kind::PeerAuthentication => &["peerauthentication", "pa"],
+            Kind::VirtualService => &["virtualservice", "vs"],
+            Kind::DestinationRule => &["destinationrule", "dr"],
         }
     }
 
@@ -91,7 +101,10 @@ impl Kind {
     pub fn accepted_api_versions(self) -> &'static [&'static str] {
         match self {
             Kind::Service => &[API_VERSION, "v1"],
-            Kind::WorkloadEntry | Kind::WorkloadGroup => &[
+            Kind::WorkloadEntry
+            | Kind::WorkloadGroup
+            | Kind::VirtualService
+            | Kind::DestinationRule => &[
                 API_VERSION,
                 "networking.istio.io/v1",
                 "networking.istio.io/v1beta1",
@@ -170,6 +183,8 @@ pub type WorkloadEntry = Object<WorkloadEntrySpec, WorkloadEntryStatus>;
 pub type WorkloadGroup = Object<WorkloadGroupSpec, WorkloadGroupStatus>;
 pub type AuthorizationPolicy = Object<AuthorizationPolicySpec, WorkloadGroupStatus>;
 pub type PeerAuthentication = Object<PeerAuthenticationSpec, WorkloadGroupStatus>;
+pub type VirtualService = Object<crate::traffic::VirtualServiceSpec, WorkloadGroupStatus>;
+pub type DestinationRule = Object<crate::traffic::DestinationRuleSpec, WorkloadGroupStatus>;
 
 /// Istio's PeerAuthentication: whether the selected workloads (or the namespace, or with the
 /// root namespace the mesh) accept plaintext. STRICT refuses it; PERMISSIVE (default) takes it.
@@ -478,6 +493,8 @@ pub enum Resource {
     WorkloadGroup(WorkloadGroup),
     AuthorizationPolicy(AuthorizationPolicy),
     PeerAuthentication(PeerAuthentication),
+    VirtualService(VirtualService),
+    DestinationRule(DestinationRule),
 }
 
 impl Resource {
@@ -488,6 +505,8 @@ impl Resource {
             Resource::WorkloadGroup(_) => Kind::WorkloadGroup,
             Resource::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Resource::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Resource::VirtualService(_) => Kind::VirtualService,
+            Resource::DestinationRule(_) => Kind::DestinationRule,
         }
     }
 
@@ -498,6 +517,8 @@ impl Resource {
             Resource::WorkloadGroup(o) => &o.metadata,
             Resource::AuthorizationPolicy(o) => &o.metadata,
             Resource::PeerAuthentication(o) => &o.metadata,
+            Resource::VirtualService(o) => &o.metadata,
+            Resource::DestinationRule(o) => &o.metadata,
         }
     }
 
@@ -508,6 +529,8 @@ impl Resource {
             Resource::WorkloadGroup(o) => &mut o.metadata,
             Resource::AuthorizationPolicy(o) => &mut o.metadata,
             Resource::PeerAuthentication(o) => &mut o.metadata,
+            Resource::VirtualService(o) => &mut o.metadata,
+            Resource::DestinationRule(o) => &mut o.metadata,
         }
     }
 
@@ -538,6 +561,8 @@ impl Resource {
                 x.spec == y.spec
             }
             (Resource::PeerAuthentication(x), Resource::PeerAuthentication(y)) => x.spec == y.spec,
+            (Resource::VirtualService(x), Resource::VirtualService(y)) => x.spec == y.spec,
+            (Resource::DestinationRule(x), Resource::DestinationRule(y)) => x.spec == y.spec,
             _ => false,
         }
     }
@@ -632,6 +657,12 @@ impl<'de> Deserialize<'de> for Resource {
             }
             Kind::PeerAuthentication => {
                 Resource::PeerAuthentication(serde_json::from_value(v).map_err(D::Error::custom)?)
+            }
+            Kind::VirtualService => {
+                Resource::VirtualService(serde_json::from_value(v).map_err(D::Error::custom)?)
+            }
+            Kind::DestinationRule => {
+                Resource::DestinationRule(serde_json::from_value(v).map_err(D::Error::custom)?)
             }
         })
     }

@@ -420,6 +420,8 @@ pub fn validate(r: &Resource) -> Result<(), ValidationError> {
                 }
             }
         }
+        Resource::VirtualService(vs) => check_virtual_service(&mut errs, &vs.spec),
+        Resource::DestinationRule(dr) => check_destination_rule(&mut errs, &dr.spec),
     }
     if errs.0.is_empty() {
         Ok(())
@@ -428,5 +430,450 @@ pub fn validate(r: &Resource) -> Result<(), ValidationError> {
             resource: r.id(),
             errors: errs.0,
         })
+    }
+}
+
+/// A service host as routes name it: `reviews`, `reviews.ns` or the full name.
+fn host_problem(h: &str) -> Option<String> {
+    if h.contains('*') {
+        return Some("wildcard hosts are not supported: name one service".into());
+    }
+    dns_subdomain_problem(h)
+}
+
+fn check_duration(errs: &mut Errors, path: &str, d: &Option<String>) {
+    if let Some(d) = d {
+        if let Err(p) = crate::traffic::parse_duration(d) {
+            errs.add(path, d, p);
+        }
+    }
+}
+
+fn check_percent(errs: &mut Errors, path: &str, p: &Option<crate::traffic::Percent>) {
+    if let Some(p) = p {
+        if !(0.0..=100.0).contains(&p.value) {
+            errs.add(
+                format!("{path}.value"),
+                p.value,
+                "must be 0 to 100 (a percentage)",
+            );
+        }
+    }
+}
+
+fn header_name_problem(h: &str) -> Option<String> {
+    if h.is_empty()
+        || !h
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:".contains(&b))
+    {
+        return Some("is not an HTTP header name".into());
+    }
+    None
+}
+
+fn check_string_match(errs: &mut Errors, path: &str, m: &crate::traffic::StringMatch) {
+    let set = [m.exact.is_some(), m.prefix.is_some(), m.regex.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count();
+    if set != 1 {
+        errs.add(
+            path,
+            format!("{set} of exact/prefix/regex"),
+            "must set exactly one of exact, prefix or regex",
+        );
+    }
+    if let Some(r) = &m.regex {
+        if let Err(e) = regex::RegexBuilder::new(&format!("^(?:{r})$"))
+            .size_limit(1 << 20)
+            .build()
+        {
+            let msg = e.to_string();
+            let last = msg.lines().last().unwrap_or(&msg).trim().to_string();
+            errs.add(
+                format!("{path}.regex"),
+                r,
+                format!("is not a valid regular expression (RE2 syntax): {last}"),
+            );
+        }
+    }
+}
+
+fn check_destination(errs: &mut Errors, path: &str, d: &crate::traffic::Destination) {
+    errs.check(&format!("{path}.host"), &d.host, host_problem(&d.host));
+    if !d.subset.is_empty() {
+        errs.check(
+            &format!("{path}.subset"),
+            &d.subset,
+            dns_label_problem(&d.subset),
+        );
+    }
+    if let Some(p) = &d.port {
+        errs.check(
+            &format!("{path}.port.number"),
+            &p.number.to_string(),
+            port_problem(p.number),
+        );
+    }
+}
+
+fn check_headers(errs: &mut Errors, path: &str, h: &Option<crate::traffic::Headers>) {
+    let Some(h) = h else { return };
+    for (side, ops) in [("request", &h.request), ("response", &h.response)] {
+        let Some(ops) = ops else { continue };
+        for (kind, names) in [
+            ("set", ops.set.keys().collect::<Vec<_>>()),
+            ("add", ops.add.keys().collect()),
+            ("remove", ops.remove.iter().collect()),
+        ] {
+            for n in names {
+                errs.check(
+                    &format!("{path}.{side}.{kind}[{n}]"),
+                    n,
+                    header_name_problem(n),
+                );
+            }
+        }
+    }
+}
+
+fn check_virtual_service(errs: &mut Errors, spec: &crate::traffic::VirtualServiceSpec) {
+    if spec.hosts.is_empty() {
+        errs.add(
+            "spec.hosts",
+            "[]",
+            "must name at least one service (e.g. reviews)",
+        );
+    }
+    for (i, h) in spec.hosts.iter().enumerate() {
+        errs.check(&format!("spec.hosts[{i}]"), h, host_problem(h));
+    }
+    for (i, g) in spec.gateways.iter().enumerate() {
+        if g != "mesh" {
+            errs.add(
+                format!("spec.gateways[{i}]"),
+                g,
+                "is not supported: Isthmus routes mesh traffic only (use mesh, or leave gateways out)",
+            );
+        }
+    }
+    if spec.http.is_empty() {
+        errs.add(
+            "spec.http",
+            "[]",
+            "must have at least one route (Isthmus routes HTTP; tcp and tls routes are not supported)",
+        );
+    }
+    for (i, r) in spec.http.iter().enumerate() {
+        let path = format!("spec.http[{i}]");
+        for (j, m) in r.matches.iter().enumerate() {
+            let mp = format!("{path}.match[{j}]");
+            for (name, sm) in [
+                ("uri", &m.uri),
+                ("scheme", &m.scheme),
+                ("method", &m.method),
+                ("authority", &m.authority),
+            ] {
+                if let Some(sm) = sm {
+                    check_string_match(errs, &format!("{mp}.{name}"), sm);
+                }
+            }
+            for (kind, map) in [
+                ("headers", &m.headers),
+                ("withoutHeaders", &m.without_headers),
+            ] {
+                for (h, sm) in map {
+                    let hp = format!("{mp}.{kind}[{h}]");
+                    errs.check(&hp, h, header_name_problem(h));
+                    if h.bytes().any(|b| b.is_ascii_uppercase()) {
+                        errs.add(&hp, h, "must be lower case, as Istio requires");
+                    }
+                    check_string_match(errs, &hp, sm);
+                }
+            }
+            for (q, sm) in &m.query_params {
+                check_string_match(errs, &format!("{mp}.queryParams[{q}]"), sm);
+            }
+            if let Some(p) = m.port {
+                errs.check(&format!("{mp}.port"), &p.to_string(), port_problem(p));
+            }
+            check_labels(errs, &format!("{mp}.sourceLabels"), &m.source_labels);
+        }
+        let actions = [
+            !r.route.is_empty(),
+            r.redirect.is_some(),
+            r.direct_response.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if actions != 1 {
+            errs.add(
+                &path,
+                format!("{actions} of route/redirect/directResponse"),
+                "must have exactly one of route, redirect or directResponse",
+            );
+        }
+        if r.route.len() > 1 || r.route.iter().any(|d| d.weight.is_some()) {
+            let weights: Vec<u32> = r.route.iter().map(|d| d.weight.unwrap_or(0)).collect();
+            let sum: u32 = weights.iter().sum();
+            if sum != 100 {
+                errs.add(
+                    format!("{path}.route[*].weight"),
+                    format!("{weights:?} = {sum}"),
+                    "must add up to 100",
+                );
+            }
+        }
+        for (j, d) in r.route.iter().enumerate() {
+            let dp = format!("{path}.route[{j}]");
+            check_destination(errs, &format!("{dp}.destination"), &d.destination);
+            check_headers(errs, &format!("{dp}.headers"), &d.headers);
+        }
+        if let Some(rd) = &r.redirect {
+            if let Some(code) = rd.redirect_code {
+                if ![301, 302, 303, 307, 308].contains(&code) {
+                    errs.add(
+                        format!("{path}.redirect.redirectCode"),
+                        code,
+                        "must be 301, 302, 303, 307 or 308",
+                    );
+                }
+            }
+            if let Some(a) = &rd.authority {
+                errs.check(
+                    &format!("{path}.redirect.authority"),
+                    a,
+                    dns_subdomain_problem(a.split(':').next().unwrap_or(a)),
+                );
+            }
+        }
+        if let Some(d) = &r.direct_response {
+            if !(200..=599).contains(&d.status) {
+                errs.add(
+                    format!("{path}.directResponse.status"),
+                    d.status,
+                    "must be an HTTP status, 200 to 599",
+                );
+            }
+        }
+        if let Some(rw) = &r.rewrite {
+            if let Some(u) = &rw.uri {
+                if !u.starts_with('/') && !u.is_empty() {
+                    errs.add(format!("{path}.rewrite.uri"), u, "must start with /");
+                }
+            }
+        }
+        check_duration(errs, &format!("{path}.timeout"), &r.timeout);
+        if let Some(rt) = &r.retries {
+            if rt.attempts > 25 {
+                errs.add(
+                    format!("{path}.retries.attempts"),
+                    rt.attempts,
+                    "is more than 25; the retry budget caps retries anyway",
+                );
+            }
+            check_duration(
+                errs,
+                &format!("{path}.retries.perTryTimeout"),
+                &rt.per_try_timeout,
+            );
+            if let Some(on) = &rt.retry_on {
+                for c in on.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+                    let code_ok = c.parse::<u16>().is_ok_and(|n| (100..=599).contains(&n));
+                    if !code_ok && !crate::traffic::RETRY_ON.contains(&c) {
+                        errs.add(
+                            format!("{path}.retries.retryOn"),
+                            c,
+                            format!(
+                                "is not a retry condition; use {} or a status code",
+                                crate::traffic::RETRY_ON.join(", ")
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(f) = &r.fault {
+            if let Some(d) = &f.delay {
+                check_duration(
+                    errs,
+                    &format!("{path}.fault.delay.fixedDelay"),
+                    &Some(d.fixed_delay.clone()),
+                );
+                check_percent(
+                    errs,
+                    &format!("{path}.fault.delay.percentage"),
+                    &d.percentage,
+                );
+            }
+            if let Some(a) = &f.abort {
+                match (a.http_status, &a.grpc_status) {
+                    (Some(s), None) if (200..=599).contains(&s) => {}
+                    (Some(s), None) => errs.add(
+                        format!("{path}.fault.abort.httpStatus"),
+                        s,
+                        "must be an HTTP status, 200 to 599",
+                    ),
+                    (None, Some(g)) if grpc_code(g).is_some() => {}
+                    (None, Some(g)) => errs.add(
+                        format!("{path}.fault.abort.grpcStatus"),
+                        g,
+                        "is not a gRPC status name (e.g. UNAVAILABLE)",
+                    ),
+                    _ => errs.add(
+                        format!("{path}.fault.abort"),
+                        "",
+                        "must set exactly one of httpStatus or grpcStatus",
+                    ),
+                }
+                check_percent(
+                    errs,
+                    &format!("{path}.fault.abort.percentage"),
+                    &a.percentage,
+                );
+            }
+        }
+        if let Some(m) = &r.mirror {
+            check_destination(errs, &format!("{path}.mirror"), m);
+        }
+        check_percent(
+            errs,
+            &format!("{path}.mirrorPercentage"),
+            &r.mirror_percentage,
+        );
+        check_headers(errs, &format!("{path}.headers"), &r.headers);
+    }
+}
+
+/// gRPC status names, as `grpcStatus` takes them, to their codes.
+pub fn grpc_code(name: &str) -> Option<u32> {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    NAMES.iter().position(|n| *n == name).map(|i| i as u32)
+}
+
+fn check_traffic_policy(errs: &mut Errors, path: &str, tp: &crate::traffic::TrafficPolicy) {
+    if let Some(lb) = &tp.load_balancer {
+        let lp = format!("{path}.loadBalancer");
+        if let Some(s) = &lb.simple {
+            if ![
+                "ROUND_ROBIN",
+                "LEAST_REQUEST",
+                "RANDOM",
+                "UNSPECIFIED",
+                "LEAST_CONN",
+            ]
+            .contains(&s.as_str())
+            {
+                errs.add(
+                    format!("{lp}.simple"),
+                    s,
+                    "must be ROUND_ROBIN, LEAST_REQUEST, RANDOM or UNSPECIFIED",
+                );
+            }
+        }
+        if let Some(ch) = &lb.consistent_hash {
+            if lb.simple.is_some() {
+                errs.add(
+                    &lp,
+                    "simple and consistentHash",
+                    "must set only one of them",
+                );
+            }
+            let set = [
+                ch.http_header_name.is_some(),
+                ch.use_source_ip == Some(true),
+                ch.http_query_parameter_name.is_some(),
+            ]
+            .iter()
+            .filter(|b| **b)
+            .count();
+            if set != 1 {
+                errs.add(
+                    format!("{lp}.consistentHash"),
+                    set,
+                    "must set exactly one of httpHeaderName, useSourceIp or httpQueryParameterName",
+                );
+            }
+            if let Some(h) = &ch.http_header_name {
+                errs.check(
+                    &format!("{lp}.consistentHash.httpHeaderName"),
+                    h,
+                    header_name_problem(h),
+                );
+            }
+        }
+    }
+    if let Some(cp) = &tp.connection_pool {
+        if let Some(h) = &cp.http {
+            check_duration(
+                errs,
+                &format!("{path}.connectionPool.http.idleTimeout"),
+                &h.idle_timeout,
+            );
+        }
+        if let Some(t) = &cp.tcp {
+            check_duration(
+                errs,
+                &format!("{path}.connectionPool.tcp.connectTimeout"),
+                &t.connect_timeout,
+            );
+        }
+    }
+    if let Some(od) = &tp.outlier_detection {
+        let op = format!("{path}.outlierDetection");
+        check_duration(errs, &format!("{op}.interval"), &od.interval);
+        check_duration(
+            errs,
+            &format!("{op}.baseEjectionTime"),
+            &od.base_ejection_time,
+        );
+        if let Some(p) = od.max_ejection_percent {
+            if p > 100 {
+                errs.add(
+                    format!("{op}.maxEjectionPercent"),
+                    p,
+                    "must be 0 to 100 (a percentage)",
+                );
+            }
+        }
+    }
+}
+
+fn check_destination_rule(errs: &mut Errors, spec: &crate::traffic::DestinationRuleSpec) {
+    errs.check("spec.host", &spec.host, host_problem(&spec.host));
+    if let Some(tp) = &spec.traffic_policy {
+        check_traffic_policy(errs, "spec.trafficPolicy", tp);
+    }
+    let mut seen = BTreeSet::new();
+    for (i, s) in spec.subsets.iter().enumerate() {
+        let path = format!("spec.subsets[{i}]");
+        errs.check(&format!("{path}.name"), &s.name, dns_label_problem(&s.name));
+        if !seen.insert(s.name.as_str()) {
+            errs.add(format!("{path}.name"), &s.name, "is given twice");
+        }
+        check_labels(errs, &format!("{path}.labels"), &s.labels);
+        if let Some(tp) = &s.traffic_policy {
+            check_traffic_policy(errs, &format!("{path}.trafficPolicy"), tp);
+        }
     }
 }

@@ -280,6 +280,32 @@ impl Inner {
         loop {
             let err = match request().await {
                 Ok(v) => return Ok(v),
+                Err(e) if op == "write" && !never_sent(&e) => {
+                    // The connection failed after the write went out: etcd may have committed
+                    // it. Retrying could apply it twice, or report a delete that happened as
+                    // "not found"; the caller must look before trying again (etcd's own client
+                    // retries a write only when no connection was there to send it on).
+                    let err = match self.error(e) {
+                        StoreError::Etcd {
+                            cause: EtcdCause::Unreachable,
+                            message,
+                            ..
+                        } => StoreError::Etcd {
+                            cause: EtcdCause::Timeout,
+                            endpoints: self.endpoints.clone(),
+                            message: format!(
+                                "{message}; the connection failed after the write was sent, so it may have been applied; check before retrying"
+                            ),
+                            outcome_unknown: true,
+                        },
+                        other => other,
+                    };
+                    self.count(op, &err);
+                    if err.is_storage() {
+                        self.set_failure(Some(err.clone()));
+                    }
+                    return Err(err);
+                }
                 Err(e) => self.error(e),
             };
             let safe = matches!(
@@ -821,5 +847,72 @@ impl Store for EtcdStore {
                 .map(|(&(op, kind), &count)| ErrorCount { op, kind, count })
                 .collect(),
         }
+    }
+}
+
+/// Whether a failed request certainly never reached etcd: no connection could be made, or etcd
+/// refused it before proposing (no leader, by the `hasleader` metadata every request carries).
+/// Anything else that fails in transit (a reset, a broken pipe, a member killed mid-request)
+/// may have been committed.
+fn never_sent(err: &ec::Error) -> bool {
+    match err {
+        ec::Error::TransportError(_) => true,
+        ec::Error::GRpcStatus(s) => {
+            let m = s.message().to_ascii_lowercase();
+            m.contains("no leader")
+                || m.contains("too many requests")
+                || m.contains("error trying to connect")
+                || m.contains("tcp connect error")
+                || m.contains("connection refused")
+                || m.contains("there is no address available")
+                || (s.code() != tonic::Code::Unavailable
+                    && s.code() != tonic::Code::Unknown
+                    && s.code() != tonic::Code::Internal
+                    && s.code() != tonic::Code::DeadlineExceeded
+                    && s.code() != tonic::Code::Cancelled)
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: tonic::Code, message: &str) -> ec::Error {
+        ec::Error::GRpcStatus(tonic::Status::new(code, message))
+    }
+
+    #[test]
+    fn only_failures_before_sending_count_as_never_sent() {
+        use tonic::Code::*;
+        // etcd refused before proposing, or no connection was made: safe to send again.
+        assert!(never_sent(&status(Unavailable, "etcdserver: no leader")));
+        assert!(never_sent(&status(
+            Unavailable,
+            "error trying to connect: tcp connect error: Connection refused (os error 111)"
+        )));
+        assert!(never_sent(&status(
+            ResourceExhausted,
+            "etcdserver: too many requests"
+        )));
+        assert!(never_sent(&status(
+            InvalidArgument,
+            "etcdserver: too many operations in txn request"
+        )));
+        // Lost in transit: it may have been committed.
+        assert!(!never_sent(&status(
+            Unavailable,
+            "transport error: connection reset by peer"
+        )));
+        assert!(!never_sent(&status(
+            Unknown,
+            "h2 protocol error: broken pipe"
+        )));
+        assert!(!never_sent(&status(
+            DeadlineExceeded,
+            "etcdserver: request timed out"
+        )));
+        assert!(!never_sent(&status(Cancelled, "operation was canceled")));
     }
 }

@@ -16,6 +16,7 @@ pub mod mapping;
 pub mod node;
 pub mod resources;
 pub mod server;
+pub mod traffic;
 
 /// Generated from the project's own `proto/` files (envoy delta xDS subset, google.rpc.Status,
 /// istio.workload, istio.security).
@@ -32,7 +33,9 @@ pub use mapping::{
     build_resources, build_resources_with_policies, MappingOptions, AGENT_ANNOTATION,
 };
 pub use node::{NodeId, NodeIdError, ProxyNode, NODE_ID_FORM};
-pub use resources::{ResourceSet, Version, XdsResource, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+pub use resources::{
+    ResourceSet, Version, XdsResource, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, TRAFFIC_TYPE_URL,
+};
 pub use server::{
     AdsService, Authenticate, Identity, ServerConfig, StaticAuthenticator, XdsMetrics, XdsServer,
     DELTA_ADS_PATH, REBALANCE_MESSAGE,

@@ -11,6 +11,9 @@ pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
 /// `istio.security.Authorization`: authorization policies.
 pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
 
+/// `isthmus.traffic.v1.ServiceTraffic`: one service's HTTP routes and traffic policy.
+pub const TRAFFIC_TYPE_URL: &str = "type.googleapis.com/isthmus.traffic.v1.ServiceTraffic";
+
 /// A content hash of the encoded resource: an unchanged object keeps its version across
 /// control-plane restarts, which is what makes `initial_resource_versions` useful.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -31,7 +31,13 @@ pub struct Operation<M: Model> {
 
 /// Ok when some order of the operations, consistent with real time (an operation that returned
 /// before another was called comes first), is a legal sequential history of `init`.
-pub fn check<M: Model>(init: M, mut ops: Vec<Operation<M>>) -> Result<(), String> {
+pub fn check<M: Model>(init: M, ops: Vec<Operation<M>>) -> Result<(), String> {
+    check_at(init, ops).map_err(|(message, _)| message)
+}
+
+/// As [`check`], and on failure also the call time of the first operation no legal order
+/// explains, so a caller can show what happened around it.
+pub fn check_at<M: Model>(init: M, mut ops: Vec<Operation<M>>) -> Result<(), (String, u64)> {
     for op in &mut ops {
         if op.output.is_none() {
             op.ret = u64::MAX;
@@ -42,16 +48,36 @@ pub fn check<M: Model>(init: M, mut ops: Vec<Operation<M>>) -> Result<(), String
     let words = n.div_ceil(64).max(1);
     let mut done = vec![0u64; words];
     let mut seen: HashSet<(Vec<u64>, M)> = HashSet::new();
-    let mut longest = 0;
+    let mut longest = (0, done.clone());
     if search(&ops, &init, &mut done, 0, &mut seen, &mut longest) {
         return Ok(());
     }
-    Err(format!(
-        "not linearizable: no order explains the history; the longest legal prefix covers {longest} of {n} operations; history: {:?}",
-        ops.iter()
-            .map(|o| format!("{:?}->{:?}@[{},{}]", o.input, o.output, o.call, o.ret))
-            .collect::<Vec<_>>()
-    ))
+    // Short enough to survive a CI log: the last operations the longest legal order explained
+    // and the first ones it could not, by call time.
+    let (count, explained) = longest;
+    let show = |o: &Operation<M>| format!("{:?}->{:?}@[{},{}]", o.input, o.output, o.call, o.ret);
+    let before: Vec<String> = ops
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| is_done(&explained, *i))
+        .map(|(_, o)| show(o))
+        .collect();
+    let after: Vec<String> = ops
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !is_done(&explained, *i))
+        .take(12)
+        .map(|(_, o)| show(o))
+        .collect();
+    let at = ops
+        .iter()
+        .enumerate()
+        .find(|(i, o)| !is_done(&explained, *i) && o.output.is_some())
+        .map_or(0, |(_, o)| o.call);
+    Err((format!(
+        "not linearizable: no order explains the history; the longest legal order covers {count} of {n} operations; its last ones: {:?}; the first ones it cannot explain: {after:?}",
+        &before[before.len().saturating_sub(8)..]
+    ), at))
 }
 
 fn is_done(done: &[u64], i: usize) -> bool {
@@ -68,9 +94,11 @@ fn search<M: Model>(
     done: &mut Vec<u64>,
     linearized: usize,
     seen: &mut HashSet<(Vec<u64>, M)>,
-    longest: &mut usize,
+    longest: &mut (usize, Vec<u64>),
 ) -> bool {
-    *longest = (*longest).max(linearized);
+    if linearized > longest.0 {
+        *longest = (linearized, done.clone());
+    }
     // The earliest answer still to be explained bounds what may go next.
     let mut min_ret = u64::MAX;
     let mut all_known_done = true;

@@ -9,8 +9,9 @@ use prost::Message;
 
 use crate::pb::istio::security as sec;
 use crate::pb::istio::workload as wl;
-use crate::resources::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use crate::resources::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, TRAFFIC_TYPE_URL};
 use crate::server::Identity;
+use isthmus_model::traffic::ServiceTraffic;
 
 /// Why a resource was rejected (and NACKed); the state keeps what it had under that name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -137,6 +138,7 @@ pub enum Item {
     Workload(Arc<Workload>),
     Service(Arc<Service>),
     Authorization(Arc<Authorization>),
+    Traffic(Arc<ServiceTraffic>),
 }
 
 /// A resource as received, kept for the on-disk cache and for `initial_resource_versions`.
@@ -168,6 +170,7 @@ pub struct State {
     workloads: HashMap<String, Arc<Workload>>,
     services: HashMap<String, Arc<Service>>,
     authorizations: HashMap<String, Arc<Authorization>>,
+    traffic: HashMap<String, Arc<ServiceTraffic>>,
     workloads_by_ip: HashMap<IpAddr, Arc<Workload>>,
     services_by_hostname: HashMap<String, Arc<Service>>,
     services_by_vip: HashMap<SocketAddr, Arc<Service>>,
@@ -209,6 +212,12 @@ impl State {
             .get(service_key)
             .map(Vec::as_slice)
             .unwrap_or_default()
+    }
+
+    /// The HTTP traffic settings of the service `<namespace>/<hostname>`, if the control plane
+    /// sent any.
+    pub fn traffic(&self, service_key: &str) -> Option<&Arc<ServiceTraffic>> {
+        self.traffic.get(service_key)
     }
 
     pub fn authorization(&self, name: &str) -> Option<&Arc<Authorization>> {
@@ -258,6 +267,7 @@ impl State {
             workloads,
             services,
             authorizations,
+            traffic,
             ..
         } = &mut next;
         let raw = raw.entry(type_url.to_owned()).or_default();
@@ -265,6 +275,7 @@ impl State {
             workloads,
             services,
             authorizations,
+            traffic,
         };
         for name in removals {
             if let Some(old) = raw.remove(name) {
@@ -328,6 +339,7 @@ struct Items<'a> {
     workloads: &'a mut HashMap<String, Arc<Workload>>,
     services: &'a mut HashMap<String, Arc<Service>>,
     authorizations: &'a mut HashMap<String, Arc<Authorization>>,
+    traffic: &'a mut HashMap<String, Arc<ServiceTraffic>>,
 }
 
 impl Items<'_> {
@@ -342,6 +354,9 @@ impl Items<'_> {
             Item::Authorization(_) => {
                 self.authorizations.remove(name);
             }
+            Item::Traffic(_) => {
+                self.traffic.remove(name);
+            }
         }
     }
 
@@ -355,6 +370,9 @@ impl Items<'_> {
             }
             Item::Authorization(a) => {
                 self.authorizations.insert(name, a);
+            }
+            Item::Traffic(t) => {
+                self.traffic.insert(name, t);
             }
         }
     }
@@ -400,6 +418,26 @@ pub fn parse_resource(
                 )));
             }
             Ok(Item::Authorization(Arc::new(a)))
+        }
+        TRAFFIC_TYPE_URL => {
+            let t = crate::pb::isthmus::traffic::v1::ServiceTraffic::decode(any.value.as_slice())
+                .map_err(|e| {
+                err(format!(
+                    "not a valid isthmus.traffic.v1.ServiceTraffic: {e}"
+                ))
+            })?;
+            if t.name != name {
+                return Err(err(format!(
+                    "traffic settings are named {:?}, expected the resource name",
+                    t.name
+                )));
+            }
+            let config: ServiceTraffic = serde_json::from_str(&t.config_json).map_err(|e| {
+                err(format!(
+                    "traffic settings this agent cannot read ({e}): is the agent older than the control plane?"
+                ))
+            })?;
+            Ok(Item::Traffic(Arc::new(config)))
         }
         other => Err(err(format!(
             "type {other:?} is not supported by this agent"

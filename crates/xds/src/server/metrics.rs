@@ -18,6 +18,7 @@ impl TypeLabels {
         let known = [
             crate::resources::ADDRESS_TYPE_URL,
             crate::resources::AUTHORIZATION_TYPE_URL,
+            crate::resources::TRAFFIC_TYPE_URL,
         ];
         Self {
             type_url: if known.contains(&type_url) {
