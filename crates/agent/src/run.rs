@@ -452,12 +452,15 @@ pub async fn run(
             .await
             .context("the data-plane runtime stopped")?;
         let (started, proxy_registry) = started.context("cannot start the proxy")?;
+        let mut istio_registry = Registry::default();
+        started.istio_metrics().register(&mut istio_registry);
         proxy = Some(started);
         data_plane = Some(dp);
-        registry
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(proxy_registry);
+        {
+            let mut list = registry.write().unwrap_or_else(|e| e.into_inner());
+            list.push(proxy_registry);
+            list.push(istio_registry);
+        }
         if let Some(icfg) = &intercept {
             let nf = isthmus_intercept::SystemNetfilter::new();
             isthmus_intercept::install(&nf, icfg)

@@ -344,7 +344,9 @@ pub struct OutlierDetection {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceTraffic {
     /// The service's full hostname (`reviews.bookinfo.svc.cluster.local`).
+    #[serde(default)]
     pub hostname: String,
+    #[serde(default)]
     pub namespace: String,
     /// Service port → protocol.
     #[serde(default)]

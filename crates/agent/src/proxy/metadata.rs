@@ -26,6 +26,9 @@ pub struct LocalWorkload {
     pub meta: Baggage,
     /// `meta` encoded once; `None` when nothing is known yet.
     baggage: Option<HeaderValue>,
+    /// Our certificate's SPIFFE id without the scheme (`cluster.local/ns/a/sa/b`), as Istio's
+    /// `source_principal` label writes it.
+    pub principal: Option<Arc<str>>,
 }
 
 impl LocalWorkload {
@@ -34,7 +37,19 @@ impl LocalWorkload {
     pub fn new(identity: Option<&Identity>, workload: Option<&Workload>) -> Self {
         let meta = describe(identity, workload);
         let baggage = meta.to_header_value();
-        Self { meta, baggage }
+        let principal = identity.map(|id| {
+            Arc::from(
+                id.to_string()
+                    .trim_start_matches("spiffe://")
+                    .to_string()
+                    .as_str(),
+            )
+        });
+        Self {
+            meta,
+            baggage,
+            principal,
+        }
     }
 
     /// The `baggage` header value, shared by every connection.
@@ -120,7 +135,7 @@ pub fn follow(
             let next = build(&state.borrow_and_update(), &certs.borrow_and_update());
             // Discovery changes often; the header changes rarely.
             tx.send_if_modified(|cur| {
-                if cur.meta == next.meta {
+                if cur.meta == next.meta && cur.principal == next.principal {
                     return false;
                 }
                 tracing::debug!(baggage = ?next.baggage, "our workload's description changed");

@@ -14,6 +14,7 @@
 pub mod authz;
 pub mod drain;
 pub mod inbound;
+pub mod l7;
 pub mod lb;
 pub mod metadata;
 pub mod metrics;
@@ -114,6 +115,7 @@ pub struct Proxy {
     /// Background work (credentials, policy re-checks) stopped after the drain.
     tasks: JoinSet<()>,
     metrics: Arc<ProxyMetrics>,
+    istio: Arc<l7::telemetry::IstioMetrics>,
 }
 
 impl Proxy {
@@ -131,6 +133,12 @@ impl Proxy {
 
     pub fn metrics(&self) -> Arc<ProxyMetrics> {
         self.metrics.clone()
+    }
+
+    /// Istio's request metrics (`istio_requests_total`, ...): register them in a registry
+    /// without a prefix.
+    pub fn istio_metrics(&self) -> Arc<l7::telemetry::IstioMetrics> {
+        self.istio.clone()
     }
 
     /// Stops accepting on every listener at once, lets open connections and HBONE streams
@@ -207,15 +215,29 @@ pub async fn start(
     let (local, follow) = metadata::follow(own_ip, state.clone(), certs_for_local);
     tasks.spawn(follow);
     let orig_dst: Arc<dyn OrigDst> = Arc::new(SoOriginalDst);
+    let hbone_client = HboneClient::new(creds, config.hbone_client.clone());
+    let istio = Arc::new(l7::telemetry::IstioMetrics::default());
+    let http = Arc::new(l7::HttpOutbound::new(
+        state.clone(),
+        l7::pool::UpstreamPool::new(
+            hbone_client.clone(),
+            config.outbound.hbone_port,
+            config.sockets.clone(),
+            config.outbound.connect_timeout,
+        ),
+        istio.clone(),
+        local.clone(),
+    ));
     let outbound = Outbound::new(
         config.outbound.clone(),
         state,
-        HboneClient::new(creds, config.hbone_client.clone()),
+        hbone_client,
         orig_dst.clone(),
         Arc::new(LoadTracker::default()),
         metrics.clone(),
     )
-    .with_local(local);
+    .with_local(local)
+    .with_http(http);
     let (drain, drain_rx) = watch::channel(None);
     let mut serving = JoinSet::new();
     serving.spawn(outbound.serve_until(outbound_l, drain_rx.clone()));
@@ -230,6 +252,7 @@ pub async fn start(
         drain,
         tasks,
         metrics,
+        istio,
     })
 }
 

@@ -15,11 +15,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use super::l7::{self, HttpOutbound};
 use super::lb::{ConnGuard, LoadTracker};
 use super::metadata::{self, LocalWatch, LocalWorkload};
 use super::metrics::{Direction, Outcome, ProxyMetrics};
 use super::orig_dst::OrigDst;
 use super::{splice, AccessRecord};
+use isthmus_model::traffic::PortProtocol;
 
 /// What to do with a destination that is neither a service VIP nor a mesh workload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,10 +121,10 @@ impl OutboundError {
 
 /// One endpoint to try: where to connect and whom to expect there.
 #[derive(Clone, Debug)]
-struct Target {
-    workload: Arc<Workload>,
-    addr: SocketAddr,
-    expected: Vec<String>,
+pub(crate) struct Target {
+    pub(crate) workload: Arc<Workload>,
+    pub(crate) addr: SocketAddr,
+    pub(crate) expected: Vec<String>,
 }
 
 enum Plan {
@@ -143,6 +145,8 @@ pub struct Outbound {
     lb: Arc<LoadTracker>,
     metrics: Arc<ProxyMetrics>,
     local: LocalWatch,
+    /// The HTTP side, for HTTP ports (none: every port is TCP, as before).
+    l7: Option<Arc<HttpOutbound>>,
 }
 
 /// What one connection's CONNECT says about it (the same on every endpoint tried).
@@ -175,7 +179,14 @@ impl Outbound {
             lb,
             metrics,
             local: metadata::unknown(),
+            l7: None,
         }
+    }
+
+    /// Serves HTTP ports (declared, or sniffed on undeclared ones) per request through `l7`.
+    pub fn with_http(mut self, l7: Arc<HttpOutbound>) -> Self {
+        self.l7 = Some(l7);
+        self
     }
 
     /// Describes the source to peers (`baggage`) and in outbound metrics with this
@@ -235,6 +246,27 @@ impl Outbound {
             }
         };
         rec.dst = Some(dst);
+        if let Some(l7) = &self.l7 {
+            let state = self.state.borrow().clone();
+            if let Some(service) = state.service_by_vip(dst).cloned() {
+                let http = match l7.protocol(&state, &service, dst.port()) {
+                    PortProtocol::Tcp => false,
+                    // Undeclared: HTTP only if its first bytes say so soon enough.
+                    PortProtocol::Undeclared => {
+                        l7::detect(&client, Some(l7::DETECTION_TIMEOUT)).await != l7::Sniffed::Other
+                    }
+                    // Declared HTTP: still bytes only if they are not HTTP.
+                    _ => l7::detect(&client, None).await != l7::Sniffed::Other,
+                };
+                if http {
+                    rec.service = Some(service.hostname.clone());
+                    self.metrics.opened(Direction::Outbound);
+                    l7.clone().serve(client, src, dst, service).await;
+                    rec.finish(&self.metrics, Outcome::Ok, "closed (http)", start, true);
+                    return;
+                }
+            }
+        }
         let opened = self.open(dst, local, &origin, &mut rec).await;
         let (mut upstream, _guard) = match opened {
             Ok(u) => u,
@@ -400,7 +432,12 @@ impl Outbound {
 
 /// The endpoint address and expected identities of `w` for `service`'s port `port`; `None`
 /// when it has no address or does not serve that port.
-fn service_target(service: &Service, key: &str, w: &Arc<Workload>, port: u16) -> Option<Target> {
+pub(crate) fn service_target(
+    service: &Service,
+    key: &str,
+    w: &Arc<Workload>,
+    port: u16,
+) -> Option<Target> {
     let ip = *w.addresses.first()?;
     let target_port = w
         .services

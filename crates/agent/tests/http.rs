@@ -1,0 +1,726 @@
+//! The outbound proxy on HTTP ports, over real loopback sockets: real HTTP/1.1 and h2c
+//! clients, real hyper backends, the discovery state decoded from xDS resources exactly as on
+//! the network path (Istio's `Address` plus Isthmus's `ServiceTraffic`). Each test takes its
+//! own 127.0.<block>.0/24. Endpoints are plain TCP here (no agent on them); the HBONE path is
+//! covered end to end by the namespace tests.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use isthmus_agent::proxy::l7::pool::UpstreamPool;
+use isthmus_agent::proxy::l7::telemetry::IstioMetrics;
+use isthmus_agent::proxy::l7::HttpOutbound;
+use isthmus_agent::proxy::{
+    metadata, LoadTracker, OrigDst, Outbound, OutboundConfig, ProxyMetrics, UnknownDestination,
+};
+use isthmus_hbone::{ClientOptions, HboneClient};
+use isthmus_model::traffic::{PortProtocol, ServiceTraffic};
+use isthmus_xds::client::{decode_cache, State};
+use isthmus_xds::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource};
+use isthmus_xds::pb::isthmus::traffic::v1 as tpb;
+use isthmus_xds::pb::istio::workload as wl;
+use isthmus_xds::{ADDRESS_TYPE_URL, TRAFFIC_TYPE_URL};
+use prost::Message;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+const HOST: &str = "reviews.default.svc.cluster.local";
+const SVC_KEY: &str = "default/reviews.default.svc.cluster.local";
+
+fn loopback(block: u8, host: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, block, host))
+}
+
+fn any<M: Message>(type_url: &str, m: &M) -> prost_types::Any {
+    prost_types::Any {
+        type_url: type_url.into(),
+        value: m.encode_to_vec(),
+    }
+}
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+/// One endpoint of `reviews`: its uid and where its app listens.
+struct Ep {
+    uid: String,
+    addr: SocketAddr,
+}
+
+/// The state a subscriber holds after receiving `reviews` (VIP `vip`, port 9080), its
+/// endpoints, and `traffic` (routes and rules, YAML of `ServiceTraffic` minus the names).
+fn state(vip: IpAddr, eps: &[Ep], traffic_yaml: &str) -> Result<State> {
+    let service = wl::Service {
+        name: "reviews".into(),
+        namespace: "default".into(),
+        hostname: HOST.into(),
+        addresses: vec![wl::NetworkAddress {
+            network: String::new(),
+            address: ip_bytes(vip),
+        }],
+        ports: vec![wl::Port {
+            service_port: 9080,
+            target_port: 9080,
+            app_protocol: 0,
+        }],
+        ..Default::default()
+    };
+    let mut resources = vec![Resource {
+        name: SVC_KEY.into(),
+        version: "1".into(),
+        resource: Some(any(
+            ADDRESS_TYPE_URL,
+            &wl::Address {
+                r#type: Some(wl::address::Type::Service(service)),
+            },
+        )),
+        ..Default::default()
+    }];
+    for ep in eps {
+        let mut services = BTreeMap::new();
+        services.insert(
+            SVC_KEY.to_string(),
+            wl::PortList {
+                ports: vec![wl::Port {
+                    service_port: 9080,
+                    target_port: u32::from(ep.addr.port()),
+                    app_protocol: 0,
+                }],
+            },
+        );
+        let w = wl::Workload {
+            uid: ep.uid.clone(),
+            name: ep.uid.clone(),
+            namespace: "default".into(),
+            addresses: vec![ip_bytes(ep.addr.ip())],
+            tunnel_protocol: wl::TunnelProtocol::None as i32,
+            trust_domain: "cluster.local".into(),
+            service_account: "reviews".into(),
+            services,
+            status: wl::WorkloadStatus::Healthy as i32,
+            canonical_name: "reviews".into(),
+            canonical_revision: ep.uid.clone(),
+            ..Default::default()
+        };
+        resources.push(Resource {
+            name: ep.uid.clone(),
+            version: "1".into(),
+            resource: Some(any(
+                ADDRESS_TYPE_URL,
+                &wl::Address {
+                    r#type: Some(wl::address::Type::Workload(w)),
+                },
+            )),
+            ..Default::default()
+        });
+    }
+    let mut t: ServiceTraffic = if traffic_yaml.trim().is_empty() {
+        ServiceTraffic::default()
+    } else {
+        serde_yaml_ng::from_str(traffic_yaml)?
+    };
+    t.hostname = HOST.into();
+    t.namespace = "default".into();
+    t.ports.entry(9080).or_insert(PortProtocol::Http);
+    let traffic = vec![Resource {
+        name: SVC_KEY.into(),
+        version: "1".into(),
+        resource: Some(any(
+            TRAFFIC_TYPE_URL,
+            &tpb::ServiceTraffic {
+                name: SVC_KEY.into(),
+                config_json: serde_json::to_string(&t)?,
+            },
+        )),
+        ..Default::default()
+    }];
+    let mut bytes = b"isthmus-xds-cache v1\n".to_vec();
+    for (type_url, resources) in [(ADDRESS_TYPE_URL, resources), (TRAFFIC_TYPE_URL, traffic)] {
+        DeltaDiscoveryResponse {
+            type_url: type_url.into(),
+            resources,
+            ..Default::default()
+        }
+        .encode_length_delimited(&mut bytes)?;
+    }
+    Ok(decode_cache(std::path::Path::new("test-state"), &bytes)?)
+}
+
+/// How a backend answers.
+#[derive(Clone, Default)]
+struct Behaviour {
+    /// Every `n`th request (1-based) answers 503.
+    fail_every: Option<usize>,
+    /// Every request answers this status.
+    status: Option<u16>,
+    /// Each answer waits this long.
+    delay: Option<Duration>,
+}
+
+struct Backend {
+    name: String,
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+}
+
+/// An HTTP/1.1 + h2c server that answers with its name (body and `x-backend`), or a gRPC
+/// answer (`grpc-status: 0` in trailers) to `application/grpc` requests.
+async fn backend(ip: IpAddr, name: &str, b: Behaviour) -> Result<Backend> {
+    let l = TcpListener::bind(SocketAddr::new(ip, 0)).await?;
+    let addr = l.local_addr()?;
+    let hits = Arc::new(AtomicUsize::new(0));
+    let (n, who) = (hits.clone(), name.to_string());
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            let (n, who, b) = (n.clone(), who.clone(), b.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let (n, who, b) = (n.clone(), who.clone(), b.clone());
+                    async move {
+                        let i = n.fetch_add(1, Ordering::SeqCst) + 1;
+                        let grpc = req
+                            .headers()
+                            .get("content-type")
+                            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                        let seen_path = req.uri().path().to_string();
+                        let user = req
+                            .headers()
+                            .get("x-mesh")
+                            .map(|v| v.to_str().unwrap_or("").to_string())
+                            .unwrap_or_default();
+                        let _ = req.into_body().collect().await;
+                        if let Some(d) = b.delay {
+                            tokio::time::sleep(d).await;
+                        }
+                        let status = match (b.status, b.fail_every) {
+                            (Some(s), _) => s,
+                            (None, Some(k)) if i % k == 0 => 503,
+                            _ => 200,
+                        };
+                        let body = format!("{who} {seen_path} {user}");
+                        let mut resp = if grpc {
+                            let frames = http_body_util::StreamBody::new(futures_stream(body));
+                            let mut r = Response::new(frames.boxed());
+                            r.headers_mut()
+                                .insert("content-type", "application/grpc".parse().unwrap());
+                            r
+                        } else {
+                            Response::new(
+                                Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed(),
+                            )
+                        };
+                        *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+                        resp.headers_mut().insert("x-backend", who.parse().unwrap());
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(Backend {
+        name: name.into(),
+        addr,
+        hits,
+    })
+}
+
+type Frames = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<http_body::Frame<Bytes>, Infallible>> + Send + Sync>,
+>;
+
+/// A gRPC body: one message, then `grpc-status: 0` trailers.
+fn futures_stream(body: String) -> Frames {
+    let mut msg = vec![0u8];
+    msg.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    msg.extend_from_slice(body.as_bytes());
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", "0".parse().unwrap());
+    Box::pin(futures::stream::iter(vec![
+        Ok(http_body::Frame::data(Bytes::from(msg))),
+        Ok(http_body::Frame::trailers(trailers)),
+    ]))
+}
+
+/// An outbound listener whose every connection "was going to" `vip:9080`, with the HTTP side.
+struct Proxy {
+    addr: SocketAddr,
+    state: watch::Sender<Arc<State>>,
+    metrics: Arc<IstioMetrics>,
+}
+
+async fn proxy(vip: IpAddr) -> Result<Proxy> {
+    let (state, state_rx) = watch::channel(Arc::new(State::default()));
+    let dst = SocketAddr::new(vip, 9080);
+    let orig: Arc<dyn OrigDst> =
+        Arc::new(move |_: &TcpStream| -> io::Result<SocketAddr> { Ok(dst) });
+    // No credentials: every endpoint here is plain TCP.
+    let creds = watch::channel(None).1;
+    let hbone = HboneClient::new(creds, ClientOptions::default());
+    let metrics = Arc::new(IstioMetrics::default());
+    let http = Arc::new(HttpOutbound::new(
+        state_rx.clone(),
+        UpstreamPool::new(
+            hbone.clone(),
+            1,
+            isthmus_socket::SocketFactory::unmarked(),
+            Duration::from_secs(2),
+        ),
+        metrics.clone(),
+        metadata::unknown(),
+    ));
+    let outbound = Outbound::new(
+        OutboundConfig {
+            unknown: UnknownDestination::Refuse,
+            ..OutboundConfig::default()
+        },
+        state_rx,
+        hbone,
+        orig,
+        Arc::new(LoadTracker::default()),
+        Arc::new(ProxyMetrics::default()),
+    )
+    .with_http(http);
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(outbound.serve(l));
+    Ok(Proxy {
+        addr,
+        state,
+        metrics,
+    })
+}
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// An HTTP/1.1 keep-alive client connection through the proxy.
+async fn h1(proxy: SocketAddr) -> Result<hyper::client::conn::http1::SendRequest<Body>> {
+    let s = TcpStream::connect(proxy).await?;
+    s.set_nodelay(true)?;
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
+/// An h2c (prior knowledge) client connection through the proxy.
+async fn h2(proxy: SocketAddr) -> Result<hyper::client::conn::http2::SendRequest<Body>> {
+    let s = TcpStream::connect(proxy).await?;
+    s.set_nodelay(true)?;
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s)).await?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
+fn get(path: &str) -> Request<Body> {
+    Request::get(path)
+        .header("host", "reviews:9080")
+        .body(Full::new(Bytes::new()).boxed())
+        .unwrap()
+}
+
+/// Sends on `c`, returns (status, x-backend, body).
+async fn call(
+    c: &mut hyper::client::conn::http1::SendRequest<Body>,
+    req: Request<Body>,
+) -> Result<(u16, String, String)> {
+    c.ready().await?;
+    let resp = c.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let who = resp
+        .headers()
+        .get("x-backend")
+        .map(|v| v.to_str().unwrap_or("").to_string())
+        .unwrap_or_default();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, who, String::from_utf8_lossy(&body).into_owned()))
+}
+
+fn eps(backends: &[&Backend]) -> Vec<Ep> {
+    backends
+        .iter()
+        .map(|b| Ep {
+            uid: b.name.clone(),
+            addr: b.addr,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn weighted_split_lands_within_3_points_and_a_header_match_sends_a_user_to_v2() -> Result<()>
+{
+    let vip = loopback(61, 100);
+    let v1 = backend(loopback(61, 1), "v1", Behaviour::default()).await?;
+    let v2 = backend(loopback(61, 2), "v2", Behaviour::default()).await?;
+    let p = proxy(vip).await?;
+    p.state.send_replace(Arc::new(state(
+        vip,
+        &eps(&[&v1, &v2]),
+        r#"
+virtualService: default/reviews
+http:
+- match: [{headers: {end-user: {exact: jason}}}]
+  route: [{destination: {host: reviews.default.svc.cluster.local, subset: v2}}]
+  headers: {request: {set: {x-mesh: routed}}}
+- route:
+  - {destination: {host: reviews.default.svc.cluster.local, subset: v1}, weight: 90}
+  - {destination: {host: reviews.default.svc.cluster.local, subset: v2}, weight: 10}
+destinationRule: default/reviews
+subsets:
+- {name: v1, workloads: [v1]}
+- {name: v2, workloads: [v2]}
+"#,
+    )?));
+    let mut c = h1(p.addr).await?;
+    let mut to_v2 = 0;
+    for _ in 0..2000 {
+        let (status, who, _) = call(&mut c, get("/reviews/1")).await?;
+        assert_eq!(status, 200);
+        if who == "v2" {
+            to_v2 += 1;
+        }
+    }
+    let pct = to_v2 as f64 / 20.0;
+    assert!(
+        (7.0..=13.0).contains(&pct),
+        "v2 got {pct}% of 2,000 requests"
+    );
+    for _ in 0..20 {
+        let mut req = get("/reviews/1");
+        req.headers_mut().insert("end-user", "jason".parse()?);
+        let (status, who, body) = call(&mut c, req).await?;
+        assert_eq!((status, who.as_str()), (200, "v2"));
+        assert!(
+            body.ends_with("routed"),
+            "the route's header was not set: {body}"
+        );
+    }
+    // Both reporters' names: the source side reports every request with its code.
+    assert_eq!(p.metrics.count(200, "-"), 2020);
+    Ok(())
+}
+
+#[tokio::test]
+async fn retries_hide_an_endpoint_failing_one_request_in_three() -> Result<()> {
+    let vip = loopback(62, 100);
+    let flaky = backend(
+        loopback(62, 1),
+        "flaky",
+        Behaviour {
+            fail_every: Some(3),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let good = backend(loopback(62, 2), "good", Behaviour::default()).await?;
+    let p = proxy(vip).await?;
+    p.state.send_replace(Arc::new(state(
+        vip,
+        &eps(&[&flaky, &good]),
+        r#"
+virtualService: default/reviews
+http:
+- route: [{destination: {host: reviews.default.svc.cluster.local}}]
+  retries: {attempts: 3, retryOn: "5xx"}
+destinationRule: default/reviews
+trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+"#,
+    )?));
+    let mut c = h1(p.addr).await?;
+    for i in 0..300 {
+        let (status, _, _) = call(&mut c, get("/")).await?;
+        assert_eq!(status, 200, "request {i} reached the client as {status}");
+    }
+    // Round robin gives the flaky endpoint its share: a third of those fail, and the client
+    // never sees it.
+    let flaky_hits = flaky.hits.load(Ordering::SeqCst);
+    assert!(
+        flaky_hits >= 100,
+        "the flaky endpoint got {flaky_hits} requests"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_every_endpoint_failing_the_retry_budget_caps_upstream_attempts() -> Result<()> {
+    let vip = loopback(63, 100);
+    let bad: Vec<Backend> = futures::future::try_join_all((1..=3).map(|i| {
+        backend(
+            loopback(63, i),
+            ["a", "b", "c"][i as usize - 1],
+            Behaviour {
+                status: Some(503),
+                ..Default::default()
+            },
+        )
+    }))
+    .await?;
+    let p = proxy(vip).await?;
+    p.state.send_replace(Arc::new(state(
+        vip,
+        &eps(&bad.iter().collect::<Vec<_>>()),
+        r#"
+virtualService: default/reviews
+http:
+- route: [{destination: {host: reviews.default.svc.cluster.local}}]
+  retries: {attempts: 10, retryOn: "5xx"}
+"#,
+    )?));
+    let mut c = h1(p.addr).await?;
+    let n = 500;
+    for _ in 0..n {
+        let (status, _, _) = call(&mut c, get("/")).await?;
+        assert_eq!(status, 503);
+    }
+    let upstream: usize = bad.iter().map(|b| b.hits.load(Ordering::SeqCst)).sum();
+    // Without a budget: 11 attempts each, 5,500. With it: the requests, plus 20% of them,
+    // plus the floor of 10 retries a second.
+    assert!(
+        upstream <= n + n / 5 + 10 * 10 + 5,
+        "{upstream} upstream attempts for {n} requests"
+    );
+    assert!(upstream > n, "no retry was made at all");
+    assert!(p.metrics.budget_exhausted.get() > 0);
+    assert!(p.metrics.count(503, "URX") > 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn per_try_timeout_and_timeout_answer_504_at_the_configured_time() -> Result<()> {
+    let vip = loopback(64, 100);
+    let slow = backend(
+        loopback(64, 1),
+        "slow",
+        Behaviour {
+            delay: Some(Duration::from_secs(2)),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let p = proxy(vip).await?;
+    p.state.send_replace(Arc::new(state(
+        vip,
+        &eps(&[&slow]),
+        r#"
+virtualService: default/reviews
+http:
+- match: [{uri: {prefix: /try}}]
+  route: [{destination: {host: reviews.default.svc.cluster.local}}]
+  retries: {attempts: 1, perTryTimeout: 200ms, retryOn: "5xx"}
+- route: [{destination: {host: reviews.default.svc.cluster.local}}]
+  timeout: 300ms
+"#,
+    )?));
+    let mut c = h1(p.addr).await?;
+    let t = Instant::now();
+    let (status, _, _) = call(&mut c, get("/whole")).await?;
+    let took = t.elapsed();
+    assert_eq!(status, 504);
+    assert!(
+        (Duration::from_millis(280)..Duration::from_millis(1000)).contains(&took),
+        "timeout 300ms answered after {took:?}"
+    );
+    let mut c = h1(p.addr).await?;
+    let t = Instant::now();
+    let (status, _, _) = call(&mut c, get("/try")).await?;
+    let took = t.elapsed();
+    assert_eq!(status, 504);
+    // Two tries of 200 ms each.
+    assert!(
+        (Duration::from_millis(380)..Duration::from_millis(1200)).contains(&took),
+        "two tries of 200ms answered after {took:?}"
+    );
+    assert!(p.metrics.count(504, "UT") >= 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn fault_abort_at_50_percent_gives_about_half_503s() -> Result<()> {
+    let vip = loopback(65, 100);
+    let b = backend(loopback(65, 1), "b", Behaviour::default()).await?;
+    let p = proxy(vip).await?;
+    p.state.send_replace(Arc::new(state(
+        vip,
+        &eps(&[&b]),
+        r#"
+virtualService: default/reviews
+http:
+- route: [{destination: {host: reviews.default.svc.cluster.local}}]
+  fault: {abort: {percentage: {value: 50}, httpStatus: 503}}
+"#,
+    )?));
+    let mut c = h1(p.addr).await?;
+    let mut aborted = 0;
+    for _ in 0..1000 {
+        let (status, _, _) = call(&mut c, get("/")).await?;
+        if status == 503 {
+            aborted += 1;
+        }
+    }
+    assert!((430..=570).contains(&aborted), "{aborted} of 1000 aborted");
+    assert_eq!(
+        b.hits.load(Ordering::SeqCst),
+        1000 - aborted,
+        "an aborted request went upstream"
+    );
+    assert_eq!(p.metrics.count(503, "FI"), aborted as u64);
+    Ok(())
+}
+
+#[tokio::test]
+async fn outlier_detection_ejects_a_failing_endpoint_and_returns_it_after_base_ejection_time(
+) -> Result<()> {
+    let vip = loopback(66, 100);
+    let bad = backend(
+        loopback(66, 1),
+        "bad",
+        Behaviour {
+            status: Some(500),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let good = backend(loopback(66, 2), "good", Behaviour::default()).await?;
+    let p = proxy(vip).await?;
+    p.state.send_replace(Arc::new(state(
+        vip,
+        &eps(&[&bad, &good]),
+        r#"
+virtualService: default/reviews
+http:
+- route: [{destination: {host: reviews.default.svc.cluster.local}}]
+  retries: {attempts: 0}
+destinationRule: default/reviews
+trafficPolicy:
+  loadBalancer: {simple: ROUND_ROBIN}
+  outlierDetection: {consecutive5xxErrors: 3, interval: 10s, baseEjectionTime: 1s, maxEjectionPercent: 50}
+"#,
+    )?));
+    let mut c = h1(p.addr).await?;
+    // Round robin: the bad endpoint answers every other request until its third 500.
+    for _ in 0..6 {
+        call(&mut c, get("/")).await?;
+    }
+    let bad_hits = bad.hits.load(Ordering::SeqCst);
+    assert_eq!(bad_hits, 3);
+    for _ in 0..50 {
+        let (status, who, _) = call(&mut c, get("/")).await?;
+        assert_eq!(
+            (status, who.as_str()),
+            (200, "good"),
+            "an ejected endpoint answered"
+        );
+    }
+    assert_eq!(bad.hits.load(Ordering::SeqCst), bad_hits);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for _ in 0..4 {
+        call(&mut c, get("/")).await?;
+    }
+    assert!(
+        bad.hits.load(Ordering::SeqCst) > bad_hits,
+        "not back after baseEjectionTime"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn unary_grpc_calls_on_one_client_connection_spread_over_three_endpoints() -> Result<()> {
+    let vip = loopback(67, 100);
+    let bs: Vec<Backend> = futures::future::try_join_all((1..=3).map(|i| {
+        backend(
+            loopback(67, i),
+            ["g1", "g2", "g3"][i as usize - 1],
+            Behaviour::default(),
+        )
+    }))
+    .await?;
+    let p = proxy(vip).await?;
+    p.state.send_replace(Arc::new(state(
+        vip,
+        &eps(&bs.iter().collect::<Vec<_>>()),
+        "ports: {9080: grpc}\n",
+    )?));
+    let mut c = h2(p.addr).await?;
+    for _ in 0..300 {
+        let req = Request::post("http://reviews:9080/pkg.Reviews/Get")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")).boxed())?;
+        c.ready().await?;
+        let resp = c.send_request(req).await?;
+        assert_eq!(resp.status(), 200);
+        let collected = resp.into_body().collect().await?;
+        let trailers = collected.trailers().cloned().unwrap_or_default();
+        assert_eq!(
+            trailers.get("grpc-status").map(|v| v.as_bytes()),
+            Some(&b"0"[..])
+        );
+    }
+    let hits: Vec<usize> = bs.iter().map(|b| b.hits.load(Ordering::SeqCst)).collect();
+    assert_eq!(hits.iter().sum::<usize>(), 300);
+    // Balanced per call, not per connection (which would put all 300 on one endpoint). The
+    // default balancer weighs latency, so the split need not be even: every endpoint is
+    // tried, and none takes four fifths.
+    assert!(
+        hits.iter().all(|&h| (1..240).contains(&h)),
+        "300 calls on one HTTP/2 connection spread as {hits:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn tcp_ports_and_non_http_bytes_are_spliced_as_before() -> Result<()> {
+    let vip = loopback(68, 100);
+    // An echo server: not HTTP.
+    let l = TcpListener::bind(SocketAddr::new(loopback(68, 1), 0)).await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let p = proxy(vip).await?;
+    for ports in [
+        "ports: {9080: tcp}\n",
+        "ports: {9080: http}\n",
+        "ports: {9080: undeclared}\n",
+    ] {
+        p.state.send_replace(Arc::new(state(
+            vip,
+            &[Ep {
+                uid: "echo".into(),
+                addr,
+            }],
+            ports,
+        )?));
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = TcpStream::connect(p.addr).await?;
+        s.write_all(b"\x16\x03\x01 not http at all").await?;
+        s.shutdown().await?;
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await??;
+        assert_eq!(back, b"\x16\x03\x01 not http at all", "{ports}");
+    }
+    Ok(())
+}
