@@ -59,6 +59,7 @@ pub fn resources(
             .map(|x| (**x).clone())
             .collect();
         isthmus_xds::traffic::insert_traffic(&mut set, &services, &entries, &vss, &drs, opts);
+        isthmus_xds::traffic::insert_http_policies(&mut set, &policies);
         Arc::new(set)
     };
     let first = build(&view.borrow_and_update(), &hosts.borrow_and_update(), &opts);

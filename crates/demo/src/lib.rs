@@ -119,6 +119,27 @@ impl Demo {
         Ok(String::from_utf8_lossy(&o.stdout).into_owned())
     }
 
+    /// `isthmus demo fetch url` on `host` once: the body, or what went wrong (the status).
+    fn fetch_once(&mut self, host: &str, url: &str) -> Result<String> {
+        let o = self.lab.exec(
+            host,
+            &[self.exe.clone(), "demo".into(), "fetch".into(), url.into()],
+        )?;
+        let out = if o.status.success() {
+            &o.stdout
+        } else {
+            &o.stderr
+        };
+        Ok(String::from_utf8_lossy(out).trim().to_string())
+    }
+
+    /// The agent's Prometheus text, from its metrics endpoint on `host`.
+    async fn agent_metrics(&mut self, endpoints: &Path, host: &str) -> Result<String> {
+        let ep = self.wait_json(endpoints).await?;
+        let url = format!("{}/metrics", ep["metrics"].as_str().unwrap_or_default());
+        self.fetch(host, &url).await
+    }
+
     /// `isthmus demo fetch url` on `host`, retried until it answers or `WAIT` passes.
     async fn fetch(&mut self, host: &str, url: &str) -> Result<String> {
         let start = Instant::now();
@@ -238,13 +259,19 @@ async fn scenario(args: &DemoArgs, work: &Path, out: &mut dyn Write) -> Result<(
 
     let mut lab = Lab::new(PREFIX, args.subnet, &logs)?;
     let cp = lab.ip_of(1);
-    let hosts = [("cp", 1u8), ("productpage", 2), ("reviews", 3), ("vm", 4)];
+    let hosts = [
+        ("cp", 1u8),
+        ("productpage", 2),
+        ("reviews", 3),
+        ("vm", 4),
+        ("reviews-v2", 5),
+    ];
     for (name, i) in hosts {
         lab.add_host(name, i, cp)?;
     }
-    let (pp_ip, rv_ip, vm_ip) = (lab.ip_of(2), lab.ip_of(3), lab.ip_of(4));
+    let (pp_ip, rv_ip, vm_ip, rv2_ip) = (lab.ip_of(2), lab.ip_of(3), lab.ip_of(4), lab.ip_of(5));
     say(format!(
-        "==> network namespaces {PREFIX}-{{cp,productpage,reviews,vm}} on one bridge: control plane {cp}, productpage {pp_ip}, reviews {rv_ip}, VM {vm_ip}"
+        "==> network namespaces {PREFIX}-{{cp,productpage,reviews,reviews-v2,vm}} on one bridge: control plane {cp}, productpage {pp_ip}, reviews {rv_ip} (v1) and {rv2_ip} (v2), VM {vm_ip}"
     ))?;
 
     let cp_dir = work.join("cp");
@@ -361,6 +388,103 @@ async fn scenario(args: &DemoArgs, work: &Path, out: &mut dyn Write) -> Result<(
     let table = demo.cli(&["get", "workloads", "-A"])?;
     say(format!("\n$ isthmus get workloads -A\n{table}"))?;
 
+    // HTTP-aware routing: 10% of reviews to v2 with retries, and an L7 policy.
+    let traffic = work.join("reviews-traffic.yaml");
+    std::fs::write(&traffic, REVIEWS_TRAFFIC)?;
+    demo.cli(&["apply", "-f", &traffic.display().to_string()])?;
+    say(format!(
+        "\n$ isthmus apply -f reviews-traffic.yaml   # DestinationRule v1/v2, VirtualService 90/10 with retries, DENY /admin*\n{}",
+        REVIEWS_TRAFFIC.trim_end()
+    ))?;
+    // Reviews v2 is deployed on its own host after the rules, so it gets only its 10%.
+    demo.lab.spawn(
+        "reviews-v2",
+        "app-reviews-v2",
+        &[
+            exe.clone(),
+            "demo".into(),
+            "app".into(),
+            "--name".into(),
+            "reviews-v2".into(),
+            "--listen".into(),
+            "0.0.0.0:9080".into(),
+        ],
+    )?;
+    let v2_ready = demo.agent(
+        "reviews-v2",
+        rv2_ip,
+        cp,
+        ("bookinfo", "reviews"),
+        Some("reviews-v2"),
+        "9080",
+    )?;
+    let ep = demo.wait_json(&v2_ready).await?;
+    let url = format!(
+        "{}/healthz/ready",
+        ep["readiness"].as_str().unwrap_or_default()
+    );
+    demo.fetch("reviews-v2", &url).await?;
+    say(format!(
+        "==> reviews v2 deployed on {rv2_ip} (WorkloadGroup reviews-v2, version: v2)"
+    ))?;
+    let url = "http://reviews.bookinfo.svc.cluster.local:9080/";
+    // v2's registration reaches productpage's agent within a second or so.
+    let start = Instant::now();
+    while !demo
+        .fetch("productpage", url)
+        .await?
+        .starts_with("reviews-v2 ")
+        && start.elapsed() < WAIT
+    {}
+    let (mut v1, mut v2) = (0, 0);
+    for _ in 0..100 {
+        if demo
+            .fetch("productpage", url)
+            .await?
+            .starts_with("reviews-v2 ")
+        {
+            v2 += 1;
+        } else {
+            v1 += 1;
+        }
+    }
+    say(format!(
+        "productpage host -> {url} x100\n   {v1} answered by reviews v1, {v2} by reviews v2 (weights 90/10, chosen per request)"
+    ))?;
+    let admin = "http://reviews.bookinfo.svc.cluster.local:9080/admin/users";
+    let denied = demo.fetch_once("productpage", admin)?;
+    say(format!(
+        "productpage host -> {admin}\n   {denied}   (AuthorizationPolicy reviews-admin, checked per request by the reviews agents)"
+    ))?;
+    let metrics = demo.agent_metrics(&ready[0], "productpage").await?;
+    let lines: Vec<&str> = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains("destination_service=\"reviews.bookinfo.svc.cluster.local\"")
+        })
+        .collect();
+    say(
+        "\nproductpage agent /metrics (reporter=source), requests to reviews by version and code:"
+            .into(),
+    )?;
+    for l in lines {
+        let label = |name: &str| {
+            l.split(&format!("{name}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("-")
+                .to_string()
+        };
+        let count = l.rsplit(' ').next().unwrap_or("0");
+        say(format!(
+            "   istio_requests_total destination_version={} response_code={} response_flags={}  {count}",
+            label("destination_version"),
+            label("response_code"),
+            label("response_flags")
+        ))?;
+    }
+
     if args.keep {
         say(format!(
             "The mesh keeps running. Try:\n  sudo ip netns exec {PREFIX}-vm {exe} demo fetch http://productpage.bookinfo.svc.cluster.local:9080/\n  sudo ip netns exec {PREFIX}-cp {exe} get services -A --server {} --token {}\nLogs: {}\nCtrl-C removes everything.",
@@ -408,6 +532,44 @@ apiVersion: networking.istio.io/v1
 kind: WorkloadGroup
 metadata: {name: reviews, namespace: bookinfo}
 spec:
-  metadata: {labels: {app: reviews}}
+  metadata: {labels: {app: reviews, version: v1}}
   template: {serviceAccount: reviews, ports: {http: 9080}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata: {name: reviews-v2, namespace: bookinfo}
+spec:
+  metadata: {labels: {app: reviews, version: v2}}
+  template: {serviceAccount: reviews, ports: {http: 9080}}
+";
+
+const REVIEWS_TRAFFIC: &str = "\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 90}
+    - {destination: {host: reviews, subset: v2}, weight: 10}
+    retries: {attempts: 2, perTryTimeout: 2s, retryOn: '5xx,connect-failure'}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-admin, namespace: bookinfo}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  action: DENY
+  rules:
+  - to: [{operation: {paths: [/admin*]}}]
 ";

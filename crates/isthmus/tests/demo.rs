@@ -40,6 +40,32 @@ fn demo_in_network_namespaces_calls_both_ways_and_cleans_up() {
     // The mesh reached the VM's registered service.
     assert!(stdout.contains("mysql on 10.214.0.4"), "{stdout}");
     assert!(stdout.contains("onprem"), "workloads table: {stdout}");
+    // HTTP-aware: the 90/10 split chose per request (both versions answered), the L7 policy
+    // refused /admin with Istio's 403, and the source agent's request metrics show both.
+    let split = stdout
+        .lines()
+        .find(|l| l.contains("answered by reviews v1"))
+        .unwrap_or_else(|| panic!("no split line: {stdout}"));
+    let nums: Vec<u32> = split
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(
+        nums.len() >= 2 && nums[0] + nums[1] == 100 && nums[1] >= 1 && nums[1] <= 30,
+        "{split}"
+    );
+    assert!(
+        stdout.contains("403"),
+        "the L7 policy did not refuse /admin: {stdout}"
+    );
+    assert!(
+        stdout.contains("destination_version=v2 response_code=200"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("response_code=403"),
+        "the denied request is not in the metrics: {stdout}"
+    );
     assert!(stdout.contains("removed the namespaces"), "{stdout}");
     assert_eq!(demo_namespaces(), Vec::<String>::new(), "namespaces left");
     assert!(

@@ -252,6 +252,29 @@ pub struct PolicyRule {
     pub from: Vec<PolicyFrom>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub to: Vec<PolicyTo>,
+    /// Conditions that must all hold (`request.headers[x-user]`, `source.principal`,
+    /// `source.namespace`, `source.ip`, `destination.port`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<PolicyCondition>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyCondition {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_values: Vec<String>,
+}
+
+impl PolicyRule {
+    /// Whether the rule needs the request (HTTP attributes or conditions on headers): such a
+    /// rule is enforced per request on HTTP ports, and at L4 the way Istio's ztunnel does.
+    pub fn is_http(&self) -> bool {
+        self.to.iter().any(|t| t.operation.is_http())
+            || self.when.iter().any(|c| c.key.starts_with("request."))
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -293,6 +316,31 @@ pub struct PolicyOperation {
     pub ports: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_ports: Vec<String>,
+    /// HTTP methods (`GET`), hosts (`reviews`, `*.example.com`) and paths (`/api/*`,
+    /// `*/info`, `/exact`, `*`): enforced per request on HTTP ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_paths: Vec<String>,
+}
+
+impl PolicyOperation {
+    pub fn is_http(&self) -> bool {
+        !(self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.hosts.is_empty()
+            && self.not_hosts.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty())
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -344,6 +344,46 @@ pub fn validate(r: &Resource) -> Result<(), ValidationError> {
                             }
                         }
                     }
+                    let op = &to.operation;
+                    for (f, list) in [
+                        ("methods", &op.methods),
+                        ("notMethods", &op.not_methods),
+                        ("hosts", &op.hosts),
+                        ("notHosts", &op.not_hosts),
+                        ("paths", &op.paths),
+                        ("notPaths", &op.not_paths),
+                    ] {
+                        for v in list {
+                            if v.is_empty() || v.trim_matches('*').contains('*') {
+                                errs.add(
+                                    format!("spec.rules[{i}].to[{j}].operation.{f}"),
+                                    v,
+                                    "must be non-empty, with `*` only at the start or the end",
+                                );
+                            }
+                        }
+                    }
+                }
+                for (j, c) in rule.when.iter().enumerate() {
+                    let at = format!("spec.rules[{i}].when[{j}]");
+                    let known = c.key.starts_with("request.headers[") && c.key.ends_with(']')
+                        || matches!(
+                            c.key.as_str(),
+                            "source.principal"
+                                | "source.namespace"
+                                | "source.ip"
+                                | "destination.port"
+                        );
+                    if !known {
+                        errs.add(
+                            format!("{at}.key"),
+                            &c.key,
+                            "is not a condition Isthmus evaluates: use request.headers[<name>], source.principal, source.namespace, source.ip or destination.port (request.auth.* needs RequestAuthentication, which is not supported)",
+                        );
+                    }
+                    if c.values.is_empty() && c.not_values.is_empty() {
+                        errs.add(&at, &c.key, "must have values or notValues");
+                    }
                 }
             }
         }

@@ -34,7 +34,8 @@ pub use mapping::{
 };
 pub use node::{NodeId, NodeIdError, ProxyNode, NODE_ID_FORM};
 pub use resources::{
-    ResourceSet, Version, XdsResource, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, TRAFFIC_TYPE_URL,
+    ResourceSet, Version, XdsResource, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL,
+    HTTP_POLICY_TYPE_URL, TRAFFIC_TYPE_URL,
 };
 pub use server::{
     AdsService, Authenticate, Identity, ServerConfig, StaticAuthenticator, XdsMetrics, XdsServer,

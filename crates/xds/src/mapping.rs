@@ -396,10 +396,16 @@ fn authorization(p: &AuthorizationPolicy, opts: &MappingOptions) -> sec::Authori
     // Principals are written without the scheme (`cluster.local/ns/a/sa/b`); the proxy matches
     // the peer's SPIFFE id without `spiffe://` as Istio does.
     let _ = opts;
+    // Rules that need the request (HTTP attributes, `when` conditions) are enforced per
+    // request by the agent on HTTP ports. At L4 (TCP ports, and ztunnel) they degrade as
+    // Istio degrades them for ztunnel, towards refusing: an ALLOW rule that needs them
+    // matches nothing, a DENY rule matches on its L4 parts alone.
+    let allow = action == sec::Action::Allow;
     let rules = p
         .spec
         .rules
         .iter()
+        .filter(|rule| !(allow && (rule.is_http() || !rule.when.is_empty())))
         .map(|rule| {
             let mut clauses = Vec::new();
             if !rule.from.is_empty() {

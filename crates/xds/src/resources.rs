@@ -14,6 +14,9 @@ pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Aut
 /// `isthmus.traffic.v1.ServiceTraffic`: one service's HTTP routes and traffic policy.
 pub const TRAFFIC_TYPE_URL: &str = "type.googleapis.com/isthmus.traffic.v1.ServiceTraffic";
 
+/// `isthmus.traffic.v1.HttpPolicy`: an AuthorizationPolicy whole, for per-request checks.
+pub const HTTP_POLICY_TYPE_URL: &str = "type.googleapis.com/isthmus.traffic.v1.HttpPolicy";
+
 /// A content hash of the encoded resource: an unchanged object keeps its version across
 /// control-plane restarts, which is what makes `initial_resource_versions` useful.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

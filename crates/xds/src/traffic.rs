@@ -5,11 +5,13 @@
 use std::collections::BTreeMap;
 
 use isthmus_model::traffic::{service_of_host, PortProtocol, ResolvedSubset, ServiceTraffic};
-use isthmus_model::{DestinationRule, Resource, Service, VirtualService, WorkloadEntry};
+use isthmus_model::{
+    AuthorizationPolicy, DestinationRule, Resource, Service, VirtualService, WorkloadEntry,
+};
 
 use crate::mapping::MappingOptions;
 use crate::pb::isthmus::traffic::v1 as pb;
-use crate::resources::{ResourceSet, TRAFFIC_TYPE_URL};
+use crate::resources::{ResourceSet, HTTP_POLICY_TYPE_URL, TRAFFIC_TYPE_URL};
 
 /// Adds one `ServiceTraffic` per service to `set`. Where several VirtualServices (or
 /// DestinationRules) name one service, the oldest wins, as in Istio; ties go by name.
@@ -113,6 +115,29 @@ pub fn insert_traffic(
             &pb::ServiceTraffic {
                 name: name.clone(),
                 config_json,
+            },
+        );
+    }
+}
+
+/// Adds every AuthorizationPolicy whole (`isthmus.traffic.v1.HttpPolicy`, named
+/// `<namespace>/<name>` like its `istio.security.Authorization`), for the agent's per-request
+/// checks on HTTP ports.
+pub fn insert_http_policies(set: &mut ResourceSet, policies: &[AuthorizationPolicy]) {
+    set.declare(HTTP_POLICY_TYPE_URL);
+    for p in policies {
+        let name = format!("{}/{}", p.metadata.namespace, p.metadata.name);
+        let mut whole = p.clone();
+        // Server-set fields change without the policy changing.
+        whole.metadata.resource_version = None;
+        whole.metadata.creation_timestamp = None;
+        whole.metadata.uid = None;
+        set.insert(
+            HTTP_POLICY_TYPE_URL,
+            &name,
+            &pb::HttpPolicy {
+                name: name.clone(),
+                config_json: serde_json::to_string(&whole).unwrap_or_default(),
             },
         );
     }

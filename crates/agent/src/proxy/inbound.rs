@@ -85,6 +85,8 @@ struct Inner {
     config: InboundConfig,
     state: watch::Receiver<Arc<State>>,
     metrics: Arc<ProxyMetrics>,
+    /// Set: HTTP ports are served per request (authorization, metrics) with these metrics.
+    http: Option<Arc<super::l7::telemetry::IstioMetrics>>,
     live: Mutex<HashMap<u64, Arc<Live>>>,
     next_id: AtomicU64,
 }
@@ -92,6 +94,8 @@ struct Inner {
 /// One admitted connection as re-authorization sees it.
 struct Live {
     conn: Connection,
+    /// Authorized per request (an HTTP port): nothing to re-check for the connection.
+    per_request: bool,
     revoked: AtomicBool,
     reason: Mutex<String>,
     /// Tasks blocked reading or writing, woken on revocation.
@@ -149,10 +153,21 @@ impl InboundPolicy {
                 config,
                 state,
                 metrics,
+                http: None,
                 live: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
             }),
         }
+    }
+
+    /// Serves the local workload's HTTP ports request by request: AuthorizationPolicies
+    /// with methods, paths, hosts and `when` conditions, and Istio's request metrics with
+    /// `reporter="destination"` into `metrics`. Call before sharing the policy.
+    pub fn with_http(mut self, metrics: Arc<super::l7::telemetry::IstioMetrics>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.http = Some(metrics);
+        }
+        self
     }
 
     /// Admitted connections still open.
@@ -167,10 +182,10 @@ impl InboundPolicy {
         let live: Vec<Arc<Live>> = self.lock_live().values().cloned().collect();
         let mut closed = 0;
         for l in live {
-            if l.revoked.load(Ordering::Acquire) {
+            if l.revoked.load(Ordering::Acquire) || l.per_request {
                 continue;
             }
-            if let Err(r) = self.check(&state, &l.conn) {
+            if let Err(r) = self.check(&state, &l.conn, false) {
                 tracing::info!(src = %l.conn.src, dst = %l.conn.dst, reason = %r.reason,
                     "closing a connection the current policy no longer allows");
                 l.revoke(r.reason);
@@ -197,8 +212,14 @@ impl InboundPolicy {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Authorizes `conn` against the local workload at `conn.dst`.
-    fn check(&self, state: &State, conn: &Connection) -> Result<String, Refusal> {
+    /// Authorizes `conn` against the local workload at `conn.dst` (`per_request`: only that
+    /// the workload serves the port; its policies are checked on each request).
+    fn check(
+        &self,
+        state: &State,
+        conn: &Connection,
+        per_request: bool,
+    ) -> Result<String, Refusal> {
         let Some(w) = state.workload_by_address(conn.dst.ip()) else {
             return Err(Refusal {
                 status: StatusCode::SERVICE_UNAVAILABLE,
@@ -218,6 +239,9 @@ impl InboundPolicy {
                 reason: format!("workload {} serves no port {port}", w.name),
             });
         }
+        if per_request {
+            return Ok("authorized per request".into());
+        }
         match authz::authorize(state, w, conn) {
             Verdict::Allow(r) => Ok(r),
             Verdict::Deny(reason) => Err(Refusal {
@@ -236,9 +260,10 @@ impl InboundPolicy {
         conn: Connection,
         rec: AccessRecord,
         start: Instant,
+        per_request: bool,
     ) -> Result<Tracked, Refusal> {
         let metrics = &self.inner.metrics;
-        if let Err(r) = self.check(&state, &conn) {
+        if let Err(r) = self.check(&state, &conn, per_request) {
             rec.finish(metrics, r.outcome, &r.reason, start, false);
             return Err(r);
         }
@@ -268,6 +293,7 @@ impl InboundPolicy {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let live = Arc::new(Live {
             conn,
+            per_request,
             revoked: AtomicBool::new(false),
             reason: Mutex::new(String::new()),
             wakers: Mutex::new([None, None]),
@@ -312,8 +338,32 @@ impl InboundHandler for InboundPolicy {
         rec.source = metadata::peer_source(&state, conn.src, &meta.baggage, conn.peer.as_ref());
         rec.forwarded_for = meta.forwarded_for;
         rec.trace = meta.traceparent;
-        match self.admit(state, conn, rec, start).await {
-            Ok(t) => Decision::AllowVia(Box::new(t)),
+        let http = self.inner.http.as_ref().filter(|_| {
+            state
+                .workload_by_address(conn.dst.ip())
+                .is_some_and(|w| super::l7::inbound::protocol(&state, w, conn.dst.port()).is_http())
+        });
+        let Some(http) = http.cloned() else {
+            return match self.admit(state, conn, rec, start, false).await {
+                Ok(t) => Decision::AllowVia(Box::new(t)),
+                Err(r) => Decision::Deny(r.status, r.reason.into()),
+            };
+        };
+        let peer = super::l7::inbound::Peer {
+            identity: conn.peer.clone(),
+            identity_text: request.peer_identity.clone(),
+            src: request.peer_addr,
+            dst: conn.dst,
+            source: rec.source.clone(),
+            trace: meta.traceparent,
+        };
+        match self.admit(state, conn, rec, start, true).await {
+            Ok(t) => Decision::AllowVia(Box::new(super::l7::inbound::serve(
+                t,
+                peer,
+                self.inner.state.clone(),
+                http,
+            ))),
             Err(r) => Decision::Deny(r.status, r.reason.into()),
         }
     }
@@ -490,7 +540,7 @@ impl PlaintextInbound {
             dst,
         };
         let state = self.policy.inner.state.borrow().clone();
-        let Ok(mut app) = self.policy.admit(state, conn, rec, start).await else {
+        let Ok(mut app) = self.policy.admit(state, conn, rec, start, false).await else {
             return;
         };
         let _ = client.set_nodelay(true);

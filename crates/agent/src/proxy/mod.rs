@@ -200,7 +200,9 @@ pub async fn start(
     let certs_for_local = certs.clone();
     let creds = credentials_watch(certs, &mut tasks);
 
-    let policy = InboundPolicy::new(config.inbound.clone(), state.clone(), metrics.clone());
+    let istio = Arc::new(l7::telemetry::IstioMetrics::default());
+    let policy = InboundPolicy::new(config.inbound.clone(), state.clone(), metrics.clone())
+        .with_http(istio.clone());
     tasks.spawn(policy.clone().revalidate_on_change());
     let hbone = HboneServer::from_listener(
         hbone_l,
@@ -216,7 +218,6 @@ pub async fn start(
     tasks.spawn(follow);
     let orig_dst: Arc<dyn OrigDst> = Arc::new(SoOriginalDst);
     let hbone_client = HboneClient::new(creds, config.hbone_client.clone());
-    let istio = Arc::new(l7::telemetry::IstioMetrics::default());
     let http = Arc::new(l7::HttpOutbound::new(
         state.clone(),
         l7::pool::UpstreamPool::new(

@@ -39,7 +39,9 @@ use crate::pb::envoy::config::core::v3::Node;
 use crate::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use crate::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use crate::pb::google::rpc;
-use crate::resources::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, TRAFFIC_TYPE_URL};
+use crate::resources::{
+    ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, HTTP_POLICY_TYPE_URL, TRAFFIC_TYPE_URL,
+};
 use state::{parse_resource, Raw};
 
 /// How the subscriber identifies itself and behaves.
@@ -71,6 +73,7 @@ impl ClientConfig {
                 ADDRESS_TYPE_URL.to_owned(),
                 AUTHORIZATION_TYPE_URL.to_owned(),
                 TRAFFIC_TYPE_URL.to_owned(),
+                HTTP_POLICY_TYPE_URL.to_owned(),
             ],
             cache_path: None,
             cache_interval: Duration::from_secs(1),

@@ -9,7 +9,9 @@ use prost::Message;
 
 use crate::pb::istio::security as sec;
 use crate::pb::istio::workload as wl;
-use crate::resources::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, TRAFFIC_TYPE_URL};
+use crate::resources::{
+    ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, HTTP_POLICY_TYPE_URL, TRAFFIC_TYPE_URL,
+};
 use crate::server::Identity;
 use isthmus_model::traffic::ServiceTraffic;
 
@@ -139,6 +141,7 @@ pub enum Item {
     Service(Arc<Service>),
     Authorization(Arc<Authorization>),
     Traffic(Arc<ServiceTraffic>),
+    HttpPolicy(Arc<isthmus_model::AuthorizationPolicy>),
 }
 
 /// A resource as received, kept for the on-disk cache and for `initial_resource_versions`.
@@ -171,6 +174,7 @@ pub struct State {
     services: HashMap<String, Arc<Service>>,
     authorizations: HashMap<String, Arc<Authorization>>,
     traffic: HashMap<String, Arc<ServiceTraffic>>,
+    http_policies: HashMap<String, Arc<isthmus_model::AuthorizationPolicy>>,
     workloads_by_ip: HashMap<IpAddr, Arc<Workload>>,
     services_by_hostname: HashMap<String, Arc<Service>>,
     services_by_vip: HashMap<SocketAddr, Arc<Service>>,
@@ -218,6 +222,15 @@ impl State {
     /// sent any.
     pub fn traffic(&self, service_key: &str) -> Option<&Arc<ServiceTraffic>> {
         self.traffic.get(service_key)
+    }
+
+    /// An AuthorizationPolicy whole, by `<namespace>/<name>`, for per-request checks.
+    pub fn http_policy(&self, name: &str) -> Option<&Arc<isthmus_model::AuthorizationPolicy>> {
+        self.http_policies.get(name)
+    }
+
+    pub fn http_policies(&self) -> impl Iterator<Item = &Arc<isthmus_model::AuthorizationPolicy>> {
+        self.http_policies.values()
     }
 
     pub fn authorization(&self, name: &str) -> Option<&Arc<Authorization>> {
@@ -268,6 +281,7 @@ impl State {
             services,
             authorizations,
             traffic,
+            http_policies,
             ..
         } = &mut next;
         let raw = raw.entry(type_url.to_owned()).or_default();
@@ -276,6 +290,7 @@ impl State {
             services,
             authorizations,
             traffic,
+            http_policies,
         };
         for name in removals {
             if let Some(old) = raw.remove(name) {
@@ -340,6 +355,7 @@ struct Items<'a> {
     services: &'a mut HashMap<String, Arc<Service>>,
     authorizations: &'a mut HashMap<String, Arc<Authorization>>,
     traffic: &'a mut HashMap<String, Arc<ServiceTraffic>>,
+    http_policies: &'a mut HashMap<String, Arc<isthmus_model::AuthorizationPolicy>>,
 }
 
 impl Items<'_> {
@@ -357,6 +373,9 @@ impl Items<'_> {
             Item::Traffic(_) => {
                 self.traffic.remove(name);
             }
+            Item::HttpPolicy(_) => {
+                self.http_policies.remove(name);
+            }
         }
     }
 
@@ -373,6 +392,9 @@ impl Items<'_> {
             }
             Item::Traffic(t) => {
                 self.traffic.insert(name, t);
+            }
+            Item::HttpPolicy(p) => {
+                self.http_policies.insert(name, p);
             }
         }
     }
@@ -438,6 +460,23 @@ pub fn parse_resource(
                 ))
             })?;
             Ok(Item::Traffic(Arc::new(config)))
+        }
+        HTTP_POLICY_TYPE_URL => {
+            let t = crate::pb::isthmus::traffic::v1::HttpPolicy::decode(any.value.as_slice())
+                .map_err(|e| err(format!("not a valid isthmus.traffic.v1.HttpPolicy: {e}")))?;
+            let p: isthmus_model::AuthorizationPolicy = serde_json::from_str(&t.config_json)
+                .map_err(|e| {
+                    err(format!(
+                        "a policy this agent cannot read ({e}): is the agent older than the control plane?"
+                    ))
+                })?;
+            let expected = format!("{}/{}", p.metadata.namespace, p.metadata.name);
+            if t.name != name || expected != name {
+                return Err(err(format!(
+                    "policy is named {expected:?}, expected the resource name"
+                )));
+            }
+            Ok(Item::HttpPolicy(Arc::new(p)))
         }
         other => Err(err(format!(
             "type {other:?} is not supported by this agent"

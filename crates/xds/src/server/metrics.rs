@@ -19,6 +19,7 @@ impl TypeLabels {
             crate::resources::ADDRESS_TYPE_URL,
             crate::resources::AUTHORIZATION_TYPE_URL,
             crate::resources::TRAFFIC_TYPE_URL,
+            crate::resources::HTTP_POLICY_TYPE_URL,
         ];
         Self {
             type_url: if known.contains(&type_url) {

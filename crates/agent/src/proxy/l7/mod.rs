@@ -4,8 +4,10 @@
 //! ([`pool`]), retries within a budget ([`budget`]) and reports Istio's request metrics
 //! ([`telemetry`]) and an access log line.
 
+pub mod authz;
 pub mod balance;
 pub mod budget;
+pub mod inbound;
 pub mod pool;
 pub mod route;
 pub mod telemetry;
@@ -188,6 +190,9 @@ struct Report {
     attempts: u32,
     request_bytes: u64,
     route: String,
+    method: String,
+    authority: String,
+    path: String,
 }
 
 impl HttpOutbound {
@@ -308,6 +313,9 @@ impl HttpOutbound {
             .unwrap_or_else(|| conn.service.hostname.clone());
         let path = parts.uri.path().to_owned();
         let query = parts.uri.query().map(str::to_owned);
+        report.method = parts.method.to_string();
+        report.authority = clip_path(&authority);
+        report.path = clip_path(&path);
         let view = RequestView {
             method: &parts.method,
             path: &path,
@@ -834,6 +842,9 @@ impl Done {
             direction = "outbound",
             protocol = self.protocol,
             src = %self.conn.src,
+            method = %r.method,
+            authority = %r.authority,
+            path = %r.path,
             service = %ds.hostname,
             route = %r.route,
             status = self.status.as_u16(),
@@ -847,6 +858,11 @@ impl Done {
             "request"
         );
     }
+}
+
+/// A path as the access log shows it: at most 256 characters, control characters escaped.
+pub fn clip_path(p: &str) -> String {
+    isthmus_model::text::clip(p, 256).to_string()
 }
 
 /// Flags as one label value from a fixed set (the first flag that matters most).

@@ -1,0 +1,294 @@
+//! The server side on HTTP ports: requests that arrive in an HBONE stream are parsed,
+//! authorized one by one against the whole AuthorizationPolicies ([`super::authz`]: methods,
+//! paths, hosts, `when` conditions), forwarded to the local application over one connection,
+//! and reported with `reporter="destination"`. A denial answers 403 `RBAC: access denied`,
+//! as Istio's proxies do.
+//!
+//! The HBONE server splices the tunnel into one end of an in-memory pipe; this serves HTTP on
+//! the other end, so the tunnel code stays as it is.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use isthmus_hbone::{Baggage, TraceParent};
+use isthmus_model::traffic::PortProtocol;
+use isthmus_xds::client::{State, Workload};
+use isthmus_xds::Identity;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{watch, Mutex};
+
+use super::pool::{Body, BoxError};
+use super::telemetry::{code_label, known, Fixed, Grpc, IstioMetrics, Reporter, RequestLabels};
+use crate::proxy::metrics::Known;
+use crate::proxy::ACCESS_LOG_TARGET;
+
+/// Buffer of the pipe between the tunnel and the HTTP server.
+const PIPE_BYTES: usize = 64 * 1024;
+
+/// The protocol of the local workload's `port`, from the services it serves (the first that
+/// declares one).
+pub fn protocol(state: &State, w: &Workload, port: u16) -> PortProtocol {
+    for (key, ports) in &w.services {
+        for p in ports.iter().filter(|p| p.target_port == port) {
+            if let Some(t) = state.traffic(key) {
+                if let Some(proto) = t.ports.get(&p.service_port) {
+                    return *proto;
+                }
+            }
+        }
+    }
+    PortProtocol::Undeclared
+}
+
+/// What the server side knows of the connection.
+pub struct Peer {
+    pub identity: Option<Identity>,
+    pub identity_text: String,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub source: Baggage,
+    pub trace: Option<TraceParent>,
+}
+
+/// Serves HTTP from a tunnel to `app` (the admitted connection to the local application).
+/// Returns the pipe end for the HBONE server to splice with the tunnel.
+pub fn serve<A>(
+    app: A,
+    peer: Peer,
+    state: watch::Receiver<Arc<State>>,
+    metrics: Arc<IstioMetrics>,
+) -> tokio::io::DuplexStream
+where
+    A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (tunnel_side, ours) = tokio::io::duplex(PIPE_BYTES);
+    let app = Arc::new(Mutex::new(AppConn::Idle(Some(app))));
+    let peer = Arc::new(peer);
+    tokio::spawn(async move {
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let (app, peer, state, metrics) =
+                (app.clone(), peer.clone(), state.clone(), metrics.clone());
+            async move { Ok::<_, Infallible>(handle(req, app, peer, state, metrics).await) }
+        });
+        let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        b.http1().timer(hyper_util::rt::TokioTimer::new());
+        b.http2().timer(hyper_util::rt::TokioTimer::new());
+        if let Err(e) = b.serve_connection(TokioIo::new(ours), svc).await {
+            tracing::debug!(error = %e, "inbound HTTP connection ended with an error");
+        }
+    });
+    tunnel_side
+}
+
+/// The connection to the local application: opened with the first request's version.
+enum AppConn<A> {
+    Idle(Option<A>),
+    H1(hyper::client::conn::http1::SendRequest<Body>),
+    H2(hyper::client::conn::http2::SendRequest<Body>),
+}
+
+async fn send<A>(app: &Mutex<AppConn<A>>, req: Request<Body>) -> Result<Response<Incoming>, String>
+where
+    A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let h2 = req.version() == Version::HTTP_2;
+    let mut guard = app.lock().await;
+    if let AppConn::Idle(io) = &mut *guard {
+        let Some(io) = io.take() else {
+            return Err("the application connection is gone".into());
+        };
+        let io = TokioIo::new(io);
+        *guard = if h2 {
+            let (s, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(c);
+            AppConn::H2(s)
+        } else {
+            let (s, c) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(c);
+            AppConn::H1(s)
+        };
+    }
+    match &mut *guard {
+        AppConn::H2(s) => {
+            let mut s = s.clone();
+            drop(guard);
+            s.ready().await.map_err(|e| e.to_string())?;
+            s.send_request(req).await.map_err(|e| e.to_string())
+        }
+        // HTTP/1.1 requests on one client connection come one at a time.
+        AppConn::H1(s) => {
+            s.ready().await.map_err(|e| e.to_string())?;
+            s.send_request(req).await.map_err(|e| e.to_string())
+        }
+        AppConn::Idle(_) => Err("the application connection is gone".into()),
+    }
+}
+
+async fn handle<A>(
+    req: Request<Incoming>,
+    app: Arc<Mutex<AppConn<A>>>,
+    peer: Arc<Peer>,
+    state: watch::Receiver<Arc<State>>,
+    metrics: Arc<IstioMetrics>,
+) -> Response<Body>
+where
+    A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let start = Instant::now();
+    let state = state.borrow().clone();
+    let workload = state.workload_by_address(peer.dst.ip()).cloned();
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let protocol = if grpc { "grpc" } else { "http" };
+    let verdict = match &workload {
+        None => crate::proxy::authz::Verdict::Deny(format!(
+            "no workload at {} in this agent's discovery state",
+            peer.dst.ip()
+        )),
+        Some(w) => super::authz::evaluate(
+            super::authz::applicable(&state, w),
+            &super::authz::HttpRequest {
+                peer: peer.identity.as_ref(),
+                src: peer.src.ip(),
+                port: peer.dst.port(),
+                method: req.method().as_str(),
+                path: req.uri().path(),
+                host: &host,
+                headers: req.headers(),
+            },
+        ),
+    };
+    let method = req.method().clone();
+    let path = crate::proxy::l7::clip_path(req.uri().path());
+    let (resp, flags, req_bytes) = if !verdict.is_allowed() {
+        let mut r = Response::new(
+            Full::new(Bytes::from_static(b"RBAC: access denied"))
+                .map_err(|e| match e {})
+                .boxed(),
+        );
+        *r.status_mut() = StatusCode::FORBIDDEN;
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        (r, "DENY", 0)
+    } else {
+        let (parts, body) = req.into_parts();
+        let size = body_size(&parts.headers);
+        let body: Body = body.map_err(|e| -> BoxError { Box::new(e) }).boxed();
+        match send(&app, Request::from_parts(parts, body)).await {
+            Ok(r) => {
+                let (p, b) = r.into_parts();
+                (
+                    Response::from_parts(p, b.map_err(|e| -> BoxError { Box::new(e) }).boxed()),
+                    "-",
+                    size,
+                )
+            }
+            Err(e) => {
+                let mut r = Response::new(
+                    Full::new(Bytes::from(format!(
+                        "upstream connect error or disconnect/reset before headers: {e}\n"
+                    )))
+                    .map_err(|e| match e {})
+                    .boxed(),
+                );
+                *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                (r, "UC", size)
+            }
+        }
+    };
+    let status = resp.status();
+    let grpc_status = resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    let w = workload.as_deref();
+    let src = &peer.source;
+    let service = w.and_then(|w| w.services.keys().next().cloned());
+    let (svc_ns, svc_host) = service
+        .as_deref()
+        .and_then(|k| k.split_once('/'))
+        .unwrap_or(("", ""));
+    let labels = RequestLabels {
+        reporter: Reporter::Destination,
+        source_workload: Known(src.workload_name.clone()),
+        source_workload_namespace: Known(src.namespace.clone()),
+        source_principal: known(peer.identity_text.trim_start_matches("spiffe://")),
+        source_app: Known(src.service_name.clone()),
+        source_version: Known(src.service_version.clone()),
+        source_cluster: Known(src.cluster_id.clone()),
+        destination_workload: w.map_or(Known(None), |w| known(&w.name)),
+        destination_workload_namespace: w.map_or(Known(None), |w| known(&w.namespace)),
+        destination_principal: w.map_or(Known(None), |w| {
+            known(w.identity().to_string().trim_start_matches("spiffe://"))
+        }),
+        destination_app: w.map_or(Known(None), |w| known(&w.canonical_name)),
+        destination_version: w.map_or(Known(None), |w| known(&w.canonical_revision)),
+        destination_service: known(svc_host),
+        destination_service_name: known(svc_host.split('.').next().unwrap_or("")),
+        destination_service_namespace: known(svc_ns),
+        destination_cluster: w.map_or(Known(None), |w| known(&w.cluster_id)),
+        request_protocol: Fixed(protocol),
+        response_code: code_label(status.as_u16()),
+        grpc_response_status: Grpc(if grpc {
+            Some(grpc_status.unwrap_or(0))
+        } else {
+            None
+        }),
+        response_flags: Fixed(flags),
+        connection_security_policy: Fixed(if peer.identity.is_some() {
+            "mutual_tls"
+        } else {
+            "none"
+        }),
+    };
+    let millis = start.elapsed().as_secs_f64() * 1000.0;
+    let resp_bytes = body_size(resp.headers());
+    metrics.record(&labels, millis, req_bytes, resp_bytes);
+    tracing::info!(
+        target: ACCESS_LOG_TARGET,
+        direction = "inbound",
+        protocol,
+        src = %peer.src,
+        identity = %peer.identity_text,
+        method = %method,
+        path = %path,
+        status = status.as_u16(),
+        flags,
+        reason = verdict.reason(),
+        duration_ms = millis as u64,
+        trace_id = %isthmus_hbone::OrDash(peer.trace.map(|t| t.trace_id)),
+        "request"
+    );
+    resp
+}
+
+/// The body size a message announces (0 when it does not).
+fn body_size(h: &http::HeaderMap) -> u64 {
+    h.get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or(0)
+}
