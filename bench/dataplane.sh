@@ -7,6 +7,10 @@
 #            (STRICT inbound), which delivers it to the app
 #   haproxy  the client connects to a plain haproxy on the VM, which opens TLS with a client
 #            certificate to a haproxy on the mesh host that requires one and forwards to the app
+#   isthmus-l7  as isthmus, to a port declared HTTP: both agents terminate HTTP and route,
+#            balance and report each request (issue 17)
+#   haproxy-http  the haproxy pair in `mode http` (each request parsed on both sides), over the
+#            same mTLS
 # Fixed-rate latency (open loop, `http-load` from crates/bench), closed-loop maximum throughput,
 # bulk TCP (iperf3), and the RSS of each proxy idle and under load.
 #
@@ -23,7 +27,7 @@ RATES="${RATES:-1000 10000}"        # fixed rates, requests/s
 CONNS="${CONNS:-32}"                # keep-alive connections of every HTTP run
 BULK_SECONDS="${BULK_SECONDS:-5}"   # iperf3 -t
 BODY_BYTES="${BODY_BYTES:-1024}"
-PATHS="${PATHS:-direct isthmus haproxy}" # which paths run (the report needs direct for "added")
+PATHS="${PATHS:-direct isthmus isthmus-l7 haproxy haproxy-http}" # which paths run (the report needs direct for "added")
 PERF_DIR="${PERF_DIR:-}"            # if set: `perf record -g` both agents during each isthmus run
 SMAPS_DIR="${SMAPS_DIR:-}"          # if set: both agents' /proc/PID/smaps at the end of each isthmus run
 AGENT_WRAPPER="${AGENT_WRAPPER:-}"  # a command the agents run under (scripts/order-file.sh: valgrind)
@@ -135,6 +139,7 @@ http {
     keepalive_timeout 300s;
     server {
         listen 9080;
+        listen 9081;
         listen 8080;
         root $work/www;
     }
@@ -164,14 +169,14 @@ kind: Service
 metadata: {name: productpage, namespace: bookinfo}
 spec:
   selector: {app: productpage}
-  ports: [{name: http, port: 9080}, {name: tcp-bulk, port: 5201}]
+  ports: [{name: tcp-web, port: 9080}, {name: http-web, port: 9081}, {name: tcp-bulk, port: 5201}]
 ---
 apiVersion: networking.istio.io/v1
 kind: WorkloadGroup
 metadata: {name: productpage, namespace: bookinfo}
 spec:
   metadata: {labels: {app: productpage}}
-  template: {serviceAccount: productpage, ports: {http: 9080, tcp-bulk: 5201}}
+  template: {serviceAccount: productpage, ports: {tcp-web: 9080, http-web: 9081, tcp-bulk: 5201}}
 EOF
 mesh_token="$(cli token create -n bookinfo -s productpage)"
 vm_token="$(cli token create -n onprem -s mysql)"
@@ -197,7 +202,7 @@ start_agent() { # host ip token inbound-ports extra...
     wait_until "the $h agent's endpoints" "$AGENT_WAIT" jq -e .readiness "$d/state/agent-endpoints.json"
     ready[$h]="$(jq -r .readiness "$d/state/agent-endpoints.json")"
 }
-start_agent mesh "$MESH" "$mesh_token" 9080,5201 --group productpage --inbound-mode strict
+start_agent mesh "$MESH" "$mesh_token" 9080,9081,5201 --group productpage --inbound-mode strict
 start_agent vm "$VM" "$vm_token" 3306
 for h in mesh vm; do
     wait_until "the $h agent ready" "$AGENT_WAIT" inns "$h" curl -sf --max-time 2 "${ready[$h]}/healthz/ready"
@@ -240,6 +245,14 @@ frontend http_in
 frontend bulk_in
     bind $MESH:8444 ssl crt $pki/server.pem ca-file $pki/ca.pem verify required
     default_backend app_bulk
+frontend http_l7_in
+    mode http
+    timeout http-keep-alive 300s
+    bind $MESH:8445 ssl crt $pki/server.pem ca-file $pki/ca.pem verify required
+    default_backend app_http_l7
+backend app_http_l7
+    mode http
+    server app 127.0.0.1:8080
 backend app_http
     server app 127.0.0.1:8080
 backend app_bulk
@@ -259,6 +272,15 @@ frontend http_out
 frontend bulk_out
     bind 127.0.0.1:15202
     default_backend mesh_bulk
+frontend http_l7_out
+    mode http
+    timeout http-keep-alive 300s
+    bind 127.0.0.1:18081
+    default_backend mesh_http_l7
+backend mesh_http_l7
+    mode http
+    http-reuse always
+    server mesh $MESH:8445 ssl crt $pki/client.pem ca-file $pki/ca.pem verify required alpn http/1.1
 backend mesh_http
     server mesh $MESH:8443 ssl crt $pki/client.pem ca-file $pki/ca.pem verify required
 backend mesh_bulk
@@ -275,6 +297,8 @@ declare -A http_addr bulk_host bulk_port
 http_addr[direct]="$MESH:8080"
 http_addr[isthmus]="$VIP:9080"
 http_addr[haproxy]="127.0.0.1:18080"
+http_addr[isthmus-l7]="$VIP:9081"
+http_addr[haproxy-http]="127.0.0.1:18081"
 bulk_host[direct]=$MESH bulk_port[direct]=5202
 bulk_host[isthmus]=$VIP bulk_port[isthmus]=5201
 bulk_host[haproxy]=127.0.0.1 bulk_port[haproxy]=15202
@@ -298,12 +322,12 @@ threads() { awk '/^Threads/ {print $2}' "/proc/$1/status"; }
 majflt() { awk '{print $12}' "/proc/$1/stat"; }
 proxy_pids() { # path
     case $1 in
-    isthmus) echo "${agent_pid[vm]} ${agent_pid[mesh]}" ;;
-    haproxy) echo "${hap_pid[vm]} ${hap_pid[mesh]}" ;;
+    isthmus | isthmus-l7) echo "${agent_pid[vm]} ${agent_pid[mesh]}" ;;
+    haproxy | haproxy-http) echo "${hap_pid[vm]} ${hap_pid[mesh]}" ;;
     esac
 }
 declare -A rss_idle rss_peak anon_peak file_peak majflt_idle
-for p in isthmus haproxy; do
+for p in isthmus isthmus-l7 haproxy haproxy-http; do
     read -r a b <<<"$(proxy_pids $p)"
     rss_idle[$p]="$(rss_kb "$a") $(rss_kb "$b")"
     majflt_idle[$p]="$(majflt "$a") $(majflt "$b")"
@@ -367,7 +391,9 @@ for rate in $RATES; do
     for p in "${paths[@]}"; do run_http "$p" "r$rate" "$rate"; done
 done
 for p in "${paths[@]}"; do run_http "$p" max 0; done
-for p in "${paths[@]}"; do run_bulk "$p"; done
+for p in "${paths[@]}"; do
+    case $p in *-l7 | *-http) ;; *) run_bulk "$p" ;; esac
+done
 # HAProxy once more, with iperf3's connection captured by an iptables REDIRECT in the VM's nat
 # OUTPUT as the isthmus path's is (from an unused address of the bridge subnet to the VM
 # haproxy's port), so that the capture's own cost shows next to the proxies'.
@@ -387,12 +413,12 @@ if [[ " $PATHS " == *" haproxy "* ]]; then
         inns vm ip route del "$CAPTURED" table 15999
     fi
 fi
-if [ "$PATHS" != "direct isthmus haproxy" ]; then
-    echo "PATHS=$PATHS: no report (it compares all three paths)" >&2
+if [ "$PATHS" != "direct isthmus isthmus-l7 haproxy haproxy-http" ]; then
+    echo "PATHS=$PATHS: no report (it compares all five paths)" >&2
     exit 0
 fi
 declare -A hwm
-for p in isthmus haproxy; do
+for p in isthmus isthmus-l7 haproxy haproxy-http; do
     read -r a b <<<"$(proxy_pids $p)"
     hwm[$p]="$(hwm_kb "$a") $(hwm_kb "$b")"
     hwm[$p-threads]="$(threads "$a") $(threads "$b")"
@@ -443,7 +469,7 @@ echo "### Bulk TCP (iperf3, one stream, ${BULK_SECONDS} s, VM → mesh host)"
 echo
 echo "| path | Gbit/s received | retransmits |"
 echo "| --- | ---: | ---: |"
-for p in "${paths[@]}" haproxy-captured; do
+for p in direct isthmus haproxy haproxy-captured; do
     label=$p
     [ "$p" = haproxy-captured ] && label="haproxy, client captured by iptables REDIRECT (as isthmus)"
     echo "| $label | $(field "$p-bulk" '.end.sum_received.bits_per_second / 1e9 | . * 100 | round / 100') | $(field "$p-bulk" '.end.sum_sent.retransmits // 0') |"
@@ -456,7 +482,7 @@ sep="| --- | ---: |"
 for r in $RATES; do header="$header at $r req/s (max sampled) |"; sep="$sep ---: |"; done
 echo "$header closed loop (max sampled) | peak over the run (VmHWM) |"
 echo "$sep ---: | ---: |"
-for p in isthmus haproxy; do
+for p in isthmus isthmus-l7 haproxy haproxy-http; do
     row="| $p | $(pair_mb "${rss_idle[$p]}") |"
     for r in $RATES; do row="$row $(pair_mb "${rss_peak[$p-r$r]}") |"; done
     echo "$row $(pair_mb "${rss_peak[$p-max]}") | $(pair_mb "${hwm[$p]}") |"

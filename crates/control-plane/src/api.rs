@@ -47,6 +47,9 @@ pub struct ApiState {
     pub mesh: std::sync::OnceLock<MeshInfo>,
     /// This replica's place among those sharing the store (`GET /api/v1/replicas`).
     pub session: Arc<crate::replicas::Session>,
+    /// The informer's in-memory registry: what `/metrics` counts, so that a scrape never
+    /// waits on the store (with etcd's quorum lost it would wait a request timeout per kind).
+    pub view: tokio::sync::watch::Receiver<Arc<crate::informer::RegistryView>>,
 }
 
 /// The control plane as a host sees it: what `isthmus vm config` writes into a host's files.
@@ -328,22 +331,36 @@ async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
     }
 }
 
-pub async fn refresh_gauges(registry: &Registry, metrics: &Metrics) {
+/// Sets the gauges read at scrape time from memory: the store's last seen revision and the
+/// number of objects of each kind in the informer's view.
+pub fn refresh_gauges(
+    registry: &Registry,
+    view: &crate::informer::RegistryView,
+    metrics: &Metrics,
+) {
     metrics.store_revision.set(registry.store().revision());
     for kind in Kind::ALL {
-        if let Ok((kvs, _)) = registry.store().range(&kind.key_prefix()).await {
-            metrics
-                .resources
-                .get_or_create(&crate::metrics::KindLabels {
-                    kind: kind.as_str().into(),
-                })
-                .set(kvs.len() as i64);
-        }
+        let n = match kind {
+            Kind::Service => view.services.len(),
+            Kind::WorkloadEntry => view.entries.len(),
+            Kind::WorkloadGroup => view.groups.len(),
+            Kind::AuthorizationPolicy => view.policies.len(),
+            Kind::PeerAuthentication => view.peer_authentications.len(),
+            Kind::VirtualService => view.virtual_services.len(),
+            Kind::DestinationRule => view.destination_rules.len(),
+        };
+        metrics
+            .resources
+            .get_or_create(&crate::metrics::KindLabels {
+                kind: kind.as_str().into(),
+            })
+            .set(n as i64);
     }
 }
 
 pub async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
-    refresh_gauges(&state.registry, &state.metrics).await;
+    let view = state.view.borrow().clone();
+    refresh_gauges(&state.registry, &view, &state.metrics);
     (
         [(
             header::CONTENT_TYPE,

@@ -281,7 +281,7 @@ pub async fn run(
         .context("cannot read the recorded agent hosts")?;
     let (hosts_tx, hosts_rx) = tokio::sync::watch::channel(Arc::new(mesh_hosts.clone()));
     let xds = isthmus_xds::server::XdsServer::start_observed(
-        crate::discovery::resources(view, hosts_rx, mapping),
+        crate::discovery::resources(view.clone(), hosts_rx, mapping),
         Arc::new(crate::discovery::XdsAuth {
             auth: auth.clone(),
             ledger: ledger.clone(),
@@ -344,6 +344,7 @@ pub async fn run(
         xds: xds.clone(),
         mesh: Default::default(),
         session: session.clone(),
+        view: view.clone(),
     });
 
     let admin = bind(args.admin_addr, "admin API", "--admin-addr").await?;

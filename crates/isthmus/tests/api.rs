@@ -424,12 +424,21 @@ async fn metrics_count_requests_and_resources() {
     let s = Server::start(dir.path());
     s.ok(&["register", "a", "10.0.0.1", "80"]);
     s.ok(&["register", "b", "10.0.0.2", "80"]);
-    let text = reqwest::get(format!("{}/metrics", s.metrics))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // The resource counts come from the in-memory registry, which follows the store within a
+    // second (its debounce): scrape until both registrations are in.
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = reqwest::get(format!("{}/metrics", s.metrics))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains("isthmus_registry_resources{kind=\"WorkloadEntry\"} 2") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let line = |prefix: &str| {
         text.lines()
             .find(|l| l.starts_with(prefix))

@@ -456,6 +456,15 @@ fn an_agent_moves_to_another_replica_when_its_own_is_killed() {
     // agent's DNS still answers.
     etcd.kill(1);
     etcd.kill(2);
+    // The metrics endpoint answers from memory: a scrape never waits on etcd.
+    let asked = std::time::Instant::now();
+    let (code, _) = get(&format!("{}/metrics", alive.metrics));
+    assert_eq!(code, 200);
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "/metrics took {:?} without an etcd quorum",
+        asked.elapsed()
+    );
     let during = issued(&alive);
     wait_for(
         "a renewal without an etcd quorum",

@@ -24,7 +24,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 
 /// Idle HTTP/1.1 connections kept per endpoint.
-pub const MAX_IDLE_H1: usize = 16;
+pub const MAX_IDLE_H1: usize = 128;
 
 /// Why an attempt got no response, as retry conditions tell them apart.
 #[derive(Debug, thiserror::Error)]
