@@ -645,3 +645,52 @@ fn iptables_dry_run_from_the_seed_files() {
         "{err}"
     );
 }
+
+/// VirtualServices and DestinationRules apply as Istio users write them; a route to a subset
+/// no DestinationRule defines is refused with the route named, and nothing of the input is
+/// written; other bad fields are named by path and value.
+#[test]
+fn traffic_resources_apply_and_bad_ones_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - {destination: {host: reviews, subset: v3}}\n";
+    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  host: reviews\n  subsets: [{name: v1, labels: {version: v1}}]\n";
+    let out = s.cli_stdin(&["apply", "-f", "-"], Some(vs));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("error: VirtualService bookinfo/reviews: spec.http[0].route[0].destination.subset: \"v3\" is not a subset of any DestinationRule for reviews.bookinfo; define it (spec.subsets) in a DestinationRule whose host is that service, in the same input or before"),
+        "{err}"
+    );
+    // With the rule in the same input, still v3 is missing: refused whole, the rule unwritten.
+    let out = s.cli_stdin(&["apply", "-f", "-"], Some(&format!("{dr}---\n{vs}")));
+    assert!(!out.status.success());
+    assert!(!s.ok(&["get", "dr", "-n", "bookinfo"]).contains("reviews"));
+    // Weights that do not add up, an unknown field: named.
+    let bad = vs.replace(
+        "- {destination: {host: reviews, subset: v3}}",
+        "- {destination: {host: reviews}, weight: 60}\n    - {destination: {host: reviews}, weight: 60}",
+    );
+    let out = s.cli_stdin(&["apply", "-f", "-"], Some(&bad));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("spec.http[0].route[*].weight: \"[60, 60] = 120\" must add up to 100"),
+        "{err}"
+    );
+    let out = s.cli_stdin(
+        &["apply", "-f", "-"],
+        Some(&vs.replace("hosts: [reviews]", "hosts: [reviews]\n  tcp: []")),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown field `tcp`"), "{err}");
+    // Good input applies, and lists.
+    let good = format!("{dr}---\n{}", vs.replace("subset: v3", "subset: v1"));
+    let out = s.cli_stdin(&["apply", "-f", "-"], Some(&good));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list = s.ok(&["get", "vs", "-n", "bookinfo"]);
+    assert!(list.contains("reviews") && list.contains("HOSTS"), "{list}");
+}
