@@ -90,6 +90,7 @@ pub fn rows(
         (Kind::PeerAuthentication, _) => &["NAME", "MODE", "SELECTOR", "AGE"],
         (Kind::VirtualService, _) => &["NAME", "HOSTS", "ROUTES", "AGE"],
         (Kind::DestinationRule, _) => &["NAME", "HOST", "SUBSETS", "AGE"],
+        (Kind::HttpRoute | Kind::GrpcRoute, _) => &["NAME", "PARENTS", "RULES", "AGE"],
     };
     header.extend_from_slice(cols);
     let mut out = Vec::new();
@@ -156,6 +157,18 @@ pub fn rows(
             Resource::VirtualService(v) => {
                 row.push(join_or_dash(v.spec.hosts.clone()));
                 row.push(v.spec.http.len().to_string());
+            }
+            Resource::HttpRoute(r) => {
+                row.push(join_or_dash(
+                    r.spec.parent_refs.iter().map(|p| p.name.clone()).collect(),
+                ));
+                row.push(r.spec.rules.len().to_string());
+            }
+            Resource::GrpcRoute(r) => {
+                row.push(join_or_dash(
+                    r.spec.parent_refs.iter().map(|p| p.name.clone()).collect(),
+                ));
+                row.push(r.spec.rules.len().to_string());
             }
             Resource::DestinationRule(d) => {
                 row.push(d.spec.host.clone());

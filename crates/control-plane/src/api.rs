@@ -348,6 +348,8 @@ pub fn refresh_gauges(
             Kind::PeerAuthentication => view.peer_authentications.len(),
             Kind::VirtualService => view.virtual_services.len(),
             Kind::DestinationRule => view.destination_rules.len(),
+            Kind::HttpRoute => view.http_routes.len(),
+            Kind::GrpcRoute => view.grpc_routes.len(),
         };
         metrics
             .resources

@@ -58,7 +58,20 @@ pub fn resources(
             .values()
             .map(|x| (**x).clone())
             .collect();
-        isthmus_xds::traffic::insert_traffic(&mut set, &services, &entries, &vss, &drs, opts);
+        let http: Vec<_> = v.http_routes.values().map(|x| (**x).clone()).collect();
+        let grpc: Vec<_> = v.grpc_routes.values().map(|x| (**x).clone()).collect();
+        isthmus_xds::traffic::insert_traffic(
+            &mut set,
+            &services,
+            &entries,
+            &vss,
+            &drs,
+            isthmus_xds::traffic::GatewayRoutes {
+                http: &http,
+                grpc: &grpc,
+            },
+            opts,
+        );
         isthmus_xds::traffic::insert_http_policies(&mut set, &policies);
         Arc::new(set)
     };

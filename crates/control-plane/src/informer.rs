@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use isthmus_model::{
-    AuthorizationPolicy, DestinationRule, PeerAuthentication, Resource, Service, VirtualService,
-    WorkloadEntry, WorkloadGroup,
+    AuthorizationPolicy, DestinationRule, GrpcRoute, HttpRoute, PeerAuthentication, Resource,
+    Service, VirtualService, WorkloadEntry, WorkloadGroup,
 };
 use isthmus_store::{EventKind, Revision, StoreError};
 use tokio::sync::watch;
@@ -28,6 +28,8 @@ pub struct RegistryView {
     pub peer_authentications: BTreeMap<(String, String), Arc<PeerAuthentication>>,
     pub virtual_services: BTreeMap<(String, String), Arc<VirtualService>>,
     pub destination_rules: BTreeMap<(String, String), Arc<DestinationRule>>,
+    pub http_routes: BTreeMap<(String, String), Arc<HttpRoute>>,
+    pub grpc_routes: BTreeMap<(String, String), Arc<GrpcRoute>>,
 }
 
 impl RegistryView {
@@ -56,6 +58,12 @@ impl RegistryView {
             Resource::DestinationRule(d) => {
                 self.destination_rules.insert(key, Arc::new(d));
             }
+            Resource::HttpRoute(r) => {
+                self.http_routes.insert(key, Arc::new(r));
+            }
+            Resource::GrpcRoute(r) => {
+                self.grpc_routes.insert(key, Arc::new(r));
+            }
         }
     }
 
@@ -83,6 +91,12 @@ impl RegistryView {
             }
             Resource::DestinationRule(_) => {
                 self.destination_rules.remove(&key);
+            }
+            Resource::HttpRoute(_) => {
+                self.http_routes.remove(&key);
+            }
+            Resource::GrpcRoute(_) => {
+                self.grpc_routes.remove(&key);
             }
         }
     }

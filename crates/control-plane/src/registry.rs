@@ -351,7 +351,9 @@ impl Registry {
                 | Resource::AuthorizationPolicy(_)
                 | Resource::PeerAuthentication(_)
                 | Resource::VirtualService(_)
-                | Resource::DestinationRule(_) => {}
+                | Resource::DestinationRule(_)
+                | Resource::HttpRoute(_)
+                | Resource::GrpcRoute(_) => {}
             }
         }
         Ok((svcs, wes))

@@ -306,7 +306,7 @@ fn unknown_kinds_list_every_kind() {
                workloads, we), workloadgroups (workloadgroup, group, groups, wg), \
                authorizationpolicies (authorizationpolicy, policy, policies, ap), \
                peerauthentications (peerauthentication, pa), virtualservices (virtualservice, vs), \
-               destinationrules (destinationrule, dr)";
+               destinationrules (destinationrule, dr), httproutes (httproute), grpcroutes (grpcroute)";
     for args in [&["get", "pods"][..], &["delete", "pods", "x"]] {
         let err = s.fails(args);
         assert!(err.contains("unknown kind \"pods\""), "{err}");
@@ -322,7 +322,7 @@ fn unknown_kinds_list_every_kind() {
     assert!(
         err.contains(
             "unknown kind \"Pod\" (expected Service, WorkloadEntry, WorkloadGroup, \
-             AuthorizationPolicy, PeerAuthentication, VirtualService, DestinationRule)"
+             AuthorizationPolicy, PeerAuthentication, VirtualService, DestinationRule, HTTPRoute, GRPCRoute)"
         ),
         "{err}"
     );

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client_config;
+pub mod gateway;
 mod parse;
 mod resource;
 mod selector;

@@ -232,6 +232,8 @@ fn from_value(doc: usize, mut value: serde_json::Value) -> Result<Resource, Pars
         }
         Kind::VirtualService => Resource::VirtualService(typed(doc, value)?),
         Kind::DestinationRule => Resource::DestinationRule(typed(doc, value)?),
+        Kind::HttpRoute => Resource::HttpRoute(typed(doc, value)?),
+        Kind::GrpcRoute => Resource::GrpcRoute(typed(doc, value)?),
     };
     let mut resource = resource;
     if resource.meta().namespace.is_empty() {

@@ -22,10 +22,12 @@ pub enum Kind {
     PeerAuthentication,
     VirtualService,
     DestinationRule,
+    HttpRoute,
+    GrpcRoute,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Service,
         Kind::WorkloadEntry,
         Kind::WorkloadGroup,
@@ -33,6 +35,8 @@ impl Kind {
         Kind::PeerAuthentication,
         Kind::VirtualService,
         Kind::DestinationRule,
+        Kind::HttpRoute,
+        Kind::GrpcRoute,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -44,6 +48,8 @@ impl Kind {
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
         }
     }
 
@@ -57,6 +63,8 @@ impl Kind {
             Kind::PeerAuthentication => "peerauthentications",
             Kind::VirtualService => "virtualservices",
             Kind::DestinationRule => "destinationrules",
+            Kind::HttpRoute => "httproutes",
+            Kind::GrpcRoute => "grpcroutes",
         }
     }
 
@@ -70,6 +78,8 @@ impl Kind {
             Kind::PeerAuthentication => &["peerauthentication", "pa"],
             Kind::VirtualService => &["virtualservice", "vs"],
             Kind::DestinationRule => &["destinationrule", "dr"],
+            Kind::HttpRoute => &["httproute"],
+            Kind::GrpcRoute => &["grpcroute"],
         }
     }
 
@@ -114,6 +124,11 @@ impl Kind {
                 API_VERSION,
                 "security.istio.io/v1",
                 "security.istio.io/v1beta1",
+            ],
+            Kind::HttpRoute | Kind::GrpcRoute => &[
+                "gateway.networking.k8s.io/v1",
+                "gateway.networking.k8s.io/v1beta1",
+                "gateway.networking.k8s.io/v1alpha2",
             ],
         }
     }
@@ -185,6 +200,8 @@ pub type AuthorizationPolicy = Object<AuthorizationPolicySpec, WorkloadGroupStat
 pub type PeerAuthentication = Object<PeerAuthenticationSpec, WorkloadGroupStatus>;
 pub type VirtualService = Object<crate::traffic::VirtualServiceSpec, WorkloadGroupStatus>;
 pub type DestinationRule = Object<crate::traffic::DestinationRuleSpec, WorkloadGroupStatus>;
+pub type HttpRoute = Object<crate::gateway::HttpRouteSpec, WorkloadGroupStatus>;
+pub type GrpcRoute = Object<crate::gateway::GrpcRouteSpec, WorkloadGroupStatus>;
 
 /// Istio's PeerAuthentication: whether the selected workloads (or the namespace, or with the
 /// root namespace the mesh) accept plaintext. STRICT refuses it; PERMISSIVE (default) takes it.
@@ -543,6 +560,8 @@ pub enum Resource {
     PeerAuthentication(PeerAuthentication),
     VirtualService(VirtualService),
     DestinationRule(DestinationRule),
+    HttpRoute(HttpRoute),
+    GrpcRoute(GrpcRoute),
 }
 
 impl Resource {
@@ -555,6 +574,8 @@ impl Resource {
             Resource::PeerAuthentication(_) => Kind::PeerAuthentication,
             Resource::VirtualService(_) => Kind::VirtualService,
             Resource::DestinationRule(_) => Kind::DestinationRule,
+            Resource::HttpRoute(_) => Kind::HttpRoute,
+            Resource::GrpcRoute(_) => Kind::GrpcRoute,
         }
     }
 
@@ -567,6 +588,8 @@ impl Resource {
             Resource::PeerAuthentication(o) => &o.metadata,
             Resource::VirtualService(o) => &o.metadata,
             Resource::DestinationRule(o) => &o.metadata,
+            Resource::HttpRoute(o) => &o.metadata,
+            Resource::GrpcRoute(o) => &o.metadata,
         }
     }
 
@@ -579,6 +602,8 @@ impl Resource {
             Resource::PeerAuthentication(o) => &mut o.metadata,
             Resource::VirtualService(o) => &mut o.metadata,
             Resource::DestinationRule(o) => &mut o.metadata,
+            Resource::HttpRoute(o) => &mut o.metadata,
+            Resource::GrpcRoute(o) => &mut o.metadata,
         }
     }
 
@@ -611,6 +636,8 @@ impl Resource {
             (Resource::PeerAuthentication(x), Resource::PeerAuthentication(y)) => x.spec == y.spec,
             (Resource::VirtualService(x), Resource::VirtualService(y)) => x.spec == y.spec,
             (Resource::DestinationRule(x), Resource::DestinationRule(y)) => x.spec == y.spec,
+            (Resource::HttpRoute(x), Resource::HttpRoute(y)) => x.spec == y.spec,
+            (Resource::GrpcRoute(x), Resource::GrpcRoute(y)) => x.spec == y.spec,
             _ => false,
         }
     }
@@ -711,6 +738,12 @@ impl<'de> Deserialize<'de> for Resource {
             }
             Kind::DestinationRule => {
                 Resource::DestinationRule(serde_json::from_value(v).map_err(D::Error::custom)?)
+            }
+            Kind::HttpRoute => {
+                Resource::HttpRoute(serde_json::from_value(v).map_err(D::Error::custom)?)
+            }
+            Kind::GrpcRoute => {
+                Resource::GrpcRoute(serde_json::from_value(v).map_err(D::Error::custom)?)
             }
         })
     }

@@ -462,6 +462,22 @@ pub fn validate(r: &Resource) -> Result<(), ValidationError> {
         }
         Resource::VirtualService(vs) => check_virtual_service(&mut errs, &vs.spec),
         Resource::DestinationRule(dr) => check_destination_rule(&mut errs, &dr.spec),
+        Resource::HttpRoute(r) => {
+            check_parents(&mut errs, &r.spec.parent_refs);
+            // The conversion names what it cannot express; its result is then checked as
+            // a VirtualService's routes are.
+            match crate::gateway::http_routes(&r.spec, &m.namespace, None) {
+                Err(e) => errs.add("spec", "", e),
+                Ok(routes) => check_converted(&mut errs, routes),
+            }
+        }
+        Resource::GrpcRoute(r) => {
+            check_parents(&mut errs, &r.spec.parent_refs);
+            match crate::gateway::grpc_routes(&r.spec, &m.namespace, None) {
+                Err(e) => errs.add("spec", "", e),
+                Ok(routes) => check_converted(&mut errs, routes),
+            }
+        }
     }
     if errs.0.is_empty() {
         Ok(())
@@ -915,5 +931,63 @@ fn check_destination_rule(errs: &mut Errors, spec: &crate::traffic::DestinationR
         if let Some(tp) = &s.traffic_policy {
             check_traffic_policy(errs, &format!("{path}.trafficPolicy"), tp);
         }
+    }
+}
+
+fn check_parents(errs: &mut Errors, parents: &[crate::gateway::ParentRef]) {
+    if parents.is_empty() {
+        errs.add(
+            "spec.parentRefs",
+            "[]",
+            "must name the Service the routes are for ({kind: Service, name: reviews})",
+        );
+    }
+    for (i, p) in parents.iter().enumerate() {
+        if !p.is_service() {
+            errs.add(
+                format!("spec.parentRefs[{i}]"),
+                format!("{}/{}", p.kind.as_deref().unwrap_or("Gateway"), p.name),
+                "is not a Service: Isthmus routes mesh traffic (the GAMMA profile: parentRefs with group \"\" and kind Service)",
+            );
+        }
+        errs.check(
+            &format!("spec.parentRefs[{i}].name"),
+            &p.name,
+            dns_label_problem(&p.name),
+        );
+    }
+}
+
+/// Checks converted Gateway API routes as a VirtualService's (weights excepted: the Gateway
+/// API's are relative).
+fn check_converted(errs: &mut Errors, routes: Vec<crate::traffic::HttpRoute>) {
+    let mut inner = Errors::default();
+    let spec = crate::traffic::VirtualServiceSpec {
+        hosts: vec!["converted".into()],
+        http: routes
+            .into_iter()
+            .map(|mut r| {
+                let n = r.route.len() as u32;
+                for d in &mut r.route {
+                    d.weight = if n > 1 { None } else { Some(100) };
+                }
+                if n > 1 {
+                    let share = 100 / n;
+                    for (i, d) in r.route.iter_mut().enumerate() {
+                        d.weight = Some(if i == 0 { 100 - share * (n - 1) } else { share });
+                    }
+                }
+                r
+            })
+            .collect(),
+        ..Default::default()
+    };
+    check_virtual_service(&mut inner, &spec);
+    for e in inner.0 {
+        errs.add(
+            e.field.replacen("spec.http", "spec.rules(converted)", 1),
+            e.value,
+            e.message,
+        );
     }
 }

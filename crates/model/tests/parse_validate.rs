@@ -67,7 +67,7 @@ fn unknown_kind_and_api_version() {
     assert_eq!(
         e,
         "document 1: kind: unknown kind \"Deployment\" (expected Service, WorkloadEntry, \
-         WorkloadGroup, AuthorizationPolicy, PeerAuthentication, VirtualService, DestinationRule)"
+         WorkloadGroup, AuthorizationPolicy, PeerAuthentication, VirtualService, DestinationRule, HTTPRoute, GRPCRoute)"
     );
     let e = err("apiVersion: apps/v1\nkind: Service\nmetadata: {name: x}\nspec: {}\n");
     assert!(
@@ -217,7 +217,7 @@ fn kind_names_and_port_guesses() {
         "unknown kind \"pods\"; the kinds are services (service, svc), workloadentries \
          (workloadentry, workload, workloads, we), workloadgroups (workloadgroup, group, groups, \
          wg), authorizationpolicies (authorizationpolicy, policy, policies, ap), \
-         peerauthentications (peerauthentication, pa), virtualservices (virtualservice, vs), destinationrules (destinationrule, dr)"
+         peerauthentications (peerauthentication, pa), virtualservices (virtualservice, vs), destinationrules (destinationrule, dr), httproutes (httproute), grpcroutes (grpcroute)"
     );
     for kind in Kind::ALL {
         for name in kind
