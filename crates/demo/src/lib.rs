@@ -456,19 +456,33 @@ async fn scenario(args: &DemoArgs, work: &Path, out: &mut dyn Write) -> Result<(
     say(format!(
         "productpage host -> {admin}\n   {denied}   (AuthorizationPolicy reviews-admin, checked per request by the reviews agents)"
     ))?;
-    let metrics = demo.agent_metrics(&ready[0], "productpage").await?;
-    let lines: Vec<&str> = metrics
-        .lines()
-        .filter(|l| {
-            l.starts_with("istio_requests_total{")
-                && l.contains("destination_service=\"reviews.bookinfo.svc.cluster.local\"")
-        })
-        .collect();
-    say(
-        "\nproductpage agent /metrics (reporter=source), requests to reviews by version and code:"
-            .into(),
-    )?;
-    for l in lines {
+    let source = demo.agent_metrics(&ready[0], "productpage").await?;
+    let dest = demo.agent_metrics(&ready[1], "reviews").await?;
+    let lines = |text: &str, reporter: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("istio_requests_total{")
+                    && l.contains(&format!("reporter=\"{reporter}\""))
+                    && l.contains("destination_service=\"reviews.bookinfo.svc.cluster.local\"")
+            })
+            .map(str::to_owned)
+            .collect()
+    };
+    let mut shown = Vec::new();
+    for (who, reporter, text) in [
+        ("productpage", "source", &source),
+        ("reviews v1", "destination", &dest),
+    ] {
+        shown.push(format!(
+            "\n{who} agent /metrics (reporter={reporter}), requests to reviews by version and code:"
+        ));
+        shown.extend(lines(text, reporter));
+    }
+    for l in shown {
+        if !l.starts_with("istio_requests_total") {
+            say(l)?;
+            continue;
+        }
         let label = |name: &str| {
             l.split(&format!("{name}=\""))
                 .nth(1)
@@ -478,7 +492,8 @@ async fn scenario(args: &DemoArgs, work: &Path, out: &mut dyn Write) -> Result<(
         };
         let count = l.rsplit(' ').next().unwrap_or("0");
         say(format!(
-            "   istio_requests_total destination_version={} response_code={} response_flags={}  {count}",
+            "   istio_requests_total reporter={} destination_version={} response_code={} response_flags={}  {count}",
+            label("reporter"),
             label("destination_version"),
             label("response_code"),
             label("response_flags")

@@ -59,13 +59,17 @@ fn demo_in_network_namespaces_calls_both_ways_and_cleans_up() {
         "the L7 policy did not refuse /admin: {stdout}"
     );
     assert!(
-        stdout.contains("destination_version=v2 response_code=200"),
+        stdout.contains("reporter=source destination_version=v2 response_code=200"),
         "{stdout}"
     );
-    assert!(
-        stdout.contains("response_code=403"),
-        "the denied request is not in the metrics: {stdout}"
-    );
+    for reporter in ["source", "destination"] {
+        assert!(
+            stdout.contains(&format!(
+                "reporter={reporter} destination_version=v1 response_code=403"
+            )),
+            "the denied request is not in the {reporter} metrics: {stdout}"
+        );
+    }
     assert!(stdout.contains("removed the namespaces"), "{stdout}");
     assert_eq!(demo_namespaces(), Vec::<String>::new(), "namespaces left");
     assert!(

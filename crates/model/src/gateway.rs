@@ -501,37 +501,38 @@ pub fn grpc_routes(
             };
             if let Some(mm) = &m.method {
                 let (svc, method) = (mm.service.as_deref(), mm.method.as_deref());
-                hm.uri =
-                    Some(match (mm.kind.as_deref().unwrap_or("Exact"), svc, method) {
-                        ("Exact", Some(s), Some(m)) => StringMatch {
-                            exact: Some(format!("/{s}/{m}")),
-                            ..Default::default()
-                        },
-                        ("Exact", Some(s), None) => StringMatch {
-                            prefix: Some(format!("/{s}/")),
-                            ..Default::default()
-                        },
-                        ("Exact", None, Some(m)) => StringMatch {
-                            regex: Some(format!("/[^/]+/{}", regex_escape(m))),
-                            ..Default::default()
-                        },
-                        ("RegularExpression", s, m) => StringMatch {
-                            regex: Some(format!(
-                                "/{}/{}",
-                                s.unwrap_or("[^/]+"),
-                                m.unwrap_or("[^/]+")
-                            )),
-                            ..Default::default()
-                        },
-                        ("Exact", None, None) => {
-                            return Err(at(format!(
-                                "matches[{j}].method needs a service or a method"
-                            )))
-                        }
-                        (other, _, _) => return Err(at(format!(
+                hm.uri = Some(match (mm.kind.as_deref().unwrap_or("Exact"), svc, method) {
+                    ("Exact", Some(s), Some(m)) => StringMatch {
+                        exact: Some(format!("/{s}/{m}")),
+                        ..Default::default()
+                    },
+                    ("Exact", Some(s), None) => StringMatch {
+                        prefix: Some(format!("/{s}/")),
+                        ..Default::default()
+                    },
+                    ("Exact", None, Some(m)) => StringMatch {
+                        regex: Some(format!("/[^/]+/{}", regex_escape(m))),
+                        ..Default::default()
+                    },
+                    ("RegularExpression", s, m) => StringMatch {
+                        regex: Some(format!(
+                            "/{}/{}",
+                            s.unwrap_or("[^/]+"),
+                            m.unwrap_or("[^/]+")
+                        )),
+                        ..Default::default()
+                    },
+                    ("Exact", None, None) => {
+                        return Err(at(format!(
+                            "matches[{j}].method needs a service or a method"
+                        )))
+                    }
+                    (other, _, _) => {
+                        return Err(at(format!(
                             "matches[{j}].method.type {other:?} is not Exact or RegularExpression"
-                        ))),
-                    });
+                        )))
+                    }
+                });
             }
             for (k, h) in m.headers.iter().enumerate() {
                 let name = h
