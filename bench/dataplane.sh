@@ -354,7 +354,7 @@ run_http() { # path label rate
     lp=$!
     if [ "$p" != direct ]; then read -r a b <<<"$(proxy_pids "$p")"; fi
     sleep "$WARMUP"
-    [ "$p" = isthmus ] && perf_agents "$label" "$DURATION"
+    case $p in isthmus*) perf_agents "$p-$label" "$DURATION" ;; esac
     while kill -0 "$lp" 2>/dev/null; do
         if [ "$p" != direct ]; then
             r=$(rss_kb "$a"); ((r > max_a)) && max_a=$r

@@ -23,8 +23,8 @@ pub use client::{ClientOptions, HboneClient, HboneError};
 pub use copy::{copy_bidirectional, splice_tunnel};
 pub use metadata::{Baggage, StreamMetadata, TraceId, TraceParent};
 pub use server::{
-    connect_failure, Decision, HboneServer, InboundHandler, InboundRequest, OrDash, ServerError,
-    ServerHandle, ServerOptions, ServerStats, Upstream,
+    connect_failure, Decision, HboneServer, InboundHandler, InboundRequest, OrDash, ServeTunnel,
+    ServerError, ServerHandle, ServerOptions, ServerStats, Upstream,
 };
 pub use stream::HboneStream;
 pub use tls::{spiffe_id, Credentials, CredentialsWatch, TlsError, ALPN_H2};

@@ -129,6 +129,9 @@ pub enum Decision {
     Allow,
     /// Splice to this stream instead of connecting to the target.
     AllowVia(Box<dyn Upstream>),
+    /// Accept the tunnel and hand it to this function, which serves it (an HTTP server on
+    /// the tunnel, say) until it returns.
+    Serve(ServeTunnel),
     /// Refuse with this status (403 for policy, 503 for "not ready") and this reason, sent
     /// to the client in the reason header ("denied by policy ns/name", "no workload at ...").
     Deny(StatusCode, Cow<'static, str>),
@@ -139,10 +142,17 @@ impl std::fmt::Debug for Decision {
         match self {
             Decision::Allow => f.write_str("Allow"),
             Decision::AllowVia(_) => f.write_str("AllowVia(..)"),
+            Decision::Serve(_) => f.write_str("Serve(..)"),
             Decision::Deny(s, r) => write!(f, "Deny({s}, {r:?})"),
         }
     }
 }
+
+/// Serves an accepted tunnel (see [`Decision::Serve`]).
+pub type ServeTunnel = Box<
+    dyn FnOnce(HboneStream) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send,
+>;
 
 /// Policy hooks of the server.
 pub trait InboundHandler: Send + Sync + 'static {
@@ -499,6 +509,21 @@ impl<H: InboundHandler> StreamCtx<H> {
                 return;
             }
             Decision::AllowVia(io) => io,
+            Decision::Serve(serve) => {
+                let ok = Response::builder().status(StatusCode::OK).body(());
+                let send = match ok
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| respond.send_response(r, false).map_err(|e| e.to_string()))
+                {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "client went away before the tunnel was established");
+                        return;
+                    }
+                };
+                serve(HboneStream::new(send, body, None)).await;
+                return;
+            }
             Decision::Allow => {
                 match tokio::time::timeout(self.upstream_timeout, TcpStream::connect(target)).await
                 {

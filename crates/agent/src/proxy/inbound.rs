@@ -358,12 +358,12 @@ impl InboundHandler for InboundPolicy {
             trace: meta.traceparent,
         };
         match self.admit(state, conn, rec, start, true).await {
-            Ok(t) => Decision::AllowVia(Box::new(super::l7::inbound::serve(
-                t,
-                peer,
-                self.inner.state.clone(),
-                http,
-            ))),
+            Ok(t) => {
+                let state = self.inner.state.clone();
+                Decision::Serve(Box::new(move |tunnel| {
+                    Box::pin(super::l7::inbound::serve(tunnel, t, peer, state, http))
+                }))
+            }
             Err(r) => Decision::Deny(r.status, r.reason.into()),
         }
     }

@@ -4,8 +4,8 @@
 //! and reported with `reporter="destination"`. A denial answers 403 `RBAC: access denied`,
 //! as Istio's proxies do.
 //!
-//! The HBONE server splices the tunnel into one end of an in-memory pipe; this serves HTTP on
-//! the other end, so the tunnel code stays as it is.
+//! The HBONE server hands the accepted tunnel over ([`isthmus_hbone::Decision::Serve`]) and
+//! this serves HTTP on it directly.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -25,12 +25,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{watch, Mutex};
 
 use super::pool::{Body, BoxError};
-use super::telemetry::{code_label, known, Fixed, Grpc, IstioMetrics, Reporter, RequestLabels};
+use super::telemetry::{
+    code_label, known, Fixed, Grpc, IstioMetrics, Reporter, RequestLabels, SeriesCache,
+};
 use crate::proxy::metrics::Known;
 use crate::proxy::ACCESS_LOG_TARGET;
-
-/// Buffer of the pipe between the tunnel and the HTTP server.
-const PIPE_BYTES: usize = 64 * 1024;
 
 /// The protocol of the local workload's `port`, from the services it serves (the first that
 /// declares one).
@@ -57,34 +56,59 @@ pub struct Peer {
     pub trace: Option<TraceParent>,
 }
 
-/// Serves HTTP from a tunnel to `app` (the admitted connection to the local application).
-/// Returns the pipe end for the HBONE server to splice with the tunnel.
-pub fn serve<A>(
+/// Serves HTTP from `tunnel` (the accepted HBONE stream) to `app` (the admitted connection
+/// to the local application) until either side closes.
+pub async fn serve<T, A>(
+    tunnel: T,
     app: A,
     peer: Peer,
     state: watch::Receiver<Arc<State>>,
     metrics: Arc<IstioMetrics>,
-) -> tokio::io::DuplexStream
-where
+) where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (tunnel_side, ours) = tokio::io::duplex(PIPE_BYTES);
     let app = Arc::new(Mutex::new(AppConn::Idle(Some(app))));
     let peer = Arc::new(peer);
-    tokio::spawn(async move {
-        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let (app, peer, state, metrics) =
-                (app.clone(), peer.clone(), state.clone(), metrics.clone());
-            async move { Ok::<_, Infallible>(handle(req, app, peer, state, metrics).await) }
-        });
-        let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        b.http1().timer(hyper_util::rt::TokioTimer::new());
-        b.http2().timer(hyper_util::rt::TokioTimer::new());
-        if let Err(e) = b.serve_connection(TokioIo::new(ours), svc).await {
-            tracing::debug!(error = %e, "inbound HTTP connection ended with an error");
-        }
+    let series: Arc<SeriesCache<InKey>> = Arc::default();
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let (app, peer, state, metrics, series) = (
+            app.clone(),
+            peer.clone(),
+            state.clone(),
+            metrics.clone(),
+            series.clone(),
+        );
+        async move { Ok::<_, Infallible>(handle(req, app, peer, state, metrics, series).await) }
     });
-    tunnel_side
+    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    b.http1().timer(hyper_util::rt::TokioTimer::new());
+    b.http2().timer(hyper_util::rt::TokioTimer::new());
+    if let Err(e) = b.serve_connection(TokioIo::new(tunnel), svc).await {
+        tracing::debug!(error = %e, "inbound HTTP connection ended with an error");
+    }
+}
+
+/// What the labels of one tunnel's requests vary by (the peer is the same for all).
+#[derive(Clone, Debug)]
+struct InKey {
+    workload: Option<Arc<Workload>>,
+    code: u16,
+    grpc: Option<u32>,
+    flags: &'static str,
+    protocol: &'static str,
+}
+
+impl PartialEq for InKey {
+    fn eq(&self, o: &Self) -> bool {
+        let same = match (&self.workload, &o.workload) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        same && (self.code, self.grpc, self.flags, self.protocol)
+            == (o.code, o.grpc, o.flags, o.protocol)
+    }
 }
 
 /// The connection to the local application: opened with the first request's version.
@@ -141,6 +165,7 @@ async fn handle<A>(
     peer: Arc<Peer>,
     state: watch::Receiver<Arc<State>>,
     metrics: Arc<IstioMetrics>,
+    series: Arc<SeriesCache<InKey>>,
 ) -> Response<Body>
 where
     A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -232,42 +257,52 @@ where
         .as_deref()
         .and_then(|k| k.split_once('/'))
         .unwrap_or(("", ""));
-    let labels = RequestLabels {
-        reporter: Reporter::Destination,
-        source_workload: Known(src.workload_name.clone()),
-        source_workload_namespace: Known(src.namespace.clone()),
-        source_principal: known(peer.identity_text.trim_start_matches("spiffe://")),
-        source_app: Known(src.service_name.clone()),
-        source_version: Known(src.service_version.clone()),
-        source_cluster: Known(src.cluster_id.clone()),
-        destination_workload: w.map_or(Known(None), |w| known(&w.name)),
-        destination_workload_namespace: w.map_or(Known(None), |w| known(&w.namespace)),
-        destination_principal: w.map_or(Known(None), |w| {
-            known(w.identity().to_string().trim_start_matches("spiffe://"))
-        }),
-        destination_app: w.map_or(Known(None), |w| known(&w.canonical_name)),
-        destination_version: w.map_or(Known(None), |w| known(&w.canonical_revision)),
-        destination_service: known(svc_host),
-        destination_service_name: known(svc_host.split('.').next().unwrap_or("")),
-        destination_service_namespace: known(svc_ns),
-        destination_cluster: w.map_or(Known(None), |w| known(&w.cluster_id)),
-        request_protocol: Fixed(protocol),
-        response_code: code_label(status.as_u16()),
-        grpc_response_status: Grpc(if grpc {
-            Some(grpc_status.unwrap_or(0))
-        } else {
-            None
-        }),
-        response_flags: Fixed(flags),
-        connection_security_policy: Fixed(if peer.identity.is_some() {
-            "mutual_tls"
-        } else {
-            "none"
-        }),
+    let grpc = if grpc {
+        Some(grpc_status.unwrap_or(0))
+    } else {
+        None
     };
+    let key = InKey {
+        workload: workload.clone(),
+        code: status.as_u16(),
+        grpc,
+        flags,
+        protocol,
+    };
+    let handles = series.get(key, || {
+        metrics.handles(&RequestLabels {
+            reporter: Reporter::Destination,
+            source_workload: Known(src.workload_name.clone()),
+            source_workload_namespace: Known(src.namespace.clone()),
+            source_principal: known(peer.identity_text.trim_start_matches("spiffe://")),
+            source_app: Known(src.service_name.clone()),
+            source_version: Known(src.service_version.clone()),
+            source_cluster: Known(src.cluster_id.clone()),
+            destination_workload: w.map_or(Known(None), |w| known(&w.name)),
+            destination_workload_namespace: w.map_or(Known(None), |w| known(&w.namespace)),
+            destination_principal: w.map_or(Known(None), |w| {
+                known(w.identity().to_string().trim_start_matches("spiffe://"))
+            }),
+            destination_app: w.map_or(Known(None), |w| known(&w.canonical_name)),
+            destination_version: w.map_or(Known(None), |w| known(&w.canonical_revision)),
+            destination_service: known(svc_host),
+            destination_service_name: known(svc_host.split('.').next().unwrap_or("")),
+            destination_service_namespace: known(svc_ns),
+            destination_cluster: w.map_or(Known(None), |w| known(&w.cluster_id)),
+            request_protocol: Fixed(protocol),
+            response_code: code_label(status.as_u16()),
+            grpc_response_status: Grpc(grpc),
+            response_flags: Fixed(flags),
+            connection_security_policy: Fixed(if peer.identity.is_some() {
+                "mutual_tls"
+            } else {
+                "none"
+            }),
+        })
+    });
     let millis = start.elapsed().as_secs_f64() * 1000.0;
     let resp_bytes = body_size(resp.headers());
-    metrics.record(&labels, millis, req_bytes, resp_bytes);
+    handles.record(millis, req_bytes, resp_bytes);
     tracing::info!(
         target: ACCESS_LOG_TARGET,
         direction = "inbound",

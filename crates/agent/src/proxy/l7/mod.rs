@@ -170,8 +170,43 @@ pub struct HttpOutbound {
 
 type Compiled = (Arc<ServiceTraffic>, Arc<Routes>);
 
+/// What the labels of a connection's requests vary by: the endpoint's and service's records
+/// (the same `Arc` is the same record; the key holds them, so an address is never reused
+/// for another while cached), the principal, code, flags and protocol.
+#[derive(Clone, Debug)]
+struct SeriesKey {
+    workload: Option<Arc<Workload>>,
+    service: Arc<Service>,
+    principal: bool,
+    code: u16,
+    grpc: Option<u32>,
+    flags: &'static str,
+    protocol: &'static str,
+}
+
+impl PartialEq for SeriesKey {
+    fn eq(&self, o: &Self) -> bool {
+        let same_workload = match (&self.workload, &o.workload) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        same_workload
+            && Arc::ptr_eq(&self.service, &o.service)
+            && (
+                self.principal,
+                self.code,
+                self.grpc,
+                self.flags,
+                self.protocol,
+            ) == (o.principal, o.code, o.grpc, o.flags, o.protocol)
+    }
+}
+
 /// One client connection's facts.
 struct Conn {
+    /// Series of this connection's requests, by [`SeriesKey`].
+    series: telemetry::SeriesCache<SeriesKey>,
     src: SocketAddr,
     /// The VIP and port the client connected to.
     dst: SocketAddr,
@@ -273,6 +308,7 @@ impl HttpOutbound {
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let conn = Arc::new(Conn {
+            series: Default::default(),
             src,
             dst,
             service,
@@ -535,7 +571,8 @@ impl HttpOutbound {
                 self.mirror(state, conn, m, &parts, b.clone(), &authority, h2);
             }
         }
-        let connect_headers = conn.local.connect_headers(conn.src.ip(), &trace);
+        // Only a new upstream connection sends them (its HBONE CONNECT).
+        let connect_headers = || conn.local.connect_headers(conn.src.ip(), &trace);
         let retry = &route.retry;
         let attempts_allowed = if replay.is_some() {
             1 + retry.attempts
@@ -734,6 +771,7 @@ impl HttpOutbound {
             .connect_headers(conn.src.ip(), &super::metadata::new_trace());
         let pool = self.pool.clone();
         tokio::spawn(async move {
+            let headers = move || headers.clone();
             if let Ok((resp, _)) = pool.send(&target, h2, &headers, req).await {
                 let _ = resp.into_body().collect().await;
             }
@@ -799,44 +837,59 @@ impl Done {
         let src = &self.conn.local.meta;
         let dw = r.workload.as_deref();
         let ds = r.dest_service.as_deref().unwrap_or(&self.conn.service);
-        let labels = RequestLabels {
-            reporter: Reporter::Source,
-            source_workload: Known(src.workload_name.clone()),
-            source_workload_namespace: Known(src.namespace.clone()),
-            source_principal: Known(self.conn.local.principal.clone()),
-            source_app: Known(src.service_name.clone()),
-            source_version: Known(src.service_version.clone()),
-            source_cluster: Known(src.cluster_id.clone()),
-            destination_workload: dw.map_or(Known(None), |w| known(&w.name)),
-            destination_workload_namespace: dw.map_or(Known(None), |w| known(&w.namespace)),
-            destination_principal: Known(
-                r.principal
-                    .as_deref()
-                    .map(|p| Arc::from(p.trim_start_matches("spiffe://"))),
-            ),
-            destination_app: dw.map_or(Known(None), |w| known(&w.canonical_name)),
-            destination_version: dw.map_or(Known(None), |w| known(&w.canonical_revision)),
-            destination_service: known(&ds.hostname),
-            destination_service_name: known(&ds.name),
-            destination_service_namespace: known(&ds.namespace),
-            destination_cluster: dw.map_or(Known(None), |w| known(&w.cluster_id)),
-            request_protocol: Fixed(self.protocol),
-            response_code: code_label(self.status.as_u16()),
-            grpc_response_status: Grpc(if self.protocol == "grpc" {
-                Some(self.grpc.unwrap_or(0))
-            } else {
-                None
-            }),
-            response_flags: Fixed(flags_label(&r.flags)),
-            connection_security_policy: Fixed(if r.principal.is_some() {
-                "mutual_tls"
-            } else {
-                "unknown"
-            }),
+        let flags_label = flags_label(&r.flags);
+        let grpc = if self.protocol == "grpc" {
+            Some(self.grpc.unwrap_or(0))
+        } else {
+            None
         };
+        let key = SeriesKey {
+            workload: r.workload.clone(),
+            service: r
+                .dest_service
+                .clone()
+                .unwrap_or_else(|| self.conn.service.clone()),
+            principal: r.principal.is_some(),
+            code: self.status.as_u16(),
+            grpc,
+            flags: flags_label,
+            protocol: self.protocol,
+        };
+        let series = self.conn.series.get(key, || {
+            self.metrics.handles(&RequestLabels {
+                reporter: Reporter::Source,
+                source_workload: Known(src.workload_name.clone()),
+                source_workload_namespace: Known(src.namespace.clone()),
+                source_principal: Known(self.conn.local.principal.clone()),
+                source_app: Known(src.service_name.clone()),
+                source_version: Known(src.service_version.clone()),
+                source_cluster: Known(src.cluster_id.clone()),
+                destination_workload: dw.map_or(Known(None), |w| known(&w.name)),
+                destination_workload_namespace: dw.map_or(Known(None), |w| known(&w.namespace)),
+                destination_principal: Known(
+                    r.principal
+                        .as_deref()
+                        .map(|p| Arc::from(p.trim_start_matches("spiffe://"))),
+                ),
+                destination_app: dw.map_or(Known(None), |w| known(&w.canonical_name)),
+                destination_version: dw.map_or(Known(None), |w| known(&w.canonical_revision)),
+                destination_service: known(&ds.hostname),
+                destination_service_name: known(&ds.name),
+                destination_service_namespace: known(&ds.namespace),
+                destination_cluster: dw.map_or(Known(None), |w| known(&w.cluster_id)),
+                request_protocol: Fixed(self.protocol),
+                response_code: code_label(self.status.as_u16()),
+                grpc_response_status: Grpc(grpc),
+                response_flags: Fixed(flags_label),
+                connection_security_policy: Fixed(if r.principal.is_some() {
+                    "mutual_tls"
+                } else {
+                    "unknown"
+                }),
+            })
+        });
         let millis = self.start.elapsed().as_secs_f64() * 1000.0;
-        self.metrics
-            .record(&labels, millis, r.request_bytes, self.bytes);
+        series.record(millis, r.request_bytes, self.bytes);
         tracing::info!(
             target: ACCESS_LOG_TARGET,
             direction = "outbound",

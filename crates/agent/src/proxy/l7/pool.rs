@@ -85,7 +85,7 @@ impl UpstreamPool {
         &self,
         target: &Target,
         h2: bool,
-        connect_headers: &HeaderMap,
+        connect_headers: &(dyn Fn() -> HeaderMap + Sync),
         req: Request<Body>,
     ) -> Result<(Response<Incoming>, bool), SendError> {
         let key = Key {
@@ -175,7 +175,7 @@ impl UpstreamPool {
     async fn connect(
         &self,
         t: &Target,
-        headers: &HeaderMap,
+        headers: &(dyn Fn() -> HeaderMap + Sync),
     ) -> Result<TokioIo<Box<dyn isthmus_hbone::Upstream>>, SendError> {
         let addr = t.addr;
         let io: Box<dyn isthmus_hbone::Upstream> = match t.workload.tunnel {
@@ -183,7 +183,7 @@ impl UpstreamPool {
                 let hbone = SocketAddr::new(addr.ip(), self.hbone_port);
                 let s = self
                     .hbone
-                    .connect(hbone, addr, &t.expected, headers)
+                    .connect(hbone, addr, &t.expected, &headers())
                     .await
                     .map_err(|e| match e {
                         HboneError::Rejected { status, .. }

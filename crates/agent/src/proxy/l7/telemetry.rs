@@ -157,6 +157,17 @@ impl IstioMetrics {
         );
     }
 
+    /// The four series of one label set, to keep and record into without hashing the labels
+    /// again.
+    pub fn handles(&self, labels: &RequestLabels) -> Handles {
+        Handles {
+            requests: self.requests.get_or_create(labels).clone(),
+            duration: self.duration.get_or_create(labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(labels).clone(),
+        }
+    }
+
     pub fn record(&self, labels: &RequestLabels, millis: f64, req_bytes: u64, resp_bytes: u64) {
         self.requests.get_or_create(labels).inc();
         self.duration.get_or_create(labels).observe(millis);
@@ -181,6 +192,60 @@ impl IstioMetrics {
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum()
+    }
+}
+
+/// One label set's series.
+#[derive(Clone, Debug)]
+pub struct Handles {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+impl Handles {
+    pub fn record(&self, millis: f64, req_bytes: u64, resp_bytes: u64) {
+        self.requests.inc();
+        self.duration.observe(millis);
+        self.request_bytes.observe(req_bytes as f64);
+        self.response_bytes.observe(resp_bytes as f64);
+    }
+}
+
+/// A connection's series by what varies between its requests (endpoint, code, flags...):
+/// the label sets of a connection repeat, and hashing twenty labels four times per request
+/// showed in profiles. A handful of entries; past [`SeriesCache::MAX`] it starts over.
+#[derive(Debug)]
+pub struct SeriesCache<K> {
+    entries: std::sync::Mutex<Vec<(K, Handles)>>,
+}
+
+impl<K> Default for SeriesCache<K> {
+    fn default() -> Self {
+        Self {
+            entries: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl<K: PartialEq> SeriesCache<K> {
+    const MAX: usize = 32;
+
+    pub fn get(&self, key: K, make: impl FnOnce() -> Handles) -> Handles {
+        let mut e = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, h)) = e.iter().find(|(k, _)| *k == key) {
+            return h.clone();
+        }
+        if e.len() >= Self::MAX {
+            e.clear();
+        }
+        let h = make();
+        e.push((key, h.clone()));
+        h
     }
 }
 
