@@ -458,6 +458,7 @@ async fn scenario(args: &DemoArgs, work: &Path, out: &mut dyn Write) -> Result<(
     ))?;
     let source = demo.agent_metrics(&ready[0], "productpage").await?;
     let dest = demo.agent_metrics(&ready[1], "reviews").await?;
+    let dest_v2 = demo.agent_metrics(&v2_ready, "reviews-v2").await?;
     let lines = |text: &str, reporter: &str| -> Vec<String> {
         text.lines()
             .filter(|l| {
@@ -472,6 +473,7 @@ async fn scenario(args: &DemoArgs, work: &Path, out: &mut dyn Write) -> Result<(
     for (who, reporter, text) in [
         ("productpage", "source", &source),
         ("reviews v1", "destination", &dest),
+        ("reviews v2", "destination", &dest_v2),
     ] {
         shown.push(format!(
             "\n{who} agent /metrics (reporter={reporter}), requests to reviews by version and code:"
