@@ -97,10 +97,13 @@ pub enum Result5xx {
     GatewayError,
 }
 
+/// Maps looked up on every request: a fast hash (the default SipHash showed in profiles).
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 #[derive(Debug, Default)]
 pub struct Balancer {
-    stats: Mutex<HashMap<String, Arc<EndpointStats>>>,
-    round_robin: Mutex<HashMap<String, usize>>,
+    stats: Mutex<FastMap<String, Arc<EndpointStats>>>,
+    round_robin: Mutex<FastMap<String, usize>>,
 }
 
 impl Balancer {

@@ -46,7 +46,7 @@ pub struct RetryBudget {
     ratio: f64,
     min_per_second: u32,
     start: Instant,
-    windows: Mutex<HashMap<String, Window>>,
+    windows: Mutex<HashMap<String, Window, foldhash::fast::RandomState>>,
 }
 
 impl Default for RetryBudget {
@@ -61,7 +61,7 @@ impl RetryBudget {
             ratio,
             min_per_second,
             start: Instant::now(),
-            windows: Mutex::new(HashMap::new()),
+            windows: Mutex::new(HashMap::default()),
         }
     }
 

@@ -163,8 +163,8 @@ pub struct HttpOutbound {
     budget: RetryBudget,
     metrics: Arc<IstioMetrics>,
     /// Per service: the settings last compiled and what they compiled to.
-    compiled: Mutex<HashMap<String, Compiled>>,
-    limits: Mutex<HashMap<String, Arc<Limits>>>,
+    compiled: Mutex<HashMap<String, Compiled, foldhash::fast::RandomState>>,
+    limits: Mutex<HashMap<String, Arc<Limits>, foldhash::fast::RandomState>>,
     local: LocalWatch,
 }
 
@@ -205,6 +205,11 @@ impl PartialEq for SeriesKey {
 
 /// One client connection's facts.
 struct Conn {
+    /// The routes of this connection's service, with the discovery state they were looked up
+    /// in: while the state is the same, the next request reuses them. A `Weak`, so an idle
+    /// connection does not keep an old state's maps alive (and, holding the allocation, its
+    /// address cannot be reused by a newer state).
+    routes: Mutex<Option<(std::sync::Weak<State>, Arc<Routes>)>>,
     /// Series of this connection's requests, by [`SeriesKey`].
     series: telemetry::SeriesCache<SeriesKey>,
     src: SocketAddr,
@@ -243,8 +248,8 @@ impl HttpOutbound {
             balancer: Balancer::default(),
             budget: RetryBudget::default(),
             metrics,
-            compiled: Mutex::new(HashMap::new()),
-            limits: Mutex::new(HashMap::new()),
+            compiled: Mutex::new(HashMap::default()),
+            limits: Mutex::new(HashMap::default()),
             local,
         }
     }
@@ -308,6 +313,7 @@ impl HttpOutbound {
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let conn = Arc::new(Conn {
+            routes: Mutex::new(None),
             series: Default::default(),
             src,
             dst,
@@ -334,7 +340,17 @@ impl HttpOutbound {
         let mut report = Report::default();
         let protocol = request_protocol(&parts);
         let state = self.state.borrow().clone();
-        let routes = self.routes(&state, &conn.service);
+        let routes = {
+            let mut cached = conn.routes.lock().unwrap_or_else(PoisonError::into_inner);
+            match &*cached {
+                Some((s, r)) if std::ptr::eq(s.as_ptr(), Arc::as_ptr(&state)) => r.clone(),
+                _ => {
+                    let r = self.routes(&state, &conn.service);
+                    *cached = Some((Arc::downgrade(&state), r.clone()));
+                    r
+                }
+            }
+        };
         let authority = parts
             .uri
             .authority()
