@@ -831,6 +831,14 @@ impl Registry {
             model::validate(&svc_res)?;
             if svc_action != Action::Unchanged {
                 put_if_unchanged(&mut txn, &svc_key, svc_kv.as_ref(), &svc_res);
+            } else {
+                // The answer names the service's VIP: the service must still be as read when
+                // the entry is written, or a concurrent delete would leave an entry of a
+                // service that is gone and an answer naming a VIP that no longer exists.
+                txn.compares.push(Compare::ModRevision {
+                    key: svc_key.clone(),
+                    revision: svc_kv.as_ref().map_or(0, |kv| kv.mod_revision),
+                });
             }
 
             // The entry: the service port's name → the port the host listens on.
