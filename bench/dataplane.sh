@@ -11,6 +11,8 @@
 #            balance and report each request (issue 17)
 #   haproxy-http  the haproxy pair in `mode http` (each request parsed on both sides), over the
 #            same mTLS
+# and unary gRPC (h2c, `grpc-load` from crates/bench, closed loop) on direct, isthmus (a port
+# declared TCP), isthmus-l7 (a port declared gRPC) and haproxy-http (HTTP/2 on every hop).
 # Fixed-rate latency (open loop, `http-load` from crates/bench), closed-loop maximum throughput,
 # bulk TCP (iperf3), and the RSS of each proxy idle and under load.
 #
@@ -29,6 +31,7 @@ BULK_SECONDS="${BULK_SECONDS:-5}"   # iperf3 -t
 BODY_BYTES="${BODY_BYTES:-1024}"
 PATHS="${PATHS:-direct isthmus isthmus-l7 haproxy haproxy-http}" # which paths run (the report needs direct for "added")
 PERF_DIR="${PERF_DIR:-}"            # if set: `perf record -g` both agents during each isthmus run
+SYSCALLS="${SYSCALLS:-}"            # if set: count both proxies' system calls in each HTTP run (perf stat)
 SMAPS_DIR="${SMAPS_DIR:-}"          # if set: both agents' /proc/PID/smaps at the end of each isthmus run
 AGENT_WRAPPER="${AGENT_WRAPPER:-}"  # a command the agents run under (scripts/order-file.sh: valgrind)
 STOP_WAIT="${STOP_WAIT:-5}"         # seconds the processes get to exit on SIGTERM at the end
@@ -63,10 +66,13 @@ if [ -z "${ISTHMUS_BIN:-}" ] || [ -z "${HTTP_LOAD:-}" ]; then
     # agent's, giving another binary than `scripts/package.sh` and `scripts/dev.sh` build (other
     # symbol names, so the link order file would not match the product).
     cargo build --release -p isthmus >&2
-    cargo build --release -p isthmus-bench --bin http-load >&2
+    cargo build --release -p isthmus-bench --bin http-load --bin grpc-load >&2
 fi
 BIN="${ISTHMUS_BIN:-$PWD/target/release/isthmus}"
 LOAD="${HTTP_LOAD:-$PWD/target/release/http-load}"
+GRPC_LOAD="$(dirname "$LOAD")/grpc-load"
+GRPC_CONNS="${GRPC_CONNS:-4}"       # HTTP/2 connections of the gRPC runs
+GRPC_STREAMS="${GRPC_STREAMS:-8}"   # calls in flight on each (4 x 8: as many as the HTTP runs' 32)
 
 id=$(($$ % 100000))
 SW="dpsw-$id"
@@ -149,6 +155,12 @@ spawn mesh "$NGINX" -c "$work/nginx.conf" -e "$work/nginx-error.log" >"$work/ngi
 pids+=($!)
 spawn mesh iperf3 -s -p 5201 >"$work/iperf-5201.log" 2>&1
 pids+=($!)
+# gRPC: 9082 (mesh, declared grpc), 9083 (mesh, declared tcp), 8082 (direct, haproxy).
+for port in 9082 9083 8082; do
+    spawn mesh "$GRPC_LOAD" serve --addr "0.0.0.0:$port" --bytes "$BODY_BYTES" >"$work/grpc-$port.log" 2>&1
+    pids+=($!)
+done
+pids+=($!)
 spawn mesh iperf3 -s -p 5202 >"$work/iperf-5202.log" 2>&1
 pids+=($!)
 
@@ -169,14 +181,15 @@ kind: Service
 metadata: {name: productpage, namespace: bookinfo}
 spec:
   selector: {app: productpage}
-  ports: [{name: tcp-web, port: 9080}, {name: http-web, port: 9081}, {name: tcp-bulk, port: 5201}]
+  ports: [{name: tcp-web, port: 9080}, {name: http-web, port: 9081}, {name: tcp-bulk, port: 5201},
+          {name: grpc-echo, port: 9082}, {name: tcp-grpc, port: 9083}]
 ---
 apiVersion: networking.istio.io/v1
 kind: WorkloadGroup
 metadata: {name: productpage, namespace: bookinfo}
 spec:
   metadata: {labels: {app: productpage}}
-  template: {serviceAccount: productpage, ports: {tcp-web: 9080, http-web: 9081, tcp-bulk: 5201}}
+  template: {serviceAccount: productpage, ports: {tcp-web: 9080, http-web: 9081, tcp-bulk: 5201, grpc-echo: 9082, tcp-grpc: 9083}}
 EOF
 mesh_token="$(cli token create -n bookinfo -s productpage)"
 vm_token="$(cli token create -n onprem -s mysql)"
@@ -202,7 +215,7 @@ start_agent() { # host ip token inbound-ports extra...
     wait_until "the $h agent's endpoints" "$AGENT_WAIT" jq -e .readiness "$d/state/agent-endpoints.json"
     ready[$h]="$(jq -r .readiness "$d/state/agent-endpoints.json")"
 }
-start_agent mesh "$MESH" "$mesh_token" 9080,9081,5201 --group productpage --inbound-mode strict
+start_agent mesh "$MESH" "$mesh_token" 9080,9081,9082,9083,5201 --group productpage --inbound-mode strict
 start_agent vm "$VM" "$vm_token" 3306
 for h in mesh vm; do
     wait_until "the $h agent ready" "$AGENT_WAIT" inns "$h" curl -sf --max-time 2 "${ready[$h]}/healthz/ready"
@@ -250,6 +263,14 @@ frontend http_l7_in
     timeout http-keep-alive 300s
     bind $MESH:8445 ssl crt $pki/server.pem ca-file $pki/ca.pem verify required
     default_backend app_http_l7
+frontend grpc_in
+    mode http
+    timeout http-keep-alive 300s
+    bind $MESH:8446 ssl crt $pki/server.pem ca-file $pki/ca.pem verify required alpn h2
+    default_backend app_grpc
+backend app_grpc
+    mode http
+    server app 127.0.0.1:8082 proto h2
 backend app_http_l7
     mode http
     server app 127.0.0.1:8080
@@ -277,6 +298,15 @@ frontend http_l7_out
     timeout http-keep-alive 300s
     bind 127.0.0.1:18081
     default_backend mesh_http_l7
+frontend grpc_out
+    mode http
+    timeout http-keep-alive 300s
+    bind 127.0.0.1:18082 proto h2
+    default_backend mesh_grpc
+backend mesh_grpc
+    mode http
+    http-reuse always
+    server mesh $MESH:8446 ssl crt $pki/client.pem ca-file $pki/ca.pem verify required alpn h2
 backend mesh_http_l7
     mode http
     http-reuse always
@@ -299,6 +329,11 @@ http_addr[isthmus]="$VIP:9080"
 http_addr[haproxy]="127.0.0.1:18080"
 http_addr[isthmus-l7]="$VIP:9081"
 http_addr[haproxy-http]="127.0.0.1:18081"
+declare -A grpc_addr
+grpc_addr[direct]="$MESH:8082"
+grpc_addr[isthmus]="$VIP:9083"
+grpc_addr[isthmus-l7]="$VIP:9082"
+grpc_addr[haproxy-http]="127.0.0.1:18082"
 bulk_host[direct]=$MESH bulk_port[direct]=5202
 bulk_host[isthmus]=$VIP bulk_port[isthmus]=5201
 bulk_host[haproxy]=127.0.0.1 bulk_port[haproxy]=15202
@@ -320,13 +355,18 @@ hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 threads() { awk '/^Threads/ {print $2}' "/proc/$1/status"; }
 # Major page faults so far: pages read back from disk (field 12 of stat; the names have no spaces).
 majflt() { awk '{print $12}' "/proc/$1/stat"; }
+# CPU time so far, user + system, all threads, in clock ticks (fields 14 and 15; no spaces in the names).
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# Context switches so far, voluntary + involuntary, summed over the threads.
+ctxsw() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n + 0}'; }
+HZ=$(getconf CLK_TCK)
 proxy_pids() { # path
     case $1 in
     isthmus | isthmus-l7) echo "${agent_pid[vm]} ${agent_pid[mesh]}" ;;
     haproxy | haproxy-http) echo "${hap_pid[vm]} ${hap_pid[mesh]}" ;;
     esac
 }
-declare -A rss_idle rss_peak anon_peak file_peak majflt_idle
+declare -A rss_idle rss_peak anon_peak file_peak majflt_idle cpu_used ctx_used sys_used
 for p in isthmus isthmus-l7 haproxy haproxy-http; do
     read -r a b <<<"$(proxy_pids $p)"
     rss_idle[$p]="$(rss_kb "$a") $(rss_kb "$b")"
@@ -349,12 +389,27 @@ mkdir -p "$results"
 run_http() { # path label rate
     local p=$1 label=$2 rate=$3 out="$results/$1-$2.json" max_a=0 max_b=0 a=0 b=0 lp r
     local anon_a=0 anon_b=0 file_a=0 file_b=0
-    timeout $((WARMUP + DURATION + 30)) ip netns exec "$(ns vm)" "$LOAD" --addr "${http_addr[$p]}" \
-        --rate "$rate" --conns "$CONNS" --duration "$DURATION" --warmup "$WARMUP" >"$out" &
+    if [ "$label" = grpc ]; then
+        timeout $((WARMUP + DURATION + 30)) ip netns exec "$(ns vm)" "$GRPC_LOAD" load \
+            --addr "${grpc_addr[$p]}" --conns "$GRPC_CONNS" --streams "$GRPC_STREAMS" \
+            --bytes 64 --duration "$DURATION" --warmup "$WARMUP" >"$out" &
+    else
+        timeout $((WARMUP + DURATION + 30)) ip netns exec "$(ns vm)" "$LOAD" --addr "${http_addr[$p]}" \
+            --rate "$rate" --conns "$CONNS" --duration "$DURATION" --warmup "$WARMUP" >"$out" &
+    fi
     lp=$!
     if [ "$p" != direct ]; then read -r a b <<<"$(proxy_pids "$p")"; fi
     sleep "$WARMUP"
     case $p in isthmus*) perf_agents "$p-$label" "$DURATION" ;; esac
+    local cpu0=0 ctx0=0 sysf=""
+    if [ "$p" != direct ]; then
+        cpu0=$(($(cpu_ticks "$a") + $(cpu_ticks "$b")))
+        ctx0=$(($(ctxsw "$a") + $(ctxsw "$b")))
+        if [ -n "$SYSCALLS" ]; then
+            sysf="$results/$p-$label.syscalls"
+            perf stat -x, -e raw_syscalls:sys_enter -p "$a,$b" -o "$sysf" -- sleep "$DURATION" >/dev/null 2>&1 &
+        fi
+    fi
     while kill -0 "$lp" 2>/dev/null; do
         if [ "$p" != direct ]; then
             r=$(rss_kb "$a"); ((r > max_a)) && max_a=$r
@@ -367,6 +422,15 @@ run_http() { # path label rate
         sleep 0.2
     done
     wait "$lp"
+    if [ "$p" != direct ]; then
+        # Both proxies' CPU over the measured seconds (and a little of the load's tail).
+        cpu_used[$p-$label]=$(($(cpu_ticks "$a") + $(cpu_ticks "$b") - cpu0))
+        ctx_used[$p-$label]=$(($(ctxsw "$a") + $(ctxsw "$b") - ctx0))
+        if [ -n "$sysf" ]; then
+            wait_until "syscall count of $p $label" 10 test -s "$sysf"
+            sys_used[$p-$label]=$(awk -F, '/raw_syscalls/ {print $1}' "$sysf")
+        fi
+    fi
     if [ "$p" = isthmus ] && [ -n "$SMAPS_DIR" ]; then
         mkdir -p "$SMAPS_DIR"
         cp "/proc/${agent_pid[vm]}/smaps" "$SMAPS_DIR/$label-vm.smaps"
@@ -375,7 +439,7 @@ run_http() { # path label rate
     rss_peak[$p-$label]="$max_a $max_b"
     anon_peak[$p-$label]="$anon_a $anon_b"
     file_peak[$p-$label]="$file_a $file_b"
-    echo "$p $label: $(cat "$out")" >&2
+    echo "$p $label: $(cat "$out") cpu_ticks=${cpu_used[$p-$label]:-} ctx=${ctx_used[$p-$label]:-} syscalls=${sys_used[$p-$label]:-}" >&2
 }
 run_bulk() { # path
     local p=$1
@@ -391,6 +455,9 @@ for rate in $RATES; do
     for p in "${paths[@]}"; do run_http "$p" "r$rate" "$rate"; done
 done
 for p in "${paths[@]}"; do run_http "$p" max 0; done
+for p in "${paths[@]}"; do
+    case $p in haproxy) ;; *) run_http "$p" grpc 0 ;; esac
+done
 for p in "${paths[@]}"; do
     case $p in *-l7 | *-http) ;; *) run_bulk "$p" ;; esac
 done
@@ -462,6 +529,46 @@ for label in $(for r in $RATES; do echo "r$r"; done) max; do
         added="—"
         [ "$p" != direct ] && added=$(f2 "$(awk -v a="$(field "$k" .p99_ms)" -v b="$base" 'BEGIN {print a - b}')")
         echo "| $load | $p | $(field "$k" .rps | awk '{printf "%.0f", $1}') | $(f2 "$(field "$k" .p50_ms)") | $(f2 "$(field "$k" .p99_ms)") | $(f2 "$(field "$k" .p999_ms)") | $(f2 "$(field "$k" .max_ms)") | $(field "$k" .queued) | $(field "$k" .errors) | $added |"
+    done
+done
+echo
+echo "### Unary gRPC (h2c), ${BODY_BYTES}-byte answers, $GRPC_CONNS HTTP/2 connections x $GRPC_STREAMS calls in flight, closed loop, ${DURATION} s measured"
+echo
+echo "isthmus: a port declared TCP (the calls ride the L4 tunnel); isthmus-l7: a port declared gRPC"
+echo "(each call routed and balanced on its own); haproxy-http: \`mode http\` with HTTP/2 on every hop."
+echo
+echo "| path | calls/s | p50 ms | p99 ms | p99.9 ms | max ms | errors | added p99 ms |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+base=$(field "direct-grpc" .p99_ms)
+for p in "${paths[@]}"; do
+    [ "$p" = haproxy ] && continue
+    k="$p-grpc"
+    added="—"
+    [ "$p" != direct ] && added=$(f2 "$(awk -v a="$(field "$k" .p99_ms)" -v b="$base" 'BEGIN {print a - b}')")
+    echo "| $p | $(field "$k" .rps | awk '{printf "%.0f", $1}') | $(f2 "$(field "$k" .p50_ms)") | $(f2 "$(field "$k" .p99_ms)") | $(f2 "$(field "$k" .p999_ms)") | $(f2 "$(field "$k" .max_ms)") | $(field "$k" .errors) | $added |"
+done
+echo
+echo "### Cost per request (both proxies of the pair together, over the measured seconds)"
+echo
+echo "CPU is user + system time of both processes from /proc (clock ticks of 1/$HZ s); context"
+echo "switches are voluntary + involuntary over all their threads${SYSCALLS:+; system calls counted with perf stat (raw_syscalls:sys_enter)}."
+echo
+echo "| load | path | CPU µs / request | requests / CPU-second | context switches / request |${SYSCALLS:+ syscalls / request |}"
+echo "| --- | --- | ---: | ---: | ---: |${SYSCALLS:+ ---: |}"
+for label in $(for r in $RATES; do echo "r$r"; done) max grpc; do
+    for p in "${paths[@]}"; do
+        [ "$p" = direct ] && continue
+        [ "$label-$p" = grpc-haproxy ] && continue
+        k="$p-$label"
+        case $label in
+        max) load="max (closed loop)" ;;
+        grpc) load="gRPC unary (closed loop)" ;;
+        *) load="${label#r} req/s" ;;
+        esac
+        n=$(field "$k" .requests)
+        row="| $load | $p | $(awk -v t="${cpu_used[$k]}" -v hz="$HZ" -v n="$n" 'BEGIN {printf "%.1f", t / hz * 1e6 / n}') | $(awk -v t="${cpu_used[$k]}" -v hz="$HZ" -v n="$n" 'BEGIN {printf "%.0f", (t > 0 ? n / (t / hz) : 0)}') | $(awk -v c="${ctx_used[$k]}" -v n="$n" 'BEGIN {printf "%.2f", c / n}') |"
+        [ -n "$SYSCALLS" ] && row="$row $(awk -v c="${sys_used[$k]:-0}" -v n="$n" 'BEGIN {printf "%.2f", c / n}') |"
+        echo "$row"
     done
 done
 echo

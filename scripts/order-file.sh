@@ -7,8 +7,8 @@
 # binary in its RSS (10.6 of 12.6 MB measured). With the functions it runs packed together, what
 # it maps is what it runs.
 #
-# How: bench/dataplane.sh's isthmus path (both agents, fixed-rate and closed-loop HTTP, bulk
-# TCP) with each agent under `valgrind --tool=callgrind`, which records every function executed
+# How: bench/dataplane.sh's isthmus and isthmus-l7 paths (both agents, fixed-rate and
+# closed-loop HTTP, unary gRPC, bulk TCP) with each agent under `valgrind --tool=callgrind`, which records every function executed
 # with its instruction count. Root only (network namespaces), ~10 minutes. Symbol names that a
 # later change renames just stop matching (the link ignores them); rerun this after large
 # changes to the agent and commit the file.
@@ -26,11 +26,11 @@ command -v valgrind >/dev/null 2>&1 || {
 # agent's, giving another binary than `scripts/package.sh` and `scripts/dev.sh` build (other
 # symbol names, so the link order file would not match the product).
 cargo build --release -p isthmus >&2
-cargo build --release -p isthmus-bench --bin http-load >&2
+cargo build --release -p isthmus-bench --bin http-load --bin grpc-load >&2
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 ISTHMUS_BIN="$PWD/target/release/isthmus" HTTP_LOAD="$PWD/target/release/http-load" \
-    PATHS=isthmus RATES=200 DURATION=5 WARMUP=1 BULK_SECONDS=5 STOP_WAIT=120 \
+    PATHS="isthmus isthmus-l7" RATES=200 DURATION=5 WARMUP=1 BULK_SECONDS=5 STOP_WAIT=120 \
     AGENT_WRAPPER="valgrind --tool=callgrind --callgrind-out-file=$out/callgrind.%p \
 --dump-instr=no --dump-line=no --compress-strings=no --compress-pos=no --demangle=no \
 --fair-sched=yes" \
