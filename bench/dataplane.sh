@@ -31,6 +31,8 @@ BULK_SECONDS="${BULK_SECONDS:-5}"   # iperf3 -t
 BODY_BYTES="${BODY_BYTES:-1024}"
 PATHS="${PATHS:-direct isthmus isthmus-l7 haproxy haproxy-http}" # which paths run (the report needs direct for "added")
 PERF_DIR="${PERF_DIR:-}"            # if set: `perf record -g` both agents during each isthmus run
+SCENARIOS="${SCENARIOS:-rates max grpc bulk}" # which runs (the report needs all four)
+HAPROXY_NBTHREAD="${HAPROXY_NBTHREAD:-}" # if set: both haproxy processes get `nbthread N` (default: one per CPU)
 SYSCALLS="${SYSCALLS:-}"            # if set: count both proxies' system calls in each HTTP run (perf stat)
 SMAPS_DIR="${SMAPS_DIR:-}"          # if set: both agents' /proc/PID/smaps at the end of each isthmus run
 AGENT_WRAPPER="${AGENT_WRAPPER:-}"  # a command the agents run under (scripts/order-file.sh: valgrind)
@@ -247,6 +249,7 @@ mkdir -p "$pki"
 cat >"$work/haproxy-mesh.cfg" <<EOF
 global
     log stdout format raw local0 err
+${HAPROXY_NBTHREAD:+    nbthread $HAPROXY_NBTHREAD}
 defaults
     mode tcp
     timeout connect 5s
@@ -282,6 +285,7 @@ EOF
 cat >"$work/haproxy-vm.cfg" <<EOF
 global
     log stdout format raw local0 err
+${HAPROXY_NBTHREAD:+    nbthread $HAPROXY_NBTHREAD}
 defaults
     mode tcp
     timeout connect 5s
@@ -451,21 +455,30 @@ run_bulk() { # path
 
 load_before_runs="$(cut -d' ' -f1-3 /proc/loadavg)"
 # Each scenario runs the three paths back to back, so slow drift of the machine hits them alike.
-for rate in $RATES; do
-    for p in "${paths[@]}"; do run_http "$p" "r$rate" "$rate"; done
-done
-for p in "${paths[@]}"; do run_http "$p" max 0; done
-for p in "${paths[@]}"; do
-    case $p in haproxy) ;; *) run_http "$p" grpc 0 ;; esac
-done
-for p in "${paths[@]}"; do
-    case $p in *-l7 | *-http) ;; *) run_bulk "$p" ;; esac
-done
+scenario() { [[ " $SCENARIOS " == *" $1 "* ]]; }
+if scenario rates; then
+    for rate in $RATES; do
+        for p in "${paths[@]}"; do run_http "$p" "r$rate" "$rate"; done
+    done
+fi
+if scenario max; then
+    for p in "${paths[@]}"; do run_http "$p" max 0; done
+fi
+if scenario grpc; then
+    for p in "${paths[@]}"; do
+        case $p in haproxy) ;; *) run_http "$p" grpc 0 ;; esac
+    done
+fi
+if scenario bulk; then
+    for p in "${paths[@]}"; do
+        case $p in *-l7 | *-http) ;; *) run_bulk "$p" ;; esac
+    done
+fi
 # HAProxy once more, with iperf3's connection captured by an iptables REDIRECT in the VM's nat
 # OUTPUT as the isthmus path's is (from an unused address of the bridge subnet to the VM
 # haproxy's port), so that the capture's own cost shows next to the proxies'.
 CAPTURED=10.78.0.99
-if [[ " $PATHS " == *" haproxy "* ]]; then
+if [[ " $PATHS " == *" haproxy "* ]] && scenario bulk; then
     capture_rule=(OUTPUT -d "$CAPTURED/32" -p tcp --dport 15202 -j REDIRECT --to-ports 15202)
     inns vm iptables -t nat -I "${capture_rule[@]}"
     if [ -n "$VIP_CIDR" ]; then # as the agent routes ISTHMUS_VIP_CIDR, in a table of its own
@@ -480,8 +493,8 @@ if [[ " $PATHS " == *" haproxy "* ]]; then
         inns vm ip route del "$CAPTURED" table 15999
     fi
 fi
-if [ "$PATHS" != "direct isthmus isthmus-l7 haproxy haproxy-http" ]; then
-    echo "PATHS=$PATHS: no report (it compares all five paths)" >&2
+if [ "$PATHS" != "direct isthmus isthmus-l7 haproxy haproxy-http" ] || [ "$SCENARIOS" != "rates max grpc bulk" ]; then
+    echo "PATHS=$PATHS SCENARIOS=$SCENARIOS: no report (it compares all five paths in all four scenarios)" >&2
     exit 0
 fi
 declare -A hwm
