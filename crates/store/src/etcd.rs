@@ -268,6 +268,46 @@ impl Inner {
         Ok(self.saw(resp.header()))
     }
 
+    /// A linearizable read that is refused, and asked again, when it answers from a revision
+    /// older than one this store had already seen when the read was sent. A correct
+    /// linearizable read can never do that; etcd up to 3.4.41 / 3.5.27 / 3.6.8 can, when the
+    /// leader changes while a member waits for its read index (etcd-io/etcd#20418, "Stale reads
+    /// caused by process pausing", fixed in the releases of March 2026, not in Debian's 3.4.23).
+    /// This catches the stale reads this replica can prove stale: those older than its own
+    /// writes, reads and watch events. Retried within the request timeout, then refused as
+    /// unavailable; counted as `stale_read` in the store's error metric.
+    async fn read_fresh<F, Fut>(&self, request: F) -> Result<ec::GetResponse, StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<ec::GetResponse, ec::Error>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let floor = self.revision.load(Ordering::SeqCst);
+            let resp = self.retrying("read", &request).await?;
+            let at = resp.header().map_or(0, |h| h.revision());
+            if !stale_read(floor, at) {
+                self.saw(resp.header());
+                return Ok(resp);
+            }
+            let err = StoreError::Etcd {
+                cause: EtcdCause::Stale,
+                endpoints: self.endpoints.clone(),
+                message: format!(
+                    "etcd answered a linearizable read from revision {at}, older than revision {floor} this replica had already seen (etcd-io/etcd#20418, fixed in etcd 3.4.42, 3.5.28 and 3.6.9); upgrade etcd"
+                ),
+                outcome_unknown: false,
+            };
+            self.count("read", &err);
+            if tokio::time::Instant::now() + pause >= deadline {
+                return Err(err);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+
     /// Runs `request`, retrying for as long as the request timeout allows when etcd cannot
     /// have applied it (no leader; no connection), and maps the final error.
     async fn retrying<T, F, Fut>(&self, op: &'static str, request: F) -> Result<T, StoreError>
@@ -513,6 +553,12 @@ impl Inner {
     }
 }
 
+/// Whether a linearizable read answered at revision `at` is provably stale: it is older than a
+/// revision already seen (`floor`) before it was sent.
+fn stale_read(floor: Revision, at: Revision) -> bool {
+    at < floor
+}
+
 fn check_txn(txn: &Txn, max: usize) -> Result<(), StoreError> {
     let mut seen = std::collections::HashSet::new();
     for op in &txn.ops {
@@ -545,13 +591,12 @@ impl Store for EtcdStore {
         let inner = &self.inner;
         let k = inner.key(key);
         let resp = inner
-            .retrying("read", || {
+            .read_fresh(|| {
                 let mut kv = inner.client.kv_client();
                 let k = k.clone();
                 async move { kv.get(k, None).await }
             })
             .await?;
-        inner.saw(resp.header());
         resp.kvs().first().map(|kv| inner.kv(kv)).transpose()
     }
 
@@ -576,13 +621,13 @@ impl Store for EtcdStore {
         let inner = &self.inner;
         let k = inner.key(prefix);
         let resp = inner
-            .retrying("read", || {
+            .read_fresh(|| {
                 let mut kv = inner.client.kv_client();
                 let k = k.clone();
                 async move { kv.get(k, Some(ec::GetOptions::new().with_prefix())).await }
             })
             .await?;
-        let revision = inner.saw(resp.header());
+        let revision = resp.header().map_or(0, |h| h.revision());
         let kvs = resp
             .kvs()
             .iter()
@@ -881,6 +926,62 @@ mod tests {
 
     fn status(code: tonic::Code, message: &str) -> ec::Error {
         ec::Error::GRpcStatus(tonic::Status::new(code, message))
+    }
+
+    /// A read is refused as stale only when it answers from before what this store saw, on a
+    /// real etcd: the store is made to believe it saw a later revision than etcd has, as it
+    /// would after a member served a read from behind (etcd-io/etcd#20418).
+    #[tokio::test]
+    async fn a_read_older_than_a_seen_revision_is_asked_again_then_refused() {
+        assert!(stale_read(10, 9));
+        assert!(!stale_read(10, 10) && !stale_read(10, 11));
+        let Some(cluster) = crate::testing::EtcdCluster::start(1, "etcd stale reads") else {
+            return;
+        };
+        let mut options = EtcdOptions::new(cluster.endpoints(), "/stale");
+        options.request_timeout = Duration::from_millis(500);
+        let store = EtcdStore::open(options).await.unwrap();
+        let put = |v: &'static str| Txn {
+            compares: vec![],
+            ops: vec![Op::Put {
+                key: "/k".into(),
+                value: v.as_bytes().to_vec(),
+            }],
+            lease: None,
+        };
+        store.txn(put("a")).await.unwrap();
+        assert!(
+            store.get("/k").await.unwrap().is_some(),
+            "a fresh read passes"
+        );
+        let now = store.revision();
+        store.inner.revision.fetch_max(now + 5, Ordering::SeqCst);
+        let started = std::time::Instant::now();
+        let err = store.get("/k").await.unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                StoreError::Etcd {
+                    cause: EtcdCause::Stale,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("etcd-io/etcd#20418")
+                && err.to_string().contains("upgrade etcd"),
+            "{err}"
+        );
+        // Asked again until the request timeout.
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        assert!(store.range("/").await.is_err(), "ranges are checked too");
+        // Once etcd has reached the seen revision, reads pass again.
+        for v in ["b", "c", "d", "e", "f"] {
+            store.txn(put(v)).await.unwrap();
+        }
+        let got = store.get("/k").await.unwrap().unwrap();
+        assert_eq!(got.value, b"f");
     }
 
     #[test]

@@ -285,6 +285,9 @@ pub enum EtcdCause {
     TooLarge,
     /// etcd refused the client's credentials.
     Denied,
+    /// A linearizable read answered from a revision older than one already seen (an etcd bug,
+    /// etcd-io/etcd#20418); asked again, and refused if it stays so.
+    Stale,
     Other,
 }
 
@@ -309,6 +312,7 @@ impl StoreError {
                 EtcdCause::SpaceExceeded => "etcd_space_exceeded",
                 EtcdCause::TooLarge => "etcd_too_large",
                 EtcdCause::Denied => "etcd_denied",
+                EtcdCause::Stale => "etcd_stale_read",
                 EtcdCause::Other => "etcd_other",
             },
         }
@@ -322,7 +326,7 @@ impl StoreError {
                 | Self::DiskFull { .. }
                 | Self::Unavailable { .. }
                 | Self::Corrupt { .. }
-        ) || matches!(self, Self::Etcd { cause, .. } if *cause != EtcdCause::TooLarge)
+        ) || matches!(self, Self::Etcd { cause, .. } if !matches!(cause, EtcdCause::TooLarge | EtcdCause::Stale))
     }
 }
 
