@@ -50,6 +50,7 @@ pub mod keys {
     pub const ADMIN_ADDR: &str = "ISTHMUS_AGENT_ADMIN_ADDR";
     pub const READINESS_ADDR: &str = "ISTHMUS_AGENT_READINESS_ADDR";
     pub const MAX_CONNECTIONS: &str = "ISTHMUS_MAX_CONNECTIONS";
+    pub const HBONE_REQUESTS: &str = "ISTHMUS_HBONE_REQUESTS";
 }
 
 /// The defaults, as text (what clap's `default_value` takes and `--help` shows).
@@ -79,7 +80,7 @@ pub struct Setting {
 }
 
 /// Every variable agent.env may hold, in the order the file is written.
-pub const SETTINGS: [Setting; 21] = [
+pub const SETTINGS: [Setting; 22] = [
     s(
         keys::CA_ADDR,
         None,
@@ -181,6 +182,11 @@ pub const SETTINGS: [Setting; 21] = [
         None,
         "connections each proxy listener serves at once [default: from the open-files limit]",
     ),
+    s(
+        keys::HBONE_REQUESTS,
+        Some("true"),
+        "send HTTP requests to peer agents as streams of the mTLS connection (false: tunnel them in CONNECT, as to ztunnel)",
+    ),
 ];
 
 const fn s(key: &'static str, default: Option<&'static str>, help: &'static str) -> Setting {
@@ -244,6 +250,7 @@ pub struct AgentEnv {
     pub readiness_addr: SocketAddr,
     /// `None`: derived from the open-files limit at start.
     pub max_connections: Option<usize>,
+    pub hbone_requests: bool,
 }
 
 /// One problem with one variable; the message names the file, the variable and the value, and
@@ -503,6 +510,7 @@ impl AgentEnv {
             admin_addr: addr(defaults::ADMIN_ADDR),
             readiness_addr: addr(defaults::READINESS_ADDR),
             max_connections: None,
+            hbone_requests: true,
         }
     }
 
@@ -619,6 +627,7 @@ impl AgentEnv {
                 "a number of connections above 0",
                 |v: &str| v.parse::<usize>().ok().filter(|n| *n > 0).map(Some)
             ),
+            hbone_requests: typed!(keys::HBONE_REQUESTS, true, "true or false", parse_bool),
         };
         if parsed.capture && !parsed.proxy {
             invalid(
@@ -676,6 +685,7 @@ impl AgentEnv {
             admin_addr,
             readiness_addr,
             max_connections,
+            hbone_requests,
         } = self;
         let path = |p: &Path| Some(p.display().to_string());
         vec![
@@ -712,6 +722,7 @@ impl AgentEnv {
                 keys::MAX_CONNECTIONS,
                 max_connections.map(|n| n.to_string()),
             ),
+            (keys::HBONE_REQUESTS, Some(hbone_requests.to_string())),
         ]
     }
 
@@ -864,6 +875,7 @@ mod tests {
         env.admin_addr = "127.0.0.1:3".parse().unwrap();
         env.readiness_addr = "127.0.0.1:4".parse().unwrap();
         env.max_connections = Some(4096);
+        env.hbone_requests = false;
         let text = env.render();
         assert_eq!(parse(&text).unwrap(), env, "{text}");
         assert!(text.contains("ISTHMUS_DRAIN_DURATION=1m 30s") || text.contains("'1m 30s'"));

@@ -116,6 +116,10 @@ pub struct AgentArgs {
     /// Captured outbound connections to an address the mesh does not know.
     #[arg(long, value_enum, default_value = "passthrough")]
     pub outbound_unknown: OutboundUnknown,
+    /// Send HTTP requests to peer agents that take them as streams of the mTLS connection
+    /// itself (false: tunnel every upstream HTTP connection in a CONNECT, as to ztunnel).
+    #[arg(long, value_name = "true|false", default_value = "true", env = keys::HBONE_REQUESTS, action = clap::ArgAction::Set)]
+    pub hbone_requests: bool,
     /// On SIGTERM, how long open connections may finish after the proxy stops accepting
     /// (Istio's terminationDrainDuration).
     #[arg(long, default_value = defaults::DRAIN_DURATION, env = keys::DRAIN_DURATION)]

@@ -283,6 +283,7 @@ async fn proxy(vip: IpAddr) -> Result<Proxy> {
             1,
             isthmus_socket::SocketFactory::unmarked(),
             Duration::from_secs(2),
+            true,
         ),
         metrics.clone(),
         metadata::unknown(),

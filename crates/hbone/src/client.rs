@@ -1,19 +1,20 @@
 //! Outbound HBONE: pooled mTLS + HTTP/2 connections to peers' port 15008, one CONNECT stream
 //! per tunnelled TCP connection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, StatusCode, Uri};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use isthmus_socket::SocketFactory;
 use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 use tracing::Instrument;
 
+use crate::request::{RecvBody, TAKES_REQUESTS_HEADER};
 use crate::stream::HboneStream;
 use crate::tls::{self, Credentials, CredentialsWatch, TlsError};
 use crate::REASON_HEADER;
@@ -200,6 +201,8 @@ struct Inner {
     options: ClientOptions,
     pool: Mutex<HashMap<PoolKey, Bucket>>,
     next_id: AtomicU64,
+    /// Peers (their HBONE address) whose CONNECT answers said they take direct requests.
+    takes_requests: Mutex<HashSet<SocketAddr>>,
 }
 
 /// Opens HBONE tunnels. Cheap to clone; clones share the connection pool.
@@ -227,6 +230,7 @@ impl HboneClient {
                 options,
                 pool: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
+                takes_requests: Mutex::new(HashSet::new()),
             }),
         }
     }
@@ -285,7 +289,7 @@ impl HboneClient {
             loop {
                 attempt += 1;
                 let slot = self.checkout(&key).await?;
-                match self.open_stream(&slot, &uri, headers).await {
+                match self.open_stream(dst, &slot, &uri, headers).await {
                     Ok((send, recv)) => {
                         return Ok(HboneStream::new(send, recv, Some(Box::new(slot))));
                     }
@@ -328,6 +332,7 @@ impl HboneClient {
 
     async fn open_stream(
         &self,
+        dst: SocketAddr,
         slot: &Slot,
         uri: &Uri,
         headers: &HeaderMap,
@@ -362,7 +367,112 @@ impl HboneClient {
                 reason,
             });
         }
+        if resp.headers().contains_key(TAKES_REQUESTS_HEADER) {
+            self.lock_takes().insert(dst);
+        }
         Ok((send, resp.into_body()))
+    }
+
+    fn lock_takes(&self) -> std::sync::MutexGuard<'_, HashSet<SocketAddr>> {
+        self.inner
+            .takes_requests
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether the peer at `dst` (its HBONE address) said it takes direct requests
+    /// ([`crate::request`]): learnt from its answer to a CONNECT.
+    pub fn takes_requests(&self, dst: SocketAddr) -> bool {
+        self.lock_takes().contains(&dst)
+    }
+
+    /// Sends `req` as a stream of the pooled connection to the peer at `dst`, for
+    /// `target` (`<workload ip>:<port>`); the peer must present one of the `expected`
+    /// identities. `req` must be in HTTP/2 form (an absolute URI, no connection-specific
+    /// headers). The request body is sent by a task of its own; the response's body keeps the
+    /// stream's pool slot until it is read or dropped.
+    ///
+    /// A refusal by the peer's HBONE server (its target checks) is an error; a peer that
+    /// refuses with 405 (replaced by one that does not take requests) is forgotten as one
+    /// that does, so the next request tunnels again.
+    pub async fn request<B>(
+        &self,
+        dst: SocketAddr,
+        target: SocketAddr,
+        expected: &[String],
+        req: Request<B>,
+    ) -> Result<Response<RecvBody>, HboneError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<crate::request::BoxError>,
+    {
+        let mut expected = expected.to_vec();
+        expected.sort();
+        expected.dedup();
+        if expected.is_empty() {
+            return Err(HboneError::NoExpectedIdentity { target });
+        }
+        let key = PoolKey { dst, expected };
+        let (mut parts, body) = req.into_parts();
+        let value = http::HeaderValue::try_from(target.to_string()).map_err(|e| {
+            HboneError::BadRequest {
+                target,
+                reason: e.to_string(),
+            }
+        })?;
+        parts.headers.insert(crate::request::TARGET_HEADER, value);
+        let end = body.is_end_stream();
+        let mut body = Some(body);
+        // One retry, as for tunnels: a pooled connection can die between checkout and use.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let slot = self.checkout(&key).await?;
+            let sent = async {
+                let mut send = slot.0.send.clone().ready().await?;
+                send.send_request(Request::from_parts(parts.clone(), ()), end)
+            }
+            .await;
+            let (resp, stream) = match sent {
+                Ok(v) => v,
+                Err(e) if attempt == 1 && !(e.is_remote() && e.is_reset()) => {
+                    tracing::debug!(conn = slot.0.id, error = %e, "pooled connection unusable, retrying on a new one");
+                    slot.0.usage.close();
+                    continue;
+                }
+                Err(source) => {
+                    slot.0.usage.close();
+                    return Err(HboneError::H2 { dst, source });
+                }
+            };
+            if let Some(body) = body.take().filter(|_| !end) {
+                tokio::spawn(async move {
+                    if let Err(e) = crate::request::send_body(body, stream).await {
+                        tracing::debug!(error = %e, "a direct request's body failed");
+                    }
+                });
+            }
+            let resp = resp.await.map_err(|source| HboneError::H2 { dst, source })?;
+            // Refused by the peer's HBONE server itself (not answered by the application):
+            // its reason header says why.
+            if let Some(reason) = resp.headers().get(REASON_HEADER) {
+                let status = resp.status();
+                if status == StatusCode::METHOD_NOT_ALLOWED {
+                    self.lock_takes().remove(&dst);
+                }
+                return Err(HboneError::Rejected {
+                    dst,
+                    target,
+                    status,
+                    reason: String::from_utf8_lossy(reason.as_bytes()).into_owned(),
+                });
+            }
+            let (p, recv) = resp.into_parts();
+            return Ok(Response::from_parts(
+                p,
+                RecvBody::new(recv, Some(Box::new(slot))),
+            ));
+        }
     }
 
     fn lock_pool(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Bucket>> {

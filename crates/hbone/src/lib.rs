@@ -15,6 +15,7 @@ mod client;
 pub mod copy;
 mod io;
 pub mod metadata;
+pub mod request;
 mod server;
 mod stream;
 mod tls;
@@ -26,6 +27,7 @@ pub use server::{
     connect_failure, Decision, HboneServer, InboundHandler, InboundRequest, OrDash, ServeTunnel,
     ServerError, ServerHandle, ServerOptions, ServerStats, Upstream,
 };
+pub use request::{RecvBody, ResponseBody};
 pub use stream::HboneStream;
 pub use tls::{spiffe_id, Credentials, CredentialsWatch, TlsError, ALPN_H2};
 

@@ -23,6 +23,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use crate::metadata::{StreamMetadata, TraceId};
+use crate::request::{RecvBody, ResponseBody, AGENT_HEADERS, TAKES_REQUESTS_HEADER};
 use crate::stream::HboneStream;
 use crate::tls::{self, Credentials, CredentialsWatch, TlsError};
 use crate::REASON_HEADER;
@@ -163,6 +164,29 @@ pub trait InboundHandler: Send + Sync + 'static {
 
     /// Authorization decision for one stream.
     fn decide(&self, request: &InboundRequest) -> impl Future<Output = Decision> + Send;
+
+    /// Whether [`InboundHandler::request`] serves direct requests ([`crate::request`]); the
+    /// server then says so on its CONNECT answers, and clients that understand it send HTTP
+    /// requests as streams instead of tunnelling them.
+    fn takes_requests(&self) -> bool {
+        false
+    }
+
+    /// Answers one direct request for `request.target`, which the server has checked as it
+    /// checks a CONNECT's authority. The agents' own headers are already removed from `req`;
+    /// what they said is in `request.headers` and `request.metadata`.
+    fn request(
+        &self,
+        request: InboundRequest,
+        req: Request<RecvBody>,
+    ) -> impl Future<Output = Response<ResponseBody>> + Send {
+        let _ = (request, req);
+        async {
+            let mut r = Response::new(crate::request::boxed(http_body_util::Empty::<Bytes>::new()));
+            *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+            r
+        }
+    }
 }
 
 /// Counters a caller (and the tests) can read.
@@ -493,6 +517,10 @@ impl<H: InboundHandler> StreamCtx<H> {
                 return;
             }
         };
+        if req.method() != Method::CONNECT {
+            self.serve_request(req, respond, target).await;
+            return;
+        }
         let (parts, body) = req.into_parts();
         let request = InboundRequest {
             peer_identity: self.info.peer_identity.clone(),
@@ -510,10 +538,9 @@ impl<H: InboundHandler> StreamCtx<H> {
             }
             Decision::AllowVia(io) => io,
             Decision::Serve(serve) => {
-                let ok = Response::builder().status(StatusCode::OK).body(());
-                let send = match ok
+                let send = match respond
+                    .send_response(self.ok(), false)
                     .map_err(|e| e.to_string())
-                    .and_then(|r| respond.send_response(r, false).map_err(|e| e.to_string()))
                 {
                     Ok(s) => s,
                     Err(e) => {
@@ -554,10 +581,9 @@ impl<H: InboundHandler> StreamCtx<H> {
                 }
             }
         };
-        let ok = Response::builder().status(StatusCode::OK).body(());
-        let send = match ok
+        let send = match respond
+            .send_response(self.ok(), false)
             .map_err(|e| e.to_string())
-            .and_then(|r| respond.send_response(r, false).map_err(|e| e.to_string()))
         {
             Ok(s) => s,
             Err(e) => {
@@ -591,7 +617,110 @@ impl<H: InboundHandler> StreamCtx<H> {
         }
     }
 
+    /// The answer to an accepted CONNECT.
+    fn ok(&self) -> Response<()> {
+        let mut r = Response::new(());
+        if self.handler.takes_requests() {
+            r.headers_mut()
+                .insert(TAKES_REQUESTS_HEADER, HeaderValue::from_static("1"));
+        }
+        r
+    }
+
+    /// A direct request ([`crate::request`]) whose target passed the checks of a CONNECT.
+    async fn serve_request(
+        self,
+        req: Request<h2::RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        target: SocketAddr,
+    ) {
+        let (mut parts, body) = req.into_parts();
+        // What the client agent said of itself, under the names a CONNECT uses for it.
+        let mut said = HeaderMap::with_capacity(3);
+        if let Some(v) = parts.headers.get(crate::request::BAGGAGE_HEADER) {
+            said.insert(crate::metadata::BAGGAGE, v.clone());
+        }
+        if let Some(v) = parts.headers.get(crate::request::FORWARDED_HEADER) {
+            said.insert(crate::metadata::FORWARDED, v.clone());
+        }
+        if let Some(v) = parts.headers.get(crate::metadata::TRACEPARENT) {
+            said.insert(crate::metadata::TRACEPARENT, v.clone());
+        }
+        if let Some(v) = parts.headers.get(crate::request::APP_PROTOCOL_HEADER) {
+            said.insert(crate::request::APP_PROTOCOL_HEADER, v.clone());
+        }
+        for h in AGENT_HEADERS.iter() {
+            parts.headers.remove(h);
+        }
+        let metadata = StreamMetadata::from_headers(&said);
+        let request = InboundRequest {
+            peer_identity: self.info.peer_identity.clone(),
+            peer_certificate: self.info.peer_certificate.clone(),
+            peer_addr: self.info.peer_addr,
+            local_addr: self.info.local_addr,
+            target,
+            headers: said,
+            metadata,
+        };
+        let req = Request::from_parts(parts, RecvBody::new(body, None));
+        let resp = self.handler.request(request, req).await;
+        let (mut parts, body) = resp.into_parts();
+        crate::request::strip_connection_headers(&mut parts.headers);
+        let end = http_body::Body::is_end_stream(&body);
+        let send = match respond.send_response(Response::from_parts(parts, ()), end) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not answer a direct request");
+                return;
+            }
+        };
+        if !end {
+            if let Err(e) = crate::request::send_body(body, send).await {
+                tracing::debug!(error = %e, "a direct request's response body failed");
+            }
+        }
+    }
+
     fn validate(&self, req: &Request<h2::RecvStream>) -> Result<SocketAddr, (StatusCode, String)> {
+        if req.method() != Method::CONNECT {
+            if !self.handler.takes_requests() {
+                return Err((
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!(
+                        "{} is not supported on the HBONE port, only CONNECT",
+                        req.method()
+                    ),
+                ));
+            }
+            let value = req
+                .headers()
+                .get(crate::request::TARGET_HEADER)
+                .ok_or_else(|| {
+                    (
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        format!(
+                            "{} without an {} header is not supported on the HBONE port: send CONNECT, or a request naming its target",
+                            req.method(),
+                            crate::request::TARGET_HEADER
+                        ),
+                    )
+                })?;
+            let target = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse::<SocketAddr>().ok())
+                .ok_or_else(|| {
+                    (
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            "{} {:?} is not <ip>:<port>",
+                            crate::request::TARGET_HEADER,
+                            String::from_utf8_lossy(value.as_bytes())
+                        ),
+                    )
+                })?;
+            return self.check_target(target, &target.to_string());
+        }
         if req.method() != Method::CONNECT {
             return Err((
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -611,6 +740,15 @@ impl<H: InboundHandler> StreamCtx<H> {
                 format!("authority {authority} is not <ip>:<port>"),
             )
         })?;
+        self.check_target(target, authority.as_str())
+    }
+
+    /// The checks every stream's target passes: this workload's address, a port it serves.
+    fn check_target(
+        &self,
+        target: SocketAddr,
+        authority: &str,
+    ) -> Result<SocketAddr, (StatusCode, String)> {
         let local = self.info.local_addr.ip().to_canonical();
         if target.ip().to_canonical() != local {
             return Err((

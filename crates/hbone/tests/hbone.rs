@@ -77,6 +77,10 @@ impl TestCa {
 struct TestHandler {
     denied_port: Option<u16>,
     seen: Mutex<Vec<InboundRequest>>,
+    /// Takes direct requests: answers each with its body reversed and trailers.
+    takes: bool,
+    /// The headers of the direct requests it answered.
+    request_headers: Mutex<Vec<HeaderMap>>,
 }
 
 impl InboundHandler for TestHandler {
@@ -90,6 +94,50 @@ impl InboundHandler for TestHandler {
         } else {
             Decision::Allow
         }
+    }
+
+    fn takes_requests(&self) -> bool {
+        self.takes
+    }
+
+    async fn request(
+        &self,
+        request: InboundRequest,
+        req: http::Request<isthmus_hbone::RecvBody>,
+    ) -> http::Response<isthmus_hbone::ResponseBody> {
+        use http_body_util::BodyExt;
+        self.seen.lock().unwrap().push(request.clone());
+        self.request_headers
+            .lock()
+            .unwrap()
+            .push(req.headers().clone());
+        let path = req.uri().path().to_string();
+        let collected = req.into_body().collect().await.expect("request body");
+        let request_trailers = collected.trailers().cloned().unwrap_or_default();
+        let mut body = collected.to_bytes().to_vec();
+        body.reverse();
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-length", HeaderValue::from(body.len()));
+        if let Some(v) = request_trailers.get("x-check") {
+            trailers.insert("x-check", v.clone());
+        }
+        let frames = futures_util::stream::iter(vec![
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(bytes::Bytes::from(body))),
+            Ok(http_body::Frame::trailers(trailers)),
+        ]);
+        let mut r = http::Response::new(isthmus_hbone::request::boxed(
+            http_body_util::StreamBody::new(frames),
+        ));
+        r.headers_mut()
+            .insert("x-path", HeaderValue::from_str(&path).unwrap());
+        r.headers_mut().insert(
+            "x-target",
+            HeaderValue::from_str(&request.target.to_string()).unwrap(),
+        );
+        // What an HTTP/1.1 application's answer carries, and HTTP/2 may not.
+        r.headers_mut()
+            .insert("connection", HeaderValue::from_static("keep-alive"));
+        r
     }
 }
 
@@ -143,6 +191,18 @@ struct SharedHandler(Arc<TestHandler>);
 impl InboundHandler for SharedHandler {
     async fn decide(&self, request: &InboundRequest) -> Decision {
         self.0.decide(request).await
+    }
+
+    fn takes_requests(&self) -> bool {
+        self.0.takes_requests()
+    }
+
+    async fn request(
+        &self,
+        request: InboundRequest,
+        req: http::Request<isthmus_hbone::RecvBody>,
+    ) -> http::Response<isthmus_hbone::ResponseBody> {
+        self.0.request(request, req).await
     }
 }
 
@@ -654,5 +714,137 @@ async fn graceful_shutdown_lets_open_streams_finish() -> Result<()> {
     drop(s);
     drop(client);
     tokio::time::timeout(Duration::from_secs(10), shutdown).await??;
+    Ok(())
+}
+
+type Frames = futures_util::stream::Iter<
+    std::vec::IntoIter<Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>>,
+>;
+
+/// A request body of `data` then trailers.
+fn body_with_trailers(data: Vec<u8>, trailers: HeaderMap) -> http_body_util::StreamBody<Frames> {
+    http_body_util::StreamBody::new(futures_util::stream::iter(vec![
+        Ok(http_body::Frame::data(bytes::Bytes::from(data))),
+        Ok(http_body::Frame::trailers(trailers)),
+    ]))
+}
+
+/// Between two Isthmus agents a request is a stream of the pooled connection: the client
+/// learns from a CONNECT answer that the peer takes them; a body larger than the stream's
+/// window arrives whole with its trailers both ways; the agents' own headers reach the
+/// handler as metadata and not as request headers; the application's `baggage` passes
+/// untouched; the answer's connection-specific headers are dropped, not fatal.
+#[tokio::test]
+async fn direct_requests_carry_bodies_and_trailers_once_the_peer_says_it_takes_them() -> Result<()>
+{
+    use http_body_util::BodyExt;
+    use isthmus_hbone::metadata::Baggage;
+    use isthmus_hbone::request::{BAGGAGE_HEADER, TARGET_HEADER};
+    let handler = TestHandler {
+        takes: true,
+        ..TestHandler::default()
+    };
+    let m = mesh_with(handler, ClientOptions::default()).await?;
+    let echo = echo_server().await?;
+    let dst = m.server.local_addr();
+    assert!(!m.client.takes_requests(dst));
+    let mut s = m.open(echo).await?;
+    assert_eq!(roundtrip(&mut s, b"learn").await?, b"learn");
+    assert!(m.client.takes_requests(dst), "the CONNECT answer said so");
+
+    let source = Baggage {
+        namespace: Some("default".into()),
+        workload_type: Some("pod".into()),
+        workload_name: Some("client-vm".into()),
+        ..Baggage::default()
+    };
+    let data = pattern(6 * 1024 * 1024, 7);
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-check", HeaderValue::from_static("abc"));
+    let mut req = http::Request::builder()
+        .method("POST")
+        .uri("http://reviews.bookinfo:9080/reviews/1?x=1")
+        .header("baggage", "app=mine")
+        .body(body_with_trailers(data.clone(), trailers))?;
+    req.headers_mut()
+        .insert(BAGGAGE_HEADER, source.to_header_value().unwrap());
+    let resp = m
+        .client
+        .request(dst, echo, &ids(&[SERVER_ID]), req)
+        .await?;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-path"], "/reviews/1");
+    assert_eq!(resp.headers()["x-target"], echo.to_string().as_str());
+    assert!(!resp.headers().contains_key("connection"));
+    let got = resp.into_body().collect().await?;
+    let trailers = got.trailers().cloned().expect("trailers");
+    assert_eq!(trailers["x-check"], "abc");
+    assert_eq!(trailers["x-length"], data.len().to_string().as_str());
+    let mut back = got.to_bytes().to_vec();
+    back.reverse();
+    assert!(back == data, "the body came back changed");
+
+    let seen = m.handler.seen.lock().unwrap().clone();
+    let direct = seen.last().expect("the handler saw the request");
+    assert_eq!(direct.target, echo);
+    assert_eq!(direct.peer_identity, CLIENT_ID);
+    assert_eq!(direct.metadata.baggage, source);
+    let headers = m.handler.request_headers.lock().unwrap()[0].clone();
+    assert_eq!(headers["baggage"], "app=mine");
+    for agent in isthmus_hbone::request::AGENT_HEADERS {
+        assert!(!headers.contains_key(&agent), "{agent} reached the handler");
+    }
+    assert!(!headers.contains_key(TARGET_HEADER));
+    // One connection carried the tunnel and the request.
+    assert_eq!(m.client.pooled_connections().await, 1);
+    Ok(())
+}
+
+/// A direct request passes the checks of a CONNECT: another address is refused (403, the
+/// handler never sees it); a server that does not take requests answers 405 and the client
+/// stops thinking it does.
+#[tokio::test]
+async fn direct_requests_are_checked_as_connects_and_refused_where_not_taken() -> Result<()> {
+    let handler = TestHandler {
+        takes: true,
+        ..TestHandler::default()
+    };
+    let m = mesh_with(handler, ClientOptions::default()).await?;
+    let echo = echo_server().await?;
+    let other: SocketAddr = format!("127.0.0.2:{}", echo.port()).parse()?;
+    let req = || {
+        http::Request::builder()
+            .uri("http://svc/")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+    };
+    match m
+        .client
+        .request(m.server.local_addr(), other, &ids(&[SERVER_ID]), req()?)
+        .await
+    {
+        Err(HboneError::Rejected { status, reason, .. }) => {
+            assert_eq!(status, StatusCode::FORBIDDEN);
+            assert!(reason.contains("does not match"), "{reason}");
+        }
+        other => anyhow::bail!("a request for another address was not refused: {other:?}"),
+    }
+    assert!(m.handler.seen.lock().unwrap().is_empty());
+
+    let plain = mesh().await?;
+    let dst = plain.server.local_addr();
+    let mut s = plain.open(echo).await?;
+    assert_eq!(roundtrip(&mut s, b"x").await?, b"x");
+    assert!(!plain.client.takes_requests(dst));
+    match plain
+        .client
+        .request(dst, echo, &ids(&[SERVER_ID]), req()?)
+        .await
+    {
+        Err(HboneError::Rejected { status, reason, .. }) => {
+            assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+            assert!(reason.contains("only CONNECT"), "{reason}");
+        }
+        other => anyhow::bail!("a server that takes no requests answered {other:?}"),
+    }
     Ok(())
 }

@@ -89,7 +89,15 @@ struct Inner {
     http: Option<Arc<super::l7::telemetry::IstioMetrics>>,
     live: Mutex<HashMap<u64, Arc<Live>>>,
     next_id: AtomicU64,
+    /// Connections to the local application for requests that came directly on HBONE
+    /// (a tunnel has its own).
+    app_conns: super::l7::pool::HttpConns,
+    /// Metric series of direct requests, per peer identity and address.
+    direct_series: Mutex<HashMap<(String, std::net::IpAddr), Arc<super::l7::inbound::Series>>>,
 }
+
+/// Peers whose direct requests' metric series are kept; past it the cache starts again.
+const MAX_DIRECT_PEERS: usize = 1024;
 
 /// One admitted connection as re-authorization sees it.
 struct Live {
@@ -156,6 +164,8 @@ impl InboundPolicy {
                 http: None,
                 live: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
+                app_conns: Default::default(),
+                direct_series: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -367,6 +377,117 @@ impl InboundHandler for InboundPolicy {
             Err(r) => Decision::Deny(r.status, r.reason.into()),
         }
     }
+
+    fn takes_requests(&self) -> bool {
+        self.inner.http.is_some()
+    }
+
+    /// A request that came directly on HBONE: the checks of an HTTP port's tunnel, then the
+    /// request's own authorization, as on a tunnel, and a connection from the shared pool.
+    async fn request(
+        &self,
+        request: InboundRequest,
+        req: http::Request<isthmus_hbone::RecvBody>,
+    ) -> http::Response<isthmus_hbone::ResponseBody> {
+        use isthmus_hbone::request::APP_PROTOCOL_HEADER;
+        let Some(http) = self.inner.http.clone() else {
+            return refused(StatusCode::METHOD_NOT_ALLOWED, "this agent serves no HTTP ports");
+        };
+        let conn = Connection {
+            peer: Identity::from_spiffe_id(&request.peer_identity),
+            src: request.peer_addr.ip(),
+            dst: request.target,
+        };
+        let state = self.inner.state.borrow().clone();
+        if let Err(r) = self.check(&state, &conn, true) {
+            return refused(r.status, &r.reason);
+        }
+        let meta = &request.metadata;
+        let peer = super::l7::inbound::Peer {
+            source: metadata::peer_source(&state, conn.src, &meta.baggage, conn.peer.as_ref()),
+            identity: conn.peer,
+            identity_text: request.peer_identity.clone(),
+            src: request.peer_addr,
+            dst: conn.dst,
+            trace: meta.traceparent,
+        };
+        let series = self.direct_series(&request.peer_identity, conn.src);
+        let h2 = request
+            .headers
+            .get(APP_PROTOCOL_HEADER)
+            .is_some_and(|v| v.as_bytes() == b"h2");
+        let target = request.target;
+        let (sockets, timeout) = (
+            self.inner.config.sockets.clone(),
+            self.inner.config.connect_timeout,
+        );
+        let send = |r: http::Request<super::l7::pool::Body>| async move {
+            let r = if h2 { r } else { super::l7::inbound::http1_form(r) };
+            let connect = async move {
+                use super::l7::pool::SendError;
+                match tokio::time::timeout(timeout, sockets.connect(target)).await {
+                    Ok(Ok(tcp)) => Ok(hyper_util::rt::TokioIo::new(tcp)),
+                    Ok(Err(e)) => Err(SendError::Connect {
+                        addr: target,
+                        message: isthmus_hbone::connect_failure(target, &e),
+                    }),
+                    Err(_) => Err(SendError::Connect {
+                        addr: target,
+                        message: format!("timed out after {timeout:?}"),
+                    }),
+                }
+            };
+            let (resp, _) = self
+                .inner
+                .app_conns
+                .send(target, h2, connect, r)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (p, b) = resp.into_parts();
+            Ok(http::Response::from_parts(
+                p,
+                http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
+                    b,
+                    |e| -> super::l7::pool::BoxError { Box::new(e) },
+                )),
+            ))
+        };
+        super::l7::inbound::handle(req, send, &peer, &state, &http, &series).await
+    }
+}
+
+impl InboundPolicy {
+    fn direct_series(
+        &self,
+        identity: &str,
+        src: std::net::IpAddr,
+    ) -> Arc<super::l7::inbound::Series> {
+        let mut map = self
+            .inner
+            .direct_series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(s) = map.get(&(identity.to_owned(), src)) {
+            return s.clone();
+        }
+        if map.len() >= MAX_DIRECT_PEERS {
+            map.clear();
+        }
+        map.entry((identity.to_owned(), src)).or_default().clone()
+    }
+}
+
+/// The refusal of a direct request by the checks a tunnel passes first: the HBONE client
+/// reads the reason header as it reads a refused CONNECT's.
+fn refused(status: StatusCode, reason: &str) -> http::Response<isthmus_hbone::ResponseBody> {
+    let mut r = http::Response::new(isthmus_hbone::request::boxed(http_body_util::Empty::<
+        bytes::Bytes,
+    >::new()));
+    *r.status_mut() = status;
+    if let Ok(v) = http::HeaderValue::from_str(reason) {
+        r.headers_mut().insert(isthmus_hbone::REASON_HEADER, v);
+    }
+    r
 }
 
 /// The local application's side of an admitted connection: counts bytes, fails once the

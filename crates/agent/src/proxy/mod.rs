@@ -225,6 +225,7 @@ pub async fn start(
             config.outbound.hbone_port,
             config.sockets.clone(),
             config.outbound.connect_timeout,
+            config.outbound.hbone_requests,
         ),
         istio.clone(),
         local.clone(),

@@ -46,6 +46,9 @@ pub struct OutboundConfig {
     pub sockets: Arc<SocketFactory>,
     /// Connections served at once (shared by clones of this config).
     pub conn_limit: ConnLimit,
+    /// HTTP requests to peer agents that take them go as streams of the HBONE connection
+    /// ([`isthmus_hbone::request`]) instead of through CONNECT tunnels.
+    pub hbone_requests: bool,
 }
 
 impl Default for OutboundConfig {
@@ -57,6 +60,7 @@ impl Default for OutboundConfig {
             connect_timeout: Duration::from_secs(10),
             sockets: SocketFactory::unmarked(),
             conn_limit: ConnLimit::unbounded(),
+            hbone_requests: true,
         }
     }
 }

@@ -70,7 +70,7 @@ pub async fn serve<T, A>(
 {
     let app = Arc::new(Mutex::new(AppConn::Idle(Some(app))));
     let peer = Arc::new(peer);
-    let series: Arc<SeriesCache<InKey>> = Arc::default();
+    let series: Arc<Series> = Arc::default();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (app, peer, state, metrics, series) = (
             app.clone(),
@@ -79,7 +79,17 @@ pub async fn serve<T, A>(
             metrics.clone(),
             series.clone(),
         );
-        async move { Ok::<_, Infallible>(handle(req, app, peer, state, metrics, series).await) }
+        async move {
+            let state = state.borrow().clone();
+            let send = |r| async move {
+                let (p, b) = send(&app, r).await?.into_parts();
+                Ok(Response::from_parts(
+                    p,
+                    b.map_err(|e| -> BoxError { Box::new(e) }).boxed(),
+                ))
+            };
+            Ok::<_, Infallible>(handle(req, send, &peer, &state, &metrics, &series).await)
+        }
     });
     let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     b.http1().timer(hyper_util::rt::TokioTimer::new());
@@ -89,9 +99,9 @@ pub async fn serve<T, A>(
     }
 }
 
-/// What the labels of one tunnel's requests vary by (the peer is the same for all).
+/// What the labels of one peer's requests vary by (the peer is the same for all).
 #[derive(Clone, Debug)]
-struct InKey {
+pub struct InKey {
     workload: Option<Arc<Workload>>,
     code: u16,
     grpc: Option<u32>,
@@ -159,19 +169,26 @@ where
     }
 }
 
-async fn handle<A>(
-    req: Request<Incoming>,
-    app: Arc<Mutex<AppConn<A>>>,
-    peer: Arc<Peer>,
-    state: watch::Receiver<Arc<State>>,
-    metrics: Arc<IstioMetrics>,
-    series: Arc<SeriesCache<InKey>>,
+/// The metric series of one peer's requests (the labels vary by these keys only).
+pub type Series = SeriesCache<InKey>;
+
+/// Authorizes one request from `peer`, has `send` forward it to the local application,
+/// records its metrics in `series` and writes its access-log line.
+pub async fn handle<B, F, Fut>(
+    req: Request<B>,
+    send: F,
+    peer: &Peer,
+    state: &State,
+    metrics: &IstioMetrics,
+    series: &Series,
 ) -> Response<Body>
 where
-    A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+    F: FnOnce(Request<Body>) -> Fut,
+    Fut: std::future::Future<Output = Result<Response<Body>, String>>,
 {
     let start = Instant::now();
-    let state = state.borrow().clone();
     let workload = state.workload_by_address(peer.dst.ip()).cloned();
     let host = req
         .uri()
@@ -195,7 +212,7 @@ where
             peer.dst.ip()
         )),
         Some(w) => super::authz::evaluate(
-            super::authz::applicable(&state, w),
+            super::authz::applicable(state, w),
             &super::authz::HttpRequest {
                 peer: peer.identity.as_ref(),
                 src: peer.src.ip(),
@@ -222,16 +239,9 @@ where
     } else {
         let (parts, body) = req.into_parts();
         let size = body_size(&parts.headers);
-        let body: Body = body.map_err(|e| -> BoxError { Box::new(e) }).boxed();
-        match send(&app, Request::from_parts(parts, body)).await {
-            Ok(r) => {
-                let (p, b) = r.into_parts();
-                (
-                    Response::from_parts(p, b.map_err(|e| -> BoxError { Box::new(e) }).boxed()),
-                    "-",
-                    size,
-                )
-            }
+        let body: Body = body.map_err(Into::into).boxed();
+        match send(Request::from_parts(parts, body)).await {
+            Ok(r) => (r, "-", size),
             Err(e) => {
                 let mut r = Response::new(
                     Full::new(Bytes::from(format!(
@@ -326,4 +336,21 @@ fn body_size(h: &http::HeaderMap) -> u64 {
     h.get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// A request received in HTTP/2 form (authority in the URI) as HTTP/1.1 sends it: origin-form
+/// target, the authority in `host`.
+pub fn http1_form(req: Request<Body>) -> Request<Body> {
+    let (mut parts, body) = req.into_parts();
+    if let Some(a) = parts.uri.authority() {
+        if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+            parts.headers.insert(header::HOST, v);
+        }
+        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        if let Ok(u) = pq.parse() {
+            parts.uri = u;
+        }
+    }
+    parts.version = Version::HTTP_11;
+    Request::from_parts(parts, body)
 }

@@ -670,15 +670,7 @@ impl HttpOutbound {
                             _ => Result5xx::Ok,
                         };
                         let retryable = retry.on.retries_status(status, grpc);
-                        let (p, b) = resp.into_parts();
-                        (
-                            outcome,
-                            retryable,
-                            Response::from_parts(
-                                p,
-                                b.map_err(|e| -> BoxError { Box::new(e) }).boxed(),
-                            ),
-                        )
+                        (outcome, retryable, resp)
                     }
                     Some(Err(e)) => {
                         let (flag, retryable, status) = match &e {

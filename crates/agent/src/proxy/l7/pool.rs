@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use http_body_util::combinators::BoxBody;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -54,44 +55,29 @@ enum Entry {
     H1(Vec<http1::SendRequest<Body>>),
 }
 
-pub struct UpstreamPool {
-    hbone: HboneClient,
-    hbone_port: u16,
-    sockets: Arc<SocketFactory>,
-    connect_timeout: Duration,
+/// HTTP connections kept per address and protocol: one shared HTTP/2 connection, or idle
+/// HTTP/1.1 ones. How a connection is made is the caller's (a tunnel, a socket).
+#[derive(Default)]
+pub struct HttpConns {
     conns: Mutex<HashMap<Key, Entry>>,
 }
 
-impl UpstreamPool {
-    pub fn new(
-        hbone: HboneClient,
-        hbone_port: u16,
-        sockets: Arc<SocketFactory>,
-        connect_timeout: Duration,
-    ) -> Self {
-        Self {
-            hbone,
-            hbone_port,
-            sockets,
-            connect_timeout,
-            conns: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Sends `req` to `target` over HTTP/2 (`h2`) or HTTP/1.1; `connect_headers` go on the
-    /// HBONE CONNECT of a new connection. Also says whether a new connection was made for it
-    /// (its latency then includes the handshakes, which the balancer leaves out).
-    pub(crate) async fn send(
+impl HttpConns {
+    /// Sends `req` to `addr` over HTTP/2 (`h2`) or HTTP/1.1, on a kept connection or on one
+    /// `connect` makes. Also says whether a new connection was made for it (its latency then
+    /// includes the handshakes, which the balancer leaves out).
+    pub async fn send<IO, C>(
         &self,
-        target: &Target,
+        addr: SocketAddr,
         h2: bool,
-        connect_headers: &(dyn Fn() -> HeaderMap + Sync),
+        connect: C,
         req: Request<Body>,
-    ) -> Result<(Response<Incoming>, bool), SendError> {
-        let key = Key {
-            addr: target.addr,
-            h2,
-        };
+    ) -> Result<(Response<Incoming>, bool), SendError>
+    where
+        IO: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static,
+        C: std::future::Future<Output = Result<IO, SendError>>,
+    {
+        let key = Key { addr, h2 };
         if h2 {
             let existing = match self.lock().get(&key) {
                 Some(Entry::H2(s)) if !s.is_closed() => Some(s.clone()),
@@ -101,14 +87,14 @@ impl UpstreamPool {
             let mut sender = match existing {
                 Some(s) => s,
                 None => {
-                    let io = self.connect(target, connect_headers).await?;
+                    let io = connect.await?;
                     let (s, conn) = http2::Builder::new(TokioExecutor::new())
                         .timer(hyper_util::rt::TokioTimer::new())
                         .keep_alive_interval(Duration::from_secs(30))
                         .handshake(io)
                         .await
                         .map_err(|e| SendError::Connect {
-                            addr: target.addr,
+                            addr,
                             message: format!("HTTP/2 handshake: {e}"),
                         })?;
                     tokio::spawn(async move {
@@ -142,23 +128,24 @@ impl UpstreamPool {
             }
         };
         let fresh = idle.is_none();
-        let mut sender =
-            match idle {
-                Some(s) => s,
-                None => {
-                    let io = self.connect(target, connect_headers).await?;
-                    let (s, conn) = http1::Builder::new().handshake(io).await.map_err(|e| {
-                        SendError::Connect {
-                            addr: target.addr,
+        let mut sender = match idle {
+            Some(s) => s,
+            None => {
+                let io = connect.await?;
+                let (s, conn) =
+                    http1::Builder::new()
+                        .handshake(io)
+                        .await
+                        .map_err(|e| SendError::Connect {
+                            addr,
                             message: format!("HTTP/1.1 handshake: {e}"),
-                        }
-                    })?;
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                    });
-                    s
-                }
-            };
+                        })?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                s
+            }
+        };
         let resp = sender.send_request(req).await.map_err(classify);
         if resp.is_ok() {
             // Back in the pool: it is ready again once this response's body has been read.
@@ -170,6 +157,138 @@ impl UpstreamPool {
             }
         }
         resp.map(|r| (r, fresh))
+    }
+
+    /// Forgets the connections kept for `addr` (they close once their requests are done).
+    fn forget(&self, addr: SocketAddr) {
+        self.lock().retain(|k, _| k.addr != addr);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
+        self.conns.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+pub struct UpstreamPool {
+    hbone: HboneClient,
+    hbone_port: u16,
+    sockets: Arc<SocketFactory>,
+    connect_timeout: Duration,
+    conns: HttpConns,
+    /// Requests go as streams of the HBONE connection to peers that take them
+    /// ([`isthmus_hbone::request`]); off, every request is tunnelled.
+    direct: bool,
+}
+
+impl UpstreamPool {
+    pub fn new(
+        hbone: HboneClient,
+        hbone_port: u16,
+        sockets: Arc<SocketFactory>,
+        connect_timeout: Duration,
+        direct: bool,
+    ) -> Self {
+        Self {
+            hbone,
+            hbone_port,
+            sockets,
+            connect_timeout,
+            conns: HttpConns::default(),
+            direct,
+        }
+    }
+
+    /// Sends `req` to `target` over HTTP/2 (`h2`) or HTTP/1.1; `connect_headers` go on the
+    /// HBONE CONNECT of a new connection (or with each request sent directly on HBONE). Also
+    /// says whether a new connection was made for it.
+    ///
+    /// To a peer agent that takes requests directly the request is a stream of the pooled
+    /// HBONE connection, and `h2` tells that agent how to speak to its application.
+    pub(crate) async fn send(
+        &self,
+        target: &Target,
+        h2: bool,
+        connect_headers: &(dyn Fn() -> HeaderMap + Sync),
+        req: Request<Body>,
+    ) -> Result<(Response<Body>, bool), SendError> {
+        if self.direct && matches!(target.workload.tunnel, Tunnel::Hbone) {
+            let dst = SocketAddr::new(target.addr.ip(), self.hbone_port);
+            if self.hbone.takes_requests(dst) {
+                // Tunnels opened before the peer was known to take requests are not needed.
+                self.conns.forget(target.addr);
+                return self
+                    .send_direct(dst, target, h2, connect_headers, req)
+                    .await
+                    .map(|r| (r, false));
+            }
+        }
+        let (resp, fresh) = self
+            .conns
+            .send(
+                target.addr,
+                h2,
+                self.connect(target, connect_headers),
+                req,
+            )
+            .await?;
+        let (p, b) = resp.into_parts();
+        Ok((
+            Response::from_parts(p, b.map_err(|e| -> BoxError { Box::new(e) }).boxed()),
+            fresh,
+        ))
+    }
+
+    async fn send_direct(
+        &self,
+        dst: SocketAddr,
+        target: &Target,
+        h2: bool,
+        connect_headers: &(dyn Fn() -> HeaderMap + Sync),
+        req: Request<Body>,
+    ) -> Result<Response<Body>, SendError> {
+        use isthmus_hbone::request as direct;
+        let addr = target.addr;
+        let (mut parts, body) = req.into_parts();
+        // HTTP/2 form: the authority in the URI, not in `host`.
+        if parts.uri.authority().is_none() {
+            let host = parts.headers.remove(http::header::HOST);
+            let authority = host
+                .as_ref()
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("unknown");
+            let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            parts.uri = format!("http://{authority}{pq}")
+                .parse()
+                .map_err(|e| SendError::Connect {
+                    addr,
+                    message: format!("the request's authority {authority:?}: {e}"),
+                })?;
+        } else {
+            parts.headers.remove(http::header::HOST);
+        }
+        parts.version = http::Version::HTTP_2;
+        direct::strip_connection_headers(&mut parts.headers);
+        let said = connect_headers();
+        if let Some(v) = said.get(isthmus_hbone::metadata::BAGGAGE) {
+            parts.headers.insert(direct::BAGGAGE_HEADER, v.clone());
+        }
+        if let Some(v) = said.get(isthmus_hbone::metadata::FORWARDED) {
+            parts.headers.insert(direct::FORWARDED_HEADER, v.clone());
+        }
+        parts.headers.insert(
+            direct::APP_PROTOCOL_HEADER,
+            http::HeaderValue::from_static(if h2 { "h2" } else { "http/1.1" }),
+        );
+        let resp = self
+            .hbone
+            .request(dst, addr, &target.expected, Request::from_parts(parts, body))
+            .await
+            .map_err(|e| direct_error(addr, e))?;
+        let (p, b) = resp.into_parts();
+        Ok(Response::from_parts(
+            p,
+            b.map_err(|e| -> BoxError { Box::new(e) }).boxed(),
+        ))
     }
 
     async fn connect(
@@ -217,9 +336,27 @@ impl UpstreamPool {
         };
         Ok(TokioIo::new(io))
     }
+}
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
-        self.conns.lock().unwrap_or_else(PoisonError::into_inner)
+/// How a direct request's failure counts for retries: refused by the peer (its policy, its
+/// target checks), refused before processing (REFUSED_STREAM), no connection, or broken
+/// after it was sent.
+fn direct_error(addr: SocketAddr, e: HboneError) -> SendError {
+    match e {
+        HboneError::Rejected { status, .. } if status == http::StatusCode::FORBIDDEN => {
+            SendError::Denied {
+                addr,
+                message: e.to_string(),
+            }
+        }
+        HboneError::H2 { ref source, .. } if source.reason() == Some(h2::Reason::REFUSED_STREAM) => {
+            SendError::Refused
+        }
+        HboneError::H2 { .. } => SendError::Reset(e.to_string()),
+        e => SendError::Connect {
+            addr,
+            message: e.to_string(),
+        },
     }
 }
 
