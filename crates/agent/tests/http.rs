@@ -1,8 +1,8 @@
 //! The outbound proxy on HTTP ports, over real loopback sockets: real HTTP/1.1 and h2c
 //! clients, real hyper backends, the discovery state decoded from xDS resources exactly as on
 //! the network path (Istio's `Address` plus Isthmus's `ServiceTraffic`). Each test takes its
-//! own 127.0.<block>.0/24. Endpoints are plain TCP here (no agent on them); the HBONE path is
-//! covered end to end by the namespace tests.
+//! own 127.0.<block>.0/24. Endpoints are plain TCP (no agent on them), except where peer
+//! agents' HBONE servers (the agent's own inbound handler) are started in front of them.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -35,6 +35,8 @@ use prost::Message;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+mod support;
+
 const HOST: &str = "reviews.default.svc.cluster.local";
 const SVC_KEY: &str = "default/reviews.default.svc.cluster.local";
 
@@ -56,10 +58,12 @@ fn ip_bytes(ip: IpAddr) -> Vec<u8> {
     }
 }
 
-/// One endpoint of `reviews`: its uid and where its app listens.
+/// One endpoint of `reviews`: its uid and where its app listens; `hbone`: an agent serves
+/// it (identity `spiffe://cluster.local/ns/default/sa/reviews`).
 struct Ep {
     uid: String,
     addr: SocketAddr,
+    hbone: bool,
 }
 
 /// The state a subscriber holds after receiving `reviews` (VIP `vip`, port 9080), its
@@ -108,7 +112,11 @@ fn state(vip: IpAddr, eps: &[Ep], traffic_yaml: &str) -> Result<State> {
             name: ep.uid.clone(),
             namespace: "default".into(),
             addresses: vec![ip_bytes(ep.addr.ip())],
-            tunnel_protocol: wl::TunnelProtocol::None as i32,
+            tunnel_protocol: if ep.hbone {
+                wl::TunnelProtocol::Hbone as i32
+            } else {
+                wl::TunnelProtocol::None as i32
+            },
             trust_domain: "cluster.local".into(),
             service_account: "reviews".into(),
             services,
@@ -268,22 +276,32 @@ struct Proxy {
 }
 
 async fn proxy(vip: IpAddr) -> Result<Proxy> {
+    // No credentials: every endpoint here is plain TCP.
+    proxy_with(vip, watch::channel(None).1, 1, true).await
+}
+
+/// [`proxy`] with HBONE: `creds` for the client side, peers' HBONE servers on `hbone_port`,
+/// requests sent directly on HBONE to peers that take them when `direct`.
+async fn proxy_with(
+    vip: IpAddr,
+    creds: isthmus_hbone::CredentialsWatch,
+    hbone_port: u16,
+    direct: bool,
+) -> Result<Proxy> {
     let (state, state_rx) = watch::channel(Arc::new(State::default()));
     let dst = SocketAddr::new(vip, 9080);
     let orig: Arc<dyn OrigDst> =
         Arc::new(move |_: &TcpStream| -> io::Result<SocketAddr> { Ok(dst) });
-    // No credentials: every endpoint here is plain TCP.
-    let creds = watch::channel(None).1;
     let hbone = HboneClient::new(creds, ClientOptions::default());
     let metrics = Arc::new(IstioMetrics::default());
     let http = Arc::new(HttpOutbound::new(
         state_rx.clone(),
         UpstreamPool::new(
             hbone.clone(),
-            1,
+            hbone_port,
             isthmus_socket::SocketFactory::unmarked(),
             Duration::from_secs(2),
-            true,
+            direct,
         ),
         metrics.clone(),
         metadata::unknown(),
@@ -291,6 +309,7 @@ async fn proxy(vip: IpAddr) -> Result<Proxy> {
     let outbound = Outbound::new(
         OutboundConfig {
             unknown: UnknownDestination::Refuse,
+            hbone_port,
             ..OutboundConfig::default()
         },
         state_rx,
@@ -361,6 +380,7 @@ fn eps(backends: &[&Backend]) -> Vec<Ep> {
         .map(|b| Ep {
             uid: b.name.clone(),
             addr: b.addr,
+            hbone: false,
         })
         .collect()
 }
@@ -712,6 +732,7 @@ async fn tcp_ports_and_non_http_bytes_are_spliced_as_before() -> Result<()> {
             &[Ep {
                 uid: "echo".into(),
                 addr,
+                hbone: false,
             }],
             ports,
         )?));
@@ -722,6 +743,120 @@ async fn tcp_ports_and_non_http_bytes_are_spliced_as_before() -> Result<()> {
         let mut back = Vec::new();
         tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await??;
         assert_eq!(back, b"\x16\x03\x01 not http at all", "{ports}");
+    }
+    Ok(())
+}
+
+/// Peer agents' HBONE servers (the agent's inbound handler, HTTP served per request) on each
+/// backend's address, all on one port; returns them and the port.
+async fn peer_agents(
+    ca: &support::TestCa,
+    backends: &[&Backend],
+    state: watch::Receiver<Arc<State>>,
+    metrics: Arc<IstioMetrics>,
+) -> Result<(Vec<isthmus_hbone::ServerHandle>, u16)> {
+    let port = TcpListener::bind(SocketAddr::new(backends[0].addr.ip(), 0))
+        .await?
+        .local_addr()?
+        .port();
+    let mut servers = Vec::new();
+    for b in backends {
+        let policy = isthmus_agent::proxy::InboundPolicy::new(
+            isthmus_agent::proxy::InboundConfig::default(),
+            state.clone(),
+            Arc::new(ProxyMetrics::default()),
+        )
+        .with_http(metrics.clone());
+        let server = isthmus_hbone::HboneServer::bind(
+            SocketAddr::new(b.addr.ip(), port),
+            ca.issue("spiffe://cluster.local/ns/default/sa/reviews")?,
+            policy,
+            isthmus_hbone::ServerOptions::default(),
+        )
+        .await?
+        .spawn()?;
+        servers.push(server);
+    }
+    Ok((servers, port))
+}
+
+/// To peers that are agents, HTTP/1.1 requests and gRPC calls go as streams of the HBONE
+/// connection itself once the first tunnel's answer said the peer takes them: every call is
+/// answered (gRPC trailers included), spread over both peers, and counted by the peer agents
+/// (`reporter="destination"`); only the first connection to each peer is a CONNECT. With
+/// direct requests turned off, every request is tunnelled as before.
+#[tokio::test]
+async fn requests_to_peer_agents_go_directly_on_hbone_after_the_first_tunnel() -> Result<()> {
+    let vip = loopback(69, 100);
+    let v1 = backend(loopback(69, 1), "v1", Behaviour::default()).await?;
+    let v2 = backend(loopback(69, 2), "v2", Behaviour::default()).await?;
+    let ca = support::TestCa::new()?;
+    let hbone_eps = || {
+        [&v1, &v2]
+            .iter()
+            .map(|b| Ep {
+                uid: b.name.clone(),
+                addr: b.addr,
+                hbone: true,
+            })
+            .collect::<Vec<_>>()
+    };
+    let client_creds = ca.issue("spiffe://cluster.local/ns/default/sa/productpage")?;
+    for direct in [true, false] {
+        let in_metrics = Arc::new(IstioMetrics::default());
+        let (state_tx, state_rx) = watch::channel(Arc::new(state(vip, &hbone_eps(), "")?));
+        let (servers, port) = peer_agents(&ca, &[&v1, &v2], state_rx, in_metrics.clone()).await?;
+        let p = proxy_with(vip, client_creds.clone(), port, direct).await?;
+        p.state.send_replace(state_tx.borrow().clone());
+
+        // HTTP/1.1, one keep-alive client connection.
+        let mut c = h1(p.addr).await?;
+        for _ in 0..100 {
+            let (status, who, _) = call(&mut c, get("/reviews/1")).await?;
+            assert_eq!(status, 200, "through {who}");
+        }
+        // gRPC, one h2c client connection; the port is declared grpc on both sides.
+        let grpc = state(vip, &hbone_eps(), "ports: {9080: grpc}\n")?;
+        state_tx.send_replace(Arc::new(grpc.clone()));
+        p.state.send_replace(Arc::new(grpc));
+        let mut g = h2(p.addr).await?;
+        for _ in 0..100 {
+            let req = Request::post("http://reviews:9080/pkg.Reviews/Get")
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")).boxed())?;
+            g.ready().await?;
+            let resp = g.send_request(req).await?;
+            assert_eq!(resp.status(), 200);
+            let collected = resp.into_body().collect().await?;
+            let trailers = collected.trailers().cloned().unwrap_or_default();
+            assert_eq!(
+                trailers.get("grpc-status").map(|v| v.as_bytes()),
+                Some(&b"0"[..]),
+                "direct: {direct}"
+            );
+        }
+        let (streams, requests): (u64, u64) = servers
+            .iter()
+            .map(|s| (s.stats().streams(), s.stats().requests()))
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        assert_eq!(p.metrics.count(200, "-"), 200, "direct: {direct}");
+        assert_eq!(in_metrics.count(200, "-"), 200, "direct: {direct}");
+        assert!(v1.hits.load(Ordering::SeqCst) > 0 && v2.hits.load(Ordering::SeqCst) > 0);
+        if direct {
+            // One CONNECT per peer and protocol at most; everything else went direct.
+            let tunnels = streams - requests;
+            assert!(
+                tunnels <= 4 && requests >= 196,
+                "{streams} streams, {requests} direct requests"
+            );
+        } else {
+            assert_eq!(
+                requests, 0,
+                "direct requests were sent with them turned off"
+            );
+            assert!(streams >= 2);
+        }
     }
     Ok(())
 }

@@ -19,8 +19,7 @@ use isthmus_agent::proxy::{
     UnknownDestination,
 };
 use isthmus_hbone::{
-    ClientOptions, Credentials, CredentialsWatch, HboneClient, HboneServer, ServerHandle,
-    ServerOptions,
+    ClientOptions, Credentials, HboneClient, HboneServer, ServerHandle, ServerOptions,
 };
 use isthmus_xds::client::{decode_cache, State};
 use isthmus_xds::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource};
@@ -32,10 +31,12 @@ use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+
+mod support;
 
 const TD: &str = "cluster.local";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/client-ns/sa/client";
@@ -45,50 +46,7 @@ const DEADLINE: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------- certificates
 
-struct TestCa {
-    issuer: Issuer<'static, KeyPair>,
-    cert: CertificateDer<'static>,
-}
-
-impl TestCa {
-    fn new() -> Result<Self> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "test mesh CA");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let cert = params.self_signed(&key)?;
-        Ok(Self {
-            cert: cert.der().clone(),
-            issuer: Issuer::new(params, key),
-        })
-    }
-
-    fn issue(&self, spiffe: &str) -> Result<CredentialsWatch> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.subject_alt_names = vec![SanType::URI(spiffe.try_into()?)];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        let cert = params.signed_by(&key, &self.issuer)?;
-        let creds = Credentials {
-            cert_chain: vec![cert.der().clone()],
-            private_key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            roots: vec![self.cert.clone()],
-            trust_domain: TD.to_string(),
-        };
-        // The receiver keeps the last value after the sender is gone.
-        Ok(watch::channel(Some(Arc::new(creds))).1)
-    }
-}
+use support::TestCa;
 
 // ---------------------------------------------------------------- discovery state
 

@@ -452,7 +452,9 @@ impl HboneClient {
                     }
                 });
             }
-            let resp = resp.await.map_err(|source| HboneError::H2 { dst, source })?;
+            let resp = resp
+                .await
+                .map_err(|source| HboneError::H2 { dst, source })?;
             // Refused by the peer's HBONE server itself (not answered by the application):
             // its reason header says why.
             if let Some(reason) = resp.headers().get(REASON_HEADER) {

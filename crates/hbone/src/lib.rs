@@ -23,11 +23,11 @@ mod tls;
 pub use client::{ClientOptions, HboneClient, HboneError};
 pub use copy::{copy_bidirectional, splice_tunnel};
 pub use metadata::{Baggage, StreamMetadata, TraceId, TraceParent};
+pub use request::{RecvBody, ResponseBody};
 pub use server::{
     connect_failure, Decision, HboneServer, InboundHandler, InboundRequest, OrDash, ServeTunnel,
     ServerError, ServerHandle, ServerOptions, ServerStats, Upstream,
 };
-pub use request::{RecvBody, ResponseBody};
 pub use stream::HboneStream;
 pub use tls::{spiffe_id, Credentials, CredentialsWatch, TlsError, ALPN_H2};
 

@@ -62,8 +62,7 @@ pub fn strip_connection_headers(h: &mut HeaderMap) {
     for name in CONNECTION_SPECIFIC.iter() {
         h.remove(name);
     }
-    if h
-        .get(http::header::TE)
+    if h.get(http::header::TE)
         .is_some_and(|v| v.as_bytes() != b"trailers")
     {
         h.remove(http::header::TE);

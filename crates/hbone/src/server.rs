@@ -196,6 +196,7 @@ pub struct ServerStats {
     tls_failed: AtomicU64,
     streams: AtomicU64,
     streams_refused: AtomicU64,
+    requests: AtomicU64,
 }
 
 impl ServerStats {
@@ -214,6 +215,10 @@ impl ServerStats {
     /// Streams answered with a non-200 status.
     pub fn streams_refused(&self) -> u64 {
         self.streams_refused.load(Ordering::Relaxed)
+    }
+    /// Direct requests ([`crate::request`]) handed to the handler (also counted in `streams`).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
     }
 }
 
@@ -663,6 +668,7 @@ impl<H: InboundHandler> StreamCtx<H> {
             metadata,
         };
         let req = Request::from_parts(parts, RecvBody::new(body, None));
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let resp = self.handler.request(request, req).await;
         let (mut parts, body) = resp.into_parts();
         crate::request::strip_connection_headers(&mut parts.headers);

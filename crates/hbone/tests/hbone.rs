@@ -768,10 +768,7 @@ async fn direct_requests_carry_bodies_and_trailers_once_the_peer_says_it_takes_t
         .body(body_with_trailers(data.clone(), trailers))?;
     req.headers_mut()
         .insert(BAGGAGE_HEADER, source.to_header_value().unwrap());
-    let resp = m
-        .client
-        .request(dst, echo, &ids(&[SERVER_ID]), req)
-        .await?;
+    let resp = m.client.request(dst, echo, &ids(&[SERVER_ID]), req).await?;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["x-path"], "/reviews/1");
     assert_eq!(resp.headers()["x-target"], echo.to_string().as_str());

@@ -391,7 +391,10 @@ impl InboundHandler for InboundPolicy {
     ) -> http::Response<isthmus_hbone::ResponseBody> {
         use isthmus_hbone::request::APP_PROTOCOL_HEADER;
         let Some(http) = self.inner.http.clone() else {
-            return refused(StatusCode::METHOD_NOT_ALLOWED, "this agent serves no HTTP ports");
+            return refused(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this agent serves no HTTP ports",
+            );
         };
         let conn = Connection {
             peer: Identity::from_spiffe_id(&request.peer_identity),
@@ -422,7 +425,11 @@ impl InboundHandler for InboundPolicy {
             self.inner.config.connect_timeout,
         );
         let send = |r: http::Request<super::l7::pool::Body>| async move {
-            let r = if h2 { r } else { super::l7::inbound::http1_form(r) };
+            let r = if h2 {
+                r
+            } else {
+                super::l7::inbound::http1_form(r)
+            };
             let connect = async move {
                 use super::l7::pool::SendError;
                 match tokio::time::timeout(timeout, sockets.connect(target)).await {

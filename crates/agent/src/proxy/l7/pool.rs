@@ -128,24 +128,23 @@ impl HttpConns {
             }
         };
         let fresh = idle.is_none();
-        let mut sender = match idle {
-            Some(s) => s,
-            None => {
-                let io = connect.await?;
-                let (s, conn) =
-                    http1::Builder::new()
-                        .handshake(io)
-                        .await
-                        .map_err(|e| SendError::Connect {
+        let mut sender =
+            match idle {
+                Some(s) => s,
+                None => {
+                    let io = connect.await?;
+                    let (s, conn) = http1::Builder::new().handshake(io).await.map_err(|e| {
+                        SendError::Connect {
                             addr,
                             message: format!("HTTP/1.1 handshake: {e}"),
-                        })?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                s
-            }
-        };
+                        }
+                    })?;
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                    s
+                }
+            };
         let resp = sender.send_request(req).await.map_err(classify);
         if resp.is_ok() {
             // Back in the pool: it is ready again once this response's body has been read.
@@ -224,12 +223,7 @@ impl UpstreamPool {
         }
         let (resp, fresh) = self
             .conns
-            .send(
-                target.addr,
-                h2,
-                self.connect(target, connect_headers),
-                req,
-            )
+            .send(target.addr, h2, self.connect(target, connect_headers), req)
             .await?;
         let (p, b) = resp.into_parts();
         Ok((
@@ -257,12 +251,13 @@ impl UpstreamPool {
                 .and_then(|h| h.to_str().ok())
                 .unwrap_or("unknown");
             let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-            parts.uri = format!("http://{authority}{pq}")
-                .parse()
-                .map_err(|e| SendError::Connect {
-                    addr,
-                    message: format!("the request's authority {authority:?}: {e}"),
-                })?;
+            parts.uri =
+                format!("http://{authority}{pq}")
+                    .parse()
+                    .map_err(|e| SendError::Connect {
+                        addr,
+                        message: format!("the request's authority {authority:?}: {e}"),
+                    })?;
         } else {
             parts.headers.remove(http::header::HOST);
         }
@@ -281,7 +276,12 @@ impl UpstreamPool {
         );
         let resp = self
             .hbone
-            .request(dst, addr, &target.expected, Request::from_parts(parts, body))
+            .request(
+                dst,
+                addr,
+                &target.expected,
+                Request::from_parts(parts, body),
+            )
             .await
             .map_err(|e| direct_error(addr, e))?;
         let (p, b) = resp.into_parts();
@@ -349,7 +349,9 @@ fn direct_error(addr: SocketAddr, e: HboneError) -> SendError {
                 message: e.to_string(),
             }
         }
-        HboneError::H2 { ref source, .. } if source.reason() == Some(h2::Reason::REFUSED_STREAM) => {
+        HboneError::H2 { ref source, .. }
+            if source.reason() == Some(h2::Reason::REFUSED_STREAM) =>
+        {
             SendError::Refused
         }
         HboneError::H2 { .. } => SendError::Reset(e.to_string()),

@@ -1,0 +1,61 @@
+//! What several of the agent's test files share.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use isthmus_hbone::{Credentials, CredentialsWatch};
+use rcgen::{
+    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::sync::watch;
+
+const TD: &str = "cluster.local";
+
+/// A mesh CA for the test: workload certificates with SPIFFE URI SANs.
+pub struct TestCa {
+    issuer: Issuer<'static, KeyPair>,
+    cert: CertificateDer<'static>,
+}
+
+impl TestCa {
+    pub fn new() -> Result<Self> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "test mesh CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params.self_signed(&key)?;
+        Ok(Self {
+            cert: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    pub fn issue(&self, spiffe: &str) -> Result<CredentialsWatch> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = vec![SanType::URI(spiffe.try_into()?)];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let creds = Credentials {
+            cert_chain: vec![cert.der().clone()],
+            private_key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            roots: vec![self.cert.clone()],
+            trust_domain: TD.to_string(),
+        };
+        // The receiver keeps the last value after the sender is gone.
+        Ok(watch::channel(Some(Arc::new(creds))).1)
+    }
+}
