@@ -92,8 +92,8 @@ struct Inner {
     /// Connections to the local application for requests that came directly on HBONE
     /// (a tunnel has its own).
     app_conns: super::l7::pool::HttpConns,
-    /// Metric series of direct requests, per peer identity and address.
-    direct_series: Mutex<HashMap<(String, std::net::IpAddr), Arc<super::l7::inbound::Series>>>,
+    /// Metric series of direct requests, per peer address and identity.
+    direct_series: Mutex<HashMap<std::net::IpAddr, Vec<(String, Arc<super::l7::inbound::Series>)>>>,
 }
 
 /// Peers whose direct requests' metric series are kept; past it the cache starts again.
@@ -474,13 +474,21 @@ impl InboundPolicy {
             .direct_series
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(s) = map.get(&(identity.to_owned(), src)) {
+        // Usually one identity per address: found without allocating.
+        if let Some((_, s)) = map
+            .get(&src)
+            .and_then(|v| v.iter().find(|(id, _)| id == identity))
+        {
             return s.clone();
         }
         if map.len() >= MAX_DIRECT_PEERS {
             map.clear();
         }
-        map.entry((identity.to_owned(), src)).or_default().clone()
+        let series: Arc<super::l7::inbound::Series> = Arc::default();
+        map.entry(src)
+            .or_default()
+            .push((identity.to_owned(), series.clone()));
+        series
     }
 }
 

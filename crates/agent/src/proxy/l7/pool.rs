@@ -160,7 +160,10 @@ impl HttpConns {
 
     /// Forgets the connections kept for `addr` (they close once their requests are done).
     fn forget(&self, addr: SocketAddr) {
-        self.lock().retain(|k, _| k.addr != addr);
+        let mut conns = self.lock();
+        for h2 in [false, true] {
+            conns.remove(&Key { addr, h2 });
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
