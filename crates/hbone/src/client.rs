@@ -421,7 +421,14 @@ impl HboneClient {
             }
         })?;
         parts.headers.insert(crate::request::TARGET_HEADER, value);
-        let end = body.is_end_stream();
+        // The head and the first of the body leave together.
+        let body = crate::request::Outgoing::start(body)
+            .await
+            .map_err(|e| HboneError::BadRequest {
+                target,
+                reason: format!("reading the request body: {e}"),
+            })?;
+        let end = body.is_empty();
         let mut body = Some(body);
         // One retry, as for tunnels: a pooled connection can die between checkout and use.
         let mut attempt = 0;
@@ -433,7 +440,7 @@ impl HboneClient {
                 send.send_request(Request::from_parts(parts.clone(), ()), end)
             }
             .await;
-            let (resp, stream) = match sent {
+            let (resp, mut stream) = match sent {
                 Ok(v) => v,
                 Err(e) if attempt == 1 && !(e.is_remote() && e.is_reset()) => {
                     tracing::debug!(conn = slot.0.id, error = %e, "pooled connection unusable, retrying on a new one");
@@ -445,12 +452,18 @@ impl HboneClient {
                     return Err(HboneError::H2 { dst, source });
                 }
             };
-            if let Some(body) = body.take().filter(|_| !end) {
-                tokio::spawn(async move {
-                    if let Err(e) = crate::request::send_body(body, stream).await {
-                        tracing::debug!(error = %e, "a direct request's body failed");
+            if let Some(mut body) = body.take().filter(|_| !end) {
+                match body.send_first(&mut stream) {
+                    Ok(true) => {
+                        tokio::spawn(async move {
+                            if let Err(e) = body.finish(stream).await {
+                                tracing::debug!(error = %e, "a direct request's body failed");
+                            }
+                        });
                     }
-                });
+                    Ok(false) => {}
+                    Err(e) => tracing::debug!(error = %e, "a direct request's body failed"),
+                }
             }
             let resp = resp
                 .await

@@ -11,6 +11,7 @@
 //! ([`TAKES_REQUESTS_HEADER`]); the client learns it per peer and keeps tunnelling to every
 //! other HBONE peer (ztunnel, an older agent).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -146,63 +147,148 @@ impl Body for RecvBody {
     }
 }
 
-/// Sends `body` on `send`: data within the peer's flow-control window, then trailers, then the
-/// end of the stream. A body that fails resets the stream (CANCEL), so the peer does not take
-/// a truncated message for a whole one.
-pub async fn send_body<B>(mut body: B, mut send: SendStream<Bytes>) -> Result<(), BoxError>
+/// A message's body with what was read of it before its head was sent.
+pub struct Outgoing<B> {
+    body: B,
+    first: Option<Frame<Bytes>>,
+    /// Nothing more to send after `first`.
+    end: bool,
+}
+
+impl<B> Outgoing<B>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    // Largest reservation asked of h2 at once.
-    const CHUNK: usize = 256 * 1024;
-    loop {
-        let frame = match body.frame().await {
-            None => {
-                send.send_data(Bytes::new(), true)?;
-                return Ok(());
+    /// Reads the body's first frame if it is there without waiting on anything but tasks
+    /// already woken: polled once, and once more after yielding (a body fed by another task
+    /// of this runtime, such as hyper's connection task, has its first bytes by then). The
+    /// head and the first data then leave in one write, not two; a body that takes longer
+    /// (a stream) does not hold its head back.
+    pub async fn start(mut body: B) -> Result<Self, BoxError> {
+        if body.is_end_stream() {
+            return Ok(Self {
+                body,
+                first: None,
+                end: true,
+            });
+        }
+        for attempt in 0..2 {
+            let polled = {
+                let mut next = body.frame();
+                std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut next).poll(cx))).await
+            };
+            match polled {
+                Poll::Ready(None) => {
+                    return Ok(Self {
+                        body,
+                        first: None,
+                        end: true,
+                    })
+                }
+                Poll::Ready(Some(Err(e))) => return Err(e.into()),
+                Poll::Ready(Some(Ok(frame))) => {
+                    let end = frame.is_trailers() || body.is_end_stream();
+                    return Ok(Self {
+                        body,
+                        first: Some(frame),
+                        end,
+                    });
+                }
+                Poll::Pending if attempt == 0 => tokio::task::yield_now().await,
+                Poll::Pending => {}
             }
-            Some(Err(e)) => {
-                send.send_reset(Reason::CANCEL);
-                return Err(e.into());
+        }
+        Ok(Self {
+            body,
+            first: None,
+            end: false,
+        })
+    }
+
+    /// Whether the head carries the end of the stream (nothing at all to send after it).
+    pub fn is_empty(&self) -> bool {
+        self.end && self.first.is_none()
+    }
+
+    /// Queues what was read already; says whether the rest must still be sent (with
+    /// [`Outgoing::finish`]).
+    pub fn send_first(&mut self, send: &mut SendStream<Bytes>) -> Result<bool, BoxError> {
+        if let Some(frame) = self.first.take() {
+            match frame.into_data() {
+                // h2 queues data past the stream's capacity; one frame is a bounded amount,
+                // and the window of a new stream is far larger than a first read.
+                Ok(data) => send.send_data(data, self.end)?,
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        send.send_trailers(t)?;
+                    }
+                }
             }
-            Some(Ok(f)) => f,
-        };
-        let mut data = match frame.into_data() {
-            Ok(d) => d,
-            Err(frame) => {
-                if let Ok(t) = frame.into_trailers() {
-                    send.send_trailers(t)?;
+        }
+        Ok(!self.end)
+    }
+
+    /// Sends the rest of the body: data within the peer's flow-control window, then trailers,
+    /// then the end of the stream. A body that fails resets the stream (CANCEL), so the peer
+    /// does not take a truncated message for a whole one.
+    pub async fn finish(mut self, mut send: SendStream<Bytes>) -> Result<(), BoxError> {
+        // Largest reservation asked of h2 at once.
+        const CHUNK: usize = 256 * 1024;
+        if self.end {
+            return Ok(());
+        }
+        let body = &mut self.body;
+        loop {
+            let frame = match body.frame().await {
+                None => {
+                    send.send_data(Bytes::new(), true)?;
+                    return Ok(());
+                }
+                Some(Err(e)) => {
+                    send.send_reset(Reason::CANCEL);
+                    return Err(e.into());
+                }
+                Some(Ok(f)) => f,
+            };
+            let mut data = match frame.into_data() {
+                Ok(d) => d,
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        send.send_trailers(t)?;
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            let end = body.is_end_stream();
+            if data.is_empty() {
+                if end {
+                    send.send_data(Bytes::new(), true)?;
                     return Ok(());
                 }
                 continue;
             }
-        };
-        let end = body.is_end_stream();
-        if data.is_empty() {
+            while !data.is_empty() {
+                send.reserve_capacity(data.len().min(CHUNK));
+                let granted = loop {
+                    match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+                        // "No new capacity": the next poll waits for some.
+                        Some(Ok(0)) => continue,
+                        Some(Ok(n)) => break n,
+                        Some(Err(e)) => return Err(e.into()),
+                        None => {
+                            return Err("the stream was closed while its body was sent".into())
+                        }
+                    }
+                };
+                // Everything granted is queued at once: h2 reports only increases of capacity.
+                let chunk = data.split_to(granted.min(data.len()));
+                send.send_data(chunk, end && data.is_empty())?;
+            }
             if end {
-                send.send_data(Bytes::new(), true)?;
                 return Ok(());
             }
-            continue;
-        }
-        while !data.is_empty() {
-            send.reserve_capacity(data.len().min(CHUNK));
-            let granted = loop {
-                match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
-                    // "No new capacity": the next poll waits for some.
-                    Some(Ok(0)) => continue,
-                    Some(Ok(n)) => break n,
-                    Some(Err(e)) => return Err(e.into()),
-                    None => return Err("the stream was closed while its body was sent".into()),
-                }
-            };
-            // Everything granted is queued at once: h2 reports only increases of capacity.
-            let chunk = data.split_to(granted.min(data.len()));
-            send.send_data(chunk, end && data.is_empty())?;
-        }
-        if end {
-            return Ok(());
         }
     }
 }

@@ -672,16 +672,31 @@ impl<H: InboundHandler> StreamCtx<H> {
         let resp = self.handler.request(request, req).await;
         let (mut parts, body) = resp.into_parts();
         crate::request::strip_connection_headers(&mut parts.headers);
-        let end = http_body::Body::is_end_stream(&body);
-        let send = match respond.send_response(Response::from_parts(parts, ()), end) {
-            Ok(s) => s,
+        let mut body = match crate::request::Outgoing::start(body).await {
+            Ok(b) => b,
             Err(e) => {
-                tracing::debug!(error = %e, "could not answer a direct request");
+                tracing::debug!(error = %e, "a direct request's response body failed before its head was sent");
+                respond.send_reset(h2::Reason::INTERNAL_ERROR);
                 return;
             }
         };
-        if !end {
-            if let Err(e) = crate::request::send_body(body, send).await {
+        let mut send =
+            match respond.send_response(Response::from_parts(parts, ()), body.is_empty()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not answer a direct request");
+                    return;
+                }
+            };
+        let more = match body.send_first(&mut send) {
+            Ok(more) => more,
+            Err(e) => {
+                tracing::debug!(error = %e, "a direct request's response body failed");
+                return;
+            }
+        };
+        if more {
+            if let Err(e) = body.finish(send).await {
                 tracing::debug!(error = %e, "a direct request's response body failed");
             }
         }
