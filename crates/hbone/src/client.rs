@@ -430,23 +430,27 @@ impl HboneClient {
             })?;
         let end = body.is_empty();
         let mut body = Some(body);
-        // One retry, as for tunnels: a pooled connection can die between checkout and use.
+        let head = Request::from_parts(parts, ());
+        // One retry, as for tunnels: a pooled connection can die between checkout and use
+        // (found when it is not ready; the head is not sent then).
         let mut attempt = 0;
         loop {
             attempt += 1;
             let slot = self.checkout(&key).await?;
-            let sent = async {
-                let mut send = slot.0.send.clone().ready().await?;
-                send.send_request(Request::from_parts(parts.clone(), ()), end)
-            }
-            .await;
-            let (resp, mut stream) = match sent {
-                Ok(v) => v,
+            let mut send = match slot.0.send.clone().ready().await {
+                Ok(s) => s,
                 Err(e) if attempt == 1 && !(e.is_remote() && e.is_reset()) => {
                     tracing::debug!(conn = slot.0.id, error = %e, "pooled connection unusable, retrying on a new one");
                     slot.0.usage.close();
                     continue;
                 }
+                Err(source) => {
+                    slot.0.usage.close();
+                    return Err(HboneError::H2 { dst, source });
+                }
+            };
+            let (resp, mut stream) = match send.send_request(head, end) {
+                Ok(v) => v,
                 Err(source) => {
                     slot.0.usage.close();
                     return Err(HboneError::H2 { dst, source });

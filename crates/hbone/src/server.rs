@@ -85,7 +85,7 @@ pub struct InboundRequest {
     /// SPIFFE ID of the authenticated peer workload.
     pub peer_identity: String,
     /// The peer's leaf certificate.
-    pub peer_certificate: CertificateDer<'static>,
+    pub peer_certificate: Arc<CertificateDer<'static>>,
     /// Source address of the TLS connection.
     pub peer_addr: SocketAddr,
     /// Address the TLS connection was made to (this workload's ip:15008).
@@ -400,7 +400,7 @@ struct Conn<H> {
 
 struct ConnInfo {
     peer_identity: String,
-    peer_certificate: CertificateDer<'static>,
+    peer_certificate: Arc<CertificateDer<'static>>,
     peer_addr: SocketAddr,
     local_addr: SocketAddr,
 }
@@ -460,7 +460,7 @@ impl<H: InboundHandler> Conn<H> {
         tracing::debug!(peer = %peer_identity, "HBONE connection accepted");
         let info = Arc::new(ConnInfo {
             peer_identity,
-            peer_certificate,
+            peer_certificate: Arc::new(peer_certificate),
             peer_addr,
             local_addr,
         });

@@ -664,8 +664,8 @@ async fn rotation_applies_to_new_connections_only() -> Result<()> {
     assert_eq!(m.server.stats().tls_accepted(), 2);
     let seen = m.handler.seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 2);
-    assert_eq!(seen[0].peer_certificate, old_cert);
-    assert_eq!(seen[1].peer_certificate, new_cert);
+    assert_eq!(*seen[0].peer_certificate, old_cert);
+    assert_eq!(*seen[1].peer_certificate, new_cert);
     assert_ne!(old_cert, new_cert);
     Ok(())
 }
