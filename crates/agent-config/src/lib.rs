@@ -184,8 +184,8 @@ pub const SETTINGS: [Setting; 22] = [
     ),
     s(
         keys::HBONE_REQUESTS,
-        Some("true"),
-        "send HTTP requests to peer agents as streams of the mTLS connection (false: tunnel them in CONNECT, as to ztunnel)",
+        Some("false"),
+        "send HTTP requests to peer agents as streams of the mTLS connection (false: tunnel them in CONNECT, measured faster for HTTP/1.1)",
     ),
 ];
 
@@ -510,7 +510,7 @@ impl AgentEnv {
             admin_addr: addr(defaults::ADMIN_ADDR),
             readiness_addr: addr(defaults::READINESS_ADDR),
             max_connections: None,
-            hbone_requests: true,
+            hbone_requests: false,
         }
     }
 
@@ -627,7 +627,7 @@ impl AgentEnv {
                 "a number of connections above 0",
                 |v: &str| v.parse::<usize>().ok().filter(|n| *n > 0).map(Some)
             ),
-            hbone_requests: typed!(keys::HBONE_REQUESTS, true, "true or false", parse_bool),
+            hbone_requests: typed!(keys::HBONE_REQUESTS, false, "true or false", parse_bool),
         };
         if parsed.capture && !parsed.proxy {
             invalid(
@@ -875,7 +875,7 @@ mod tests {
         env.admin_addr = "127.0.0.1:3".parse().unwrap();
         env.readiness_addr = "127.0.0.1:4".parse().unwrap();
         env.max_connections = Some(4096);
-        env.hbone_requests = false;
+        env.hbone_requests = true;
         let text = env.render();
         assert_eq!(parse(&text).unwrap(), env, "{text}");
         assert!(text.contains("ISTHMUS_DRAIN_DURATION=1m 30s") || text.contains("'1m 30s'"));

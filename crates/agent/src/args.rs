@@ -117,8 +117,9 @@ pub struct AgentArgs {
     #[arg(long, value_enum, default_value = "passthrough")]
     pub outbound_unknown: OutboundUnknown,
     /// Send HTTP requests to peer agents that take them as streams of the mTLS connection
-    /// itself (false: tunnel every upstream HTTP connection in a CONNECT, as to ztunnel).
-    #[arg(long, value_name = "true|false", default_value = "true", env = keys::HBONE_REQUESTS, action = clap::ArgAction::Set)]
+    /// itself (false: tunnel every upstream HTTP connection in a CONNECT, as to ztunnel;
+    /// measured faster on HTTP/1.1, BENCHMARKS.md).
+    #[arg(long, value_name = "true|false", default_value = "false", env = keys::HBONE_REQUESTS, action = clap::ArgAction::Set)]
     pub hbone_requests: bool,
     /// On SIGTERM, how long open connections may finish after the proxy stops accepting
     /// (Istio's terminationDrainDuration).

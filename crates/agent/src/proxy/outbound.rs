@@ -60,7 +60,7 @@ impl Default for OutboundConfig {
             connect_timeout: Duration::from_secs(10),
             sockets: SocketFactory::unmarked(),
             conn_limit: ConnLimit::unbounded(),
-            hbone_requests: true,
+            hbone_requests: false,
         }
     }
 }
