@@ -51,6 +51,8 @@ pub mod keys {
     pub const READINESS_ADDR: &str = "ISTHMUS_AGENT_READINESS_ADDR";
     pub const MAX_CONNECTIONS: &str = "ISTHMUS_MAX_CONNECTIONS";
     pub const HBONE_REQUESTS: &str = "ISTHMUS_HBONE_REQUESTS";
+    /// ztunnel's name for it.
+    pub const POOL_MAX_STREAMS_PER_CONNECTION: &str = "POOL_MAX_STREAMS_PER_CONNECTION";
 }
 
 /// The defaults, as text (what clap's `default_value` takes and `--help` shows).
@@ -80,7 +82,7 @@ pub struct Setting {
 }
 
 /// Every variable agent.env may hold, in the order the file is written.
-pub const SETTINGS: [Setting; 22] = [
+pub const SETTINGS: [Setting; 23] = [
     s(
         keys::CA_ADDR,
         None,
@@ -187,6 +189,11 @@ pub const SETTINGS: [Setting; 22] = [
         Some("false"),
         "send HTTP requests to peer agents as streams of the mTLS connection (false: tunnel them in CONNECT, measured faster for HTTP/1.1)",
     ),
+    s(
+        keys::POOL_MAX_STREAMS_PER_CONNECTION,
+        Some("100"),
+        "HBONE streams on one pooled connection to a peer before another connection is opened",
+    ),
 ];
 
 const fn s(key: &'static str, default: Option<&'static str>, help: &'static str) -> Setting {
@@ -251,6 +258,7 @@ pub struct AgentEnv {
     /// `None`: derived from the open-files limit at start.
     pub max_connections: Option<usize>,
     pub hbone_requests: bool,
+    pub pool_max_streams_per_connection: usize,
 }
 
 /// One problem with one variable; the message names the file, the variable and the value, and
@@ -511,6 +519,7 @@ impl AgentEnv {
             readiness_addr: addr(defaults::READINESS_ADDR),
             max_connections: None,
             hbone_requests: false,
+            pool_max_streams_per_connection: 100,
         }
     }
 
@@ -628,6 +637,12 @@ impl AgentEnv {
                 |v: &str| v.parse::<usize>().ok().filter(|n| *n > 0).map(Some)
             ),
             hbone_requests: typed!(keys::HBONE_REQUESTS, false, "true or false", parse_bool),
+            pool_max_streams_per_connection: typed!(
+                keys::POOL_MAX_STREAMS_PER_CONNECTION,
+                100,
+                "a number of streams above 0",
+                |v: &str| v.parse::<usize>().ok().filter(|n| *n > 0)
+            ),
         };
         if parsed.capture && !parsed.proxy {
             invalid(
@@ -686,6 +701,7 @@ impl AgentEnv {
             readiness_addr,
             max_connections,
             hbone_requests,
+            pool_max_streams_per_connection,
         } = self;
         let path = |p: &Path| Some(p.display().to_string());
         vec![
@@ -723,6 +739,10 @@ impl AgentEnv {
                 max_connections.map(|n| n.to_string()),
             ),
             (keys::HBONE_REQUESTS, Some(hbone_requests.to_string())),
+            (
+                keys::POOL_MAX_STREAMS_PER_CONNECTION,
+                Some(pool_max_streams_per_connection.to_string()),
+            ),
         ]
     }
 
@@ -876,6 +896,7 @@ mod tests {
         env.readiness_addr = "127.0.0.1:4".parse().unwrap();
         env.max_connections = Some(4096);
         env.hbone_requests = true;
+        env.pool_max_streams_per_connection = 4;
         let text = env.render();
         assert_eq!(parse(&text).unwrap(), env, "{text}");
         assert!(text.contains("ISTHMUS_DRAIN_DURATION=1m 30s") || text.contains("'1m 30s'"));

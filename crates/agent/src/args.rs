@@ -121,6 +121,11 @@ pub struct AgentArgs {
     /// measured faster on HTTP/1.1, BENCHMARKS.md).
     #[arg(long, value_name = "true|false", default_value = "false", env = keys::HBONE_REQUESTS, action = clap::ArgAction::Set)]
     pub hbone_requests: bool,
+    /// HBONE streams (tunnels) on one pooled connection to a peer before another connection
+    /// to it is opened (ztunnel's POOL_MAX_STREAMS_PER_CONNECTION; the peer's
+    /// SETTINGS_MAX_CONCURRENT_STREAMS lowers it).
+    #[arg(long, value_name = "N", default_value = "100", env = keys::POOL_MAX_STREAMS_PER_CONNECTION, value_parser = clap::value_parser!(u32).range(1..))]
+    pub pool_max_streams_per_connection: u32,
     /// On SIGTERM, how long open connections may finish after the proxy stops accepting
     /// (Istio's terminationDrainDuration).
     #[arg(long, default_value = defaults::DRAIN_DURATION, env = keys::DRAIN_DURATION)]

@@ -438,6 +438,7 @@ pub async fn run(
             crate::args::OutboundUnknown::Refuse => crate::proxy::UnknownDestination::Refuse,
         };
         cfg.outbound.hbone_requests = args.hbone_requests;
+        cfg.hbone_client.max_streams_per_connection = args.pool_max_streams_per_connection as usize;
         let dp = DataPlane::new().context("cannot start the data-plane runtime")?;
         // Started from inside the data-plane runtime: its listeners, connections and HBONE
         // pool tasks all land there.

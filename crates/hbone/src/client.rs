@@ -422,12 +422,13 @@ impl HboneClient {
         })?;
         parts.headers.insert(crate::request::TARGET_HEADER, value);
         // The head and the first of the body leave together.
-        let body = crate::request::Outgoing::start(body)
-            .await
-            .map_err(|e| HboneError::BadRequest {
-                target,
-                reason: format!("reading the request body: {e}"),
-            })?;
+        let body =
+            crate::request::Outgoing::start(body)
+                .await
+                .map_err(|e| HboneError::BadRequest {
+                    target,
+                    reason: format!("reading the request body: {e}"),
+                })?;
         let end = body.is_empty();
         let mut body = Some(body);
         let head = Request::from_parts(parts, ());

@@ -277,9 +277,7 @@ where
                         Some(Ok(0)) => continue,
                         Some(Ok(n)) => break n,
                         Some(Err(e)) => return Err(e.into()),
-                        None => {
-                            return Err("the stream was closed while its body was sent".into())
-                        }
+                        None => return Err("the stream was closed while its body was sent".into()),
                     }
                 };
                 // Everything granted is queued at once: h2 reports only increases of capacity.

@@ -680,14 +680,14 @@ impl<H: InboundHandler> StreamCtx<H> {
                 return;
             }
         };
-        let mut send =
-            match respond.send_response(Response::from_parts(parts, ()), body.is_empty()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(error = %e, "could not answer a direct request");
-                    return;
-                }
-            };
+        let mut send = match respond.send_response(Response::from_parts(parts, ()), body.is_empty())
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not answer a direct request");
+                return;
+            }
+        };
         let more = match body.send_first(&mut send) {
             Ok(more) => more,
             Err(e) => {
