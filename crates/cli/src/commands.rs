@@ -105,7 +105,8 @@ pub async fn run(cmd: Command, out: &mut dyn Write) -> Result<(), CommandError> 
             let r: RegisterResponse = client
                 .json(
                     Method::POST,
-                    "/api/v1/register",
+                    // Answered once DNS and discovery serve it: a `dig` right after finds it.
+                    "/api/v1/register?wait=true",
                     Some(("application/json", body)),
                 )
                 .await?;
@@ -181,7 +182,7 @@ pub async fn run(cmd: Command, out: &mut dyn Write) -> Result<(), CommandError> 
             let r: Value = client
                 .json(
                     Method::POST,
-                    "/api/v1/apply",
+                    "/api/v1/apply?wait=true",
                     Some(("application/yaml", text.into_bytes())),
                 )
                 .await?;

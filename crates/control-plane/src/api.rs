@@ -576,21 +576,59 @@ async fn delete_one(
     Ok(Json(json!({"action": "deleted", "revision": revision, "object": object})).into_response())
 }
 
+/// `?wait=true` on a write: answer once the write is in the view DNS and discovery serve from.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct WaitQuery {
+    #[serde(default)]
+    wait: bool,
+}
+
+/// Longest a `?wait=true` write waits for the served view (a snapshot is published within
+/// `informer::DEBOUNCE_MAX` of a write, and at most every `informer::MIN_INTERVAL`).
+const WRITE_WAIT: Duration = Duration::from_secs(2);
+
+/// With `wait`, resolves once the informer's view (what DNS and discovery serve) holds the
+/// write made at revision `written` (when anything was written), or after [`WRITE_WAIT`]: so
+/// `isthmus register` then `dig` finds the name, and the write's answer is never held long.
+async fn served(state: &ApiState, wait: bool, written: Option<isthmus_store::Revision>) {
+    let Some(written) = written.filter(|_| wait) else {
+        return;
+    };
+    let mut view = state.view.clone();
+    let _ = tokio::time::timeout(WRITE_WAIT, view.wait_for(|v| v.revision >= written)).await;
+}
+
 async fn apply(
     State(state): State<Arc<ApiState>>,
+    q: Result<Query<WaitQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
+    let q = query(q)?;
     let bytes = read_body(body).await?;
     let yaml = is_yaml(&headers);
     let resources = parse_off_workers(move || parse_apply(&bytes, yaml)).await?;
     let (results, revision) = state.registry.apply(resources).await?;
+    let wrote = results
+        .iter()
+        .any(|r| r.action != crate::registry::Action::Unchanged);
+    served(&state, q.wait, wrote.then_some(revision)).await;
     Ok(Json(json!({"revision": revision, "results": results})).into_response())
 }
 
-async fn register(State(state): State<Arc<ApiState>>, body: Body) -> ApiResult<Response> {
+async fn register(
+    State(state): State<Arc<ApiState>>,
+    q: Result<Query<WaitQuery>, QueryRejection>,
+    body: Body,
+) -> ApiResult<Response> {
+    let q = query(q)?;
     let req: RegisterRequest = parse_json_body(read_body(body).await?).await?;
     let resp = state.registry.register(req).await?;
+    let wrote = [resp.service, resp.workload_entry]
+        .iter()
+        .any(|a| *a != crate::registry::Action::Unchanged);
+    served(&state, q.wait, wrote.then_some(resp.revision)).await;
     Ok(Json(resp).into_response())
 }
 

@@ -393,6 +393,34 @@ async fn control_plane_dns_answers_mesh_names() {
     assert_eq!(tcp.trim(), vip);
 }
 
+/// `isthmus register` answers once DNS serves the name (the API's `?wait=true`), so a `dig`
+/// right after it, as the README runs them, finds it: checked for registrations one right
+/// after another, where the informer publishes at most four snapshots a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_name_is_in_dns_when_register_returns() {
+    if std::process::Command::new("dig")
+        .arg("-v")
+        .output()
+        .is_err()
+    {
+        eprintln!("!!!! SKIP: dig not installed (scripts/setup.sh installs dnsutils) !!!!");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path());
+    for i in 0..8 {
+        let svc = format!("db{i}");
+        let ip = format!("10.0.1.{}", i + 1);
+        s.ok(&["register", &svc, &ip, "5432", "-n", "onprem"]);
+        let name = format!("{svc}.onprem.svc.cluster.local");
+        let answer = dig(&s.dns, &[&name, "A"]).unwrap();
+        assert!(
+            answer.contains("status: NOERROR") && answer.contains("ANSWER: 1,"),
+            "{name} was not in DNS right after `isthmus register` returned:\n{answer}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authorization_policies_reach_the_host() {
     let dir = tempfile::tempdir().unwrap();
