@@ -93,8 +93,11 @@ struct Inner {
     /// (a tunnel has its own).
     app_conns: super::l7::pool::HttpConns,
     /// Metric series of direct requests, per peer address and identity.
-    direct_series: Mutex<HashMap<std::net::IpAddr, Vec<(String, Arc<super::l7::inbound::Series>)>>>,
+    direct_series: Mutex<HashMap<std::net::IpAddr, PeerSeries>>,
 }
+
+/// The metric series of one address's peers, by identity.
+type PeerSeries = Vec<(String, Arc<super::l7::inbound::Series>)>;
 
 /// Peers whose direct requests' metric series are kept; past it the cache starts again.
 const MAX_DIRECT_PEERS: usize = 1024;
