@@ -199,3 +199,118 @@ async fn a_full_range_is_used_to_the_last_address() {
         Err(RegistryError::VipExhausted(_))
     ));
 }
+
+/// A store whose `get` answers from a snapshot taken earlier, as an etcd member can answer a
+/// linearizable read from behind (etcd-io/etcd#20418); everything else is the real store.
+struct StaleReads {
+    inner: MemStore,
+    frozen: std::sync::Mutex<Option<std::collections::HashMap<String, isthmus_store::KeyValue>>>,
+}
+
+impl StaleReads {
+    /// From now on `get` answers what the store holds at this moment.
+    async fn freeze(&self) {
+        let (kvs, _) = self.inner.range("/").await.unwrap();
+        *self.frozen.lock().unwrap() =
+            Some(kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect());
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for StaleReads {
+    fn revision(&self) -> isthmus_store::Revision {
+        self.inner.revision()
+    }
+    async fn get(
+        &self,
+        key: &str,
+    ) -> Result<Option<isthmus_store::KeyValue>, isthmus_store::StoreError> {
+        let frozen = self
+            .frozen
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|m| m.get(key).cloned());
+        match frozen {
+            Some(stale) => Ok(stale),
+            None => self.inner.get(key).await,
+        }
+    }
+    async fn range(
+        &self,
+        prefix: &str,
+    ) -> Result<(Vec<isthmus_store::KeyValue>, isthmus_store::Revision), isthmus_store::StoreError>
+    {
+        self.inner.range(prefix).await
+    }
+    async fn txn(
+        &self,
+        txn: isthmus_store::Txn,
+    ) -> Result<isthmus_store::TxnOutcome, isthmus_store::StoreError> {
+        self.inner.txn(txn).await
+    }
+    async fn watch(
+        &self,
+        prefix: &str,
+        from: isthmus_store::Revision,
+    ) -> Result<isthmus_store::WatchStream, isthmus_store::StoreError> {
+        self.inner.watch(prefix, from).await
+    }
+    async fn compact(
+        &self,
+        revision: isthmus_store::Revision,
+    ) -> Result<(), isthmus_store::StoreError> {
+        self.inner.compact(revision).await
+    }
+    fn oldest_revision(&self) -> isthmus_store::Revision {
+        self.inner.oldest_revision()
+    }
+}
+
+/// A registration that finds its service and entry as they are, and writes nothing, is still
+/// confirmed by a transaction (its compares go through the store's log): when its reads came
+/// from before a delete, it is refused (the service is gone), never reported as registered.
+/// Before, such a registration answered "unchanged" with the deleted service's VIP: the chaos
+/// test's lost registration.
+#[tokio::test]
+async fn an_unchanged_registration_read_from_behind_is_not_reported_as_done() {
+    let store = Arc::new(StaleReads {
+        inner: MemStore::new(),
+        frozen: std::sync::Mutex::new(None),
+    });
+    let dyn_store: Arc<dyn Store> = store.clone();
+    let reg = Registry::new(
+        dyn_store,
+        "10.96.0.0/16".parse().unwrap(),
+        "cluster.local".into(),
+    );
+    let req = || RegisterRequest {
+        service: "mysql".into(),
+        namespace: "onprem".into(),
+        ip: "10.0.0.5".into(),
+        ports: vec!["3306".into()],
+        ..Default::default()
+    };
+    reg.register(req()).await.unwrap();
+    store.freeze().await;
+    reg.delete(Kind::Service, "onprem", "mysql").await.unwrap();
+    match reg.register(req()).await {
+        Ok(r) => {
+            // Reported registered: then the service must exist.
+            let svc = store
+                .inner
+                .get(&Kind::Service.key("onprem", "mysql"))
+                .await
+                .unwrap();
+            assert!(
+                svc.is_some(),
+                "register answered {:?} for a service that does not exist",
+                r.service
+            );
+        }
+        Err(e) => assert!(
+            e.to_string().contains("busy") || e.to_string().contains("again"),
+            "{e}"
+        ),
+    }
+}
