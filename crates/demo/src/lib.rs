@@ -368,7 +368,15 @@ async fn scenario(args: &DemoArgs, work: &Path, out: &mut dyn Write) -> Result<(
     say("==> agents ready on productpage, reviews and the VM: certificates issued, registry received, interception rules installed".into())?;
 
     let url = "http://productpage.bookinfo.svc.cluster.local:9080/";
-    let body = demo.fetch("vm", url).await?;
+    // The agents are ready with the registry they received; reviews' own entry (registered
+    // when its agent connected, healthy once probed) reaches productpage's agent within a
+    // second or so after.
+    let start = Instant::now();
+    let mut body = demo.fetch("vm", url).await?;
+    while body.contains("upstream failed") && start.elapsed() < WAIT {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        body = demo.fetch("vm", url).await?;
+    }
     say(format!("\nVM -> {url}\n   {body}"))?;
     say("   (resolved by the VM agent's DNS, captured by iptables, carried over HBONE mTLS; productpage called reviews the same way)".into())?;
 
