@@ -63,9 +63,6 @@ pub struct EtcdOptions {
     pub max_txn_ops: usize,
 }
 
-/// A key never written, under the store's prefix: `get` deletes it to put its read in etcd's log.
-const READ_BARRIER_KEY: &str = "/barrier/read";
-
 impl EtcdOptions {
     pub fn new(endpoints: Vec<String>, prefix: impl Into<String>) -> Self {
         Self {
@@ -590,32 +587,17 @@ impl Store for EtcdStore {
         self.inner.revision.load(Ordering::SeqCst)
     }
 
-    /// Read in etcd's log, not through its read index: a transaction of the read and the
-    /// delete of a key never written goes through raft (a delete makes it a write) and
-    /// changes nothing, so its read is taken at its place in the log. etcd before 3.4.42 /
-    /// 3.5.28 / 3.6.9 can answer a read-index read from behind when its leader changes
-    /// (etcd-io/etcd#20418), and a replica cannot tell when the write it missed went through
-    /// another replica; the chaos test found such reads. One round trip, as a read.
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         let inner = &self.inner;
-        let ops = vec![
-            ec::TxnOp::get(inner.key(key), None),
-            ec::TxnOp::delete(inner.key(READ_BARRIER_KEY), None),
-        ];
+        let k = inner.key(key);
         let resp = inner
-            .retrying("read", || {
+            .read_fresh(|| {
                 let mut kv = inner.client.kv_client();
-                let request = ec::Txn::new().and_then(ops.clone());
-                async move { kv.txn(request).await }
+                let k = k.clone();
+                async move { kv.get(k, None).await }
             })
             .await?;
-        inner.saw(resp.header());
-        for op in resp.op_responses() {
-            if let ec::TxnOpResponse::Get(g) = op {
-                return g.kvs().first().map(|kv| inner.kv(kv)).transpose();
-            }
-        }
-        Ok(None)
+        resp.kvs().first().map(|kv| inner.kv(kv)).transpose()
     }
 
     async fn get_serializable(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
@@ -975,7 +957,7 @@ mod tests {
         let now = store.revision();
         store.inner.revision.fetch_max(now + 5, Ordering::SeqCst);
         let started = std::time::Instant::now();
-        let err = store.range("/").await.unwrap_err();
+        let err = store.get("/k").await.unwrap_err();
         assert!(
             matches!(
                 &err,
@@ -993,8 +975,7 @@ mod tests {
         );
         // Asked again until the request timeout.
         assert!(started.elapsed() >= Duration::from_millis(250));
-        // A get is read in etcd's log, so it is never from behind.
-        assert!(store.get("/k").await.is_ok(), "gets are read in the log");
+        assert!(store.range("/").await.is_err(), "ranges are checked too");
         // Once etcd has reached the seen revision, reads pass again.
         for v in ["b", "c", "d", "e", "f"] {
             store.txn(put(v)).await.unwrap();
