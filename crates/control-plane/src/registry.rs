@@ -22,9 +22,9 @@ const VIP_PREFIX: &str = "/registry/vips/";
 /// Optimistic transactions are retried this many times when another writer got in between.
 const MAX_ATTEMPTS: usize = 16;
 
-/// A key never written: deleting it turns a transaction of compares into a write that goes
-/// through etcd's log and changes nothing (see `register` and `delete_guarded`).
-const BARRIER_KEY: &str = "/barrier/confirm";
+/// A key never written: deleting it turns a transaction of compares into a write (see
+/// `register`).
+const REGISTER_BARRIER_KEY: &str = "/barrier/register";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -654,24 +654,7 @@ impl Registry {
         for _ in 0..MAX_ATTEMPTS {
             let key = kind.key(ns, name);
             let Some(kv) = self.store.get(&key).await? else {
-                // "Not found" rests on the read alone: confirm it in the log, as `register`
-                // confirms an unchanged registration.
-                let confirm = Txn {
-                    compares: vec![Compare::ModRevision {
-                        key: key.clone(),
-                        revision: 0,
-                    }],
-                    ops: vec![Op::Delete {
-                        key: BARRIER_KEY.into(),
-                    }],
-                    lease: None,
-                };
-                match self.store.txn(confirm).await? {
-                    TxnOutcome::Committed { .. } => {
-                        return Err(RegistryError::NotFound(format!("{kind} {ns}/{name}")))
-                    }
-                    TxnOutcome::Failed { .. } => continue,
-                }
+                return Err(RegistryError::NotFound(format!("{kind} {ns}/{name}")));
             };
             let Some(r) = decode(&kv)? else {
                 return Err(RegistryError::NotFound(format!("{kind} {ns}/{name}")));
@@ -943,7 +926,7 @@ impl Registry {
                 // before 3.4.42 can be answered from behind (etcd-io/etcd#20418): the
                 // registration would then be reported for a service deleted meanwhile.
                 txn.ops.push(Op::Delete {
-                    key: BARRIER_KEY.into(),
+                    key: REGISTER_BARRIER_KEY.into(),
                 });
             }
             if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {

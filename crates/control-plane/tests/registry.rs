@@ -314,33 +314,3 @@ async fn an_unchanged_registration_read_from_behind_is_not_reported_as_done() {
         ),
     }
 }
-
-/// A delete that reads nothing confirms the absence in the store's log before it answers "not
-/// found": when the read came from before the object was created, it deletes the object.
-#[tokio::test]
-async fn a_delete_read_from_behind_does_not_answer_not_found_for_an_existing_object() {
-    let store = Arc::new(StaleReads {
-        inner: MemStore::new(),
-        frozen: std::sync::Mutex::new(None),
-    });
-    let dyn_store: Arc<dyn Store> = store.clone();
-    let reg = Registry::new(
-        dyn_store,
-        "10.96.0.0/16".parse().unwrap(),
-        "cluster.local".into(),
-    );
-    store.freeze().await;
-    reg.apply(vec![svc("a")]).await.unwrap();
-    let key = Kind::Service.key("ns", "a");
-    match reg.delete(Kind::Service, "ns", "a").await {
-        Err(RegistryError::NotFound(_)) => assert!(
-            store.inner.get(&key).await.unwrap().is_none(),
-            "delete answered not found for a service that exists"
-        ),
-        Err(e) => assert!(
-            e.to_string().contains("busy") || e.to_string().contains("again"),
-            "{e}"
-        ),
-        Ok(_) => assert!(store.inner.get(&key).await.unwrap().is_none()),
-    }
-}
