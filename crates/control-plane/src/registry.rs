@@ -22,10 +22,6 @@ const VIP_PREFIX: &str = "/registry/vips/";
 /// Optimistic transactions are retried this many times when another writer got in between.
 const MAX_ATTEMPTS: usize = 16;
 
-/// A key never written: deleting it turns a transaction of compares into a write (see
-/// `register`).
-const REGISTER_BARRIER_KEY: &str = "/barrier/register";
-
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("{0} not found")]
@@ -903,12 +899,6 @@ impl Registry {
             model::validate(&entry_res)?;
             if entry_action != Action::Unchanged {
                 put_if_unchanged(&mut txn, &entry_key, entry_kv.as_ref(), &entry_res);
-            } else {
-                // As read, or the answer would describe an entry that is gone.
-                txn.compares.push(Compare::ModRevision {
-                    key: entry_key.clone(),
-                    revision: entry_kv.as_ref().map_or(0, |kv| kv.mod_revision),
-                });
             }
             let response = |revision| RegisterResponse {
                 service: svc_action,
@@ -919,15 +909,7 @@ impl Registry {
                 revision,
             };
             if txn.ops.is_empty() {
-                // Nothing to write: the answer rests on the reads, so they are confirmed by
-                // the compares above in a transaction that goes through etcd's log. A delete
-                // of a key that never exists makes it one and changes nothing; a transaction
-                // of compares alone is read-only, and etcd serves those like reads, which
-                // before 3.4.42 can be answered from behind (etcd-io/etcd#20418): the
-                // registration would then be reported for a service deleted meanwhile.
-                txn.ops.push(Op::Delete {
-                    key: REGISTER_BARRIER_KEY.into(),
-                });
+                return Ok(response(self.store.revision()));
             }
             if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
                 return Ok(response(revision));
