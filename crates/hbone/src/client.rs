@@ -271,17 +271,11 @@ impl HboneClient {
         expected: &[String],
         headers: &HeaderMap,
     ) -> Result<HboneStream, HboneError> {
-        let mut expected = expected.to_vec();
-        expected.sort();
-        expected.dedup();
-        if expected.is_empty() {
-            return Err(HboneError::NoExpectedIdentity { target });
-        }
+        let key = pool_key(dst, target, expected)?;
         let uri = Uri::try_from(target.to_string()).map_err(|e| HboneError::BadRequest {
             target,
             reason: e.to_string(),
         })?;
-        let key = PoolKey { dst, expected };
         let span = tracing::debug_span!("hbone_stream", %dst, %target);
         async {
             // One retry: a pooled connection can die (GOAWAY, reset) between checkout and use.
@@ -406,13 +400,7 @@ impl HboneClient {
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<crate::request::BoxError>,
     {
-        let mut expected = expected.to_vec();
-        expected.sort();
-        expected.dedup();
-        if expected.is_empty() {
-            return Err(HboneError::NoExpectedIdentity { target });
-        }
-        let key = PoolKey { dst, expected };
+        let key = pool_key(dst, target, expected)?;
         let (mut parts, body) = req.into_parts();
         let value = http::HeaderValue::try_from(target.to_string()).map_err(|e| {
             HboneError::BadRequest {
@@ -629,6 +617,22 @@ impl HboneClient {
             creds,
         })
     }
+}
+
+/// The pool key of connections to `dst` that present one of `expected` (sorted, deduplicated);
+/// none expected is refused.
+fn pool_key(
+    dst: SocketAddr,
+    target: SocketAddr,
+    expected: &[String],
+) -> Result<PoolKey, HboneError> {
+    let mut expected = expected.to_vec();
+    expected.sort();
+    expected.dedup();
+    if expected.is_empty() {
+        return Err(HboneError::NoExpectedIdentity { target });
+    }
+    Ok(PoolKey { dst, expected })
 }
 
 /// Drops the ended connection `id` from its destination's list, and the destination's entry

@@ -527,15 +527,7 @@ impl<H: InboundHandler> StreamCtx<H> {
             return;
         }
         let (parts, body) = req.into_parts();
-        let request = InboundRequest {
-            peer_identity: self.info.peer_identity.clone(),
-            peer_certificate: self.info.peer_certificate.clone(),
-            peer_addr: self.info.peer_addr,
-            local_addr: self.info.local_addr,
-            target,
-            headers: parts.headers,
-            metadata,
-        };
+        let request = self.inbound_request(target, parts.headers, metadata);
         let mut upstream: Box<dyn Upstream> = match self.handler.decide(&request).await {
             Decision::Deny(status, reason) => {
                 self.refuse(&mut respond, status, &reason, trace);
@@ -622,6 +614,24 @@ impl<H: InboundHandler> StreamCtx<H> {
         }
     }
 
+    /// What the handler is told of a stream of this connection.
+    fn inbound_request(
+        &self,
+        target: SocketAddr,
+        headers: HeaderMap,
+        metadata: StreamMetadata,
+    ) -> InboundRequest {
+        InboundRequest {
+            peer_identity: self.info.peer_identity.clone(),
+            peer_certificate: self.info.peer_certificate.clone(),
+            peer_addr: self.info.peer_addr,
+            local_addr: self.info.local_addr,
+            target,
+            headers,
+            metadata,
+        }
+    }
+
     /// The answer to an accepted CONNECT.
     fn ok(&self) -> Response<()> {
         let mut r = Response::new(());
@@ -641,32 +651,25 @@ impl<H: InboundHandler> StreamCtx<H> {
     ) {
         let (mut parts, body) = req.into_parts();
         // What the client agent said of itself, under the names a CONNECT uses for it.
-        let mut said = HeaderMap::with_capacity(3);
-        if let Some(v) = parts.headers.get(crate::request::BAGGAGE_HEADER) {
-            said.insert(crate::metadata::BAGGAGE, v.clone());
-        }
-        if let Some(v) = parts.headers.get(crate::request::FORWARDED_HEADER) {
-            said.insert(crate::metadata::FORWARDED, v.clone());
-        }
-        if let Some(v) = parts.headers.get(crate::metadata::TRACEPARENT) {
-            said.insert(crate::metadata::TRACEPARENT, v.clone());
-        }
-        if let Some(v) = parts.headers.get(crate::request::APP_PROTOCOL_HEADER) {
-            said.insert(crate::request::APP_PROTOCOL_HEADER, v.clone());
+        let mut said = HeaderMap::with_capacity(4);
+        for (sent_as, named) in [
+            (crate::request::BAGGAGE_HEADER, crate::metadata::BAGGAGE),
+            (crate::request::FORWARDED_HEADER, crate::metadata::FORWARDED),
+            (crate::metadata::TRACEPARENT, crate::metadata::TRACEPARENT),
+            (
+                crate::request::APP_PROTOCOL_HEADER,
+                crate::request::APP_PROTOCOL_HEADER,
+            ),
+        ] {
+            if let Some(v) = parts.headers.get(&sent_as) {
+                said.insert(named, v.clone());
+            }
         }
         for h in AGENT_HEADERS.iter() {
             parts.headers.remove(h);
         }
         let metadata = StreamMetadata::from_headers(&said);
-        let request = InboundRequest {
-            peer_identity: self.info.peer_identity.clone(),
-            peer_certificate: self.info.peer_certificate.clone(),
-            peer_addr: self.info.peer_addr,
-            local_addr: self.info.local_addr,
-            target,
-            headers: said,
-            metadata,
-        };
+        let request = self.inbound_request(target, said, metadata);
         let req = Request::from_parts(parts, RecvBody::new(body, None));
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let resp = self.handler.request(request, req).await;

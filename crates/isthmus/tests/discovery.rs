@@ -343,6 +343,18 @@ async fn health_reports_mark_the_entry() {
     task.abort();
 }
 
+/// Says so loudly when `dig` is not installed (the test then has nothing to run).
+fn dig_missing() -> bool {
+    let missing = std::process::Command::new("dig")
+        .arg("-v")
+        .output()
+        .is_err();
+    if missing {
+        eprintln!("!!!! SKIP: dig not installed (scripts/setup.sh installs dnsutils) !!!!");
+    }
+    missing
+}
+
 fn dig(server: &str, args: &[&str]) -> Option<String> {
     let (ip, port) = server.rsplit_once(':').unwrap();
     let out = std::process::Command::new("dig")
@@ -356,12 +368,7 @@ fn dig(server: &str, args: &[&str]) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_plane_dns_answers_mesh_names() {
-    if std::process::Command::new("dig")
-        .arg("-v")
-        .output()
-        .is_err()
-    {
-        eprintln!("!!!! SKIP: dig not installed (scripts/setup.sh installs dnsutils) !!!!");
+    if dig_missing() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -398,12 +405,7 @@ async fn control_plane_dns_answers_mesh_names() {
 /// after another, where the informer publishes at most four snapshots a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registered_name_is_in_dns_when_register_returns() {
-    if std::process::Command::new("dig")
-        .arg("-v")
-        .output()
-        .is_err()
-    {
-        eprintln!("!!!! SKIP: dig not installed (scripts/setup.sh installs dnsutils) !!!!");
+    if dig_missing() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
