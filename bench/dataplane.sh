@@ -364,17 +364,19 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # Context switches so far, voluntary + involuntary, summed over the threads.
 ctxsw() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n + 0}'; }
 HZ=$(getconf CLK_TCK)
-# VmRSS, RssAnon and RssFile of a process into MEM_RSS, MEM_ANON, MEM_FILE, without a fork.
+# VmRSS, RssAnon and RssFile of a process into MEM_RSS, MEM_ANON, MEM_FILE, without a fork
+# (`mapfile` reads the file in a few system calls; `while read` takes two per line).
 mem_kb() {
-    local k v _
+    local l
     MEM_RSS=0 MEM_ANON=0 MEM_FILE=0
-    while read -r k v _; do
-        case $k in
-        VmRSS:) MEM_RSS=$v ;;
-        RssAnon:) MEM_ANON=$v ;;
-        RssFile:) MEM_FILE=$v ;;
+    mapfile -t MEM_LINES <"/proc/$1/status"
+    for l in "${MEM_LINES[@]}"; do
+        case $l in
+        VmRSS:*) MEM_RSS=${l//[!0-9]/} ;;
+        RssAnon:*) MEM_ANON=${l//[!0-9]/} ;;
+        RssFile:*) MEM_FILE=${l//[!0-9]/} ;;
         esac
-    done <"/proc/$1/status"
+    done
 }
 # A pipe nobody writes: `read -t` on it is a sleep without forking `sleep`.
 exec {nap_fd}<> <(:)
@@ -403,7 +405,7 @@ perf_agents() { # label seconds
     done
 }
 
-# Runs the load in the background, sampling the proxies' RSS every 0.2 s; keeps the largest.
+# Runs the load in the background, sampling the proxies' memory once a second; keeps the largest.
 results="$work/results"
 mkdir -p "$results"
 run_http() { # path label rate
@@ -431,8 +433,9 @@ run_http() { # path label rate
             perf stat -x, -e raw_syscalls:sys_enter -p "$a,$b" -o "$sysf" -- sleep "$DURATION" >/dev/null 2>&1 &
         fi
     fi
-    # Sampled with shell builtins only: forking `awk` and `sleep` five times a second took
-    # 1.4 s of CPU over a 28 s run on the same two vCPUs, a source of the very tail measured.
+    # Sampled once a second with shell builtins only: forking `awk` and `sleep` five times a
+    # second took 1.4 s of CPU over a 28 s run on the same two vCPUs, and the processes on the
+    # request path waited behind it (BENCHMARKS.md, issue 18).
     while kill -0 "$lp" 2>/dev/null; do
         if [ "$p" != direct ]; then
             mem_kb "$a"
@@ -444,7 +447,7 @@ run_http() { # path label rate
             ((MEM_ANON > anon_b)) && anon_b=$MEM_ANON
             ((MEM_FILE > file_b)) && file_b=$MEM_FILE
         fi
-        read -r -t 0.2 -u "$nap_fd" || true
+        read -r -t 1 -u "$nap_fd" || true
     done
     wait "$lp"
     if [ "$p" != direct ]; then
