@@ -53,6 +53,7 @@ pub mod keys {
     pub const HBONE_REQUESTS: &str = "ISTHMUS_HBONE_REQUESTS";
     /// ztunnel's name for it.
     pub const POOL_MAX_STREAMS_PER_CONNECTION: &str = "POOL_MAX_STREAMS_PER_CONNECTION";
+    pub const WORKER_THREADS: &str = "ISTHMUS_WORKER_THREADS";
 }
 
 /// The defaults, as text (what clap's `default_value` takes and `--help` shows).
@@ -82,7 +83,7 @@ pub struct Setting {
 }
 
 /// Every variable agent.env may hold, in the order the file is written.
-pub const SETTINGS: [Setting; 23] = [
+pub const SETTINGS: [Setting; 24] = [
     s(
         keys::CA_ADDR,
         None,
@@ -194,6 +195,11 @@ pub const SETTINGS: [Setting; 23] = [
         Some("100"),
         "HBONE streams on one pooled connection to a peer before another connection is opened",
     ),
+    s(
+        keys::WORKER_THREADS,
+        Some("1"),
+        "threads the proxy runs on (as ztunnel's ZTUNNEL_WORKER_THREADS): 1 keeps every connection on one thread with no wake-ups between threads; more spread the connections over that many",
+    ),
 ];
 
 const fn s(key: &'static str, default: Option<&'static str>, help: &'static str) -> Setting {
@@ -259,6 +265,7 @@ pub struct AgentEnv {
     pub max_connections: Option<usize>,
     pub hbone_requests: bool,
     pub pool_max_streams_per_connection: usize,
+    pub worker_threads: usize,
 }
 
 /// One problem with one variable; the message names the file, the variable and the value, and
@@ -520,6 +527,7 @@ impl AgentEnv {
             max_connections: None,
             hbone_requests: false,
             pool_max_streams_per_connection: 100,
+            worker_threads: 1,
         }
     }
 
@@ -643,6 +651,12 @@ impl AgentEnv {
                 "a number of streams above 0",
                 |v: &str| v.parse::<usize>().ok().filter(|n| *n > 0)
             ),
+            worker_threads: typed!(
+                keys::WORKER_THREADS,
+                1,
+                "a number of threads from 1 to 256",
+                |v: &str| v.parse::<usize>().ok().filter(|n| (1..=256).contains(n))
+            ),
         };
         if parsed.capture && !parsed.proxy {
             invalid(
@@ -702,6 +716,7 @@ impl AgentEnv {
             max_connections,
             hbone_requests,
             pool_max_streams_per_connection,
+            worker_threads,
         } = self;
         let path = |p: &Path| Some(p.display().to_string());
         vec![
@@ -743,6 +758,7 @@ impl AgentEnv {
                 keys::POOL_MAX_STREAMS_PER_CONNECTION,
                 Some(pool_max_streams_per_connection.to_string()),
             ),
+            (keys::WORKER_THREADS, Some(worker_threads.to_string())),
         ]
     }
 
@@ -897,6 +913,7 @@ mod tests {
         env.max_connections = Some(4096);
         env.hbone_requests = true;
         env.pool_max_streams_per_connection = 4;
+        env.worker_threads = 2;
         let text = env.render();
         assert_eq!(parse(&text).unwrap(), env, "{text}");
         assert!(text.contains("ISTHMUS_DRAIN_DURATION=1m 30s") || text.contains("'1m 30s'"));

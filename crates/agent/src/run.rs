@@ -109,10 +109,12 @@ fn port_owner(port: u16) -> Option<(u32, String)> {
 /// The proxy's own runtime, apart from discovery, identity, DNS and the admin endpoints (which
 /// run on the caller's), so control work never delays a forwarded byte.
 ///
-/// One thread running a current-thread runtime, as linkerd2-proxy's default of one worker:
-/// with two workers shared with control work, a profile of `bench/dataplane.sh` put a fifth of
-/// the agent's CPU in workers parking and waking each other (BENCHMARKS.md, issue 5, run 3); a
-/// one-worker multi-thread runtime still pays its scheduler's bookkeeping on every wake.
+/// By default one thread running a current-thread runtime, as linkerd2-proxy's default of one
+/// worker: with two workers shared with control work, a profile of `bench/dataplane.sh` put a
+/// fifth of the agent's CPU in workers parking and waking each other (BENCHMARKS.md, issue 5,
+/// run 3); a one-worker multi-thread runtime still pays its scheduler's bookkeeping on every
+/// wake. `ISTHMUS_WORKER_THREADS` above one gives a multi-thread runtime of that many workers
+/// (ztunnel's model), for hosts whose traffic needs more than one core.
 struct DataPlane {
     handle: tokio::runtime::Handle,
     /// Dropped with `DataPlane`, which stops the runtime's thread.
@@ -120,14 +122,28 @@ struct DataPlane {
 }
 
 impl DataPlane {
-    fn new() -> std::io::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
+    fn new(threads: usize) -> std::io::Result<Self> {
+        let runtime = if threads <= 1 {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+        } else {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name("isthmus-proxy")
+                .enable_all()
+                .build()?
+        };
         let handle = runtime.handle().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        // With one thread this one runs the proxy; with more it only waits for the stop.
+        let name = if threads <= 1 {
+            "isthmus-proxy"
+        } else {
+            "isthmus-dp-stop"
+        };
         std::thread::Builder::new()
-            .name("isthmus-proxy".into())
+            .name(name.into())
             .spawn(move || {
                 // Tasks spawned through `handle` run while this thread is in `block_on`.
                 let _ = runtime.block_on(stopped);
@@ -439,7 +455,8 @@ pub async fn run(
         };
         cfg.outbound.hbone_requests = args.hbone_requests;
         cfg.hbone_client.max_streams_per_connection = args.pool_max_streams_per_connection as usize;
-        let dp = DataPlane::new().context("cannot start the data-plane runtime")?;
+        let dp = DataPlane::new(args.worker_threads.into())
+            .context("cannot start the data-plane runtime")?;
         // Started from inside the data-plane runtime: its listeners, connections and HBONE
         // pool tasks all land there.
         let (st, ce) = (state.clone(), certs.clone());

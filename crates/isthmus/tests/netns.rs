@@ -28,6 +28,21 @@ fn wait_file_json(path: &Path) -> serde_json::Value {
     )
 }
 
+/// The threads of a process named `isthmus-proxy`: the agent's data-plane workers.
+fn proxy_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.trim() == "isthmus-proxy")
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn start_agent(
     lab: &mut Lab,
@@ -215,8 +230,13 @@ fn seeds_scenario_in_network_namespaces() {
             "9080/healthz",
             "--probe-period",
             "1s",
+            // Its proxy on a multi-thread runtime (ISTHMUS_WORKER_THREADS); the others on
+            // the default single thread.
+            "--worker-threads",
+            "2",
         ],
     );
+    let mesh_pid = lab.children.last().expect("the mesh agent").id();
     let reviews_ready = start_agent(
         &mut lab,
         "reviews",
@@ -255,6 +275,7 @@ fn seeds_scenario_in_network_namespaces() {
         "ISTIO_INBOUND_PORTS=3306\nISTHMUS_VIP_CIDR=10.96.0.0/12\n",
         &[],
     );
+    let vm_pid = lab.children.last().expect("the VM agent").id();
     for (host, url) in [
         ("mesh", &mesh_ready),
         ("vm", &vm_ready),
@@ -280,6 +301,13 @@ fn seeds_scenario_in_network_namespaces() {
         );
     }
 
+    for (pid, threads) in [(mesh_pid, 2), (vm_pid, 1)] {
+        assert_eq!(
+            proxy_threads(pid),
+            threads,
+            "agent {pid} should run its proxy on {threads} isthmus-proxy thread(s)"
+        );
+    }
     // On the VM, the app calls productpage by name: resolved by the agent's DNS (captured port
     // 53), captured on 15001, tunnelled over HBONE to the mesh host.
     let curl = |lab: &Lab, host: &str, url: &str| {
