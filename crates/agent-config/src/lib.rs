@@ -198,7 +198,7 @@ pub const SETTINGS: [Setting; 24] = [
     s(
         keys::WORKER_THREADS,
         Some("1"),
-        "threads the proxy runs on (as ztunnel's ZTUNNEL_WORKER_THREADS): 1 keeps every connection on one thread with no wake-ups between threads; more spread the connections over that many",
+        "threads the proxy runs on (as ztunnel's ZTUNNEL_WORKER_THREADS): 1 keeps every connection on one thread; more run that many shards, each with its own listeners on the same ports and its own pools",
     ),
 ];
 

@@ -127,8 +127,9 @@ pub struct AgentArgs {
     #[arg(long, value_name = "N", default_value = "100", env = keys::POOL_MAX_STREAMS_PER_CONNECTION, value_parser = clap::value_parser!(u32).range(1..))]
     pub pool_max_streams_per_connection: u32,
     /// Threads the proxy runs on (as ztunnel's ZTUNNEL_WORKER_THREADS). One, the default,
-    /// keeps every connection on one thread with no wake-ups between threads; more spread
-    /// connections over that many, for hosts whose traffic needs more than one core.
+    /// keeps every connection on one thread; more run that many shards of the proxy, each
+    /// with its own listeners on the same ports (SO_REUSEPORT) and its own pools, for hosts
+    /// whose traffic needs more than one core.
     #[arg(long, value_name = "N", default_value = "1", env = keys::WORKER_THREADS, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub worker_threads: u16,
     /// On SIGTERM, how long open connections may finish after the proxy stops accepting

@@ -106,59 +106,65 @@ fn port_owner(port: u16) -> Option<(u32, String)> {
     None
 }
 
-/// The proxy's own runtime, apart from discovery, identity, DNS and the admin endpoints (which
-/// run on the caller's), so control work never delays a forwarded byte.
+/// The proxy's own runtimes, apart from discovery, identity, DNS and the admin endpoints
+/// (which run on the caller's), so control work never delays a forwarded byte.
 ///
-/// By default one thread running a current-thread runtime, as linkerd2-proxy's default of one
-/// worker: with two workers shared with control work, a profile of `bench/dataplane.sh` put a
-/// fifth of the agent's CPU in workers parking and waking each other (BENCHMARKS.md, issue 5,
-/// run 3); a one-worker multi-thread runtime still pays its scheduler's bookkeeping on every
-/// wake. `ISTHMUS_WORKER_THREADS` above one gives a multi-thread runtime of that many workers
-/// (ztunnel's model), for hosts whose traffic needs more than one core.
+/// Each is a current-thread runtime on its own `isthmus-proxy` thread, as linkerd2-proxy's
+/// default of one worker: with two workers of a multi-thread runtime shared with control work,
+/// a profile of `bench/dataplane.sh` put a fifth of the agent's CPU in workers parking and
+/// waking each other (BENCHMARKS.md, issue 5, run 3), and a two-worker runtime of the proxy's
+/// own was slower again (issue 18). `ISTHMUS_WORKER_THREADS` above one gives that many,
+/// each running a shard of the proxy (Envoy's workers): its own listeners on the shared ports
+/// (`SO_REUSEPORT`), HBONE and upstream pools, so a connection never leaves its thread.
 struct DataPlane {
-    handle: tokio::runtime::Handle,
-    /// Dropped with `DataPlane`, which stops the runtime's thread.
-    _stop: tokio::sync::oneshot::Sender<()>,
+    handles: Vec<tokio::runtime::Handle>,
+    /// Dropped with `DataPlane`, which stops the runtimes' threads.
+    _stop: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl DataPlane {
     fn new(threads: usize) -> std::io::Result<Self> {
-        let runtime = if threads <= 1 {
-            tokio::runtime::Builder::new_current_thread()
+        let mut handles = Vec::new();
+        let mut stops = Vec::new();
+        for _ in 0..threads.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .build()?
-        } else {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(threads)
-                .thread_name("isthmus-proxy")
-                .enable_all()
-                .build()?
-        };
-        let handle = runtime.handle().clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        // With one thread this one runs the proxy; with more it only waits for the stop.
-        let name = if threads <= 1 {
-            "isthmus-proxy"
-        } else {
-            "isthmus-dp-stop"
-        };
-        std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
-                // Tasks spawned through `handle` run while this thread is in `block_on`.
-                let _ = runtime.block_on(stopped);
-                // The proxy has been drained by now; whatever is left is stopped without
-                // waiting.
-                runtime.shutdown_background();
-            })?;
+                .build()?;
+            handles.push(runtime.handle().clone());
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            stops.push(stop);
+            std::thread::Builder::new()
+                .name("isthmus-proxy".into())
+                .spawn(move || {
+                    // Tasks spawned through the handle run while this thread is in `block_on`.
+                    let _ = runtime.block_on(stopped);
+                    // The proxy has been drained by now; whatever is left is stopped without
+                    // waiting.
+                    runtime.shutdown_background();
+                })?;
+        }
         Ok(Self {
-            handle,
-            _stop: stop,
+            handles,
+            _stop: stops,
         })
     }
 
-    fn handle(&self) -> &tokio::runtime::Handle {
-        &self.handle
+    fn handles(&self) -> &[tokio::runtime::Handle] {
+        &self.handles
+    }
+}
+
+/// Every shard of the proxy, one per data-plane thread.
+struct Proxies(Vec<crate::proxy::Proxy>);
+
+impl Proxies {
+    /// Stops every shard at once (each drains for up to `deadline`).
+    async fn shutdown(self, deadline: std::time::Duration) {
+        let mut all = tokio::task::JoinSet::new();
+        for p in self.0 {
+            all.spawn(p.shutdown(deadline));
+        }
+        while all.join_next().await.is_some() {}
     }
 }
 
@@ -457,22 +463,31 @@ pub async fn run(
         cfg.hbone_client.max_streams_per_connection = args.pool_max_streams_per_connection as usize;
         let dp = DataPlane::new(args.worker_threads.into())
             .context("cannot start the data-plane runtime")?;
-        // Started from inside the data-plane runtime: its listeners, connections and HBONE
-        // pool tasks all land there.
-        let (st, ce) = (state.clone(), certs.clone());
-        let started = dp
-            .handle()
-            .spawn(async move {
-                let mut proxy_registry = Registry::with_prefix("isthmus_agent");
-                crate::proxy::start(cfg, st, ce, &mut proxy_registry)
-                    .await
-                    .map(|p| (p, proxy_registry))
-            })
-            .await
-            .context("the data-plane runtime stopped")?;
-        let (started, proxy_registry) = started.context("cannot start the proxy")?;
+        cfg.reuse_port = dp.handles().len() > 1;
+        let mut proxy_registry = Registry::with_prefix("isthmus_agent");
+        let shared = Arc::new(crate::proxy::Shared::new(
+            cfg.max_connections_per_listener,
+            &mut proxy_registry,
+        ));
+        let mut shards = Vec::new();
+        for handle in dp.handles() {
+            // Started from inside its data-plane runtime: its listeners, connections and HBONE
+            // pool tasks all land there.
+            let (st, ce, sh, c) = (state.clone(), certs.clone(), shared.clone(), cfg.clone());
+            let shard = handle
+                .spawn(async move { crate::proxy::start_shard(c, st, ce, &sh).await })
+                .await
+                .context("the data-plane runtime stopped")?
+                .context("cannot start the proxy")?;
+            // The others listen on the ports the first was given (they may have been 0).
+            cfg.outbound_addr = shard.outbound_addr();
+            cfg.inbound_plaintext_addr = shard.inbound_plaintext_addr();
+            cfg.hbone_addr = shard.hbone_addr();
+            shards.push(shard);
+        }
         let mut istio_registry = Registry::default();
-        started.istio_metrics().register(&mut istio_registry);
+        shared.istio_metrics().register(&mut istio_registry);
+        let started = Proxies(shards);
         proxy = Some(started);
         data_plane = Some(dp);
         {

@@ -68,6 +68,9 @@ pub struct ProxyConfig {
     pub sockets: Arc<SocketFactory>,
     /// Connections each listener (outbound, plaintext inbound, HBONE) serves at once.
     pub max_connections_per_listener: usize,
+    /// Bind the listeners with `SO_REUSEPORT`, so that every shard of the proxy (one per
+    /// data-plane thread) listens on the same ports and the kernel spreads connections.
+    pub reuse_port: bool,
 }
 
 impl ProxyConfig {
@@ -84,6 +87,7 @@ impl ProxyConfig {
             hbone_server: ServerOptions::default(),
             sockets: SocketFactory::unmarked(),
             max_connections_per_listener: usize::MAX,
+            reuse_port: false,
         }
     }
 }
@@ -151,23 +155,89 @@ impl Proxy {
     }
 }
 
+/// What the shards of one proxy share, whatever thread they run on: the metrics and the
+/// connection limits of each listener (a limit counts the connections of every shard).
+pub struct Shared {
+    metrics: Arc<ProxyMetrics>,
+    istio: Arc<l7::telemetry::IstioMetrics>,
+    outbound_limit: ConnLimit,
+    inbound_limit: ConnLimit,
+    plaintext_limit: ConnLimit,
+}
+
+impl Shared {
+    /// Registers the proxy's metrics in `registry` (pass the agent's sub-registry); Istio's
+    /// request metrics are registered apart, without a prefix ([`Shared::istio_metrics`]).
+    pub fn new(max_connections_per_listener: usize, registry: &mut Registry) -> Self {
+        let metrics = Arc::new(ProxyMetrics::default());
+        metrics.register(registry);
+        let limit = |direction: Direction| {
+            let refused = metrics
+                .over_limit
+                .get_or_create(&metrics::DirLabels { direction })
+                .clone();
+            ConnLimit::new(max_connections_per_listener).on_refuse(move || {
+                refused.inc();
+            })
+        };
+        Self {
+            outbound_limit: limit(Direction::Outbound),
+            inbound_limit: limit(Direction::Inbound),
+            plaintext_limit: limit(Direction::InboundPlaintext),
+            metrics,
+            istio: Arc::default(),
+        }
+    }
+
+    pub fn istio_metrics(&self) -> Arc<l7::telemetry::IstioMetrics> {
+        self.istio.clone()
+    }
+}
+
 /// Binds the three listeners and starts serving on the current runtime (the data-plane one).
 /// `state` is the discovery state; `certs` the identity manager's certificate watch. Metrics
 /// are registered in `registry` (pass the agent's sub-registry).
 pub async fn start(
-    mut config: ProxyConfig,
+    config: ProxyConfig,
     state: watch::Receiver<Arc<State>>,
     certs: watch::Receiver<CurrentCert>,
     registry: &mut Registry,
 ) -> Result<Proxy, ProxyError> {
-    let bind = |what: &'static str, addr: SocketAddr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| ProxyError::Bind { what, addr, source })
+    let shared = Shared::new(config.max_connections_per_listener, registry);
+    start_shard(config, state, certs, &shared).await
+}
+
+/// A listening socket as `TcpListener::bind` makes it (`SO_REUSEADDR`, a backlog of 1024),
+/// plus `SO_REUSEPORT` when several shards share the port.
+fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
     };
-    let outbound_l = bind("outbound capture", config.outbound_addr).await?;
-    let plaintext_l = bind("inbound plaintext capture", config.inbound_plaintext_addr).await?;
-    let hbone_l = bind("HBONE", config.hbone_addr).await?;
+    socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// One shard of the proxy: its own listeners (on the ports of the others when
+/// [`ProxyConfig::reuse_port`]), HBONE connection pool and upstream pools, on the current
+/// runtime; what is in `shared` is counted together with the other shards.
+pub async fn start_shard(
+    mut config: ProxyConfig,
+    state: watch::Receiver<Arc<State>>,
+    certs: watch::Receiver<CurrentCert>,
+    shared: &Shared,
+) -> Result<Proxy, ProxyError> {
+    let bind = |what: &'static str, addr: SocketAddr| {
+        listen(addr, config.reuse_port).map_err(|source| ProxyError::Bind { what, addr, source })
+    };
+    let outbound_l = bind("outbound capture", config.outbound_addr)?;
+    let plaintext_l = bind("inbound plaintext capture", config.inbound_plaintext_addr)?;
+    let hbone_l = bind("HBONE", config.hbone_addr)?;
     let local = |l: &TcpListener, addr: SocketAddr| {
         l.local_addr().map_err(|source| ProxyError::Bind {
             what: "local address",
@@ -178,29 +248,18 @@ pub async fn start(
     let outbound_addr = local(&outbound_l, config.outbound_addr)?;
     let plaintext_addr = local(&plaintext_l, config.inbound_plaintext_addr)?;
 
-    let metrics = Arc::new(ProxyMetrics::default());
-    metrics.register(registry);
-    let max = config.max_connections_per_listener;
-    let limit = |direction: Direction| {
-        let refused = metrics
-            .over_limit
-            .get_or_create(&metrics::DirLabels { direction })
-            .clone();
-        ConnLimit::new(max).on_refuse(move || {
-            refused.inc();
-        })
-    };
+    let metrics = shared.metrics.clone();
     config.outbound.sockets = config.sockets.clone();
-    config.outbound.conn_limit = limit(Direction::Outbound);
+    config.outbound.conn_limit = shared.outbound_limit.clone();
     config.inbound.sockets = config.sockets.clone();
     config.hbone_client.sockets = config.sockets.clone();
-    config.hbone_server.conn_limit = limit(Direction::Inbound);
-    let plaintext_limit = limit(Direction::InboundPlaintext);
+    config.hbone_server.conn_limit = shared.inbound_limit.clone();
+    let plaintext_limit = shared.plaintext_limit.clone();
     let mut tasks = JoinSet::new();
     let certs_for_local = certs.clone();
     let creds = credentials_watch(certs, &mut tasks);
 
-    let istio = Arc::new(l7::telemetry::IstioMetrics::default());
+    let istio = shared.istio.clone();
     let policy = InboundPolicy::new(config.inbound.clone(), state.clone(), metrics.clone())
         .with_http(istio.clone());
     tasks.spawn(policy.clone().revalidate_on_change());
