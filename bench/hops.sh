@@ -53,7 +53,8 @@ echo "- the load generator's own figures in this run (traced):"
 grep -E "^(isthmus|haproxy) r$RATE: " "$work/dataplane.log" |
     sed -E 's/^([a-z]+) r[0-9]+: (.*) cpu_ticks=.*/\1 \2/' |
     while read -r p json; do
-        echo "  $p: p50 $(jq .p50_ms <<<"$json") ms, p99 $(jq .p99_ms <<<"$json") ms, p99.9 $(jq .p999_ms <<<"$json") ms"
+        ms() { jq "(.$1 * 1000 | round) / 1000" <<<"$json"; }
+        echo "  $p: p50 $(ms p50_ms) ms, p99 $(ms p99_ms) ms, p99.9 $(ms p999_ms) ms"
     done
 echo
 perf script -i "$work/perf.data" -F comm,pid,tid,time,event,trace --ns 2>/dev/null |
