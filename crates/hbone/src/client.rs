@@ -542,11 +542,10 @@ impl HboneClient {
                 .connect(dst)
                 .await
                 .map_err(|source| HboneError::Connect { dst, source })?;
+            let socket = crate::io::buffered(tcp);
+            let cork = socket.cork();
             let tls = TlsConnector::from(cfg)
-                .connect(
-                    ServerName::IpAddress(dst.ip().into()),
-                    crate::io::buffered(tcp),
-                )
+                .connect(ServerName::IpAddress(dst.ip().into()), socket)
                 .await
                 .map_err(|source| match tls::peer_identity_error(&source) {
                     Some(tls::PeerIdentityError::Mismatch { found, expected }) => {
@@ -576,9 +575,10 @@ impl HboneClient {
                 .enable_push(false)
                 .handshake::<_, Bytes>(tls)
                 .await
+                .map(|(send, connection)| (send, connection, cork))
                 .map_err(|source| HboneError::H2 { dst, source })
         };
-        let (send, connection) = tokio::time::timeout(opts.connect_timeout, handshake)
+        let (send, connection, cork) = tokio::time::timeout(opts.connect_timeout, handshake)
             .await
             .map_err(|_| HboneError::Timeout {
                 dst,
@@ -591,23 +591,26 @@ impl HboneClient {
         let key = key.clone();
         let span = tracing::info_span!("hbone_conn", conn = id, %dst);
         tokio::spawn(
-            async move {
-                tracing::debug!("connection established");
-                tokio::select! {
-                    r = connection => match r {
-                        Ok(()) => tracing::debug!("connection closed"),
-                        Err(e) => tracing::debug!(error = %e, "connection failed"),
-                    },
-                    // Dropping the connection closes the socket; no stream is open on it.
-                    () = driver_usage.idle(idle_timeout) => {
-                        tracing::debug!(?idle_timeout, "idle connection closed");
+            crate::io::Corked::new(
+                async move {
+                    tracing::debug!("connection established");
+                    tokio::select! {
+                        r = connection => match r {
+                            Ok(()) => tracing::debug!("connection closed"),
+                            Err(e) => tracing::debug!(error = %e, "connection failed"),
+                        },
+                        // Dropping the connection closes the socket; no stream is open on it.
+                        () = driver_usage.idle(idle_timeout) => {
+                            tracing::debug!(?idle_timeout, "idle connection closed");
+                        }
                     }
-                }
-                driver_usage.close();
-                if let Some(inner) = pool.upgrade() {
-                    forget(&inner, &key, id).await;
-                }
-            }
+                    driver_usage.close();
+                    if let Some(inner) = pool.upgrade() {
+                        forget(&inner, &key, id).await;
+                    }
+                },
+                cork,
+            )
             .instrument(span),
         );
         Ok(PooledConn {

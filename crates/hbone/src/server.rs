@@ -406,7 +406,7 @@ struct ConnInfo {
 }
 
 impl<H: InboundHandler> Conn<H> {
-    async fn serve(mut self, tcp: TcpStream, peer_addr: SocketAddr, cfg: Arc<ServerConfig>) {
+    async fn serve(self, tcp: TcpStream, peer_addr: SocketAddr, cfg: Arc<ServerConfig>) {
         let local_addr = match tcp.local_addr() {
             Ok(a) => a,
             Err(e) => {
@@ -416,9 +416,11 @@ impl<H: InboundHandler> Conn<H> {
         };
         let _ = tcp.set_nodelay(true);
         let opts = self.options.clone();
+        let socket = crate::io::buffered(tcp);
+        let cork = socket.cork();
         let handshake = async {
             let tls = TlsAcceptor::from(cfg)
-                .accept(crate::io::buffered(tcp))
+                .accept(socket)
                 .await
                 .map_err(|e| format!("TLS handshake failed: {e}"))?;
             let (_, session) = tls.get_ref();
@@ -442,7 +444,7 @@ impl<H: InboundHandler> Conn<H> {
                 .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
             Ok((h2, identity, leaf))
         };
-        let (mut h2, peer_identity, peer_certificate) =
+        let (h2, peer_identity, peer_certificate) =
             match tokio::time::timeout(opts.handshake_timeout, handshake).await {
                 Ok(Ok(v)) => v,
                 Ok(Err(reason)) => {
@@ -464,6 +466,16 @@ impl<H: InboundHandler> Conn<H> {
             peer_addr,
             local_addr,
         });
+        crate::io::Corked::new(self.serve_streams(h2, info), cork).await;
+    }
+
+    /// Serves the streams of an established connection until it ends.
+    async fn serve_streams(
+        mut self,
+        mut h2: h2::server::Connection<crate::io::TlsSocket, Bytes>,
+        info: Arc<ConnInfo>,
+    ) {
+        let opts = self.options.clone();
         let mut streams = JoinSet::new();
         let mut draining = self.shutdown.borrow().is_some();
         if draining {
