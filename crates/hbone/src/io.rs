@@ -271,7 +271,10 @@ mod tests {
             (socket, early)
         };
         let (socket, early) = Corked::new(task, cork).await;
-        assert!(!early, "corked bytes reached the peer before the poll ended");
+        assert!(
+            !early,
+            "corked bytes reached the peer before the poll ended"
+        );
         let mut got = vec![0u8; 13];
         peer.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"one two three");
@@ -294,8 +297,14 @@ mod tests {
             (socket, before, gathered())
         };
         let (_socket, before, after) = Corked::new(task, cork).await;
-        assert_eq!(before, CORK_LIMIT, "a write within the limit was not gathered");
-        assert_eq!(after, 1, "a write past the limit did not send what was gathered first");
+        assert_eq!(
+            before, CORK_LIMIT,
+            "a write within the limit was not gathered"
+        );
+        assert_eq!(
+            after, 1,
+            "a write past the limit did not send what was gathered first"
+        );
         let mut got = vec![0u8; CORK_LIMIT + 1];
         peer.read_exact(&mut got).await.unwrap();
         assert_eq!(got[CORK_LIMIT], b'x');

@@ -384,9 +384,16 @@ fn doctor_on_a_member_host() {
     // 1. All good (once the VM's agent has the mesh host's healthy endpoint).
     // The connection check passes on any HTTP answer through the capture; the app (a Python
     // server started with the mesh agent) may answer 503 through the mesh until it listens.
-    let d = doctor_until(&lab, &vm, "every check to pass with the app answering", |d| {
-        d.code == 0 && d.message("connection").ends_with("HTTP 200 through the capture")
-    });
+    let d = doctor_until(
+        &lab,
+        &vm,
+        "every check to pass with the app answering",
+        |d| {
+            d.code == 0
+                && d.message("connection")
+                    .ends_with("HTTP 200 through the capture")
+        },
+    );
     d.expect(&[]);
     assert!(
         d.message("certificate")
