@@ -325,9 +325,12 @@ impl Inner {
                     // it. Retrying could apply it twice, or report a delete that happened as
                     // "not found"; the caller must look before trying again (etcd's own client
                     // retries a write only when no connection was there to send it on).
+                    // A connection that failed, or an answer that is not one of etcd's
+                    // (tonic's "transport error" when the HTTP/2 connection breaks mid-call),
+                    // says nothing of the write; etcd's own refusals (quota, size, auth) do.
                     let err = match self.error(e) {
                         StoreError::Etcd {
-                            cause: EtcdCause::Unreachable,
+                            cause: EtcdCause::Unreachable | EtcdCause::Other,
                             message,
                             ..
                         } => StoreError::Etcd {
@@ -982,6 +985,64 @@ mod tests {
         }
         let got = store.get("/k").await.unwrap().unwrap();
         assert_eq!(got.value, b"f");
+    }
+
+    /// A write whose connection broke after it was sent may have been committed, whatever
+    /// words the failure came with: the chaos test's client took a 500 "etcd ... failed:
+    /// transport error" for "not applied" while etcd had applied it.
+    #[tokio::test]
+    async fn a_write_lost_in_transit_says_it_may_have_been_applied() {
+        let Some(cluster) = crate::testing::EtcdCluster::start(1, "etcd lost writes") else {
+            return;
+        };
+        let store = EtcdStore::open(EtcdOptions::new(cluster.endpoints(), "/lost"))
+            .await
+            .unwrap();
+        for (code, message) in [
+            (tonic::Code::Unknown, "transport error"),
+            (
+                tonic::Code::Unavailable,
+                "transport error: connection reset by peer",
+            ),
+            (tonic::Code::Internal, "h2 protocol error: stream closed"),
+        ] {
+            let err = store
+                .inner
+                .retrying("write", || async { Err::<(), _>(status(code, message)) })
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(
+                    &err,
+                    StoreError::Etcd {
+                        outcome_unknown: true,
+                        ..
+                    }
+                ) && err.to_string().contains("may have been applied"),
+                "{code:?} {message}: {err}"
+            );
+        }
+        // etcd's own refusal of a write is definite.
+        let err = store
+            .inner
+            .retrying("write", || async {
+                Err::<(), _>(status(
+                    tonic::Code::ResourceExhausted,
+                    "etcdserver: mvcc: database space exceeded",
+                ))
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                StoreError::Etcd {
+                    outcome_unknown: false,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
