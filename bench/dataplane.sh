@@ -352,9 +352,6 @@ if [ "$(inns vm curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://$MES
     exit 1
 fi
 
-rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
-anon_kb() { awk '/^RssAnon/ {print $2}' "/proc/$1/status"; }
-file_kb() { awk '/^RssFile/ {print $2}' "/proc/$1/status"; }
 hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 threads() { awk '/^Threads/ {print $2}' "/proc/$1/status"; }
 # Major page faults so far: pages read back from disk (field 12 of stat; the names have no spaces).
@@ -391,7 +388,10 @@ proxy_pids() { # path
 declare -A rss_idle rss_peak anon_peak file_peak majflt_idle cpu_used ctx_used sys_used flt_used
 for p in isthmus isthmus-l7 haproxy haproxy-http; do
     read -r a b <<<"$(proxy_pids $p)"
-    rss_idle[$p]="$(rss_kb "$a") $(rss_kb "$b")"
+    mem_kb "$a"
+    rss_idle[$p]="$MEM_RSS"
+    mem_kb "$b"
+    rss_idle[$p]+=" $MEM_RSS"
     majflt_idle[$p]="$(majflt "$a") $(majflt "$b")"
 done
 

@@ -1012,13 +1012,7 @@ mod tests {
                 .await
                 .unwrap_err();
             assert!(
-                matches!(
-                    &err,
-                    StoreError::Etcd {
-                        outcome_unknown: true,
-                        ..
-                    }
-                ) && err.to_string().contains("may have been applied"),
+                outcome_unknown(&err) && err.to_string().contains("may have been applied"),
                 "{code:?} {message}: {err}"
             );
         }
@@ -1043,6 +1037,16 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    fn outcome_unknown(err: &StoreError) -> bool {
+        matches!(
+            err,
+            StoreError::Etcd {
+                outcome_unknown: true,
+                ..
+            }
+        )
     }
 
     #[test]

@@ -119,7 +119,6 @@ pub struct Proxy {
     /// Background work (credentials, policy re-checks) stopped after the drain.
     tasks: JoinSet<()>,
     metrics: Arc<ProxyMetrics>,
-    istio: Arc<l7::telemetry::IstioMetrics>,
 }
 
 impl Proxy {
@@ -137,12 +136,6 @@ impl Proxy {
 
     pub fn metrics(&self) -> Arc<ProxyMetrics> {
         self.metrics.clone()
-    }
-
-    /// Istio's request metrics (`istio_requests_total`, ...): register them in a registry
-    /// without a prefix.
-    pub fn istio_metrics(&self) -> Arc<l7::telemetry::IstioMetrics> {
-        self.istio.clone()
     }
 
     /// Stops accepting on every listener at once, lets open connections and HBONE streams
@@ -189,6 +182,8 @@ impl Shared {
         }
     }
 
+    /// Istio's request metrics (`istio_requests_total`, ...): register them in a registry
+    /// without a prefix.
     pub fn istio_metrics(&self) -> Arc<l7::telemetry::IstioMetrics> {
         self.istio.clone()
     }
@@ -313,7 +308,6 @@ pub async fn start_shard(
         drain,
         tasks,
         metrics,
-        istio,
     })
 }
 
