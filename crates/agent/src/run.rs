@@ -115,7 +115,10 @@ fn port_owner(port: u16) -> Option<(u32, String)> {
 /// waking each other (BENCHMARKS.md, issue 5, run 3), and a two-worker runtime of the proxy's
 /// own was slower again (issue 18). `ISTHMUS_WORKER_THREADS` above one gives that many,
 /// each running a shard of the proxy (Envoy's workers): its own listeners on the shared ports
-/// (`SO_REUSEPORT`), HBONE and upstream pools, so a connection never leaves its thread.
+/// (`SO_REUSEPORT`), HBONE and upstream pools, so a connection never leaves its thread once a
+/// shard has it. Which shard gets it is not left to the kernel's hash: each accepted connection
+/// goes to the shard serving the fewest of that port's connections (Envoy's exact balance,
+/// [`isthmus_socket::Balance`]), which matters for the few long-lived HBONE connections.
 struct DataPlane {
     handles: Vec<tokio::runtime::Handle>,
     /// Dropped with `DataPlane`, which stops the runtimes' threads.
@@ -463,14 +466,14 @@ pub async fn run(
         cfg.hbone_client.max_streams_per_connection = args.pool_max_streams_per_connection as usize;
         let dp = DataPlane::new(args.worker_threads.into())
             .context("cannot start the data-plane runtime")?;
-        cfg.reuse_port = dp.handles().len() > 1;
         let mut proxy_registry = Registry::with_prefix("isthmus_agent");
-        let shared = Arc::new(crate::proxy::Shared::new(
-            cfg.max_connections_per_listener,
-            &mut proxy_registry,
-        ));
+        let shared = Arc::new(
+            crate::proxy::Shared::new(cfg.max_connections_per_listener, &mut proxy_registry)
+                .sharded(dp.handles().len()),
+        );
         let mut shards = Vec::new();
-        for handle in dp.handles() {
+        for (shard, handle) in dp.handles().iter().enumerate() {
+            cfg.shard = shard;
             // Started from inside its data-plane runtime: its listeners, connections and HBONE
             // pool tasks all land there.
             let (st, ce, sh, c) = (state.clone(), certs.clone(), shared.clone(), cfg.clone());

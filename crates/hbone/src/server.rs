@@ -224,7 +224,7 @@ impl ServerStats {
 
 /// A bound, not yet running HBONE server.
 pub struct HboneServer<H> {
-    listener: TcpListener,
+    listener: isthmus_socket::Listener,
     creds: CredentialsWatch,
     handler: Arc<H>,
     options: ServerOptions,
@@ -253,15 +253,15 @@ impl<H: InboundHandler> HboneServer<H> {
         Ok(Self::from_listener(listener, creds, handler, options))
     }
 
-    /// Uses an already bound listener.
+    /// Uses an already bound listener (or a shard's share of one, [`isthmus_socket::Balance`]).
     pub fn from_listener(
-        listener: TcpListener,
+        listener: impl Into<isthmus_socket::Listener>,
         creds: CredentialsWatch,
         handler: H,
         options: ServerOptions,
     ) -> Self {
         Self {
-            listener,
+            listener: listener.into(),
             creds,
             handler: Arc::new(handler),
             options,
@@ -294,7 +294,7 @@ impl<H: InboundHandler> HboneServer<H> {
         let deadline = loop {
             tokio::select! {
                 accepted = self.listener.accept() => {
-                    let (tcp, peer) = match accepted {
+                    let (tcp, peer, share) = match accepted {
                         Ok(a) => a,
                         Err(e) => {
                             // Per-connection accept errors (EMFILE, aborted handshakes) are
@@ -325,7 +325,7 @@ impl<H: InboundHandler> HboneServer<H> {
                     conns.spawn(
                         async move {
                             conn.serve(tcp, peer, cfg).await;
-                            drop(permit);
+                            drop((permit, share));
                         }
                         .instrument(span),
                     );

@@ -12,16 +12,20 @@
 //!   what an accept loop does on an error (back off on resource exhaustion rather than spin).
 //! - [`ConnGuard`] and [`GuardedIo`]: a server listener's caps on connections (in total, per
 //!   source address, evicting the oldest unproven one at the cap) and its deadlines per stage.
+//! - [`Balance`] and [`Listener`]: a port's connections spread exactly over the proxy's shards
+//!   (Envoy's exact balance), each accepted one given to the shard serving the fewest.
 //! - [`nofile::raise_nofile`]: the open-files soft limit raised to the hard one at start.
 #![forbid(unsafe_code)]
 
 pub mod accept;
+pub mod balance;
 pub mod factory;
 pub mod guard;
 pub mod limit;
 pub mod nofile;
 
 pub use accept::{accept_failed, ConnLimit};
+pub use balance::{Balance, Listener, Share};
 pub use factory::{Keepalive, SocketFactory, SocketOptions, DEFAULT_PROXY_MARK};
 pub use guard::{Conn, ConnGuard, ConnHandle, Event, GuardConfig, GuardedIo, Stage};
 pub use limit::{global_limiter, LogLimiter};

@@ -8,8 +8,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use isthmus_socket::ConnLimit;
-use tokio::net::{TcpListener, TcpStream};
+use isthmus_socket::{ConnLimit, Listener};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -21,7 +21,7 @@ pub type DrainSignal = watch::Receiver<Option<Duration>>;
 /// Accepts on `listener`, running `handle` per connection (at most `limit` at once), until
 /// `drain` fires; then drains.
 pub async fn serve<F, Fut>(
-    listener: TcpListener,
+    listener: impl Into<Listener>,
     what: &'static str,
     mut drain: DrainSignal,
     limit: ConnLimit,
@@ -30,6 +30,7 @@ pub async fn serve<F, Fut>(
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let listener = listener.into();
     let mut conns = JoinSet::new();
     let deadline = loop {
         if let Some(d) = *drain.borrow_and_update() {
@@ -37,13 +38,13 @@ pub async fn serve<F, Fut>(
         }
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((tcp, src)) => {
+                Ok((tcp, src, share)) => {
                     // Past the bound, `tcp` is dropped here: closed at once.
                     if let Some(permit) = limit.try_acquire(what) {
                         let conn = handle(tcp, src);
                         conns.spawn(async move {
                             conn.await;
-                            drop(permit);
+                            drop((permit, share));
                         });
                     }
                 }

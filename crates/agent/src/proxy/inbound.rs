@@ -637,7 +637,11 @@ impl PlaintextInbound {
 
     /// Serves `listener` until `drain` fires, then stops accepting and lets open connections
     /// finish for up to the deadline it carries.
-    pub async fn serve_until(self, listener: TcpListener, drain: super::drain::DrainSignal) {
+    pub async fn serve_until(
+        self,
+        listener: impl Into<isthmus_socket::Listener>,
+        drain: super::drain::DrainSignal,
+    ) {
         let this = Arc::new(self);
         let limit = this.limit.clone();
         super::drain::serve(

@@ -35,7 +35,6 @@ use prometheus_client::registry::Registry;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -68,9 +67,10 @@ pub struct ProxyConfig {
     pub sockets: Arc<SocketFactory>,
     /// Connections each listener (outbound, plaintext inbound, HBONE) serves at once.
     pub max_connections_per_listener: usize,
-    /// Bind the listeners with `SO_REUSEPORT`, so that every shard of the proxy (one per
-    /// data-plane thread) listens on the same ports and the kernel spreads connections.
-    pub reuse_port: bool,
+    /// Which shard of the proxy this is (one per data-plane thread, [`Shared::sharded`]).
+    /// With several, each binds the ports with `SO_REUSEPORT` and the connections are spread
+    /// over them exactly ([`isthmus_socket::Balance`]).
+    pub shard: usize,
 }
 
 impl ProxyConfig {
@@ -87,7 +87,7 @@ impl ProxyConfig {
             hbone_server: ServerOptions::default(),
             sockets: SocketFactory::unmarked(),
             max_connections_per_listener: usize::MAX,
-            reuse_port: false,
+            shard: 0,
         }
     }
 }
@@ -156,6 +156,8 @@ pub struct Shared {
     outbound_limit: ConnLimit,
     inbound_limit: ConnLimit,
     plaintext_limit: ConnLimit,
+    /// With several shards: the outbound, plaintext inbound and HBONE listeners' balances.
+    balance: Option<[Arc<isthmus_socket::Balance>; 3]>,
 }
 
 impl Shared {
@@ -179,7 +181,14 @@ impl Shared {
             plaintext_limit: limit(Direction::InboundPlaintext),
             metrics,
             istio: Arc::default(),
+            balance: None,
         }
+    }
+
+    /// For `shards` shards of the proxy: each listener's connections are balanced over them.
+    pub fn sharded(mut self, shards: usize) -> Self {
+        self.balance = (shards > 1).then(|| [(); 3].map(|()| isthmus_socket::Balance::new(shards)));
+        self
     }
 
     /// Istio's request metrics (`istio_requests_total`, ...): register them in a registry
@@ -203,8 +212,12 @@ pub async fn start(
 }
 
 /// A listening socket as `TcpListener::bind` makes it (`SO_REUSEADDR`, a backlog of 1024),
-/// plus `SO_REUSEPORT` when several shards share the port.
-fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+/// plus `SO_REUSEPORT` and the shard's share of `balance` when several shards share the port.
+fn listen(
+    addr: SocketAddr,
+    balance: Option<(&Arc<isthmus_socket::Balance>, usize)>,
+) -> std::io::Result<isthmus_socket::Listener> {
+    let reuse_port = balance.is_some();
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -215,11 +228,15 @@ fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
         socket.set_reuseport(true)?;
     }
     socket.bind(addr)?;
-    socket.listen(1024)
+    let listener = socket.listen(1024)?;
+    match balance {
+        Some((b, shard)) => b.listener(shard, listener),
+        None => Ok(listener.into()),
+    }
 }
 
 /// One shard of the proxy: its own listeners (on the ports of the others when
-/// [`ProxyConfig::reuse_port`]), HBONE connection pool and upstream pools, on the current
+/// [`ProxyConfig::shard`]), HBONE connection pool and upstream pools, on the current
 /// runtime; what is in `shared` is counted together with the other shards.
 pub async fn start_shard(
     mut config: ProxyConfig,
@@ -227,13 +244,18 @@ pub async fn start_shard(
     certs: watch::Receiver<CurrentCert>,
     shared: &Shared,
 ) -> Result<Proxy, ProxyError> {
-    let bind = |what: &'static str, addr: SocketAddr| {
-        listen(addr, config.reuse_port).map_err(|source| ProxyError::Bind { what, addr, source })
+    let bind = |what: &'static str, addr: SocketAddr, i: usize| {
+        let balance = shared.balance.as_ref().map(|b| (&b[i], config.shard));
+        listen(addr, balance).map_err(|source| ProxyError::Bind { what, addr, source })
     };
-    let outbound_l = bind("outbound capture", config.outbound_addr)?;
-    let plaintext_l = bind("inbound plaintext capture", config.inbound_plaintext_addr)?;
-    let hbone_l = bind("HBONE", config.hbone_addr)?;
-    let local = |l: &TcpListener, addr: SocketAddr| {
+    let outbound_l = bind("outbound capture", config.outbound_addr, 0)?;
+    let plaintext_l = bind(
+        "inbound plaintext capture",
+        config.inbound_plaintext_addr,
+        1,
+    )?;
+    let hbone_l = bind("HBONE", config.hbone_addr, 2)?;
+    let local = |l: &isthmus_socket::Listener, addr: SocketAddr| {
         l.local_addr().map_err(|source| ProxyError::Bind {
             what: "local address",
             addr,

@@ -209,8 +209,13 @@ impl Outbound {
 
     /// Serves `listener` until `drain` fires, then stops accepting and lets open connections
     /// finish for up to the deadline it carries.
-    pub async fn serve_until(self, listener: TcpListener, drain: super::drain::DrainSignal) {
+    pub async fn serve_until(
+        self,
+        listener: impl Into<isthmus_socket::Listener>,
+        drain: super::drain::DrainSignal,
+    ) {
         let this = Arc::new(self);
+        let listener = listener.into();
         let local = listener.local_addr().ok();
         let limit = this.config.conn_limit.clone();
         super::drain::serve(listener, "outbound", drain, limit, move |tcp, src| {
