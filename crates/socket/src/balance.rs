@@ -171,28 +171,28 @@ impl Listener {
                 }
                 accepted = self.inner.accept() => {
                     let (tcp, peer) = accepted?;
+                    // Counted for `to` from here on: its loop adopts the count with the socket.
                     let to = s.balance.pick(s.me);
-                    let counted = Share(Some(s.balance.shards[to].active.clone()));
+                    let mine = || Share(Some(s.balance.shards[s.me].active.clone()));
                     if to == s.me {
-                        return Ok((tcp, peer, counted));
+                        return Ok((tcp, peer, mine()));
                     }
+                    let uncount = || s.balance.shards[to].active.fetch_sub(1, Ordering::AcqRel);
                     let std = match tcp.into_std() {
                         Ok(std) => std,
                         Err(e) => {
+                            uncount();
                             tracing::debug!(%peer, error = %e, "cannot hand a connection over");
                             continue;
                         }
                     };
-                    match s.balance.shards[to].handoff.send((std, peer)) {
-                        // Counted for `to` from now on; its loop adopts the count.
-                        Ok(()) => std::mem::forget(counted),
-                        Err(mpsc::error::SendError((std, peer))) => {
-                            // That shard stopped serving the port: keep it here.
-                            drop(counted);
-                            s.balance.shards[s.me].active.fetch_add(1, Ordering::AcqRel);
-                            let share = Share(Some(s.balance.shards[s.me].active.clone()));
-                            return Ok((TcpStream::from_std(std)?, peer, share));
-                        }
+                    if let Err(mpsc::error::SendError((std, peer))) =
+                        s.balance.shards[to].handoff.send((std, peer))
+                    {
+                        // That shard stopped serving the port: keep it here.
+                        uncount();
+                        s.balance.shards[s.me].active.fetch_add(1, Ordering::AcqRel);
+                        return Ok((TcpStream::from_std(std)?, peer, mine()));
                     }
                 }
             }
