@@ -29,7 +29,7 @@ import collections
 import re
 import sys
 
-PROXY_COMM = {"isthmus": "isthmus-proxy", "haproxy": "haproxy"}
+PROXY_COMM = {"isthmus": "isthmus-proxy", "isthmus-l7": "isthmus-proxy", "haproxy": "haproxy"}
 LINE = re.compile(
     r"^\s*(\S+)\s+(\d+)/(\d+)\s+([\d.]+):\s+syscalls:sys_(enter|exit)_(\w+): (.*)$"
 )

@@ -12,6 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RATE="${RATE:-1000}"
 DURATION="${DURATION:-10}"
+PATHS="${PATHS:-isthmus haproxy}" # any of bench/dataplane.sh's proxy paths but haproxy-http
 if [ "$(id -u)" != 0 ]; then
     echo "bench/hops.sh needs root (network namespaces, perf)" >&2
     exit 1
@@ -40,7 +41,7 @@ done
 perf record -a -q -m 16M "${events[@]}" -o "$work/perf.data" >"$work/perf.log" 2>&1 &
 perf_pid=$!
 sleep 1
-PATHS="isthmus haproxy" SCENARIOS=rates RATES="$RATE" DURATION="$DURATION" \
+PATHS="$PATHS" SCENARIOS=rates RATES="$RATE" DURATION="$DURATION" \
     bash bench/dataplane.sh >/dev/null 2>"$work/dataplane.log"
 kill -INT "$perf_pid"
 wait "$perf_pid" || true
@@ -50,8 +51,8 @@ echo
 echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'); nproc: $(nproc); CPU: $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
 echo "- isthmus $(git rev-parse --short HEAD 2>/dev/null || echo '?'); $(haproxy -v 2>/dev/null | head -1 | cut -d' ' -f1-3)"
 echo "- the load generator's own figures in this run (traced):"
-grep -E "^(isthmus|haproxy) r$RATE: " "$work/dataplane.log" |
-    sed -E 's/^([a-z]+) r[0-9]+: (.*) cpu_ticks=.*/\1 \2/' |
+grep -E "^(isthmus|haproxy)\S* r$RATE: " "$work/dataplane.log" |
+    sed -E 's/^([a-z0-9-]+) r[0-9]+: (.*) cpu_ticks=.*/\1 \2/' |
     while read -r p json; do
         ms() { jq "(.$1 * 1000 | round) / 1000" <<<"$json"; }
         echo "  $p: p50 $(ms p50_ms) ms, p99 $(ms p99_ms) ms, p99.9 $(ms p999_ms) ms"
@@ -59,4 +60,5 @@ grep -E "^(isthmus|haproxy) r$RATE: " "$work/dataplane.log" |
 echo
 perf script -i "$work/perf.data" -F comm,pid,tid,time,event,trace --ns 2>/dev/null |
     grep -E '^ *(http-load|isthmus-proxy|haproxy|nginx) ' >"$work/calls.txt"
-python3 bench/hops.py "$work/calls.txt" isthmus haproxy
+# shellcheck disable=SC2086 # PATHS is a list
+python3 bench/hops.py "$work/calls.txt" $PATHS

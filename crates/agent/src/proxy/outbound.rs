@@ -448,12 +448,7 @@ pub(crate) fn service_target(
     port: u16,
 ) -> Option<Target> {
     let ip = *w.addresses.first()?;
-    let target_port = w
-        .services
-        .get(key)
-        .and_then(|ports| ports.iter().find(|p| p.service_port == port))
-        .or_else(|| service.ports.iter().find(|p| p.service_port == port))
-        .map(|p| p.target_port)?;
+    let target_port = target_port(service, key, w, port)?;
     let expected = if service.subject_alt_names.is_empty() {
         vec![w.identity().to_string()]
     } else {
@@ -464,6 +459,17 @@ pub(crate) fn service_target(
         addr: SocketAddr::new(ip, target_port),
         expected,
     })
+}
+
+/// The port of workload `w` that `service`'s port `port` goes to, if `w` serves it at an
+/// address ([`service_target`] without building the target).
+pub(crate) fn target_port(service: &Service, key: &str, w: &Workload, port: u16) -> Option<u16> {
+    w.addresses.first()?;
+    w.services
+        .get(key)
+        .and_then(|ports| ports.iter().find(|p| p.service_port == port))
+        .or_else(|| service.ports.iter().find(|p| p.service_port == port))
+        .map(|p| p.target_port)
 }
 
 /// Addresses that reach this host's own listener when it is bound to a wildcard.

@@ -41,7 +41,7 @@ use self::route::{Action, Decision, RequestView, Routes, WeightedDest};
 use self::telemetry::{code_label, known, Fixed, Grpc, IstioMetrics, Reporter, RequestLabels};
 use super::metadata::{LocalWatch, LocalWorkload};
 use super::metrics::Known;
-use super::outbound::service_target;
+use super::outbound::{service_target, target_port};
 use super::ACCESS_LOG_TARGET;
 
 /// Request bodies up to this size are kept so that a retry can send them again; larger ones
@@ -295,6 +295,9 @@ impl HttpOutbound {
 
     fn limits(&self, key: &str) -> Arc<Limits> {
         let mut l = self.limits.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(v) = l.get(key) {
+            return v.clone();
+        }
         if l.len() > 4096 {
             l.retain(|_, v| Arc::strong_count(v) > 1);
         }
@@ -522,7 +525,7 @@ impl HttpOutbound {
                 Some(None) => false,
                 Some(Some(m)) => m.contains(&w.uid),
             })
-            .filter(|w| service_target(&service, &key, w, port).is_some())
+            .filter(|w| target_port(&service, &key, w, port).is_some())
             .cloned()
             .collect();
         if candidates.is_empty() {
