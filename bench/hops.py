@@ -173,6 +173,11 @@ def analyze(name, events, load):
     rows.sort()
     lat = [r[0] for r in rows]
     n = len(rows)
+    if not n:
+        # At high rates few requests have the path to themselves and the sockets stay unpaired.
+        print(f"#### {name}: none of {len(reqs)} requests could be followed (try a lower RATE)")
+        print()
+        return
     print(f"#### {name}: {n} of {len(reqs)} requests followed (VM proxy pid {vm}, mesh {mesh})")
     print()
     print("| latency band | mean µs | " + " | ".join(SEGMENTS) + " | in the proxy pair |")
