@@ -156,7 +156,7 @@ pub struct Shared {
     outbound_limit: ConnLimit,
     inbound_limit: ConnLimit,
     plaintext_limit: ConnLimit,
-    /// With several shards: the outbound, plaintext inbound and HBONE listeners' balances.
+    /// With several shards: each listener's balance, indexed by [`Port`].
     balance: Option<[Arc<isthmus_socket::Balance>; 3]>,
 }
 
@@ -211,6 +211,14 @@ pub async fn start(
     start_shard(config, state, certs, &shared).await
 }
 
+/// The listeners of a shard, as indices of [`Shared`]'s balances.
+#[derive(Clone, Copy)]
+enum Port {
+    Outbound,
+    Plaintext,
+    Hbone,
+}
+
 /// A listening socket as `TcpListener::bind` makes it (`SO_REUSEADDR`, a backlog of 1024),
 /// plus `SO_REUSEPORT` and the shard's share of `balance` when several shards share the port.
 fn listen(
@@ -244,17 +252,20 @@ pub async fn start_shard(
     certs: watch::Receiver<CurrentCert>,
     shared: &Shared,
 ) -> Result<Proxy, ProxyError> {
-    let bind = |what: &'static str, addr: SocketAddr, i: usize| {
-        let balance = shared.balance.as_ref().map(|b| (&b[i], config.shard));
+    let bind = |what: &'static str, addr: SocketAddr, port: Port| {
+        let balance = shared
+            .balance
+            .as_ref()
+            .map(|b| (&b[port as usize], config.shard));
         listen(addr, balance).map_err(|source| ProxyError::Bind { what, addr, source })
     };
-    let outbound_l = bind("outbound capture", config.outbound_addr, 0)?;
+    let outbound_l = bind("outbound capture", config.outbound_addr, Port::Outbound)?;
     let plaintext_l = bind(
         "inbound plaintext capture",
         config.inbound_plaintext_addr,
-        1,
+        Port::Plaintext,
     )?;
-    let hbone_l = bind("HBONE", config.hbone_addr, 2)?;
+    let hbone_l = bind("HBONE", config.hbone_addr, Port::Hbone)?;
     let local = |l: &isthmus_socket::Listener, addr: SocketAddr| {
         l.local_addr().map_err(|source| ProxyError::Bind {
             what: "local address",
