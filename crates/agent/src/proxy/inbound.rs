@@ -433,7 +433,7 @@ impl InboundHandler for InboundPolicy {
             } else {
                 super::l7::inbound::http1_form(r)
             };
-            let connect = async move {
+            let connect = move || async move {
                 use super::l7::pool::SendError;
                 match tokio::time::timeout(timeout, sockets.connect(target)).await {
                     Ok(Ok(tcp)) => Ok(hyper_util::rt::TokioIo::new(tcp)),

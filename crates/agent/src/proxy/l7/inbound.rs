@@ -139,14 +139,18 @@ where
             return Err("the application connection is gone".into());
         };
         let io = TokioIo::new(io);
+        // Boxed: once per connection, and every request's future would carry their size.
         *guard = if h2 {
-            let (s, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-                .await
-                .map_err(|e| e.to_string())?;
+            let (s, c) = Box::pin(hyper::client::conn::http2::handshake(
+                TokioExecutor::new(),
+                io,
+            ))
+            .await
+            .map_err(|e| e.to_string())?;
             tokio::spawn(c);
             AppConn::H2(s)
         } else {
-            let (s, c) = hyper::client::conn::http1::handshake(io)
+            let (s, c) = Box::pin(hyper::client::conn::http1::handshake(io))
                 .await
                 .map_err(|e| e.to_string())?;
             tokio::spawn(c);

@@ -66,7 +66,11 @@ impl HttpConns {
     /// Sends `req` to `addr` over HTTP/2 (`h2`) or HTTP/1.1, on a kept connection or on one
     /// `connect` makes. Also says whether a new connection was made for it (its latency then
     /// includes the handshakes, which the balancer leaves out).
-    pub async fn send<IO, C>(
+    ///
+    /// Making a connection is the rare path: its futures (the CONNECT's TLS handshake, the
+    /// HTTP handshakes, several KiB each) are boxed only when taken, so that this future, which
+    /// every request builds and moves, stays small ([`new_connection`]).
+    pub async fn send<IO, C, F>(
         &self,
         addr: SocketAddr,
         h2: bool,
@@ -75,7 +79,8 @@ impl HttpConns {
     ) -> Result<(Response<Incoming>, bool), SendError>
     where
         IO: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static,
-        C: std::future::Future<Output = Result<IO, SendError>>,
+        C: FnOnce() -> F,
+        F: std::future::Future<Output = Result<IO, SendError>>,
     {
         let key = Key { addr, h2 };
         if h2 {
@@ -87,19 +92,7 @@ impl HttpConns {
             let mut sender = match existing {
                 Some(s) => s,
                 None => {
-                    let io = connect.await?;
-                    let (s, conn) = http2::Builder::new(TokioExecutor::new())
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .keep_alive_interval(Duration::from_secs(30))
-                        .handshake(io)
-                        .await
-                        .map_err(|e| SendError::Connect {
-                            addr,
-                            message: format!("HTTP/2 handshake: {e}"),
-                        })?;
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                    });
+                    let s = Box::pin(new_h2(addr, connect)).await?;
                     self.lock().insert(key.clone(), Entry::H2(s.clone()));
                     s
                 }
@@ -128,23 +121,10 @@ impl HttpConns {
             }
         };
         let fresh = idle.is_none();
-        let mut sender =
-            match idle {
-                Some(s) => s,
-                None => {
-                    let io = connect.await?;
-                    let (s, conn) = http1::Builder::new().handshake(io).await.map_err(|e| {
-                        SendError::Connect {
-                            addr,
-                            message: format!("HTTP/1.1 handshake: {e}"),
-                        }
-                    })?;
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                    });
-                    s
-                }
-            };
+        let mut sender = match idle {
+            Some(s) => s,
+            None => Box::pin(new_h1(addr, connect)).await?,
+        };
         let resp = sender.send_request(req).await.map_err(classify);
         if resp.is_ok() {
             // Back in the pool: it is ready again once this response's body has been read.
@@ -169,6 +149,56 @@ impl HttpConns {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
         self.conns.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// A new HTTP/2 connection over what `connect` makes, its connection task spawned.
+async fn new_h2<IO, C, F>(
+    addr: SocketAddr,
+    connect: C,
+) -> Result<http2::SendRequest<Body>, SendError>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static,
+    C: FnOnce() -> F,
+    F: std::future::Future<Output = Result<IO, SendError>>,
+{
+    let io = connect().await?;
+    let (s, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .handshake(io)
+        .await
+        .map_err(|e| SendError::Connect {
+            addr,
+            message: format!("HTTP/2 handshake: {e}"),
+        })?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(s)
+}
+
+/// A new HTTP/1.1 connection over what `connect` makes, its connection task spawned.
+async fn new_h1<IO, C, F>(
+    addr: SocketAddr,
+    connect: C,
+) -> Result<http1::SendRequest<Body>, SendError>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static,
+    C: FnOnce() -> F,
+    F: std::future::Future<Output = Result<IO, SendError>>,
+{
+    let io = connect().await?;
+    let (s, conn) = http1::Builder::new()
+        .handshake(io)
+        .await
+        .map_err(|e| SendError::Connect {
+            addr,
+            message: format!("HTTP/1.1 handshake: {e}"),
+        })?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(s)
 }
 
 pub struct UpstreamPool {
@@ -218,16 +248,14 @@ impl UpstreamPool {
             if self.hbone.takes_requests(dst) {
                 // Tunnels opened before the peer was known to take requests are not needed.
                 self.conns.forget(target.addr);
-                return self
-                    .send_direct(dst, target, h2, connect_headers, req)
+                // Boxed: off by default, and its future would make every request's larger.
+                return Box::pin(self.send_direct(dst, target, h2, connect_headers, req))
                     .await
                     .map(|r| (r, false));
             }
         }
-        let (resp, fresh) = self
-            .conns
-            .send(target.addr, h2, self.connect(target, connect_headers), req)
-            .await?;
+        let connect = || self.connect(target, connect_headers);
+        let (resp, fresh) = self.conns.send(target.addr, h2, connect, req).await?;
         let (p, b) = resp.into_parts();
         Ok((
             Response::from_parts(p, b.map_err(|e| -> BoxError { Box::new(e) }).boxed()),
