@@ -262,7 +262,7 @@ where
     let status = resp.status();
     let grpc_status = resp
         .headers()
-        .get("grpc-status")
+        .get(super::GRPC_STATUS)
         .and_then(|v| v.to_str().ok()?.parse().ok());
     let w = workload.as_deref();
     let src = &peer.source;

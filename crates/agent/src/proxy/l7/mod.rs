@@ -168,7 +168,8 @@ pub struct HttpOutbound {
     local: LocalWatch,
 }
 
-type Compiled = (Arc<ServiceTraffic>, Arc<Routes>);
+/// The settings compiled (none: the service has none) and what they compiled to.
+type Compiled = (Option<Arc<ServiceTraffic>>, Arc<Routes>);
 
 /// What the labels of a connection's requests vary by: the endpoint's and service's records
 /// (the same `Arc` is the same record; the key holds them, so an address is never reused
@@ -266,21 +267,26 @@ impl HttpOutbound {
             .unwrap_or_default()
     }
 
-    /// The compiled routes of a service, compiled once per version of its settings.
+    /// The compiled routes of a service, compiled once per version of its settings (and once
+    /// for a service without any: those are the service itself).
     fn routes(&self, state: &State, service: &Service) -> Arc<Routes> {
         let key = service.key();
-        let Some(t) = state.traffic(&key) else {
-            return Arc::new(Routes::plain(&service.hostname));
-        };
+        let t = state.traffic(&key);
         let mut c = self.compiled.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((src, r)) = c.get(&key) {
-            if Arc::ptr_eq(src, t) {
+            let same = match (src, t) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if same {
                 return r.clone();
             }
         }
-        let r = match Routes::compile(t) {
-            Ok(r) => Arc::new(r),
-            Err(e) => {
+        let r = match t.map(|t| Routes::compile(t)) {
+            None => Arc::new(Routes::plain(&service.hostname)),
+            Some(Ok(r)) => Arc::new(r),
+            Some(Err(e)) => {
                 isthmus_socket::warn_limited!(("routes", "l7"), service = %key, error = %e,
                     "cannot use this service's routes; sending to the service itself");
                 Arc::new(Routes::plain(&service.hostname))
@@ -289,7 +295,7 @@ impl HttpOutbound {
         if c.len() > 4096 {
             c.clear();
         }
-        c.insert(key, (t.clone(), r.clone()));
+        c.insert(key, (t.cloned(), r.clone()));
         r
     }
 
@@ -368,9 +374,12 @@ impl HttpOutbound {
             .unwrap_or_else(|| conn.service.hostname.clone());
         let path = parts.uri.path().to_owned();
         let query = parts.uri.query().map(str::to_owned);
-        report.method = parts.method.to_string();
-        report.authority = clip_path(&authority);
-        report.path = clip_path(&path);
+        // Only the access log shows them: not built when it is off.
+        if tracing::enabled!(target: ACCESS_LOG_TARGET, tracing::Level::INFO) {
+            report.method = parts.method.to_string();
+            report.authority = clip_path(&authority);
+            report.path = clip_path(&path);
+        }
         let view = RequestView {
             method: &parts.method,
             path: &path,
@@ -464,6 +473,7 @@ impl HttpOutbound {
                                 .forward(
                                     &state,
                                     &conn,
+                                    &routes,
                                     route,
                                     dest,
                                     parts,
@@ -492,6 +502,7 @@ impl HttpOutbound {
         &self,
         state: &State,
         conn: &Conn,
+        routes: &Arc<Routes>,
         route: &route::Route,
         dest: &WeightedDest,
         parts: http::request::Parts,
@@ -514,7 +525,14 @@ impl HttpOutbound {
         report.dest_service = Some(service.clone());
         let port = dest.dest.port.unwrap_or(conn.dst.port());
         let key = service.key();
-        let dest_routes = self.routes(state, &service);
+        // Most requests go to the service they were sent to, whose routes are at hand.
+        let dest_routes = if service.hostname == conn.service.hostname
+            && service.namespace == conn.service.namespace
+        {
+            routes.clone()
+        } else {
+            self.routes(state, &service)
+        };
         let subset = dest.dest.subset.as_deref();
         let members = subset.map(|s| dest_routes.subsets.get(s).map(|s| &s.workloads));
         let candidates: Vec<Arc<Workload>> = state
@@ -840,11 +858,6 @@ struct Done {
 impl Done {
     fn write(self) {
         let r = &self.report;
-        let flags = if r.flags.is_empty() {
-            "-".to_string()
-        } else {
-            r.flags.join(",")
-        };
         let src = &self.conn.local.meta;
         let dw = r.workload.as_deref();
         let ds = r.dest_service.as_deref().unwrap_or(&self.conn.service);
@@ -901,6 +914,14 @@ impl Done {
         });
         let millis = self.start.elapsed().as_secs_f64() * 1000.0;
         series.record(millis, r.request_bytes, self.bytes);
+        if !tracing::enabled!(target: ACCESS_LOG_TARGET, tracing::Level::INFO) {
+            return;
+        }
+        let flags = if r.flags.is_empty() {
+            "-".to_string()
+        } else {
+            r.flags.join(",")
+        };
         tracing::info!(
             target: ACCESS_LOG_TARGET,
             direction = "outbound",
@@ -1009,8 +1030,11 @@ fn request_protocol(parts: &http::request::Parts) -> &'static str {
     }
 }
 
+/// `grpc-status`, named once (a `&str` name is parsed at every lookup).
+pub(crate) const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
 fn grpc_status(h: &http::HeaderMap) -> Option<u32> {
-    h.get("grpc-status")?.to_str().ok()?.parse().ok()
+    h.get(GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
 /// The request's `traceparent` continued with a new span id, or a new trace.
@@ -1097,7 +1121,7 @@ fn grpc_reply(code: u32, message: &str) -> Response<Body> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
-    h.insert("grpc-status", HeaderValue::from(code));
+    h.insert(GRPC_STATUS, HeaderValue::from(code));
     if let Ok(v) = HeaderValue::try_from(message) {
         h.insert("grpc-message", v);
     }
