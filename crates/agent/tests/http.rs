@@ -861,45 +861,10 @@ async fn requests_to_peer_agents_go_directly_on_hbone_after_the_first_tunnel() -
     Ok(())
 }
 
-/// A writer the access log goes to, for assertions.
-#[derive(Clone, Default)]
-struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl io::Write for LogBuf {
-    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The access log of this test binary (JSON), from a global subscriber: a scoped one misses
-/// events whose callsites other tests' threads registered first. Tests pick their lines by
-/// their own addresses.
-fn access_log() -> &'static LogBuf {
-    use tracing_subscriber::layer::SubscriberExt;
-    static LOG: std::sync::OnceLock<LogBuf> = std::sync::OnceLock::new();
-    LOG.get_or_init(|| {
-        let buf = LogBuf::default();
-        let w = buf.clone();
-        let subscriber = tracing_subscriber::registry()
-            .with(tracing_subscriber::EnvFilter::new("access=info"))
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_writer(move || w.clone()),
-            );
-        let _ = tracing::subscriber::set_global_default(subscriber);
-        buf
-    })
-}
-
 #[tokio::test]
 async fn each_request_has_an_access_log_line_with_its_method_authority_path_status_and_flags(
 ) -> Result<()> {
-    let log = access_log();
+    let log = &support::access_logs().1;
     let vip = loopback(70, 100);
     let b = backend(loopback(70, 1), "b", Behaviour::default()).await?;
     let p = proxy(vip).await?;
@@ -920,8 +885,7 @@ http:
     assert_eq!(call(&mut c, get("/aborted")).await?.0, 503);
     let upstream = b.addr.to_string();
     let lines: Vec<serde_json::Value> = {
-        let raw = log.0.lock().unwrap().clone();
-        String::from_utf8_lossy(&raw)
+        log.text()
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| v["fields"]["service"] == HOST && v["fields"]["src"].as_str().is_some())

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -46,7 +46,7 @@ const DEADLINE: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------- certificates
 
-use support::TestCa;
+use support::{access_logs, LogBuf, TestCa};
 
 // ---------------------------------------------------------------- discovery state
 
@@ -537,54 +537,6 @@ async fn all_endpoints_down_is_unreachable() -> Result<()> {
     })
     .await;
     Ok(())
-}
-
-/// A writer the access log goes to, for assertions.
-#[derive(Clone, Default)]
-struct LogBuf(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for LogBuf {
-    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl LogBuf {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-/// The access log of the whole test binary, in the text and the JSON forms. A global
-/// subscriber, because a scoped one misses events whose callsites other tests' threads
-/// registered first; tests pick their own lines by their own addresses.
-fn access_logs() -> &'static (LogBuf, LogBuf) {
-    use tracing_subscriber::layer::SubscriberExt;
-    static LOG: OnceLock<(LogBuf, LogBuf)> = OnceLock::new();
-    LOG.get_or_init(|| {
-        let (text, json) = (LogBuf::default(), LogBuf::default());
-        let (t, j) = (text.clone(), json.clone());
-        let subscriber = tracing_subscriber::registry()
-            .with(tracing_subscriber::EnvFilter::new("access=info"))
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(move || t.clone())
-                    .with_ansi(false),
-            )
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_writer(move || j.clone()),
-            );
-        // Only this function installs one; a failure would mean another did, and the
-        // assertions below would say so.
-        let _ = tracing::subscriber::set_global_default(subscriber);
-        (text, json)
-    })
 }
 
 fn access_log() -> &'static LogBuf {

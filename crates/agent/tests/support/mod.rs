@@ -59,3 +59,51 @@ impl TestCa {
         Ok(watch::channel(Some(Arc::new(creds))).1)
     }
 }
+
+/// A writer the access log goes to, for assertions.
+#[derive(Clone, Default)]
+pub struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuf {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// The access log of the whole test binary, in the text and the JSON forms. A global
+/// subscriber, because a scoped one misses events whose callsites other tests' threads
+/// registered first; tests pick their own lines by their own addresses.
+pub fn access_logs() -> &'static (LogBuf, LogBuf) {
+    use tracing_subscriber::layer::SubscriberExt;
+    static LOG: std::sync::OnceLock<(LogBuf, LogBuf)> = std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        let (text, json) = (LogBuf::default(), LogBuf::default());
+        let (t, j) = (text.clone(), json.clone());
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_subscriber::EnvFilter::new("access=info"))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(move || t.clone())
+                    .with_ansi(false),
+            )
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(move || j.clone()),
+            );
+        // Only this function installs one; a failure would mean another did, and the tests'
+        // assertions would say so.
+        let _ = tracing::subscriber::set_global_default(subscriber);
+        (text, json)
+    })
+}
