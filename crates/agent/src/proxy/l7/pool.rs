@@ -59,7 +59,9 @@ enum Entry {
 /// HTTP/1.1 ones. How a connection is made is the caller's (a tunnel, a socket).
 #[derive(Default)]
 pub struct HttpConns {
-    conns: Mutex<HashMap<Key, Entry>>,
+    /// Keyed by endpoint addresses from discovery (not chosen by clients): a fast hash, as the
+    /// other per-request maps of the L7 path use.
+    conns: Mutex<HashMap<Key, Entry, foldhash::fast::RandomState>>,
 }
 
 impl HttpConns {
@@ -146,7 +148,7 @@ impl HttpConns {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry, foldhash::fast::RandomState>> {
         self.conns.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
