@@ -76,10 +76,12 @@ impl RetryBudget {
         if w.len() > 4096 {
             w.retain(|_, win| win.totals(s) != (0, 0));
         }
-        w.entry(dest.to_owned())
-            .or_insert_with(Window::new)
-            .bucket(s)
-            .1 += 1;
+        // The key is copied only the first time a destination is seen.
+        let win = match w.get_mut(dest) {
+            Some(win) => win,
+            None => w.entry(dest.to_owned()).or_insert_with(Window::new),
+        };
+        win.bucket(s).1 += 1;
     }
 
     /// Takes one retry from `dest`'s budget; false (and nothing taken) when it is spent.

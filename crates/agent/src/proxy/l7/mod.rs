@@ -395,7 +395,9 @@ impl HttpOutbound {
         };
         let rewritten = match &decision {
             Decision::Route { route, .. } => {
-                report.route = route.name.clone();
+                if tracing::enabled!(target: ACCESS_LOG_TARGET, tracing::Level::INFO) {
+                    report.route = route.name.clone();
+                }
                 route.rewritten_path(&view)
             }
             Decision::NoRoute => None,
@@ -1065,14 +1067,19 @@ fn upstream_request(
     authority: &str,
     h2: bool,
 ) -> Request<Body> {
-    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri = if h2 {
-        format!("http://{authority}{pq}")
-            .parse::<Uri>()
-            .unwrap_or_else(|_| parts.uri.clone())
-    } else {
-        pq.parse::<Uri>().unwrap_or_else(|_| parts.uri.clone())
-    };
+    // From the parts already parsed: the path is not parsed again, only the authority.
+    let pq = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let mut up = http::uri::Parts::default();
+    up.path_and_query = Some(pq);
+    if h2 {
+        up.scheme = Some(http::uri::Scheme::HTTP);
+        up.authority = authority.parse().ok();
+    }
+    let uri = Uri::from_parts(up).unwrap_or_else(|_| parts.uri.clone());
     let mut headers = parts.headers.clone();
     for h in HOP_BY_HOP.iter() {
         headers.remove(h);
