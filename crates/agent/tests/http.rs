@@ -884,16 +884,15 @@ http:
     assert_eq!(call(&mut c, get("/ok?x=1")).await?.0, 200);
     assert_eq!(call(&mut c, get("/aborted")).await?.0, 503);
     let upstream = b.addr.to_string();
-    let lines: Vec<serde_json::Value> = {
-        log.text()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["fields"]["service"] == HOST && v["fields"]["src"].as_str().is_some())
-            .filter(|v| {
-                v["fields"]["upstream"] == upstream.as_str() || v["fields"]["path"] == "/aborted"
-            })
-            .collect()
-    };
+    let lines: Vec<serde_json::Value> = log
+        .text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["service"] == HOST && v["fields"]["src"].as_str().is_some())
+        .filter(|v| {
+            v["fields"]["upstream"] == upstream.as_str() || v["fields"]["path"] == "/aborted"
+        })
+        .collect();
     let ok = lines
         .iter()
         .find(|v| v["fields"]["path"] == "/ok")

@@ -230,6 +230,9 @@ struct Report {
     dest_service: Option<Arc<Service>>,
     attempts: u32,
     request_bytes: u64,
+    /// Whether the access log was on when the request came: the strings below are built, and
+    /// the line written, only then.
+    log: bool,
     route: String,
     method: String,
     authority: String,
@@ -346,7 +349,10 @@ impl HttpOutbound {
         let start = Instant::now();
         let (mut parts, body) = req.into_parts();
         let trace = incoming_trace(&parts.headers);
-        let mut report = Report::default();
+        let mut report = Report {
+            log: tracing::enabled!(target: ACCESS_LOG_TARGET, tracing::Level::INFO),
+            ..Report::default()
+        };
         let protocol = request_protocol(&parts);
         let state = self.state.borrow().clone();
         let routes = {
@@ -374,8 +380,7 @@ impl HttpOutbound {
             .unwrap_or_else(|| conn.service.hostname.clone());
         let path = parts.uri.path().to_owned();
         let query = parts.uri.query().map(str::to_owned);
-        // Only the access log shows them: not built when it is off.
-        if tracing::enabled!(target: ACCESS_LOG_TARGET, tracing::Level::INFO) {
+        if report.log {
             report.method = parts.method.to_string();
             report.authority = clip_path(&authority);
             report.path = clip_path(&path);
@@ -395,7 +400,7 @@ impl HttpOutbound {
         };
         let rewritten = match &decision {
             Decision::Route { route, .. } => {
-                if tracing::enabled!(target: ACCESS_LOG_TARGET, tracing::Level::INFO) {
+                if report.log {
                     report.route = route.name.clone();
                 }
                 route.rewritten_path(&view)
@@ -916,7 +921,7 @@ impl Done {
         });
         let millis = self.start.elapsed().as_secs_f64() * 1000.0;
         series.record(millis, r.request_bytes, self.bytes);
-        if !tracing::enabled!(target: ACCESS_LOG_TARGET, tracing::Level::INFO) {
+        if !r.log {
             return;
         }
         let flags = if r.flags.is_empty() {

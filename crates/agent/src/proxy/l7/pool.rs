@@ -71,7 +71,7 @@ impl HttpConns {
     ///
     /// Making a connection is the rare path: its futures (the CONNECT's TLS handshake, the
     /// HTTP handshakes, several KiB each) are boxed only when taken, so that this future, which
-    /// every request builds and moves, stays small ([`new_connection`]).
+    /// every request builds and moves, stays small (`new_h2`, `new_h1`).
     pub async fn send<IO, C, F>(
         &self,
         addr: SocketAddr,
