@@ -112,6 +112,7 @@ struct PooledConn {
     send: h2::client::SendRequest<Bytes>,
     usage: Arc<Usage>,
     creds: Arc<Credentials>,
+    kick: crate::io::Kick,
 }
 
 /// What the pool and the connection's driver task share.
@@ -285,7 +286,8 @@ impl HboneClient {
                 let slot = self.checkout(&key).await?;
                 match self.open_stream(dst, &slot, &uri, headers).await {
                     Ok((send, recv)) => {
-                        return Ok(HboneStream::new(send, recv, Some(Box::new(slot))));
+                        let kick = slot.0.kick.clone();
+                        return Ok(HboneStream::new(send, recv, Some(Box::new(slot)), kick));
                     }
                     Err(StreamError::H2(source)) if refused_alert(&source).is_some() => {
                         slot.0.usage.close();
@@ -590,34 +592,35 @@ impl HboneClient {
         let pool = Arc::downgrade(&self.inner);
         let key = key.clone();
         let span = tracing::info_span!("hbone_conn", conn = id, %dst);
-        tokio::spawn(
-            crate::io::Corked::new(
-                async move {
-                    tracing::debug!("connection established");
-                    tokio::select! {
-                        r = connection => match r {
-                            Ok(()) => tracing::debug!("connection closed"),
-                            Err(e) => tracing::debug!(error = %e, "connection failed"),
-                        },
-                        // Dropping the connection closes the socket; no stream is open on it.
-                        () = driver_usage.idle(idle_timeout) => {
-                            tracing::debug!(?idle_timeout, "idle connection closed");
-                        }
+        let driver = crate::io::Corked::new(cork, |_| {
+            async move {
+                tracing::debug!("connection established");
+                tokio::select! {
+                    r = connection => match r {
+                        Ok(()) => tracing::debug!("connection closed"),
+                        Err(e) => tracing::debug!(error = %e, "connection failed"),
+                    },
+                    // Dropping the connection closes the socket; no stream is open on it.
+                    () = driver_usage.idle(idle_timeout) => {
+                        tracing::debug!(?idle_timeout, "idle connection closed");
                     }
-                    driver_usage.close();
-                    if let Some(inner) = pool.upgrade() {
-                        forget(&inner, &key, id).await;
-                    }
-                },
-                cork,
-            )
-            .instrument(span),
-        );
+                }
+                driver_usage.close();
+                if let Some(inner) = pool.upgrade() {
+                    forget(&inner, &key, id).await;
+                }
+            }
+            // Inside: a stream's kick polls this future outside the task's span.
+            .instrument(span)
+        });
+        let kick = driver.kick();
+        tokio::spawn(driver);
         Ok(PooledConn {
             id,
             send,
             usage,
             creds,
+            kick,
         })
     }
 }

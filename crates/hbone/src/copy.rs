@@ -583,8 +583,8 @@ mod tests {
     async fn tunnel_pair() -> (HboneStream, HboneStream) {
         let ((cs, cr), (ss, sr)) = h2_stream().await;
         (
-            HboneStream::new(cs, cr, None),
-            HboneStream::new(ss, sr, None),
+            HboneStream::new(cs, cr, None, Default::default()),
+            HboneStream::new(ss, sr, None, Default::default()),
         )
     }
 
@@ -676,7 +676,7 @@ mod tests {
     #[tokio::test]
     async fn splice_fails_when_the_peer_resets() {
         let ((mut peer_send, _peer_recv), (send, recv)) = h2_stream().await;
-        let mut tunnel = HboneStream::new(send, recv, None);
+        let mut tunnel = HboneStream::new(send, recv, None, Default::default());
         let (mut sock, mut app) = duplex(32 * 1024);
         let splice = tokio::spawn(async move { splice_tunnel(&mut tunnel, &mut sock).await });
         peer_send
@@ -695,7 +695,7 @@ mod tests {
     #[tokio::test]
     async fn splice_takes_no_error_reset_after_end_stream_as_a_close() {
         let ((mut peer_send, _peer_recv), (send, recv)) = h2_stream().await;
-        let mut tunnel = HboneStream::new(send, recv, None);
+        let mut tunnel = HboneStream::new(send, recv, None, Default::default());
         let (mut sock, mut app) = duplex(32 * 1024);
         let splice = tokio::spawn(async move { splice_tunnel(&mut tunnel, &mut sock).await });
         peer_send

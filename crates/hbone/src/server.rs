@@ -466,7 +466,12 @@ impl<H: InboundHandler> Conn<H> {
             peer_addr,
             local_addr,
         });
-        crate::io::Corked::new(self.serve_streams(h2, info), cork).await;
+        // The span inside: a stream's kick polls the connection outside this task's span.
+        let span = tracing::Span::current();
+        crate::io::Corked::new(cork, |kick| {
+            self.serve_streams(h2, info, kick).instrument(span)
+        })
+        .await;
     }
 
     /// Serves the streams of an established connection until it ends.
@@ -474,6 +479,7 @@ impl<H: InboundHandler> Conn<H> {
         mut self,
         mut h2: h2::server::Connection<crate::io::TlsSocket, Bytes>,
         info: Arc<ConnInfo>,
+        kick: crate::io::Kick,
     ) {
         let opts = self.options.clone();
         let mut streams = JoinSet::new();
@@ -492,6 +498,7 @@ impl<H: InboundHandler> Conn<H> {
                             info: info.clone(),
                             stats: self.stats.clone(),
                             upstream_timeout: opts.upstream_connect_timeout,
+                            kick: kick.clone(),
                         };
                         streams.spawn(ctx.serve(req, respond).instrument(span));
                     }
@@ -520,6 +527,7 @@ struct StreamCtx<H> {
     info: Arc<ConnInfo>,
     stats: Arc<ServerStats>,
     upstream_timeout: Duration,
+    kick: crate::io::Kick,
 }
 
 impl<H: InboundHandler> StreamCtx<H> {
@@ -557,7 +565,7 @@ impl<H: InboundHandler> StreamCtx<H> {
                         return;
                     }
                 };
-                serve(HboneStream::new(send, body, None)).await;
+                serve(HboneStream::new(send, body, None, self.kick.clone())).await;
                 return;
             }
             Decision::Allow => {
@@ -600,7 +608,7 @@ impl<H: InboundHandler> StreamCtx<H> {
                 return;
             }
         };
-        let mut tunnel = HboneStream::new(send, body, None);
+        let mut tunnel = HboneStream::new(send, body, None, self.kick.clone());
         // (tunnel → upstream, upstream → tunnel), as `copy_bidirectional` counted them.
         let result = crate::copy::splice_tunnel(&mut tunnel, &mut upstream).await;
         match result {

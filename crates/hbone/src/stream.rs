@@ -8,6 +8,8 @@ use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::io::Kick;
+
 /// Largest chunk handed to h2 per write; bounds the copy and the flow-control reservation.
 const MAX_WRITE_CHUNK: usize = 256 * 1024;
 
@@ -19,6 +21,8 @@ pub struct HboneStream {
     recv: RecvStream,
     pending: Bytes,
     write_closed: bool,
+    /// Has the connection write what this stream queued when the stream is flushed.
+    kick: Kick,
     // Keeps a pool slot reserved for as long as the stream lives (client side only).
     _guard: Option<Box<dyn Send + Sync>>,
 }
@@ -37,12 +41,14 @@ impl HboneStream {
         send: SendStream<Bytes>,
         recv: RecvStream,
         guard: Option<Box<dyn Send + Sync>>,
+        kick: Kick,
     ) -> Self {
         Self {
             send,
             recv,
             pending: Bytes::new(),
             write_closed: false,
+            kick,
             _guard: guard,
         }
     }
@@ -166,7 +172,8 @@ impl AsyncWrite for HboneStream {
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // The h2 connection task writes frames as soon as they are queued.
+        // The connection's task writes what was queued; in a burst, a kick writes it sooner.
+        self.kick.kick();
         Poll::Ready(Ok(()))
     }
 
