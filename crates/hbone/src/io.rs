@@ -430,7 +430,10 @@ mod tests {
         // The count starts again after a kick; the task itself still writes what is left.
         queue.send(b"m").unwrap();
         kick.kick();
-        assert!(!readable(&peer), "a kick wrote before its count was reached");
+        assert!(
+            !readable(&peer),
+            "a kick wrote before its count was reached"
+        );
         drop(queue);
         task.await.unwrap();
         assert_eq!(read_queued(&peer, 1), b"m");
