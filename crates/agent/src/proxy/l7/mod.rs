@@ -277,12 +277,8 @@ impl HttpOutbound {
         let t = state.traffic(&key);
         let mut c = self.compiled.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((src, r)) = c.get(&key) {
-            let same = match (src, t) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => true,
-                _ => false,
-            };
-            if same {
+            // The same record (or none, both times).
+            if src.as_ref().map(Arc::as_ptr) == t.map(Arc::as_ptr) {
                 return r.clone();
             }
         }
