@@ -5,6 +5,8 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh --test-tools
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The API docs build without a warning (broken or private links, stray HTML).
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 # Advisories need the advisory database from the network, which CI does not reach; licenses,
 # sources and duplicate versions are checked offline.
 cargo fetch --locked >/dev/null

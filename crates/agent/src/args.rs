@@ -1,5 +1,7 @@
 //! Every setting of `isthmus agent`, parsed in one place. Variables keep Istio's names where
 //! Istio has one (`CA_ADDR`, `TRUST_DOMAIN`).
+// The doc comments are `--help` text, where `<cert-dir>` and `<ip>` are placeholders, not HTML.
+#![allow(rustdoc::invalid_html_tags)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -27,7 +27,7 @@ pub enum ClientError {
     Unreachable { url: String, cause: String },
     #[error("{message}")]
     Api { status: StatusCode, message: String },
-    /// Says where the token could be and how to pass it (see [`no_token`]).
+    /// Says where the token could be and how to pass it (see `no_token`).
     #[error("{0}")]
     NoToken(String),
     #[error("{0}")]

@@ -40,8 +40,8 @@ pub struct JoinArgs {
         conflicts_with_all = ["server", "token", "root_hash"]
     )]
     pub source: Option<PathBuf>,
-    /// Fetch the bundle from the control plane's gRPC port instead (HOST[:PORT], port 15012 by
-    /// default), with a join token; the control plane must serve a pinned root.
+    /// Fetch the bundle from the control plane's gRPC port instead (HOST or HOST:PORT, port
+    /// 15012 by default), with a join token; the control plane must serve a pinned root.
     #[arg(long, value_name = "HOST:PORT", requires = "token")]
     pub server: Option<String>,
     /// With --server: the join token, or @FILE to read it from FILE (keeps it out of `ps`).

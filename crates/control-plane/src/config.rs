@@ -1,4 +1,6 @@
 //! Every setting of `isthmus server`, parsed and validated in one place.
+// The doc comments are `--help` text, where `<data-dir>` and the like are placeholders, not HTML.
+#![allow(rustdoc::invalid_html_tags)]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;

@@ -62,7 +62,7 @@ pub enum NodeIdError {
     },
 }
 
-/// Client text as it is quoted back: in double quotes, escaped, cut at [`QUOTE_MAX`] bytes.
+/// Client text as it is quoted back: in double quotes, escaped, cut at `QUOTE_MAX` bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Quoted(String);
 

@@ -215,7 +215,7 @@ impl Handles {
 
 /// A connection's series by what varies between its requests (endpoint, code, flags...):
 /// the label sets of a connection repeat, and hashing twenty labels four times per request
-/// showed in profiles. A handful of entries; past [`SeriesCache::MAX`] it starts over.
+/// showed in profiles. A handful of entries; past `SeriesCache::MAX` it starts over.
 #[derive(Debug)]
 pub struct SeriesCache<K> {
     entries: std::sync::Mutex<Vec<(K, Handles)>>,
