@@ -29,7 +29,7 @@ RATES="${RATES:-1000 10000}"        # fixed rates, requests/s
 CONNS="${CONNS:-32}"                # keep-alive connections of every HTTP run
 BULK_SECONDS="${BULK_SECONDS:-5}"   # iperf3 -t
 BODY_BYTES="${BODY_BYTES:-1024}"
-PATHS="${PATHS:-direct isthmus isthmus-l7 haproxy haproxy-http}" # which paths run (the report needs direct for "added")
+PATHS="${PATHS:-direct isthmus isthmus-l7 haproxy haproxy-http}" # which paths run (the report needs direct for "added"; also haproxy-captured, HTTP L4)
 PERF_DIR="${PERF_DIR:-}"            # if set: `perf record -g` both agents during each isthmus run
 SCENARIOS="${SCENARIOS:-rates max grpc bulk}" # which runs (the report needs all four)
 HAPROXY_NBTHREAD="${HAPROXY_NBTHREAD:-}" # if set: both haproxy processes get `nbthread N` (default: one per CPU)
@@ -341,7 +341,19 @@ grpc_addr[haproxy-http]="127.0.0.1:18082"
 bulk_host[direct]=$MESH bulk_port[direct]=5202
 bulk_host[isthmus]=$VIP bulk_port[isthmus]=5201
 bulk_host[haproxy]=127.0.0.1 bulk_port[haproxy]=15202
+# An unused address of the bridge subnet: its connections are captured by an iptables REDIRECT
+# in the VM's nat OUTPUT, as the isthmus path's are, so that the capture's cost shows next to
+# the proxies' (bulk below; and the HTTP path `haproxy-captured`, not in the default PATHS).
+CAPTURED=10.78.0.99
+http_addr[haproxy-captured]="$CAPTURED:18080"
 read -r -a paths <<<"$PATHS"
+if [[ " $PATHS " == *" haproxy-captured "* ]]; then
+    inns vm iptables -t nat -I OUTPUT -d "$CAPTURED/32" -p tcp --dport 18080 -j REDIRECT --to-ports 18080
+    if [ -n "$VIP_CIDR" ]; then # as the agent routes ISTHMUS_VIP_CIDR, in a table of its own
+        inns vm ip rule add priority 15000 to "$CAPTURED" lookup 15999
+        inns vm ip route add "$CAPTURED" dev lo table 15999
+    fi
+fi
 for p in "${paths[@]}"; do
     wait_until "$p path answering 200" 30 \
         sh -c "[ \"\$(ip netns exec $(ns vm) curl -s -o /dev/null -w '%{http_code}' --max-time 2 http://${http_addr[$p]}/)\" = 200 ]"
@@ -379,10 +391,19 @@ mem_kb() {
 exec {nap_fd}<> <(:)
 # Minor page faults so far (field 10 of stat).
 minflt() { awk '{print $10}' "/proc/$1/stat"; }
+# The machine's idle and total CPU time so far (idle + iowait; all of /proc/stat's first line),
+# into CPU_IDLE and CPU_TOTAL, with builtins only: a closed loop that leaves the machine idle is
+# bound by its chain of wake-ups, not by CPU (BENCHMARKS.md, issue 17, run 15).
+machine_cpu() {
+    local _cpu user nice sys idle iowait irq softirq steal
+    read -r _cpu user nice sys idle iowait irq softirq steal _ </proc/stat
+    CPU_IDLE=$((idle + iowait))
+    CPU_TOTAL=$((user + nice + sys + idle + iowait + irq + softirq + steal))
+}
 proxy_pids() { # path
     case $1 in
     isthmus | isthmus-l7) echo "${agent_pid[vm]} ${agent_pid[mesh]}" ;;
-    haproxy | haproxy-http) echo "${hap_pid[vm]} ${hap_pid[mesh]}" ;;
+    haproxy | haproxy-http | haproxy-captured) echo "${hap_pid[vm]} ${hap_pid[mesh]}" ;;
     esac
 }
 declare -A rss_idle rss_peak anon_peak file_peak majflt_idle cpu_used ctx_used sys_used flt_used
@@ -423,7 +444,9 @@ run_http() { # path label rate
     if [ "$p" != direct ]; then read -r a b <<<"$(proxy_pids "$p")"; fi
     sleep "$WARMUP"
     case $p in isthmus*) perf_agents "$p-$label" "$DURATION" ;; esac
-    local cpu0=0 ctx0=0 flt0=0 sysf=""
+    local cpu0=0 ctx0=0 flt0=0 sysf="" idle0 total0
+    machine_cpu
+    idle0=$CPU_IDLE total0=$CPU_TOTAL
     if [ "$p" != direct ]; then
         cpu0=$(($(cpu_ticks "$a") + $(cpu_ticks "$b")))
         ctx0=$(($(ctxsw "$a") + $(ctxsw "$b")))
@@ -450,6 +473,9 @@ run_http() { # path label rate
         read -r -t 1 -u "$nap_fd" || true
     done
     wait "$lp"
+    machine_cpu
+    # The whole machine's idle share over the measured seconds, percent.
+    local idle_pct=$(((CPU_IDLE - idle0) * 100 / (CPU_TOTAL - total0 > 0 ? CPU_TOTAL - total0 : 1)))
     if [ "$p" != direct ]; then
         # Both proxies' CPU over the measured seconds (and a little of the load's tail).
         cpu_used[$p-$label]=$(($(cpu_ticks "$a") + $(cpu_ticks "$b") - cpu0))
@@ -468,7 +494,7 @@ run_http() { # path label rate
     rss_peak[$p-$label]="$max_a $max_b"
     anon_peak[$p-$label]="$anon_a $anon_b"
     file_peak[$p-$label]="$file_a $file_b"
-    echo "$p $label: $(cat "$out") cpu_ticks=${cpu_used[$p-$label]:-} ctx=${ctx_used[$p-$label]:-} syscalls=${sys_used[$p-$label]:-} minflt=${flt_used[$p-$label]:-}" >&2
+    echo "$p $label: $(cat "$out") cpu_ticks=${cpu_used[$p-$label]:-} ctx=${ctx_used[$p-$label]:-} syscalls=${sys_used[$p-$label]:-} minflt=${flt_used[$p-$label]:-} idle_pct=$idle_pct" >&2
 }
 run_bulk() { # path
     local p=$1
@@ -491,29 +517,27 @@ if scenario max; then
 fi
 if scenario grpc; then
     for p in "${paths[@]}"; do
-        case $p in haproxy) ;; *) run_http "$p" grpc 0 ;; esac
+        case $p in haproxy | haproxy-captured) ;; *) run_http "$p" grpc 0 ;; esac
     done
 fi
 if scenario bulk; then
     for p in "${paths[@]}"; do
-        case $p in *-l7 | *-http) ;; *) run_bulk "$p" ;; esac
+        case $p in *-l7 | *-http | haproxy-captured) ;; *) run_bulk "$p" ;; esac
     done
 fi
 # HAProxy once more, with iperf3's connection captured by an iptables REDIRECT in the VM's nat
-# OUTPUT as the isthmus path's is (from an unused address of the bridge subnet to the VM
-# haproxy's port), so that the capture's own cost shows next to the proxies'.
-CAPTURED=10.78.0.99
+# OUTPUT as the isthmus path's is (from $CAPTURED to the VM haproxy's port).
 if [[ " $PATHS " == *" haproxy "* ]] && scenario bulk; then
     capture_rule=(OUTPUT -d "$CAPTURED/32" -p tcp --dport 15202 -j REDIRECT --to-ports 15202)
     inns vm iptables -t nat -I "${capture_rule[@]}"
-    if [ -n "$VIP_CIDR" ]; then # as the agent routes ISTHMUS_VIP_CIDR, in a table of its own
+    if [ -n "$VIP_CIDR" ] && [[ " $PATHS " != *" haproxy-captured "* ]]; then
         inns vm ip rule add priority 15000 to "$CAPTURED" lookup 15999
         inns vm ip route add "$CAPTURED" dev lo table 15999
     fi
     bulk_host[haproxy-captured]=$CAPTURED bulk_port[haproxy-captured]=15202
     run_bulk haproxy-captured
     inns vm iptables -t nat -D "${capture_rule[@]}"
-    if [ -n "$VIP_CIDR" ]; then
+    if [ -n "$VIP_CIDR" ] && [[ " $PATHS " != *" haproxy-captured "* ]]; then
         inns vm ip rule del priority 15000 to "$CAPTURED" lookup 15999
         inns vm ip route del "$CAPTURED" table 15999
     fi
