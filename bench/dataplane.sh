@@ -346,13 +346,13 @@ bulk_host[haproxy]=127.0.0.1 bulk_port[haproxy]=15202
 # the proxies' (bulk below; and the HTTP path `haproxy-captured`, not in the default PATHS).
 CAPTURED=10.78.0.99
 http_addr[haproxy-captured]="$CAPTURED:18080"
+if [ -n "$VIP_CIDR" ]; then # as the agent routes ISTHMUS_VIP_CIDR, in a table of its own
+    inns vm ip rule add priority 15000 to "$CAPTURED" lookup 15999
+    inns vm ip route add "$CAPTURED" dev lo table 15999
+fi
 read -r -a paths <<<"$PATHS"
 if [[ " $PATHS " == *" haproxy-captured "* ]]; then
     inns vm iptables -t nat -I OUTPUT -d "$CAPTURED/32" -p tcp --dport 18080 -j REDIRECT --to-ports 18080
-    if [ -n "$VIP_CIDR" ]; then # as the agent routes ISTHMUS_VIP_CIDR, in a table of its own
-        inns vm ip rule add priority 15000 to "$CAPTURED" lookup 15999
-        inns vm ip route add "$CAPTURED" dev lo table 15999
-    fi
 fi
 for p in "${paths[@]}"; do
     wait_until "$p path answering 200" 30 \
@@ -530,17 +530,9 @@ fi
 if [[ " $PATHS " == *" haproxy "* ]] && scenario bulk; then
     capture_rule=(OUTPUT -d "$CAPTURED/32" -p tcp --dport 15202 -j REDIRECT --to-ports 15202)
     inns vm iptables -t nat -I "${capture_rule[@]}"
-    if [ -n "$VIP_CIDR" ] && [[ " $PATHS " != *" haproxy-captured "* ]]; then
-        inns vm ip rule add priority 15000 to "$CAPTURED" lookup 15999
-        inns vm ip route add "$CAPTURED" dev lo table 15999
-    fi
     bulk_host[haproxy-captured]=$CAPTURED bulk_port[haproxy-captured]=15202
     run_bulk haproxy-captured
     inns vm iptables -t nat -D "${capture_rule[@]}"
-    if [ -n "$VIP_CIDR" ] && [[ " $PATHS " != *" haproxy-captured "* ]]; then
-        inns vm ip rule del priority 15000 to "$CAPTURED" lookup 15999
-        inns vm ip route del "$CAPTURED" table 15999
-    fi
 fi
 if [ "$PATHS" != "direct isthmus isthmus-l7 haproxy haproxy-http" ] || [ "$SCENARIOS" != "rates max grpc bulk" ]; then
     echo "PATHS=$PATHS SCENARIOS=$SCENARIOS: no report (it compares all five paths in all four scenarios)" >&2

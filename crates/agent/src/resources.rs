@@ -31,7 +31,7 @@ pub struct FdReserve {
 }
 
 impl FdReserve {
-    /// Holds up to `RESERVE` (32) descriptors (fewer if the limit is already tight).
+    /// Holds up to `RESERVE` descriptors (fewer if the limit is already tight).
     pub fn take() -> Self {
         let held = (0..RESERVE)
             .map_while(|_| File::open("/dev/null").ok())
