@@ -54,6 +54,7 @@ pub mod keys {
     /// ztunnel's name for it.
     pub const POOL_MAX_STREAMS_PER_CONNECTION: &str = "POOL_MAX_STREAMS_PER_CONNECTION";
     pub const WORKER_THREADS: &str = "ISTHMUS_WORKER_THREADS";
+    pub const BUSY_POLL: &str = "ISTHMUS_BUSY_POLL";
 }
 
 /// The defaults, as text (what clap's `default_value` takes and `--help` shows).
@@ -67,6 +68,7 @@ pub mod defaults {
     pub const SIDECAR_ENV: &str = "/var/lib/istio/envoy/sidecar.env";
     pub const INBOUND_MODE: &str = "permissive";
     pub const DRAIN_DURATION: &str = "5s";
+    pub const BUSY_POLL: &str = "20us";
     pub const METRICS_ADDR: &str = "127.0.0.1:15020";
     pub const DNS_ADDR: &str = "127.0.0.1:15053";
     pub const ADMIN_ADDR: &str = "127.0.0.1:15000";
@@ -83,7 +85,7 @@ pub struct Setting {
 }
 
 /// Every variable agent.env may hold, in the order the file is written.
-pub const SETTINGS: [Setting; 24] = [
+pub const SETTINGS: [Setting; 25] = [
     s(
         keys::CA_ADDR,
         None,
@@ -200,6 +202,11 @@ pub const SETTINGS: [Setting; 24] = [
         Some("1"),
         "threads the proxy runs on (as ztunnel's ZTUNNEL_WORKER_THREADS): 1 keeps every connection on one thread; more run that many shards, each with its own listeners on the same ports and its own pools",
     ),
+    s(
+        keys::BUSY_POLL,
+        Some(defaults::BUSY_POLL),
+        "how long a data-plane thread that was busy for a quarter of the last millisecond or more polls its sockets before sleeping (HAProxy's busy-polling, on only under load); 0 never polls",
+    ),
 ];
 
 const fn s(key: &'static str, default: Option<&'static str>, help: &'static str) -> Setting {
@@ -266,6 +273,7 @@ pub struct AgentEnv {
     pub hbone_requests: bool,
     pub pool_max_streams_per_connection: usize,
     pub worker_threads: usize,
+    pub busy_poll: Duration,
 }
 
 /// One problem with one variable; the message names the file, the variable and the value, and
@@ -490,6 +498,17 @@ impl FromStr for InboundMode {
 }
 
 /// The boolean spellings clap's `BoolishValueParser` takes (what the agent itself accepts).
+/// `ISTHMUS_BUSY_POLL`: a duration of at most 1 ms (`0` switches it off). Longer spins would
+/// spend a host's CPU for little: the wake-up they save costs 32–128 µs.
+pub fn parse_busy_poll(value: &str) -> Option<Duration> {
+    let d = if value.trim() == "0" {
+        Duration::ZERO
+    } else {
+        humantime::parse_duration(value.trim()).ok()?
+    };
+    (d <= Duration::from_millis(1)).then_some(d)
+}
+
 pub fn parse_bool(value: &str) -> Option<bool> {
     match value.to_ascii_lowercase().as_str() {
         "y" | "yes" | "t" | "true" | "on" | "1" => Some(true),
@@ -528,6 +547,7 @@ impl AgentEnv {
             hbone_requests: false,
             pool_max_streams_per_connection: 100,
             worker_threads: 1,
+            busy_poll: Duration::from_micros(20),
         }
     }
 
@@ -657,6 +677,12 @@ impl AgentEnv {
                 "a number of threads from 1 to 256",
                 |v: &str| v.parse::<usize>().ok().filter(|n| (1..=256).contains(n))
             ),
+            busy_poll: typed!(
+                keys::BUSY_POLL,
+                fallback.busy_poll,
+                "a duration of at most 1ms, such as 20us, or 0 to never poll",
+                parse_busy_poll
+            ),
         };
         if parsed.capture && !parsed.proxy {
             invalid(
@@ -717,6 +743,7 @@ impl AgentEnv {
             hbone_requests,
             pool_max_streams_per_connection,
             worker_threads,
+            busy_poll,
         } = self;
         let path = |p: &Path| Some(p.display().to_string());
         vec![
@@ -759,6 +786,10 @@ impl AgentEnv {
                 Some(pool_max_streams_per_connection.to_string()),
             ),
             (keys::WORKER_THREADS, Some(worker_threads.to_string())),
+            (
+                keys::BUSY_POLL,
+                Some(humantime::format_duration(*busy_poll).to_string()),
+            ),
         ]
     }
 
@@ -914,6 +945,7 @@ mod tests {
         env.hbone_requests = true;
         env.pool_max_streams_per_connection = 4;
         env.worker_threads = 2;
+        env.busy_poll = Duration::ZERO;
         let text = env.render();
         assert_eq!(parse(&text).unwrap(), env, "{text}");
         assert!(text.contains("ISTHMUS_DRAIN_DURATION=1m 30s") || text.contains("'1m 30s'"));
@@ -957,6 +989,20 @@ mod tests {
             "/etc/isthmus/agent.env:5: ISTHMUS_BOGUS_THING is not a setting of the agent | fix: remove ISTHMUS_BOGUS_THING from /etc/isthmus/agent.env (`isthmus agent --help` lists the settings)",
         ];
         assert_eq!(errs, want);
+    }
+
+    #[test]
+    fn busy_poll_takes_a_short_duration_or_zero() {
+        assert_eq!(parse_busy_poll("0"), Some(Duration::ZERO));
+        assert_eq!(parse_busy_poll("0s"), Some(Duration::ZERO));
+        assert_eq!(parse_busy_poll("20us"), Some(Duration::from_micros(20)));
+        assert_eq!(parse_busy_poll("1ms"), Some(Duration::from_millis(1)));
+        assert_eq!(parse_busy_poll("2ms"), None);
+        assert_eq!(parse_busy_poll("20"), None);
+        assert_eq!(
+            errors("CA_ADDR=https://10.0.0.2:15012\nISTHMUS_BUSY_POLL=5ms\n"),
+            ["/etc/isthmus/agent.env:2: ISTHMUS_BUSY_POLL=\"5ms\" is not a duration of at most 1ms, such as 20us, or 0 to never poll | fix: correct ISTHMUS_BUSY_POLL in /etc/isthmus/agent.env"]
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod args;
+pub mod busy_poll;
 pub mod discovery;
 pub mod dnsproxy;
 pub mod identity;

@@ -126,13 +126,20 @@ struct DataPlane {
 }
 
 impl DataPlane {
-    fn new(threads: usize) -> std::io::Result<Self> {
+    /// `spun` counts the seconds the threads spent busy polling ([`crate::busy_poll`]).
+    fn new(
+        threads: usize,
+        busy_poll: crate::busy_poll::BusyPoll,
+        spun: crate::busy_poll::Seconds,
+    ) -> std::io::Result<Self> {
         let mut handles = Vec::new();
         let mut stops = Vec::new();
         for _ in 0..threads.max(1) {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let mut builder = tokio::runtime::Builder::new_current_thread();
+            builder.enable_all();
+            crate::busy_poll::install(&mut builder, busy_poll);
+            let runtime = builder.build()?;
+            runtime.spawn(crate::busy_poll::spinner(busy_poll, spun.clone()));
             handles.push(runtime.handle().clone());
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             stops.push(stop);
@@ -464,9 +471,20 @@ pub async fn run(
         };
         cfg.outbound.hbone_requests = args.hbone_requests;
         cfg.hbone_client.max_streams_per_connection = args.pool_max_streams_per_connection as usize;
-        let dp = DataPlane::new(args.worker_threads.into())
+        let busy_poll = crate::busy_poll::BusyPoll {
+            spin: args.busy_poll,
+            min_load: crate::busy_poll::BusyPoll::DEFAULT_MIN_LOAD,
+        };
+        let spun = crate::busy_poll::Seconds::default();
+        let dp = DataPlane::new(args.worker_threads.into(), busy_poll, spun.clone())
             .context("cannot start the data-plane runtime")?;
         let mut proxy_registry = Registry::with_prefix("isthmus_agent");
+        proxy_registry.register_with_unit(
+            "busy_poll",
+            "Time the data-plane threads spent polling their sockets instead of sleeping, under load (ISTHMUS_BUSY_POLL)",
+            prometheus_client::registry::Unit::Seconds,
+            spun.clone(),
+        );
         let shared = Arc::new(
             crate::proxy::Shared::new(cfg.max_connections_per_listener, &mut proxy_registry)
                 .sharded(dp.handles().len()),

@@ -1,0 +1,272 @@
+//! Adaptive busy polling of a data-plane thread: under load, poll the sockets for a short
+//! while before sleeping, instead of sleeping at once.
+//!
+//! A current-thread runtime that runs out of work sleeps in `epoll_wait`. On a VM each such
+//! sleep halts the vCPU, and waking it again is a round trip through the hypervisor: 32–128 µs
+//! for a third of the data-plane thread's wake-ups on the Firecracker bench machine
+//! (BENCHMARKS.md, issue 17, run 15). Under load the next event comes within microseconds, so
+//! sleeping costs more than it saves. HAProxy's `busy-polling`, Linux's `busy_poll` sockets and
+//! Go's spinning scheduler threads answer the same way; unlike HAProxy's, this one turns itself
+//! on only while the thread is busy, so an idle or lightly loaded agent never spins.
+//!
+//! How: when the runtime is about to sleep (tokio's `on_thread_park`), and the thread spent at
+//! least [`BusyPoll::min_load`] of the last window doing work (not spinning, not sleeping), it
+//! wakes a spinner task instead. The spinner gives its CPU to any other runnable thread
+//! (`sched_yield`) and then yields to the runtime, which polls the sockets without blocking
+//! (tokio defers a yielded task until after the driver's poll) and runs whatever became ready
+//! before the spinner again. After [`BusyPoll::spin`] without any work the spinner stops and
+//! the thread sleeps as before. Written by hand: tokio has no busy-poll mode, and its park
+//! hooks and `yield_now` are the seams it offers for one.
+
+use std::cell::Cell;
+use std::future::poll_fn;
+use std::sync::atomic::AtomicU64;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+
+/// The load over which this window the thread's share of real work is measured.
+const WINDOW: Duration = Duration::from_millis(1);
+
+/// A gap between two polls of the spinner longer than this means other tasks ran in it (an
+/// empty non-blocking poll of the driver takes about a microsecond).
+const WORK_GAP: Duration = Duration::from_micros(4);
+
+/// A counter of seconds; its clones count together.
+pub type Seconds = Counter<f64, AtomicU64>;
+
+/// The setting of one data-plane thread.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BusyPoll {
+    /// How long to keep polling after the last work before sleeping; zero never polls.
+    pub spin: Duration,
+    /// The share of the last window the thread must have spent working for it to poll.
+    pub min_load: f64,
+}
+
+impl BusyPoll {
+    /// The default share of work over which the thread polls: at 1,000 requests/s an agent's
+    /// thread works 1–3% of the time, in a closed loop 40–55% (BENCHMARKS.md).
+    pub const DEFAULT_MIN_LOAD: f64 = 0.25;
+
+    pub fn enabled(&self) -> bool {
+        !self.spin.is_zero()
+    }
+}
+
+/// Installs the hooks on a runtime builder; [`spinner`] must then be spawned on the runtime.
+pub fn install(builder: &mut tokio::runtime::Builder, cfg: BusyPoll) {
+    if !cfg.enabled() {
+        return;
+    }
+    builder.on_thread_park(move || STATE.with(|s| s.before_park(cfg)));
+    builder.on_thread_unpark(|| STATE.with(|s| s.after_unpark()));
+}
+
+/// The task that polls while the thread is busy. `spun` counts the seconds it spent.
+pub async fn spinner(cfg: BusyPoll, spun: Seconds) {
+    if !cfg.enabled() {
+        return;
+    }
+    loop {
+        // Armed by `before_park`.
+        poll_fn(|cx| {
+            STATE.with(|s| {
+                if s.spin_until.get().is_some() {
+                    Poll::Ready(())
+                } else {
+                    s.set_waker(cx.waker());
+                    Poll::Pending
+                }
+            })
+        })
+        .await;
+        let mut returned = Instant::now();
+        // Spin time not yet counted.
+        let mut spin = Duration::ZERO;
+        let count = |spin: &mut Duration| {
+            STATE.with(|s| s.spun.set(s.spun.get() + *spin));
+            spun.inc_by(spin.as_secs_f64());
+            *spin = Duration::ZERO;
+        };
+        loop {
+            let now = Instant::now();
+            let gap = now - returned;
+            let Some(mut until) = STATE.with(|s| s.spin_until.get()) else {
+                break;
+            };
+            if gap >= WORK_GAP {
+                // Tasks ran since the last turn: keep polling as long again, and count what
+                // was spun so far (under steady load one spin can last long).
+                until = now + cfg.spin;
+                STATE.with(|s| s.spin_until.set(Some(until)));
+                count(&mut spin);
+            } else {
+                spin += gap;
+            }
+            if now >= until {
+                break;
+            }
+            std::thread::yield_now();
+            returned = Instant::now();
+            spin += returned - now;
+            tokio::task::yield_now().await;
+        }
+        STATE.with(|s| s.spin_until.set(None));
+        count(&mut spin);
+    }
+}
+
+thread_local! {
+    static STATE: State = State::new();
+}
+
+struct State {
+    /// When the thread last woke from a park.
+    unparked_at: Cell<Instant>,
+    window_start: Cell<Instant>,
+    /// Real work in the current window.
+    busy: Cell<Duration>,
+    /// The share of the last whole window spent on real work.
+    load: Cell<f64>,
+    /// Time spent spinning since the thread last woke.
+    spun: Cell<Duration>,
+    /// Set while the spinner is armed.
+    spin_until: Cell<Option<Instant>>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl State {
+    fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            unparked_at: Cell::new(now),
+            window_start: Cell::new(now),
+            busy: Cell::new(Duration::ZERO),
+            load: Cell::new(0.0),
+            spun: Cell::new(Duration::ZERO),
+            spin_until: Cell::new(None),
+            waker: Cell::new(None),
+        }
+    }
+
+    fn set_waker(&self, waker: &Waker) {
+        let keep = self.waker.take().filter(|w| w.will_wake(waker));
+        self.waker.set(Some(keep.unwrap_or_else(|| waker.clone())));
+    }
+
+    fn before_park(&self, cfg: BusyPoll) {
+        let now = Instant::now();
+        let ran = now.saturating_duration_since(self.unparked_at.get());
+        let work = ran.saturating_sub(self.spun.take());
+        self.busy.set(self.busy.get() + work);
+        let elapsed = now.saturating_duration_since(self.window_start.get());
+        if elapsed >= WINDOW {
+            self.load
+                .set(self.busy.get().as_secs_f64() / elapsed.as_secs_f64());
+            self.busy.set(Duration::ZERO);
+            self.window_start.set(now);
+        }
+        if self.load.get() >= cfg.min_load && self.spin_until.get().is_none() {
+            if let Some(waker) = self.waker.take() {
+                self.spin_until.set(Some(now + cfg.spin));
+                // On this thread, inside the scheduler: the spinner joins the run queue and
+                // the runtime polls the driver without blocking instead of parking.
+                waker.wake();
+            }
+        }
+    }
+
+    fn after_unpark(&self) {
+        self.unparked_at.set(Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime(cfg: BusyPoll) -> tokio::runtime::Runtime {
+        let mut b = tokio::runtime::Builder::new_current_thread();
+        b.enable_all();
+        install(&mut b, cfg);
+        b.build().unwrap()
+    }
+
+    /// A low bar for "busy", so a slow or shared test machine still counts the busy phase
+    /// below as load; the idle phase works well under a thousandth of its time.
+    fn cfg() -> BusyPoll {
+        BusyPoll {
+            spin: Duration::from_micros(200),
+            min_load: 0.05,
+        }
+    }
+
+    /// Busy work, then quiet: the thread polls while busy, and stops within a few windows
+    /// once the work stops.
+    #[test]
+    fn spins_only_under_load_and_stops_when_it_ends() {
+        let rt = runtime(cfg());
+        let spun = Seconds::default();
+        rt.spawn(spinner(cfg(), spun.clone()));
+        rt.block_on(async {
+            // Idle: woken every 2 ms, with almost no work each time.
+            for _ in 0..20 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            // A test machine under load may preempt the thread mid-wake-up, which looks
+            // like work: a stray spin or two (200 µs each) is allowed, steady spinning is not.
+            let idle = spun.get();
+            assert!(idle < 0.001, "an idle thread spun {idle} s");
+            // Busy: 100 µs of work every 150 µs.
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+            let feeder = std::thread::spawn(move || {
+                for _ in 0..200 {
+                    std::thread::sleep(Duration::from_micros(150));
+                    if tx.send(()).is_err() {
+                        break;
+                    }
+                }
+            });
+            while rx.recv().await.is_some() {
+                let t = Instant::now();
+                while t.elapsed() < Duration::from_micros(100) {
+                    std::hint::spin_loop();
+                }
+            }
+            feeder.join().unwrap();
+            // 200 gaps of about 50 µs between the pieces of work are polled through.
+            let under_load = spun.get() - idle;
+            assert!(under_load > 0.002, "a busy thread spun only {under_load} s");
+            // Quiet again: after a few windows the spinning stops.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let settled = spun.get();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let after = spun.get() - settled;
+            assert!(
+                after < 0.001,
+                "{after} s spun in the 50 ms after the load was gone"
+            );
+        });
+    }
+
+    /// Switched off, the hooks are not installed and the spinner returns at once.
+    #[test]
+    fn zero_never_spins() {
+        let off = BusyPoll {
+            spin: Duration::ZERO,
+            min_load: 0.0,
+        };
+        let rt = runtime(off);
+        let spun = Seconds::default();
+        rt.block_on(async {
+            spinner(off, spun.clone()).await;
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_millis(5) {
+                tokio::task::yield_now().await;
+            }
+        });
+        assert_eq!(spun.get(), 0.0);
+    }
+}
