@@ -33,6 +33,7 @@ PATHS="${PATHS:-direct isthmus isthmus-l7 haproxy haproxy-http}" # which paths r
 PERF_DIR="${PERF_DIR:-}"            # if set: `perf record -g` both agents during each isthmus run
 SCENARIOS="${SCENARIOS:-rates max grpc bulk}" # which runs (the report needs all four)
 HAPROXY_NBTHREAD="${HAPROXY_NBTHREAD:-}" # if set: both haproxy processes get `nbthread N` (default: one per CPU)
+HAPROXY_BUSY_POLLING="${HAPROXY_BUSY_POLLING:-}" # if set: both haproxy processes get `busy-polling` (they never sleep; the agents poll only under load, ISTHMUS_BUSY_POLL)
 SYSCALLS="${SYSCALLS:-}"            # if set: count both proxies' system calls in each HTTP run (perf stat)
 SMAPS_DIR="${SMAPS_DIR:-}"          # if set: both agents' /proc/PID/smaps at the end of each isthmus run
 AGENT_WRAPPER="${AGENT_WRAPPER:-}"  # a command the agents run under (scripts/order-file.sh: valgrind)
@@ -196,6 +197,7 @@ EOF
 mesh_token="$(cli token create -n bookinfo -s productpage)"
 vm_token="$(cli token create -n onprem -s mysql)"
 declare -A agent_pid ready
+declare -A metrics
 start_agent() { # host ip token inbound-ports extra...
     local h=$1 ip=$2 token=$3 ports=$4
     local d="$work/$h" # a separate `local`: its words are expanded before any is assigned
@@ -216,6 +218,16 @@ start_agent() { # host ip token inbound-ports extra...
     agent_pid[$h]=$!
     wait_until "the $h agent's endpoints" "$AGENT_WAIT" jq -e .readiness "$d/state/agent-endpoints.json"
     ready[$h]="$(jq -r .readiness "$d/state/agent-endpoints.json")"
+    metrics[$h]="$(jq -r .metrics "$d/state/agent-endpoints.json")"
+}
+# Seconds both agents have spent busy polling (ISTHMUS_BUSY_POLL), from their metrics.
+busy_poll_s() {
+    local h sum=0 v
+    for h in vm mesh; do
+        v=$(inns "$h" curl -sf --max-time 2 "${metrics[$h]}/metrics" | awk '/^isthmus_agent_busy_poll_seconds_total / {print $2}')
+        sum=$(awk -v a="$sum" -v b="${v:-0}" 'BEGIN {printf "%.6f", a + b}')
+    done
+    echo "$sum"
 }
 start_agent mesh "$MESH" "$mesh_token" 9080,9081,9082,9083,5201 --group productpage --inbound-mode strict
 start_agent vm "$VM" "$vm_token" 3306
@@ -250,6 +262,7 @@ cat >"$work/haproxy-mesh.cfg" <<EOF
 global
     log stdout format raw local0 err
 ${HAPROXY_NBTHREAD:+    nbthread $HAPROXY_NBTHREAD}
+${HAPROXY_BUSY_POLLING:+    busy-polling}
 defaults
     mode tcp
     timeout connect 5s
@@ -286,6 +299,7 @@ cat >"$work/haproxy-vm.cfg" <<EOF
 global
     log stdout format raw local0 err
 ${HAPROXY_NBTHREAD:+    nbthread $HAPROXY_NBTHREAD}
+${HAPROXY_BUSY_POLLING:+    busy-polling}
 defaults
     mode tcp
     timeout connect 5s
@@ -432,6 +446,9 @@ mkdir -p "$results"
 run_http() { # path label rate
     local p=$1 label=$2 rate=$3 out="$results/$1-$2.json" max_a=0 max_b=0 a=0 b=0 lp r
     local anon_a=0 anon_b=0 file_a=0 file_b=0
+    # Both agents' busy polling over the run, warm-up included (read before the load starts).
+    local bp0="" busy=""
+    case $p in isthmus*) bp0=$(busy_poll_s) ;; esac
     if [ "$label" = grpc ]; then
         timeout $((WARMUP + DURATION + 30)) ip netns exec "$(ns vm)" "$GRPC_LOAD" load \
             --addr "${grpc_addr[$p]}" --conns "$GRPC_CONNS" --streams "$GRPC_STREAMS" \
@@ -474,6 +491,7 @@ run_http() { # path label rate
     done
     wait "$lp"
     machine_cpu
+    [ -z "$bp0" ] || busy=$(awk -v a="$bp0" -v b="$(busy_poll_s)" 'BEGIN {printf "%.3f", b - a}')
     # The whole machine's idle share over the measured seconds, percent.
     local idle_pct=$(((CPU_IDLE - idle0) * 100 / (CPU_TOTAL - total0 > 0 ? CPU_TOTAL - total0 : 1)))
     if [ "$p" != direct ]; then
@@ -494,7 +512,7 @@ run_http() { # path label rate
     rss_peak[$p-$label]="$max_a $max_b"
     anon_peak[$p-$label]="$anon_a $anon_b"
     file_peak[$p-$label]="$file_a $file_b"
-    echo "$p $label: $(cat "$out") cpu_ticks=${cpu_used[$p-$label]:-} ctx=${ctx_used[$p-$label]:-} syscalls=${sys_used[$p-$label]:-} minflt=${flt_used[$p-$label]:-} idle_pct=$idle_pct" >&2
+    echo "$p $label: $(cat "$out") cpu_ticks=${cpu_used[$p-$label]:-} ctx=${ctx_used[$p-$label]:-} syscalls=${sys_used[$p-$label]:-} minflt=${flt_used[$p-$label]:-} idle_pct=$idle_pct busy_poll_s=$busy" >&2
 }
 run_bulk() { # path
     local p=$1
@@ -560,6 +578,7 @@ echo "- RAM: $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)
 echo "- load average (1, 5, 15 min): $load_at_start at the start of the script, $load_before_runs after the build and setup, $(cut -d' ' -f1-3 /proc/loadavg) at the end"
 echo "- isthmus $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $("$BIN" --version 2>/dev/null || true); $(haproxy -v | head -1 | cut -d' ' -f1-3); nginx $("$NGINX" -v 2>&1 | cut -d/ -f2); $(iperf3 --version | head -1 | cut -d' ' -f1-2)"
 echo "- isthmus agent threads (vm / mesh): ${hwm[isthmus-threads]}; haproxy threads: ${hwm[haproxy-threads]}"
+echo "- busy polling: agents ISTHMUS_BUSY_POLL=${ISTHMUS_BUSY_POLL:-20us (the default)}; haproxy ${HAPROXY_BUSY_POLLING:+busy-polling}${HAPROXY_BUSY_POLLING:-off (the default)}"
 if [ -n "$VIP_CIDR" ]; then
     echo "- service network: ISTHMUS_VIP_CIDR=$VIP_CIDR, routed through lo (haproxy-captured's address too)"
 else

@@ -481,7 +481,7 @@ pub async fn run(
         let mut proxy_registry = Registry::with_prefix("isthmus_agent");
         proxy_registry.register_with_unit(
             "busy_poll",
-            "Time the data-plane threads spent polling their sockets instead of sleeping, under load (ISTHMUS_BUSY_POLL)",
+            "Wall time the data-plane threads spent busy polling their sockets instead of sleeping, under load (ISTHMUS_BUSY_POLL); includes the time other threads ran when a poll gave them the CPU",
             prometheus_client::registry::Unit::Seconds,
             spun.clone(),
         );
