@@ -498,6 +498,9 @@ impl FromStr for InboundMode {
 }
 
 /// The boolean spellings clap's `BoolishValueParser` takes (what the agent itself accepts).
+/// What [`parse_busy_poll`] takes, as error messages say it.
+pub const BUSY_POLL_EXPECTED: &str = "a duration of at most 1ms, such as 20us, or 0 to never poll";
+
 /// `ISTHMUS_BUSY_POLL`: a duration of at most 1 ms (`0` switches it off). Longer spins would
 /// spend a host's CPU for little: the wake-up they save costs 32–128 µs.
 pub fn parse_busy_poll(value: &str) -> Option<Duration> {
@@ -680,7 +683,7 @@ impl AgentEnv {
             busy_poll: typed!(
                 keys::BUSY_POLL,
                 fallback.busy_poll,
-                "a duration of at most 1ms, such as 20us, or 0 to never poll",
+                BUSY_POLL_EXPECTED,
                 parse_busy_poll
             ),
         };

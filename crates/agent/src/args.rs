@@ -189,8 +189,12 @@ impl AgentArgs {
 }
 
 fn parse_busy_poll(value: &str) -> Result<std::time::Duration, String> {
-    isthmus_agent_config::parse_busy_poll(value)
-        .ok_or_else(|| format!("{value:?} is not a duration of at most 1ms, such as 20us, or 0"))
+    isthmus_agent_config::parse_busy_poll(value).ok_or_else(|| {
+        format!(
+            "{value:?} is not {}",
+            isthmus_agent_config::BUSY_POLL_EXPECTED
+        )
+    })
 }
 
 #[cfg(test)]

@@ -6,9 +6,10 @@
 //! for a third of the data-plane thread's wake-ups on the Firecracker bench machine
 //! (BENCHMARKS.md, issue 17, run 15). Under load the next event comes within microseconds, so
 //! sleeping costs more than it saves: polling took the L7 closed loop 13–46% and gRPC calls
-//! 38–60% higher there, and cost L4's HTTP closed loop 2–10% (run 16). HAProxy's `busy-polling`, Linux's `busy_poll` sockets and
-//! Go's spinning scheduler threads answer the same way; unlike HAProxy's, this one turns itself
-//! on only while the thread is busy, so an idle or lightly loaded agent never spins.
+//! 38–60% higher there, and cost L4's HTTP closed loop 2–10% (run 16). HAProxy's
+//! `busy-polling`, Linux's `busy_poll` sockets and Go's spinning scheduler threads answer the
+//! same way; unlike HAProxy's, this one turns itself on only while the thread is busy, so an
+//! idle or lightly loaded agent never spins.
 //!
 //! How: when the runtime is about to sleep (tokio's `on_thread_park`), and the thread spent at
 //! least [`BusyPoll::min_load`] of the last window doing work (not spinning, not sleeping), it
