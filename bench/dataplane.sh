@@ -491,7 +491,6 @@ run_http() { # path label rate
     done
     wait "$lp"
     machine_cpu
-    [ -z "$bp0" ] || busy=$(awk -v a="$bp0" -v b="$(busy_poll_s)" 'BEGIN {printf "%.3f", b - a}')
     # The whole machine's idle share over the measured seconds, percent.
     local idle_pct=$(((CPU_IDLE - idle0) * 100 / (CPU_TOTAL - total0 > 0 ? CPU_TOTAL - total0 : 1)))
     if [ "$p" != direct ]; then
@@ -504,6 +503,8 @@ run_http() { # path label rate
             sys_used[$p-$label]=$(awk -F, '/raw_syscalls/ {print $1}' "$sysf")
         fi
     fi
+    # After the agents' CPU is read: scraping their metrics costs them CPU too.
+    [ -z "$bp0" ] || busy=$(awk -v a="$bp0" -v b="$(busy_poll_s)" 'BEGIN {printf "%.3f", b - a}')
     if [ "$p" = isthmus ] && [ -n "$SMAPS_DIR" ]; then
         mkdir -p "$SMAPS_DIR"
         cp "/proc/${agent_pid[vm]}/smaps" "$SMAPS_DIR/$label-vm.smaps"

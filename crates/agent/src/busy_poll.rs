@@ -170,7 +170,8 @@ impl State {
             self.busy.set(Duration::ZERO);
             self.window_start.set(now);
         }
-        if self.load.get() >= cfg.min_load && self.spin_until.get().is_none() {
+        if self.load.get() >= cfg.min_load {
+            // The spinner leaves its waker only while it waits to be armed.
             if let Some(waker) = self.waker.take() {
                 self.spin_until.set(Some(now + cfg.spin));
                 // On this thread, inside the scheduler: the spinner joins the run queue and
