@@ -22,7 +22,8 @@
 
 use std::cell::Cell;
 use std::future::poll_fn;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -57,17 +58,90 @@ impl BusyPoll {
     }
 }
 
-/// Installs the hooks on a runtime builder; [`spinner`] must then be spawned on the runtime.
-pub fn install(builder: &mut tokio::runtime::Builder, cfg: BusyPoll) {
+/// How many of a process's data-plane threads may poll at the same time, shared by them.
+///
+/// A polling thread holds its CPU, so several shards polling at once take the CPUs from the
+/// applications, the other agent and each other: on the 2-vCPU bench machine two shards, each
+/// polling, cost the L7 closed loop 12-15% against the same shards not polling (BENCHMARKS.md,
+/// issue 17, run 17), as HAProxy's `busy-polling` on four threads starved it (run 16). With the
+/// cap, a shard that finds the others polling sleeps as it would without busy polling.
+#[derive(Clone, Debug)]
+pub struct Spinners(Arc<SpinnersInner>);
+
+#[derive(Debug)]
+struct SpinnersInner {
+    active: AtomicUsize,
+    max: usize,
+    /// The most that ever polled at once (for the tests).
+    peak: AtomicUsize,
+}
+
+impl Spinners {
+    /// At most `max` threads poll at once (at least one).
+    pub fn new(max: usize) -> Self {
+        Self(Arc::new(SpinnersInner {
+            active: AtomicUsize::new(0),
+            max: max.max(1),
+            peak: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Half the CPUs this process may run on (its affinity and cgroup quota), at least one:
+    /// one on a 2-CPU host, so a single-shard agent (the default) is not limited at all.
+    pub fn for_host() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::new(cpus / 2)
+    }
+
+    pub fn max(&self) -> usize {
+        self.0.max
+    }
+
+    fn take(&self) -> bool {
+        let max = self.0.max;
+        match self
+            .0
+            .active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
+                (a < max).then_some(a + 1)
+            }) {
+            Ok(before) => {
+                self.0.peak.fetch_max(before + 1, Ordering::Relaxed);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn give(&self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Installs the hooks on a runtime builder; [`spinner`] must then be spawned on the runtime,
+/// with the same `spinners`.
+pub fn install(builder: &mut tokio::runtime::Builder, cfg: BusyPoll, spinners: &Spinners) {
     if !cfg.enabled() {
         return;
     }
-    builder.on_thread_park(move || STATE.with(|s| s.before_park(cfg)));
+    let spinners = spinners.clone();
+    builder.on_thread_park(move || STATE.with(|s| s.before_park(cfg, &spinners)));
     builder.on_thread_unpark(|| STATE.with(|s| s.after_unpark()));
 }
 
+/// Gives the spinner's place back when its spin ends (or its task is dropped mid-spin).
+struct Held<'a>(&'a Spinners);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        // `try_with`: a task dropped while its thread's locals are torn down must not panic.
+        let _ = STATE.try_with(|s| s.spin_until.set(None));
+        self.0.give();
+    }
+}
+
 /// The task that polls while the thread is busy. `spun` counts the seconds it spent.
-pub async fn spinner(cfg: BusyPoll, spun: Seconds) {
+pub async fn spinner(cfg: BusyPoll, spun: Seconds, spinners: Spinners) {
     if !cfg.enabled() {
         return;
     }
@@ -84,6 +158,8 @@ pub async fn spinner(cfg: BusyPoll, spun: Seconds) {
             })
         })
         .await;
+        // Armed: `before_park` took a place among the spinners for this spin.
+        let held = Held(&spinners);
         let mut returned = Instant::now();
         // Spin time not yet counted.
         let mut spin = Duration::ZERO;
@@ -115,7 +191,7 @@ pub async fn spinner(cfg: BusyPoll, spun: Seconds) {
             spin += returned - now;
             tokio::task::yield_now().await;
         }
-        STATE.with(|s| s.spin_until.set(None));
+        drop(held);
         count(&mut spin);
     }
 }
@@ -158,7 +234,7 @@ impl State {
         self.waker.set(Some(keep.unwrap_or_else(|| waker.clone())));
     }
 
-    fn before_park(&self, cfg: BusyPoll) {
+    fn before_park(&self, cfg: BusyPoll, spinners: &Spinners) {
         let now = Instant::now();
         let ran = now.saturating_duration_since(self.unparked_at.get());
         let work = ran.saturating_sub(self.spun.take());
@@ -173,10 +249,15 @@ impl State {
         if self.load.get() >= cfg.min_load {
             // The spinner leaves its waker only while it waits to be armed.
             if let Some(waker) = self.waker.take() {
-                self.spin_until.set(Some(now + cfg.spin));
-                // On this thread, inside the scheduler: the spinner joins the run queue and
-                // the runtime polls the driver without blocking instead of parking.
-                waker.wake();
+                if spinners.take() {
+                    self.spin_until.set(Some(now + cfg.spin));
+                    // On this thread, inside the scheduler: the spinner joins the run queue
+                    // and the runtime polls the driver without blocking instead of parking.
+                    waker.wake();
+                } else {
+                    // As many threads as may poll are polling: sleep.
+                    self.waker.set(Some(waker));
+                }
             }
         }
     }
@@ -190,11 +271,31 @@ impl State {
 mod tests {
     use super::*;
 
-    fn runtime(cfg: BusyPoll) -> tokio::runtime::Runtime {
+    fn runtime(cfg: BusyPoll, spinners: &Spinners) -> tokio::runtime::Runtime {
         let mut b = tokio::runtime::Builder::new_current_thread();
         b.enable_all();
-        install(&mut b, cfg);
+        install(&mut b, cfg, spinners);
         b.build().unwrap()
+    }
+
+    /// 100 µs of work every 150 µs, `n` times, on the runtime's thread.
+    async fn busy(n: usize) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let feeder = std::thread::spawn(move || {
+            for _ in 0..n {
+                std::thread::sleep(Duration::from_micros(150));
+                if tx.send(()).is_err() {
+                    break;
+                }
+            }
+        });
+        while rx.recv().await.is_some() {
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_micros(100) {
+                std::hint::spin_loop();
+            }
+        }
+        feeder.join().unwrap();
     }
 
     /// A low bar for "busy", so a slow or shared test machine still counts the busy phase
@@ -210,9 +311,10 @@ mod tests {
     /// once the work stops.
     #[test]
     fn spins_only_under_load_and_stops_when_it_ends() {
-        let rt = runtime(cfg());
+        let spinners = Spinners::new(1);
+        let rt = runtime(cfg(), &spinners);
         let spun = Seconds::default();
-        rt.spawn(spinner(cfg(), spun.clone()));
+        rt.spawn(spinner(cfg(), spun.clone(), spinners.clone()));
         rt.block_on(async {
             // Idle: woken every 2 ms, with almost no work each time.
             for _ in 0..20 {
@@ -223,22 +325,7 @@ mod tests {
             let idle = spun.get();
             assert!(idle < 0.001, "an idle thread spun {idle} s");
             // Busy: 100 µs of work every 150 µs.
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-            let feeder = std::thread::spawn(move || {
-                for _ in 0..200 {
-                    std::thread::sleep(Duration::from_micros(150));
-                    if tx.send(()).is_err() {
-                        break;
-                    }
-                }
-            });
-            while rx.recv().await.is_some() {
-                let t = Instant::now();
-                while t.elapsed() < Duration::from_micros(100) {
-                    std::hint::spin_loop();
-                }
-            }
-            feeder.join().unwrap();
+            busy(200).await;
             // 200 gaps of about 50 µs between the pieces of work are polled through.
             let under_load = spun.get() - idle;
             assert!(under_load > 0.002, "a busy thread spun only {under_load} s");
@@ -261,15 +348,53 @@ mod tests {
             spin: Duration::ZERO,
             min_load: 0.0,
         };
-        let rt = runtime(off);
+        let spinners = Spinners::new(1);
+        let rt = runtime(off, &spinners);
         let spun = Seconds::default();
         rt.block_on(async {
-            spinner(off, spun.clone()).await;
+            spinner(off, spun.clone(), spinners.clone()).await;
             let t = Instant::now();
             while t.elapsed() < Duration::from_millis(5) {
                 tokio::task::yield_now().await;
             }
         });
         assert_eq!(spun.get(), 0.0);
+    }
+
+    /// Two busy threads sharing a cap of one: never both polling at once, and the place is
+    /// given back (a later spin can take it).
+    #[test]
+    fn threads_beyond_the_cap_sleep_instead_of_polling() {
+        let spinners = Spinners::new(1);
+        let spun = Seconds::default();
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let (spinners, spun) = (spinners.clone(), spun.clone());
+                std::thread::spawn(move || {
+                    let rt = runtime(cfg(), &spinners);
+                    rt.spawn(spinner(cfg(), spun, spinners.clone()));
+                    rt.block_on(busy(200));
+                    // Let an ongoing spin end before the runtime goes.
+                    rt.block_on(async { tokio::time::sleep(Duration::from_millis(5)).await });
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(
+            spun.get() > 0.002,
+            "the busy threads spun only {} s",
+            spun.get()
+        );
+        assert_eq!(spinners.0.peak.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            spinners.0.active.load(Ordering::Relaxed),
+            0,
+            "a place was not given back"
+        );
+        // Half the CPUs, at least one.
+        assert!(Spinners::for_host().max() >= 1);
+        assert_eq!(Spinners::new(0).max(), 1);
     }
 }

@@ -134,12 +134,18 @@ impl DataPlane {
     ) -> std::io::Result<Self> {
         let mut handles = Vec::new();
         let mut stops = Vec::new();
+        // The shards poll in turn beyond half the host's CPUs.
+        let spinners = crate::busy_poll::Spinners::for_host();
         for _ in 0..threads.max(1) {
             let mut builder = tokio::runtime::Builder::new_current_thread();
             builder.enable_all();
-            crate::busy_poll::install(&mut builder, busy_poll);
+            crate::busy_poll::install(&mut builder, busy_poll, &spinners);
             let runtime = builder.build()?;
-            runtime.spawn(crate::busy_poll::spinner(busy_poll, spun.clone()));
+            runtime.spawn(crate::busy_poll::spinner(
+                busy_poll,
+                spun.clone(),
+                spinners.clone(),
+            ));
             handles.push(runtime.handle().clone());
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             stops.push(stop);
