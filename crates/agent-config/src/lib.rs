@@ -205,7 +205,7 @@ pub const SETTINGS: [Setting; 25] = [
     s(
         keys::BUSY_POLL,
         Some(defaults::BUSY_POLL),
-        "how long a data-plane thread that was busy for a quarter of the last millisecond or more polls its sockets before sleeping (HAProxy's busy-polling, on only under load); 0 never polls",
+        "how long a data-plane thread that was busy for a quarter of the last millisecond or more polls its sockets before sleeping (HAProxy's busy-polling, on only under load; at most half the host's CPUs poll at once); 0 never polls",
     ),
 ];
 

@@ -136,8 +136,9 @@ pub struct AgentArgs {
     pub worker_threads: u16,
     /// How long a data-plane thread polls its sockets before sleeping, when it spent a
     /// quarter or more of the last millisecond working (HAProxy's busy-polling, but only under
-    /// load: an idle or lightly loaded agent never spins). Saves the wake-up of a sleeping
-    /// vCPU, which on VMs costs tens of microseconds; 0 never polls. At most 1ms.
+    /// load: an idle or lightly loaded agent never spins; of several shards, at most half the
+    /// host's CPUs poll at once). Saves the wake-up of a sleeping vCPU, which on VMs costs tens
+    /// of microseconds; 0 never polls. At most 1ms.
     #[arg(long, value_name = "DURATION", default_value = defaults::BUSY_POLL, env = keys::BUSY_POLL, value_parser = parse_busy_poll)]
     pub busy_poll: std::time::Duration,
     /// On SIGTERM, how long open connections may finish after the proxy stops accepting
