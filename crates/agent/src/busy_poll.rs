@@ -17,8 +17,9 @@
 //! (`sched_yield`) and then yields to the runtime, which polls the sockets without blocking
 //! (tokio defers a yielded task until after the driver's poll) and runs whatever became ready
 //! before the spinner again. After [`BusyPoll::spin`] without any work the spinner stops and
-//! the thread sleeps as before. Written by hand: tokio has no busy-poll mode, and its park
-//! hooks and `yield_now` are the seams it offers for one.
+//! the thread sleeps as before. Of the agent's shards, at most half the CPUs poll at once
+//! ([`Spinners`]). Written by hand: tokio has no busy-poll mode, and its park hooks and
+//! `yield_now` are the seams it offers for one.
 
 use std::cell::Cell;
 use std::future::poll_fn;
