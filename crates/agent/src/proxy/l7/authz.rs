@@ -33,9 +33,13 @@ pub fn applicable<'a>(state: &'a State, workload: &Workload) -> Vec<&'a Arc<Auth
     let mut out: Vec<&Arc<AuthorizationPolicy>> = state
         .http_policies()
         .filter(|p| {
-            let name = format!("{}/{}", p.metadata.namespace, p.metadata.name);
+            // `namespace/name`, compared without building it: this runs at every request.
+            let (ns, name) = (&p.metadata.namespace, &p.metadata.name);
             match &p.spec.selector {
-                Some(_) => workload.authorization_policies.contains(&name),
+                Some(_) => workload
+                    .authorization_policies
+                    .iter()
+                    .any(|n| n.split_once('/') == Some((ns.as_str(), name.as_str()))),
                 None => {
                     p.metadata.namespace == ROOT_NAMESPACE
                         || p.metadata.namespace == workload.namespace
@@ -56,7 +60,7 @@ pub fn evaluate<'a>(
     let mut allows = 0usize;
     let mut allowed_by = None;
     for p in policies {
-        let name = format!("{}/{}", p.metadata.namespace, p.metadata.name);
+        let name = || format!("{}/{}", p.metadata.namespace, p.metadata.name);
         let matched = p.spec.rules.iter().any(|r| {
             (r.from.is_empty() || r.from.iter().any(|f| source_matches(&f.source, req)))
                 && (r.to.is_empty() || r.to.iter().any(|t| operation_matches(&t.operation, req)))
@@ -64,12 +68,12 @@ pub fn evaluate<'a>(
         });
         if p.spec.action() == "DENY" {
             if matched {
-                return Verdict::Deny(format!("denied by policy {name}"));
+                return Verdict::Deny(format!("denied by policy {}", name()));
             }
         } else {
             allows += 1;
             if matched && allowed_by.is_none() {
-                allowed_by = Some(name);
+                allowed_by = Some(name());
             }
         }
     }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use isthmus_model::traffic::{self, LoadBalancerSettings, OutlierDetection};
 use isthmus_xds::client::{Health, Workload};
 use rand::Rng;
+use smallvec::SmallVec;
 
 /// Counters are dropped once this many are held and none is in use.
 const PRUNE_ABOVE: usize = 4096;
@@ -109,6 +110,10 @@ pub struct Balancer {
 impl Balancer {
     pub fn stats(&self, uid: &str) -> Arc<EndpointStats> {
         let mut m = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        // Looked up several times per request: the key is copied only for a new endpoint.
+        if let Some(s) = m.get(uid) {
+            return s.clone();
+        }
         if m.len() > PRUNE_ABOVE {
             m.retain(|_, s| Arc::strong_count(s) > 1 || s.ejected(Instant::now()));
         }
@@ -130,20 +135,22 @@ impl Balancer {
         &self,
         key: &str,
         candidates: &[Arc<Workload>],
-        tried: &[String],
+        tried: &[&str],
         lb: Option<&LoadBalancerSettings>,
         hash: Option<u64>,
         now: Instant,
         rng: &mut R,
     ) -> Option<Arc<Workload>> {
-        let mut pool: Vec<&Arc<Workload>> = candidates
+        // On the stack for the usual few endpoints: three of these per request.
+        type Pool<'w> = SmallVec<[&'w Arc<Workload>; 8]>;
+        let mut pool: Pool = candidates
             .iter()
             .filter(|w| w.health == Health::Healthy)
             .collect();
         if pool.is_empty() {
             pool = candidates.iter().collect();
         }
-        let not_ejected: Vec<&Arc<Workload>> = pool
+        let not_ejected: Pool = pool
             .iter()
             .copied()
             .filter(|w| !self.stats(&w.uid).ejected(now))
@@ -152,10 +159,10 @@ impl Balancer {
         if !not_ejected.is_empty() {
             pool = not_ejected;
         }
-        let untried: Vec<&Arc<Workload>> = pool
+        let untried: Pool = pool
             .iter()
             .copied()
-            .filter(|w| !tried.contains(&w.uid))
+            .filter(|w| !tried.contains(&w.uid.as_str()))
             .collect();
         if !untried.is_empty() {
             pool = untried;
@@ -522,7 +529,7 @@ mod tests {
             .pick(
                 "svc",
                 &eps,
-                &["a".into(), "b".into()],
+                &["a", "b"],
                 None,
                 None,
                 t,

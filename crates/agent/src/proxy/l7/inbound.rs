@@ -197,12 +197,11 @@ where
     let host = req
         .uri()
         .authority()
-        .map(|a| a.as_str().to_owned())
+        .map(|a| a.as_str())
         .or_else(|| {
             req.headers()
                 .get(header::HOST)
                 .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
         })
         .unwrap_or_default();
     let grpc = req
@@ -223,13 +222,19 @@ where
                 port: peer.dst.port(),
                 method: req.method().as_str(),
                 path: req.uri().path(),
-                host: &host,
+                host,
                 headers: req.headers(),
             },
         ),
     };
     let method = req.method().clone();
-    let path = crate::proxy::l7::clip_path(req.uri().path());
+    // Built only when the access log is on, as on the outbound side.
+    let log = tracing::enabled!(target: ACCESS_LOG_TARGET, tracing::Level::INFO);
+    let path = if log {
+        crate::proxy::l7::clip_path(req.uri().path())
+    } else {
+        String::new()
+    };
     let (resp, flags, req_bytes) = if !verdict.is_allowed() {
         let mut r = Response::new(
             Full::new(Bytes::from_static(b"RBAC: access denied"))
@@ -266,11 +271,6 @@ where
         .and_then(|v| v.to_str().ok()?.parse().ok());
     let w = workload.as_deref();
     let src = &peer.source;
-    let service = w.and_then(|w| w.services.keys().next().cloned());
-    let (svc_ns, svc_host) = service
-        .as_deref()
-        .and_then(|k| k.split_once('/'))
-        .unwrap_or(("", ""));
     let grpc = if grpc {
         Some(grpc_status.unwrap_or(0))
     } else {
@@ -284,6 +284,10 @@ where
         protocol,
     };
     let handles = series.get(key, || {
+        let (svc_ns, svc_host) = w
+            .and_then(|w| w.services.keys().next())
+            .and_then(|k| k.split_once('/'))
+            .unwrap_or(("", ""));
         metrics.handles(&RequestLabels {
             reporter: Reporter::Destination,
             source_workload: Known(src.workload_name.clone()),
@@ -317,6 +321,9 @@ where
     let millis = start.elapsed().as_secs_f64() * 1000.0;
     let resp_bytes = body_size(resp.headers());
     handles.record(millis, req_bytes, resp_bytes);
+    if !log {
+        return resp;
+    }
     tracing::info!(
         target: ACCESS_LOG_TARGET,
         direction = "inbound",

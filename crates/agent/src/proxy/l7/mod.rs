@@ -41,7 +41,7 @@ use self::route::{Action, Decision, RequestView, Routes, WeightedDest};
 use self::telemetry::{code_label, known, Fixed, Grpc, IstioMetrics, Reporter, RequestLabels};
 use super::metadata::{LocalWatch, LocalWorkload};
 use super::metrics::Known;
-use super::outbound::{service_target, target_port};
+use super::outbound::{service_target, Target};
 use super::ACCESS_LOG_TARGET;
 
 /// Request bodies up to this size are kept so that a retry can send them again; larger ones
@@ -211,6 +211,9 @@ struct Conn {
     /// connection does not keep an old state's maps alive (and, holding the allocation, its
     /// address cannot be reused by a newer state).
     routes: Mutex<Option<(std::sync::Weak<State>, Arc<Routes>)>>,
+    /// The destinations this connection's requests went to, in the state they were planned
+    /// in (a `Weak` for the same reasons as `routes`); cleared when the state changes.
+    plans: Mutex<Vec<Arc<DestPlan>>>,
     /// Series of this connection's requests, by [`SeriesKey`].
     series: telemetry::SeriesCache<SeriesKey>,
     src: SocketAddr,
@@ -220,13 +223,36 @@ struct Conn {
     local: Arc<LocalWorkload>,
 }
 
+/// What the requests to one destination (host, subset, port) need from the discovery state,
+/// found once per state by each connection instead of at every request: the service, its
+/// endpoints in the subset with their targets, and the pool limits' counters. A split
+/// between subsets alternates between a few of these.
+struct DestPlan {
+    state: std::sync::Weak<State>,
+    host: String,
+    subset: Option<String>,
+    port: u16,
+    service: Arc<Service>,
+    key: String,
+    /// The destination's name for the retry budget, the balancer and the pool limits.
+    limit_key: String,
+    limits: Arc<Limits>,
+    routes: Arc<Routes>,
+    candidates: Vec<Arc<Workload>>,
+    /// Each candidate's target and expected principal, in the same order.
+    targets: Vec<(Target, Option<Arc<str>>)>,
+}
+
+/// Destinations a connection keeps plans for (a weighted split names a few).
+const MAX_PLANS: usize = 4;
+
 /// How one request ended, for the metrics and the access log.
 #[derive(Default)]
 struct Report {
     flags: Vec<&'static str>,
     upstream: Option<SocketAddr>,
     workload: Option<Arc<Workload>>,
-    principal: Option<String>,
+    principal: Option<Arc<str>>,
     dest_service: Option<Arc<Service>>,
     attempts: u32,
     request_bytes: u64,
@@ -309,6 +335,79 @@ impl HttpOutbound {
         l.entry(key.to_owned()).or_default().clone()
     }
 
+    /// The plan for requests of `conn` to `host` (its `subset`, `port`) in `state`: kept
+    /// from an earlier request in the same state, or made now. `None`: not a mesh service.
+    fn dest_plan(
+        &self,
+        state: &Arc<State>,
+        conn: &Conn,
+        routes: &Arc<Routes>,
+        host: &str,
+        subset: Option<&str>,
+        port: u16,
+    ) -> Option<Arc<DestPlan>> {
+        let mut plans = conn.plans.lock().unwrap_or_else(PoisonError::into_inner);
+        if plans
+            .first()
+            .is_some_and(|p| !std::ptr::eq(p.state.as_ptr(), Arc::as_ptr(state)))
+        {
+            plans.clear();
+        }
+        if let Some(p) = plans
+            .iter()
+            .find(|p| p.port == port && p.host == host && p.subset.as_deref() == subset)
+        {
+            return Some(p.clone());
+        }
+        let service = state.service_by_hostname(host)?.clone();
+        let key = service.key();
+        // Most requests go to the service they were sent to, whose routes are at hand.
+        let dest_routes = if service.hostname == conn.service.hostname
+            && service.namespace == conn.service.namespace
+        {
+            routes.clone()
+        } else {
+            self.routes(state, &service)
+        };
+        let members = subset.map(|s| dest_routes.subsets.get(s).map(|s| &s.workloads));
+        let mut candidates = Vec::new();
+        let mut targets = Vec::new();
+        for w in state.endpoints(&key) {
+            let member = match members {
+                None => true,
+                Some(None) => false,
+                Some(Some(m)) => m.contains(&w.uid),
+            };
+            if let Some(t) = member
+                .then(|| service_target(&service, &key, w, port))
+                .flatten()
+            {
+                let principal = t.expected.first().map(|p| Arc::from(p.as_str()));
+                candidates.push(w.clone());
+                targets.push((t, principal));
+            }
+        }
+        let limit_key = format!("{key}/{}", subset.unwrap_or(""));
+        let plan = Arc::new(DestPlan {
+            state: Arc::downgrade(state),
+            host: host.to_owned(),
+            subset: subset.map(str::to_owned),
+            port,
+            limits: self.limits(&limit_key),
+            limit_key,
+            service,
+            key,
+            routes: dest_routes,
+            candidates,
+            targets,
+        });
+        if plans.len() >= MAX_PLANS {
+            plans.remove(0);
+        }
+        plans.push(plan.clone());
+        Some(plan)
+    }
+
     /// Serves one client connection (HTTP/1.1, or HTTP/2 with prior knowledge) until it
     /// closes.
     pub async fn serve<IO>(
@@ -322,6 +421,7 @@ impl HttpOutbound {
     {
         let conn = Arc::new(Conn {
             routes: Mutex::new(None),
+            plans: Mutex::new(Vec::new()),
             series: Default::default(),
             src,
             dst,
@@ -374,17 +474,17 @@ impl HttpOutbound {
                     .map(str::to_owned)
             })
             .unwrap_or_else(|| conn.service.hostname.clone());
-        let path = parts.uri.path().to_owned();
-        let query = parts.uri.query().map(str::to_owned);
+        // Borrowed until the decision is made; the request is changed only after.
+        let (path, query) = (parts.uri.path(), parts.uri.query());
         if report.log {
             report.method = parts.method.to_string();
             report.authority = clip_path(&authority);
-            report.path = clip_path(&path);
+            report.path = clip_path(path);
         }
         let view = RequestView {
             method: &parts.method,
-            path: &path,
-            query: query.as_deref(),
+            path,
+            query,
             authority: &authority,
             scheme: "http",
             headers: &parts.headers,
@@ -503,7 +603,7 @@ impl HttpOutbound {
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
-        state: &State,
+        state: &Arc<State>,
         conn: &Conn,
         routes: &Arc<Routes>,
         route: &route::Route,
@@ -515,7 +615,9 @@ impl HttpOutbound {
         mirror: bool,
         report: &mut Report,
     ) -> Response<Body> {
-        let Some(service) = state.service_by_hostname(&dest.dest.host).cloned() else {
+        let port = dest.dest.port.unwrap_or(conn.dst.port());
+        let subset = dest.dest.subset.as_deref();
+        let Some(plan) = self.dest_plan(state, conn, routes, &dest.dest.host, subset, port) else {
             report.flags.push("UH");
             return local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -525,30 +627,10 @@ impl HttpOutbound {
                 ),
             );
         };
-        report.dest_service = Some(service.clone());
-        let port = dest.dest.port.unwrap_or(conn.dst.port());
-        let key = service.key();
-        // Most requests go to the service they were sent to, whose routes are at hand.
-        let dest_routes = if service.hostname == conn.service.hostname
-            && service.namespace == conn.service.namespace
-        {
-            routes.clone()
-        } else {
-            self.routes(state, &service)
-        };
-        let subset = dest.dest.subset.as_deref();
-        let members = subset.map(|s| dest_routes.subsets.get(s).map(|s| &s.workloads));
-        let candidates: Vec<Arc<Workload>> = state
-            .endpoints(&key)
-            .iter()
-            .filter(|w| match members {
-                None => true,
-                Some(None) => false,
-                Some(Some(m)) => m.contains(&w.uid),
-            })
-            .filter(|w| target_port(&service, &key, w, port).is_some())
-            .cloned()
-            .collect();
+        report.dest_service = Some(plan.service.clone());
+        let (service, key, dest_routes, candidates) =
+            (&plan.service, &plan.key, &plan.routes, &plan.candidates);
+        let (limit_key, limits) = (&plan.limit_key, &plan.limits);
         if candidates.is_empty() {
             report.flags.push("UH");
             return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n");
@@ -559,8 +641,6 @@ impl HttpOutbound {
         let http_pool = policy
             .and_then(|p| p.connection_pool.as_ref())
             .and_then(|c| c.http.as_ref());
-        let limit_key = format!("{key}/{}", subset.unwrap_or(""));
-        let limits = self.limits(&limit_key);
         let max_active = http_pool.map_or(usize::MAX, |h| {
             (h.http2_max_requests.unwrap_or(u32::MAX) as usize)
                 .saturating_add(h.http1_max_pending_requests.unwrap_or(0) as usize)
@@ -570,7 +650,7 @@ impl HttpOutbound {
             report.flags.push("UO");
             return local_reply(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: overflow\n");
         }
-        let _active = Count(limits.clone(), false);
+        let _active = Count(Arc::clone(limits), false);
         let max_retries = http_pool
             .and_then(|h| h.max_retries)
             .map_or(usize::MAX, |n| n as usize);
@@ -580,7 +660,10 @@ impl HttpOutbound {
             _ => parts.version == Version::HTTP_2,
         };
         let hash = balance::request_hash(lb, &parts.headers, parts.uri.query(), conn.src.ip());
-        self.budget.request(&limit_key, Instant::now());
+        // One clock read for the budget and the first pick; each attempt's end is read once, for
+        // its latency, the balancer's record and the next attempt's budget and pick.
+        let mut now = Instant::now();
+        self.budget.request(limit_key, now);
 
         // The body: kept for replays when small, else streamed once.
         let small = body
@@ -619,7 +702,7 @@ impl HttpOutbound {
         } else {
             1
         };
-        let mut tried: Vec<String> = Vec::new();
+        let mut tried: smallvec::SmallVec<[&str; 4]> = smallvec::SmallVec::new();
 
         let attempts = async {
             let mut last: Option<Response<Body>> = None;
@@ -627,7 +710,7 @@ impl HttpOutbound {
                 let _retry_count;
                 if attempt > 0 {
                     if limits.retries.load(Ordering::Acquire) >= max_retries
-                        || !self.budget.try_retry(&limit_key, Instant::now())
+                        || !self.budget.try_retry(limit_key, now)
                     {
                         if limits.retries.load(Ordering::Acquire) < max_retries {
                             self.metrics.budget_exhausted.inc();
@@ -636,28 +719,22 @@ impl HttpOutbound {
                         break;
                     }
                     limits.retries.fetch_add(1, Ordering::AcqRel);
-                    _retry_count = Count(limits.clone(), true);
+                    _retry_count = Count(Arc::clone(limits), true);
                 }
                 let w = {
                     let mut rng = rand::thread_rng();
-                    self.balancer.pick(
-                        &limit_key,
-                        &candidates,
-                        &tried,
-                        lb,
-                        hash,
-                        Instant::now(),
-                        &mut rng,
-                    )
+                    self.balancer
+                        .pick(limit_key, candidates, &tried, lb, hash, now, &mut rng)
                 };
-                let Some(w) = w else { break };
-                let Some(target) = service_target(&service, &key, &w, port) else {
+                let Some(i) = w.and_then(|w| candidates.iter().position(|c| Arc::ptr_eq(c, &w)))
+                else {
                     break;
                 };
-                tried.push(w.uid.clone());
+                let (w, (target, principal)) = (&candidates[i], &plan.targets[i]);
+                tried.push(&w.uid);
                 report.attempts += 1;
                 report.upstream = Some(target.addr);
-                report.principal = target.expected.first().cloned();
+                report.principal = principal.clone();
                 report.workload = Some(w.clone());
                 let body: Body = match (&replay, once.take()) {
                     (Some(b), _) => Full::new(b.clone()).map_err(|e| match e {}).boxed(),
@@ -666,14 +743,16 @@ impl HttpOutbound {
                 };
                 let req = upstream_request(&parts, body, &authority, h2);
                 let in_flight = self.balancer.start(&w.uid);
+                // Read again: the body may have taken its time to arrive.
                 let sent_at = Instant::now();
-                let sent = self.pool.send(&target, h2, &connect_headers, req);
+                let sent = self.pool.send(target, h2, &connect_headers, req);
                 let result = match retry.per_try_timeout {
                     Some(t) => tokio::time::timeout(t, sent).await.ok(),
                     None => Some(sent.await),
                 };
                 drop(in_flight);
-                let latency = sent_at.elapsed();
+                now = Instant::now();
+                let latency = now - sent_at;
                 let fresh = matches!(result, Some(Ok((_, true))));
                 let (outcome, retryable, resp) = match result {
                     None => {
@@ -735,10 +814,10 @@ impl HttpOutbound {
                         (outcome, retryable, local_reply(status, &body))
                     }
                 };
-                let endpoints_now = state.endpoints(&key);
+                let endpoints_now = state.endpoints(key);
                 let latency = (!fresh).then_some(latency);
                 self.balancer
-                    .record(&w.uid, latency, outcome, od, endpoints_now, Instant::now());
+                    .record(&w.uid, latency, outcome, od, endpoints_now, now);
                 if !retryable || attempt + 1 >= attempts_allowed {
                     return resp;
                 }
