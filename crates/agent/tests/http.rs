@@ -439,6 +439,65 @@ subsets:
     Ok(())
 }
 
+/// A connection keeps what it looked up for a destination while the discovery state is the
+/// same: a new state (endpoints gone and added, a subset moved) reaches the next request on
+/// the same keep-alive connection.
+#[tokio::test]
+async fn a_new_discovery_state_reaches_the_next_request_on_the_same_connection() -> Result<()> {
+    let vip = loopback(61, 110);
+    let v1 = backend(loopback(61, 11), "v1", Behaviour::default()).await?;
+    let v2 = backend(loopback(61, 12), "v2", Behaviour::default()).await?;
+    let p = proxy(vip).await?;
+    p.state
+        .send_replace(Arc::new(state(vip, &eps(&[&v1]), "")?));
+    let mut c = h1(p.addr).await?;
+    for _ in 0..5 {
+        let (status, who, _) = call(&mut c, get("/r")).await?;
+        assert_eq!((status, who.as_str()), (200, "v1"));
+    }
+    // v1 gone, v2 in its place.
+    p.state
+        .send_replace(Arc::new(state(vip, &eps(&[&v2]), "")?));
+    for _ in 0..5 {
+        let (status, who, _) = call(&mut c, get("/r")).await?;
+        assert_eq!(
+            (status, who.as_str()),
+            (200, "v2"),
+            "an old state's endpoint"
+        );
+    }
+    // Both, with a subset naming v1 only: the subset's members change with the rule.
+    let subset_to = |w: &str| {
+        format!(
+            r#"
+virtualService: default/reviews
+http:
+- route: [{{destination: {{host: reviews.default.svc.cluster.local, subset: only}}}}]
+destinationRule: default/reviews
+subsets:
+- {{name: only, workloads: [{w}]}}
+"#
+        )
+    };
+    p.state
+        .send_replace(Arc::new(state(vip, &eps(&[&v1, &v2]), &subset_to("v1"))?));
+    for _ in 0..5 {
+        let (status, who, _) = call(&mut c, get("/r")).await?;
+        assert_eq!((status, who.as_str()), (200, "v1"), "the subset's member");
+    }
+    p.state
+        .send_replace(Arc::new(state(vip, &eps(&[&v1, &v2]), &subset_to("v2"))?));
+    for _ in 0..5 {
+        let (status, who, _) = call(&mut c, get("/r")).await?;
+        assert_eq!(
+            (status, who.as_str()),
+            (200, "v2"),
+            "the subset's new member"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn retries_hide_an_endpoint_failing_one_request_in_three() -> Result<()> {
     let vip = loopback(62, 100);

@@ -526,15 +526,7 @@ mod tests {
         );
         assert_eq!(seq[0], seq[3]);
         let w = b
-            .pick(
-                "svc",
-                &eps,
-                &["a", "b"],
-                None,
-                None,
-                t,
-                &mut rng,
-            )
+            .pick("svc", &eps, &["a", "b"], None, None, t, &mut rng)
             .unwrap();
         assert_eq!(w.uid, "c");
     }
