@@ -448,25 +448,8 @@ async fn a_new_discovery_state_reaches_the_next_request_on_the_same_connection()
     let v1 = backend(loopback(61, 11), "v1", Behaviour::default()).await?;
     let v2 = backend(loopback(61, 12), "v2", Behaviour::default()).await?;
     let p = proxy(vip).await?;
-    p.state
-        .send_replace(Arc::new(state(vip, &eps(&[&v1]), "")?));
-    let mut c = h1(p.addr).await?;
-    for _ in 0..5 {
-        let (status, who, _) = call(&mut c, get("/r")).await?;
-        assert_eq!((status, who.as_str()), (200, "v1"));
-    }
-    // v1 gone, v2 in its place.
-    p.state
-        .send_replace(Arc::new(state(vip, &eps(&[&v2]), "")?));
-    for _ in 0..5 {
-        let (status, who, _) = call(&mut c, get("/r")).await?;
-        assert_eq!(
-            (status, who.as_str()),
-            (200, "v2"),
-            "an old state's endpoint"
-        );
-    }
-    // Both, with a subset naming v1 only: the subset's members change with the rule.
+    let mut c: Option<hyper::client::conn::http1::SendRequest<Body>> = None;
+    // Each state in turn, then five requests on the one connection, all to `to`.
     let subset_to = |w: &str| {
         format!(
             r#"
@@ -479,21 +462,34 @@ subsets:
 "#
         )
     };
-    p.state
-        .send_replace(Arc::new(state(vip, &eps(&[&v1, &v2]), &subset_to("v1"))?));
-    for _ in 0..5 {
-        let (status, who, _) = call(&mut c, get("/r")).await?;
-        assert_eq!((status, who.as_str()), (200, "v1"), "the subset's member");
-    }
-    p.state
-        .send_replace(Arc::new(state(vip, &eps(&[&v1, &v2]), &subset_to("v2"))?));
-    for _ in 0..5 {
-        let (status, who, _) = call(&mut c, get("/r")).await?;
-        assert_eq!(
-            (status, who.as_str()),
-            (200, "v2"),
-            "the subset's new member"
-        );
+    let steps = [
+        ("v1 alone", state(vip, &eps(&[&v1]), "")?, "v1"),
+        (
+            "v1 gone, v2 in its place",
+            state(vip, &eps(&[&v2]), "")?,
+            "v2",
+        ),
+        (
+            "both, a subset of v1",
+            state(vip, &eps(&[&v1, &v2]), &subset_to("v1"))?,
+            "v1",
+        ),
+        (
+            "both, the subset moved to v2",
+            state(vip, &eps(&[&v1, &v2]), &subset_to("v2"))?,
+            "v2",
+        ),
+    ];
+    for (what, st, to) in steps {
+        p.state.send_replace(Arc::new(st));
+        let c = match &mut c {
+            Some(c) => c,
+            None => c.insert(h1(p.addr).await?),
+        };
+        for _ in 0..5 {
+            let (status, who, _) = call(c, get("/r")).await?;
+            assert_eq!((status, who.as_str()), (200, to), "{what}");
+        }
     }
     Ok(())
 }
