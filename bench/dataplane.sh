@@ -48,6 +48,8 @@ if [ "$(id -u)" != 0 ]; then
     echo "bench/dataplane.sh needs root (network namespaces, iptables)" >&2
     exit 1
 fi
+# What building and the agents need (protoc, iptables, ip) on a fresh machine.
+scripts/setup.sh >&2
 missing=()
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)

@@ -22,6 +22,7 @@ if ! command -v perf >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends linux-perf >&2
 fi
 if [ -z "${ISTHMUS_BIN:-}" ] || [ -z "${HTTP_LOAD:-}" ]; then
+    scripts/setup.sh >&2
     cargo build --release -p isthmus >&2
     cargo build --release -p isthmus-bench --bin http-load --bin grpc-load >&2
 fi

@@ -15,6 +15,7 @@ RATE="${RATE:-1000}"
 DURATION="${DURATION:-10}"
 HAPROXY_PATH="${HAPROXY_PATH:-haproxy}" # or haproxy-captured
 if [ -z "${ISTHMUS_BIN:-}" ] || [ -z "${HTTP_LOAD:-}" ]; then
+    scripts/setup.sh >&2
     cargo build --release -p isthmus >&2
     cargo build --release -p isthmus-bench --bin http-load --bin grpc-load >&2
 fi
