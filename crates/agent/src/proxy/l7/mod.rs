@@ -206,14 +206,9 @@ impl PartialEq for SeriesKey {
 
 /// One client connection's facts.
 struct Conn {
-    /// The routes of this connection's service, with the discovery state they were looked up
-    /// in: while the state is the same, the next request reuses them. A `Weak`, so an idle
-    /// connection does not keep an old state's maps alive (and, holding the allocation, its
-    /// address cannot be reused by a newer state).
-    routes: Mutex<Option<(std::sync::Weak<State>, Arc<Routes>)>>,
-    /// The destinations this connection's requests went to, in the state they were planned
-    /// in (a `Weak` for the same reasons as `routes`); cleared when the state changes.
-    plans: Mutex<Vec<Arc<DestPlan>>>,
+    /// What its requests looked up in the current discovery state, reused while the state is
+    /// the same.
+    looked_up: Mutex<Option<LookedUp>>,
     /// Series of this connection's requests, by [`SeriesKey`].
     series: telemetry::SeriesCache<SeriesKey>,
     src: SocketAddr,
@@ -223,12 +218,22 @@ struct Conn {
     local: Arc<LocalWorkload>,
 }
 
+/// What a connection's requests looked up in one discovery state.
+struct LookedUp {
+    /// A `Weak`, so an idle connection does not keep an old state's maps alive (and, holding
+    /// the allocation, its address cannot be reused by a newer state).
+    state: std::sync::Weak<State>,
+    /// The routes of the connection's service.
+    routes: Arc<Routes>,
+    /// The destinations its requests went to (at most [`MAX_PLANS`]).
+    plans: Vec<Arc<DestPlan>>,
+}
+
 /// What the requests to one destination (host, subset, port) need from the discovery state,
 /// found once per state by each connection instead of at every request: the service, its
 /// endpoints in the subset with their targets, and the pool limits' counters. A split
 /// between subsets alternates between a few of these.
 struct DestPlan {
-    state: std::sync::Weak<State>,
     host: String,
     subset: Option<String>,
     port: u16,
@@ -335,6 +340,27 @@ impl HttpOutbound {
         l.entry(key.to_owned()).or_default().clone()
     }
 
+    /// The routes of `conn`'s service in `state`: those looked up by an earlier request in
+    /// the same state, or looked up now (which forgets what the old state planned).
+    fn conn_routes(&self, state: &Arc<State>, conn: &Conn) -> Arc<Routes> {
+        let mut looked = conn
+            .looked_up
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match &*looked {
+            Some(l) if std::ptr::eq(l.state.as_ptr(), Arc::as_ptr(state)) => l.routes.clone(),
+            _ => {
+                let routes = self.routes(state, &conn.service);
+                *looked = Some(LookedUp {
+                    state: Arc::downgrade(state),
+                    routes: routes.clone(),
+                    plans: Vec::new(),
+                });
+                routes
+            }
+        }
+    }
+
     /// The plan for requests of `conn` to `host` (its `subset`, `port`) in `state`: kept
     /// from an earlier request in the same state, or made now. `None`: not a mesh service.
     fn dest_plan(
@@ -346,17 +372,20 @@ impl HttpOutbound {
         subset: Option<&str>,
         port: u16,
     ) -> Option<Arc<DestPlan>> {
-        let mut plans = conn.plans.lock().unwrap_or_else(PoisonError::into_inner);
-        if plans
-            .first()
-            .is_some_and(|p| !std::ptr::eq(p.state.as_ptr(), Arc::as_ptr(state)))
-        {
-            plans.clear();
-        }
-        if let Some(p) = plans
-            .iter()
-            .find(|p| p.port == port && p.host == host && p.subset.as_deref() == subset)
-        {
+        let mut looked = conn
+            .looked_up
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Filled by `conn_routes` for this request's state, unless the state changed since.
+        let plans = looked
+            .as_mut()
+            .filter(|l| std::ptr::eq(l.state.as_ptr(), Arc::as_ptr(state)))
+            .map(|l| &mut l.plans);
+        if let Some(p) = plans.as_deref().and_then(|plans| {
+            plans
+                .iter()
+                .find(|p| p.port == port && p.host == host && p.subset.as_deref() == subset)
+        }) {
             return Some(p.clone());
         }
         let service = state.service_by_hostname(host)?.clone();
@@ -389,7 +418,6 @@ impl HttpOutbound {
         }
         let limit_key = format!("{key}/{}", subset.unwrap_or(""));
         let plan = Arc::new(DestPlan {
-            state: Arc::downgrade(state),
             host: host.to_owned(),
             subset: subset.map(str::to_owned),
             port,
@@ -401,10 +429,12 @@ impl HttpOutbound {
             candidates,
             targets,
         });
-        if plans.len() >= MAX_PLANS {
-            plans.remove(0);
+        if let Some(plans) = plans {
+            if plans.len() >= MAX_PLANS {
+                plans.remove(0);
+            }
+            plans.push(plan.clone());
         }
-        plans.push(plan.clone());
         Some(plan)
     }
 
@@ -420,8 +450,7 @@ impl HttpOutbound {
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let conn = Arc::new(Conn {
-            routes: Mutex::new(None),
-            plans: Mutex::new(Vec::new()),
+            looked_up: Mutex::new(None),
             series: Default::default(),
             src,
             dst,
@@ -451,17 +480,7 @@ impl HttpOutbound {
         };
         let protocol = request_protocol(&parts);
         let state = self.state.borrow().clone();
-        let routes = {
-            let mut cached = conn.routes.lock().unwrap_or_else(PoisonError::into_inner);
-            match &*cached {
-                Some((s, r)) if std::ptr::eq(s.as_ptr(), Arc::as_ptr(&state)) => r.clone(),
-                _ => {
-                    let r = self.routes(&state, &conn.service);
-                    *cached = Some((Arc::downgrade(&state), r.clone()));
-                    r
-                }
-            }
-        };
+        let routes = self.conn_routes(&state, conn.as_ref());
         let authority = parts
             .uri
             .authority()
