@@ -5,7 +5,10 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let proto_root = PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").ok_or("cargo sets CARGO_MANIFEST_DIR")?,
+    )
+    .join("../../proto");
     let ca_proto = proto_root.join("istio/v1/auth/ca.proto");
     // Isthmus' own onboarding API lives here too: the control plane serves it, and both the
     // CLI and the agent (workload tokens) call it.

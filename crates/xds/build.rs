@@ -4,7 +4,10 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let proto_root = PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").ok_or("cargo sets CARGO_MANIFEST_DIR")?,
+    )
+    .join("../../proto");
     let protos: Vec<PathBuf> = [
         "envoy/service/discovery/v3/ads.proto",
         "envoy/service/discovery/v3/discovery.proto",
