@@ -92,8 +92,8 @@ pub async fn serve<T, A>(
         }
     });
     let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    b.http1().timer(hyper_util::rt::TokioTimer::new());
-    b.http2().timer(hyper_util::rt::TokioTimer::new());
+    b.http1().timer(super::timer::CoarseTimer);
+    b.http2().timer(super::timer::CoarseTimer);
     if let Err(e) = b.serve_connection(TokioIo::new(tunnel), svc).await {
         tracing::debug!(error = %e, "inbound HTTP connection ended with an error");
     }

@@ -11,6 +11,7 @@ pub mod inbound;
 pub mod pool;
 pub mod route;
 pub mod telemetry;
+pub mod timer;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -463,8 +464,8 @@ impl HttpOutbound {
             async move { Ok::<_, Infallible>(this.handle(req, conn).await) }
         });
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(hyper_util::rt::TokioTimer::new());
-        builder.http2().timer(hyper_util::rt::TokioTimer::new());
+        builder.http1().timer(timer::CoarseTimer);
+        builder.http2().timer(timer::CoarseTimer);
         if let Err(e) = builder.serve_connection(TokioIo::new(io), svc).await {
             tracing::debug!(error = %e, %src, "client HTTP connection ended with an error");
         }
@@ -833,7 +834,12 @@ impl HttpOutbound {
                         (outcome, retryable, local_reply(status, &body))
                     }
                 };
-                let endpoints_now = state.endpoints(key);
+                // Outlier detection's ejection cap counts them; a hash lookup otherwise spent.
+                let endpoints_now = if od.is_some() {
+                    state.endpoints(key)
+                } else {
+                    &[]
+                };
                 let latency = (!fresh).then_some(latency);
                 self.balancer
                     .record(&w.uid, latency, outcome, od, endpoints_now, now);

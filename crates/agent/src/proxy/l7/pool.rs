@@ -165,7 +165,7 @@ where
 {
     let io = connect().await?;
     let (s, conn) = http2::Builder::new(TokioExecutor::new())
-        .timer(hyper_util::rt::TokioTimer::new())
+        .timer(super::timer::CoarseTimer)
         .keep_alive_interval(Duration::from_secs(30))
         .handshake(io)
         .await
