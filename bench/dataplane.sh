@@ -27,6 +27,7 @@ DURATION="${DURATION:-10}"          # seconds measured per HTTP run
 WARMUP="${WARMUP:-2}"               # seconds of load before each HTTP run is measured
 RATES="${RATES:-1000 10000}"        # fixed rates, requests/s
 CONNS="${CONNS:-32}"                # keep-alive connections of every HTTP run
+PACING="${PACING:-precise}"         # fixed rates: each request at its due time (precise), or the ones due within a 1 ms tick together (tick: runs before 2026-12-05)
 BULK_SECONDS="${BULK_SECONDS:-5}"   # iperf3 -t
 BODY_BYTES="${BODY_BYTES:-1024}"
 PATHS="${PATHS:-direct isthmus isthmus-l7 haproxy haproxy-http}" # which paths run (the report needs direct for "added"; also haproxy-captured, HTTP L4)
@@ -457,7 +458,7 @@ run_http() { # path label rate
             --bytes 64 --duration "$DURATION" --warmup "$WARMUP" >"$out" &
     else
         timeout $((WARMUP + DURATION + 30)) ip netns exec "$(ns vm)" "$LOAD" --addr "${http_addr[$p]}" \
-            --rate "$rate" --conns "$CONNS" --duration "$DURATION" --warmup "$WARMUP" >"$out" &
+            --rate "$rate" --conns "$CONNS" --duration "$DURATION" --warmup "$WARMUP" --pacing "$PACING" >"$out" &
     fi
     lp=$!
     if [ "$p" != direct ]; then read -r a b <<<"$(proxy_pids "$p")"; fi
