@@ -188,7 +188,6 @@ async fn conn_loop(
     let mut stream: Option<TcpStream> = None;
     let interval =
         (args.rate > 0).then(|| Duration::from_secs_f64(args.conns as f64 / args.rate as f64));
-    // Stagger the connections' schedules evenly across one interval.
     let alarm = match (interval, args.pacing) {
         (Some(_), Pacing::Precise) => match Alarm::new() {
             Ok(a) => Some(a),
@@ -201,6 +200,7 @@ async fn conn_loop(
         _ => None,
     };
     let mut prev_done = start;
+    // Stagger the connections' schedules evenly across one interval.
     let mut due = start
         + interval.map_or(Duration::ZERO, |i| {
             i.mul_f64(idx as f64 / args.conns as f64)
