@@ -100,18 +100,46 @@ async fn bind(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<TcpLis
 }
 
 /// Resolves on SIGTERM or SIGINT.
+///
+/// A thread of signal-hook's waits for them, not tokio's signal driver: that driver (and the
+/// process driver that comes with tokio's `process` feature) runs at every wake-up of every
+/// runtime in the process, the data plane's included, to look for signals that almost never
+/// come (BENCHMARKS.md, issue 18 run 21).
 pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT]) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(
+                "cannot watch for SIGTERM and SIGINT ({e}); stop the process with SIGKILL"
+            );
+            return std::future::pending().await;
         }
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
+    // Closing the iterator ends the thread when this future is dropped before a signal.
+    struct Close(signal_hook::iterator::Handle);
+    impl Drop for Close {
+        fn drop(&mut self) {
+            self.0.close();
+        }
+    }
+    let _close = Close(signals.handle());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let waiter = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if signals.forever().next().is_some() {
+                let _ = tx.send(());
+            }
+        });
+    if let Err(e) = waiter {
+        tracing::warn!(
+            "cannot start the thread that waits for SIGTERM ({e}); stop the process with SIGKILL"
+        );
+        return std::future::pending().await;
+    }
+    if rx.await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

@@ -62,7 +62,13 @@ fn parse_subnet(s: &str) -> Result<[u8; 3], String> {
     Ok(out)
 }
 
-pub async fn run(args: DemoArgs, out: &mut dyn Write) -> Result<()> {
+/// `until_stopped` resolves when the user wants a kept mesh (`--keep`) removed: SIGINT or
+/// SIGTERM in the binary.
+pub async fn run(
+    args: DemoArgs,
+    out: &mut dyn Write,
+    until_stopped: impl std::future::Future<Output = ()>,
+) -> Result<()> {
     match args.tool {
         Some(Tool::App {
             name,
@@ -79,7 +85,7 @@ pub async fn run(args: DemoArgs, out: &mut dyn Write) -> Result<()> {
                 .prefix("isthmus-demo-")
                 .tempdir()
                 .context("cannot create a work directory")?;
-            let result = scenario(&args, work.path(), out).await;
+            let result = scenario(&args, work.path(), out, until_stopped).await;
             if result.is_err() {
                 let kept = work.keep();
                 writeln!(out, "logs kept in {}", kept.join("logs").display())?;
@@ -236,7 +242,12 @@ impl Demo {
     }
 }
 
-async fn scenario(args: &DemoArgs, work: &Path, out: &mut dyn Write) -> Result<()> {
+async fn scenario(
+    args: &DemoArgs,
+    work: &Path,
+    out: &mut dyn Write,
+    until_stopped: impl std::future::Future<Output = ()>,
+) -> Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("isthmus demo needs root: it creates network namespaces and iptables rules (try: sudo isthmus demo)");
     }
@@ -517,7 +528,7 @@ async fn scenario(args: &DemoArgs, work: &Path, out: &mut dyn Write) -> Result<(
             demo.token,
             logs.display()
         ))?;
-        tokio::signal::ctrl_c().await?;
+        until_stopped.await;
     }
     drop(demo);
     say("==> removed the namespaces, processes and rules".into())?;

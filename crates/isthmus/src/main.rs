@@ -59,7 +59,11 @@ fn main() -> ExitCode {
         }
         Command::Demo(args) => {
             init_logging(cli.global.log_format, &cli.global.log_level);
-            runtime.block_on(isthmus_demo::run(*args, &mut std::io::stdout()))
+            runtime.block_on(isthmus_demo::run(
+                *args,
+                &mut std::io::stdout(),
+                isthmus_control_plane::server::shutdown_signal(),
+            ))
         }
         Command::Completion { shell } => {
             clap_complete::generate(

@@ -26,6 +26,7 @@ use isthmus_xds::{
     ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -353,7 +354,8 @@ async fn run(
     connect_batch: usize,
 ) -> Result<()> {
     let exe = std::env::current_exe()?;
-    let mut child = tokio::process::Command::new(exe)
+    // std's Command with the pipes handed to tokio: the binary has no tokio `process` feature.
+    let child = std::process::Command::new(exe)
         .args([
             "serve",
             "--workloads",
@@ -363,12 +365,17 @@ async fn run(
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .context("spawning the server")?;
-    let pid = child.id().context("server pid")?;
-    let mut stdin = child.stdin.take().context("stdin")?;
-    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let mut child = KillOnDrop(child);
+    let pid = child.0.id();
+    let mut stdin = pipe::Sender::from_owned_fd(child.0.stdin.take().context("stdin")?.into())
+        .context("server stdin")?;
+    let mut lines = BufReader::new(
+        pipe::Receiver::from_owned_fd(child.0.stdout.take().context("stdout")?.into())
+            .context("server stdout")?,
+    )
+    .lines();
     let first = lines.next_line().await?.context("server exited")?;
     let words: Vec<&str> = first.split_whitespace().collect();
     let addr: SocketAddr = words.get(1).context("listening line")?.parse()?;
@@ -463,7 +470,10 @@ async fn run(
     let hwm = status_kb(pid, "VmHWM:");
     let round_cpu = cpu_ms(pid).saturating_sub(cpu_before);
     stdin.write_all(b"quit\n").await?;
-    let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && matches!(child.0.try_wait(), Ok(None)) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     samples.sort();
     builds.sort_by(f64::total_cmp);
@@ -504,4 +514,16 @@ async fn run(
         status_kb(std::process::id(), "VmRSS:") / 1024
     );
     Ok(())
+}
+
+/// The server child, killed (and reaped) if the run ends early.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
