@@ -649,3 +649,27 @@ fn write_client_config(server: &str, token: &str) -> anyhow::Result<PathBuf> {
     write_atomic(&path, &serde_json::to_vec_pretty(&cfg)?, 0o600)?;
     Ok(path)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use signal_hook::consts::{SIGINT, SIGTERM};
+
+    /// The future ends on each of the two signals, and not before one comes. Each signal goes to
+    /// this test process only (nextest runs a test per process).
+    #[tokio::test]
+    async fn shutdown_signal_ends_on_sigterm_and_on_sigint() {
+        for sig in [SIGTERM, SIGINT] {
+            let stop = tokio::spawn(super::shutdown_signal());
+            // Let it register before the signal is raised.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(!stop.is_finished(), "ended before signal {sig}");
+            signal_hook::low_level::raise(sig).expect("raise");
+            tokio::time::timeout(Duration::from_secs(5), stop)
+                .await
+                .unwrap_or_else(|_| panic!("signal {sig} did not end shutdown_signal within 5 s"))
+                .expect("task");
+        }
+    }
+}
