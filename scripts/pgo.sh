@@ -5,7 +5,7 @@
 #
 # Why: at a fixed rate each request wakes each agent on its own and everything it runs is cold
 # (BENCHMARKS.md, issue 17 run 20); PGO lays out the hot paths together, separates the cold
-# blocks and inlines by measured counts (issue 18 run 21 measured it).
+# blocks and inlines by measured counts (BENCHMARKS.md, issue 17 run 21, part 3, measured it).
 #
 # Root only (network namespaces), about 20 minutes on 2 vCPUs. Needs llvm-profdata of the
 # LLVM that rustc uses (`rustc -vV`); installed from Debian as llvm-<major> when missing.
