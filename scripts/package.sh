@@ -2,27 +2,46 @@
 # Builds the Debian package (release profile unless --profile NAME) and prints its path.
 #   scripts/package.sh                 # target/debian/isthmus_<version>-1_<arch>.deb
 #   scripts/package.sh --profile NAME  # another cargo profile (e.g. a custom [profile.dist])
+#   scripts/package.sh --pgo           # the release binary built by scripts/pgo.sh (profile-guided;
+#                                      # root, about 20 more minutes): what a release should ship
 # Contents and maintainer scripts: [package.metadata.deb] in crates/isthmus/Cargo.toml and
 # packaging/; the layout it installs: docs/host-layout.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 profile=release
+pgo=
 while (($#)); do
   case "$1" in
-    --profile) profile="$2"; shift 2 ;;
-    *) echo "usage: scripts/package.sh [--profile NAME]" >&2; exit 2 ;;
+    --profile)
+      [ $# -ge 2 ] || { echo "package: --profile needs a cargo profile name, e.g. --profile release" >&2; exit 2; }
+      profile="$2"; shift 2 ;;
+    --pgo) pgo=1; shift ;;
+    *) echo "usage: scripts/package.sh [--profile NAME] [--pgo]" >&2; exit 2 ;;
   esac
 done
 case "$profile" in
   dev | debug) echo "package: use a release-like profile (cargo-deb refuses dev builds)" >&2; exit 2 ;;
 esac
+if [ -n "$pgo" ] && [ "$profile" != release ]; then
+  echo "package: --pgo builds the release profile (scripts/pgo.sh); drop --profile $profile or --pgo" >&2
+  exit 2
+fi
+if [ -n "$pgo" ] && [ "$(id -u)" != 0 ]; then
+  echo "package: --pgo trains the profile on bench/dataplane.sh, which needs root (network namespaces): run it as root, or without --pgo" >&2
+  exit 2
+fi
 
 cargo deb --version >/dev/null 2>&1 || {
   echo "package: cargo-deb is missing: run scripts/setup.sh --test-tools" >&2
   exit 1
 }
-cargo build --locked --profile "$profile" -p isthmus >&2
+if [ -n "$pgo" ]; then
+  # Leaves target/release/isthmus built with the profile; a cargo build here would replace it.
+  scripts/pgo.sh >&2
+else
+  cargo build --locked --profile "$profile" -p isthmus >&2
+fi
 
 target_dir=$(cargo metadata --format-version 1 --no-deps --locked |
   sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')

@@ -30,17 +30,17 @@ rm -rf "$pgo"
 mkdir -p "$pgo/raw"
 # The bench tools first, built apart (as scripts/order-file.sh explains), and without the
 # instrumentation.
-cargo build --release -p isthmus-bench --bin http-load --bin grpc-load >&2
+cargo build --locked --release -p isthmus-bench --bin http-load --bin grpc-load >&2
 # Both builds with --target: RUSTFLAGS then reach the target's crates only, not build scripts and
 # proc macros, and the two builds name their functions alike (the profile is matched by name).
 host="$(rustc -vV | sed -n 's/^host: //p')"
 RUSTFLAGS="-Cprofile-generate=$pgo/raw" \
-    cargo build --release -p isthmus --target "$host" --target-dir "$pgo/gen" >&2
+    cargo build --locked --release -p isthmus --target "$host" --target-dir "$pgo/gen" >&2
 ISTHMUS_BIN="$pgo/gen/$host/release/isthmus" HTTP_LOAD="$PWD/target/release/http-load" \
     PATHS="isthmus isthmus-l7" SCENARIOS="rates max grpc" RATES="1000 10000" DURATION=8 \
     bash bench/dataplane.sh >/dev/null
 "$profdata" merge -o "$pgo/isthmus.profdata" "$pgo"/raw/*.profraw
 RUSTFLAGS="-Cprofile-use=$pgo/isthmus.profdata" \
-    cargo build --release -p isthmus --target "$host" --target-dir "$pgo/use" >&2
+    cargo build --locked --release -p isthmus --target "$host" --target-dir "$pgo/use" >&2
 install -m 755 "$pgo/use/$host/release/isthmus" target/release/isthmus
 echo "built target/release/isthmus with the profile $pgo/isthmus.profdata (a plain cargo build replaces it)" >&2

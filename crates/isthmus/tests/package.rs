@@ -595,3 +595,43 @@ fn uid_1337_taken(root: &Root) {
     root.ok("dpkg --purge isthmus");
     assert!(!root.exists("/var/lib/istio"));
 }
+
+/// scripts/package.sh refuses option mistakes before it builds anything, naming the fix: a profile
+/// with --pgo (which only builds release), --profile without a name, an unknown option, a dev
+/// profile.
+#[test]
+fn package_script_refuses_bad_options() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/package.sh");
+    for (args, expected) in [
+        (
+            &["--pgo", "--profile", "dist"][..],
+            "--pgo builds the release profile",
+        ),
+        (&["--profile"][..], "--profile needs a cargo profile name"),
+        (
+            &["--bogus"][..],
+            "usage: scripts/package.sh [--profile NAME] [--pgo]",
+        ),
+        (&["--profile", "dev"][..], "use a release-like profile"),
+    ] {
+        let started = Instant::now();
+        let out = Command::new("bash")
+            .arg(&script)
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", show(&out));
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        // Refused before any build: no cargo output.
+        assert!(
+            !stderr.contains("Compiling") && !stderr.contains("Finished"),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            started.elapsed().as_secs() < 10,
+            "{args:?} took {:?}",
+            started.elapsed()
+        );
+    }
+}
