@@ -25,16 +25,20 @@ command -v valgrind >/dev/null 2>&1 || {
 # Two builds: built together, isthmus-bench's dependency features would be unified into the
 # agent's, giving another binary than `scripts/package.sh` and `scripts/dev.sh` build (other
 # symbol names, so the link order file would not match the product).
-cargo build --release -p isthmus >&2
-cargo build --release -p isthmus-bench --bin http-load --bin grpc-load >&2
+# ISTHMUS_BIN and ORDER_OUT (scripts/pgo.sh): profile that binary instead of building one, and
+# write the file there; a profile-guided build names and inlines its functions its own way.
+bin="${ISTHMUS_BIN:-$PWD/target/release/isthmus}"
+order_out="${ORDER_OUT:-crates/isthmus/hot-functions.order}"
+[ -n "${ISTHMUS_BIN:-}" ] || cargo build --locked --release -p isthmus >&2
+cargo build --locked --release -p isthmus-bench --bin http-load --bin grpc-load >&2
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
-ISTHMUS_BIN="$PWD/target/release/isthmus" HTTP_LOAD="$PWD/target/release/http-load" \
+ISTHMUS_BIN="$bin" HTTP_LOAD="$PWD/target/release/http-load" \
     PATHS="isthmus isthmus-l7" RATES=200 DURATION=5 WARMUP=1 BULK_SECONDS=5 STOP_WAIT=120 \
     AGENT_WRAPPER="valgrind --tool=callgrind --callgrind-out-file=$out/callgrind.%p \
 --dump-instr=no --dump-line=no --compress-strings=no --compress-pos=no --demangle=no \
 --fair-sched=yes" \
     bash bench/dataplane.sh >/dev/null
-python3 scripts/order-file.py "$PWD/target/release/isthmus" "$out"/callgrind.* \
-    >crates/isthmus/hot-functions.order
-echo "wrote crates/isthmus/hot-functions.order" >&2
+python3 scripts/order-file.py "$bin" "$out"/callgrind.* >"$order_out.tmp"
+mv "$order_out.tmp" "$order_out"
+echo "wrote $order_out" >&2

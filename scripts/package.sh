@@ -3,7 +3,7 @@
 #   scripts/package.sh                 # target/debian/isthmus_<version>-1_<arch>.deb
 #   scripts/package.sh --profile NAME  # another cargo profile (e.g. a custom [profile.dist])
 #   scripts/package.sh --pgo           # the release binary built by scripts/pgo.sh (profile-guided;
-#                                      # root, about 20 more minutes): what a release should ship
+#                                      # root, about 35 minutes): what a release should ship
 # Contents and maintainer scripts: [package.metadata.deb] in crates/isthmus/Cargo.toml and
 # packaging/; the layout it installs: docs/host-layout.md.
 set -euo pipefail
@@ -49,6 +49,7 @@ bin="$target_dir/$profile/isthmus"
 # The link order file (crates/isthmus/build.rs) goes stale as names change with code and
 # dependency updates. A stale file costs the agent RSS, not correctness: warn, do not fail.
 order=crates/isthmus/hot-functions.order
+[ -z "$pgo" ] || order=target/pgo/hot-functions.order # scripts/pgo.sh makes its own
 if [ "$profile" = release ] && [ -z "${ISTHMUS_NO_ORDER_FILE:-}" ] && [ -f "$order" ] &&
   command -v nm >/dev/null 2>&1; then
   read -r found listed < <(python3 scripts/order-file.py --matched "$bin" "$order")

@@ -7,7 +7,7 @@
 # (BENCHMARKS.md, issue 17 run 20); PGO lays out the hot paths together, separates the cold
 # blocks and inlines by measured counts (BENCHMARKS.md, issue 17 run 21, part 3, measured it).
 #
-# Root only (network namespaces), about 20 minutes on 2 vCPUs. Needs llvm-profdata of the
+# Root only (network namespaces), about 35 minutes on 2 vCPUs. Needs llvm-profdata of the
 # LLVM that rustc uses (`rustc -vV`); installed from Debian as llvm-<major> when missing.
 # Leaves target/release/isthmus built with the profile; the profile is in target/pgo/.
 set -euo pipefail
@@ -41,6 +41,15 @@ ISTHMUS_BIN="$pgo/gen/$host/release/isthmus" HTTP_LOAD="$PWD/target/release/http
     bash bench/dataplane.sh >/dev/null
 "$profdata" merge -o "$pgo/isthmus.profdata" "$pgo"/raw/*.profraw
 RUSTFLAGS="-Cprofile-use=$pgo/isthmus.profdata" \
+    cargo build --locked --release -p isthmus --target "$host" --target-dir "$pgo/use" >&2
+# The link order file (crates/isthmus/build.rs) lists the plain build's functions; this build
+# hashes their names apart and inlines by the profile, so few of them match and the agents'
+# RssFile was 13-14 MB against the plain build's 9 (BENCHMARKS.md, issue 17 run 22). So the
+# order is made again from this binary (scripts/order-file.sh, callgrind) and it is linked again
+# with it (only the isthmus crate rebuilds).
+ISTHMUS_BIN="$pgo/use/$host/release/isthmus" ORDER_OUT="$pgo/hot-functions.order" \
+    bash scripts/order-file.sh
+ISTHMUS_ORDER_FILE="$pgo/hot-functions.order" RUSTFLAGS="-Cprofile-use=$pgo/isthmus.profdata" \
     cargo build --locked --release -p isthmus --target "$host" --target-dir "$pgo/use" >&2
 install -m 755 "$pgo/use/$host/release/isthmus" target/release/isthmus
 echo "built target/release/isthmus with the profile $pgo/isthmus.profdata (a plain cargo build replaces it)" >&2

@@ -7,16 +7,22 @@
 //! every agent's RSS; packed together, what an agent maps is about what it runs. The order is
 //! given to the linker (LLD, Rust's default on x86_64 Linux) with `--symbol-ordering-file`;
 //! names the file lists that the binary no longer has are ignored. Set
-//! `ISTHMUS_NO_ORDER_FILE=1` to link without it (e.g. with another linker).
+//! `ISTHMUS_NO_ORDER_FILE=1` to link without it (e.g. with another linker), or
+//! `ISTHMUS_ORDER_FILE=<path>` to link with another file (`scripts/pgo.sh` gives the committed
+//! file's names as its profile-guided build hashes them).
 
 use std::env;
 use std::path::PathBuf;
 
 fn main() {
     let dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
-    let order = dir.join("hot-functions.order");
+    let order = match env::var_os("ISTHMUS_ORDER_FILE") {
+        Some(path) => PathBuf::from(path),
+        None => dir.join("hot-functions.order"),
+    };
     println!("cargo:rerun-if-changed={}", order.display());
     println!("cargo:rerun-if-env-changed=ISTHMUS_NO_ORDER_FILE");
+    println!("cargo:rerun-if-env-changed=ISTHMUS_ORDER_FILE");
     let release = env::var("PROFILE").as_deref() == Ok("release");
     let lld_default = env::var("TARGET").as_deref() == Ok("x86_64-unknown-linux-gnu");
     if !release || !lld_default || env::var_os("ISTHMUS_NO_ORDER_FILE").is_some() {
