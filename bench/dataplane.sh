@@ -583,15 +583,24 @@ echo "- load average (1, 5, 15 min): $load_at_start at the start of the script, 
 echo "- isthmus $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $("$BIN" --version 2>/dev/null || true); $(haproxy -v | head -1 | cut -d' ' -f1-3); nginx $("$NGINX" -v 2>&1 | cut -d/ -f2); $(iperf3 --version | head -1 | cut -d' ' -f1-2)"
 echo "- isthmus agent threads (vm / mesh): ${hwm[isthmus-threads]}; haproxy threads: ${hwm[haproxy-threads]}"
 echo "- busy polling: agents ISTHMUS_BUSY_POLL=${ISTHMUS_BUSY_POLL:-20us (the default)}; haproxy ${HAPROXY_BUSY_POLLING:+busy-polling}${HAPROXY_BUSY_POLLING:-off (the default)}"
+echo "- scheduler slice: agents' data-plane threads ISTHMUS_SCHED_SLICE=${ISTHMUS_SCHED_SLICE:-100us (the default)}; haproxy the kernel's default"
 if [ -n "$VIP_CIDR" ]; then
     echo "- service network: ISTHMUS_VIP_CIDR=$VIP_CIDR, routed through lo (haproxy-captured's address too)"
 else
     echo "- service network: routed out eth0${VIP_ROUTE_MTU:+ with MTU $VIP_ROUTE_MTU}"
 fi
-order=crates/isthmus/hot-functions.order
-if [ -f "$order" ] && command -v nm >/dev/null 2>&1; then
+# scripts/pgo.sh's binary is linked with an order file of its own, the plain build with the
+# committed one: report whichever matches more of its names.
+best=
+for order in crates/isthmus/hot-functions.order target/pgo/hot-functions.order; do
+    [ -f "$order" ] && command -v nm >/dev/null 2>&1 || continue
     read -r found listed < <(python3 scripts/order-file.py --matched "$BIN" "$order")
-    echo "- link order: $found of the $listed functions in $order are in the binary (scripts/order-file.sh)"
+    if [ -z "$best" ] || ((found * best_listed > best_found * listed)); then
+        best="$order" best_found=$found best_listed=$listed
+    fi
+done
+if [ -n "$best" ]; then
+    echo "- link order: $best_found of the $best_listed functions in $best are in the binary (scripts/order-file.sh)"
 fi
 echo
 echo "### HTTP, ${BODY_BYTES}-byte responses, $CONNS keep-alive connections, ${DURATION} s measured after ${WARMUP} s warm-up"

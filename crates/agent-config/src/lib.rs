@@ -55,6 +55,7 @@ pub mod keys {
     pub const POOL_MAX_STREAMS_PER_CONNECTION: &str = "POOL_MAX_STREAMS_PER_CONNECTION";
     pub const WORKER_THREADS: &str = "ISTHMUS_WORKER_THREADS";
     pub const BUSY_POLL: &str = "ISTHMUS_BUSY_POLL";
+    pub const SCHED_SLICE: &str = "ISTHMUS_SCHED_SLICE";
 }
 
 /// The defaults, as text (what clap's `default_value` takes and `--help` shows).
@@ -69,6 +70,7 @@ pub mod defaults {
     pub const INBOUND_MODE: &str = "permissive";
     pub const DRAIN_DURATION: &str = "5s";
     pub const BUSY_POLL: &str = "20us";
+    pub const SCHED_SLICE: &str = "100us";
     pub const METRICS_ADDR: &str = "127.0.0.1:15020";
     pub const DNS_ADDR: &str = "127.0.0.1:15053";
     pub const ADMIN_ADDR: &str = "127.0.0.1:15000";
@@ -85,7 +87,7 @@ pub struct Setting {
 }
 
 /// Every variable agent.env may hold, in the order the file is written.
-pub const SETTINGS: [Setting; 25] = [
+pub const SETTINGS: [Setting; 26] = [
     s(
         keys::CA_ADDR,
         None,
@@ -207,6 +209,11 @@ pub const SETTINGS: [Setting; 25] = [
         Some(defaults::BUSY_POLL),
         "how long a data-plane thread that was busy for a quarter of the last millisecond or more polls its sockets before sleeping (HAProxy's busy-polling, on only under load; at most half the host's CPUs poll at once); 0 never polls",
     ),
+    s(
+        keys::SCHED_SLICE,
+        Some(defaults::SCHED_SLICE),
+        "the scheduler slice the data-plane threads ask Linux for (EEVDF, kernel 6.12 and later): a short one lets a woken proxy thread run before a thread in the middle of a longer slice, at the same share of the CPU; 100us to 100ms, or 0 for the kernel's default",
+    ),
 ];
 
 const fn s(key: &'static str, default: Option<&'static str>, help: &'static str) -> Setting {
@@ -274,6 +281,8 @@ pub struct AgentEnv {
     pub pool_max_streams_per_connection: usize,
     pub worker_threads: usize,
     pub busy_poll: Duration,
+    /// `Duration::ZERO`: the kernel's default slice.
+    pub sched_slice: Duration,
 }
 
 /// One problem with one variable; the message names the file, the variable and the value, and
@@ -501,6 +510,21 @@ impl FromStr for InboundMode {
 /// What [`parse_busy_poll`] takes, as error messages say it.
 pub const BUSY_POLL_EXPECTED: &str = "a duration of at most 1ms, such as 20us, or 0 to never poll";
 
+/// What [`parse_sched_slice`] takes, as error messages say it.
+pub const SCHED_SLICE_EXPECTED: &str =
+    "a duration from 100us to 100ms (the kernel's bounds), such as 100us, or 0 for the kernel's default";
+
+/// `ISTHMUS_SCHED_SLICE`: `0` (the kernel's default slice) or a duration within the kernel's
+/// bounds for a requested slice, 100 µs to 100 ms.
+pub fn parse_sched_slice(value: &str) -> Option<Duration> {
+    if value.trim() == "0" {
+        return Some(Duration::ZERO);
+    }
+    let d = humantime::parse_duration(value.trim()).ok()?;
+    (d.is_zero() || (Duration::from_micros(100)..=Duration::from_millis(100)).contains(&d))
+        .then_some(d)
+}
+
 /// `ISTHMUS_BUSY_POLL`: a duration of at most 1 ms (`0` switches it off). Longer spins would
 /// spend a host's CPU for little: the wake-up they save costs 32–128 µs.
 pub fn parse_busy_poll(value: &str) -> Option<Duration> {
@@ -551,6 +575,7 @@ impl AgentEnv {
             pool_max_streams_per_connection: 100,
             worker_threads: 1,
             busy_poll: Duration::from_micros(20),
+            sched_slice: Duration::from_micros(100),
         }
     }
 
@@ -686,6 +711,12 @@ impl AgentEnv {
                 BUSY_POLL_EXPECTED,
                 parse_busy_poll
             ),
+            sched_slice: typed!(
+                keys::SCHED_SLICE,
+                fallback.sched_slice,
+                SCHED_SLICE_EXPECTED,
+                parse_sched_slice
+            ),
         };
         if parsed.capture && !parsed.proxy {
             invalid(
@@ -747,6 +778,7 @@ impl AgentEnv {
             pool_max_streams_per_connection,
             worker_threads,
             busy_poll,
+            sched_slice,
         } = self;
         let path = |p: &Path| Some(p.display().to_string());
         vec![
@@ -792,6 +824,10 @@ impl AgentEnv {
             (
                 keys::BUSY_POLL,
                 Some(humantime::format_duration(*busy_poll).to_string()),
+            ),
+            (
+                keys::SCHED_SLICE,
+                Some(humantime::format_duration(*sched_slice).to_string()),
             ),
         ]
     }
@@ -949,6 +985,7 @@ mod tests {
         env.pool_max_streams_per_connection = 4;
         env.worker_threads = 2;
         env.busy_poll = Duration::ZERO;
+        env.sched_slice = Duration::from_millis(3);
         let text = env.render();
         assert_eq!(parse(&text).unwrap(), env, "{text}");
         assert!(text.contains("ISTHMUS_DRAIN_DURATION=1m 30s") || text.contains("'1m 30s'"));
@@ -992,6 +1029,18 @@ mod tests {
             "/etc/isthmus/agent.env:5: ISTHMUS_BOGUS_THING is not a setting of the agent | fix: remove ISTHMUS_BOGUS_THING from /etc/isthmus/agent.env (`isthmus agent --help` lists the settings)",
         ];
         assert_eq!(errs, want);
+    }
+
+    #[test]
+    fn sched_slice_takes_the_kernels_bounds_or_zero() {
+        assert_eq!(parse_sched_slice("0"), Some(Duration::ZERO));
+        assert_eq!(parse_sched_slice("0s"), Some(Duration::ZERO));
+        assert_eq!(parse_sched_slice("100us"), Some(Duration::from_micros(100)));
+        assert_eq!(parse_sched_slice("3ms"), Some(Duration::from_millis(3)));
+        assert_eq!(parse_sched_slice("100ms"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_sched_slice("50us"), None);
+        assert_eq!(parse_sched_slice("101ms"), None);
+        assert_eq!(parse_sched_slice("100"), None);
     }
 
     #[test]

@@ -126,11 +126,14 @@ struct DataPlane {
 }
 
 impl DataPlane {
-    /// `spun` counts the seconds the threads spent busy polling ([`crate::busy_poll`]).
+    /// `spun` counts the seconds the threads spent busy polling ([`crate::busy_poll`]);
+    /// `slice` is the scheduler slice each thread asks for ([`crate::sched`]; zero: the
+    /// kernel's default).
     fn new(
         threads: usize,
         busy_poll: crate::busy_poll::BusyPoll,
         spun: crate::busy_poll::Seconds,
+        slice: std::time::Duration,
     ) -> std::io::Result<Self> {
         let mut handles = Vec::new();
         let mut stops = Vec::new();
@@ -152,6 +155,12 @@ impl DataPlane {
             std::thread::Builder::new()
                 .name("isthmus-proxy".into())
                 .spawn(move || {
+                    if !slice.is_zero() {
+                        // Not fatal: the proxy works with the kernel's default slice.
+                        if let Err(e) = crate::sched::set_current_thread_slice(slice) {
+                            tracing::warn!(error = %e, slice = ?slice, "cannot set the data-plane thread's scheduler slice (ISTHMUS_SCHED_SLICE); running with the kernel's default");
+                        }
+                    }
                     // Tasks spawned through the handle run while this thread is in `block_on`.
                     let _ = runtime.block_on(stopped);
                     // The proxy has been drained by now; whatever is left is stopped without
@@ -482,8 +491,13 @@ pub async fn run(
             min_load: crate::busy_poll::BusyPoll::DEFAULT_MIN_LOAD,
         };
         let spun = crate::busy_poll::Seconds::default();
-        let dp = DataPlane::new(args.worker_threads.into(), busy_poll, spun.clone())
-            .context("cannot start the data-plane runtime")?;
+        let dp = DataPlane::new(
+            args.worker_threads.into(),
+            busy_poll,
+            spun.clone(),
+            args.sched_slice,
+        )
+        .context("cannot start the data-plane runtime")?;
         let mut proxy_registry = Registry::with_prefix("isthmus_agent");
         proxy_registry.register_with_unit(
             "busy_poll",

@@ -43,6 +43,32 @@ fn proxy_threads(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// The scheduler slice (ns) of each `isthmus-proxy` thread of `pid`, from
+/// /proc/PID/task/TID/sched (`se.slice`, EEVDF kernels); `None` for a thread without it.
+fn proxy_slices(pid: u32) -> Vec<Option<u64>> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.trim() == "isthmus-proxy")
+        })
+        .map(|t| {
+            let sched = std::fs::read_to_string(t.path().join("sched")).ok()?;
+            sched
+                .lines()
+                .find(|l| l.starts_with("se.slice"))?
+                .split(':')
+                .nth(1)?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
 #[allow(clippy::too_many_arguments)]
 fn start_agent(
     lab: &mut Lab,
@@ -244,8 +270,10 @@ fn seeds_scenario_in_network_namespaces() {
         &host_dirs[2],
         &reviews_token,
         "ISTIO_INBOUND_PORTS=9080\n",
-        &["--group", "reviews"],
+        // The kernel's default scheduler slice (ISTHMUS_SCHED_SLICE=0); the others the default.
+        &["--group", "reviews", "--sched-slice", "0"],
     );
+    let reviews_pid = lab.children.last().expect("the reviews agent").id();
     let mesh3_ready = start_agent(
         &mut lab,
         "mesh3",
@@ -306,6 +334,33 @@ fn seeds_scenario_in_network_namespaces() {
             proxy_threads(pid),
             threads,
             "agent {pid} should run its proxy on {threads} isthmus-proxy thread(s)"
+        );
+    }
+    // Every data-plane thread asked for the 100 µs slice (ISTHMUS_SCHED_SLICE's default), where
+    // the kernel takes a slice per thread (EEVDF, 6.12 and later); with 0 they keep the
+    // kernel's default.
+    let default_slices = proxy_slices(reviews_pid);
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut version = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse::<u32>().ok());
+    let custom_slices = (version.next(), version.next()) >= (Some(6), Some(12));
+    if custom_slices
+        && default_slices
+            .iter()
+            .all(|s| s.is_some_and(|ns| ns != 100_000))
+    {
+        for pid in [mesh_pid, vm_pid] {
+            let slices = proxy_slices(pid);
+            assert!(
+                !slices.is_empty() && slices.iter().all(|s| *s == Some(100_000)),
+                "agent {pid}'s isthmus-proxy threads should have a 100 µs slice: {slices:?} (ns)"
+            );
+        }
+    } else {
+        eprintln!(
+            "NOTE: kernel {} takes no per-thread slice (6.12 and later do; se.slice: {default_slices:?}); the data-plane threads' ISTHMUS_SCHED_SLICE is not checked",
+            release.trim()
         );
     }
     // On the VM, the app calls productpage by name: resolved by the agent's DNS (captured port

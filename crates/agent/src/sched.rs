@@ -1,0 +1,137 @@
+//! The data-plane threads' scheduler slice: Linux's EEVDF scheduler (6.6 and later) lets a thread
+//! ask for a shorter slice than the default (`sched_setattr` with `sched_runtime` on
+//! `SCHED_OTHER`, honoured since 6.12). A shorter slice gives the thread an earlier deadline
+//! each time it wakes, so it runs before a thread that asked for none, and preempts it
+//! (the kernel's `PREEMPT_SHORT`), instead of waiting for that thread's slice to end. Its share
+//! of the CPU is unchanged (the weight is the nice value's), and a thread that keeps running
+//! is preempted sooner in turn.
+//!
+//! Why the proxy asks for it: a forwarded request wakes an agent thread several times, and on a
+//! busy host each wake-up waited for whatever ran on that CPU to finish its slice (about 40 µs
+//! per wake-up on a 2-vCPU machine at 10,000 req/s, BENCHMARKS.md issue 17 run 21).
+//!
+//! No crate wraps `sched_setattr` (nix and rustix have no binding), so this module holds the
+//! agent's one `unsafe` block.
+#![allow(unsafe_code)]
+
+use std::time::Duration;
+
+/// The kernel's bounds on a requested slice (`sched_setattr(2)`, `SCHED_OTHER`): 100 µs..100 ms.
+pub const MIN: Duration = Duration::from_micros(100);
+pub const MAX: Duration = Duration::from_millis(100);
+
+/// `struct sched_attr`, version 0 (48 bytes), as `include/uapi/linux/sched/types.h` lays it out.
+#[repr(C)]
+struct SchedAttr {
+    size: u32,
+    sched_policy: u32,
+    sched_flags: u64,
+    sched_nice: i32,
+    sched_priority: u32,
+    sched_runtime: u64,
+    sched_deadline: u64,
+    sched_period: u64,
+}
+
+/// Asks the kernel for `slice` as the calling thread's slice, keeping its policy
+/// (`SCHED_OTHER`) and nice value. Kernels before 6.12 accept the call and ignore the slice.
+pub fn set_current_thread_slice(slice: Duration) -> std::io::Result<()> {
+    let slice = slice.clamp(MIN, MAX);
+    let attr = SchedAttr {
+        size: std::mem::size_of::<SchedAttr>() as u32,
+        sched_policy: libc::SCHED_OTHER as u32,
+        // Not SCHED_FLAG_KEEP_PARAMS: it would keep the old slice too. The nice value is part of
+        // the call, so it is read and passed back unchanged.
+        sched_flags: 0,
+        sched_nice: current_nice(),
+        sched_priority: 0,
+        sched_runtime: slice.as_nanos() as u64,
+        sched_deadline: 0,
+        sched_period: 0,
+    };
+    // SAFETY: `attr` is a live, initialised `struct sched_attr` of the size its `size` field
+    // names; the kernel only reads it during the call. Pid 0 is the calling thread; flags 0.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_sched_setattr,
+            0 as libc::pid_t,
+            &attr as *const SchedAttr,
+            0 as libc::c_uint,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The calling thread's nice value (`getpriority(PRIO_PROCESS, 0)` is per thread on Linux).
+fn current_nice() -> i32 {
+    // getpriority can return -1 as a value: errno tells an error apart. It cannot fail for the
+    // calling thread; 0 (the default) if it ever does.
+    // SAFETY: plain syscall wrappers with integer arguments; errno is the calling thread's.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let nice = libc::getpriority(libc::PRIO_PROCESS, 0);
+        if nice == -1 && *libc::__errno_location() != 0 {
+            0
+        } else {
+            nice
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice_of_this_thread() -> Option<u64> {
+        // /proc/thread-self/sched: "se.slice   :   <ns>" (kernels with EEVDF).
+        let sched = std::fs::read_to_string("/proc/thread-self/sched").ok()?;
+        sched
+            .lines()
+            .find(|l| l.starts_with("se.slice"))?
+            .split(':')
+            .nth(1)?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    #[test]
+    fn the_thread_gets_the_slice_asked_for_within_the_kernels_bounds() {
+        std::thread::spawn(|| {
+            let before = slice_of_this_thread();
+            set_current_thread_slice(Duration::from_micros(250)).unwrap();
+            let Some(after) = slice_of_this_thread() else {
+                eprintln!("SKIP: no se.slice in /proc/thread-self/sched (not an EEVDF kernel)");
+                return;
+            };
+            if before == Some(after) && after != 250_000 {
+                eprintln!("SKIP: the kernel ignores sched_runtime for SCHED_OTHER (before 6.12)");
+                return;
+            }
+            assert_eq!(after, 250_000);
+            // Below the kernel's minimum: clamped, not refused.
+            set_current_thread_slice(Duration::from_micros(1)).unwrap();
+            assert_eq!(slice_of_this_thread(), Some(100_000));
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn the_nice_value_is_kept() {
+        std::thread::spawn(|| {
+            // Raising one's own nice value needs no privilege.
+            // SAFETY: as in current_nice.
+            let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 5) };
+            assert_eq!(rc, 0);
+            set_current_thread_slice(Duration::from_millis(1)).unwrap();
+            assert_eq!(current_nice(), 5);
+        })
+        .join()
+        .unwrap();
+    }
+}
