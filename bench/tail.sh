@@ -32,7 +32,7 @@ echo "- isthmus $(git rev-parse --short HEAD 2>/dev/null || echo '?'); $(haproxy
 echo
 echo "| round | direct p99 ms | isthmus added p99 / p99.9 ms | $HAPROXY_PATH added p99 / p99.9 ms | CPU µs / request, isthmus / $HAPROXY_PATH |"
 echo "| ---: | ---: | ---: | ---: | ---: |"
-wins99=0 wins999=0
+wins99=0 wins999=0 diffs99="" diffs999=""
 for round in $(seq "$ROUNDS"); do
     PATHS="direct isthmus $HAPROXY_PATH" SCENARIOS=rates RATES="$RATE" DURATION="$DURATION" \
         bash bench/dataplane.sh >/dev/null 2>"$log"
@@ -49,6 +49,22 @@ for round in $(seq "$ROUNDS"); do
     awk -v a="$ai99" -v b="$ah99" 'BEGIN {exit !(a <= b)}' && wins99=$((wins99 + 1))
     awk -v a="$ai999" -v b="$ah999" 'BEGIN {exit !(a <= b)}' && wins999=$((wins999 + 1))
     echo "| $round | $(printf '%.3f' "$d99") | $ai99 / $ai999 | $ah99 / $ah999 | $cpu |"
+    diffs99+=" $(awk -v a="$ai99" -v b="$ah99" 'BEGIN {printf "%.3f", a - b}')"
+    diffs999+=" $(awk -v a="$ai999" -v b="$ah999" 'BEGIN {printf "%.3f", a - b}')"
 done
 echo
 echo "Isthmus at or below $HAPROXY_PATH: added p99 in $wins99 of $ROUNDS rounds, added p99.9 in $wins999 of $ROUNDS."
+# Single rounds flip (BENCHMARKS.md, issue 18 runs 20-22): the median of the paired differences
+# and a sign test (ties dropped; two-sided) say how sure a set of rounds is about the order.
+for q in 99 99.9; do
+    if [ "$q" = 99 ]; then d="$diffs99"; else d="$diffs999"; fi
+    python3 - "$q" $d <<'PY'
+import math, statistics, sys
+q, diffs = sys.argv[1], [float(x) for x in sys.argv[2:]]
+below, above = sum(d < 0 for d in diffs), sum(d > 0 for d in diffs)
+n = below + above
+p = min(1.0, 2 * sum(math.comb(n, k) for k in range(0, min(below, above) + 1)) / 2**n) if n else 1.0
+print(f"Added p{q}, Isthmus minus HAProxy: median {statistics.median(diffs):+.3f} ms over {len(diffs)} rounds; "
+      f"below in {below}, above in {above}; sign test p = {p:.2f}")
+PY
+done
