@@ -158,7 +158,7 @@ impl DataPlane {
                     if !slice.is_zero() {
                         // Not fatal: the proxy works with the kernel's default slice.
                         if let Err(e) = crate::sched::set_current_thread_slice(slice) {
-                            tracing::warn!(error = %e, slice = ?slice, "cannot set the data-plane thread's scheduler slice (ISTHMUS_SCHED_SLICE); running with the kernel's default");
+                            tracing::warn!(error = %e, slice = ?slice, "cannot set the data-plane thread's scheduler slice; it runs with the kernel's default (allow sched_setattr in the agent's seccomp filter, or set ISTHMUS_SCHED_SLICE=0 to stop asking)");
                         }
                     }
                     // Tasks spawned through the handle run while this thread is in `block_on`.

@@ -33,13 +33,21 @@ struct SchedAttr {
     sched_period: u64,
 }
 
-/// Asks the kernel for `slice` as the calling thread's slice, keeping its policy
-/// (`SCHED_OTHER`) and nice value. Kernels before 6.12 accept the call and ignore the slice.
+/// Asks the kernel for `slice` as the calling thread's slice, keeping its policy and nice value.
+/// Kernels before 6.12 accept the call and ignore the slice. A thread under a policy other than
+/// `SCHED_OTHER` or `SCHED_BATCH` (an operator's `chrt`) is left alone, with an error saying so.
 pub fn set_current_thread_slice(slice: Duration) -> std::io::Result<()> {
     let slice = slice.clamp(MIN, MAX);
+    // SAFETY: a plain syscall wrapper with an integer argument (0: the calling thread).
+    let policy = unsafe { libc::sched_getscheduler(0) };
+    if policy != libc::SCHED_OTHER && policy != libc::SCHED_BATCH {
+        return Err(std::io::Error::other(format!(
+            "the thread runs under scheduling policy {policy}, not SCHED_OTHER or SCHED_BATCH, which it keeps"
+        )));
+    }
     let attr = SchedAttr {
         size: std::mem::size_of::<SchedAttr>() as u32,
-        sched_policy: libc::SCHED_OTHER as u32,
+        sched_policy: policy as u32,
         // Not SCHED_FLAG_KEEP_PARAMS: it would keep the old slice too. The nice value is part of
         // the call, so it is read and passed back unchanged.
         sched_flags: 0,
@@ -116,6 +124,23 @@ mod tests {
             // Below the kernel's minimum: clamped, not refused.
             set_current_thread_slice(Duration::from_micros(1)).unwrap();
             assert_eq!(slice_of_this_thread(), Some(100_000));
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn another_policy_is_left_alone() {
+        std::thread::spawn(|| {
+            // SCHED_IDLE needs no privilege; an operator's choice the proxy must not undo.
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: as in current_nice; `param` lives across the call.
+            let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+            assert_eq!(rc, 0);
+            let err = set_current_thread_slice(Duration::from_micros(100)).unwrap_err();
+            assert!(err.to_string().contains("which it keeps"), "{err}");
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_IDLE);
         })
         .join()
         .unwrap();
