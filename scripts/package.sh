@@ -3,7 +3,7 @@
 #   scripts/package.sh                 # target/debian/isthmus_<version>-1_<arch>.deb
 #   scripts/package.sh --profile NAME  # another cargo profile (e.g. a custom [profile.dist])
 #   scripts/package.sh --pgo           # the release binary built by scripts/pgo.sh (profile-guided;
-#                                      # root, about 35 minutes): what a release should ship
+#                                      # root, about 25 minutes): what a release should ship
 # Contents and maintainer scripts: [package.metadata.deb] in crates/isthmus/Cargo.toml and
 # packaging/; the layout it installs: docs/host-layout.md.
 set -euo pipefail

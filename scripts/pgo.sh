@@ -7,7 +7,7 @@
 # (BENCHMARKS.md, issue 17 run 20); PGO lays out the hot paths together, separates the cold
 # blocks and inlines by measured counts (BENCHMARKS.md, issue 17 run 21, part 3, measured it).
 #
-# Root only (network namespaces), about 35 minutes on 2 vCPUs. Needs llvm-profdata of the
+# Root only (network namespaces), about 25 minutes on 2 vCPUs. Needs llvm-profdata of the
 # LLVM that rustc uses (`rustc -vV`); installed from Debian as llvm-<major> when missing.
 # Leaves target/release/isthmus built with the profile; the profile is in target/pgo/.
 set -euo pipefail
