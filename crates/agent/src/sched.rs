@@ -74,6 +74,19 @@ pub fn set_current_thread_slice(slice: Duration) -> std::io::Result<()> {
     }
 }
 
+/// The slice in ns that a thread's `/proc/PID/task/TID/sched` text shows (`se.slice : <ns>`,
+/// EEVDF kernels); `None` without that line.
+pub fn slice_in(sched: &str) -> Option<u64> {
+    sched
+        .lines()
+        .find(|l| l.starts_with("se.slice"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// The calling thread's nice value (`getpriority(PRIO_PROCESS, 0)` is per thread on Linux).
 fn current_nice() -> i32 {
     // getpriority can return -1 as a value: errno tells an error apart. It cannot fail for the
@@ -95,16 +108,7 @@ mod tests {
     use super::*;
 
     fn slice_of_this_thread() -> Option<u64> {
-        // /proc/thread-self/sched: "se.slice   :   <ns>" (kernels with EEVDF).
-        let sched = std::fs::read_to_string("/proc/thread-self/sched").ok()?;
-        sched
-            .lines()
-            .find(|l| l.starts_with("se.slice"))?
-            .split(':')
-            .nth(1)?
-            .trim()
-            .parse()
-            .ok()
+        slice_in(&std::fs::read_to_string("/proc/thread-self/sched").ok()?)
     }
 
     #[test]

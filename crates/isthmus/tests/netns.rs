@@ -30,17 +30,7 @@ fn wait_file_json(path: &Path) -> serde_json::Value {
 
 /// The threads of a process named `isthmus-proxy`: the agent's data-plane workers.
 fn proxy_threads(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|tasks| {
-            tasks
-                .flatten()
-                .filter(|t| {
-                    std::fs::read_to_string(t.path().join("comm"))
-                        .is_ok_and(|c| c.trim() == "isthmus-proxy")
-                })
-                .count()
-        })
-        .unwrap_or(0)
+    proxy_slices(pid).len()
 }
 
 /// The scheduler slice (ns) of each `isthmus-proxy` thread of `pid`, from
@@ -56,15 +46,7 @@ fn proxy_slices(pid: u32) -> Vec<Option<u64>> {
                 .is_ok_and(|c| c.trim() == "isthmus-proxy")
         })
         .map(|t| {
-            let sched = std::fs::read_to_string(t.path().join("sched")).ok()?;
-            sched
-                .lines()
-                .find(|l| l.starts_with("se.slice"))?
-                .split(':')
-                .nth(1)?
-                .trim()
-                .parse()
-                .ok()
+            isthmus_agent::sched::slice_in(&std::fs::read_to_string(t.path().join("sched")).ok()?)
         })
         .collect()
 }
