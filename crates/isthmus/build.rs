@@ -8,8 +8,8 @@
 //! given to the linker (LLD, Rust's default on x86_64 Linux) with `--symbol-ordering-file`;
 //! names the file lists that the binary no longer has are ignored. Set
 //! `ISTHMUS_NO_ORDER_FILE=1` to link without it (e.g. with another linker), or
-//! `ISTHMUS_ORDER_FILE=<path>` to link with another file (`scripts/pgo.sh` gives the committed
-//! file's names as its profile-guided build hashes them).
+//! `ISTHMUS_ORDER_FILE=<path>` to link with another file (`scripts/pgo.sh` gives the one it
+//! makes from its profile-guided binary, which names and inlines its functions its own way).
 
 use std::env;
 use std::path::PathBuf;
