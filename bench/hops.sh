@@ -21,13 +21,8 @@ if ! command -v perf >/dev/null 2>&1; then
     apt-get update -qq >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends linux-perf >&2
 fi
-if [ -z "${ISTHMUS_BIN:-}" ] || [ -z "${HTTP_LOAD:-}" ]; then
-    scripts/setup.sh >&2
-    cargo build --release -p isthmus >&2
-    cargo build --release -p isthmus-bench --bin http-load --bin grpc-load >&2
-fi
-export ISTHMUS_BIN="${ISTHMUS_BIN:-$PWD/target/release/isthmus}"
-export HTTP_LOAD="${HTTP_LOAD:-$PWD/target/release/http-load}"
+# shellcheck source=bench/binaries.sh
+source bench/binaries.sh
 work="$(mktemp -d)"
 perf_pid=""
 cleanup() {

@@ -23,13 +23,8 @@ if [ "$(id -u)" != 0 ]; then
     echo "bench/l7.sh needs root (network namespaces, iptables), as bench/dataplane.sh" >&2
     exit 1
 fi
-if [ -z "${ISTHMUS_BIN:-}" ] || [ -z "${HTTP_LOAD:-}" ]; then
-    scripts/setup.sh >&2
-    cargo build --release -p isthmus >&2
-    cargo build --release -p isthmus-bench --bin http-load --bin grpc-load >&2
-fi
-export ISTHMUS_BIN="${ISTHMUS_BIN:-$PWD/target/release/isthmus}"
-export HTTP_LOAD="${HTTP_LOAD:-$PWD/target/release/http-load}"
+# shellcheck source=bench/binaries.sh
+source bench/binaries.sh
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 

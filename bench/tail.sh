@@ -14,13 +14,8 @@ ROUNDS="${ROUNDS:-5}"
 RATE="${RATE:-1000}"
 DURATION="${DURATION:-10}"
 HAPROXY_PATH="${HAPROXY_PATH:-haproxy}" # or haproxy-captured
-if [ -z "${ISTHMUS_BIN:-}" ] || [ -z "${HTTP_LOAD:-}" ]; then
-    scripts/setup.sh >&2
-    cargo build --release -p isthmus >&2
-    cargo build --release -p isthmus-bench --bin http-load --bin grpc-load >&2
-fi
-export ISTHMUS_BIN="${ISTHMUS_BIN:-$PWD/target/release/isthmus}"
-export HTTP_LOAD="${HTTP_LOAD:-$PWD/target/release/http-load}"
+# shellcheck source=bench/binaries.sh
+source bench/binaries.sh
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 hz=$(getconf CLK_TCK)
