@@ -20,6 +20,17 @@
 //! the thread sleeps as before. Of the agent's shards, at most half the CPUs poll at once
 //! ([`Spinners`]). Written by hand: tokio has no busy-poll mode, and its park hooks and
 //! `yield_now` are the seams it offers for one.
+//!
+//! A polling thread that shares its CPU with another thread that keeps running (another
+//! agent's polling thread on a bench machine, an application that spins) gives it the CPU at
+//! every `sched_yield`, and both look runnable all the time, so Linux's load balancer has
+//! little reason to split them: on the 2-vCPU bench machine the two agents' threads stayed on
+//! one CPU for a whole 20 s run in about a third of the L7 runs at 10,000 req/s, at four times
+//! the usual median latency with the machine a fifth idle (BENCHMARKS.md, issue 17 run 23).
+//! So when every one of [`Crowding::BLOCK`] yields in a row switched to another thread (the
+//! thread's involuntary context switches say so, whatever the machine's speed), the thread
+//! moves itself to another CPU it may run on ([`crate::sched::move_off_current_cpu`]), at
+//! most every [`Crowding::MIN_INTERVAL`].
 
 use std::cell::Cell;
 use std::future::poll_fn;
@@ -138,8 +149,93 @@ impl Drop for Held<'_> {
     }
 }
 
-/// The task that polls while the thread is busy. `spun` counts the seconds it spent.
-pub async fn spinner(cfg: BusyPoll, spun: Seconds, spinners: Spinners) {
+/// Tells when a polling thread's yields keep giving its CPU to another thread: counts the
+/// thread's involuntary context switches (a `sched_yield` that switched counts as one) over
+/// blocks of [`Self::BLOCK`] yields.
+#[derive(Debug, Default)]
+struct Crowding {
+    /// The thread's involuntary switches when the current block of yields began.
+    start: Option<i64>,
+    /// Yields in the current block.
+    yields: u32,
+    last_move: Option<Instant>,
+    /// Set when a move failed: this thread does not try again.
+    off: bool,
+}
+
+impl Crowding {
+    /// Yields in a block; all of them must have switched for the thread to move.
+    const BLOCK: u32 = 16;
+    /// At most one move per thread in this time.
+    const MIN_INTERVAL: Duration = Duration::from_millis(10);
+
+    /// Called before each yield with a reader of the thread's involuntary switches (read once
+    /// per block); true when the thread should move to another CPU now.
+    fn before_yield(&mut self, now: Instant, switches: impl FnOnce() -> i64) -> bool {
+        if self.off {
+            return false;
+        }
+        let Some(start) = self.start else {
+            self.start = Some(switches());
+            self.yields = 1;
+            return false;
+        };
+        if self.yields < Self::BLOCK {
+            self.yields += 1;
+            return false;
+        }
+        let end = switches();
+        let crowded = end - start >= i64::from(Self::BLOCK);
+        let due = self
+            .last_move
+            .is_none_or(|t| now.saturating_duration_since(t) >= Self::MIN_INTERVAL);
+        if crowded && due {
+            self.last_move = Some(now);
+            // The move itself switches: the next block starts after it.
+            self.start = None;
+            true
+        } else {
+            self.start = Some(end);
+            self.yields = 1;
+            false
+        }
+    }
+
+    /// The spin ended: a new spin starts a new block.
+    fn reset(&mut self) {
+        self.start = None;
+    }
+}
+
+/// The calling thread's involuntary context switches so far.
+fn involuntary_switches() -> i64 {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_THREAD)
+        .map_or(0, |u| u.involuntary_context_switches())
+}
+
+/// Gives the CPU to any other runnable thread, first moving to another CPU when the last
+/// block of yields all went to other threads. `moved` counts the moves.
+fn yield_cpu(crowding: &mut Crowding, moved: &Counter) {
+    if crowding.before_yield(Instant::now(), involuntary_switches) {
+        match crate::sched::move_off_current_cpu() {
+            Ok(Some((from, to))) => {
+                moved.inc();
+                tracing::trace!(from, to, "a busy-polling thread moved off a shared CPU");
+            }
+            // One CPU allowed: nowhere to go, and it will not change.
+            Ok(None) => crowding.off = true,
+            Err(e) => {
+                crowding.off = true;
+                tracing::warn!(error = %e, "a busy-polling thread cannot move off a CPU it shares with another busy thread; it stays (allow sched_setaffinity in the agent's seccomp filter, or set ISTHMUS_BUSY_POLL=0 to stop polling)");
+            }
+        }
+    }
+    std::thread::yield_now();
+}
+
+/// The task that polls while the thread is busy. `spun` counts the seconds it spent, `moved`
+/// the times it moved off a CPU shared with another busy thread.
+pub async fn spinner(cfg: BusyPoll, spun: Seconds, moved: Counter, spinners: Spinners) {
     if !cfg.enabled() {
         return;
     }
@@ -158,6 +254,7 @@ pub async fn spinner(cfg: BusyPoll, spun: Seconds, spinners: Spinners) {
         .await;
         // Armed: `before_park` took a place among the spinners for this spin.
         let held = Held(&spinners);
+        let mut crowding = Crowding::default();
         let mut returned = Instant::now();
         // Spin time not yet counted.
         let mut spin = Duration::ZERO;
@@ -184,12 +281,13 @@ pub async fn spinner(cfg: BusyPoll, spun: Seconds, spinners: Spinners) {
             if now >= until {
                 break;
             }
-            std::thread::yield_now();
+            yield_cpu(&mut crowding, &moved);
             returned = Instant::now();
             spin += returned - now;
             tokio::task::yield_now().await;
         }
         drop(held);
+        crowding.reset();
         count(&mut spin);
     }
 }
@@ -312,7 +410,12 @@ mod tests {
         let spinners = Spinners::new(1);
         let rt = runtime(cfg(), &spinners);
         let spun = Seconds::default();
-        rt.spawn(spinner(cfg(), spun.clone(), spinners.clone()));
+        rt.spawn(spinner(
+            cfg(),
+            spun.clone(),
+            Counter::default(),
+            spinners.clone(),
+        ));
         rt.block_on(async {
             // Idle: woken every 2 ms, with almost no work each time.
             for _ in 0..20 {
@@ -339,6 +442,115 @@ mod tests {
         });
     }
 
+    /// The decision alone, over fake switch counts: a block of yields that all switched moves
+    /// the thread, a block with one yield that did not does not, and moves are spaced.
+    #[test]
+    fn a_block_of_yields_that_all_switched_moves_the_thread() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let block = Crowding::BLOCK;
+        // Runs one block of yields at `at`, with `switched` switches in it; the decision.
+        let run = |c: &mut Crowding, at: Instant, base: i64, switched: i64| {
+            assert!(!c.before_yield(at, || base), "decided at the block's start");
+            for _ in 1..block {
+                assert!(!c.before_yield(at, || panic!("switches read mid-block")));
+            }
+            c.before_yield(at, || base + switched)
+        };
+        let cases: &[(&str, i64, bool)] = &[
+            ("every yield switched", i64::from(block), true),
+            (
+                "more switches than yields (preempted too)",
+                i64::from(block) + 3,
+                true,
+            ),
+            ("one yield found the CPU free", i64::from(block) - 1, false),
+            ("alone on the CPU", 0, false),
+        ];
+        for &(name, switched, moves) in cases {
+            let mut c = Crowding::default();
+            assert_eq!(run(&mut c, ms(0), 100, switched), moves, "{name}");
+        }
+        // Moved at 0 ms: a crowded block 5 ms later waits, one at 10 ms moves again.
+        let mut c = Crowding::default();
+        assert!(run(&mut c, ms(0), 0, 16));
+        assert!(
+            !run(&mut c, ms(5), 20, 16),
+            "moved again within MIN_INTERVAL"
+        );
+        // That block's end began the next one: it ends 16 yields later.
+        for _ in 1..block {
+            assert!(!c.before_yield(ms(10), || panic!("read mid-block")));
+        }
+        assert!(c.before_yield(ms(10), || 36 + 16));
+        // A spin that ends mid-block forgets it.
+        let mut c = Crowding::default();
+        assert!(!c.before_yield(ms(0), || 0));
+        c.reset();
+        assert!(!run(&mut c, ms(1), 1000, 16 - 1));
+        // A thread that cannot move stops trying.
+        let mut c = Crowding {
+            off: true,
+            ..Crowding::default()
+        };
+        assert!(!run(&mut c, ms(0), 0, 16));
+    }
+
+    /// The real thing: a thread that keeps yielding to another thread pinned to its CPU moves
+    /// to another CPU, and the affinity it had is kept.
+    #[test]
+    fn a_thread_crowded_on_its_cpu_moves_off_it() {
+        use nix::sched::{sched_getaffinity, sched_getcpu, sched_setaffinity, CpuSet};
+        use nix::unistd::Pid;
+        use std::sync::atomic::AtomicBool;
+        let me = Pid::from_raw(0);
+        let allowed = sched_getaffinity(me).unwrap();
+        let cpus: Vec<usize> = (0..CpuSet::count())
+            .filter(|&c| allowed.is_set(c).unwrap())
+            .collect();
+        if cpus.len() < 2 {
+            eprintln!("SKIP: the test may run on one CPU only ({cpus:?}); moving needs two");
+            return;
+        }
+        let shared = cpus[0];
+        let mut one = CpuSet::new();
+        one.set(shared).unwrap();
+        // The other busy thread: pinned to the shared CPU, yielding it back and forth.
+        let stop = Arc::new(AtomicBool::new(false));
+        let hog = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                sched_setaffinity(me, &one).unwrap();
+                let until = Instant::now() + Duration::from_secs(10);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                    std::thread::yield_now();
+                }
+            })
+        };
+        let polling = std::thread::spawn(move || {
+            // Onto the shared CPU, then allowed everywhere again: it stays there until moved.
+            sched_setaffinity(me, &one).unwrap();
+            sched_setaffinity(me, &allowed).unwrap();
+            assert_eq!(sched_getcpu().unwrap(), shared);
+            let moved = Counter::default();
+            let mut crowding = Crowding::default();
+            let mut yields = 0;
+            while moved.get() == 0 && yields < 100_000 {
+                yield_cpu(&mut crowding, &moved);
+                yields += 1;
+            }
+            let after = sched_getcpu().unwrap();
+            let kept = sched_getaffinity(me).unwrap();
+            (moved.get(), yields, after, kept == allowed)
+        });
+        let (moves, yields, after, kept) = polling.join().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        hog.join().unwrap();
+        assert_eq!(moves, 1, "no move in {yields} yields");
+        assert_ne!(after, shared, "moved, but still on CPU {shared}");
+        assert!(kept, "the thread's affinity was not restored");
+    }
+
     /// Switched off, the hooks are not installed and the spinner returns at once.
     #[test]
     fn zero_never_spins() {
@@ -350,7 +562,7 @@ mod tests {
         let rt = runtime(off, &spinners);
         let spun = Seconds::default();
         rt.block_on(async {
-            spinner(off, spun.clone(), spinners.clone()).await;
+            spinner(off, spun.clone(), Counter::default(), spinners.clone()).await;
             let t = Instant::now();
             while t.elapsed() < Duration::from_millis(5) {
                 tokio::task::yield_now().await;
@@ -370,7 +582,7 @@ mod tests {
                 let (spinners, spun) = (spinners.clone(), spun.clone());
                 std::thread::spawn(move || {
                     let rt = runtime(cfg(), &spinners);
-                    rt.spawn(spinner(cfg(), spun, spinners.clone()));
+                    rt.spawn(spinner(cfg(), spun, Counter::default(), spinners.clone()));
                     rt.block_on(busy(200));
                     // Let an ongoing spin end before the runtime goes.
                     rt.block_on(async { tokio::time::sleep(Duration::from_millis(5)).await });

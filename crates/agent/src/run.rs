@@ -126,13 +126,14 @@ struct DataPlane {
 }
 
 impl DataPlane {
-    /// `spun` counts the seconds the threads spent busy polling ([`crate::busy_poll`]);
-    /// `slice` is the scheduler slice each thread asks for ([`crate::sched`]; zero: the
+    /// `spun` counts the seconds the threads spent busy polling ([`crate::busy_poll`]),
+    /// `moved` their moves off a CPU shared with another busy thread; `slice` is the scheduler slice each thread asks for ([`crate::sched`]; zero: the
     /// kernel's default).
     fn new(
         threads: usize,
         busy_poll: crate::busy_poll::BusyPoll,
         spun: crate::busy_poll::Seconds,
+        moved: prometheus_client::metrics::counter::Counter,
         slice: std::time::Duration,
     ) -> std::io::Result<Self> {
         let mut handles = Vec::new();
@@ -147,6 +148,7 @@ impl DataPlane {
             runtime.spawn(crate::busy_poll::spinner(
                 busy_poll,
                 spun.clone(),
+                moved.clone(),
                 spinners.clone(),
             ));
             handles.push(runtime.handle().clone());
@@ -491,10 +493,12 @@ pub async fn run(
             min_load: crate::busy_poll::BusyPoll::DEFAULT_MIN_LOAD,
         };
         let spun = crate::busy_poll::Seconds::default();
+        let moved = prometheus_client::metrics::counter::Counter::default();
         let dp = DataPlane::new(
             args.worker_threads.into(),
             busy_poll,
             spun.clone(),
+            moved.clone(),
             args.sched_slice,
         )
         .context("cannot start the data-plane runtime")?;
@@ -504,6 +508,11 @@ pub async fn run(
             "Wall time the data-plane threads spent busy polling their sockets instead of sleeping, under load (ISTHMUS_BUSY_POLL); includes the time other threads ran when a poll gave them the CPU",
             prometheus_client::registry::Unit::Seconds,
             spun.clone(),
+        );
+        proxy_registry.register(
+            "busy_poll_moves",
+            "Times a busy-polling data-plane thread moved itself to another CPU because every sched_yield in a row gave its CPU to another thread (two busy threads stuck on one CPU)",
+            moved,
         );
         let shared = Arc::new(
             crate::proxy::Shared::new(cfg.max_connections_per_listener, &mut proxy_registry)

@@ -74,6 +74,38 @@ pub fn set_current_thread_slice(slice: Duration) -> std::io::Result<()> {
     }
 }
 
+/// Moves the calling thread off the CPU it is running on, to another CPU it may run on, and
+/// leaves its affinity as it was: the affinity is narrowed to the other CPUs (Linux migrates
+/// the calling thread before `sched_setaffinity` returns) and then restored, so the scheduler
+/// stays free to place the thread anywhere it was allowed. Returns the CPUs it left and is on;
+/// `None` when it may run on one CPU only (an operator's `taskset` or cpuset), which is kept.
+///
+/// What it is for: two threads that keep yielding to each other on one CPU while another CPU
+/// has room look runnable all the time to the load balancer, which then has little reason to
+/// split them ([`crate::busy_poll`]).
+pub fn move_off_current_cpu() -> std::io::Result<Option<(usize, usize)>> {
+    use nix::sched::{sched_getaffinity, sched_getcpu, sched_setaffinity, CpuSet};
+    use nix::unistd::Pid;
+    let me = Pid::from_raw(0);
+    let allowed = sched_getaffinity(me)?;
+    let here = sched_getcpu()?;
+    let mut others = allowed;
+    others.unset(here)?;
+    if !(0..CpuSet::count()).any(|cpu| others.is_set(cpu).unwrap_or(false)) {
+        return Ok(None);
+    }
+    // Refused when the other CPUs are outside the thread's cpuset: then it stays where it is.
+    let moved = sched_setaffinity(me, &others);
+    // Restored whether or not the move worked; a failure here is the one that matters.
+    sched_setaffinity(me, &allowed).map_err(|e| {
+        std::io::Error::other(format!(
+            "cannot restore the thread's CPU affinity after moving it: {e}"
+        ))
+    })?;
+    moved?;
+    Ok(Some((here, sched_getcpu()?)))
+}
+
 /// The slice in ns that a thread's `/proc/PID/task/TID/sched` text shows (`se.slice : <ns>`,
 /// EEVDF kernels); `None` without that line.
 pub fn slice_in(sched: &str) -> Option<u64> {
@@ -128,6 +160,59 @@ mod tests {
             // Below the kernel's minimum: clamped, not refused.
             set_current_thread_slice(Duration::from_micros(1)).unwrap();
             assert_eq!(slice_of_this_thread(), Some(100_000));
+        })
+        .join()
+        .unwrap();
+    }
+
+    fn affinity() -> Vec<usize> {
+        let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+        (0..nix::sched::CpuSet::count())
+            .filter(|&c| set.is_set(c).unwrap())
+            .collect()
+    }
+
+    fn pin(cpus: &[usize]) {
+        let mut set = nix::sched::CpuSet::new();
+        for &c in cpus {
+            set.set(c).unwrap();
+        }
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+    }
+
+    #[test]
+    fn a_thread_moves_to_another_cpu_and_keeps_its_affinity() {
+        std::thread::spawn(|| {
+            let allowed = affinity();
+            if allowed.len() < 2 {
+                eprintln!(
+                    "SKIP: this test may run on one CPU only ({allowed:?}); moving needs two"
+                );
+                return;
+            }
+            for &start in &allowed[..2] {
+                // Onto `start`, then allowed everywhere again: it stays on `start` until moved.
+                pin(&[start]);
+                pin(&allowed);
+                let (from, to) = move_off_current_cpu().unwrap().expect("two CPUs allowed");
+                assert_ne!(to, from);
+                assert_eq!(nix::sched::sched_getcpu().unwrap(), to);
+                assert!(allowed.contains(&to), "moved to {to}, outside {allowed:?}");
+                assert_eq!(affinity(), allowed, "the affinity was not restored");
+            }
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_thread_allowed_one_cpu_stays_on_it() {
+        std::thread::spawn(|| {
+            let cpu = affinity()[0];
+            pin(&[cpu]);
+            assert_eq!(move_off_current_cpu().unwrap(), None);
+            assert_eq!(affinity(), vec![cpu]);
+            assert_eq!(nix::sched::sched_getcpu().unwrap(), cpu);
         })
         .join()
         .unwrap();
