@@ -223,14 +223,20 @@ start_agent() { # host ip token inbound-ports extra...
     ready[$h]="$(jq -r .readiness "$d/state/agent-endpoints.json")"
     metrics[$h]="$(jq -r .metrics "$d/state/agent-endpoints.json")"
 }
-# Seconds both agents have spent busy polling (ISTHMUS_BUSY_POLL), from their metrics.
-busy_poll_s() {
-    local h sum=0 v
+# A counter summed over both agents' metrics, as "<name> <value>" lines for each name given.
+agents_counters() {
+    local h
     for h in vm mesh; do
-        v=$(inns "$h" curl -sf --max-time 2 "${metrics[$h]}/metrics" | awk '/^isthmus_agent_busy_poll_seconds_total / {print $2}')
-        sum=$(awk -v a="$sum" -v b="${v:-0}" 'BEGIN {printf "%.6f", a + b}')
-    done
-    echo "$sum"
+        inns "$h" curl -sf --max-time 2 "${metrics[$h]}/metrics" || true
+    done | awk -v names="$*" 'BEGIN { n = split(names, want, " "); for (i = 1; i <= n; i++) sum[want[i]] = 0 }
+        ($1 in sum) { sum[$1] += $2 }
+        END { for (i = 1; i <= n; i++) printf "%s %.6f\n", want[i], sum[want[i]] }'
+}
+# Seconds both agents have spent busy polling (ISTHMUS_BUSY_POLL) and the times their polling
+# threads moved off a CPU shared with another busy thread: "<seconds> <moves>".
+busy_poll_counters() {
+    agents_counters isthmus_agent_busy_poll_seconds_total isthmus_agent_busy_poll_moves_total |
+        awk '{ v[NR] = $2 } END { printf "%s %d\n", v[1], v[2] }'
 }
 start_agent mesh "$MESH" "$mesh_token" 9080,9081,9082,9083,5201 --group productpage --inbound-mode strict
 start_agent vm "$VM" "$vm_token" 3306
@@ -450,8 +456,8 @@ run_http() { # path label rate
     local p=$1 label=$2 rate=$3 out="$results/$1-$2.json" max_a=0 max_b=0 a=0 b=0 lp r
     local anon_a=0 anon_b=0 file_a=0 file_b=0
     # Both agents' busy polling over the run, warm-up included (read before the load starts).
-    local bp0="" busy=""
-    case $p in isthmus*) bp0=$(busy_poll_s) ;; esac
+    local bp0="" busy="" mv0="" bp1="" mv1="" moves=""
+    case $p in isthmus*) read -r bp0 mv0 < <(busy_poll_counters) ;; esac
     if [ "$label" = grpc ]; then
         timeout $((WARMUP + DURATION + 30)) ip netns exec "$(ns vm)" "$GRPC_LOAD" load \
             --addr "${grpc_addr[$p]}" --conns "$GRPC_CONNS" --streams "$GRPC_STREAMS" \
@@ -507,7 +513,11 @@ run_http() { # path label rate
         fi
     fi
     # After the agents' CPU is read: scraping their metrics costs them CPU too.
-    [ -z "$bp0" ] || busy=$(awk -v a="$bp0" -v b="$(busy_poll_s)" 'BEGIN {printf "%.3f", b - a}')
+    if [ -n "$bp0" ]; then
+        read -r bp1 mv1 < <(busy_poll_counters)
+        busy=$(awk -v a="$bp0" -v b="$bp1" 'BEGIN {printf "%.3f", b - a}')
+        moves=$((mv1 - mv0))
+    fi
     if [ "$p" = isthmus ] && [ -n "$SMAPS_DIR" ]; then
         mkdir -p "$SMAPS_DIR"
         cp "/proc/${agent_pid[vm]}/smaps" "$SMAPS_DIR/$label-vm.smaps"
@@ -516,7 +526,7 @@ run_http() { # path label rate
     rss_peak[$p-$label]="$max_a $max_b"
     anon_peak[$p-$label]="$anon_a $anon_b"
     file_peak[$p-$label]="$file_a $file_b"
-    echo "$p $label: $(cat "$out") cpu_ticks=${cpu_used[$p-$label]:-} ctx=${ctx_used[$p-$label]:-} syscalls=${sys_used[$p-$label]:-} minflt=${flt_used[$p-$label]:-} idle_pct=$idle_pct busy_poll_s=$busy" >&2
+    echo "$p $label: $(cat "$out") cpu_ticks=${cpu_used[$p-$label]:-} ctx=${ctx_used[$p-$label]:-} syscalls=${sys_used[$p-$label]:-} minflt=${flt_used[$p-$label]:-} idle_pct=$idle_pct busy_poll_s=$busy busy_poll_moves=$moves" >&2
 }
 run_bulk() { # path
     local p=$1
