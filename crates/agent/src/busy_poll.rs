@@ -27,10 +27,10 @@
 //! little reason to split them: on the 2-vCPU bench machine the two agents' threads stayed on
 //! one CPU for a whole 20 s run in about a third of the L7 runs at 10,000 req/s, at four times
 //! the usual median latency with the machine a fifth idle (BENCHMARKS.md, issue 17 run 23).
-//! So when every one of [`Crowding::BLOCK`] yields in a row switched to another thread (the
-//! thread's involuntary context switches say so, whatever the machine's speed), the thread
-//! moves itself to another CPU it may run on ([`crate::sched::move_off_current_cpu`]), at
-//! most every [`Crowding::MIN_INTERVAL`].
+//! So when [`Crowding::STREAK`] yields in a row were slow and switched to another thread (the
+//! thread's involuntary context switches confirm it), the thread moves itself to another CPU
+//! it may run on ([`crate::sched::move_off_current_cpu`]), at most every
+//! [`Crowding::MIN_INTERVAL`].
 
 use std::cell::Cell;
 use std::future::poll_fn;
@@ -149,61 +149,76 @@ impl Drop for Held<'_> {
     }
 }
 
-/// Tells when a polling thread's yields keep giving its CPU to another thread: counts the
-/// thread's involuntary context switches (a `sched_yield` that switched counts as one) over
-/// blocks of [`Self::BLOCK`] yields.
+/// Tells when a polling thread's yields keep giving its CPU to another thread: a streak of
+/// [`Self::STREAK`] slow yields in a row (each took at least [`Self::SLOW_YIELD`]), in which
+/// the thread's involuntary context switches (a `sched_yield` that switched counts as one)
+/// show that nearly every one of them went to another thread, rather than to the hypervisor
+/// or an interrupt. Counting switches alone is not enough: over a stretch of polling the
+/// thread is also preempted while it works, and on the bench machine a switch count over
+/// blocks of 16 yields moved the threads about 150 times a second and left them on one CPU a
+/// quarter of the time (BENCHMARKS.md, issue 17 run 24).
 #[derive(Debug, Default)]
 struct Crowding {
-    /// The thread's involuntary switches when the current block of yields began.
-    start: Option<i64>,
-    /// Yields in the current block.
-    yields: u32,
+    /// Slow yields in a row.
+    streak: u32,
+    /// The thread's involuntary switches after the streak's first yield.
+    start: i64,
     last_move: Option<Instant>,
     /// Set when a move failed: this thread does not try again.
     off: bool,
 }
 
 impl Crowding {
-    /// Yields in a block; all of them must have switched for the thread to move.
-    const BLOCK: u32 = 16;
+    /// A yield at least this long ran another thread (a `sched_yield` that finds nothing else
+    /// to run returns in about 0.4 µs on the bench machine; two threads yielding one CPU to
+    /// each other take about 2 µs a turn).
+    const SLOW_YIELD: Duration = Duration::from_nanos(1_500);
+    /// Slow yields in a row before the thread moves.
+    const STREAK: u32 = 16;
     /// At most one move per thread in this time.
     const MIN_INTERVAL: Duration = Duration::from_millis(10);
 
-    /// Called before each yield with a reader of the thread's involuntary switches (read once
-    /// per block); true when the thread should move to another CPU now.
-    fn before_yield(&mut self, now: Instant, switches: impl FnOnce() -> i64) -> bool {
+    /// Called after each yield with how long it `took`, and a reader of the thread's
+    /// involuntary switches (read twice per streak); true when the thread should move to
+    /// another CPU now.
+    fn after_yield(
+        &mut self,
+        took: Duration,
+        now: Instant,
+        switches: impl FnOnce() -> i64,
+    ) -> bool {
         if self.off {
             return false;
         }
-        let Some(start) = self.start else {
-            self.start = Some(switches());
-            self.yields = 1;
-            return false;
-        };
-        if self.yields < Self::BLOCK {
-            self.yields += 1;
+        if took < Self::SLOW_YIELD {
+            self.streak = 0;
             return false;
         }
-        let end = switches();
-        let crowded = end - start >= i64::from(Self::BLOCK);
+        self.streak += 1;
+        if self.streak == 1 {
+            self.start = switches();
+            return false;
+        }
+        if self.streak < Self::STREAK {
+            return false;
+        }
+        self.streak = 0;
+        // The streak's other yields each switched.
+        let crowded = switches() - self.start >= i64::from(Self::STREAK - 1);
         let due = self
             .last_move
             .is_none_or(|t| now.saturating_duration_since(t) >= Self::MIN_INTERVAL);
         if crowded && due {
             self.last_move = Some(now);
-            // The move itself switches: the next block starts after it.
-            self.start = None;
             true
         } else {
-            self.start = Some(end);
-            self.yields = 1;
             false
         }
     }
 
-    /// The spin ended: a new spin starts a new block.
+    /// The spin ended: a new spin starts a new streak.
     fn reset(&mut self) {
-        self.start = None;
+        self.streak = 0;
     }
 }
 
@@ -213,10 +228,13 @@ fn involuntary_switches() -> i64 {
         .map_or(0, |u| u.involuntary_context_switches())
 }
 
-/// Gives the CPU to any other runnable thread, first moving to another CPU when the last
-/// block of yields all went to other threads. `moved` counts the moves.
+/// Gives the CPU to any other runnable thread, then moves to another CPU when the yields
+/// keep going to another thread ([`Crowding`]). `moved` counts the moves.
 fn yield_cpu(crowding: &mut Crowding, moved: &Counter) {
-    if crowding.before_yield(Instant::now(), involuntary_switches) {
+    let before = Instant::now();
+    std::thread::yield_now();
+    let now = Instant::now();
+    if crowding.after_yield(now - before, now, involuntary_switches) {
         match crate::sched::move_off_current_cpu() {
             Ok(Some((from, to))) => {
                 moved.inc();
@@ -230,7 +248,6 @@ fn yield_cpu(crowding: &mut Crowding, moved: &Counter) {
             }
         }
     }
-    std::thread::yield_now();
 }
 
 /// The task that polls while the thread is busy. `spun` counts the seconds it spent, `moved`
@@ -442,58 +459,75 @@ mod tests {
         });
     }
 
-    /// The decision alone, over fake switch counts: a block of yields that all switched moves
-    /// the thread, a block with one yield that did not does not, and moves are spaced.
+    /// The decision alone, over fake yield times and switch counts: a streak of slow yields
+    /// that switched moves the thread; a fast yield, too few switches or a recent move do not.
     #[test]
-    fn a_block_of_yields_that_all_switched_moves_the_thread() {
+    fn a_streak_of_slow_yields_that_switched_moves_the_thread() {
         let t0 = Instant::now();
         let ms = |n: u64| t0 + Duration::from_millis(n);
-        let block = Crowding::BLOCK;
-        // Runs one block of yields at `at`, with `switched` switches in it; the decision.
+        let slow = Crowding::SLOW_YIELD;
+        let fast = Duration::from_nanos(400);
+        let streak = Crowding::STREAK;
+        // One streak of slow yields at `at`, with `switched` switches after its first yield;
+        // the decision at its last.
         let run = |c: &mut Crowding, at: Instant, base: i64, switched: i64| {
-            assert!(!c.before_yield(at, || base), "decided at the block's start");
-            for _ in 1..block {
-                assert!(!c.before_yield(at, || panic!("switches read mid-block")));
+            assert!(
+                !c.after_yield(slow, at, || base),
+                "decided at the first yield"
+            );
+            for _ in 2..streak {
+                assert!(!c.after_yield(slow, at, || panic!("switches read mid-streak")));
             }
-            c.before_yield(at, || base + switched)
+            c.after_yield(slow, at, || base + switched)
         };
+        let all = i64::from(streak - 1);
         let cases: &[(&str, i64, bool)] = &[
-            ("every yield switched", i64::from(block), true),
+            ("every yield switched", all, true),
+            ("preempted besides", all + 3, true),
             (
-                "more switches than yields (preempted too)",
-                i64::from(block) + 3,
-                true,
+                "one slow yield did not switch (hypervisor, interrupt)",
+                all - 1,
+                false,
             ),
-            ("one yield found the CPU free", i64::from(block) - 1, false),
-            ("alone on the CPU", 0, false),
+            ("none switched", 0, false),
         ];
         for &(name, switched, moves) in cases {
             let mut c = Crowding::default();
             assert_eq!(run(&mut c, ms(0), 100, switched), moves, "{name}");
         }
-        // Moved at 0 ms: a crowded block 5 ms later waits, one at 10 ms moves again.
+        // A fast yield breaks the streak: 15 slow, 1 fast, then 15 slow do not move.
         let mut c = Crowding::default();
-        assert!(run(&mut c, ms(0), 0, 16));
+        for _ in 1..streak {
+            assert!(!c.after_yield(slow, ms(0), || 0));
+        }
+        assert!(!c.after_yield(fast, ms(0), || panic!("read on a fast yield")));
+        for _ in 1..streak {
+            assert!(!c.after_yield(slow, ms(0), || 1000));
+        }
+        // Moved at 0 ms: a crowded streak 5 ms later waits, one at 10 ms moves again.
+        let mut c = Crowding::default();
+        assert!(run(&mut c, ms(0), 0, all));
         assert!(
-            !run(&mut c, ms(5), 20, 16),
+            !run(&mut c, ms(5), 20, all),
             "moved again within MIN_INTERVAL"
         );
-        // That block's end began the next one: it ends 16 yields later.
-        for _ in 1..block {
-            assert!(!c.before_yield(ms(10), || panic!("read mid-block")));
-        }
-        assert!(c.before_yield(ms(10), || 36 + 16));
-        // A spin that ends mid-block forgets it.
+        assert!(run(&mut c, ms(10), 40, all));
+        // A spin that ends mid-streak forgets it.
         let mut c = Crowding::default();
-        assert!(!c.before_yield(ms(0), || 0));
+        for _ in 1..streak {
+            assert!(!c.after_yield(slow, ms(0), || 0));
+        }
         c.reset();
-        assert!(!run(&mut c, ms(1), 1000, 16 - 1));
+        assert!(
+            !c.after_yield(slow, ms(0), || 0),
+            "the streak outlived the spin"
+        );
         // A thread that cannot move stops trying.
         let mut c = Crowding {
             off: true,
             ..Crowding::default()
         };
-        assert!(!run(&mut c, ms(0), 0, 16));
+        assert!(!run(&mut c, ms(0), 0, all));
     }
 
     /// The real thing: a thread that keeps yielding to another thread pinned to its CPU moves
@@ -515,7 +549,9 @@ mod tests {
         let shared = cpus[0];
         let mut one = CpuSet::new();
         one.set(shared).unwrap();
-        // The other busy thread: pinned to the shared CPU, yielding it back and forth.
+        // The other busy thread: pinned to the shared CPU, polling as an agent's thread does
+        // (a few microseconds of work, then a yield), so each of the test thread's yields
+        // runs it for longer than a slow yield on any machine.
         let stop = Arc::new(AtomicBool::new(false));
         let hog = {
             let stop = stop.clone();
@@ -523,6 +559,10 @@ mod tests {
                 sched_setaffinity(me, &one).unwrap();
                 let until = Instant::now() + Duration::from_secs(10);
                 while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                    let work = Instant::now();
+                    while work.elapsed() < Crowding::SLOW_YIELD * 3 {
+                        std::hint::spin_loop();
+                    }
                     std::thread::yield_now();
                 }
             })
