@@ -256,6 +256,8 @@ pub async fn spinner(cfg: BusyPoll, spun: Seconds, moved: Counter, spinners: Spi
     if !cfg.enabled() {
         return;
     }
+    // Kept across spins: the spacing of moves, and whether this thread can move at all.
+    let mut crowding = Crowding::default();
     loop {
         // Armed by `before_park`.
         poll_fn(|cx| {
@@ -271,7 +273,6 @@ pub async fn spinner(cfg: BusyPoll, spun: Seconds, moved: Counter, spinners: Spi
         .await;
         // Armed: `before_park` took a place among the spinners for this spin.
         let held = Held(&spinners);
-        let mut crowding = Crowding::default();
         let mut returned = Instant::now();
         // Spin time not yet counted.
         let mut spin = Duration::ZERO;
