@@ -229,9 +229,9 @@ fn involuntary_switches() -> i64 {
 }
 
 /// Gives the CPU to any other runnable thread, then moves to another CPU when the yields
-/// keep going to another thread ([`Crowding`]). `moved` counts the moves.
-fn yield_cpu(crowding: &mut Crowding, moved: &Counter) {
-    let before = Instant::now();
+/// keep going to another thread ([`Crowding`]). `before` is a moment just before the call;
+/// returns the moment the yield returned. `moved` counts the moves.
+fn yield_cpu(crowding: &mut Crowding, moved: &Counter, before: Instant) -> Instant {
     std::thread::yield_now();
     let now = Instant::now();
     if crowding.after_yield(now - before, now, involuntary_switches) {
@@ -248,6 +248,7 @@ fn yield_cpu(crowding: &mut Crowding, moved: &Counter) {
             }
         }
     }
+    now
 }
 
 /// The task that polls while the thread is busy. `spun` counts the seconds it spent, `moved`
@@ -299,8 +300,7 @@ pub async fn spinner(cfg: BusyPoll, spun: Seconds, moved: Counter, spinners: Spi
             if now >= until {
                 break;
             }
-            yield_cpu(&mut crowding, &moved);
-            returned = Instant::now();
+            returned = yield_cpu(&mut crowding, &moved, now);
             spin += returned - now;
             tokio::task::yield_now().await;
         }
@@ -577,7 +577,7 @@ mod tests {
             let mut crowding = Crowding::default();
             let mut yields = 0;
             while moved.get() == 0 && yields < 100_000 {
-                yield_cpu(&mut crowding, &moved);
+                yield_cpu(&mut crowding, &moved, Instant::now());
                 yields += 1;
             }
             let after = sched_getcpu().unwrap();
