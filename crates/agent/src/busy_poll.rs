@@ -27,10 +27,10 @@
 //! little reason to split them: on the 2-vCPU bench machine the two agents' threads stayed on
 //! one CPU for a whole 20 s run in about a third of the L7 runs at 10,000 req/s, at four times
 //! the usual median latency with the machine a fifth idle (BENCHMARKS.md, issue 17 run 23).
-//! So when [`Crowding::STREAK`] yields in a row were slow and switched to another thread (the
+//! So when `Crowding::STREAK` (16) yields in a row were slow and switched to another thread (the
 //! thread's involuntary context switches confirm it), the thread moves itself to another CPU
 //! it may run on ([`crate::sched::move_off_current_cpu`]), at most every
-//! [`Crowding::MIN_INTERVAL`].
+//! `Crowding::MIN_INTERVAL` (10 ms).
 
 use std::cell::Cell;
 use std::future::poll_fn;
