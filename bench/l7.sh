@@ -10,6 +10,8 @@
 #
 # Root only (network namespaces, as bench/dataplane.sh). ISTHMUS_BIN and HTTP_LOAD as there;
 # any other setting of bench/dataplane.sh (ISTHMUS_BUSY_POLL for the agents...) passes through.
+# LOGS_DIR=<dir> keeps each round's bench/dataplane.sh log there (round-N.log: the result lines
+# with CPU, context switches, polling seconds and moves), which are otherwise removed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS="${ROUNDS:-5}"
@@ -26,7 +28,13 @@ fi
 # shellcheck source=bench/binaries.sh
 source bench/binaries.sh
 work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+keep_logs() {
+    if [ -n "${LOGS_DIR:-}" ]; then
+        mkdir -p "$LOGS_DIR" && cp "$work"/round-*.log "$LOGS_DIR"/ 2>/dev/null || true
+    fi
+    rm -rf "$work"
+}
+trap keep_logs EXIT
 
 echo "### Issue 17's fixed rates: $ROUNDS interleaved rounds, ${DURATION} s measured each"
 echo
