@@ -127,8 +127,8 @@ struct DataPlane {
 
 impl DataPlane {
     /// `spun` counts the seconds the threads spent busy polling ([`crate::busy_poll`]),
-    /// `moved` their moves off a CPU shared with another busy thread; `slice` is the scheduler slice each thread asks for ([`crate::sched`]; zero: the
-    /// kernel's default).
+    /// `moved` their moves off a CPU shared with another busy thread; `slice` is the scheduler
+    /// slice each thread asks for ([`crate::sched`]; zero: the kernel's default).
     fn new(
         threads: usize,
         busy_poll: crate::busy_poll::BusyPoll,
@@ -511,7 +511,7 @@ pub async fn run(
         );
         proxy_registry.register(
             "busy_poll_moves",
-            "Times a busy-polling data-plane thread moved itself to another CPU because every sched_yield in a row gave its CPU to another thread (two busy threads stuck on one CPU)",
+            "Times a busy-polling data-plane thread moved itself to another CPU because 16 sched_yields in a row each gave its CPU to another thread (two busy threads stuck on one CPU)",
             moved,
         );
         let shared = Arc::new(

@@ -10,6 +10,9 @@
 //! busy host each wake-up waited for whatever ran on that CPU to finish its slice (about 40 µs
 //! per wake-up on a 2-vCPU machine at 10,000 req/s, BENCHMARKS.md issue 17 run 21).
 //!
+//! The module also moves a data-plane thread off a CPU it shares with another busy thread
+//! ([`move_off_current_cpu`], through nix's affinity calls).
+//!
 //! No crate wraps `sched_setattr` (nix and rustix have no binding), so this module holds the
 //! agent's one `unsafe` block.
 #![allow(unsafe_code)]
