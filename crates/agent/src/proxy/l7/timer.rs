@@ -63,8 +63,9 @@ impl hyper::rt::Timer for CoarseTimer {
 #[derive(Debug)]
 struct Entry {
     deadline: Instant,
+    /// The task to wake at the deadline; taken by the sweeper when it fires, so `None` means
+    /// the sleep has ended.
     waker: Option<Waker>,
-    fired: bool,
 }
 
 /// The sleeps registered on one thread, and whether a sweeper is checking them.
@@ -123,17 +124,15 @@ impl Future for CoarseSleep {
                 // Not reachable: only the registration removes its entry.
                 return Poll::Ready(());
             };
-            if entry.fired {
-                return Poll::Ready(());
-            }
-            if !entry
-                .waker
-                .as_ref()
-                .is_some_and(|w| w.will_wake(cx.waker()))
-            {
-                entry.waker = Some(cx.waker().clone());
-            }
-            return Poll::Pending;
+            return match &mut entry.waker {
+                None => Poll::Ready(()),
+                Some(w) => {
+                    if !w.will_wake(cx.waker()) {
+                        *w = cx.waker().clone();
+                    }
+                    Poll::Pending
+                }
+            };
         }
         if Instant::now() >= this.deadline {
             return Poll::Ready(());
@@ -157,7 +156,6 @@ fn register(deadline: Instant, waker: &Waker) -> Option<Registration> {
         let key = inner.slots.insert(Entry {
             deadline,
             waker: Some(waker.clone()),
-            fired: false,
         });
         (key, !std::mem::replace(&mut inner.sweeping, true))
     };
@@ -195,8 +193,7 @@ async fn sweep(wheel: Arc<Wheel>) {
                 return;
             }
             for (_, e) in inner.slots.iter_mut() {
-                if !e.fired && e.deadline <= now {
-                    e.fired = true;
+                if e.deadline <= now {
                     due.extend(e.waker.take());
                 }
             }
