@@ -429,7 +429,7 @@ proxy_pids() { # path
     haproxy | haproxy-http | haproxy-captured) echo "${hap_pid[vm]} ${hap_pid[mesh]}" ;;
     esac
 }
-declare -A rss_idle rss_peak anon_peak file_peak majflt_idle cpu_used ctx_used sys_used flt_used
+declare -A rss_idle rss_peak anon_peak file_peak majflt_idle cpu_used cpu_sides ctx_used sys_used flt_used
 for p in isthmus isthmus-l7 haproxy haproxy-http; do
     read -r a b <<<"$(proxy_pids $p)"
     mem_kb "$a"
@@ -470,11 +470,12 @@ run_http() { # path label rate
     if [ "$p" != direct ]; then read -r a b <<<"$(proxy_pids "$p")"; fi
     sleep "$WARMUP"
     case $p in isthmus*) perf_agents "$p-$label" "$DURATION" ;; esac
-    local cpu0=0 ctx0=0 flt0=0 sysf="" idle0 total0
+    local cpu0=0 cpu_a0=0 cpu_b0=0 ctx0=0 flt0=0 sysf="" idle0 total0
     machine_cpu
     idle0=$CPU_IDLE total0=$CPU_TOTAL
     if [ "$p" != direct ]; then
-        cpu0=$(($(cpu_ticks "$a") + $(cpu_ticks "$b")))
+        cpu_a0=$(cpu_ticks "$a") cpu_b0=$(cpu_ticks "$b")
+        cpu0=$((cpu_a0 + cpu_b0))
         ctx0=$(($(ctxsw "$a") + $(ctxsw "$b")))
         flt0=$(($(minflt "$a") + $(minflt "$b")))
         if [ -n "$SYSCALLS" ]; then
@@ -505,6 +506,8 @@ run_http() { # path label rate
     if [ "$p" != direct ]; then
         # Both proxies' CPU over the measured seconds (and a little of the load's tail).
         cpu_used[$p-$label]=$(($(cpu_ticks "$a") + $(cpu_ticks "$b") - cpu0))
+        # Each side's share: the client's proxy (on the VM) and the server's (on the mesh host).
+        cpu_sides[$p-$label]="cpu_ticks_client=$(($(cpu_ticks "$a") - cpu_a0)) cpu_ticks_server=$(($(cpu_ticks "$b") - cpu_b0))"
         ctx_used[$p-$label]=$(($(ctxsw "$a") + $(ctxsw "$b") - ctx0))
         flt_used[$p-$label]=$(($(minflt "$a") + $(minflt "$b") - flt0))
         if [ -n "$sysf" ]; then
@@ -526,7 +529,7 @@ run_http() { # path label rate
     rss_peak[$p-$label]="$max_a $max_b"
     anon_peak[$p-$label]="$anon_a $anon_b"
     file_peak[$p-$label]="$file_a $file_b"
-    echo "$p $label: $(cat "$out") cpu_ticks=${cpu_used[$p-$label]:-} ctx=${ctx_used[$p-$label]:-} syscalls=${sys_used[$p-$label]:-} minflt=${flt_used[$p-$label]:-} idle_pct=$idle_pct busy_poll_s=$busy busy_poll_moves=$moves" >&2
+    echo "$p $label: $(cat "$out") cpu_ticks=${cpu_used[$p-$label]:-} ctx=${ctx_used[$p-$label]:-} syscalls=${sys_used[$p-$label]:-} minflt=${flt_used[$p-$label]:-} idle_pct=$idle_pct busy_poll_s=$busy busy_poll_moves=$moves ${cpu_sides[$p-$label]:-}" >&2
 }
 run_bulk() { # path
     local p=$1

@@ -24,7 +24,40 @@ pub struct HttpRequest<'a> {
     pub method: &'a str,
     pub path: &'a str,
     pub host: &'a str,
-    pub headers: &'a HeaderMap,
+    pub headers: Headers<'a>,
+}
+
+/// A request's header fields: parsed into a map (hyper's side), or as the HTTP/1.1 relay's
+/// parser left them in the message head ([`super::relay`]).
+#[derive(Clone, Copy)]
+pub enum Headers<'a> {
+    Map(&'a HeaderMap),
+    Raw(&'a [httparse::Header<'a>]),
+}
+
+impl Headers<'_> {
+    /// Every value of the field `name` (any case) that is text, in order.
+    fn values(&self, name: &str) -> Vec<String> {
+        // As `HeaderValue::to_str`: visible ASCII, spaces and tabs only.
+        let text = |v: &[u8]| {
+            v.iter()
+                .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+                .then(|| String::from_utf8_lossy(v).trim().to_owned())
+        };
+        match self {
+            Headers::Map(m) => m
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(str::to_owned)
+                .collect(),
+            Headers::Raw(h) => h
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case(name))
+                .filter_map(|h| text(h.value))
+                .collect(),
+        }
+    }
 }
 
 /// The policies that apply to `workload`: the root namespace's without a selector, its
@@ -159,13 +192,7 @@ fn condition_holds(c: &PolicyCondition, req: &HttpRequest) -> bool {
             .strip_prefix("request.headers[")
             .and_then(|k| k.strip_suffix(']'))
         {
-            Some(h) => req
-                .headers
-                .get_all(h)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .map(str::to_owned)
-                .collect(),
+            Some(h) => req.headers.values(h),
             // Refused at apply; fail closed if one arrives anyway.
             None => return false,
         },
@@ -212,7 +239,7 @@ mod tests {
                 method,
                 path,
                 host: "reviews:9080",
-                headers: &h,
+                headers: Headers::Map(&h),
             },
         )
         .is_allowed()

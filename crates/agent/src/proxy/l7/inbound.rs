@@ -24,10 +24,12 @@ use isthmus_xds::Identity;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{watch, Mutex};
 
+use super::authz::Headers;
 use super::pool::{Body, BoxError};
 use super::telemetry::{
     code_label, known, Fixed, Grpc, IstioMetrics, Reporter, RequestLabels, SeriesCache,
 };
+use crate::proxy::authz::Verdict;
 use crate::proxy::metrics::Known;
 use crate::proxy::ACCESS_LOG_TARGET;
 
@@ -57,9 +59,10 @@ pub struct Peer {
 }
 
 /// Serves HTTP from `tunnel` (the accepted HBONE stream) to `app` (the admitted connection
-/// to the local application) until either side closes.
+/// to the local application) until either side closes: HTTP/1.1 through the relay
+/// ([`super::relay`]), HTTP/2 (the tunnel starts with its preface) through hyper.
 pub async fn serve<T, A>(
-    tunnel: T,
+    mut tunnel: T,
     app: A,
     peer: Peer,
     state: watch::Receiver<Arc<State>>,
@@ -68,6 +71,26 @@ pub async fn serve<T, A>(
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    use tokio::io::AsyncReadExt;
+    let preface = super::relay::PREFACE;
+    let mut first = bytes::BytesMut::with_capacity(16 * 1024);
+    // Enough to tell the HTTP/2 preface from an HTTP/1.1 request line.
+    while first.len() < preface.len() && preface.starts_with(&first) {
+        match tunnel.read_buf(&mut first).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+    if !first.starts_with(preface) {
+        let mut hooks = Relayed {
+            peer: &peer,
+            state: &state,
+            metrics: &metrics,
+            series: Series::default(),
+        };
+        return super::relay::serve(tunnel, first, app, &mut hooks).await;
+    }
+    let tunnel = super::relay::Prefixed::new(first.freeze(), tunnel);
     let app = Arc::new(Mutex::new(AppConn::Idle(Some(app))));
     let peer = Arc::new(peer);
     let series: Arc<Series> = Arc::default();
@@ -91,11 +114,138 @@ pub async fn serve<T, A>(
             Ok::<_, Infallible>(handle(req, send, &peer, &state, &metrics, &series).await)
         }
     });
-    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    b.http1().timer(super::timer::CoarseTimer);
+    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http2_only();
     b.http2().timer(super::timer::CoarseTimer);
     if let Err(e) = b.serve_connection(TokioIo::new(tunnel), svc).await {
-        tracing::debug!(error = %e, "inbound HTTP connection ended with an error");
+        tracing::debug!(error = %e, "inbound HTTP/2 connection ended with an error");
+    }
+}
+
+/// The mesh around the HTTP/1.1 relay: authorization policies on each request head, and
+/// Istio's metrics and access log for each request, as [`handle`] on hyper's side.
+struct Relayed<'a> {
+    peer: &'a Peer,
+    state: &'a watch::Receiver<Arc<State>>,
+    metrics: &'a IstioMetrics,
+    series: Series,
+}
+
+/// The verdict of the policies of `workload` (the local workload at the peer's destination;
+/// none: refused) on one request.
+fn authorize(
+    state: &State,
+    workload: Option<&Arc<Workload>>,
+    peer: &Peer,
+    method: &str,
+    path: &str,
+    host: &str,
+    headers: Headers<'_>,
+) -> Verdict {
+    match workload {
+        None => Verdict::Deny(format!(
+            "no workload at {} in this agent's discovery state",
+            peer.dst.ip()
+        )),
+        Some(w) => super::authz::evaluate(
+            super::authz::applicable(state, w),
+            &super::authz::HttpRequest {
+                peer: peer.identity.as_ref(),
+                src: peer.src.ip(),
+                port: peer.dst.port(),
+                method,
+                path,
+                host,
+                headers,
+            },
+        ),
+    }
+}
+
+/// What [`Relayed`] keeps of a request until it ends.
+struct Ticket {
+    workload: Option<Arc<Workload>>,
+    verdict: Verdict,
+    grpc: bool,
+    method: http::Method,
+    /// For the access log only (empty when it is off).
+    path: String,
+}
+
+impl super::relay::Hooks for Relayed<'_> {
+    type Ticket = Ticket;
+
+    fn admit(&mut self, h: &super::relay::RequestHead<'_>) -> (bool, Ticket) {
+        let state = self.state.borrow();
+        let workload = state.workload_by_address(self.peer.dst.ip());
+        let verdict = authorize(
+            &state,
+            workload,
+            self.peer,
+            h.method,
+            h.path,
+            h.host,
+            Headers::Raw(h.headers),
+        );
+        let ticket = Ticket {
+            workload: workload.cloned(),
+            grpc: h.grpc,
+            method: http::Method::from_bytes(h.method.as_bytes()).unwrap_or_default(),
+            path: if tracing::enabled!(target: ACCESS_LOG_TARGET, tracing::Level::INFO) {
+                super::clip_path(h.path)
+            } else {
+                String::new()
+            },
+            verdict,
+        };
+        (ticket.verdict.is_allowed(), ticket)
+    }
+
+    fn done(&mut self, t: Ticket, end: &super::relay::End) {
+        report(
+            self.peer,
+            self.metrics,
+            &self.series,
+            Reported {
+                workload: t.workload,
+                status: end.status,
+                // gRPC needs HTTP/2; one over HTTP/1.1 is still labelled as such.
+                grpc: t.grpc.then_some(0),
+                flags: end.flags,
+                protocol: if t.grpc { "grpc" } else { "http" },
+                millis: end.duration.as_secs_f64() * 1000.0,
+                req_bytes: end.req_bytes,
+                resp_bytes: end.resp_bytes,
+                method: &t.method,
+                path: &t.path,
+                reason: t.verdict.reason(),
+            },
+        );
+    }
+
+    fn malformed(&mut self, bad: &super::relay::Bad) {
+        let workload = self
+            .state
+            .borrow()
+            .workload_by_address(self.peer.dst.ip())
+            .cloned();
+        report(
+            self.peer,
+            self.metrics,
+            &self.series,
+            Reported {
+                workload,
+                status: bad.status,
+                grpc: None,
+                flags: "DPE",
+                protocol: "http",
+                millis: 0.0,
+                req_bytes: 0,
+                resp_bytes: 0,
+                method: &http::Method::default(),
+                path: "",
+                reason: &bad.reason,
+            },
+        );
     }
 }
 
@@ -121,10 +271,10 @@ impl PartialEq for InKey {
     }
 }
 
-/// The connection to the local application: opened with the first request's version.
+/// The HTTP/2 connection to the local application, opened at the first request (HTTP/1.1
+/// goes through [`super::relay`]).
 enum AppConn<A> {
     Idle(Option<A>),
-    H1(hyper::client::conn::http1::SendRequest<Body>),
     H2(hyper::client::conn::http2::SendRequest<Body>),
 }
 
@@ -132,45 +282,28 @@ async fn send<A>(app: &Mutex<AppConn<A>>, req: Request<Body>) -> Result<Response
 where
     A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let h2 = req.version() == Version::HTTP_2;
     let mut guard = app.lock().await;
     if let AppConn::Idle(io) = &mut *guard {
         let Some(io) = io.take() else {
             return Err("the application connection is gone".into());
         };
-        let io = TokioIo::new(io);
-        // Boxed: once per connection, and every request's future would carry their size.
-        *guard = if h2 {
-            let (s, c) = Box::pin(hyper::client::conn::http2::handshake(
-                TokioExecutor::new(),
-                io,
-            ))
-            .await
-            .map_err(|e| e.to_string())?;
-            tokio::spawn(c);
-            AppConn::H2(s)
-        } else {
-            let (s, c) = Box::pin(hyper::client::conn::http1::handshake(io))
-                .await
-                .map_err(|e| e.to_string())?;
-            tokio::spawn(c);
-            AppConn::H1(s)
-        };
+        // Boxed: once per connection, and every request's future would carry its size.
+        let (s, c) = Box::pin(hyper::client::conn::http2::handshake(
+            TokioExecutor::new(),
+            TokioIo::new(io),
+        ))
+        .await
+        .map_err(|e| e.to_string())?;
+        tokio::spawn(c);
+        *guard = AppConn::H2(s);
     }
-    match &mut *guard {
-        AppConn::H2(s) => {
-            let mut s = s.clone();
-            drop(guard);
-            s.ready().await.map_err(|e| e.to_string())?;
-            s.send_request(req).await.map_err(|e| e.to_string())
-        }
-        // HTTP/1.1 requests on one client connection come one at a time.
-        AppConn::H1(s) => {
-            s.ready().await.map_err(|e| e.to_string())?;
-            s.send_request(req).await.map_err(|e| e.to_string())
-        }
-        AppConn::Idle(_) => Err("the application connection is gone".into()),
-    }
+    let AppConn::H2(s) = &*guard else {
+        return Err("the application connection is gone".into());
+    };
+    let mut s = s.clone();
+    drop(guard);
+    s.ready().await.map_err(|e| e.to_string())?;
+    s.send_request(req).await.map_err(|e| e.to_string())
 }
 
 /// The metric series of one peer's requests (the labels vary by these keys only).
@@ -209,24 +342,15 @@ where
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let protocol = if grpc { "grpc" } else { "http" };
-    let verdict = match &workload {
-        None => crate::proxy::authz::Verdict::Deny(format!(
-            "no workload at {} in this agent's discovery state",
-            peer.dst.ip()
-        )),
-        Some(w) => super::authz::evaluate(
-            super::authz::applicable(state, w),
-            &super::authz::HttpRequest {
-                peer: peer.identity.as_ref(),
-                src: peer.src.ip(),
-                port: peer.dst.port(),
-                method: req.method().as_str(),
-                path: req.uri().path(),
-                host,
-                headers: req.headers(),
-            },
-        ),
-    };
+    let verdict = authorize(
+        state,
+        workload.as_ref(),
+        peer,
+        req.method().as_str(),
+        req.uri().path(),
+        host,
+        Headers::Map(req.headers()),
+    );
     let method = req.method().clone();
     // Built only when the access log is on, as on the outbound side.
     let log = tracing::enabled!(target: ACCESS_LOG_TARGET, tracing::Level::INFO);
@@ -269,19 +393,55 @@ where
         .headers()
         .get(super::GRPC_STATUS)
         .and_then(|v| v.to_str().ok()?.parse().ok());
-    let w = workload.as_deref();
+    report(
+        peer,
+        metrics,
+        series,
+        Reported {
+            workload,
+            status: status.as_u16(),
+            grpc: grpc.then(|| grpc_status.unwrap_or(0)),
+            flags,
+            protocol,
+            millis: start.elapsed().as_secs_f64() * 1000.0,
+            req_bytes,
+            resp_bytes: body_size(resp.headers()),
+            method: &method,
+            path: &path,
+            reason: verdict.reason(),
+        },
+    );
+    resp
+}
+
+/// One finished request, as [`report`] records it.
+pub struct Reported<'a> {
+    /// The local workload the request was for (none: no workload at its address).
+    pub workload: Option<Arc<Workload>>,
+    pub status: u16,
+    pub grpc: Option<u32>,
+    pub flags: &'static str,
+    pub protocol: &'static str,
+    pub millis: f64,
+    pub req_bytes: u64,
+    pub resp_bytes: u64,
+    pub method: &'a http::Method,
+    /// For the access log (empty when it is off).
+    pub path: &'a str,
+    pub reason: &'a str,
+}
+
+/// Records one request of `peer`'s in its metric series (`reporter="destination"`) and
+/// writes its access-log line when that log is on.
+pub fn report(peer: &Peer, metrics: &IstioMetrics, series: &Series, r: Reported<'_>) {
+    let w = r.workload.as_deref();
     let src = &peer.source;
-    let grpc = if grpc {
-        Some(grpc_status.unwrap_or(0))
-    } else {
-        None
-    };
     let key = InKey {
-        workload: workload.clone(),
-        code: status.as_u16(),
-        grpc,
-        flags,
-        protocol,
+        workload: r.workload.clone(),
+        code: r.status,
+        grpc: r.grpc,
+        flags: r.flags,
+        protocol: r.protocol,
     };
     let handles = series.get(key, || {
         let (svc_ns, svc_host) = w
@@ -307,10 +467,10 @@ where
             destination_service_name: known(svc_host.split('.').next().unwrap_or("")),
             destination_service_namespace: known(svc_ns),
             destination_cluster: w.map_or(Known(None), |w| known(&w.cluster_id)),
-            request_protocol: Fixed(protocol),
-            response_code: code_label(status.as_u16()),
-            grpc_response_status: Grpc(grpc),
-            response_flags: Fixed(flags),
+            request_protocol: Fixed(r.protocol),
+            response_code: code_label(r.status),
+            grpc_response_status: Grpc(r.grpc),
+            response_flags: Fixed(r.flags),
             connection_security_policy: Fixed(if peer.identity.is_some() {
                 "mutual_tls"
             } else {
@@ -318,28 +478,25 @@ where
             }),
         })
     });
-    let millis = start.elapsed().as_secs_f64() * 1000.0;
-    let resp_bytes = body_size(resp.headers());
-    handles.record(millis, req_bytes, resp_bytes);
-    if !log {
-        return resp;
+    handles.record(r.millis, r.req_bytes, r.resp_bytes);
+    if !tracing::enabled!(target: ACCESS_LOG_TARGET, tracing::Level::INFO) {
+        return;
     }
     tracing::info!(
         target: ACCESS_LOG_TARGET,
         direction = "inbound",
-        protocol,
+        protocol = r.protocol,
         src = %peer.src,
         identity = %peer.identity_text,
-        method = %method,
-        path = %path,
-        status = status.as_u16(),
-        flags,
-        reason = verdict.reason(),
-        duration_ms = millis as u64,
+        method = %r.method,
+        path = %r.path,
+        status = r.status,
+        flags = r.flags,
+        reason = r.reason,
+        duration_ms = r.millis as u64,
         trace_id = %isthmus_hbone::OrDash(peer.trace.map(|t| t.trace_id)),
         "request"
     );
-    resp
 }
 
 /// The body size a message announces (0 when it does not).

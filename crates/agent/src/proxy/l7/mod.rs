@@ -9,6 +9,7 @@ pub mod balance;
 pub mod budget;
 pub mod inbound;
 pub mod pool;
+pub mod relay;
 pub mod route;
 pub mod telemetry;
 pub mod timer;
