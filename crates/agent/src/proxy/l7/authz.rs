@@ -35,7 +35,23 @@ pub enum Headers<'a> {
     Raw(&'a [httparse::Header<'a>]),
 }
 
-impl Headers<'_> {
+impl<'a> Headers<'a> {
+    /// The first value of the field `name` (any case), if it is text (as
+    /// `HeaderMap::get(name)?.to_str()`).
+    pub fn first(&self, name: &str) -> Option<&'a str> {
+        match *self {
+            Headers::Map(m) => m.get(name)?.to_str().ok(),
+            Headers::Raw(h) => {
+                let v = h.iter().find(|h| h.name.eq_ignore_ascii_case(name))?.value;
+                if v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)) {
+                    std::str::from_utf8(v).ok()
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
     /// Every value of the field `name` (any case) that is text, in order.
     fn values(&self, name: &str) -> Vec<String> {
         // As `HeaderValue::to_str`: visible ASCII, spaces and tabs only.

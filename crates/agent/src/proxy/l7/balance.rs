@@ -333,14 +333,14 @@ fn ring_pick<'a>(pool: &[&'a Arc<Workload>], h: u64) -> &'a Arc<Workload> {
 /// The consistent-hash value of a request under `lb`, if it hashes.
 pub fn request_hash(
     lb: Option<&LoadBalancerSettings>,
-    headers: &http::HeaderMap,
+    headers: super::authz::Headers<'_>,
     query: Option<&str>,
     source: std::net::IpAddr,
 ) -> Option<u64> {
     let ch = lb?.consistent_hash.as_ref()?;
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     if let Some(h) = &ch.http_header_name {
-        headers.get(h.as_str())?.as_bytes().hash(&mut hasher);
+        headers.first(h.as_str())?.as_bytes().hash(&mut hasher);
     } else if let Some(q) = &ch.http_query_parameter_name {
         let v = query?.split('&').find_map(|kv| {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
@@ -548,7 +548,12 @@ mod tests {
         for user in ["ann", "bob", "cy", "dee", "ed", "flo", "gus", "hal"] {
             let mut h = http::HeaderMap::new();
             h.insert("x-user", user.parse().unwrap());
-            let key = request_hash(Some(&lb), &h, None, [127, 0, 0, 1].into());
+            let key = request_hash(
+                Some(&lb),
+                crate::proxy::l7::authz::Headers::Map(&h),
+                None,
+                [127, 0, 0, 1].into(),
+            );
             let first = b
                 .pick("svc", &eps, &[], Some(&lb), key, t, &mut rng)
                 .unwrap()

@@ -7,6 +7,7 @@
 pub mod authz;
 pub mod balance;
 pub mod budget;
+mod client;
 pub mod inbound;
 pub mod pool;
 pub mod relay;
@@ -23,7 +24,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
@@ -31,7 +32,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use isthmus_hbone::metadata::{self as hmeta, TraceParent};
-use isthmus_model::traffic::{PortProtocol, ServiceTraffic};
+use isthmus_model::traffic::{LoadBalancerSettings, PortProtocol, ServiceTraffic};
 use isthmus_xds::client::{Service, State, Workload};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
@@ -444,7 +445,7 @@ impl HttpOutbound {
     /// closes.
     pub async fn serve<IO>(
         self: Arc<Self>,
-        io: IO,
+        mut io: IO,
         src: SocketAddr,
         dst: SocketAddr,
         service: Arc<Service>,
@@ -459,6 +460,17 @@ impl HttpOutbound {
             service,
             local: self.local.borrow().clone(),
         });
+        // HTTP/1.1 is relayed ([`client`]) until a request needs what only hyper's path does;
+        // HTTP/2 (its preface is refused by the relay's parser) goes to hyper at once, as does
+        // everything when requests are sent directly on HBONE.
+        let mut inb = BytesMut::new();
+        if !self.pool.direct() {
+            match self.relay(&mut io, &mut inb, &conn).await {
+                client::Left::Closed => return,
+                client::Left::Hyper => {}
+            }
+        }
+        let io = relay::Prefixed::new(inb.freeze(), io);
         let this = self.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
             let (this, conn) = (this.clone(), conn.clone());
@@ -508,7 +520,7 @@ impl HttpOutbound {
             query,
             authority: &authority,
             scheme: "http",
-            headers: &parts.headers,
+            headers: authz::Headers::Map(&parts.headers),
             port: conn.dst.port(),
         };
         let decision = {
@@ -593,6 +605,12 @@ impl HttpOutbound {
                             parts
                                 .headers
                                 .insert(hmeta::TRACEPARENT, trace.to_header_value());
+                            let mut carrier = HyperCarrier {
+                                parts,
+                                body: Some(body),
+                                replay: None,
+                                authority,
+                            };
                             let forwarded = self
                                 .forward(
                                     &state,
@@ -600,9 +618,7 @@ impl HttpOutbound {
                                     &routes,
                                     route,
                                     dest,
-                                    parts,
-                                    body,
-                                    authority,
+                                    &mut carrier,
                                     trace,
                                     mirror,
                                     &mut report,
@@ -620,27 +636,26 @@ impl HttpOutbound {
         self.finish(response, conn, report, start, protocol, trace)
     }
 
-    /// Picks endpoints and sends, with retries, per-try and overall timeouts.
+    /// Picks endpoints and sends, with retries, per-try and overall timeouts; `carrier` is
+    /// how the request goes (hyper's messages, or the relay's bytes).
     #[allow(clippy::too_many_arguments)]
-    async fn forward(
+    async fn forward<C: Carrier>(
         &self,
         state: &Arc<State>,
         conn: &Conn,
         routes: &Arc<Routes>,
         route: &route::Route,
         dest: &WeightedDest,
-        parts: http::request::Parts,
-        body: Incoming,
-        authority: String,
+        carrier: &mut C,
         trace: TraceParent,
         mirror: bool,
         report: &mut Report,
-    ) -> Response<Body> {
+    ) -> C::Resp {
         let port = dest.dest.port.unwrap_or(conn.dst.port());
         let subset = dest.dest.subset.as_deref();
         let Some(plan) = self.dest_plan(state, conn, routes, &dest.dest.host, subset, port) else {
             report.flags.push("UH");
-            return local_reply(
+            return C::local(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &format!(
                     "no healthy upstream: {} is not a mesh service\n",
@@ -654,7 +669,7 @@ impl HttpOutbound {
         let (limit_key, limits) = (&plan.limit_key, &plan.limits);
         if candidates.is_empty() {
             report.flags.push("UH");
-            return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n");
+            return C::local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n");
         }
         let policy = dest_routes.policy_for(subset);
         let lb = policy.and_then(|p| p.load_balancer.as_ref());
@@ -669,7 +684,7 @@ impl HttpOutbound {
         if limits.active.fetch_add(1, Ordering::AcqRel) >= max_active {
             limits.active.fetch_sub(1, Ordering::AcqRel);
             report.flags.push("UO");
-            return local_reply(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: overflow\n");
+            return C::local(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error or disconnect/reset before headers. reset reason: overflow\n");
         }
         let _active = Count(Arc::clone(limits), false);
         let max_retries = http_pool
@@ -678,47 +693,28 @@ impl HttpOutbound {
         let h2 = match dest_routes.protocol(port) {
             PortProtocol::Http2 | PortProtocol::Grpc => true,
             PortProtocol::Http => false,
-            _ => parts.version == Version::HTTP_2,
+            _ => carrier.came_as_h2(),
         };
-        let hash = balance::request_hash(lb, &parts.headers, parts.uri.query(), conn.src.ip());
+        let hash = carrier.hash(lb, conn.src.ip());
         // One clock read for the budget and the first pick; each attempt's end is read once, for
         // its latency, the balancer's record and the next attempt's budget and pick.
         let mut now = Instant::now();
         self.budget.request(limit_key, now);
 
-        // The body: kept for replays when small, else streamed once.
-        let small = body
-            .size_hint()
-            .upper()
-            .is_some_and(|n| n as usize <= MAX_REPLAY_BODY)
-            || body.is_end_stream();
-        let (replay, mut once): (Option<Bytes>, Option<Body>) = if small {
-            match body.collect().await {
-                Ok(c) => (Some(c.to_bytes()), None),
-                Err(e) => {
-                    report.flags.push("DC");
-                    return local_reply(
-                        StatusCode::BAD_REQUEST,
-                        &format!("reading the request body failed: {e}\n"),
-                    );
-                }
-            }
-        } else {
-            (
-                None,
-                Some(body.map_err(|e| -> BoxError { Box::new(e) }).boxed()),
-            )
-        };
-        report.request_bytes = replay.as_ref().map_or(0, |b| b.len() as u64);
+        if let Err(answer) = carrier.prepare(report).await {
+            return answer;
+        }
         if mirror {
-            if let (Some(b), Some((m, _))) = (&replay, &route.mirror) {
-                self.mirror(state, conn, m, &parts, b.clone(), &authority, h2);
+            if let (Some((parts, body, authority)), Some((m, _))) =
+                (carrier.mirrored(), &route.mirror)
+            {
+                self.mirror(state, conn, m, parts, body, authority, h2);
             }
         }
         // Only a new upstream connection sends them (its HBONE CONNECT).
         let connect_headers = || conn.local.connect_headers(conn.src.ip(), &trace);
         let retry = &route.retry;
-        let attempts_allowed = if replay.is_some() {
+        let attempts_allowed = if carrier.replayable() {
             1 + retry.attempts
         } else {
             1
@@ -726,7 +722,7 @@ impl HttpOutbound {
         let mut tried: smallvec::SmallVec<[&str; 4]> = smallvec::SmallVec::new();
 
         let attempts = async {
-            let mut last: Option<Response<Body>> = None;
+            let mut last: Option<C::Resp> = None;
             for attempt in 0..attempts_allowed {
                 let _retry_count;
                 if attempt > 0 {
@@ -757,16 +753,10 @@ impl HttpOutbound {
                 report.upstream = Some(target.addr);
                 report.principal = principal.clone();
                 report.workload = Some(w.clone());
-                let body: Body = match (&replay, once.take()) {
-                    (Some(b), _) => Full::new(b.clone()).map_err(|e| match e {}).boxed(),
-                    (None, Some(b)) => b,
-                    (None, None) => break,
-                };
-                let req = upstream_request(&parts, body, &authority, h2);
                 let in_flight = self.balancer.start(&w.uid);
                 // Read again: the body may have taken its time to arrive.
                 let sent_at = Instant::now();
-                let sent = self.pool.send(target, h2, &connect_headers, req);
+                let sent = carrier.attempt(&self.pool, target, h2, &connect_headers);
                 let result = match retry.per_try_timeout {
                     Some(t) => tokio::time::timeout(t, sent).await.ok(),
                     None => Some(sent.await),
@@ -782,12 +772,11 @@ impl HttpOutbound {
                         (
                             Result5xx::GatewayError,
                             retry.on.status_5xx || retry.on.gateway_error,
-                            local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n"),
+                            C::local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n"),
                         )
                     }
                     Some(Ok((resp, _))) => {
-                        let status = resp.status();
-                        let grpc = grpc_status(resp.headers());
+                        let (status, grpc) = C::status(&resp);
                         let outcome = match status.as_u16() {
                             502..=504 => Result5xx::GatewayError,
                             500..=599 => Result5xx::ServerError,
@@ -832,7 +821,7 @@ impl HttpOutbound {
                         } else {
                             Result5xx::GatewayError
                         };
-                        (outcome, retryable, local_reply(status, &body))
+                        (outcome, retryable, C::local(status, &body))
                     }
                 };
                 // Outlier detection's ejection cap counts them; a hash lookup otherwise spent.
@@ -851,7 +840,7 @@ impl HttpOutbound {
             }
             last.unwrap_or_else(|| {
                 report.flags.push("UH");
-                local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n")
+                C::local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n")
             })
         };
         match route.timeout {
@@ -859,7 +848,7 @@ impl HttpOutbound {
                 Ok(r) => r,
                 Err(_) => {
                     report.flags.push("UT");
-                    local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n")
+                    C::local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n")
                 }
             },
             _ => attempts.await,
@@ -1147,13 +1136,144 @@ fn grpc_status(h: &http::HeaderMap) -> Option<u32> {
 
 /// The request's `traceparent` continued with a new span id, or a new trace.
 fn incoming_trace(h: &http::HeaderMap) -> TraceParent {
+    continue_trace(
+        h.get(hmeta::TRACEPARENT)
+            .and_then(|v| TraceParent::parse(v).ok()),
+    )
+}
+
+/// `incoming` (a request's valid `traceparent`) continued with a new span id, or a new trace.
+fn continue_trace(incoming: Option<TraceParent>) -> TraceParent {
     let fresh = super::metadata::new_trace();
-    match h
-        .get(hmeta::TRACEPARENT)
-        .and_then(|v| TraceParent::parse(v).ok())
-    {
+    match incoming {
         Some(t) => TraceParent::new(t.trace_id.0, fresh.parent_id, t.flags).unwrap_or(fresh),
         None => fresh,
+    }
+}
+
+/// How one request's attempts reach an endpoint, for [`HttpOutbound::forward`]'s retry loop:
+/// hyper's messages ([`HyperCarrier`]) or the HTTP/1.1 relay's bytes ([`client`]).
+trait Carrier {
+    /// An attempt's answer: the upstream's response, or one made here.
+    type Resp;
+    /// Reads what the attempts need (a small body, kept for replays); an error is the answer.
+    fn prepare(
+        &mut self,
+        report: &mut Report,
+    ) -> impl std::future::Future<Output = Result<(), Self::Resp>> + Send;
+    /// A failed attempt can be sent again.
+    fn replayable(&self) -> bool;
+    /// The request came as HTTP/2 (an undeclared port's upstream then speaks it too).
+    fn came_as_h2(&self) -> bool;
+    /// The consistent hash of the request, when the load balancer asks for one.
+    fn hash(&self, lb: Option<&LoadBalancerSettings>, src: std::net::IpAddr) -> Option<u64>;
+    /// The request, its kept body and the authority it goes upstream with, for a mirror.
+    fn mirrored(&self) -> Option<(&http::request::Parts, Bytes, &str)>;
+    /// One attempt to `target`; also says whether a new connection was made for it.
+    fn attempt<'a>(
+        &'a mut self,
+        pool: &'a UpstreamPool,
+        target: &'a Target,
+        h2: bool,
+        connect_headers: &'a (dyn Fn() -> http::HeaderMap + Sync),
+    ) -> impl std::future::Future<Output = Result<(Self::Resp, bool), SendError>> + Send + 'a;
+    /// An answer's status and gRPC status.
+    fn status(resp: &Self::Resp) -> (StatusCode, Option<u32>);
+    /// An answer made here.
+    fn local(status: StatusCode, body: &str) -> Self::Resp;
+}
+
+/// A request hyper parsed, sent with hyper's client.
+struct HyperCarrier {
+    parts: http::request::Parts,
+    /// Taken by `prepare`: kept in `replay` when small, else streamed once.
+    body: Option<Incoming>,
+    replay: Option<Bytes>,
+    authority: String,
+}
+
+impl Carrier for HyperCarrier {
+    type Resp = Response<Body>;
+
+    async fn prepare(&mut self, report: &mut Report) -> Result<(), Response<Body>> {
+        let Some(body) = self.body.take() else {
+            return Ok(());
+        };
+        let small = body
+            .size_hint()
+            .upper()
+            .is_some_and(|n| n as usize <= MAX_REPLAY_BODY)
+            || body.is_end_stream();
+        if !small {
+            self.body = Some(body);
+            return Ok(());
+        }
+        match body.collect().await {
+            Ok(c) => {
+                let b = c.to_bytes();
+                report.request_bytes = b.len() as u64;
+                self.replay = Some(b);
+                Ok(())
+            }
+            Err(e) => {
+                report.flags.push("DC");
+                Err(local_reply(
+                    StatusCode::BAD_REQUEST,
+                    &format!("reading the request body failed: {e}\n"),
+                ))
+            }
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        self.replay.is_some()
+    }
+
+    fn came_as_h2(&self) -> bool {
+        self.parts.version == Version::HTTP_2
+    }
+
+    fn hash(&self, lb: Option<&LoadBalancerSettings>, src: std::net::IpAddr) -> Option<u64> {
+        balance::request_hash(
+            lb,
+            authz::Headers::Map(&self.parts.headers),
+            self.parts.uri.query(),
+            src,
+        )
+    }
+
+    fn mirrored(&self) -> Option<(&http::request::Parts, Bytes, &str)> {
+        self.replay
+            .clone()
+            .map(|b| (&self.parts, b, self.authority.as_str()))
+    }
+
+    async fn attempt<'a>(
+        &'a mut self,
+        pool: &'a UpstreamPool,
+        target: &'a Target,
+        h2: bool,
+        connect_headers: &'a (dyn Fn() -> http::HeaderMap + Sync),
+    ) -> Result<(Response<Body>, bool), SendError> {
+        let body: Body = match (&self.replay, self.body.take()) {
+            (Some(b), _) => Full::new(b.clone()).map_err(|e| match e {}).boxed(),
+            (None, Some(b)) => b.map_err(|e| -> BoxError { Box::new(e) }).boxed(),
+            (None, None) => {
+                return Err(SendError::Reset(
+                    "the request's body was sent already and was not kept".into(),
+                ))
+            }
+        };
+        let req = upstream_request(&self.parts, body, &self.authority, h2);
+        pool.send(target, h2, connect_headers, req).await
+    }
+
+    fn status(resp: &Response<Body>) -> (StatusCode, Option<u32>) {
+        (resp.status(), grpc_status(resp.headers()))
+    }
+
+    fn local(status: StatusCode, body: &str) -> Response<Body> {
+        local_reply(status, body)
     }
 }
 

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Request, Response};
 use http_body_util::combinators::BoxBody;
 use http_body_util::BodyExt;
@@ -209,6 +209,8 @@ pub struct UpstreamPool {
     sockets: Arc<SocketFactory>,
     connect_timeout: Duration,
     conns: HttpConns,
+    /// Idle connections of the HTTP/1.1 relay ([`super::client`]), per endpoint address.
+    raw: Mutex<HashMap<SocketAddr, Vec<RawConn>, foldhash::fast::RandomState>>,
     /// Requests go as streams of the HBONE connection to peers that take them
     /// ([`isthmus_hbone::request`]); off, every request is tunnelled.
     direct: bool,
@@ -228,7 +230,60 @@ impl UpstreamPool {
             sockets,
             connect_timeout,
             conns: HttpConns::default(),
+            raw: Mutex::default(),
             direct,
+        }
+    }
+
+    /// Requests may go directly on HBONE connections (then the HTTP/1.1 relay is not used).
+    pub fn direct(&self) -> bool {
+        self.direct
+    }
+
+    /// An idle relay connection to `target` that is still open, or a new one (HBONE CONNECT
+    /// with `connect_headers`, or TCP); also says whether it is new.
+    pub(crate) async fn raw(
+        &self,
+        target: &Target,
+        connect_headers: &(dyn Fn() -> HeaderMap + Sync),
+    ) -> Result<(RawConn, bool), SendError> {
+        loop {
+            let idle = self
+                .raw
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_mut(&target.addr)
+                .and_then(Vec::pop);
+            match idle {
+                Some(mut c) => {
+                    if c.idle_and_open() {
+                        return Ok((c, false));
+                    }
+                }
+                None => break,
+            }
+        }
+        // Boxed: the rare path, and its future (a TLS handshake) is large.
+        let io = Box::pin(self.connect(target, connect_headers)).await?;
+        Ok((
+            RawConn {
+                io: io.into_inner(),
+                buf: BytesMut::new(),
+            },
+            true,
+        ))
+    }
+
+    /// Keeps `conn` (its last response read to the end, nothing more buffered) for the next
+    /// request to `addr`.
+    pub(crate) fn put_raw(&self, addr: SocketAddr, conn: RawConn) {
+        let mut raw = self.raw.lock().unwrap_or_else(PoisonError::into_inner);
+        if raw.len() > 4096 && !raw.contains_key(&addr) {
+            raw.retain(|_, v| !v.is_empty());
+        }
+        let list = raw.entry(addr).or_default();
+        if list.len() < MAX_IDLE_H1 {
+            list.push(conn);
         }
     }
 
@@ -368,6 +423,28 @@ impl UpstreamPool {
             }
         };
         Ok(TokioIo::new(io))
+    }
+}
+
+/// An upstream connection of the HTTP/1.1 relay: the tunnel (or socket) and the bytes read
+/// from it that are not relayed yet.
+pub(crate) struct RawConn {
+    pub io: Box<dyn isthmus_hbone::Upstream>,
+    pub buf: BytesMut,
+}
+
+impl RawConn {
+    /// An idle connection is usable when nothing can be read from it: a close (EOF, an
+    /// error) or bytes nobody asked for mean it is not.
+    fn idle_and_open(&mut self) -> bool {
+        use tokio::io::{AsyncRead, ReadBuf};
+        let mut one = [0u8; 1];
+        let mut rb = ReadBuf::new(&mut one);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        self.buf.is_empty()
+            && std::pin::Pin::new(&mut self.io)
+                .poll_read(&mut cx, &mut rb)
+                .is_pending()
     }
 }
 

@@ -33,6 +33,8 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
+/// Why a head timed out.
+pub(super) const HEAD_LATE: &str = "the request head did not arrive in 30 s";
 /// The largest message head taken (request line or status line and fields), as Envoy's
 /// default `max_request_headers_kb` of 60 KiB, rounded up.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -83,8 +85,14 @@ pub struct RequestHead<'b> {
     /// Bytes of the head, its empty line included.
     pub len: usize,
     pub method: &'b str,
+    /// The request target as sent (origin-form `/p?q`, absolute-form, `*`).
+    pub target: &'b str,
     /// The request target's path, without the query.
     pub path: &'b str,
+    /// The query after `?`, if any.
+    pub query: Option<&'b str>,
+    /// The minor version: 1 for HTTP/1.1, 0 for HTTP/1.0.
+    pub version: u8,
     /// The authority: an absolute-form target's, else the `Host` field's (empty: none).
     pub host: &'b str,
     pub headers: &'b [httparse::Header<'b>],
@@ -272,9 +280,9 @@ pub fn parse_request<'b>(
         }
         _ => (None, target),
     };
-    let path = match path_query.find('?') {
-        Some(q) => &path_query[..q],
-        None => path_query,
+    let (path, query) = match path_query.find('?') {
+        Some(q) => (&path_query[..q], Some(&path_query[q + 1..])),
+        None => (path_query, None),
     };
     let path = if path.is_empty() { "/" } else { path };
     let host = match authority {
@@ -290,7 +298,10 @@ pub fn parse_request<'b>(
     Ok(Some(RequestHead {
         len,
         method,
+        target,
         path,
+        query,
+        version,
         host,
         headers,
         framing,
@@ -488,7 +499,7 @@ impl Chunked {
 
 /// Why relaying a message stopped.
 #[derive(Debug)]
-enum Stop {
+pub(super) enum Stop {
     /// The source's bytes did not frame a message (bad chunk, early end).
     Framing(String),
     /// Reading the source failed.
@@ -507,17 +518,53 @@ impl std::fmt::Display for Stop {
     }
 }
 
-async fn fill<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> io::Result<usize> {
+pub(super) async fn fill<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> io::Result<usize> {
     if buf.capacity() - buf.len() < READ_SIZE / 4 {
         buf.reserve(READ_SIZE);
     }
     r.read_buf(buf).await
 }
 
+/// What waiting for more of a message head gave.
+pub(super) enum More {
+    /// More bytes are in the buffer.
+    Read,
+    /// The peer closed the connection or it failed.
+    Closed,
+    /// The head began [`HEAD_TIMEOUT`] ago and is not complete.
+    TimedOut,
+}
+
+/// Reads more of a head into `buf`; `deadline` starts once the head's first byte is there.
+pub(super) async fn more_head<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    deadline: &mut Option<Pin<Box<dyn hyper::rt::Sleep>>>,
+) -> More {
+    if !buf.is_empty() && deadline.is_none() {
+        *deadline = Some(hyper::rt::Timer::sleep(
+            &super::timer::CoarseTimer,
+            HEAD_TIMEOUT,
+        ));
+    }
+    let read = fill(r, buf);
+    let n = match deadline {
+        Some(d) => tokio::select! {
+            n = read => n,
+            () = d.as_mut() => return More::TimedOut,
+        },
+        None => read.await,
+    };
+    match n {
+        Ok(0) | Err(_) => More::Closed,
+        Ok(_) => More::Read,
+    }
+}
+
 /// Writes the first `head` bytes of `buf` and the body that follows them (as `framing`
 /// says), reading more from `r` as needed; consumes exactly the message's bytes from `buf`
 /// (what follows stays for the next message). Returns the body's payload bytes.
-async fn relay_message<R, W>(
+pub(super) async fn relay_message<R, W>(
     r: &mut R,
     buf: &mut BytesMut,
     w: &mut W,
@@ -741,29 +788,18 @@ where
                 Ok(None) => {}
                 Err(b) => break Err(b),
             }
-            if !inb.is_empty() && deadline.is_none() {
-                deadline = Some(hyper::rt::Timer::sleep(
-                    &super::timer::CoarseTimer,
-                    HEAD_TIMEOUT,
-                ));
-            }
-            let read = fill(&mut tr, &mut inb);
-            let n = match &mut deadline {
-                Some(d) => tokio::select! {
-                    n = read => n,
-                    () = d.as_mut() => {
-                        let b = bad(408, "the request head did not arrive in 30 s");
-                        let _ = tw.write_all(&local_response(408, &format!("{}\n", b.reason), true)).await;
-                        let _ = tw.shutdown().await;
-                        hooks.malformed(&b);
-                        return;
-                    }
-                },
-                None => read.await,
-            };
-            match n {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
+            match more_head(&mut tr, &mut inb, &mut deadline).await {
+                More::Read => {}
+                More::Closed => return,
+                More::TimedOut => {
+                    let b = bad(408, HEAD_LATE);
+                    let _ = tw
+                        .write_all(&local_response(408, &format!("{}\n", b.reason), true))
+                        .await;
+                    let _ = tw.shutdown().await;
+                    hooks.malformed(&b);
+                    return;
+                }
             }
         };
         let start = Instant::now();

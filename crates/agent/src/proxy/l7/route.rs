@@ -12,6 +12,8 @@ use isthmus_model::traffic::{
 use rand::Rng;
 use regex::Regex;
 
+use super::authz::Headers;
+
 /// One string condition.
 #[derive(Clone, Debug)]
 pub enum Str {
@@ -76,7 +78,7 @@ pub struct RequestView<'a> {
     pub query: Option<&'a str>,
     pub authority: &'a str,
     pub scheme: &'a str,
-    pub headers: &'a HeaderMap,
+    pub headers: Headers<'a>,
     /// The service port the client connected to.
     pub port: u16,
 }
@@ -114,7 +116,7 @@ impl Match {
             }
         }
         for (name, want) in &self.headers {
-            let Some(v) = r.headers.get(name).and_then(|v| v.to_str().ok()) else {
+            let Some(v) = r.headers.first(name.as_str()) else {
                 return false;
             };
             if !want.matches(v) {
@@ -122,7 +124,7 @@ impl Match {
             }
         }
         for (name, unwanted) in &self.without_headers {
-            if let Some(v) = r.headers.get(name).and_then(|v| v.to_str().ok()) {
+            if let Some(v) = r.headers.first(name.as_str()) {
                 if unwanted.matches(v) {
                     return false;
                 }
@@ -733,7 +735,7 @@ mod tests {
                 query: self.query.as_deref(),
                 authority: "reviews:9080",
                 scheme: "http",
-                headers: &self.headers,
+                headers: Headers::Map(&self.headers),
                 port: self.port,
             }
         }
