@@ -261,10 +261,17 @@ impl HttpOutbound {
         let plan = self.dest_plan(state, conn, routes, &dest.dest.host, subset, port);
         let mut lb: Option<&LoadBalancerSettings> = None;
         if let Some(plan) = &plan {
+            // HTTP/2 upstreams, and peer agents that may take requests directly on HBONE,
+            // are hyper's.
             if matches!(
                 plan.routes.protocol(port),
                 PortProtocol::Http2 | PortProtocol::Grpc
-            ) {
+            ) || (self.pool.direct()
+                && plan
+                    .candidates
+                    .iter()
+                    .any(|w| matches!(w.tunnel, isthmus_xds::client::Tunnel::Hbone)))
+            {
                 return None;
             }
             lb = plan

@@ -461,14 +461,11 @@ impl HttpOutbound {
             local: self.local.borrow().clone(),
         });
         // HTTP/1.1 is relayed ([`client`]) until a request needs what only hyper's path does;
-        // HTTP/2 (its preface is refused by the relay's parser) goes to hyper at once, as does
-        // everything when requests are sent directly on HBONE.
+        // HTTP/2 (its preface is refused by the relay's parser) goes to hyper at once.
         let mut inb = BytesMut::new();
-        if !self.pool.direct() {
-            match self.relay(&mut io, &mut inb, &conn).await {
-                client::Left::Closed => return,
-                client::Left::Hyper => {}
-            }
+        match self.relay(&mut io, &mut inb, &conn).await {
+            client::Left::Closed => return,
+            client::Left::Hyper => {}
         }
         let io = relay::Prefixed::new(inb.freeze(), io);
         let this = self.clone();
