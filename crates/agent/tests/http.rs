@@ -966,3 +966,346 @@ http:
     assert_eq!(aborted["fields"]["upstream"], "-");
     Ok(())
 }
+
+/// How [`raw_backend`] answers.
+#[derive(Clone, Copy, PartialEq)]
+enum Raw {
+    /// 200 whose body is the request as received (head and body), then the next request.
+    Echo,
+    /// As `Echo`, then closes the connection without saying so (an idle timeout).
+    EchoOnce,
+    /// By path: `/chunked` a chunked body, `/close` a body ended by closing, `/garbage` no
+    /// HTTP at all, anything else `Echo` (`HEAD`: the length of the echo, no body).
+    Framings,
+}
+
+/// An HTTP/1.1 server written on the socket, to see requests byte for byte. Returns its
+/// address and how many connections it accepted.
+async fn raw_backend(ip: IpAddr, mode: Raw) -> Result<(SocketAddr, Arc<AtomicUsize>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = TcpListener::bind(SocketAddr::new(ip, 0)).await?;
+    let addr = l.local_addr()?;
+    let conns = Arc::new(AtomicUsize::new(0));
+    let counted = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = read_head(&mut s, &mut buf).await else {
+                        return;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    let len = header(&head, "content-length").map_or(0, |v| v.parse().unwrap());
+                    while buf.len() < end + len {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let echo = String::from_utf8_lossy(&buf[..end + len]).into_owned();
+                    buf.drain(..end + len);
+                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    let out = match (mode, path.as_str()) {
+                        (Raw::Framings, "/chunked") => {
+                            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n".to_string()
+                        }
+                        (Raw::Framings, "/close") => {
+                            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil the end").await;
+                            return;
+                        }
+                        (Raw::Framings, "/garbage") => {
+                            let _ = s.write_all(b"this is not HTTP\r\n\r\n").await;
+                            return;
+                        }
+                        _ if head.starts_with("HEAD ") => format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
+                            echo.len()
+                        ),
+                        _ => format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{echo}",
+                            echo.len()
+                        ),
+                    };
+                    if s.write_all(out.as_bytes()).await.is_err() || mode == Raw::EchoOnce {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok((addr, conns))
+}
+
+/// Reads until `buf` holds a whole head; its length, or `None` at the end of the stream.
+async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(i + 4);
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// The first value of `name` (any case) in a message head.
+fn header<'h>(head: &'h str, name: &str) -> Option<&'h str> {
+    head.split("\r\n").skip(1).find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// Reads one response from a raw client connection: (status, head, body). Bodies framed by
+/// length, by chunks, or (`to_end`) by the end of the stream; a `HEAD` response has none.
+async fn read_response(
+    s: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    head_request: bool,
+) -> Result<(u16, String, String)> {
+    let end = read_head(s, buf)
+        .await
+        .ok_or_else(|| anyhow::anyhow!("the connection ended before a response"))?;
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    buf.drain(..end);
+    let status: u16 = head[9..12].parse()?;
+    let body = if head_request {
+        Vec::new()
+    } else if let Some(len) = header(&head, "content-length") {
+        let len: usize = len.parse()?;
+        while buf.len() < len {
+            anyhow::ensure!(more(s, buf).await? > 0, "the body ended early");
+        }
+        buf.drain(..len).collect()
+    } else if header(&head, "transfer-encoding") == Some("chunked") {
+        let mut body = Vec::new();
+        loop {
+            while !buf.windows(2).any(|w| w == b"\r\n") {
+                anyhow::ensure!(more(s, buf).await? > 0, "a chunk ended early");
+            }
+            let line = buf.windows(2).position(|w| w == b"\r\n").unwrap();
+            let size = usize::from_str_radix(std::str::from_utf8(&buf[..line])?.trim(), 16)?;
+            while buf.len() < line + 2 + size + 2 {
+                anyhow::ensure!(more(s, buf).await? > 0, "a chunk ended early");
+            }
+            body.extend_from_slice(&buf[line + 2..line + 2 + size]);
+            buf.drain(..line + 2 + size + 2);
+            if size == 0 {
+                break body;
+            }
+        }
+    } else {
+        while more(s, buf).await? > 0 {}
+        std::mem::take(buf)
+    };
+    Ok((status, head, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Reads what comes next into `buf`: how much (0 at the end of the stream).
+async fn more(s: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 4096];
+    let n = s.read(&mut chunk).await?;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(n)
+}
+
+async fn raw_client(p: &Proxy) -> Result<TcpStream> {
+    let s = TcpStream::connect(p.addr).await?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+#[tokio::test]
+async fn http11_is_relayed_with_hop_by_hop_fields_dropped_and_the_trace_continued() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let vip = loopback(71, 100);
+    let (addr, _) = raw_backend(loopback(71, 1), Raw::Echo).await?;
+    let p = proxy(vip).await?;
+    let ep = Ep {
+        uid: "echo".into(),
+        addr,
+        hbone: false,
+    };
+    p.state.send_replace(Arc::new(state(vip, &[ep], "")?));
+    let mut c = raw_client(&p).await?;
+    // Two requests in one write (pipelined), the second with a body.
+    c.write_all(
+        b"GET /a?x=1 HTTP/1.1\r\nHost: reviews:9080\r\nX-Case-Kept: yes\r\n\
+          Connection: keep-alive\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: secret\r\n\
+          TE: gzip\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n\
+          POST /b HTTP/1.1\r\nHost: reviews:9080\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await?;
+    let mut buf = Vec::new();
+    let (status, _, seen) = read_response(&mut c, &mut buf, false).await?;
+    assert_eq!(status, 200, "{seen}");
+    assert!(
+        seen.starts_with("GET /a?x=1 HTTP/1.1\r\n"),
+        "the request line goes as sent: {seen}"
+    );
+    // Relayed, not re-made: the field's case is as the application wrote it.
+    assert!(seen.contains("\r\nX-Case-Kept: yes\r\n"), "{seen}");
+    assert!(seen.contains("\r\nHost: reviews:9080\r\n"), "{seen}");
+    for gone in ["connection", "keep-alive", "proxy-authorization", "te"] {
+        assert!(
+            header(&seen, gone).is_none(),
+            "{gone} went upstream: {seen}"
+        );
+    }
+    let trace = header(&seen, "traceparent").unwrap_or_default();
+    assert!(
+        trace.starts_with("00-0af7651916cd43dd8448eb211c80319c-") && trace.ends_with("-01"),
+        "the trace goes on: {seen}"
+    );
+    assert!(
+        !trace.contains("b7ad6b7169203331"),
+        "with a new span: {trace}"
+    );
+    assert_eq!(seen.matches("traceparent").count(), 1, "{seen}");
+    let (status, _, seen) = read_response(&mut c, &mut buf, false).await?;
+    assert_eq!(status, 200, "{seen}");
+    assert!(seen.starts_with("POST /b HTTP/1.1\r\n"), "{seen}");
+    assert!(seen.ends_with("\r\n\r\nhello"), "the body follows: {seen}");
+    assert!(
+        header(&seen, "traceparent").is_some_and(|t| t.len() == 55),
+        "a new trace: {seen}"
+    );
+    assert_eq!(p.metrics.count(200, "-"), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_idle_upstream_connection_the_backend_closed_is_not_used_again() -> Result<()> {
+    let vip = loopback(72, 100);
+    let (addr, conns) = raw_backend(loopback(72, 1), Raw::EchoOnce).await?;
+    let p = proxy(vip).await?;
+    let ep = Ep {
+        uid: "once".into(),
+        addr,
+        hbone: false,
+    };
+    // No retries: a request sent on the closed connection would reach the client as 503.
+    p.state.send_replace(Arc::new(state(
+        vip,
+        &[ep],
+        r#"
+virtualService: default/reviews
+http:
+- route: [{destination: {host: reviews.default.svc.cluster.local}}]
+  retries: {attempts: 0}
+"#,
+    )?));
+    let mut c = h1(p.addr).await?;
+    for i in 0..5 {
+        let (status, _, body) = call(&mut c, get("/again")).await?;
+        assert_eq!(status, 200, "request {i}: {body}");
+        // The backend's close reaches the proxy.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        5,
+        "one connection per request"
+    );
+    assert_eq!(p.metrics.count(200, "-"), 5);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_request_the_relay_does_not_take_hands_the_connection_to_hyper_in_order() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let vip = loopback(73, 100);
+    let (addr, _) = raw_backend(loopback(73, 1), Raw::Echo).await?;
+    let p = proxy(vip).await?;
+    let ep = Ep {
+        uid: "echo".into(),
+        addr,
+        hbone: false,
+    };
+    p.state.send_replace(Arc::new(state(vip, &[ep], "")?));
+    let mut c = raw_client(&p).await?;
+    let mut buf = Vec::new();
+    // Relayed: the case of the fields is kept.
+    c.write_all(b"GET /1 HTTP/1.1\r\nHost: reviews:9080\r\nX-Case: a\r\n\r\n")
+        .await?;
+    let (status, _, seen) = read_response(&mut c, &mut buf, false).await?;
+    assert_eq!(status, 200);
+    assert!(seen.contains("\r\nX-Case: a\r\n"), "{seen}");
+    // A body larger than a retry keeps is hyper's: it and the request after it, on the same
+    // connection, are answered in order, by hyper (which writes field names in lower case).
+    let big = "x".repeat(70_000);
+    c.write_all(
+        format!(
+            "POST /2 HTTP/1.1\r\nHost: reviews:9080\r\nContent-Length: {}\r\n\r\n{big}\
+             GET /3 HTTP/1.1\r\nHost: reviews:9080\r\nX-Case: c\r\n\r\n",
+            big.len()
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let (status, _, seen) = read_response(&mut c, &mut buf, false).await?;
+    assert_eq!(status, 200, "{seen}");
+    assert!(seen.starts_with("POST /2 "), "{seen}");
+    assert!(
+        seen.ends_with(&format!("\r\n\r\n{big}")),
+        "the body went whole"
+    );
+    let (status, _, seen) = read_response(&mut c, &mut buf, false).await?;
+    assert_eq!(status, 200, "{seen}");
+    assert!(seen.starts_with("GET /3 "), "{seen}");
+    assert!(seen.contains("\r\nx-case: c\r\n"), "by hyper: {seen}");
+    assert_eq!(p.metrics.count(200, "-"), 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn upstream_responses_are_relayed_as_they_are_framed() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let vip = loopback(74, 100);
+    let (addr, _) = raw_backend(loopback(74, 1), Raw::Framings).await?;
+    let p = proxy(vip).await?;
+    let ep = Ep {
+        uid: "framings".into(),
+        addr,
+        hbone: false,
+    };
+    p.state.send_replace(Arc::new(state(
+        vip,
+        &[ep],
+        r#"
+virtualService: default/reviews
+http:
+- route: [{destination: {host: reviews.default.svc.cluster.local}}]
+  retries: {attempts: 0}
+"#,
+    )?));
+    let mut c = raw_client(&p).await?;
+    let mut buf = Vec::new();
+    let req = |m: &str, path: &str| format!("{m} {path} HTTP/1.1\r\nHost: reviews:9080\r\n\r\n");
+    c.write_all(req("GET", "/chunked").as_bytes()).await?;
+    let (status, head, body) = read_response(&mut c, &mut buf, false).await?;
+    assert_eq!((status, body.as_str()), (200, "hello world"), "{head}");
+    c.write_all(req("HEAD", "/len").as_bytes()).await?;
+    let (status, head, _) = read_response(&mut c, &mut buf, true).await?;
+    assert_eq!(status, 200);
+    assert!(header(&head, "content-length").is_some(), "{head}");
+    // Not HTTP from the upstream: 503, and the client's connection goes on.
+    c.write_all(req("GET", "/garbage").as_bytes()).await?;
+    let (status, _, body) = read_response(&mut c, &mut buf, false).await?;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("malformed response head"), "{body}");
+    // A body that ends when the upstream closes ends the client's connection too.
+    c.write_all(req("GET", "/close").as_bytes()).await?;
+    let (status, _, body) = read_response(&mut c, &mut buf, false).await?;
+    assert_eq!((status, body.as_str()), (200, "until the end"));
+    assert_eq!(p.metrics.count(200, "-"), 3);
+    assert_eq!(p.metrics.count(503, "UC"), 1);
+    Ok(())
+}

@@ -440,3 +440,67 @@ impl Carrier for RelayCarrier {
         Answer::Local(status, body.to_owned())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rewritten(head: &str) -> String {
+        let mut hs = [httparse::EMPTY_HEADER; relay::MAX_HEADERS];
+        let h = relay::parse_request(head.as_bytes(), &mut hs)
+            .unwrap()
+            .unwrap();
+        let trace = TraceParent::new(0xabc, 0xdef, 1).unwrap();
+        String::from_utf8(upstream_head(&h, &trace, 0)).unwrap()
+    }
+
+    #[test]
+    fn the_upstream_head_keeps_the_request_less_hop_by_hop_fields_with_the_trace() {
+        let trace = "traceparent: 00-00000000000000000000000000000abc-0000000000000def-01\r\n";
+        for (head, want) in [
+            (
+                "GET /p?q=1 HTTP/1.1\r\nHost: a\r\nX-Mixed-Case: v\r\n\r\n",
+                format!("GET /p?q=1 HTTP/1.1\r\nHost: a\r\nX-Mixed-Case: v\r\n{trace}\r\n"),
+            ),
+            (
+                "GET / HTTP/1.1\r\nhost: a\r\nConnection: keep-alive, x-hop\r\nKeep-Alive: 5\r\n\
+                 Proxy-Connection: close\r\nproxy-authorization: b\r\nTE: gzip\r\n\r\n",
+                format!("GET / HTTP/1.1\r\nhost: a\r\n{trace}\r\n"),
+            ),
+            (
+                "POST /x HTTP/1.1\r\nHost: a\r\nTE: trailers\r\nContent-Length: 2\r\n\r\n",
+                format!(
+                    "POST /x HTTP/1.1\r\nHost: a\r\nTE: trailers\r\nContent-Length: 2\r\n{trace}\r\n"
+                ),
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nTraceparent: 00-11111111111111111111111111111111-2222222222222222-01\r\n\r\n",
+                format!("GET / HTTP/1.1\r\nHost: a\r\n{trace}\r\n"),
+            ),
+        ] {
+            assert_eq!(rewritten(head), want, "{head:?}");
+        }
+    }
+
+    #[test]
+    fn raw_fields_read_as_a_header_map_reads_them() {
+        let head: &[u8] =
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-User: ann\r\nx-user: bob\r\nX-Bin: \xff\r\nX-Empty:\r\n\r\n";
+        let mut hs = [httparse::EMPTY_HEADER; relay::MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut hs);
+        req.parse(head).unwrap();
+        let mut map = http::HeaderMap::new();
+        for h in req.headers.iter() {
+            map.append(
+                http::HeaderName::from_bytes(h.name.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(h.value).unwrap(),
+            );
+        }
+        let (raw, map) = (Headers::Raw(req.headers), Headers::Map(&map));
+        for name in ["x-user", "X-USER", "host", "x-bin", "x-empty", "absent"] {
+            assert_eq!(raw.first(name), map.first(name), "{name}");
+        }
+        assert_eq!(raw.first("x-user"), Some("ann"));
+        assert_eq!(raw.first("x-bin"), None, "not text");
+    }
+}
