@@ -1309,3 +1309,49 @@ http:
     assert_eq!(p.metrics.count(503, "UC"), 1);
     Ok(())
 }
+
+/// Whether the client relay or hyper carries a request must not skew a split: the relay
+/// hands a connection to hyper at a request it cannot carry (here, one of the destinations
+/// edits headers), and hyper draws the destination again.
+#[tokio::test]
+async fn a_split_whose_destinations_differ_in_what_they_need_lands_as_weighted() -> Result<()> {
+    let vip = loopback(75, 100);
+    let v1 = backend(loopback(75, 1), "v1", Behaviour::default()).await?;
+    let v2 = backend(loopback(75, 2), "v2", Behaviour::default()).await?;
+    let p = proxy(vip).await?;
+    p.state.send_replace(Arc::new(state(
+        vip,
+        &eps(&[&v1, &v2]),
+        r#"
+virtualService: default/reviews
+http:
+- route:
+  - {destination: {host: reviews.default.svc.cluster.local, subset: v1}, weight: 50}
+  - destination: {host: reviews.default.svc.cluster.local, subset: v2}
+    weight: 50
+    headers: {request: {set: {x-mesh: edited}}}
+destinationRule: default/reviews
+subsets:
+- {name: v1, workloads: [v1]}
+- {name: v2, workloads: [v2]}
+"#,
+    )?));
+    // One request per connection: each is a connection's first, where a hand-over decided by
+    // the draw would show (v1 would get three quarters).
+    let mut to_v2 = 0;
+    for _ in 0..600 {
+        let mut c = h1(p.addr).await?;
+        let (status, who, body) = call(&mut c, get("/r")).await?;
+        assert_eq!(status, 200);
+        if who == "v2" {
+            assert!(body.ends_with("edited"), "v2's header edit: {body}");
+            to_v2 += 1;
+        }
+    }
+    let pct = to_v2 as f64 / 6.0;
+    assert!(
+        (42.0..=58.0).contains(&pct),
+        "v2 got {pct}% of 600 first requests"
+    );
+    Ok(())
+}

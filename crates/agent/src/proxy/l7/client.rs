@@ -12,7 +12,7 @@
 //!
 //! The relay takes the common request: HTTP/1.1 in origin form, no upgrade, no
 //! `Expect`, a body of at most [`MAX_REPLAY_BODY`] given by `Content-Length`, and a route that
-//! forwards to an HTTP/1.1 destination without rewriting, header edits, faults or a mirror.
+//! forwards, without a fault, a mirror, a rewrite or header edits, to HTTP/1.1 destinations.
 //! Routing, endpoint choice, retries, timeouts, the pool limits, outlier detection, metrics and
 //! the access log are the same code as hyper's path ([`HttpOutbound::forward`] over a
 //! [`Carrier`]). The first request that needs anything else, or that the strict parser refuses,
@@ -239,28 +239,37 @@ impl HttpOutbound {
         let Decision::Route {
             route,
             dest: Some(dest),
-            delay: None,
-            abort: None,
-            mirror: false,
+            ..
         } = decision
         else {
             return None;
         };
-        if !matches!(route.action, Action::Forward(_))
+        // Whether the relay takes a request must not hang on what was drawn for it (the
+        // destination of a split, a fault, a mirror): hyper draws again for a request handed
+        // over, so a draw that decided the hand-over would skew the split and the fault's
+        // percentage. The relay takes a route only when it can carry every draw.
+        let Action::Forward(dests) = &route.action else {
+            return None;
+        };
+        if route.fault.is_some()
+            || route.mirror.is_some()
             || route.rewrite_uri.is_some()
             || route.rewrite_authority.is_some()
             || !route.request_headers.is_empty()
             || !route.response_headers.is_empty()
-            || !dest.request_headers.is_empty()
-            || !dest.response_headers.is_empty()
         {
             return None;
         }
-        let port = dest.dest.port.unwrap_or(conn.dst.port());
-        let subset = dest.dest.subset.as_deref();
-        let plan = self.dest_plan(state, conn, routes, &dest.dest.host, subset, port);
-        let mut lb: Option<&LoadBalancerSettings> = None;
-        if let Some(plan) = &plan {
+        let mut hash = None;
+        for d in dests {
+            if !d.request_headers.is_empty() || !d.response_headers.is_empty() {
+                return None;
+            }
+            let port = d.dest.port.unwrap_or(conn.dst.port());
+            let subset = d.dest.subset.as_deref();
+            let Some(plan) = self.dest_plan(state, conn, routes, &d.dest.host, subset, port) else {
+                continue;
+            };
             // HTTP/2 upstreams, and peer agents that may take requests directly on HBONE,
             // are hyper's.
             if matches!(
@@ -274,12 +283,14 @@ impl HttpOutbound {
             {
                 return None;
             }
-            lb = plan
-                .routes
-                .policy_for(subset)
-                .and_then(|p| p.load_balancer.as_ref());
+            if std::ptr::eq(d, dest) {
+                let lb = plan
+                    .routes
+                    .policy_for(subset)
+                    .and_then(|p| p.load_balancer.as_ref());
+                hash = balance::request_hash(lb, headers, h.query, conn.src.ip());
+            }
         }
-        let hash = balance::request_hash(lb, headers, h.query, conn.src.ip());
         let incoming = headers
             .first(hmeta::TRACEPARENT.as_str())
             .and_then(|v| HeaderValue::from_str(v).ok())
