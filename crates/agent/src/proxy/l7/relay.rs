@@ -40,6 +40,8 @@ pub(super) const HEAD_LATE: &str = "the request head did not arrive in 30 s";
 pub const MAX_HEAD: usize = 64 * 1024;
 /// The most header fields in one head (hyper's default).
 pub const MAX_HEADERS: usize = 100;
+// `RequestHead::strip` has a bit per field.
+const _: () = assert!(MAX_HEADERS <= 128);
 /// How long a request head may take to arrive once its first byte has (hyper's default
 /// header read timeout); an idle connection between requests has no limit here.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
