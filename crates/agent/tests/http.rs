@@ -1116,6 +1116,29 @@ async fn more(s: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
     Ok(n)
 }
 
+/// A route to `reviews` that never retries: a failed attempt reaches the client as it is.
+const NO_RETRIES: &str = r#"
+virtualService: default/reviews
+http:
+- route: [{destination: {host: reviews.default.svc.cluster.local}}]
+  retries: {attempts: 0}
+"#;
+
+/// The proxy for `reviews` at 127.0.`block`.100 with one endpoint, a [`raw_backend`] in
+/// `mode`, under `traffic`; also the backend's count of connections.
+async fn raw_setup(block: u8, mode: Raw, traffic: &str) -> Result<(Proxy, Arc<AtomicUsize>)> {
+    let vip = loopback(block, 100);
+    let (addr, conns) = raw_backend(loopback(block, 1), mode).await?;
+    let p = proxy(vip).await?;
+    let ep = Ep {
+        uid: "raw".into(),
+        addr,
+        hbone: false,
+    };
+    p.state.send_replace(Arc::new(state(vip, &[ep], traffic)?));
+    Ok((p, conns))
+}
+
 async fn raw_client(p: &Proxy) -> Result<TcpStream> {
     let s = TcpStream::connect(p.addr).await?;
     s.set_nodelay(true)?;
@@ -1125,15 +1148,7 @@ async fn raw_client(p: &Proxy) -> Result<TcpStream> {
 #[tokio::test]
 async fn http11_is_relayed_with_hop_by_hop_fields_dropped_and_the_trace_continued() -> Result<()> {
     use tokio::io::AsyncWriteExt;
-    let vip = loopback(71, 100);
-    let (addr, _) = raw_backend(loopback(71, 1), Raw::Echo).await?;
-    let p = proxy(vip).await?;
-    let ep = Ep {
-        uid: "echo".into(),
-        addr,
-        hbone: false,
-    };
-    p.state.send_replace(Arc::new(state(vip, &[ep], "")?));
+    let (p, _) = raw_setup(71, Raw::Echo, "").await?;
     let mut c = raw_client(&p).await?;
     // Two requests in one write (pipelined), the second with a body.
     c.write_all(
@@ -1183,25 +1198,8 @@ async fn http11_is_relayed_with_hop_by_hop_fields_dropped_and_the_trace_continue
 
 #[tokio::test]
 async fn an_idle_upstream_connection_the_backend_closed_is_not_used_again() -> Result<()> {
-    let vip = loopback(72, 100);
-    let (addr, conns) = raw_backend(loopback(72, 1), Raw::EchoOnce).await?;
-    let p = proxy(vip).await?;
-    let ep = Ep {
-        uid: "once".into(),
-        addr,
-        hbone: false,
-    };
     // No retries: a request sent on the closed connection would reach the client as 503.
-    p.state.send_replace(Arc::new(state(
-        vip,
-        &[ep],
-        r#"
-virtualService: default/reviews
-http:
-- route: [{destination: {host: reviews.default.svc.cluster.local}}]
-  retries: {attempts: 0}
-"#,
-    )?));
+    let (p, conns) = raw_setup(72, Raw::EchoOnce, NO_RETRIES).await?;
     let mut c = h1(p.addr).await?;
     for i in 0..5 {
         let (status, _, body) = call(&mut c, get("/again")).await?;
@@ -1221,15 +1219,7 @@ http:
 #[tokio::test]
 async fn a_request_the_relay_does_not_take_hands_the_connection_to_hyper_in_order() -> Result<()> {
     use tokio::io::AsyncWriteExt;
-    let vip = loopback(73, 100);
-    let (addr, _) = raw_backend(loopback(73, 1), Raw::Echo).await?;
-    let p = proxy(vip).await?;
-    let ep = Ep {
-        uid: "echo".into(),
-        addr,
-        hbone: false,
-    };
-    p.state.send_replace(Arc::new(state(vip, &[ep], "")?));
+    let (p, _) = raw_setup(73, Raw::Echo, "").await?;
     let mut c = raw_client(&p).await?;
     let mut buf = Vec::new();
     // Relayed: the case of the fields is kept.
@@ -1268,24 +1258,7 @@ async fn a_request_the_relay_does_not_take_hands_the_connection_to_hyper_in_orde
 #[tokio::test]
 async fn upstream_responses_are_relayed_as_they_are_framed() -> Result<()> {
     use tokio::io::AsyncWriteExt;
-    let vip = loopback(74, 100);
-    let (addr, _) = raw_backend(loopback(74, 1), Raw::Framings).await?;
-    let p = proxy(vip).await?;
-    let ep = Ep {
-        uid: "framings".into(),
-        addr,
-        hbone: false,
-    };
-    p.state.send_replace(Arc::new(state(
-        vip,
-        &[ep],
-        r#"
-virtualService: default/reviews
-http:
-- route: [{destination: {host: reviews.default.svc.cluster.local}}]
-  retries: {attempts: 0}
-"#,
-    )?));
+    let (p, _) = raw_setup(74, Raw::Framings, NO_RETRIES).await?;
     let mut c = raw_client(&p).await?;
     let mut buf = Vec::new();
     let req = |m: &str, path: &str| format!("{m} {path} HTTP/1.1\r\nHost: reviews:9080\r\n\r\n");

@@ -31,9 +31,7 @@ use super::authz::Headers;
 use super::pool::{RawConn, SendError, UpstreamPool};
 use super::relay::{self, Framing, More, RequestHead, ResponseHead};
 use super::route::{self, Action, Decision, RequestView, Routes};
-use super::{
-    balance, clip_path, continue_trace, Carrier, Conn, Done, HttpOutbound, Report, MAX_REPLAY_BODY,
-};
+use super::{balance, continue_trace, Carrier, Conn, Done, HttpOutbound, Report, MAX_REPLAY_BODY};
 use crate::proxy::outbound::Target;
 
 /// How the relay left a client connection.
@@ -101,9 +99,7 @@ impl HttpOutbound {
                     More::Read => {}
                     More::Closed => return Left::Closed,
                     More::TimedOut => {
-                        let body = format!("{}\n", relay::HEAD_LATE);
-                        let _ = io.write_all(&relay::local_response(408, &body, true)).await;
-                        let _ = io.shutdown().await;
+                        relay::refuse(io, &relay::late()).await;
                         return Left::Closed;
                     }
                 }
@@ -296,14 +292,8 @@ impl HttpOutbound {
             .and_then(|v| HeaderValue::from_str(v).ok())
             .and_then(|v| TraceParent::parse(&v).ok());
         let trace = continue_trace(incoming);
-        let mut report = Report {
-            log: tracing::enabled!(target: crate::proxy::ACCESS_LOG_TARGET, tracing::Level::INFO),
-            ..Report::default()
-        };
+        let mut report = Report::new(h.method, h.host, h.path);
         if report.log {
-            report.method = h.method.to_owned();
-            report.authority = clip_path(h.host);
-            report.path = clip_path(h.path);
             report.route = route.name.clone();
         }
         Some(Planned {

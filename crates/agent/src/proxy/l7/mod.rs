@@ -273,6 +273,24 @@ struct Report {
     path: String,
 }
 
+impl Report {
+    /// A request's record, with its method, authority and path kept (clipped) only when the
+    /// access log is on.
+    fn new(method: &str, authority: &str, path: &str) -> Self {
+        let log = tracing::enabled!(target: ACCESS_LOG_TARGET, tracing::Level::INFO);
+        if !log {
+            return Report::default();
+        }
+        Report {
+            log,
+            method: method.to_owned(),
+            authority: clip_path(authority),
+            path: clip_path(path),
+            ..Report::default()
+        }
+    }
+}
+
 impl HttpOutbound {
     pub fn new(
         state: watch::Receiver<Arc<State>>,
@@ -485,10 +503,6 @@ impl HttpOutbound {
         let start = Instant::now();
         let (mut parts, body) = req.into_parts();
         let trace = incoming_trace(&parts.headers);
-        let mut report = Report {
-            log: tracing::enabled!(target: ACCESS_LOG_TARGET, tracing::Level::INFO),
-            ..Report::default()
-        };
         let protocol = request_protocol(&parts);
         let state = self.state.borrow().clone();
         let routes = self.conn_routes(&state, conn.as_ref());
@@ -506,11 +520,7 @@ impl HttpOutbound {
             .unwrap_or_else(|| conn.service.hostname.clone());
         // Borrowed until the decision is made; the request is changed only after.
         let (path, query) = (parts.uri.path(), parts.uri.query());
-        if report.log {
-            report.method = parts.method.to_string();
-            report.authority = clip_path(&authority);
-            report.path = clip_path(path);
-        }
+        let mut report = Report::new(parts.method.as_str(), &authority, path);
         let view = RequestView {
             method: &parts.method,
             path,

@@ -34,7 +34,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// Why a head timed out.
-pub(super) const HEAD_LATE: &str = "the request head did not arrive in 30 s";
+const HEAD_LATE: &str = "the request head did not arrive in 30 s";
 /// The largest message head taken (request line or status line and fields), as Envoy's
 /// default `max_request_headers_kb` of 60 KiB, rounded up.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -527,6 +527,11 @@ pub(super) async fn fill<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) ->
     r.read_buf(buf).await
 }
 
+/// A head that did not arrive in [`HEAD_TIMEOUT`].
+pub(super) fn late() -> Bad {
+    bad(408, HEAD_LATE)
+}
+
 /// What waiting for more of a message head gave.
 pub(super) enum More {
     /// More bytes are in the buffer.
@@ -645,6 +650,13 @@ pub fn local_response(status: u16, body: &str, close: bool) -> Vec<u8> {
         if close { "connection: close\r\n" } else { "" },
     )
     .into_bytes()
+}
+
+/// Answers a refused head with its status and reason, and closes the connection.
+pub(super) async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, b: &Bad) {
+    let body = format!("{}\n", b.reason);
+    let _ = w.write_all(&local_response(b.status, &body, true)).await;
+    let _ = w.shutdown().await;
 }
 
 /// What became of one relayed request.
@@ -794,11 +806,8 @@ where
                 More::Read => {}
                 More::Closed => return,
                 More::TimedOut => {
-                    let b = bad(408, HEAD_LATE);
-                    let _ = tw
-                        .write_all(&local_response(408, &format!("{}\n", b.reason), true))
-                        .await;
-                    let _ = tw.shutdown().await;
+                    let b = late();
+                    refuse(&mut tw, &b).await;
                     hooks.malformed(&b);
                     return;
                 }
@@ -817,9 +826,7 @@ where
             }
             Ok((req, ticket, None)) => (req, ticket),
             Err(b) => {
-                let body = format!("{}\n", b.reason);
-                let _ = tw.write_all(&local_response(b.status, &body, true)).await;
-                let _ = tw.shutdown().await;
+                refuse(&mut tw, &b).await;
                 hooks.malformed(&b);
                 return;
             }
